@@ -1,0 +1,1 @@
+"""Named starting configs: `configs/NAME.py` defines `get_config() -> sr_jax.config.Config`."""

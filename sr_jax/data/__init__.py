@@ -1,0 +1,1 @@
+"""Data: the on-disk dataset store, the embedded synthetic dataset and the batch pipeline."""

@@ -1,0 +1,87 @@
+"""Batches straight from a split's columnar arrays: shuffled by epoch, fixed size, resumable at any step.
+
+The order is a pure function of (seed, epoch), so the data position of a run is its step count: a run
+resumed at step s reads exactly the batches an uninterrupted run reads from step s on. A batch is a
+dict of numpy arrays (one fancy-index per column, no per-example Python); `prefetch_to_device` moves
+batches to the mesh in a background thread, a few steps ahead of the train step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+
+class BatchIterator:
+    def __init__(self, columns: dict[str, np.ndarray], batch_size: int, seed: int, start_step: int = 0):
+        self.columns = columns
+        self.size = len(next(iter(columns.values())))
+        if batch_size > self.size:
+            raise ValueError(f"batch size {batch_size} is larger than the split ({self.size} examples)")
+        self.batch_size, self.seed, self.step = batch_size, seed, start_step
+        self.steps_per_epoch = self.size // batch_size  # the remainder of each epoch is dropped
+        self._epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        epoch, k = divmod(self.step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.order(epoch)
+        idx = np.sort(self._order[k * self.batch_size:(k + 1) * self.batch_size])  # sorted: sequential reads
+        self.step += 1
+        return {name: np.take(col, idx, axis=0) for name, col in self.columns.items()}
+
+
+def sequential_batches(columns: dict[str, np.ndarray], batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """The whole split in order, for evaluation: (batch, number of real rows); the last batch is padded
+    by repeating its final row so that every batch has the same shape."""
+    size = len(next(iter(columns.values())))
+    for start in range(0, size, batch_size):
+        stop = min(start + batch_size, size)
+        idx = np.minimum(np.arange(start, start + batch_size), size - 1)
+        yield {name: np.asarray(col[idx]) for name, col in columns.items()}, stop - start
+
+
+def prefetch_to_device(batches: Iterator, put: Callable, size: int) -> Iterator:
+    """Runs `put` (host batch -> device batch) in a background thread, `size` batches ahead."""
+    if size <= 0:
+        yield from map(put, batches)
+        return
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def worker():
+        try:
+            for b in batches:
+                if not offer(put(b)):
+                    return
+            offer(done)
+        except BaseException as e:  # surfaced in the consumer
+            offer(e)
+
+    threading.Thread(target=worker, daemon=True).start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,100 @@
+"""The dataset metadata (`meta.json`) and the columns every split must have.
+
+One example is one impression (DESIGN.md, "Data model"). Ids are integers in [0, vocab) with 0 meaning
+"missing"; text columns hold a row of the dataset's text table, or -1 for "no text".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+TASKS = ("search", "rec")
+SIDES = ("user", "item")
+ID_FIELDS = ("user_id", "query_id", "item_id")
+TEXT_FIELDS = ("query_text", "item_text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    name: str
+    task: str  # "search" (has queries) or "rec" (no query)
+    pretrain: bool = True  # False: held out of pretraining, for the cold-start domain protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseField:
+    """A categorical feature of the user or item side; `max_len` > 1 makes it multi-valued (0 pads)."""
+
+    name: str
+    side: str
+    vocab: int
+    max_len: int = 1
+
+    @property
+    def column(self) -> str:
+        return f"{self.side}.{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCache:
+    """Which text encoder produced a cache: training refuses a cache from another encoder."""
+
+    encoder: str
+    fingerprint: str
+    dim: int
+
+
+@dataclasses.dataclass
+class DatasetMeta:
+    name: str
+    domains: list[Domain]
+    vocab: dict[str, int]  # user_id / query_id / item_id -> number of ids (0 = missing included)
+    sparse_fields: list[SparseField]
+    splits: dict[str, int]  # split name -> number of examples
+    num_texts: int
+    text_caches: dict[str, TextCache] = dataclasses.field(default_factory=dict)
+    # Ceiling AUCs of the true click probabilities, per split and domain (synthetic data only).
+    oracle_auc: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    has_timestamp: bool = False
+    description: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domains)
+
+    @property
+    def pretrain_domains(self) -> list[int]:
+        return [k for k, d in enumerate(self.domains) if d.pretrain]
+
+    def columns(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Every column of a split: name -> (dtype, shape of one row)."""
+        cols: dict[str, tuple[np.dtype, tuple[int, ...]]] = {"domain": (np.dtype(np.int32), ())}
+        for name in ID_FIELDS + TEXT_FIELDS:
+            cols[name] = (np.dtype(np.int32), ())
+        for f in self.sparse_fields:
+            cols[f.column] = (np.dtype(np.int32), (f.max_len,) if f.max_len > 1 else ())
+        cols["label"] = (np.dtype(np.int8), ())
+        if self.has_timestamp:
+            cols["timestamp"] = (np.dtype(np.int64), ())
+        return cols
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "DatasetMeta":
+        d = json.loads(text)
+        d["domains"] = [Domain(**x) for x in d["domains"]]
+        d["sparse_fields"] = [SparseField(**x) for x in d["sparse_fields"]]
+        d["text_caches"] = {k: TextCache(**v) for k, v in d.get("text_caches", {}).items()}
+        return cls(**d)
+
+    @classmethod
+    def read(cls, root: str | Path) -> "DatasetMeta":
+        return cls.from_json((Path(root) / "meta.json").read_text())

@@ -1,0 +1,229 @@
+"""The dataset store: a folder of `meta.json`, a text table and one `.npy` file per column and split.
+
+    DIR/meta.json                         DatasetMeta
+    DIR/texts.jsonl                       one JSON string per line: the text table
+    DIR/splits/SPLIT/COLUMN.npy           one array per column, read with memory mapping
+    DIR/text_cache/ENCODER/{pooled,first}.npy   [num_texts, dim] float32 per text encoder
+
+Every write goes to a temporary sibling and is renamed into place only after it validates, so a
+reader never sees a half-written dataset. `open_dataset` validates by default: bad data raises a
+`DatasetError` naming the file, the field and the first bad row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sr_jax.data.schema import ID_FIELDS, SIDES, TASKS, TEXT_FIELDS, DatasetMeta, TextCache
+
+
+class DatasetError(ValueError):
+    """Malformed dataset: the message names the file, the field and the row."""
+
+    def __init__(self, file: str | Path, field: str | None, row: int | None, problem: str):
+        where = [str(file)]
+        if field is not None:
+            where.append(f"field {field!r}")
+        if row is not None:
+            where.append(f"row {row}")
+        super().__init__(f"{', '.join(where)}: {problem}")
+        self.file, self.field, self.row = str(file), field, row
+
+
+def _first(bad: np.ndarray) -> int:
+    return int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
+
+
+def _check_range(file: Path, field: str, a: np.ndarray, lo: int, hi: int, what: str) -> None:
+    bad = (a < lo) | (a >= hi)
+    if bad.any():
+        row = _first(bad)
+        raise DatasetError(file, field, row, f"value {a[row].tolist()} outside {what} [{lo}, {hi})")
+
+
+class Dataset:
+    """A dataset opened from the store; columns are memory-mapped, not loaded."""
+
+    def __init__(self, root: str | Path, meta: DatasetMeta):
+        self.root = Path(root)
+        self.meta = meta
+
+    def split(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self.meta.splits:
+            raise DatasetError(self.root / "meta.json", "splits", None,
+                               f"no split {name!r}; the dataset has {sorted(self.meta.splits)}")
+        folder = self.root / "splits" / name
+        return {c: np.load(folder / f"{c}.npy", mmap_mode="r") for c in self.meta.columns()}
+
+    def texts(self) -> list[str]:
+        return read_texts(self.root / "texts.jsonl")
+
+    def text_cache(self, encoder: str) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled, first) [num_texts, dim] float32 arrays made by `encoder`."""
+        meta_file = self.root / "meta.json"
+        if encoder not in self.meta.text_caches:
+            raise DatasetError(meta_file, "text_caches", None,
+                               f"no text cache made by encoder {encoder!r}; the dataset has "
+                               f"{sorted(self.meta.text_caches)} (build one with that encoder first)")
+        folder = self.root / "text_cache" / encoder
+        return (np.load(folder / "pooled.npy", mmap_mode="r"), np.load(folder / "first.npy", mmap_mode="r"))
+
+
+def read_texts(path: Path) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f):
+            try:
+                text = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(path, "text", row, f"not a JSON string: {e}") from e
+            if not isinstance(text, str) or not text.strip():
+                raise DatasetError(path, "text", row, f"missing text (got {text!r})")
+            texts.append(text)
+    return texts
+
+
+def validate(root: str | Path) -> Dataset:
+    """Checks every file of a dataset against its metadata; returns it opened."""
+    root = Path(root)
+    meta_file = root / "meta.json"
+    if not meta_file.exists():
+        raise DatasetError(meta_file, None, None, "missing: not a dataset folder")
+    try:
+        meta = DatasetMeta.read(root)
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise DatasetError(meta_file, None, None, f"unreadable metadata: {e}") from e
+    if meta.format_version != 1:
+        raise DatasetError(meta_file, "format_version", None, f"unsupported version {meta.format_version}")
+    for k, d in enumerate(meta.domains):
+        if d.task not in TASKS:
+            raise DatasetError(meta_file, "domains", k, f"task {d.task!r} is not one of {TASKS}")
+    for k, f in enumerate(meta.sparse_fields):
+        if f.side not in SIDES:
+            raise DatasetError(meta_file, "sparse_fields", k, f"side {f.side!r} is not one of {SIDES}")
+
+    texts = read_texts(root / "texts.jsonl")
+    if len(texts) != meta.num_texts:
+        raise DatasetError(root / "texts.jsonl", "text", None,
+                           f"{len(texts)} texts, but meta.json declares num_texts={meta.num_texts}")
+    for encoder, info in meta.text_caches.items():
+        _validate_text_cache(root / "text_cache" / encoder, encoder, info, meta.num_texts)
+
+    columns = meta.columns()
+    ranges = {"domain": (0, meta.num_domains, "the declared domains"),
+              **{f: (0, meta.vocab[f], "the vocab") for f in ID_FIELDS},
+              **{f: (-1, meta.num_texts, "the text table (-1 = no text)") for f in TEXT_FIELDS},
+              **{f.column: (0, f.vocab, "the vocab") for f in meta.sparse_fields},
+              "label": (0, 2, "the labels {0, 1}")}
+    for split, size in meta.splits.items():
+        folder = root / "splits" / split
+        if size <= 0:
+            raise DatasetError(folder, None, None, f"split {split!r} is empty")
+        present = {p.stem for p in folder.glob("*.npy")} if folder.exists() else set()
+        if missing := sorted(set(columns) - present):
+            raise DatasetError(folder / f"{missing[0]}.npy", missing[0], None, f"missing column (all missing: {missing})")
+        if extra := sorted(present - set(columns)):
+            raise DatasetError(folder / f"{extra[0]}.npy", extra[0], None, "column not declared by meta.json")
+        for name, (dtype, row_shape) in columns.items():
+            file = folder / f"{name}.npy"
+            try:
+                a = np.load(file, mmap_mode="r")
+            except ValueError as e:
+                raise DatasetError(file, name, None, f"unreadable array: {e}") from e
+            if a.dtype != dtype:
+                raise DatasetError(file, name, None, f"dtype {a.dtype}, expected {dtype}")
+            if a.shape != (size, *row_shape):
+                raise DatasetError(file, name, None, f"shape {a.shape}, expected {(size, *row_shape)}")
+            if name in ranges:
+                lo, hi, what = ranges[name]
+                _check_range(file, name, np.asarray(a), lo, hi, what)
+    return Dataset(root, meta)
+
+
+def _validate_text_cache(folder: Path, encoder: str, info: TextCache, num_texts: int) -> None:
+    for part in ("pooled", "first"):
+        file = folder / f"{part}.npy"
+        if not file.exists():
+            raise DatasetError(file, part, None, f"missing text cache file of encoder {encoder!r}")
+        a = np.load(file, mmap_mode="r")
+        if a.dtype != np.float32 or a.shape != (num_texts, info.dim):
+            raise DatasetError(file, part, None, f"{a.dtype} {a.shape}, expected float32 {(num_texts, info.dim)} "
+                                                 f"(a cache with missing rows, or from another text table)")
+        bad = ~np.isfinite(np.asarray(a))
+        if bad.any():
+            raise DatasetError(file, part, _first(bad), "NaN or inf feature")
+
+
+def open_dataset(root: str | Path, check: bool = True) -> Dataset:
+    """Opens a dataset; `check=False` skips the full validation (e.g. one just validated)."""
+    return validate(root) if check else Dataset(root, DatasetMeta.read(root))
+
+
+def _atomic_dir(final: Path):
+    """A temporary sibling of `final`; the caller renames it into place when it is complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def write_dataset(root: str | Path, meta: DatasetMeta, texts: list[str],
+                  splits: dict[str, dict[str, np.ndarray]], overwrite: bool = False) -> Dataset:
+    """Writes, validates, then atomically renames a complete dataset into `root`."""
+    root = Path(root)
+    if root.exists() and not overwrite:
+        raise FileExistsError(f"{root} exists (pass overwrite=True to replace it)")
+    if meta.text_caches:
+        raise ValueError("write the dataset without caches, then add them with write_text_cache")
+    meta.splits = {name: len(cols["label"]) for name, cols in splits.items()}
+    meta.num_texts = len(texts)
+    tmp = _atomic_dir(root)
+    try:
+        (tmp / "meta.json").write_text(meta.to_json())
+        with open(tmp / "texts.jsonl", "w", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps(text) + "\n")
+        for split, cols in splits.items():
+            (tmp / "splits" / split).mkdir(parents=True)
+            for name, a in cols.items():
+                np.save(tmp / "splits" / split / f"{name}.npy", np.asarray(a))
+        validate(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return open_dataset(root, check=False)
+
+
+def write_text_cache(root: str | Path, encoder: str, fingerprint: str,
+                     pooled: np.ndarray, first: np.ndarray) -> None:
+    """Adds (or replaces) the text-feature cache of one encoder, atomically."""
+    root = Path(root)
+    meta = DatasetMeta.read(root)
+    info = TextCache(encoder=encoder, fingerprint=fingerprint, dim=int(pooled.shape[1]))
+    final = root / "text_cache" / encoder
+    tmp = _atomic_dir(final)
+    try:
+        np.save(tmp / "pooled.npy", np.asarray(pooled, np.float32))
+        np.save(tmp / "first.npy", np.asarray(first, np.float32))
+        _validate_text_cache(tmp, encoder, info, meta.num_texts)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta.text_caches[encoder] = info
+    _write_atomic(root / "meta.json", meta.to_json())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

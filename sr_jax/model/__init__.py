@@ -1,0 +1,54 @@
+"""The model and its functional API.
+
+    graphdef, params = sr_jax.model.init(config.model, meta, text_dim, seed=0)   # or abstract(): shapes only
+    logits, aux = sr_jax.model.apply(graphdef, params, batch, text)    # pure, jit-able
+
+`params` is a plain nested dict of arrays (levels `l0`, `l1`, `l2` at the top): it is what optax
+updates, orbax saves and sharding rules annotate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from sr_jax.config import ModelConfig
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.model.encoding import TextTable
+from sr_jax.model.foundation import SRFoundationModel
+from sr_jax.model.levels import LEVELS, level_labels, level_of
+
+Params = dict[str, Any]
+
+
+def init_params(cfg: ModelConfig, meta: DatasetMeta, text_dim: int, seed: int = 0,
+                num_domains: int | None = None) -> Params:
+    """Fresh parameters: a pure function, to be called under jit (eager NNX init compiles every initializer)."""
+    model = SRFoundationModel(cfg, meta, text_dim, rngs=nnx.Rngs(seed), num_domains=num_domains)
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def abstract(cfg: ModelConfig, meta: DatasetMeta, text_dim: int,
+             num_domains: int | None = None) -> tuple[nnx.GraphDef, Params]:
+    """The static graph and the parameters' shapes and dtypes, without computing anything."""
+    model = nnx.eval_shape(lambda: SRFoundationModel(cfg, meta, text_dim, rngs=nnx.Rngs(0), num_domains=num_domains))
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def init(cfg: ModelConfig, meta: DatasetMeta, text_dim: int, seed: int = 0,
+         num_domains: int | None = None) -> tuple[nnx.GraphDef, Params]:
+    """Builds the model: (static graph, parameters)."""
+    graphdef, _ = abstract(cfg, meta, text_dim, num_domains)
+    return graphdef, jax.jit(lambda: init_params(cfg, meta, text_dim, seed, num_domains))()
+
+
+def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable):
+    """(logits [B], aux) where aux = {"reg": scalar, "aspect_weights": {side: [B, A]}, "expert_weights": [B, E]}."""
+    return nnx.merge(graphdef, params)(batch, text)
+
+
+__all__ = ["LEVELS", "Params", "SRFoundationModel", "TextTable", "abstract", "apply", "init", "init_params",
+           "level_labels", "level_of"]

@@ -1,0 +1,1 @@
+"""Training pieces: mesh and sharding rules, optimizer, steps, checkpoints, evaluation, the trainer."""

@@ -1,0 +1,71 @@
+"""Evaluation on a held-out split: per-domain AUC, GAUC and log loss, overall AUC, cold-item AUC, and
+the dataset's oracle AUCs beside them; written as `eval.json` and `eval.md`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sr_jax import metrics
+from sr_jax.data.pipeline import sequential_batches
+from sr_jax.data.store import Dataset
+
+
+def predict_split(predict, params, columns: dict[str, np.ndarray], batch_size: int, put, text) -> np.ndarray:
+    """Click probabilities for every row of a split, in order."""
+    out = []
+    for batch, n in sequential_batches(columns, batch_size):
+        out.append(np.asarray(predict(params, put(batch), text))[:n])
+    return np.concatenate(out)
+
+
+def cold_item_mask(dataset: Dataset, train_split: str, items: np.ndarray) -> np.ndarray:
+    """True where an item never appears in the training split (its id row was never trained)."""
+    seen = np.bincount(np.asarray(dataset.split(train_split)["item_id"]), minlength=dataset.meta.vocab["item_id"]) > 0
+    return ~seen[items]
+
+
+def compute_metrics(dataset: Dataset, split: str, train_split: str, probs: np.ndarray) -> dict:
+    cols = dataset.split(split)
+    labels, domain, users = np.asarray(cols["label"]), np.asarray(cols["domain"]), np.asarray(cols["user_id"])
+    oracle = dataset.meta.oracle_auc.get(split, {})
+
+    def block(mask: np.ndarray, oracle_key: str) -> dict:
+        y, p = labels[mask], probs[mask]
+        return {"examples": int(mask.sum()), "ctr": float(y.mean()), "auc": metrics.auc(y, p),
+                "gauc": metrics.gauc(y, p, users[mask]), "log_loss": metrics.log_loss(y, p),
+                "oracle_auc": oracle.get(oracle_key)}
+
+    per_domain = {d.name: block(domain == k, d.name) for k, d in enumerate(dataset.meta.domains) if (domain == k).any()}
+    result = {"split": split, "domains": per_domain, "overall": block(np.ones_like(labels, bool), "overall"),
+              "mean_domain_auc": float(np.mean([m["auc"] for m in per_domain.values()]))}
+    oracle_means = [m["oracle_auc"] for m in per_domain.values() if m["oracle_auc"] is not None]
+    if len(oracle_means) == len(per_domain):
+        result["mean_domain_oracle_auc"] = float(np.mean(oracle_means))
+    cold = cold_item_mask(dataset, train_split, np.asarray(cols["item_id"]))
+    if cold.any():
+        result["cold_items"] = block(cold, "cold_items")
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    fmt = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = [f"Evaluation on split `{result['split']}`", "",
+             "| domain | examples | CTR | AUC | oracle AUC | GAUC | log loss |", "|---|---|---|---|---|---|---|"]
+    rows = list(result["domains"].items()) + [("**overall**", result["overall"])]
+    if "cold_items" in result:
+        rows.append(("**cold items**", result["cold_items"]))
+    for name, m in rows:
+        lines.append(f"| {name} | {m['examples']} | {m['ctr']:.3f} | {fmt(m['auc'])} | {fmt(m['oracle_auc'])} "
+                     f"| {fmt(m['gauc'])} | {fmt(m['log_loss'])} |")
+    lines += ["", f"Mean per-domain AUC: {result['mean_domain_auc']:.4f}"
+              + (f" (oracle {result['mean_domain_oracle_auc']:.4f})" if "mean_domain_oracle_auc" in result else "")]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: str | Path, result: dict, name: str = "eval") -> None:
+    workdir = Path(workdir)
+    (workdir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (workdir / f"{name}.md").write_text(markdown_table(result))

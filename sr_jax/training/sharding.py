@@ -1,0 +1,64 @@
+"""The mesh and every sharding rule, in one place.
+
+Mesh axes: `data` (the batch is split over it) and `model` (large embedding tables are split by rows
+over it). Axis types are Auto (GSPMD-style): a row-sharded table lookup then compiles to a local
+masked gather plus an all-reduce, and its gradient keeps the row sharding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from sr_jax.config import MeshConfig
+from sr_jax.treeutil import path_names
+
+ROW_SHARDED = ("id_tables", "sparse_tables")  # params under these keys are embedding tables
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    model = cfg.model
+    data = cfg.data if cfg.data > 0 else len(devices) // model
+    if data * model > len(devices) or data * model == 0:
+        raise ValueError(f"mesh data={cfg.data} x model={cfg.model} does not fit {len(devices)} devices")
+    grid = np.asarray(devices[: data * model]).reshape(data, model)
+    return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
+    """Embedding tables by rows over `model` (when the rows divide evenly); everything else replicated."""
+    if any(n in ROW_SHARDED for n in path_names(path)) and len(shape) == 2 and shape[0] % mesh.shape["model"] == 0:
+        return NamedSharding(mesh, P("model", None))
+    return replicated(mesh)
+
+
+def tree_shardings(mesh: Mesh, params: Any, tree: Any) -> Any:
+    """Shardings for `tree` (params, or optimizer state that mirrors them): a leaf whose path ends with a
+    parameter's path and has its shape is sharded like that parameter; other leaves are replicated."""
+    by_path = {path_names(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+    def rule(path, leaf):
+        keys = path_names(path)
+        for start in range(len(keys)):
+            if by_path.get(keys[start:]) == getattr(leaf, "shape", None):
+                return param_sharding(mesh, path[start:], leaf.shape)
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(rule, tree)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's batch -> global arrays sharded on `data` (multi-host ready)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

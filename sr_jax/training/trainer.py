@@ -1,0 +1,170 @@
+"""Pretraining and evaluation runs: everything a run needs, built from a Config, and the train loop.
+
+A run's folder holds `config.json` (the exact config), `checkpoints/` (orbax), `metrics.jsonl`
+(one line per log interval), and `eval.json` / `eval.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from sr_jax import model as sr_model
+from sr_jax.config import Config, DataConfig, save_config
+from sr_jax.data import synthetic
+from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
+from sr_jax.data.store import Dataset, DatasetError, open_dataset
+from sr_jax.text import get_featurizer
+from sr_jax.training import evaluation, sharding as shd
+from sr_jax.training.checkpoint import Checkpointer
+from sr_jax.training.optimizer import build_optimizer
+from sr_jax.training.steps import (TrainState, init_state, make_predict_step, make_train_step,
+                                   state_shardings)
+
+log = logging.getLogger("sr_jax")
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The configured dataset (the synthetic one when no path is given), with its text cache checked."""
+    dataset = open_dataset(cfg.path) if cfg.path else synthetic.ensure(cfg.synthetic, (cfg.text_encoder,))
+    caches = dataset.meta.text_caches
+    meta_file = dataset.root / "meta.json"
+    if cfg.text_encoder not in caches:
+        raise DatasetError(meta_file, "text_caches", None,
+                           f"no text cache from encoder {cfg.text_encoder!r} (have {sorted(caches)})")
+    expected = get_featurizer(cfg.text_encoder).fingerprint()
+    if caches[cfg.text_encoder].fingerprint != expected:
+        raise DatasetError(meta_file, "text_caches", None,
+                           f"the {cfg.text_encoder!r} cache was made by {caches[cfg.text_encoder].fingerprint!r}, "
+                           f"but this encoder is {expected!r}: rebuild the cache")
+    return dataset
+
+
+@dataclasses.dataclass
+class Run:
+    """The pieces of one training run (everything but the changing train state)."""
+
+    config: Config
+    workdir: Path
+    dataset: Dataset
+    mesh: Mesh
+    text: sr_model.TextTable
+    graphdef: object
+    tx: object  # optax.GradientTransformation
+    abstract_state: TrainState  # shapes, dtypes and shardings of the train state
+    train_step: object
+    predict: object
+    total_steps: int
+    steps_per_epoch: int
+    checkpointer: Checkpointer
+
+    def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return shd.to_global(batch, shd.batch_sharding(self.mesh))
+
+
+def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run:
+    workdir = Path(workdir)
+    dataset = load_dataset(cfg.data)
+    mesh = mesh or shd.make_mesh(cfg.mesh)
+    data_axis = mesh.shape["data"]
+    for name, size in (("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size)):
+        if size % data_axis:
+            raise ValueError(f"{name}={size} is not divisible by the mesh's data axis ({data_axis} devices)")
+    pooled, first = dataset.text_cache(cfg.data.text_encoder)
+    text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
+    steps_per_epoch = dataset.meta.splits[cfg.data.train_split] // cfg.data.batch_size
+    total_steps = max(1, int(cfg.train.epochs * steps_per_epoch))
+    tx = build_optimizer(cfg.train, total_steps)
+    graphdef, params = sr_model.abstract(cfg.model, dataset.meta, pooled.shape[1])
+    shapes = jax.eval_shape(lambda p: init_state(p, tx), params)
+    shardings = state_shardings(mesh, shapes)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return Run(cfg, workdir, dataset, mesh, text, graphdef, tx, abstract,
+               make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
+               make_predict_step(graphdef, mesh, shardings.params), total_steps, steps_per_epoch,
+               Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every))
+
+
+def initial_state(run: Run) -> TrainState:
+    """Fresh parameters and optimizer state, made by one compiled function straight into their shardings."""
+    cfg = run.config
+
+    def make() -> TrainState:
+        params = sr_model.init_params(cfg.model, run.dataset.meta, run.text.pooled.shape[1], cfg.train.seed)
+        return init_state(params, run.tx)
+
+    return jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, run.abstract_state))()
+
+
+def restore_or_init(run: Run) -> TrainState:
+    if run.checkpointer.latest_step() is None:
+        return initial_state(run)
+    state, position = run.checkpointer.restore(run.abstract_state)
+    log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), position["epoch"], position["batch"])
+    return state
+
+
+def position(run: Run, step: int) -> dict:
+    epoch, batch = divmod(step, run.steps_per_epoch)
+    return {"step": step, "epoch": epoch, "batch": batch, "seed": run.config.train.seed}
+
+
+def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
+    """Trains from the state's step to `until` (default: the end), checkpointing and logging on the way."""
+    cfg = run.config
+    start, stop = int(state.step), min(until or run.total_steps, run.total_steps)
+    columns = run.dataset.split(cfg.data.train_split)
+    batches = prefetch_to_device(BatchIterator(columns, cfg.data.batch_size, cfg.train.seed, start_step=start),
+                                 run.put, cfg.data.prefetch)
+    window_start, window_steps = time.perf_counter(), 0
+    with open(run.workdir / "metrics.jsonl", "a") as metrics_file, \
+            tqdm(total=stop, initial=start, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
+        for step, batch in zip(range(start, stop), batches):
+            state, metrics = run.train_step(state, batch, run.text)
+            window_steps += 1
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == stop:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                metrics.update(step=done, epoch=done / run.steps_per_epoch,
+                               examples_per_s=window_steps * cfg.data.batch_size / elapsed)
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            run.checkpointer.save(done, state, position(run, done), force=done == run.total_steps)
+            bar.update(1)
+    run.checkpointer.wait()
+    return state
+
+
+def evaluate(run: Run, params, split: str | None = None) -> dict:
+    cfg = run.config
+    split = split or cfg.data.eval_split
+    probs = evaluation.predict_split(run.predict, params, run.dataset.split(split), cfg.data.eval_batch_size,
+                                     run.put, run.text)
+    return evaluation.compute_metrics(run.dataset, split, cfg.data.train_split, probs)
+
+
+def pretrain(cfg: Config, workdir: str | Path) -> dict:
+    """The whole pretraining run: resume or start, train, evaluate, write the reports."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, workdir / "config.json")
+    run = build_run(cfg, workdir)
+    log.info("dataset %s: %s; %d steps (%d per epoch) on mesh %s", run.dataset.meta.name, run.dataset.meta.splits,
+             run.total_steps, run.steps_per_epoch, dict(run.mesh.shape))
+    state = train(run, restore_or_init(run))
+    result = evaluate(run, state.params)
+    evaluation.write_report(workdir, result)
+    run.checkpointer.close()
+    return result

@@ -1,0 +1,17 @@
+"""Test setup: 8 virtual CPU devices (for the sharding tests), a private data cache, small datasets."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same train step: let identical programs compile once per machine.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "sr_jax", "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Synthetic datasets are generated into a per-session folder, never the user's cache."""
+    os.environ["SR_JAX_DATA"] = str(tmp_path_factory.mktemp("sr_jax_data"))

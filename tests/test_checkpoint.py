@@ -1,0 +1,71 @@
+"""Checkpoint save/restore, exact resume, and the errors for mismatched or broken checkpoints."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import TINY, config
+from sr_jax.training import trainer
+from sr_jax.training.checkpoint import CheckpointError
+
+
+def _cfg(**model):
+    return config(TINY, train={"epochs": 2.0, "checkpoint_every": 4, "log_every": 4, "keep_checkpoints": 2},
+                  model=model or {})
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+    cfg = _cfg()
+    straight = trainer.build_run(cfg, tmp_path / "straight")
+    end = trainer.train(straight, trainer.initial_state(straight))
+    assert int(end.step) == straight.total_steps == 2 * (4096 // 256)
+
+    interrupted = trainer.build_run(cfg, tmp_path / "resumed")
+    trainer.train(interrupted, trainer.initial_state(interrupted), until=13)  # "killed" after step 13
+    interrupted.checkpointer.close()
+    resumed = trainer.build_run(cfg, tmp_path / "resumed")
+    state = trainer.restore_or_init(resumed)
+    assert int(state.step) == 12  # the last periodic checkpoint
+    end_resumed = trainer.train(resumed, state)
+    _assert_trees_equal(end.params, end_resumed.params)
+    _assert_trees_equal(end.opt_state, end_resumed.opt_state)
+    assert resumed.checkpointer.manager.all_steps() == [28, 32]  # keep N
+
+
+def test_save_restore_round_trip_and_position(tmp_path):
+    run = trainer.build_run(_cfg(), tmp_path)
+    state = trainer.train(run, trainer.initial_state(run), until=5)
+    run.checkpointer.save(5, state, trainer.position(run, 5), force=True)
+    run.checkpointer.wait()
+    restored, position = run.checkpointer.restore(run.abstract_state, step=5)
+    _assert_trees_equal(state, restored)
+    assert position == {"step": 5, "epoch": 0, "batch": 5, "seed": 0}
+
+
+def test_mismatched_checkpoint_names_the_parameter_and_both_shapes(tmp_path):
+    run = trainer.build_run(_cfg(), tmp_path)
+    trainer.train(run, trainer.initial_state(run), until=4)
+    run.checkpointer.close()
+    wider = trainer.build_run(_cfg(dim=16), tmp_path)
+    with pytest.raises(CheckpointError, match=r"parameter params/l0/id_tables/item has shape \(120, 32\) in the "
+                                              r"checkpoint, \(120, 16\) in the model"):
+        wider.checkpointer.restore(wider.abstract_state)
+    no_adapter = trainer.build_run(_cfg(use_domain_adapter=False), tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint has parameter params/l1/adapter/\S+ .* that the model lacks"):
+        no_adapter.checkpointer.restore(no_adapter.abstract_state)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run = trainer.build_run(_cfg(), tmp_path)
+    trainer.train(run, trainer.initial_state(run), until=4)
+    run.checkpointer.close()
+    shutil.rmtree(tmp_path / "checkpoints" / "4" / "state")
+    again = trainer.build_run(_cfg(), tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoints/4"):
+        again.checkpointer.restore(again.abstract_state)

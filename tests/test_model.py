@@ -1,0 +1,89 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TINY, config
+from sr_jax import model as sr_model
+from sr_jax.model.layers import hash_ids
+from sr_jax.training.trainer import load_dataset
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = load_dataset(config(TINY).data)
+    pooled, first = ds.text_cache("hashed-bow")
+    batch = {k: jnp.asarray(v[:64]) for k, v in ds.split("train").items()}
+    return ds, sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), batch
+
+
+def _build(data, **model_fields):
+    ds, text, batch = data
+    cfg = dataclasses.replace(config(TINY).model, **model_fields)
+    return sr_model.init(cfg, ds.meta, text.pooled.shape[1], seed=0)
+
+
+def test_functional_api_is_pure_and_levelled(data):
+    ds, text, batch = data
+    graphdef, params = _build(data)
+    assert set(params) == set(sr_model.LEVELS)
+    labels = jax.tree.leaves(sr_model.level_labels(params))
+    assert set(labels) == {"l0", "l1", "l2"}
+    assert "id_tables" in params["l0"] and "experts" in params["l1"] and "tower" in params["l2"]
+    logits, aux = jax.jit(lambda p, b: sr_model.apply(graphdef, p, b, text))(params, batch)
+    again, _ = sr_model.apply(graphdef, params, batch, text)
+    np.testing.assert_allclose(logits, again, rtol=1e-5, atol=1e-6)
+    assert logits.shape == (64,) and np.all(np.isfinite(logits))
+    assert aux["expert_weights"].shape == (64, 4) and aux["reg"].shape == ()
+    np.testing.assert_allclose(aux["expert_weights"].sum(1), 1.0, rtol=1e-5)
+    # recommendation examples: no query aspect present, all query weights zero
+    rec = np.array([d.task == "rec" for d in ds.meta.domains])[np.asarray(batch["domain"])]
+    assert rec.any() and np.all(np.asarray(aux["aspect_weights"]["query"])[rec] == 0)
+
+
+def test_each_example_uses_its_own_domain_tower(data):
+    ds, text, batch = data
+    graphdef, params = _build(data)
+    logits, _ = sr_model.apply(graphdef, params, batch, text)
+    k = int(batch["domain"][0])
+    bumped = jax.tree.map(lambda a: a, params)
+    bumped["l2"]["tower"]["layers"][1]["bias"] = params["l2"]["tower"]["layers"][1]["bias"].at[k].add(1.0)
+    changed, _ = sr_model.apply(graphdef, bumped, batch, text)
+    in_k = np.asarray(batch["domain"]) == k
+    np.testing.assert_allclose(np.asarray(changed - logits)[in_k], 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(changed)[~in_k], np.asarray(logits)[~in_k])
+
+
+@pytest.mark.parametrize("fields", [
+    {"gating": "mean"}, {"gating": "cls"}, {"use_text": False}, {"use_domain_adapter": False},
+    {"regularizer": "mmd"}, {"regularizer": "none"}, {"id_buckets": 50}, {"dtype": "bfloat16"},
+])
+def test_variants_build_and_run(data, fields):
+    ds, text, batch = data
+    graphdef, params = _build(data, **fields)
+    logits, aux = sr_model.apply(graphdef, params, batch, text)
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+    if fields.get("use_text") is False:
+        assert "text_proj" not in params["l0"] or not params["l0"]["text_proj"]
+        assert aux["aspect_weights"]["item"].shape[1] == 2  # id, sparse
+    if "id_buckets" in fields:
+        assert params["l0"]["id_tables"]["item"].shape[0] == 50
+    if fields.get("regularizer") == "none":
+        assert float(aux["reg"]) == 0.0
+
+
+def test_bad_model_options_are_refused(data):
+    with pytest.raises(ValueError, match="model.gating='max'"):
+        _build(data, gating="max")
+    with pytest.raises(ValueError, match="model.regularizer='kl'"):
+        _build(data, regularizer="kl")
+
+
+def test_hash_ids_keeps_missing_and_stays_in_range():
+    ids = jnp.arange(0, 10_000)
+    rows = np.asarray(hash_ids(ids, 10_000, 101))
+    assert rows[0] == 0 and rows[1:].min() >= 1 and rows.max() <= 100
+    assert len(np.unique(rows)) == 101
+    np.testing.assert_array_equal(hash_ids(ids, 10_000, 10_000), ids)

@@ -1,0 +1,141 @@
+"""The dataset store: round trip, atomic writes, and a named error for every kind of bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import TINY
+from sr_jax.data import synthetic
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.data.store import DatasetError, open_dataset, validate, write_dataset, write_text_cache
+from sr_jax.text import HashedBagOfWords, build_text_cache
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("store") / "clean"
+    synthetic.generate(TINY, root)
+    build_text_cache(root, HashedBagOfWords())
+    return root
+
+
+@pytest.fixture
+def copy(clean, tmp_path) -> Path:
+    dst = tmp_path / "ds"
+    shutil.copytree(clean, dst)
+    return dst
+
+
+def test_round_trip_is_memory_mapped_and_exact(clean, tmp_path):
+    ds = open_dataset(clean)
+    cols = ds.split("train")
+    assert isinstance(cols["item_id"], np.memmap)
+    again = write_dataset(tmp_path / "again", _meta_without_caches(clean),
+                          ds.texts(), {s: {k: np.asarray(v) for k, v in ds.split(s).items()} for s in ds.meta.splits})
+    for split in ds.meta.splits:
+        for name, col in ds.split(split).items():
+            np.testing.assert_array_equal(again.split(split)[name], col)
+    assert again.texts() == ds.texts()
+    assert ds.meta.text_caches["hashed-bow"].dim == ds.text_cache("hashed-bow")[0].shape[1]
+
+
+def _meta_without_caches(root):
+    meta = DatasetMeta.read(root)
+    meta.text_caches = {}
+    return meta
+
+
+def _corrupt(root: Path, split: str, column: str, fn) -> Path:
+    file = root / "splits" / split / f"{column}.npy"
+    np.save(file, fn(np.load(file)))
+    return file
+
+
+def _set_row(row, value):
+    def fn(a):
+        a = a.copy()
+        a[row] = value
+        return a
+    return fn
+
+
+CASES = {
+    "missing column": (lambda r: (r / "splits/train/item.brand.npy").unlink(), "item.brand", None, "missing column"),
+    "extra column": (lambda r: np.save(r / "splits/train/bogus.npy", np.zeros(3)), "bogus", None, "not declared"),
+    "wrong dtype": (lambda r: _corrupt(r, "train", "user_id", lambda a: a.astype(np.int64)), "user_id", None, "dtype"),
+    "wrong length": (lambda r: _corrupt(r, "valid", "label", lambda a: a[:-1]), "label", None, "shape"),
+    "id outside vocab": (lambda r: _corrupt(r, "train", "item_id", _set_row(17, 10_000)), "item_id", 17, "outside"),
+    "negative id": (lambda r: _corrupt(r, "test", "user_id", _set_row(5, -3)), "user_id", 5, "outside"),
+    "sparse value outside vocab": (lambda r: _corrupt(r, "train", "user.interests", _set_row(9, [1, 99, 0])),
+                                   "user.interests", 9, "outside"),
+    "label not 0/1": (lambda r: _corrupt(r, "train", "label", _set_row(3, 2)), "label", 3, "labels"),
+    "undeclared domain": (lambda r: _corrupt(r, "train", "domain", _set_row(11, 8)), "domain", 11, "domains"),
+    "text row out of range": (lambda r: _corrupt(r, "test", "item_text", _set_row(7, 10**6)), "item_text", 7, "text table"),
+    "NaN feature": (lambda r: _corrupt_cache(r, 4, np.nan), "pooled", 4, "NaN"),
+    "inf feature": (lambda r: _corrupt_cache(r, 6, np.inf), "pooled", 6, "inf"),
+    "missing text": (lambda r: _replace_text(r, 12, ""), "text", 12, "missing text"),
+    "text table too short": (lambda r: _drop_last_text(r), "text", None, "num_texts"),
+    "empty split": (lambda r: _set_meta(r, lambda m: m["splits"].update(valid=0)), None, None, "empty"),
+    "unknown task": (lambda r: _set_meta(r, lambda m: m["domains"][1].update(task="ads")), "domains", 1, "task"),
+}
+
+
+def _corrupt_cache(root, row, value):
+    file = root / "text_cache/hashed-bow/pooled.npy"
+    a = np.load(file)
+    a[row, 0] = value
+    np.save(file, a)
+
+
+def _replace_text(root, row, text):
+    lines = (root / "texts.jsonl").read_text().splitlines()
+    lines[row] = json.dumps(text)
+    (root / "texts.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _drop_last_text(root):
+    lines = (root / "texts.jsonl").read_text().splitlines()
+    (root / "texts.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+
+
+def _set_meta(root, fn):
+    meta = json.loads((root / "meta.json").read_text())
+    fn(meta)
+    (root / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_raises_an_error_naming_file_field_and_row(copy, case):
+    corrupt, field, row, words = CASES[case]
+    corrupt(copy)
+    with pytest.raises(DatasetError) as info:
+        validate(copy)
+    err = info.value
+    assert words in str(err), str(err)
+    assert str(copy) in err.file
+    assert err.field == field
+    assert err.row == row
+    if row is not None:
+        assert f"row {row}" in str(err)
+
+
+def test_failed_write_leaves_nothing_behind(clean, tmp_path):
+    ds = open_dataset(clean)
+    splits = {s: {k: np.asarray(v).copy() for k, v in ds.split(s).items()} for s in ds.meta.splits}
+    splits["train"]["item_id"][3] = -5
+    with pytest.raises(DatasetError, match="row 3"):
+        write_dataset(tmp_path / "bad", _meta_without_caches(clean), ds.texts(), splits)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_cache_with_missing_rows_is_refused_and_keeps_the_old_cache(copy):
+    before = np.load(copy / "text_cache/hashed-bow/pooled.npy")
+    with pytest.raises(DatasetError, match="missing rows"):
+        write_text_cache(copy, "hashed-bow", "x", before[:-2], before[:-2])
+    np.testing.assert_array_equal(np.load(copy / "text_cache/hashed-bow/pooled.npy"), before)
+    assert [p.name for p in (copy / "text_cache").iterdir()] == ["hashed-bow"]
+    with pytest.raises(DatasetError, match="no text cache made by encoder 'minilm'"):
+        open_dataset(copy).text_cache("minilm")

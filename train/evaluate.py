@@ -1,0 +1,27 @@
+"""Re-evaluate a run's latest checkpoint: `python -m train.evaluate --workdir DIR [--split NAME]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from sr_jax.config import load_config
+from sr_jax.training import evaluation, trainer
+from train import cli
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default=None, help="split to evaluate (default: the config's data.eval_split)")
+    args = p.parse_args(argv)
+    cli.setup_logging()
+    run = trainer.build_run(load_config(f"{args.workdir}/config.json"), args.workdir)
+    state, _ = run.checkpointer.restore(run.abstract_state)
+    result = trainer.evaluate(run, state.params, args.split)
+    evaluation.write_report(args.workdir, result, name=f"eval_{result['split']}" if args.split else "eval")
+    print(evaluation.markdown_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
