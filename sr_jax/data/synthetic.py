@@ -55,6 +55,7 @@ STYLES = {
     "professional": ["professional", "pro", "heavy duty", "studio grade"],
 }
 SYLLABLES = ["vol", "ta", "ro", "zen", "ka", "mi", "lux", "or", "vin", "sa", "tek", "no", "ar", "bel"]
+GENERATOR_VERSION = 2  # bump whenever the generated data would change: it keys the cache
 NUM_BRANDS = 24
 NUM_REGIONS = 6
 LATENT = 12
@@ -250,7 +251,8 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
                        SparseField("brand", "item", NUM_BRANDS + 1),
                        SparseField("price", "item", 6)],
         splits={}, num_texts=0, oracle_auc=oracle,
-        description=f"sr-jax synthetic multi-domain S&R data, {json.dumps(dataclasses.asdict(cfg))}",
+        description=f"sr-jax synthetic multi-domain S&R data, generator v{GENERATOR_VERSION}, "
+                    f"{json.dumps(dataclasses.asdict(cfg))}",
     )
     return write_dataset(root, meta, texts, splits, overwrite=overwrite)
 
@@ -266,8 +268,10 @@ def oracle_aucs(imp: dict[str, np.ndarray], is_cold: np.ndarray) -> dict[str, fl
 
 
 def default_root(cfg: SyntheticConfig) -> Path:
-    """Where the dataset for `cfg` is cached: `$SR_JAX_DATA` or `~/.cache/sr_jax`, keyed by the config."""
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    """Where the dataset for `cfg` is cached: `$SR_JAX_DATA` or `~/.cache/sr_jax`, keyed by the config
+    and the generator version."""
+    spec = {"generator": GENERATOR_VERSION, **dataclasses.asdict(cfg)}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     base = Path(os.environ.get("SR_JAX_DATA", Path.home() / ".cache" / "sr_jax"))
     return base / f"synthetic-{key}"
 

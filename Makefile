@@ -1,0 +1,27 @@
+# The two README commands: `make demo` (set up, then pretrain on the embedded dataset) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup demo test bench-input clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup  ## pretrain the full model on the embedded synthetic dataset; report in runs/demo/eval.md
+	$(PY) -m train.pretrain --workdir runs/demo $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench-input: setup
+	$(PY) -m train.bench_input $(ARGS)
+
+clean:
+	rm -rf runs
