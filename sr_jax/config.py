@@ -177,4 +177,3 @@ def config_from_name(name: str) -> Config:
     except ModuleNotFoundError as e:
         raise ConfigError(f"no config named {name!r} in configs/") from e
     return module.get_config()
-

@@ -29,7 +29,9 @@ def _tied_ranks(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def grouped_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def grouped_auc(
+    labels: np.ndarray, scores: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AUC per group. Returns (group ids, auc [nan where one class is absent], examples per group)."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, np.float64)

@@ -5,18 +5,34 @@ import dataclasses
 from sr_jax.config import Config, SyntheticConfig
 
 # A small world in which a short run gets close to the oracle (see test_training_quality).
-SMALL = SyntheticConfig(num_users=500, num_items=800, num_queries=150, train_examples=300_000,
-                        valid_examples=5_000, test_examples=20_000, heldout_examples=4_000)
-TINY = SyntheticConfig(num_users=60, num_items=120, num_queries=30, train_examples=4_096,
-                       valid_examples=512, test_examples=1_024, heldout_examples=512)
+SMALL = SyntheticConfig(
+    num_users=500,
+    num_items=800,
+    num_queries=150,
+    train_examples=300_000,
+    valid_examples=5_000,
+    test_examples=20_000,
+    heldout_examples=4_000,
+)
+TINY = SyntheticConfig(
+    num_users=60,
+    num_items=120,
+    num_queries=30,
+    train_examples=4_096,
+    valid_examples=512,
+    test_examples=1_024,
+    heldout_examples=512,
+)
 
 
 def config(synthetic: SyntheticConfig = TINY, **sections) -> Config:
     """A Config on one device with `sections` (e.g. train={"epochs": 1}) replaced."""
     cfg = Config()
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, synthetic=synthetic, batch_size=256,
-                                                            eval_batch_size=512),
-                              mesh=dataclasses.replace(cfg.mesh, data=1))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, synthetic=synthetic, batch_size=256, eval_batch_size=512),
+        mesh=dataclasses.replace(cfg.mesh, data=1),
+    )
     for name, fields in sections.items():
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
     return cfg

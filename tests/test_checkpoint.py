@@ -12,8 +12,9 @@ from sr_jax.training.checkpoint import CheckpointError
 
 
 def _cfg(**model):
-    return config(TINY, train={"epochs": 2.0, "checkpoint_every": 4, "log_every": 4, "keep_checkpoints": 2},
-                  model=model or {})
+    return config(
+        TINY, train={"epochs": 2.0, "checkpoint_every": 4, "log_every": 4, "keep_checkpoints": 2}, model=model or {}
+    )
 
 
 def _assert_trees_equal(a, b):
@@ -53,11 +54,16 @@ def test_mismatched_checkpoint_names_the_parameter_and_both_shapes(tmp_path):
     trainer.train(run, trainer.initial_state(run), until=4)
     run.checkpointer.close()
     wider = trainer.build_run(_cfg(dim=16), tmp_path)
-    with pytest.raises(CheckpointError, match=r"parameter params/l0/id_tables/item has shape \(120, 32\) in the "
-                                              r"checkpoint, \(120, 16\) in the model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"parameter params/l0/id_tables/item has shape \(120, 32\) in the "
+        r"checkpoint, \(120, 16\) in the model",
+    ):
         wider.checkpointer.restore(wider.abstract_state)
     no_adapter = trainer.build_run(_cfg(use_domain_adapter=False), tmp_path)
-    with pytest.raises(CheckpointError, match=r"checkpoint has parameter params/l1/adapter/\S+ .* that the model lacks"):
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint has parameter params/l1/adapter/\S+ .* that the model lacks"
+    ):
         no_adapter.checkpointer.restore(no_adapter.abstract_state)
 
 

@@ -20,8 +20,9 @@ def test_dal_uses_each_examples_own_domain_parameters():
         k = int(domain[b])
         y = np.asarray(x[b] @ dal.proj.kernel[...][k] + dal.proj.bias[...][k])
         y = (y - y.mean()) / np.sqrt(y.var() + 1e-6)
-        np.testing.assert_allclose(out[b], y * np.asarray(dal.norm.scale[...]) + np.asarray(dal.norm.bias[...]),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            out[b], y * np.asarray(dal.norm.scale[...]) + np.asarray(dal.norm.bias[...]), rtol=1e-4, atol=1e-4
+        )
     # changing domain 3's parameters changes only domain-3 examples
     dal.proj.kernel[...] = dal.proj.kernel[...].at[3].add(1.0)
     changed = np.any(np.asarray(dal(x, domain, jnp.float32)) != out, axis=1)
@@ -35,10 +36,14 @@ def _two_domain_batch(shift: float, n: int = 256):
     return x, domain
 
 
-@pytest.mark.parametrize("reg", [
-    lambda x, d: js_regularizer(x, d, K, temperature=1.0),
-    lambda x, d: mmd_regularizer(x, d, K, bandwidth=0.0, max_examples=1024),
-], ids=["js", "mmd"])
+@pytest.mark.parametrize(
+    "reg",
+    [
+        lambda x, d: js_regularizer(x, d, K, temperature=1.0),
+        lambda x, d: mmd_regularizer(x, d, K, bandwidth=0.0, max_examples=1024),
+    ],
+    ids=["js", "mmd"],
+)
 def test_regularizer_is_zero_for_identical_domains_and_grows_with_shift(reg):
     values = [float(reg(*_two_domain_batch(s))) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
     assert abs(values[0]) < 1e-5

@@ -56,10 +56,19 @@ def test_each_example_uses_its_own_domain_tower(data):
     np.testing.assert_array_equal(np.asarray(changed)[~in_k], np.asarray(logits)[~in_k])
 
 
-@pytest.mark.parametrize("fields", [
-    {"gating": "mean"}, {"gating": "cls"}, {"use_text": False}, {"use_domain_adapter": False},
-    {"regularizer": "mmd"}, {"regularizer": "none"}, {"id_buckets": 50}, {"dtype": "bfloat16"},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"gating": "mean"},
+        {"gating": "cls"},
+        {"use_text": False},
+        {"use_domain_adapter": False},
+        {"regularizer": "mmd"},
+        {"regularizer": "none"},
+        {"id_buckets": 50},
+        {"dtype": "bfloat16"},
+    ],
+)
 def test_variants_build_and_run(data, fields):
     ds, text, batch = data
     graphdef, params = _build(data, **fields)

@@ -31,8 +31,11 @@ def test_sharded_step_matches_single_device(tmp_path, data, model):
     mu = sharded.opt_state[1][0].mu["l0"]["id_tables"]["item"]  # Adam's moments are sharded like their table
     assert mu.sharding.spec == P("model", None)
     assert sharded.params["l1"]["experts"]["layers"][0]["kernel"].sharding.spec == P()
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
-                 single.params, sharded.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
+        single.params,
+        sharded.params,
+    )
     probs_single = trainer.evaluate(_train(cfg, tmp_path / "one", jax.devices()[:1], 0)[0], single.params)
     assert abs(probs_single["overall"]["auc"] - trainer.evaluate(run, sharded.params)["overall"]["auc"]) < 1e-3
 

@@ -33,8 +33,12 @@ def test_round_trip_is_memory_mapped_and_exact(clean, tmp_path):
     ds = open_dataset(clean)
     cols = ds.split("train")
     assert isinstance(cols["item_id"], np.memmap)
-    again = write_dataset(tmp_path / "again", _meta_without_caches(clean),
-                          ds.texts(), {s: {k: np.asarray(v) for k, v in ds.split(s).items()} for s in ds.meta.splits})
+    again = write_dataset(
+        tmp_path / "again",
+        _meta_without_caches(clean),
+        ds.texts(),
+        {s: {k: np.asarray(v) for k, v in ds.split(s).items()} for s in ds.meta.splits},
+    )
     for split in ds.meta.splits:
         for name, col in ds.split(split).items():
             np.testing.assert_array_equal(again.split(split)[name], col)
@@ -59,6 +63,7 @@ def _set_row(row, value):
         a = a.copy()
         a[row] = value
         return a
+
     return fn
 
 
@@ -69,11 +74,20 @@ CASES = {
     "wrong length": (lambda r: _corrupt(r, "valid", "label", lambda a: a[:-1]), "label", None, "shape"),
     "id outside vocab": (lambda r: _corrupt(r, "train", "item_id", _set_row(17, 10_000)), "item_id", 17, "outside"),
     "negative id": (lambda r: _corrupt(r, "test", "user_id", _set_row(5, -3)), "user_id", 5, "outside"),
-    "sparse value outside vocab": (lambda r: _corrupt(r, "train", "user.interests", _set_row(9, [1, 99, 0])),
-                                   "user.interests", 9, "outside"),
+    "sparse value outside vocab": (
+        lambda r: _corrupt(r, "train", "user.interests", _set_row(9, [1, 99, 0])),
+        "user.interests",
+        9,
+        "outside",
+    ),
     "label not 0/1": (lambda r: _corrupt(r, "train", "label", _set_row(3, 2)), "label", 3, "labels"),
     "undeclared domain": (lambda r: _corrupt(r, "train", "domain", _set_row(11, 8)), "domain", 11, "domains"),
-    "text row out of range": (lambda r: _corrupt(r, "test", "item_text", _set_row(7, 10**6)), "item_text", 7, "text table"),
+    "text row out of range": (
+        lambda r: _corrupt(r, "test", "item_text", _set_row(7, 10**6)),
+        "item_text",
+        7,
+        "text table",
+    ),
     "NaN feature": (lambda r: _corrupt_cache(r, 4, np.nan), "pooled", 4, "NaN"),
     "inf feature": (lambda r: _corrupt_cache(r, 6, np.inf), "pooled", 6, "inf"),
     "missing text": (lambda r: _replace_text(r, 12, ""), "text", 12, "missing text"),

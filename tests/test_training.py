@@ -1,8 +1,14 @@
 """End to end: the CLI writes every report, re-evaluation reproduces it, and training nears the oracle."""
 
+import dataclasses
 import json
+import shutil
+
+import pytest
 
 from helpers import SMALL, TINY, config
+from sr_jax.data.store import DatasetError, write_text_cache
+from sr_jax.text import HashedBagOfWords
 from sr_jax.training import trainer
 from train import evaluate, pretrain
 
@@ -10,8 +16,14 @@ from train import evaluate, pretrain
 def test_cli_pretrain_writes_reports_and_evaluate_reproduces_them(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
-    args = ["--workdir", str(workdir), "train.epochs=1", "data.batch_size=256", "mesh.data=1",
-            *[f"data.synthetic.{k}={v}" for k, v in TINY.__dict__.items()]]
+    args = [
+        "--workdir",
+        str(workdir),
+        "train.epochs=1",
+        "data.batch_size=256",
+        "mesh.data=1",
+        *[f"data.synthetic.{k}={v}" for k, v in TINY.__dict__.items()],
+    ]
     result = pretrain.main(args)
     for name in ("config.json", "metrics.jsonl", "eval.json", "eval.md"):
         assert (workdir / name).exists(), name
@@ -28,10 +40,26 @@ def test_cli_pretrain_writes_reports_and_evaluate_reproduces_them(tmp_path, caps
 
 
 def test_short_training_run_is_within_005_of_the_oracle(tmp_path):
-    cfg = config(SMALL, data={"synthetic": SMALL, "batch_size": 1024, "eval_batch_size": 4096},
-                 train={"checkpoint_every": 10_000, "log_every": 100})
+    cfg = config(
+        SMALL,
+        data={"synthetic": SMALL, "batch_size": 1024, "eval_batch_size": 4096},
+        train={"checkpoint_every": 10_000, "log_every": 100},
+    )
     result = trainer.pretrain(cfg, tmp_path)
     gap = result["mean_domain_oracle_auc"] - result["mean_domain_auc"]
     print(json.dumps({k: (v["auc"], v["oracle_auc"]) for k, v in result["domains"].items()}, indent=1))
     assert 0 <= gap < 0.05, (result["mean_domain_auc"], result["mean_domain_oracle_auc"])
     assert result["cold_items"]["auc"] > 0.7
+
+
+def test_training_refuses_a_text_cache_from_another_encoder(tmp_path):
+    cfg = config(TINY)
+    dataset = trainer.load_dataset(cfg.data)
+    other = HashedBagOfWords(seed=1)  # same name and width, other weights
+    root = tmp_path / "copy"
+    shutil.copytree(dataset.root, root)
+    write_text_cache(root, other.name, other.fingerprint(), *other.featurize(dataset.texts()))
+    with pytest.raises(DatasetError, match=r"made by 'hashed-bow-v1:dim=64:buckets=65536:seed=1'.*rebuild"):
+        trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root)))
+    with pytest.raises(ValueError, match=r"unknown text encoder 'minilm'"):
+        trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root), text_encoder="minilm"))

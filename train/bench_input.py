@@ -45,11 +45,21 @@ def main(argv: list[str] | None = None) -> dict:
     mesh = shd.make_mesh(cfg.mesh)
     host = throughput(BatchIterator(columns, bs, seed=0), bs, args.seconds)
     put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
-    device = throughput(prefetch_to_device(BatchIterator(columns, bs, seed=0), put, cfg.data.prefetch), bs, args.seconds)
-    result = {"batch_size": bs, "columns": len(columns), "cores": len(os.sched_getaffinity(0)),
-              "backend": jax.default_backend(), "host_examples_per_s": host, "to_device_examples_per_s": device}
-    print(f"| path | examples/s |\n|---|---|\n| host batches ({result['cores']} core) | {host:,.0f} |\n"
-          f"| + prefetch to {result['backend']} | {device:,.0f} |")
+    device = throughput(
+        prefetch_to_device(BatchIterator(columns, bs, seed=0), put, cfg.data.prefetch), bs, args.seconds
+    )
+    result = {
+        "batch_size": bs,
+        "columns": len(columns),
+        "cores": len(os.sched_getaffinity(0)),
+        "backend": jax.default_backend(),
+        "host_examples_per_s": host,
+        "to_device_examples_per_s": device,
+    }
+    print(
+        f"| path | examples/s |\n|---|---|\n| host batches ({result['cores']} core) | {host:,.0f} |\n"
+        f"| + prefetch to {result['backend']} | {device:,.0f} |"
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

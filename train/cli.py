@@ -12,8 +12,12 @@ from sr_jax.config import Config, config_from_name, load_config, override
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", required=True, help="run folder: config, checkpoints, metrics, reports")
-    p.add_argument("--config", default=None, help="a configs/NAME.py to start from (default: the workdir's "
-                                                  "saved config.json when resuming, else configs/default.py)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a configs/NAME.py to start from (default: the workdir's "
+        "saved config.json when resuming, else configs/default.py)",
+    )
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.gating=cls train.epochs=2")
     return p
 

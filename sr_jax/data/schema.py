@@ -88,7 +88,7 @@ class DatasetMeta:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "DatasetMeta":
+    def from_json(cls, text: str) -> DatasetMeta:
         d = json.loads(text)
         d["domains"] = [Domain(**x) for x in d["domains"]]
         d["sparse_fields"] = [SparseField(**x) for x in d["sparse_fields"]]
@@ -96,5 +96,5 @@ class DatasetMeta:
         return cls(**d)
 
     @classmethod
-    def read(cls, root: str | Path) -> "DatasetMeta":
+    def read(cls, root: str | Path) -> DatasetMeta:
         return cls.from_json((Path(root) / "meta.json").read_text())

@@ -12,10 +12,12 @@ reader never sees a half-written dataset. `open_dataset` validates by default: b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,21 +58,33 @@ class Dataset:
 
     def split(self, name: str) -> dict[str, np.ndarray]:
         if name not in self.meta.splits:
-            raise DatasetError(self.root / "meta.json", "splits", None,
-                               f"no split {name!r}; the dataset has {sorted(self.meta.splits)}")
+            raise DatasetError(
+                self.root / "meta.json",
+                "splits",
+                None,
+                f"no split {name!r}; the dataset has {sorted(self.meta.splits)}",
+            )
         folder = self.root / "splits" / name
         return {c: np.load(folder / f"{c}.npy", mmap_mode="r") for c in self.meta.columns()}
 
     def texts(self) -> list[str]:
         return read_texts(self.root / "texts.jsonl")
 
+    def text_cache_info(self, encoder: str, fingerprint: str | None = None) -> TextCache:
+        """Which cache `encoder` made; an error if there is none, or if it came from other weights or
+        settings than `fingerprint` (when given)."""
+        info = self.meta.text_caches.get(encoder)
+        if info is None:
+            problem = f"no text cache made by encoder {encoder!r}; the dataset has {sorted(self.meta.text_caches)}"
+            raise DatasetError(self.root / "meta.json", "text_caches", None, problem + " (build one first)")
+        if fingerprint is not None and info.fingerprint != fingerprint:
+            problem = f"the {encoder!r} cache was made by {info.fingerprint!r}, but this encoder is {fingerprint!r}"
+            raise DatasetError(self.root / "meta.json", "text_caches", None, problem + ": rebuild the cache")
+        return info
+
     def text_cache(self, encoder: str) -> tuple[np.ndarray, np.ndarray]:
         """(pooled, first) [num_texts, dim] float32 arrays made by `encoder`."""
-        meta_file = self.root / "meta.json"
-        if encoder not in self.meta.text_caches:
-            raise DatasetError(meta_file, "text_caches", None,
-                               f"no text cache made by encoder {encoder!r}; the dataset has "
-                               f"{sorted(self.meta.text_caches)} (build one with that encoder first)")
+        self.text_cache_info(encoder)
         folder = self.root / "text_cache" / encoder
         return (np.load(folder / "pooled.npy", mmap_mode="r"), np.load(folder / "first.npy", mmap_mode="r"))
 
@@ -110,24 +124,29 @@ def validate(root: str | Path) -> Dataset:
 
     texts = read_texts(root / "texts.jsonl")
     if len(texts) != meta.num_texts:
-        raise DatasetError(root / "texts.jsonl", "text", None,
-                           f"{len(texts)} texts, but meta.json declares num_texts={meta.num_texts}")
+        raise DatasetError(
+            root / "texts.jsonl", "text", None, f"{len(texts)} texts, but meta.json declares num_texts={meta.num_texts}"
+        )
     for encoder, info in meta.text_caches.items():
         _validate_text_cache(root / "text_cache" / encoder, encoder, info, meta.num_texts)
 
     columns = meta.columns()
-    ranges = {"domain": (0, meta.num_domains, "the declared domains"),
-              **{f: (0, meta.vocab[f], "the vocab") for f in ID_FIELDS},
-              **{f: (-1, meta.num_texts, "the text table (-1 = no text)") for f in TEXT_FIELDS},
-              **{f.column: (0, f.vocab, "the vocab") for f in meta.sparse_fields},
-              "label": (0, 2, "the labels {0, 1}")}
+    ranges = {
+        "domain": (0, meta.num_domains, "the declared domains"),
+        **{f: (0, meta.vocab[f], "the vocab") for f in ID_FIELDS},
+        **{f: (-1, meta.num_texts, "the text table (-1 = no text)") for f in TEXT_FIELDS},
+        **{f.column: (0, f.vocab, "the vocab") for f in meta.sparse_fields},
+        "label": (0, 2, "the labels {0, 1}"),
+    }
     for split, size in meta.splits.items():
         folder = root / "splits" / split
         if size <= 0:
             raise DatasetError(folder, None, None, f"split {split!r} is empty")
         present = {p.stem for p in folder.glob("*.npy")} if folder.exists() else set()
         if missing := sorted(set(columns) - present):
-            raise DatasetError(folder / f"{missing[0]}.npy", missing[0], None, f"missing column (all missing: {missing})")
+            raise DatasetError(
+                folder / f"{missing[0]}.npy", missing[0], None, f"missing column (all missing: {missing})"
+            )
         if extra := sorted(present - set(columns)):
             raise DatasetError(folder / f"{extra[0]}.npy", extra[0], None, "column not declared by meta.json")
         for name, (dtype, row_shape) in columns.items():
@@ -153,8 +172,13 @@ def _validate_text_cache(folder: Path, encoder: str, info: TextCache, num_texts:
             raise DatasetError(file, part, None, f"missing text cache file of encoder {encoder!r}")
         a = np.load(file, mmap_mode="r")
         if a.dtype != np.float32 or a.shape != (num_texts, info.dim):
-            raise DatasetError(file, part, None, f"{a.dtype} {a.shape}, expected float32 {(num_texts, info.dim)} "
-                                                 f"(a cache with missing rows, or from another text table)")
+            raise DatasetError(
+                file,
+                part,
+                None,
+                f"{a.dtype} {a.shape}, expected float32 {(num_texts, info.dim)} "
+                f"(a cache with missing rows, or from another text table)",
+            )
         bad = ~np.isfinite(np.asarray(a))
         if bad.any():
             raise DatasetError(file, part, _first(bad), "NaN or inf feature")
@@ -165,14 +189,30 @@ def open_dataset(root: str | Path, check: bool = True) -> Dataset:
     return validate(root) if check else Dataset(root, DatasetMeta.read(root))
 
 
-def _atomic_dir(final: Path):
-    """A temporary sibling of `final`; the caller renames it into place when it is complete."""
+@contextlib.contextmanager
+def _atomic_dir(final: Path, check: Callable[[Path], object]) -> Iterator[Path]:
+    """Yields a temporary sibling of `final` to fill; once filled it is checked and renamed to `final`
+    (replacing it); on any error it is removed and `final` is left as it was."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        check(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def write_dataset(root: str | Path, meta: DatasetMeta, texts: list[str],
-                  splits: dict[str, dict[str, np.ndarray]], overwrite: bool = False) -> Dataset:
+def write_dataset(
+    root: str | Path,
+    meta: DatasetMeta,
+    texts: list[str],
+    splits: dict[str, dict[str, np.ndarray]],
+    overwrite: bool = False,
+) -> Dataset:
     """Writes, validates, then atomically renames a complete dataset into `root`."""
     root = Path(root)
     if root.exists() and not overwrite:
@@ -181,8 +221,7 @@ def write_dataset(root: str | Path, meta: DatasetMeta, texts: list[str],
         raise ValueError("write the dataset without caches, then add them with write_text_cache")
     meta.splits = {name: len(cols["label"]) for name, cols in splits.items()}
     meta.num_texts = len(texts)
-    tmp = _atomic_dir(root)
-    try:
+    with _atomic_dir(root, validate) as tmp:
         (tmp / "meta.json").write_text(meta.to_json())
         with open(tmp / "texts.jsonl", "w", encoding="utf-8") as f:
             for text in texts:
@@ -191,34 +230,18 @@ def write_dataset(root: str | Path, meta: DatasetMeta, texts: list[str],
             (tmp / "splits" / split).mkdir(parents=True)
             for name, a in cols.items():
                 np.save(tmp / "splits" / split / f"{name}.npy", np.asarray(a))
-        validate(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return open_dataset(root, check=False)
 
 
-def write_text_cache(root: str | Path, encoder: str, fingerprint: str,
-                     pooled: np.ndarray, first: np.ndarray) -> None:
+def write_text_cache(root: str | Path, encoder: str, fingerprint: str, pooled: np.ndarray, first: np.ndarray) -> None:
     """Adds (or replaces) the text-feature cache of one encoder, atomically."""
     root = Path(root)
     meta = DatasetMeta.read(root)
     info = TextCache(encoder=encoder, fingerprint=fingerprint, dim=int(pooled.shape[1]))
-    final = root / "text_cache" / encoder
-    tmp = _atomic_dir(final)
-    try:
+    check = lambda folder: _validate_text_cache(folder, encoder, info, meta.num_texts)  # noqa: E731
+    with _atomic_dir(root / "text_cache" / encoder, check) as tmp:
         np.save(tmp / "pooled.npy", np.asarray(pooled, np.float32))
         np.save(tmp / "first.npy", np.asarray(first, np.float32))
-        _validate_text_cache(tmp, encoder, info, meta.num_texts)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     meta.text_caches[encoder] = info
     _write_atomic(root / "meta.json", meta.to_json())
 

@@ -122,24 +122,46 @@ def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     n_u = cfg.num_users
     user_topics = np.stack([rng.integers(0, n_topics, n_u), rng.integers(0, n_topics, n_u)], 1)
     user_style = rng.integers(0, n_styles, n_u)
-    user_vec = (0.9 * topic_vec[user_topics[:, 0]] + 0.5 * topic_vec[user_topics[:, 1]]
-                + 0.5 * style_vec[user_style] + 0.3 * _unit(rng, n_u))
+    user_vec = (
+        0.9 * topic_vec[user_topics[:, 0]]
+        + 0.5 * topic_vec[user_topics[:, 1]]
+        + 0.5 * style_vec[user_style]
+        + 0.3 * _unit(rng, n_u)
+    )
     # queries: a topic, and a style word for 70% of them
     n_q = cfg.num_queries
     query_topic = rng.permutation(np.arange(n_q) % n_topics)
     query_style = np.where(rng.random(n_q) < 0.7, rng.integers(0, n_styles, n_q), -1)
     query_vec = topic_vec[query_topic] + np.where(query_style[:, None] >= 0, 0.7 * style_vec[query_style], 0.0)
     region_effect = rng.normal(0, 0.3, (len(DOMAINS), NUM_REGIONS))
-    return _World(topic_vec, style_vec, item_topic, item_style, item_brand, item_price, item_quality,
-                  item_vec, item_cold, user_topics, user_style, rng.integers(0, NUM_REGIONS, n_u), user_vec,
-                  query_topic, query_style, query_vec, region_effect)
+    return _World(
+        topic_vec,
+        style_vec,
+        item_topic,
+        item_style,
+        item_brand,
+        item_price,
+        item_quality,
+        item_vec,
+        item_cold,
+        user_topics,
+        user_style,
+        rng.integers(0, NUM_REGIONS, n_u),
+        user_vec,
+        query_topic,
+        query_style,
+        query_vec,
+        region_effect,
+    )
 
 
 def _texts(world: _World, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The text table: one text per item, then one per query. Returns (texts, item row, query row)."""
     topics, styles = list(TOPICS.values()), list(STYLES.values())
-    brands = [(SYLLABLES[i % 14] + SYLLABLES[(i * 5 + 3) % 14] + SYLLABLES[(i * 3 + 7) % 14]).capitalize()
-              for i in range(NUM_BRANDS)]
+    brands = [
+        (SYLLABLES[i % 14] + SYLLABLES[(i * 5 + 3) % 14] + SYLLABLES[(i * 3 + 7) % 14]).capitalize()
+        for i in range(NUM_BRANDS)
+    ]
     texts = []
     for t, s, b in zip(world.item_topic, world.item_style, world.item_brand):
         nouns = rng.choice(topics[t], 2, replace=False)
@@ -147,7 +169,9 @@ def _texts(world: _World, rng: np.random.Generator) -> tuple[list[str], np.ndarr
     item_row = np.arange(len(texts), dtype=np.int32)
     for t, s in zip(world.query_topic, world.query_style):
         nouns = rng.choice(topics[t], 2, replace=False)
-        words = ([str(rng.choice(styles[s]))] if s >= 0 else []) + [nouns[0]] + ([nouns[1]] if rng.random() < 0.5 else [])
+        words = (
+            ([str(rng.choice(styles[s]))] if s >= 0 else []) + [nouns[0]] + ([nouns[1]] if rng.random() < 0.5 else [])
+        )
         texts.append(" ".join(words))
     query_row = np.arange(len(item_row), len(texts), dtype=np.int32)
     item_row[0] = query_row[0] = -1  # id 0 is "missing": it has no text
@@ -164,8 +188,15 @@ def _sample_each(rng: np.random.Generator, pools: list[np.ndarray], which: np.nd
     return out
 
 
-def _impressions(world: _World, cfg: SyntheticConfig, rng: np.random.Generator, n: int,
-                 domains: list[int], shares: np.ndarray, cold_share: float) -> dict[str, np.ndarray]:
+def _impressions(
+    world: _World,
+    cfg: SyntheticConfig,
+    rng: np.random.Generator,
+    n: int,
+    domains: list[int],
+    shares: np.ndarray,
+    cold_share: float,
+) -> dict[str, np.ndarray]:
     """Samples n impressions of the given domains and their true click probabilities."""
     n_topics = len(TOPICS)
     domain = rng.choice(domains, n, p=shares / shares.sum()).astype(np.int32)
@@ -184,31 +215,54 @@ def _impressions(world: _World, cfg: SyntheticConfig, rng: np.random.Generator, 
     # item: 60% on the topic, else anywhere in the catalogue; cold items only with probability cold_share
     item_topic = np.where(rng.random(n) < 0.6, topic, _sample_each(rng, [np.flatnonzero(c) for c in catalogue], domain))
     real = np.arange(len(world.item_cold)) > 0
-    pools = [np.flatnonzero(real & (world.item_cold == c) & (world.item_topic == t))
-             for c in (False, True) for t in range(n_topics)]
-    want_cold = (rng.random(n) < cold_share) & np.array([len(pools[n_topics + t]) > 0 for t in range(n_topics)])[item_topic]
+    pools = [
+        np.flatnonzero(real & (world.item_cold == c) & (world.item_topic == t))
+        for c in (False, True)
+        for t in range(n_topics)
+    ]
+    want_cold = (rng.random(n) < cold_share) & np.array([len(pools[n_topics + t]) > 0 for t in range(n_topics)])[
+        item_topic
+    ]
     item = _sample_each(rng, pools, want_cold * n_topics + item_topic)
     params = np.array([d[3:8] for d in DOMAINS])[domain]  # b, alpha, beta, gamma, delta
     v = world.item_vec[item]
-    logit = (params[:, 0] + params[:, 1] * np.sum(world.user_vec[user] * v, 1)
-             + params[:, 2] * np.sum(world.query_vec[query] * v, 1) * is_search
-             + params[:, 3] * world.item_quality[item] - params[:, 4] * world.item_price[item] / 4
-             + world.region_effect[domain, world.user_region[user]])
+    logit = (
+        params[:, 0]
+        + params[:, 1] * np.sum(world.user_vec[user] * v, 1)
+        + params[:, 2] * np.sum(world.query_vec[query] * v, 1) * is_search
+        + params[:, 3] * world.item_quality[item]
+        - params[:, 4] * world.item_price[item] / 4
+        + world.region_effect[domain, world.user_region[user]]
+    )
     prob = 1.0 / (1.0 + np.exp(-logit))
-    return {"domain": domain, "user": user, "query": query, "item": item, "prob": prob,
-            "label": (rng.random(n) < prob).astype(np.int8)}
+    return {
+        "domain": domain,
+        "user": user,
+        "query": query,
+        "item": item,
+        "prob": prob,
+        "label": (rng.random(n) < prob).astype(np.int8),
+    }
 
 
-def _columns(imp: dict[str, np.ndarray], world: _World, item_row: np.ndarray, query_row: np.ndarray,
-             interests: np.ndarray) -> dict[str, np.ndarray]:
+def _columns(
+    imp: dict[str, np.ndarray], world: _World, item_row: np.ndarray, query_row: np.ndarray, interests: np.ndarray
+) -> dict[str, np.ndarray]:
     u, q, i = imp["user"], imp["query"], imp["item"]
     i32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)  # noqa: E731
     return {
-        "domain": i32(imp["domain"]), "user_id": i32(u), "query_id": i32(q), "item_id": i32(i),
-        "query_text": i32(query_row[q]), "item_text": i32(item_row[i]),
-        "user.region": i32(world.user_region[u] + 1), "user.interests": i32(interests[u]),
-        "item.category": i32(world.item_topic[i] // 3 + 1), "item.brand": i32(world.item_brand[i] + 1),
-        "item.price": i32(world.item_price[i] + 1), "label": imp["label"],
+        "domain": i32(imp["domain"]),
+        "user_id": i32(u),
+        "query_id": i32(q),
+        "item_id": i32(i),
+        "query_text": i32(query_row[q]),
+        "item_text": i32(item_row[i]),
+        "user.region": i32(world.user_region[u] + 1),
+        "user.interests": i32(interests[u]),
+        "item.category": i32(world.item_topic[i] // 3 + 1),
+        "item.brand": i32(world.item_brand[i] + 1),
+        "item.price": i32(world.item_price[i] + 1),
+        "label": imp["label"],
     }
 
 
@@ -229,11 +283,13 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
     heldout = [k for k, d in enumerate(DOMAINS) if d[8] == 0]
     shares = np.array([d[8] for d in DOMAINS])
     n_ho = cfg.heldout_examples // 2
-    specs = {"train": (cfg.train_examples, pretrain, shares, 0.0),
-             "valid": (cfg.valid_examples, pretrain, shares, 0.0),
-             "test": (cfg.test_examples, pretrain, shares, 0.25),
-             "heldout_train": (n_ho, heldout, np.ones(len(DOMAINS)), 0.0),
-             "heldout_test": (n_ho, heldout, np.ones(len(DOMAINS)), 0.25)}
+    specs = {
+        "train": (cfg.train_examples, pretrain, shares, 0.0),
+        "valid": (cfg.valid_examples, pretrain, shares, 0.0),
+        "test": (cfg.test_examples, pretrain, shares, 0.25),
+        "heldout_train": (n_ho, heldout, np.ones(len(DOMAINS)), 0.0),
+        "heldout_test": (n_ho, heldout, np.ones(len(DOMAINS)), 0.25),
+    }
     splits, oracle = {}, {}
     for name, (n, domains, sh, cold_share) in specs.items():
         imp = _impressions(world, cfg, rng, n, domains, sh[domains], cold_share)
@@ -245,22 +301,28 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
         name="synthetic",
         domains=[Domain(d[0], d[1], pretrain=d[8] > 0) for d in DOMAINS],
         vocab={"user_id": cfg.num_users, "query_id": cfg.num_queries, "item_id": cfg.num_items},
-        sparse_fields=[SparseField("region", "user", NUM_REGIONS + 1),
-                       SparseField("interests", "user", len(TOPICS) + 1, max_len=3),
-                       SparseField("category", "item", len(CATEGORIES) + 1),
-                       SparseField("brand", "item", NUM_BRANDS + 1),
-                       SparseField("price", "item", 6)],
-        splits={}, num_texts=0, oracle_auc=oracle,
+        sparse_fields=[
+            SparseField("region", "user", NUM_REGIONS + 1),
+            SparseField("interests", "user", len(TOPICS) + 1, max_len=3),
+            SparseField("category", "item", len(CATEGORIES) + 1),
+            SparseField("brand", "item", NUM_BRANDS + 1),
+            SparseField("price", "item", 6),
+        ],
+        splits={},
+        num_texts=0,
+        oracle_auc=oracle,
         description=f"sr-jax synthetic multi-domain S&R data, generator v{GENERATOR_VERSION}, "
-                    f"{json.dumps(dataclasses.asdict(cfg))}",
+        f"{json.dumps(dataclasses.asdict(cfg))}",
     )
     return write_dataset(root, meta, texts, splits, overwrite=overwrite)
 
 
 def oracle_aucs(imp: dict[str, np.ndarray], is_cold: np.ndarray) -> dict[str, float]:
     """AUC of the true probabilities: per domain (by name), overall, and on cold-item impressions."""
-    out = {DOMAINS[k][0]: metrics.auc(imp["label"][imp["domain"] == k], imp["prob"][imp["domain"] == k])
-           for k in np.unique(imp["domain"])}
+    out = {
+        DOMAINS[k][0]: metrics.auc(imp["label"][imp["domain"] == k], imp["prob"][imp["domain"] == k])
+        for k in np.unique(imp["domain"])
+    }
     out["overall"] = metrics.auc(imp["label"], imp["prob"])
     if is_cold.any():
         out["cold_items"] = metrics.auc(imp["label"][is_cold], imp["prob"][is_cold])

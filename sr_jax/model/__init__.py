@@ -23,23 +23,26 @@ from sr_jax.model.levels import LEVELS, level_labels, level_of
 Params = dict[str, Any]
 
 
-def init_params(cfg: ModelConfig, meta: DatasetMeta, text_dim: int, seed: int = 0,
-                num_domains: int | None = None) -> Params:
+def init_params(
+    cfg: ModelConfig, meta: DatasetMeta, text_dim: int, seed: int = 0, num_domains: int | None = None
+) -> Params:
     """Fresh parameters: a pure function, to be called under jit (eager NNX init compiles every initializer)."""
     model = SRFoundationModel(cfg, meta, text_dim, rngs=nnx.Rngs(seed), num_domains=num_domains)
     return nnx.to_pure_dict(nnx.state(model))
 
 
-def abstract(cfg: ModelConfig, meta: DatasetMeta, text_dim: int,
-             num_domains: int | None = None) -> tuple[nnx.GraphDef, Params]:
+def abstract(
+    cfg: ModelConfig, meta: DatasetMeta, text_dim: int, num_domains: int | None = None
+) -> tuple[nnx.GraphDef, Params]:
     """The static graph and the parameters' shapes and dtypes, without computing anything."""
     model = nnx.eval_shape(lambda: SRFoundationModel(cfg, meta, text_dim, rngs=nnx.Rngs(0), num_domains=num_domains))
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
 
 
-def init(cfg: ModelConfig, meta: DatasetMeta, text_dim: int, seed: int = 0,
-         num_domains: int | None = None) -> tuple[nnx.GraphDef, Params]:
+def init(
+    cfg: ModelConfig, meta: DatasetMeta, text_dim: int, seed: int = 0, num_domains: int | None = None
+) -> tuple[nnx.GraphDef, Params]:
     """Builds the model: (static graph, parameters)."""
     graphdef, _ = abstract(cfg, meta, text_dim, num_domains)
     return graphdef, jax.jit(lambda: init_params(cfg, meta, text_dim, seed, num_domains))()
@@ -50,5 +53,15 @@ def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], t
     return nnx.merge(graphdef, params)(batch, text)
 
 
-__all__ = ["LEVELS", "Params", "SRFoundationModel", "TextTable", "abstract", "apply", "init", "init_params",
-           "level_labels", "level_of"]
+__all__ = [
+    "LEVELS",
+    "Params",
+    "SRFoundationModel",
+    "TextTable",
+    "abstract",
+    "apply",
+    "init",
+    "init_params",
+    "level_labels",
+    "level_of",
+]

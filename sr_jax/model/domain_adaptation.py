@@ -58,7 +58,7 @@ def mmd_regularizer(x_hat: Array, domain: Array, num_domains: int, bandwidth: fl
     sigma = bandwidth if bandwidth > 0 else float(x.shape[1]) ** 0.5
     sq = jnp.sum(x * x, 1)
     dist2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
-    kernel = jnp.exp(-dist2 / (2.0 * sigma ** 2))
+    kernel = jnp.exp(-dist2 / (2.0 * sigma**2))
     sums = onehot.T @ kernel @ onehot  # [K, K]: sum of k(a, b) over a in domain i, b in domain j
     n = jnp.maximum(counts, 1.0)
     mean = sums / (n[:, None] * n[None, :])

@@ -50,12 +50,15 @@ class FeatureEncoder(nnx.Module):
         self.aspects = side_aspects(cfg, meta)
         self.id_tables = nnx.Dict({s: normal(rngs, (self.rows[s], cfg.dim), 0.05) for s in SIDES})
         self.fields = {s: [f for f in meta.sparse_fields if f.side == s] for s in ("user", "item")}
-        self.sparse_tables = nnx.Dict({f"{f.side}_{f.name}": normal(rngs, (f.vocab, cfg.dim), 0.05)
-                                       for f in meta.sparse_fields})
-        self.sparse_proj = nnx.Dict({s: nnx.Linear(len(fs) * cfg.dim, cfg.dim, rngs=rngs)
-                                     for s, fs in self.fields.items() if fs})
-        self.text_proj = nnx.Dict({s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in ("query", "item")}
-                                  if cfg.use_text else {})
+        self.sparse_tables = nnx.Dict(
+            {f"{f.side}_{f.name}": normal(rngs, (f.vocab, cfg.dim), 0.05) for f in meta.sparse_fields}
+        )
+        self.sparse_proj = nnx.Dict(
+            {s: nnx.Linear(len(fs) * cfg.dim, cfg.dim, rngs=rngs) for s, fs in self.fields.items() if fs}
+        )
+        self.text_proj = nnx.Dict(
+            {s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in ("query", "item")} if cfg.use_text else {}
+        )
         self.text_dim = text_dim
 
     def __call__(self, batch: dict[str, Array], text: TextTable) -> dict[str, Aspects]:
@@ -100,4 +103,3 @@ class FeatureEncoder(nnx.Module):
                 present.append(count[:, 0] > 0)
         has = jnp.any(jnp.stack(present, 1), axis=1)
         return self.sparse_proj[side](jnp.concatenate(embedded, 1)), has
-

@@ -17,8 +17,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.model.domain_adaptation import (REGULARIZERS, DomainAdaptiveLayer, js_regularizer,
-                                            mmd_regularizer)
+from sr_jax.model.domain_adaptation import REGULARIZERS, DomainAdaptiveLayer, js_regularizer, mmd_regularizer
 from sr_jax.model.encoding import SIDES, FeatureEncoder, TextTable, side_aspects
 from sr_jax.model.fusion import AspectGate
 from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal
@@ -27,13 +26,15 @@ from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal
 class SharedAdaptation(nnx.Module):
     """L1: fuse each side's aspects, map all domains into one space, run the shared experts."""
 
-    def __init__(self, cfg: ModelConfig, aspects: dict[str, tuple[str, ...]], num_domains: int, text_dim: int,
-                 *, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, aspects: dict[str, tuple[str, ...]], num_domains: int, text_dim: int, *, rngs: nnx.Rngs
+    ):
         self.cfg, self.num_domains = cfg, num_domains
         width = len(SIDES) * cfg.dim
-        self.domain_embedding = normal(rngs, (num_domains, cfg.gate_dim), cfg.gate_dim ** -0.5)
-        self.gates = nnx.Dict({s: AspectGate(cfg.gating, len(aspects[s]), cfg.dim, cfg.gate_dim, text_dim, rngs=rngs)
-                               for s in SIDES})
+        self.domain_embedding = normal(rngs, (num_domains, cfg.gate_dim), cfg.gate_dim**-0.5)
+        self.gates = nnx.Dict(
+            {s: AspectGate(cfg.gating, len(aspects[s]), cfg.dim, cfg.gate_dim, text_dim, rngs=rngs) for s in SIDES}
+        )
         self.adapter = DomainAdaptiveLayer(num_domains, width, rngs=rngs) if cfg.use_domain_adapter else None
         self.experts = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
 
@@ -72,8 +73,9 @@ class DomainHeads(nnx.Module):
 class SRFoundationModel(nnx.Module):
     """logits, aux = model(batch, text): batch holds a dataset split's columns, text the cached features."""
 
-    def __init__(self, cfg: ModelConfig, meta: DatasetMeta, text_dim: int, *, rngs: nnx.Rngs,
-                 num_domains: int | None = None):
+    def __init__(
+        self, cfg: ModelConfig, meta: DatasetMeta, text_dim: int, *, rngs: nnx.Rngs, num_domains: int | None = None
+    ):
         if cfg.regularizer not in REGULARIZERS:
             raise ValueError(f"model.regularizer={cfg.regularizer!r}: expected one of {REGULARIZERS}")
         num_domains = num_domains or meta.num_domains

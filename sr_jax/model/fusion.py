@@ -36,7 +36,7 @@ class AspectGate(nnx.Module):
         self.strategy = strategy
         self.missing = normal(rngs, (dim,), 0.05)
         if strategy == "domain":
-            self.aspect_embedding = normal(rngs, (num_aspects, gate_dim), gate_dim ** -0.5)
+            self.aspect_embedding = normal(rngs, (num_aspects, gate_dim), gate_dim**-0.5)
         elif strategy == "cls":
             self.cls_gate = nnx.Linear(text_dim, num_aspects, rngs=rngs)
 
@@ -52,5 +52,3 @@ class AspectGate(nnx.Module):
         h = jnp.einsum("ba,bad->bd", w, aspects.vectors)
         none = ~aspects.mask.any(-1, keepdims=True)
         return jnp.where(none, self.missing[...], h), w
-
-

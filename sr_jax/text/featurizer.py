@@ -75,4 +75,3 @@ def build_text_cache(root: str | Path, featurizer: TextFeaturizer) -> None:
     dataset = open_dataset(root, check=False)
     pooled, first = featurizer.featurize(dataset.texts())
     write_text_cache(root, featurizer.name, featurizer.fingerprint(), pooled, first)
-

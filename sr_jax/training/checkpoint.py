@@ -68,6 +68,7 @@ class Checkpointer:
 def check_compatible(where: Path, saved: Any, target: Any) -> None:
     """Raises CheckpointError naming the first parameter (params before optimizer state) whose presence or
     shape differs."""
+
     def flat(tree):
         leaves = jax.tree_util.tree_leaves_with_path(tree)
         return {path_str(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
@@ -80,5 +81,6 @@ def check_compatible(where: Path, saved: Any, target: Any) -> None:
         raise CheckpointError(f"{where}: checkpoint has parameter {path} (shape {have[path]}) that the model lacks")
     for path in order(want):
         if have[path] != want[path]:
-            raise CheckpointError(f"{where}: parameter {path} has shape {have[path]} in the checkpoint, "
-                                  f"{want[path]} in the model")
+            raise CheckpointError(
+                f"{where}: parameter {path} has shape {have[path]} in the checkpoint, {want[path]} in the model"
+            )

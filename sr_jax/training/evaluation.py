@@ -34,13 +34,22 @@ def compute_metrics(dataset: Dataset, split: str, train_split: str, probs: np.nd
 
     def block(mask: np.ndarray, oracle_key: str) -> dict:
         y, p = labels[mask], probs[mask]
-        return {"examples": int(mask.sum()), "ctr": float(y.mean()), "auc": metrics.auc(y, p),
-                "gauc": metrics.gauc(y, p, users[mask]), "log_loss": metrics.log_loss(y, p),
-                "oracle_auc": oracle.get(oracle_key)}
+        return {
+            "examples": int(mask.sum()),
+            "ctr": float(y.mean()),
+            "auc": metrics.auc(y, p),
+            "gauc": metrics.gauc(y, p, users[mask]),
+            "log_loss": metrics.log_loss(y, p),
+            "oracle_auc": oracle.get(oracle_key),
+        }
 
     per_domain = {d.name: block(domain == k, d.name) for k, d in enumerate(dataset.meta.domains) if (domain == k).any()}
-    result = {"split": split, "domains": per_domain, "overall": block(np.ones_like(labels, bool), "overall"),
-              "mean_domain_auc": float(np.mean([m["auc"] for m in per_domain.values()]))}
+    result = {
+        "split": split,
+        "domains": per_domain,
+        "overall": block(np.ones_like(labels, bool), "overall"),
+        "mean_domain_auc": float(np.mean([m["auc"] for m in per_domain.values()])),
+    }
     oracle_means = [m["oracle_auc"] for m in per_domain.values() if m["oracle_auc"] is not None]
     if len(oracle_means) == len(per_domain):
         result["mean_domain_oracle_auc"] = float(np.mean(oracle_means))
@@ -52,16 +61,25 @@ def compute_metrics(dataset: Dataset, split: str, train_split: str, probs: np.nd
 
 def markdown_table(result: dict) -> str:
     fmt = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
-    lines = [f"Evaluation on split `{result['split']}`", "",
-             "| domain | examples | CTR | AUC | oracle AUC | GAUC | log loss |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Evaluation on split `{result['split']}`",
+        "",
+        "| domain | examples | CTR | AUC | oracle AUC | GAUC | log loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = list(result["domains"].items()) + [("**overall**", result["overall"])]
     if "cold_items" in result:
         rows.append(("**cold items**", result["cold_items"]))
     for name, m in rows:
-        lines.append(f"| {name} | {m['examples']} | {m['ctr']:.3f} | {fmt(m['auc'])} | {fmt(m['oracle_auc'])} "
-                     f"| {fmt(m['gauc'])} | {fmt(m['log_loss'])} |")
-    lines += ["", f"Mean per-domain AUC: {result['mean_domain_auc']:.4f}"
-              + (f" (oracle {result['mean_domain_oracle_auc']:.4f})" if "mean_domain_oracle_auc" in result else "")]
+        lines.append(
+            f"| {name} | {m['examples']} | {m['ctr']:.3f} | {fmt(m['auc'])} | {fmt(m['oracle_auc'])} "
+            f"| {fmt(m['gauc'])} | {fmt(m['log_loss'])} |"
+        )
+    lines += [
+        "",
+        f"Mean per-domain AUC: {result['mean_domain_auc']:.4f}"
+        + (f" (oracle {result['mean_domain_oracle_auc']:.4f})" if "mean_domain_oracle_auc" in result else ""),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -10,11 +10,14 @@ from sr_jax.config import TrainConfig
 def learning_rate(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1),
-                                                  end_value=0.01 * cfg.learning_rate)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1), end_value=0.01 * cfg.learning_rate
+        )
     if cfg.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-                                     optax.constant_schedule(cfg.learning_rate)], [warmup])
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)],
+            [warmup],
+        )
     raise ValueError(f"train.schedule={cfg.schedule!r}: expected cosine or constant")
 
 

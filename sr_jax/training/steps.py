@@ -36,8 +36,9 @@ def state_shardings(mesh: Mesh, state: TrainState) -> TrainState:
     return shd.tree_shardings(mesh, state.params, state)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reg_weight: float,
-                    mesh: Mesh, state_sharding: TrainState):
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, reg_weight: float, mesh: Mesh, state_sharding: TrainState
+):
     """jit(step)(state, batch, text) -> (state, metrics); the state's buffers are donated."""
 
     def step(state: TrainState, batch, text):
@@ -48,8 +49,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, re
         metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(step, in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
-                   out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
+        out_shardings=(state_sharding, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding):
@@ -58,5 +63,8 @@ def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding):
     def predict(params, batch, text):
         return jax.nn.sigmoid(sr_model.apply(graphdef, params, batch, text)[0])
 
-    return jax.jit(predict, in_shardings=(params_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
-                   out_shardings=shd.replicated(mesh))
+    return jax.jit(
+        predict,
+        in_shardings=(params_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
+        out_shardings=shd.replicated(mesh),
+    )

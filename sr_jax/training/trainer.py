@@ -22,13 +22,12 @@ from sr_jax import model as sr_model
 from sr_jax.config import Config, DataConfig, save_config
 from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
-from sr_jax.data.store import Dataset, DatasetError, open_dataset
+from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.text import get_featurizer
 from sr_jax.training import evaluation, sharding as shd
 from sr_jax.training.checkpoint import Checkpointer
 from sr_jax.training.optimizer import build_optimizer
-from sr_jax.training.steps import (TrainState, init_state, make_predict_step, make_train_step,
-                                   state_shardings)
+from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
 
 log = logging.getLogger("sr_jax")
 
@@ -36,16 +35,7 @@ log = logging.getLogger("sr_jax")
 def load_dataset(cfg: DataConfig) -> Dataset:
     """The configured dataset (the synthetic one when no path is given), with its text cache checked."""
     dataset = open_dataset(cfg.path) if cfg.path else synthetic.ensure(cfg.synthetic, (cfg.text_encoder,))
-    caches = dataset.meta.text_caches
-    meta_file = dataset.root / "meta.json"
-    if cfg.text_encoder not in caches:
-        raise DatasetError(meta_file, "text_caches", None,
-                           f"no text cache from encoder {cfg.text_encoder!r} (have {sorted(caches)})")
-    expected = get_featurizer(cfg.text_encoder).fingerprint()
-    if caches[cfg.text_encoder].fingerprint != expected:
-        raise DatasetError(meta_file, "text_caches", None,
-                           f"the {cfg.text_encoder!r} cache was made by {caches[cfg.text_encoder].fingerprint!r}, "
-                           f"but this encoder is {expected!r}: rebuild the cache")
+    dataset.text_cache_info(cfg.text_encoder, get_featurizer(cfg.text_encoder).fingerprint())
     return dataset
 
 
@@ -88,10 +78,21 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     shapes = jax.eval_shape(lambda p: init_state(p, tx), params)
     shardings = state_shardings(mesh, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return Run(cfg, workdir, dataset, mesh, text, graphdef, tx, abstract,
-               make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
-               make_predict_step(graphdef, mesh, shardings.params), total_steps, steps_per_epoch,
-               Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every))
+    return Run(
+        cfg,
+        workdir,
+        dataset,
+        mesh,
+        text,
+        graphdef,
+        tx,
+        abstract,
+        make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
+        make_predict_step(graphdef, mesh, shardings.params),
+        total_steps,
+        steps_per_epoch,
+        Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every),
+    )
 
 
 def initial_state(run: Run) -> TrainState:
@@ -123,11 +124,14 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     cfg = run.config
     start, stop = int(state.step), min(until or run.total_steps, run.total_steps)
     columns = run.dataset.split(cfg.data.train_split)
-    batches = prefetch_to_device(BatchIterator(columns, cfg.data.batch_size, cfg.train.seed, start_step=start),
-                                 run.put, cfg.data.prefetch)
+    batches = prefetch_to_device(
+        BatchIterator(columns, cfg.data.batch_size, cfg.train.seed, start_step=start), run.put, cfg.data.prefetch
+    )
     window_start, window_steps = time.perf_counter(), 0
-    with open(run.workdir / "metrics.jsonl", "a") as metrics_file, \
-            tqdm(total=stop, initial=start, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
+    with (
+        open(run.workdir / "metrics.jsonl", "a") as metrics_file,
+        tqdm(total=stop, initial=start, desc="pretrain", unit="step", dynamic_ncols=True) as bar,
+    ):
         for step, batch in zip(range(start, stop), batches):
             state, metrics = run.train_step(state, batch, run.text)
             window_steps += 1
@@ -135,8 +139,11 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             if done % cfg.train.log_every == 0 or done == stop:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
-                metrics.update(step=done, epoch=done / run.steps_per_epoch,
-                               examples_per_s=window_steps * cfg.data.batch_size / elapsed)
+                metrics.update(
+                    step=done,
+                    epoch=done / run.steps_per_epoch,
+                    examples_per_s=window_steps * cfg.data.batch_size / elapsed,
+                )
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
@@ -150,8 +157,9 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
 def evaluate(run: Run, params, split: str | None = None) -> dict:
     cfg = run.config
     split = split or cfg.data.eval_split
-    probs = evaluation.predict_split(run.predict, params, run.dataset.split(split), cfg.data.eval_batch_size,
-                                     run.put, run.text)
+    probs = evaluation.predict_split(
+        run.predict, params, run.dataset.split(split), cfg.data.eval_batch_size, run.put, run.text
+    )
     return evaluation.compute_metrics(run.dataset, split, cfg.data.train_split, probs)
 
 
@@ -161,8 +169,14 @@ def pretrain(cfg: Config, workdir: str | Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir / "config.json")
     run = build_run(cfg, workdir)
-    log.info("dataset %s: %s; %d steps (%d per epoch) on mesh %s", run.dataset.meta.name, run.dataset.meta.splits,
-             run.total_steps, run.steps_per_epoch, dict(run.mesh.shape))
+    log.info(
+        "dataset %s: %s; %d steps (%d per epoch) on mesh %s",
+        run.dataset.meta.name,
+        run.dataset.meta.splits,
+        run.total_steps,
+        run.steps_per_epoch,
+        dict(run.mesh.shape),
+    )
     state = train(run, restore_or_init(run))
     result = evaluate(run, state.params)
     evaluation.write_report(workdir, result)
