@@ -35,7 +35,7 @@ class DataConfig:
     # Dataset folder in the store format. Empty: generate the synthetic dataset (cached by its config).
     path: str = ""
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
-    text_encoder: str = "hashed-bow"  # which text-feature cache of the dataset to use
+    text_encoder: str = "all-MiniLM-L6-v2"  # hashed-bow | a packaged encoder name | a checkpoint folder
     train_split: str = "train"
     eval_split: str = "test"
     batch_size: int = 1024

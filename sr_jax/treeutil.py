@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+
 
 def key_name(key) -> str:
     """'l0' for DictKey('l0'), '1' for SequenceKey(1), 'count' for GetAttrKey('count')."""
@@ -17,3 +21,26 @@ def path_names(path: tuple) -> tuple[str, ...]:
 
 def path_str(path: tuple) -> str:
     return "/".join(path_names(path))
+
+
+def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'path/to/leaf' -> shape, for arrays, ShapeDtypeStructs and orbax metadata alike."""
+    return {path_str(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def first_mismatch(saved: Any, target: Any) -> str | None:
+    """The first difference between a saved tree and the tree it should restore into, as a sentence
+    naming the parameter path and both shapes (parameters before optimizer state); None if they match."""
+    have, want = shapes(saved), shapes(target)
+
+    def order(paths):
+        return sorted(paths, key=lambda p: (p.startswith("opt_state/"), p))
+
+    for path in order(want.keys() - have.keys()):
+        return f"parameter {path} (shape {want[path]}) is missing from the checkpoint"
+    for path in order(have.keys() - want.keys()):
+        return f"checkpoint has parameter {path} (shape {have[path]}) that the model lacks"
+    for path in order(want):
+        if have[path] != want[path]:
+            return f"parameter {path} has shape {have[path]} in the checkpoint, {want[path]} in the model"
+    return None

@@ -26,11 +26,14 @@ TINY = SyntheticConfig(
 
 
 def config(synthetic: SyntheticConfig = TINY, **sections) -> Config:
-    """A Config on one device with `sections` (e.g. train={"epochs": 1}) replaced."""
+    """A Config on one device, with the fast hashed-bow text features, and `sections` (e.g.
+    train={"epochs": 1}) replaced."""
     cfg = Config()
     cfg = dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, synthetic=synthetic, batch_size=256, eval_batch_size=512),
+        data=dataclasses.replace(
+            cfg.data, synthetic=synthetic, batch_size=256, eval_batch_size=512, text_encoder="hashed-bow"
+        ),
         mesh=dataclasses.replace(cfg.mesh, data=1),
     )
     for name, fields in sections.items():

@@ -90,6 +90,12 @@ CASES = {
     ),
     "NaN feature": (lambda r: _corrupt_cache(r, 4, np.nan), "pooled", 4, "NaN"),
     "inf feature": (lambda r: _corrupt_cache(r, 6, np.inf), "pooled", 6, "inf"),
+    "cache with missing rows": (
+        lambda r: np.save(r / "text_cache/hashed-bow/first.npy", np.load(r / "text_cache/hashed-bow/first.npy")[:-3]),
+        "first",
+        None,
+        "missing rows",
+    ),
     "missing text": (lambda r: _replace_text(r, 12, ""), "text", 12, "missing text"),
     "text table too short": (lambda r: _drop_last_text(r), "text", None, "num_texts"),
     "empty split": (lambda r: _set_meta(r, lambda m: m["splits"].update(valid=0)), None, None, "empty"),

@@ -61,5 +61,5 @@ def test_training_refuses_a_text_cache_from_another_encoder(tmp_path):
     write_text_cache(root, other.name, other.fingerprint(), *other.featurize(dataset.texts()))
     with pytest.raises(DatasetError, match=r"made by 'hashed-bow-v1:dim=64:buckets=65536:seed=1'.*rebuild"):
         trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root)))
-    with pytest.raises(ValueError, match=r"unknown text encoder 'minilm'"):
+    with pytest.raises(FileNotFoundError, match=r"no encoder folder minilm \(and not a packaged name"):
         trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root), text_encoder="minilm"))

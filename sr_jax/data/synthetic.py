@@ -340,13 +340,13 @@ def default_root(cfg: SyntheticConfig) -> Path:
 
 def ensure(cfg: SyntheticConfig, text_encoders: tuple[str, ...]) -> Dataset:
     """The cached synthetic dataset for `cfg`, generated (and featurized) on first use."""
-    from sr_jax.text import build_text_cache, get_featurizer
+    from sr_jax.text import build_text_cache, get_featurizer, text_identity
 
     root = default_root(cfg)
     if not (root / "meta.json").exists():
         generate(cfg, root)
     dataset = open_dataset(root, check=False)
-    for name in text_encoders:
-        if name not in dataset.meta.text_caches:
-            build_text_cache(root, get_featurizer(name))
+    for spec in text_encoders:
+        if text_identity(spec)[0] not in dataset.meta.text_caches:
+            build_text_cache(root, get_featurizer(spec))
     return open_dataset(root)

@@ -8,7 +8,11 @@ are computed once per text and stored in the dataset's text cache, tagged with `
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import re
+import shutil
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -61,17 +65,76 @@ class HashedBagOfWords:
         return pooled, first
 
 
-def get_featurizer(name: str) -> TextFeaturizer:
-    """The featurizer a config names (`data.text_encoder`)."""
+def get_featurizer(name: str, batch_size: int = 256, dtype: str = "float32") -> TextFeaturizer:
+    """The featurizer a config names (`data.text_encoder`): `hashed-bow`, a packaged encoder name such as
+    `all-MiniLM-L6-v2`, or a BERT-family checkpoint folder (run with `batch_size` and `dtype`)."""
     if name == HashedBagOfWords.name:
         return HashedBagOfWords()
-    raise ValueError(f"unknown text encoder {name!r}; available: {[HashedBagOfWords.name]}")
+    from sr_jax.text.encoder import PACKAGED, load_encoder
+
+    if name in PACKAGED or Path(name).is_dir():
+        return load_encoder(name, batch_size=batch_size, dtype=dtype)
+    raise ValueError(
+        f"unknown text encoder {name!r}; available: {[HashedBagOfWords.name, *PACKAGED]} or a checkpoint folder"
+    )
 
 
-def build_text_cache(root: str | Path, featurizer: TextFeaturizer) -> None:
-    """Featurizes a dataset's whole text table and stores it as that featurizer's cache."""
+@functools.cache
+def text_identity(spec: str) -> tuple[str, str]:
+    """(cache name, fingerprint) of the featurizer a config names, without loading any weights."""
+    if spec == HashedBagOfWords.name:
+        f = HashedBagOfWords()
+        return f.name, f.fingerprint()
+    from sr_jax.text.encoder import describe
+
+    encoder = describe(spec)
+    return encoder.name, encoder.fingerprint
+
+
+def build_text_cache(
+    root: str | Path, featurizer: TextFeaturizer, chunk_size: int = 8192, progress: bool = True
+) -> None:
+    """Featurizes a dataset's whole text table into that featurizer's cache.
+
+    Texts are sorted by length and featurized in chunks; each finished chunk is saved (atomically) in
+    `text_cache/.NAME.partial/`, so a build that is killed resumes where it stopped, as long as the
+    featurizer's fingerprint is unchanged. The cache itself appears only once it is complete.
+    """
+    from tqdm import tqdm
+
     from sr_jax.data.store import open_dataset, write_text_cache
 
-    dataset = open_dataset(root, check=False)
-    pooled, first = featurizer.featurize(dataset.texts())
+    root = Path(root)
+    texts = open_dataset(root, check=False).texts()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    work = root / "text_cache" / f".{featurizer.name}.partial"
+    manifest = {"fingerprint": featurizer.fingerprint(), "num_texts": len(texts), "chunk_size": chunk_size}
+    if work.exists() and _read_json(work / "manifest.json") != manifest:
+        shutil.rmtree(work)  # left by another encoder or text table: not reusable
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    pooled = np.zeros((len(texts), featurizer.dim), np.float32)
+    first = np.zeros((len(texts), featurizer.dim), np.float32)
+    with tqdm(total=len(texts), desc=f"encode {featurizer.name}", unit="text", disable=not progress) as bar:
+        for start in range(0, len(texts), chunk_size):
+            rows = order[start : start + chunk_size]
+            chunk = work / f"{start // chunk_size:06d}.npz"
+            if chunk.exists():
+                with np.load(chunk) as saved:
+                    p, f = saved["pooled"], saved["first"]
+            else:
+                p, f = featurizer.featurize([texts[r] for r in rows])
+                tmp = chunk.with_suffix(".tmp.npz")
+                np.savez(tmp, pooled=p, first=f)
+                os.replace(tmp, chunk)
+            pooled[rows], first[rows] = p, f
+            bar.update(len(rows))
     write_text_cache(root, featurizer.name, featurizer.fingerprint(), pooled, first)
+    shutil.rmtree(work)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sr_jax.training.steps import TrainState
-from sr_jax.treeutil import path_str
+from sr_jax.treeutil import first_mismatch
 
 
 class CheckpointError(ValueError):
@@ -66,21 +66,5 @@ class Checkpointer:
 
 
 def check_compatible(where: Path, saved: Any, target: Any) -> None:
-    """Raises CheckpointError naming the first parameter (params before optimizer state) whose presence or
-    shape differs."""
-
-    def flat(tree):
-        leaves = jax.tree_util.tree_leaves_with_path(tree)
-        return {path_str(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
-
-    have, want = flat(saved), flat(target)
-    order = lambda paths: sorted(paths, key=lambda p: (not p.startswith("params/"), p))  # noqa: E731
-    for path in order(want.keys() - have.keys()):
-        raise CheckpointError(f"{where}: parameter {path} (shape {want[path]}) is missing from the checkpoint")
-    for path in order(have.keys() - want.keys()):
-        raise CheckpointError(f"{where}: checkpoint has parameter {path} (shape {have[path]}) that the model lacks")
-    for path in order(want):
-        if have[path] != want[path]:
-            raise CheckpointError(
-                f"{where}: parameter {path} has shape {have[path]} in the checkpoint, {want[path]} in the model"
-            )
+    if (problem := first_mismatch(saved, target)) is not None:
+        raise CheckpointError(f"{where}: {problem}")

@@ -23,7 +23,7 @@ from sr_jax.config import Config, DataConfig, save_config
 from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.store import Dataset, open_dataset
-from sr_jax.text import get_featurizer
+from sr_jax.text import text_identity
 from sr_jax.training import evaluation, sharding as shd
 from sr_jax.training.checkpoint import Checkpointer
 from sr_jax.training.optimizer import build_optimizer
@@ -35,7 +35,7 @@ log = logging.getLogger("sr_jax")
 def load_dataset(cfg: DataConfig) -> Dataset:
     """The configured dataset (the synthetic one when no path is given), with its text cache checked."""
     dataset = open_dataset(cfg.path) if cfg.path else synthetic.ensure(cfg.synthetic, (cfg.text_encoder,))
-    dataset.text_cache_info(cfg.text_encoder, get_featurizer(cfg.text_encoder).fingerprint())
+    dataset.text_cache_info(*text_identity(cfg.text_encoder))
     return dataset
 
 
@@ -69,7 +69,7 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     for name, size in (("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size)):
         if size % data_axis:
             raise ValueError(f"{name}={size} is not divisible by the mesh's data axis ({data_axis} devices)")
-    pooled, first = dataset.text_cache(cfg.data.text_encoder)
+    pooled, first = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
     text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
     steps_per_epoch = dataset.meta.splits[cfg.data.train_split] // cfg.data.batch_size
     total_steps = max(1, int(cfg.train.epochs * steps_per_epoch))

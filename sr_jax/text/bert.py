@@ -1,0 +1,161 @@
+"""A BERT-family text encoder in Flax NNX (BERT, MiniLM and relatives), loaded from Hugging Face files.
+
+No PyTorch: the config comes from `config.json`, the weights from `model.safetensors` (keys with or
+without a `bert.` prefix), the tokenizer from `tokenizer.json` (the `tokenizers` library). The encoder is
+frozen: it is only ever called under jit to fill a dataset's text cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BertConfig:
+        data = json.loads(Path(path).read_text())
+        if data.get("model_type", "bert") not in ("bert", "roberta", "xlm-roberta"):
+            raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not a BERT-family encoder")
+        if data.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: position_embedding_type {data['position_embedding_type']!r} is not supported")
+        if data.get("hidden_act", "gelu") not in _ACTIVATIONS:
+            raise ValueError(f"{path}: hidden_act {data['hidden_act']!r}: expected one of {sorted(_ACTIVATIONS)}")
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class _Layer(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, dtype: jnp.dtype):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        dense = lambda a, b: nnx.Linear(a, b, dtype=dtype, rngs=rngs)  # noqa: E731
+        norm = lambda: nnx.LayerNorm(h, epsilon=cfg.layer_norm_eps, dtype=jnp.float32, rngs=rngs)  # noqa: E731
+        self.query, self.key, self.value, self.attn_out = (dense(h, h) for _ in range(4))
+        self.attn_norm, self.out_norm = norm(), norm()
+        self.intermediate, self.output = dense(h, i), dense(i, h)
+        self.heads, self.act, self.dtype = cfg.num_attention_heads, _ACTIVATIONS[cfg.hidden_act], dtype
+
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """x [B, L, H], bias [B, 1, 1, L] (0 or -inf-like for padding) -> [B, L, H]"""
+        b, length, h = x.shape
+        split = lambda t: t.reshape(b, length, self.heads, h // self.heads)  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) / np.sqrt(h // self.heads) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, length, h)
+        x = self.attn_norm(x + self.attn_out(ctx))
+        return self.out_norm(x + self.output(self.act(self.intermediate(x))))
+
+
+class BertEncoder(nnx.Module):
+    """Token ids -> last hidden states [B, L, H]. Matmuls run in `dtype` (float32 or bfloat16); layer norms,
+    softmax and the residual stream stay float32, and parameters are float32 either way."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+        self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
+        self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, rngs=rngs)
+        self.embed_norm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, rngs=rngs)
+        self.layers = nnx.List([_Layer(cfg, rngs, dtype) for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """ids, mask [B, L] int32 -> hidden [B, L, H] float32"""
+        positions = jnp.arange(ids.shape[1])[None, :]
+        x = self.word(ids) + self.position(positions) + self.token_type(jnp.zeros_like(ids))
+        x = self.embed_norm(x)
+        bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
+def pool(hidden: jax.Array, mask: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """(attention-masked mean, first-token vector), each [B, H]; the mean L2-normalised when `normalize`
+    (as sentence-transformers' Normalize module does), the first token as the encoder left it."""
+    m = mask[..., None].astype(hidden.dtype)
+    mean = (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+    if normalize:
+        mean = mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+    return mean, hidden[:, 0]
+
+
+# Hugging Face key (after an optional "bert." prefix) -> (our param path, transpose?)
+def hf_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, bool]]:
+    keys = {
+        "embeddings.word_embeddings.weight": (("word", "embedding"), False),
+        "embeddings.position_embeddings.weight": (("position", "embedding"), False),
+        "embeddings.token_type_embeddings.weight": (("token_type", "embedding"), False),
+        "embeddings.LayerNorm.weight": (("embed_norm", "scale"), False),
+        "embeddings.LayerNorm.bias": (("embed_norm", "bias"), False),
+    }
+    parts = {
+        "attention.self.query": "query",
+        "attention.self.key": "key",
+        "attention.self.value": "value",
+        "attention.output.dense": "attn_out",
+        "intermediate.dense": "intermediate",
+        "output.dense": "output",
+    }
+    norms = {"attention.output.LayerNorm": "attn_norm", "output.LayerNorm": "out_norm"}
+    for n in range(cfg.num_hidden_layers):
+        for hf, ours in parts.items():
+            keys[f"encoder.layer.{n}.{hf}.weight"] = (("layers", n, ours, "kernel"), True)
+            keys[f"encoder.layer.{n}.{hf}.bias"] = (("layers", n, ours, "bias"), False)
+        for hf, ours in norms.items():
+            keys[f"encoder.layer.{n}.{hf}.weight"] = (("layers", n, ours, "scale"), False)
+            keys[f"encoder.layer.{n}.{hf}.bias"] = (("layers", n, ours, "bias"), False)
+    return keys
+
+
+# Present in checkpoints, not used by an encoder that pools itself.
+IGNORED_KEYS = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
+
+
+def params_from_safetensors(path: str | Path, cfg: BertConfig) -> dict:
+    """A pure params dict for BertEncoder from a Hugging Face safetensors file; unknown, missing or
+    misshapen keys are errors that name the key."""
+    from safetensors.numpy import load_file
+
+    tensors = {k.removeprefix("bert."): v for k, v in load_file(str(path)).items()}
+    mapping = hf_key_map(cfg)
+    unknown = sorted(set(tensors) - set(mapping) - set(IGNORED_KEYS))
+    if unknown:
+        raise KeyError(f"{path}: unknown weight {unknown[0]!r} (of {len(unknown)} unknown: {unknown[:5]})")
+    missing = sorted(set(mapping) - set(tensors))
+    if missing:
+        raise KeyError(f"{path}: missing weight {missing[0]!r} (of {len(missing)} missing: {missing[:5]})")
+    template = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))))
+    params: dict = {}
+    for key, (target, transpose) in mapping.items():
+        value = tensors[key].T if transpose else tensors[key]
+        node, leaf = params, template
+        for part in target[:-1]:
+            node, leaf = node.setdefault(part, {}), leaf[part]
+        expected = leaf[target[-1]].shape
+        if value.shape != expected:
+            raise ValueError(f"{path}: weight {key!r} has shape {value.shape}, the config implies {expected}")
+        node[target[-1]] = jnp.asarray(value, jnp.float32)
+    return params

@@ -1,0 +1,68 @@
+"""Encoder checkpoints in orbax form: Hugging Face safetensors -> orbax, and back into `load_encoder`.
+
+An orbax encoder folder holds `params/` (the Flax parameters), `config.json` and `tokenizer.json` (copied
+from the source) and `sr_jax_encoder.json` (name, pooling settings and the source weights' hash, so the
+features, and therefore the text caches, keep the same fingerprint as the source).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sr_jax.text.bert import BertConfig, BertEncoder, params_from_safetensors
+from sr_jax.text.encoder import ORBAX_MARKER, describe
+from sr_jax.treeutil import first_mismatch
+
+
+def hf_to_orbax(src: str | Path, dst: str | Path) -> Path:
+    """Converts a Hugging Face folder (or packaged name) into an orbax encoder folder at `dst` (atomically)."""
+    spec = describe(src)
+    params = params_from_safetensors(spec.folder / "model.safetensors", spec.config)
+    dst = Path(dst).absolute()
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", params)
+        checkpointer.wait_until_finished()
+        for name in ("config.json", "tokenizer.json"):
+            shutil.copy(spec.folder / name, tmp / name)
+        info = {
+            "name": spec.name,
+            "max_length": spec.max_length,
+            "normalize": spec.normalize,
+            "weights_id": spec.weights_id,
+            "source": str(spec.folder),
+        }
+        (tmp / ORBAX_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def abstract_params(cfg: BertConfig) -> dict:
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))))
+
+
+def load_orbax_params(folder: Path, cfg: BertConfig) -> dict:
+    """The encoder parameters of an orbax encoder folder; a tree that does not fit the config is an error."""
+    checkpointer = ocp.StandardCheckpointer()
+    item = folder / "params"
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params(cfg))
+    metadata = checkpointer.metadata(item)
+    problem = first_mismatch(getattr(metadata, "item_metadata", metadata), target)
+    if problem is not None:
+        raise ValueError(f"{item}: {problem}")
+    return checkpointer.restore(item, target)
