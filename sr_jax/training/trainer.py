@@ -7,6 +7,7 @@ A run's folder holds `config.json` (the exact config), `checkpoints/` (orbax), `
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import json
 import logging
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -48,11 +51,11 @@ class Run:
     dataset: Dataset
     mesh: Mesh
     text: sr_model.TextTable
-    graphdef: object
-    tx: object  # optax.GradientTransformation
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
-    train_step: object
-    predict: object
+    train_step: Callable  # (state, batch, text) -> (state, metrics)
+    predict: Callable  # (params, batch, text) -> click probabilities
     total_steps: int
     steps_per_epoch: int
     checkpointer: Checkpointer
@@ -79,19 +82,19 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     shardings = state_shardings(mesh, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return Run(
-        cfg,
-        workdir,
-        dataset,
-        mesh,
-        text,
-        graphdef,
-        tx,
-        abstract,
-        make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
-        make_predict_step(graphdef, mesh, shardings.params),
-        total_steps,
-        steps_per_epoch,
-        Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every),
+        config=cfg,
+        workdir=workdir,
+        dataset=dataset,
+        mesh=mesh,
+        text=text,
+        graphdef=graphdef,
+        tx=tx,
+        abstract_state=abstract,
+        train_step=make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
+        predict=make_predict_step(graphdef, mesh, shardings.params),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        checkpointer=Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every),
     )
 
 
