@@ -12,17 +12,13 @@ reader never sees a half-written dataset. `open_dataset` validates by default: b
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from sr_jax.data.schema import ID_FIELDS, SIDES, TASKS, TEXT_FIELDS, DatasetMeta, TextCache
+from sr_jax.io import atomic_dir, atomic_file
 
 
 class DatasetError(ValueError):
@@ -189,23 +185,6 @@ def open_dataset(root: str | Path, check: bool = True) -> Dataset:
     return validate(root) if check else Dataset(root, DatasetMeta.read(root))
 
 
-@contextlib.contextmanager
-def _atomic_dir(final: Path, check: Callable[[Path], object]) -> Iterator[Path]:
-    """Yields a temporary sibling of `final` to fill; once filled it is checked and renamed to `final`
-    (replacing it); on any error it is removed and `final` is left as it was."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        check(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_dataset(
     root: str | Path,
     meta: DatasetMeta,
@@ -221,7 +200,7 @@ def write_dataset(
         raise ValueError("write the dataset without caches, then add them with write_text_cache")
     meta.splits = {name: len(cols["label"]) for name, cols in splits.items()}
     meta.num_texts = len(texts)
-    with _atomic_dir(root, validate) as tmp:
+    with atomic_dir(root, validate) as tmp:
         (tmp / "meta.json").write_text(meta.to_json())
         with open(tmp / "texts.jsonl", "w", encoding="utf-8") as f:
             for text in texts:
@@ -239,14 +218,9 @@ def write_text_cache(root: str | Path, encoder: str, fingerprint: str, pooled: n
     meta = DatasetMeta.read(root)
     info = TextCache(encoder=encoder, fingerprint=fingerprint, dim=int(pooled.shape[1]))
     check = lambda folder: _validate_text_cache(folder, encoder, info, meta.num_texts)  # noqa: E731
-    with _atomic_dir(root / "text_cache" / encoder, check) as tmp:
+    with atomic_dir(root / "text_cache" / encoder, check) as tmp:
         np.save(tmp / "pooled.npy", np.asarray(pooled, np.float32))
         np.save(tmp / "first.npy", np.asarray(first, np.float32))
     meta.text_caches[encoder] = info
-    _write_atomic(root / "meta.json", meta.to_json())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(root / "meta.json") as tmp:
+        tmp.write_text(meta.to_json())

@@ -44,7 +44,6 @@ def side_aspects(cfg: ModelConfig, meta: DatasetMeta) -> dict[str, tuple[str, ..
 
 class FeatureEncoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, meta: DatasetMeta, text_dim: int, *, rngs: nnx.Rngs):
-        self.cfg, self.dim = cfg, cfg.dim
         self.vocab = {s: meta.vocab[f"{s}_id"] for s in SIDES}
         self.rows = {s: min(v, cfg.id_buckets) if cfg.id_buckets else v for s, v in self.vocab.items()}
         self.aspects = side_aspects(cfg, meta)

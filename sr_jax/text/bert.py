@@ -102,6 +102,11 @@ def pool(hidden: jax.Array, mask: jax.Array, normalize: bool) -> tuple[jax.Array
     return mean, hidden[:, 0]
 
 
+def abstract_params(cfg: BertConfig) -> dict:
+    """The encoder's parameter tree as shapes and dtypes (no computation)."""
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))))
+
+
 # Hugging Face key (after an optional "bert." prefix) -> (our param path, transpose?)
 def hf_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, bool]]:
     keys = {
@@ -147,7 +152,7 @@ def params_from_safetensors(path: str | Path, cfg: BertConfig) -> dict:
     missing = sorted(set(mapping) - set(tensors))
     if missing:
         raise KeyError(f"{path}: missing weight {missing[0]!r} (of {len(missing)} missing: {missing[:5]})")
-    template = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))))
+    template = abstract_params(cfg)
     params: dict = {}
     for key, (target, transpose) in mapping.items():
         value = tensors[key].T if transpose else tensors[key]

@@ -8,16 +8,14 @@ features, and therefore the text caches, keep the same fingerprint as the source
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from sr_jax.text.bert import BertConfig, BertEncoder, params_from_safetensors
+from sr_jax.io import atomic_dir
+from sr_jax.text.bert import BertConfig, abstract_params, params_from_safetensors
 from sr_jax.text.encoder import ORBAX_MARKER, describe
 from sr_jax.treeutil import first_mismatch
 
@@ -29,9 +27,7 @@ def hf_to_orbax(src: str | Path, dst: str | Path) -> Path:
     dst = Path(dst).absolute()
     if dst.exists():
         raise FileExistsError(f"{dst} exists")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", params)
         checkpointer.wait_until_finished()
@@ -45,15 +41,7 @@ def hf_to_orbax(src: str | Path, dst: str | Path) -> Path:
             "source": str(spec.folder),
         }
         (tmp / ORBAX_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
-
-
-def abstract_params(cfg: BertConfig) -> dict:
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))))
 
 
 def load_orbax_params(folder: Path, cfg: BertConfig) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shutil
 import zlib
@@ -103,6 +102,7 @@ def build_text_cache(
     from tqdm import tqdm
 
     from sr_jax.data.store import open_dataset, write_text_cache
+    from sr_jax.io import atomic_file
 
     root = Path(root)
     texts = open_dataset(root, check=False).texts()
@@ -124,9 +124,8 @@ def build_text_cache(
                     p, f = saved["pooled"], saved["first"]
             else:
                 p, f = featurizer.featurize([texts[r] for r in rows])
-                tmp = chunk.with_suffix(".tmp.npz")
-                np.savez(tmp, pooled=p, first=f)
-                os.replace(tmp, chunk)
+                with atomic_file(chunk) as tmp:
+                    np.savez(tmp, pooled=p, first=f)
             pooled[rows], first[rows] = p, f
             bar.update(len(rows))
     write_text_cache(root, featurizer.name, featurizer.fingerprint(), pooled, first)
