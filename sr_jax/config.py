@@ -28,6 +28,7 @@ class SyntheticConfig:
     test_examples: int = 40_000
     heldout_examples: int = 40_000  # the extra domain kept out of pretraining (train + test halves)
     cold_item_fraction: float = 0.08  # items that never appear in train, only in test
+    cold_examples: int = 40_000  # impressions of cold items in known domains (cold_train + cold_test halves)
 
 
 @dataclasses.dataclass
@@ -37,6 +38,7 @@ class DataConfig:
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     text_encoder: str = "all-MiniLM-L6-v2"  # hashed-bow | a packaged encoder name | a checkpoint folder
     train_split: str = "train"
+    train_fraction: float = 1.0  # train on this fraction of the train split (a subset drawn with train.seed)
     eval_split: str = "test"
     batch_size: int = 1024
     eval_batch_size: int = 8192
@@ -66,6 +68,7 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 0
     epochs: float = 2.0  # length of the run, in passes over the train split
+    min_steps: int = 0  # but at least this many steps (for tiny fine-tuning sets)
     optimizer: str = "adam"  # adam | adamw | adagrad | sgd
     learning_rate: float = 3e-3
     warmup_steps: int = 100
@@ -75,6 +78,15 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Start from a pretrained run instead of a fresh init, and hold chosen levels fixed."""
+
+    pretrained: str = ""  # a run folder (config.json, run_info.json, checkpoints/); empty: fresh init
+    pretrained_step: int = -1  # which of its checkpoints; -1: the latest
+    freeze: tuple[str, ...] = ()  # levels that get no update: any of l0, l1, l2
 
 
 @dataclasses.dataclass
@@ -88,6 +100,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 

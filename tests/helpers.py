@@ -13,6 +13,7 @@ SMALL = SyntheticConfig(
     valid_examples=5_000,
     test_examples=20_000,
     heldout_examples=4_000,
+    cold_examples=4_000,
 )
 TINY = SyntheticConfig(
     num_users=60,
@@ -21,7 +22,8 @@ TINY = SyntheticConfig(
     train_examples=4_096,
     valid_examples=512,
     test_examples=1_024,
-    heldout_examples=512,
+    heldout_examples=1_024,
+    cold_examples=1_024,
 )
 
 

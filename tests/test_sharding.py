@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from helpers import TINY, config
 from sr_jax.training import trainer
+from sr_jax.treeutil import path_str
 
 
 def _train(cfg, workdir, devices, steps=6):
@@ -28,7 +29,11 @@ def test_sharded_step_matches_single_device(tmp_path, data, model):
     rows = TINY.num_items
     assert item_table.sharding.spec == P("model", None)
     assert item_table.addressable_shards[0].data.shape == (rows // model, cfg.model.dim)
-    mu = sharded.opt_state[1][0].mu["l0"]["id_tables"]["item"]  # Adam's moments are sharded like their table
+    (mu,) = [  # Adam's first moment of the table is sharded like the table
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(sharded.opt_state)
+        if path_str(path).endswith("mu/l0/id_tables/item")
+    ]
     assert mu.sharding.spec == P("model", None)
     assert sharded.params["l1"]["experts"]["layers"][0]["kernel"].sharding.spec == P()
     jax.tree.map(

@@ -34,6 +34,12 @@ def test_domains_cold_items_and_oracle(tmp_path):
     seen = set(np.unique(train["item_id"])) | set(np.unique(ds.split("valid")["item_id"]))
     cold = ~np.isin(test["item_id"], list(seen))
     assert cold.mean() > 0.1
+    # the cold-item protocol's splits: known domains, items never seen in train or valid
+    for split in ("cold_train", "cold_test"):
+        cols = ds.split(split)
+        assert set(np.unique(cols["domain"])) <= set(meta.pretrain_domains)
+        assert ~np.isin(cols["item_id"], list(seen)).mean() > 0.9  # a topic without cold items falls back
+    assert "cold_test" in meta.oracle_auc
     # oracle AUC per pretraining domain and for cold items, well above chance
     oracle = meta.oracle_auc["test"]
     assert set(oracle) >= {d.name for d in meta.domains if d.pretrain} | {"cold_items", "overall"}

@@ -2,6 +2,7 @@
 encoder mismatch errors, and orbax conversion."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -256,5 +257,5 @@ def test_inspect_a_training_run(tmp_path, capsys):
     convert.main(["inspect", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| params/l0/id_tables/item | (120, 32) | float32 | L0 |" in out
-    assert "| opt_state/1/0/mu/l2/gate/kernel | (8, 96, 4) | float32 | optimizer state of L2 |" in out
+    assert re.search(r"\| opt_state/\S+/mu/l2/gate/kernel \| \(8, 96, 4\) \| float32 \| optimizer state of L2 \|", out)
     assert "| L1 |" in out

@@ -45,7 +45,7 @@ def test_short_training_run_is_within_005_of_the_oracle(tmp_path):
         data={"synthetic": SMALL, "batch_size": 1024, "eval_batch_size": 4096},
         train={"checkpoint_every": 10_000, "log_every": 100},
     )
-    result = trainer.pretrain(cfg, tmp_path)
+    result = trainer.fit(cfg, tmp_path)
     gap = result["mean_domain_oracle_auc"] - result["mean_domain_auc"]
     print(json.dumps({k: (v["auc"], v["oracle_auc"]) for k, v in result["domains"].items()}, indent=1))
     assert 0 <= gap < 0.05, (result["mean_domain_auc"], result["mean_domain_oracle_auc"])

@@ -1,23 +1,28 @@
-"""What every entry point shares: `--workdir`, `--config NAME`, `section.field=value` overrides, logging."""
+"""What every entry point shares: `--workdir`, `--config NAME`, `section.field=value` overrides, logging
+and JAX's persistent compilation cache."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
+
+import jax
 
 from sr_jax.config import Config, config_from_name, load_config, override
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def parser(description: str, named_configs: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="run folder: config, checkpoints, metrics, reports")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="a configs/NAME.py to start from (default: the workdir's "
-        "saved config.json when resuming, else configs/default.py)",
-    )
+    if named_configs:
+        p.add_argument(
+            "--config",
+            default=None,
+            help="a configs/NAME.py to start from (default: the workdir's "
+            "saved config.json when resuming, else configs/default.py)",
+        )
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.gating=cls train.epochs=2")
     return p
 
@@ -32,6 +37,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return override(base, args.overrides)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def setup() -> None:
+    """Logging, and JAX's persistent compilation cache in `$SR_JAX_COMPILE_CACHE` (default
+    ~/.cache/sr_jax/jax; empty: off), so a rerun or a sweep of same-shaped runs skips recompiling."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    cache = os.environ.get("SR_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "sr_jax" / "jax"))
+    if cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="texts per encoder call (larger on accelerators)")
     p.add_argument("--dtype", default="float32", help="encoder compute dtype: float32, or bfloat16 on accelerators")
     args = p.parse_args(argv)
-    cli.setup_logging()
+    cli.setup()
     featurizer = get_featurizer(args.encoder, batch_size=args.batch_size, dtype=args.dtype)
     start = time.perf_counter()
     build_text_cache(args.data, featurizer, chunk_size=args.chunk_size)

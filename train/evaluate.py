@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's data.eval_split)")
     args = p.parse_args(argv)
-    cli.setup_logging()
+    cli.setup()
     run = trainer.build_run(load_config(f"{args.workdir}/config.json"), args.workdir)
     state, _ = run.checkpointer.restore(run.abstract_state)
     result = trainer.evaluate(run, state.params, args.split)

@@ -11,8 +11,8 @@ from train import cli
 
 def main(argv: list[str] | None = None) -> dict:
     args = cli.parser(__doc__).parse_args(argv)
-    cli.setup_logging()
-    result = trainer.pretrain(cli.resolve_config(args), args.workdir)
+    cli.setup()
+    result = trainer.fit(cli.resolve_config(args), args.workdir)
     print(evaluation.markdown_table(result))
     return result
 

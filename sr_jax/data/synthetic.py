@@ -11,7 +11,10 @@ with u, q, v latent vectors of user, query (zero in recommendation domains) and 
 differ in catalogue (which topics they sell), base rate b_k, and how much personalisation (alpha) vs
 query relevance (beta) matters: that is the domain shift. A fraction of items are "cold": they never
 appear in train or valid examples, only in test, where only text and sparse fields describe them.
-The last domain is held out of pretraining (splits `heldout_train` / `heldout_test`).
+
+The two cold-start protocols (DESIGN.md) get their own splits: `cold_train` / `cold_test` hold
+impressions of cold items in the known domains (the first traffic of new items), and the last domain
+is held out of pretraining (`heldout_train` / `heldout_test`).
 
 Labels are Bernoulli draws of p, so the AUC of p itself on a split (the oracle AUC, stored in the
 metadata) is the ceiling any model can reach there.
@@ -55,7 +58,7 @@ STYLES = {
     "professional": ["professional", "pro", "heavy duty", "studio grade"],
 }
 SYLLABLES = ["vol", "ta", "ro", "zen", "ka", "mi", "lux", "or", "vin", "sa", "tek", "no", "ar", "bel"]
-GENERATOR_VERSION = 2  # bump whenever the generated data would change: it keys the cache
+GENERATOR_VERSION = 3  # bump whenever the generated data would change: it keys the cache
 NUM_BRANDS = 24
 NUM_REGIONS = 6
 LATENT = 12
@@ -282,13 +285,15 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
     pretrain = [k for k, d in enumerate(DOMAINS) if d[8] > 0]
     heldout = [k for k, d in enumerate(DOMAINS) if d[8] == 0]
     shares = np.array([d[8] for d in DOMAINS])
-    n_ho = cfg.heldout_examples // 2
+    n_ho, n_cold = cfg.heldout_examples // 2, cfg.cold_examples // 2
     specs = {
         "train": (cfg.train_examples, pretrain, shares, 0.0),
         "valid": (cfg.valid_examples, pretrain, shares, 0.0),
         "test": (cfg.test_examples, pretrain, shares, 0.25),
         "heldout_train": (n_ho, heldout, np.ones(len(DOMAINS)), 0.0),
         "heldout_test": (n_ho, heldout, np.ones(len(DOMAINS)), 0.25),
+        "cold_train": (n_cold, pretrain, shares, 1.0),
+        "cold_test": (n_cold, pretrain, shares, 1.0),
     }
     splits, oracle = {}, {}
     for name, (n, domains, sh, cold_share) in specs.items():

@@ -48,6 +48,15 @@ def init(
     return graphdef, jax.jit(lambda: init_params(cfg, meta, text_dim, seed, num_domains))()
 
 
+def per_domain(cfg: ModelConfig, meta: DatasetMeta, text_dim: int) -> Params:
+    """A tree like the params of bools: True where a leaf's first axis indexes domains (its rows are the
+    domain-embedding row, the adapter's W_k, the gate and tower of domain k). Found by comparing the
+    shapes of models with K and K + 1 domains, so a new per-domain parameter needs no registration."""
+    _, k = abstract(cfg, meta, text_dim)
+    _, k1 = abstract(cfg, meta, text_dim, num_domains=meta.num_domains + 1)
+    return jax.tree.map(lambda a, b: a.shape != b.shape, k, k1)
+
+
 def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable):
     """(logits [B], aux) where aux = {"reg": scalar, "aspect_weights": {side: [B, A]}, "expert_weights": [B, E]}."""
     return nnx.merge(graphdef, params)(batch, text)
@@ -64,4 +73,5 @@ __all__ = [
     "init_params",
     "level_labels",
     "level_of",
+    "per_domain",
 ]

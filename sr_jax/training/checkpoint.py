@@ -65,6 +65,55 @@ class Checkpointer:
         self.manager.close()
 
 
-def check_compatible(where: Path, saved: Any, target: Any) -> None:
-    if (problem := first_mismatch(saved, target)) is not None:
+class ParamsReader:
+    """Reads only the parameters of another run's train-state checkpoints (no optimizer state is read):
+    the fine-tuning side of a checkpoint."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no checkpoint folder")
+        options = ocp.CheckpointManagerOptions(create=False)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "position": ocp.JsonCheckpointHandler()},
+        )
+
+    def step(self, step: int = -1) -> int:
+        """`step`, or the latest when -1; an error if there is no such checkpoint."""
+        steps = self.manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        if step == -1:
+            return max(steps)
+        if step not in steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint at step {step}; there are {sorted(steps)}")
+        return step
+
+    def metadata(self, step: int) -> Any:
+        """Shapes and dtypes of the saved parameters."""
+        try:
+            metadata = self.manager.item_metadata(step).state
+        except Exception as e:  # orbax raises several types for unreadable metadata
+            raise CheckpointError(f"{self.directory / str(step)}: unreadable checkpoint metadata: {e}") from e
+        if metadata is None or "params" not in metadata:
+            raise CheckpointError(f"{self.directory / str(step)}: no parameters in this checkpoint")
+        return metadata["params"]
+
+    def restore(self, step: int, target: Any) -> Any:
+        """The saved parameters, into `target`'s structure (ShapeDtypeStructs that carry shardings)."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
+        args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, partial_restore=True)
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore the parameters: {e}") from e
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_compatible(where: Path, saved: Any, target: Any, free_first_axis: frozenset[str] = frozenset()) -> None:
+    if (problem := first_mismatch(saved, target, free_first_axis)) is not None:
         raise CheckpointError(f"{where}: {problem}")

@@ -1,17 +1,21 @@
-"""Pretraining and evaluation runs: everything a run needs, built from a Config, and the train loop.
+"""Training runs (pretraining and fine-tuning alike): everything a run needs, built from a Config,
+and the train loop.
 
-A run's folder holds `config.json` (the exact config), `checkpoints/` (orbax), `metrics.jsonl`
-(one line per log interval), and `eval.json` / `eval.md`.
+A run's folder holds `config.json` (the exact config), `run_info.json` (what its parameters mean, for
+fine-tuning from it), `checkpoints/` (orbax), `metrics.jsonl` (one line per log interval), and
+`eval.json` / `eval.md`. A run with `finetune.pretrained` set starts from that run's parameters
+(`sr_jax.training.finetune`) instead of a fresh init; `finetune.freeze` holds levels fixed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 import json
+from collections.abc import Callable
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +31,9 @@ from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.text import text_identity
-from sr_jax.training import evaluation, sharding as shd
+from sr_jax.training import evaluation, finetune, sharding as shd
 from sr_jax.training.checkpoint import Checkpointer
-from sr_jax.training.optimizer import build_optimizer
+from sr_jax.training.optimizer import build_optimizer, trainable_labels
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
 
 log = logging.getLogger("sr_jax")
@@ -51,7 +55,12 @@ class Run:
     dataset: Dataset
     mesh: Mesh
     text: sr_model.TextTable
+    train_columns: dict[str, np.ndarray]  # the train split, or the configured fraction of it
     graphdef: nnx.GraphDef
+    per_domain: Any  # tree of bools like params: leaves whose first axis indexes domains
+    pretrained: dict | None  # the pretrained run's run_info.json (fine-tuning), else None
+    domain_map: finetune.DomainMap | None  # fine-tune domain -> pretrained row (None: new domain)
+    labels: Any  # tree like params: TRAIN / FROZEN / NEW_ROWS (sr_jax.training.optimizer)
     tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
     train_step: Callable  # (state, batch, text) -> (state, metrics)
@@ -64,6 +73,21 @@ class Run:
         return shd.to_global(batch, shd.batch_sharding(self.mesh))
 
 
+def subset_size(size: int, fraction: float) -> int:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.train_fraction={fraction}: expected a fraction in (0, 1]")
+    return max(1, round(fraction * size))
+
+
+def train_subset(columns: dict[str, np.ndarray], fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """A seeded random `fraction` of a split's rows (in their original order); the whole split at 1."""
+    size = len(columns["label"])
+    if subset_size(size, fraction) == size:
+        return columns
+    rows = np.sort(np.random.default_rng([seed, 0x5EED]).permutation(size)[: subset_size(size, fraction)])
+    return {name: np.asarray(col[rows]) for name, col in columns.items()}
+
+
 def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run:
     workdir = Path(workdir)
     dataset = load_dataset(cfg.data)
@@ -72,12 +96,28 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     for name, size in (("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size)):
         if size % data_axis:
             raise ValueError(f"{name}={size} is not divisible by the mesh's data axis ({data_axis} devices)")
-    pooled, first = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
+    text_id = text_identity(cfg.data.text_encoder)
+    pooled, first = dataset.text_cache(text_id[0])
     text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
-    steps_per_epoch = dataset.meta.splits[cfg.data.train_split] // cfg.data.batch_size
-    total_steps = max(1, int(cfg.train.epochs * steps_per_epoch))
-    tx = build_optimizer(cfg.train, total_steps)
+    columns = train_subset(dataset.split(cfg.data.train_split), cfg.data.train_fraction, cfg.train.seed)
+    if len(columns["label"]) < cfg.data.batch_size:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {len(columns['label'])} training examples "
+            f"(split {cfg.data.train_split!r}, fraction {cfg.data.train_fraction}): lower the batch size"
+        )
+    steps_per_epoch = len(columns["label"]) // cfg.data.batch_size
+    total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
+    pretrained = mapping = None
+    if cfg.finetune.pretrained:
+        pretrained = finetune.pretrained_info(workdir, cfg.finetune.pretrained)
+        if cfg.model.use_text:
+            finetune.check_text_encoder(pretrained, text_id, cfg.finetune.pretrained)
+        mapping = finetune.domain_map(dataset, pretrained)
     graphdef, params = sr_model.abstract(cfg.model, dataset.meta, pooled.shape[1])
+    per_domain = sr_model.per_domain(cfg.model, dataset.meta, pooled.shape[1])
+    new_rows = mapping.new_rows if mapping else ()
+    labels = trainable_labels(params, cfg.finetune.freeze, per_domain, new_rows)
+    tx = build_optimizer(cfg.train, total_steps, labels, new_rows)
     shapes = jax.eval_shape(lambda p: init_state(p, tx), params)
     shardings = state_shardings(mesh, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -87,7 +127,12 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         dataset=dataset,
         mesh=mesh,
         text=text,
+        train_columns=columns,
         graphdef=graphdef,
+        per_domain=per_domain,
+        pretrained=pretrained,
+        domain_map=mapping,
+        labels=labels,
         tx=tx,
         abstract_state=abstract,
         train_step=make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
@@ -99,14 +144,33 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
 
 
 def initial_state(run: Run) -> TrainState:
-    """Fresh parameters and optimizer state, made by one compiled function straight into their shardings."""
+    """Step 0: fresh parameters, or the pretrained run's (with fresh rows for new domains), and a fresh
+    optimizer state, made by one compiled function straight into their shardings."""
     cfg = run.config
+    out_shardings = jax.tree.map(lambda a: a.sharding, run.abstract_state)
 
-    def make() -> TrainState:
-        params = sr_model.init_params(cfg.model, run.dataset.meta, run.text.pooled.shape[1], cfg.train.seed)
-        return init_state(params, run.tx)
+    def fresh():
+        return sr_model.init_params(cfg.model, run.dataset.meta, run.text.pooled.shape[1], cfg.train.seed)
 
-    return jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, run.abstract_state))()
+    if run.domain_map is None:
+        return jax.jit(lambda: init_state(fresh(), run.tx), out_shardings=out_shardings)()
+    pretrained = finetune.restore_pretrained(
+        cfg.finetune.pretrained,
+        cfg.finetune.pretrained_step,
+        run.abstract_state.params,
+        run.per_domain,
+        len(run.pretrained["domains"]),
+    )
+    log.info(
+        "restored %s; new domains (fresh rows): %s",
+        cfg.finetune.pretrained,
+        [run.dataset.meta.domains[k].name for k in run.domain_map.new_rows] or "none",
+    )
+
+    def make(pre) -> TrainState:
+        return init_state(finetune.merge_pretrained(pre, fresh(), run.per_domain, run.domain_map), run.tx)
+
+    return jax.jit(make, out_shardings=out_shardings)(pretrained)
 
 
 def restore_or_init(run: Run) -> TrainState:
@@ -126,14 +190,16 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     """Trains from the state's step to `until` (default: the end), checkpointing and logging on the way."""
     cfg = run.config
     start, stop = int(state.step), min(until or run.total_steps, run.total_steps)
-    columns = run.dataset.split(cfg.data.train_split)
     batches = prefetch_to_device(
-        BatchIterator(columns, cfg.data.batch_size, cfg.train.seed, start_step=start), run.put, cfg.data.prefetch
+        BatchIterator(run.train_columns, cfg.data.batch_size, cfg.train.seed, start_step=start),
+        run.put,
+        cfg.data.prefetch,
     )
+    desc = "finetune" if cfg.finetune.pretrained else "train"
     window_start, window_steps = time.perf_counter(), 0
     with (
         open(run.workdir / "metrics.jsonl", "a") as metrics_file,
-        tqdm(total=stop, initial=start, desc="pretrain", unit="step", dynamic_ncols=True) as bar,
+        tqdm(total=stop, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar,
     ):
         for step, batch in zip(range(start, stop), batches):
             state, metrics = run.train_step(state, batch, run.text)
@@ -166,19 +232,24 @@ def evaluate(run: Run, params, split: str | None = None) -> dict:
     return evaluation.compute_metrics(run.dataset, split, cfg.data.train_split, probs)
 
 
-def pretrain(cfg: Config, workdir: str | Path) -> dict:
-    """The whole pretraining run: resume or start, train, evaluate, write the reports."""
+def fit(cfg: Config, workdir: str | Path) -> dict:
+    """A whole run, pretraining or fine-tuning: resume or start, train, evaluate, write the reports."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir / "config.json")
     run = build_run(cfg, workdir)
+    finetune.write_run_info(
+        workdir, run.dataset, run.train_columns["domain"], text_identity(cfg.data.text_encoder), run.pretrained
+    )
     log.info(
-        "dataset %s: %s; %d steps (%d per epoch) on mesh %s",
+        "dataset %s: training on %d examples of split %r; %d steps (%d per epoch) on mesh %s; frozen levels: %s",
         run.dataset.meta.name,
-        run.dataset.meta.splits,
+        len(run.train_columns["label"]),
+        cfg.data.train_split,
         run.total_steps,
         run.steps_per_epoch,
         dict(run.mesh.shape),
+        list(cfg.finetune.freeze) or "none",
     )
     state = train(run, restore_or_init(run))
     result = evaluate(run, state.params)

@@ -1,0 +1,228 @@
+"""The cold-start comparison of DESIGN.md: does pretraining, then fine-tuning with frozen levels, beat
+training on the cold data alone?
+
+For every text setting (language-model text aspect on / off) and seed, one model is pretrained on the
+known domains. Then, for each protocol (a domain held out of pretraining; new items in the known
+domains) and each fraction of the protocol's training split, four settings are trained and evaluated
+on the protocol's test split:
+
+    scratch        a fresh model trained on the cold data alone
+    finetune-all   the pretrained model, every level trained
+    freeze-l0      the pretrained model, L0 (embeddings, text projection) frozen
+    freeze-l0-l1   the pretrained model, L0 and L1 frozen (the paper's best)
+
+and, for new items, the pretrained model evaluated as it is (`zero-shot`). Every run is a folder under
+the work folder; a run with an `eval.json` is done and is not run again, so the grid resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+
+from configs import finetune as finetune_config
+from sr_jax.config import Config, override
+from sr_jax.experiments import report
+from sr_jax.training import evaluation, trainer
+
+log = logging.getLogger("sr_jax")
+
+SETTINGS = {"scratch": (), "finetune-all": (), "freeze-l0": ("l0",), "freeze-l0-l1": ("l0", "l1")}
+ZERO_SHOT = "zero-shot"  # the pretrained model without fine-tuning (new items only: a new domain has no tower)
+KEYS = ("protocol", "text", "setting", "fraction")
+METRICS = ("auc", "overall_auc", "oracle_auc", "seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    fractions: tuple[float, ...] = (0.01, 0.05, 0.2, 1.0)
+    protocols: tuple[str, ...] = tuple(finetune_config.PROTOCOLS)
+    settings: tuple[str, ...] = tuple(SETTINGS)
+    text: tuple[bool, ...] = (True, False)
+
+    def __post_init__(self):
+        unknown = [s for s in self.settings if s not in SETTINGS] + [
+            p for p in self.protocols if p not in finetune_config.PROTOCOLS
+        ]
+        if unknown:
+            raise ValueError(
+                f"unknown settings or protocols {unknown}: expected {list(SETTINGS)} and "
+                f"{list(finetune_config.PROTOCOLS)}"
+            )
+
+
+def _on(text: bool) -> str:
+    return "on" if text else "off"
+
+
+def pretrain_config(base: Config, text: bool, seed: int) -> Config:
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, use_text=text),
+        train=dataclasses.replace(base.train, seed=seed),
+    )
+
+
+def cell_config(
+    pretrained: Config, pretrained_dir: Path, protocol: str, setting: str, fraction: float, overrides: list[str]
+) -> Config:
+    """A fine-tune (or scratch) run: configs/finetune.py on top of the pretrained config, the setting's
+    frozen levels, the fraction, and a batch no larger than the data."""
+    cfg = override(finetune_config.get_config(pretrained, protocol), overrides)
+    size = trainer.load_dataset(cfg.data).meta.splits[cfg.data.train_split]
+    batch = min(cfg.data.batch_size, trainer.subset_size(size, fraction))
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, train_fraction=fraction, batch_size=batch),
+        finetune=dataclasses.replace(
+            cfg.finetune,
+            pretrained="" if setting == "scratch" else str(pretrained_dir.absolute()),
+            freeze=SETTINGS[setting],
+        ),
+    )
+
+
+def _cached(workdir: Path, run, cfg: Config) -> dict:
+    """The result row of `run(cfg, workdir)` (which writes workdir/eval.json), run once: workdir/cell.json
+    marks it done and keeps its wall time."""
+    done = workdir / "cell.json"
+    if not done.exists():
+        start = time.perf_counter()
+        run(cfg, workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
+        jax.clear_caches()  # every run compiles its own closures: drop them, keep memory flat over the grid
+    result = json.loads((workdir / "eval.json").read_text())
+    return {
+        "auc": result["mean_domain_auc"],
+        "overall_auc": result["overall"]["auc"],
+        "oracle_auc": result.get("mean_domain_oracle_auc"),
+        "seconds": json.loads(done.read_text())["seconds"],
+    }
+
+
+def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: list[str] = ()) -> list[dict]:
+    """Runs (or reuses) every cell; returns one row per cell and seed."""
+    workdir = Path(workdir)
+    rows = []
+    cells = len(grid.text) * len(grid.seeds) * (1 + len(grid.protocols) * len(grid.settings) * len(grid.fractions))
+    done = 0
+
+    def progress(name: str, row: dict) -> None:
+        nonlocal done
+        done += 1
+        log.info("[%d/%d] %s: mean per-domain AUC %.4f (%.0f s)", done, cells, name, row["auc"], row["seconds"])
+
+    for text in grid.text:
+        for seed in grid.seeds:
+            pre_cfg = pretrain_config(base, text, seed)
+            pre_dir = workdir / "pretrain" / f"text-{_on(text)}" / f"seed-{seed}"
+            progress(str(pre_dir), _cached(pre_dir, trainer.fit, pre_cfg))
+            for protocol in grid.protocols:
+                if protocol == "cold-items":
+                    zero_dir = workdir / protocol / f"text-{_on(text)}" / ZERO_SHOT / f"seed-{seed}"
+                    _, eval_split = finetune_config.PROTOCOLS[protocol]
+                    zero_cfg = dataclasses.replace(
+                        pre_cfg, data=dataclasses.replace(pre_cfg.data, eval_split=eval_split)
+                    )
+                    row = _cached(zero_dir, partial(_evaluate_pretrained, pretrained=pre_dir), zero_cfg)
+                    rows += [
+                        dict(protocol=protocol, text=_on(text), setting=ZERO_SHOT, fraction=f, seed=seed, **row)
+                        for f in grid.fractions
+                    ]
+                for setting in grid.settings:
+                    for fraction in grid.fractions:
+                        cfg = cell_config(pre_cfg, pre_dir, protocol, setting, fraction, list(finetune_overrides))
+                        cell = (
+                            workdir
+                            / protocol
+                            / f"text-{_on(text)}"
+                            / setting
+                            / f"fraction-{fraction:g}"
+                            / f"seed-{seed}"
+                        )
+                        row = _cached(cell, trainer.fit, cfg)
+                        progress(str(cell), row)
+                        rows.append(
+                            dict(
+                                protocol=protocol, text=_on(text), setting=setting, fraction=fraction, seed=seed, **row
+                            )
+                        )
+    return rows
+
+
+def _evaluate_pretrained(cfg: Config, workdir: Path, pretrained: Path) -> None:
+    """The pretrained run's parameters, evaluated on `cfg`'s eval split; the report goes to `workdir`."""
+    run = trainer.build_run(cfg, pretrained)
+    state = trainer.restore_or_init(run)
+    run.checkpointer.close()
+    result = trainer.evaluate(run, state.params)
+    workdir.mkdir(parents=True, exist_ok=True)
+    evaluation.write_report(workdir, result)
+
+
+def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
+    """cold_start.csv (every cell's mean and spread), cold_start.md (tables), cold_start.png (AUC against
+    the fraction of cold data, one panel per protocol)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = report.aggregate(rows, KEYS, METRICS)
+    report.write_csv(out / "cold_start.csv", table)
+    lines = [
+        "# Cold start: pretrain, then fine-tune with frozen levels",
+        "",
+        "Made by:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "Mean per-domain AUC on each protocol's test split, mean ± sample std over "
+        f"{max(r['seeds'] for r in table)} seeds; columns are the fraction of the protocol's training split "
+        "used; the best mean of each column is bold. Per-cell numbers, overall AUC and wall time: "
+        "`cold_start.csv`.",
+    ]
+    protocols = list(dict.fromkeys(r["protocol"] for r in table))
+    oracle = {p: _oracle([r for r in table if r["protocol"] == p]) for p in protocols}
+    for protocol in protocols:
+        train_split, eval_split = finetune_config.PROTOCOLS[protocol]
+        lines += [
+            "",
+            f"## {protocol} (train `{train_split}`, evaluate `{eval_split}`)",
+            "",
+            *([f"Oracle (the true click probabilities): {oracle[protocol]:.4f}.", ""] if oracle[protocol] else []),
+            report.pivot_markdown(
+                [r for r in table if r["protocol"] == protocol],
+                ("setting", "text"),
+                "fraction",
+                "auc",
+                column_label=lambda f: f"{f:g}",
+            ),
+        ]
+    (out / "cold_start.md").write_text("\n".join(lines))
+    panels = {p: [r for r in table if r["protocol"] == p] for p in protocols}
+    report.plot_lines(
+        out / "cold_start.png",
+        panels,
+        x="fraction",
+        metric="auc",
+        series=("setting", "text"),
+        style_key="text",
+        xlabel="fraction of the cold training split",
+        ylabel="mean per-domain AUC",
+        logx=True,
+        references={p: ("oracle", v) for p, v in oracle.items() if v},
+    )
+    return table
+
+
+def _oracle(rows: list[dict]) -> float | None:
+    values = [r["oracle_auc_mean"] for r in rows if r["oracle_auc_mean"] is not None]
+    return float(sum(values) / len(values)) if values else None

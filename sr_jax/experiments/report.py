@@ -1,0 +1,124 @@
+"""Results of many runs -> mean and spread over seeds -> markdown, CSV and PNG.
+
+A result row is a flat dict: the setting's keys (e.g. protocol, setting, fraction), `seed`, and
+metrics. `aggregate` groups rows by the keys and gives `METRIC_mean`, `METRIC_std` (sample standard
+deviation; 0 for one seed) and `seeds` per group.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def aggregate(rows: Sequence[dict], keys: Sequence[str], metrics: Sequence[str]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for group_key, members in groups.items():
+        agg = dict(zip(keys, group_key), seeds=len(members))
+        for m in metrics:
+            values = np.array([r[m] for r in members if r.get(m) is not None], float)
+            agg[f"{m}_mean"] = float(values.mean()) if len(values) else None
+            agg[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0 if len(values) else None
+        out.append(agg)
+    return out
+
+
+def write_csv(path: str | Path, rows: Sequence[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pivot_markdown(
+    rows: Sequence[dict], row_keys: Sequence[str], column_key: str, metric: str, column_label=str
+) -> str:
+    """A markdown table: one line per distinct `row_keys`, one column per value of `column_key`, cells
+    "mean ± std" of `metric`; the best mean of each column in bold."""
+    columns = sorted({r[column_key] for r in rows})
+    lines = list(dict.fromkeys(tuple(r[k] for k in row_keys) for r in rows))
+    cell = {(tuple(r[k] for k in row_keys), r[column_key]): r for r in rows}
+    best = {
+        c: max(
+            (r[f"{metric}_mean"] for r in rows if r[column_key] == c and r[f"{metric}_mean"] is not None), default=None
+        )
+        for c in columns
+    }
+    out = [
+        "| " + " | ".join([*row_keys, *(column_label(c) for c in columns)]) + " |",
+        "|" + "---|" * (len(row_keys) + len(columns)),
+    ]
+    for line in lines:
+        cells = []
+        for c in columns:
+            r = cell.get((line, c))
+            if r is None or r[f"{metric}_mean"] is None:
+                cells.append("")
+                continue
+            text = f"{r[f'{metric}_mean']:.4f} ± {r[f'{metric}_std']:.4f}"
+            cells.append(f"**{text}**" if r[f"{metric}_mean"] == best[c] else text)
+        out.append("| " + " | ".join([*map(str, line), *cells]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_lines(
+    path: str | Path,
+    panels: dict[str, list[dict]],
+    x: str,
+    metric: str,
+    series: Sequence[str],
+    style_key: str | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    references: dict[str, tuple[str, float]] | None = None,
+) -> None:
+    """One subplot per panel; one line (mean, with ± std error bars) per distinct value of `series`
+    keys; `style_key`'s values alternate solid and dashed lines; `references[panel]` = (label, y) draws
+    a horizontal dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, rows) in zip(axes[0], panels.items()):
+        names = list(dict.fromkeys(tuple(r[k] for k in series) for r in rows))
+        styles = list(dict.fromkeys(r[style_key] for r in rows)) if style_key else []
+        color_of = {n: colors[i % len(colors)] for i, n in enumerate(dict.fromkeys(n[0] for n in names))}
+        for name in names:
+            points = sorted(
+                (r for r in rows if tuple(r[k] for k in series) == name and r[f"{metric}_mean"] is not None),
+                key=lambda r: r[x],
+            )
+            style = "-" if not style_key else ["-", "--", ":", "-."][styles.index(points[0][style_key]) % 4]
+            ax.errorbar(
+                [r[x] for r in points],
+                [r[f"{metric}_mean"] for r in points],
+                yerr=[r[f"{metric}_std"] for r in points],
+                label=" / ".join(map(str, name)),
+                color=color_of[name[0]],
+                linestyle=style,
+                marker="o",
+                markersize=3,
+                capsize=2,
+            )
+        if references and title in references:
+            label, y = references[title]
+            ax.axhline(y, color="gray", linestyle=":", label=label)
+        if logx:
+            ax.set_xscale("log")
+        ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel or metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""Fine-tuning from a pretrained run: exact restore, fresh new-domain rows, frozen levels, mismatch
+errors, resume, and the CLI."""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import finetune as finetune_config
+from helpers import TINY, config
+from sr_jax import model as sr_model
+from sr_jax.config import load_config
+from sr_jax.training import finetune, trainer
+from sr_jax.training.checkpoint import CheckpointError
+from sr_jax.treeutil import path_str
+from train import finetune as finetune_cli
+
+NEW = 7  # search_new_service, held out of pretraining
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pretrained")
+    trainer.fit(config(TINY, train={"epochs": 1.0, "checkpoint_every": 1000}), workdir)
+    return workdir
+
+
+def _finetune_cfg(pretrained, protocol="new-domain", **train):
+    cfg = finetune_config.get_config(load_config(pretrained / "config.json"), protocol)
+    return dataclasses.replace(
+        cfg,
+        finetune=dataclasses.replace(cfg.finetune, pretrained=str(pretrained)),
+        train=dataclasses.replace(cfg.train, **{"min_steps": 0, "epochs": 2.0, "checkpoint_every": 3, **train}),
+    )
+
+
+def _pretrained_params(pretrained):
+    run = trainer.build_run(load_config(pretrained / "config.json"), pretrained)
+    state, _ = run.checkpointer.restore(run.abstract_state)
+    run.checkpointer.close()
+    return state.params
+
+
+def _leaves(tree):
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
+    run = trainer.build_run(_finetune_cfg(pretrained), tmp_path)
+    assert run.domain_map.new_rows == (NEW,)
+    start = _leaves(trainer.initial_state(run).params)
+    before = _leaves(_pretrained_params(pretrained))
+    fresh = _leaves(
+        jax.jit(lambda: sr_model.init_params(run.config.model, run.dataset.meta, run.text.pooled.shape[1], 0))()
+    )
+    per_domain = _leaves(run.per_domain)
+    assert sum(bool(v) for v in per_domain.values()) >= 6  # domain embedding, adapter W_k and b_k, gate, tower
+    for path, value in start.items():
+        if per_domain[path]:
+            np.testing.assert_array_equal(value[:NEW], before[path][:NEW], err_msg=path)
+            np.testing.assert_array_equal(value[NEW], fresh[path][NEW], err_msg=path)
+        else:
+            np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+
+@pytest.mark.parametrize("freeze", [("l0",), ("l0", "l1")])
+def test_frozen_levels_do_not_move_and_have_no_optimizer_state(pretrained, tmp_path, freeze):
+    cfg = _finetune_cfg(pretrained, optimizer="adamw", weight_decay=0.1)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, freeze=freeze))
+    run = trainer.build_run(cfg, tmp_path)
+    start = trainer.initial_state(run)
+    before, per_domain = _leaves(start.params), _leaves(run.per_domain)
+    state_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(start.opt_state)]
+    after = _leaves(trainer.train(run, start, until=6).params)
+    moved = 0
+    for path, value in after.items():
+        level = path.split("/")[0]
+        if level not in freeze:
+            moved += not np.array_equal(value, before[path])
+            continue
+        in_state = [p for p in state_paths if p.endswith(path)]
+        if per_domain[path]:  # frozen, except the new domain's row
+            np.testing.assert_array_equal(value[:NEW], before[path][:NEW], err_msg=path)
+            assert not np.array_equal(value[NEW], before[path][NEW]), path
+            assert in_state, path  # moments for its trainable row
+        else:
+            np.testing.assert_array_equal(value, before[path], err_msg=path)
+            assert not in_state, f"{path} has optimizer state: {in_state}"
+    assert moved > 5
+
+
+def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path):
+    cfg = _finetune_cfg(pretrained)
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=16))
+    with pytest.raises(
+        CheckpointError,
+        match=r"parameter params/l0/id_tables/item has shape \(120, 32\) in the checkpoint, "
+        r"\(120, 16\) in the model",
+    ):
+        trainer.initial_state(trainer.build_run(wider, tmp_path / "wider"))
+    other = tmp_path / "other-encoder"
+    shutil.copytree(pretrained, other)
+    info = json.loads((other / finetune.RUN_INFO).read_text())
+    (other / finetune.RUN_INFO).write_text(json.dumps({**info, "text_fingerprint": "hashed-bow-v1:other"}))
+    elsewhere = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(other)))
+    with pytest.raises(CheckpointError, match=r"pretrained with text encoder 'hashed-bow'.*but this run uses"):
+        trainer.build_run(elsewhere, tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match=r"run_info.json: missing"):
+        trainer.build_run(
+            dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(tmp_path))), tmp_path
+        )
+
+
+def test_domains_map_by_name(pretrained):
+    dataset = trainer.load_dataset(config(TINY).data)
+    names = [d.name for d in dataset.meta.domains]
+    info = {"domains": names[::-1], "trained_domains": names[2:5]}  # other order, only three trained
+    mapping = finetune.domain_map(dataset, info)
+    assert mapping.source == (None, None, 5, 4, 3, None, None, None)
+    assert mapping.new_rows == (0, 1, 5, 6, 7)
+
+
+def test_finetune_resumes_exactly(pretrained, tmp_path):
+    cfg = _finetune_cfg(pretrained)
+    straight = trainer.build_run(cfg, tmp_path / "straight")
+    end = trainer.train(straight, trainer.initial_state(straight))
+    assert int(end.step) == straight.total_steps == 2 * (512 // 256)
+    interrupted = trainer.build_run(cfg, tmp_path / "resumed")
+    trainer.train(interrupted, trainer.initial_state(interrupted), until=3)
+    interrupted.checkpointer.close()
+    resumed = trainer.build_run(cfg, tmp_path / "resumed")
+    state = trainer.restore_or_init(resumed)
+    assert int(state.step) == 3
+    end_resumed = trainer.train(resumed, state)
+    for a, b in zip(jax.tree.leaves(end), jax.tree.leaves(end_resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cli_finetunes_cold_items_on_a_fraction(pretrained, tmp_path):
+    workdir, copy = tmp_path / "ft", tmp_path / "pretrained"
+    shutil.copytree(pretrained, copy)
+    args = ["--pretrained", str(copy), "--workdir", str(workdir), "--protocol", "cold-items"]
+    result = finetune_cli.main([*args, "data.train_fraction=0.5", "train.min_steps=7", "finetune.freeze=l0"])
+    assert result["split"] == "cold_test" and set(result["domains"]) <= set(
+        finetune.read_run_info(pretrained)["domains"]
+    )
+    saved = load_config(workdir / "config.json")
+    assert saved.finetune.freeze == ("l0",) and saved.finetune.pretrained == str(copy.absolute())
+    assert saved.data.train_split == "cold_train" and saved.data.train_fraction == 0.5
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 7  # 256 examples: 5 epochs of one batch, so min_steps decides
+    shutil.rmtree(copy)  # a started fine-tune run no longer needs its pretrained folder
+    again = finetune_cli.main(["--workdir", str(workdir)])  # finished: resumes at the end, evaluates again
+    assert again["overall"]["auc"] == pytest.approx(result["overall"]["auc"], abs=1e-6)
+
+
+def test_train_fraction_is_a_seeded_subset(tmp_path):
+    columns = trainer.load_dataset(config(TINY).data).split("train")
+    half = trainer.train_subset(columns, 0.25, seed=3)
+    assert len(half["label"]) == 1024 and np.array_equal(
+        half["user_id"], trainer.train_subset(columns, 0.25, 3)["user_id"]
+    )
+    assert not np.array_equal(half["user_id"], trainer.train_subset(columns, 0.25, 4)["user_id"])
+    with pytest.raises(ValueError, match=r"train_fraction=0.0: expected a fraction"):
+        trainer.train_subset(columns, 0.0, 0)
+    cfg = config(TINY, data={"train_fraction": 0.01})
+    with pytest.raises(ValueError, match=r"batch_size=256 is larger than the 41 training examples"):
+        trainer.build_run(cfg, tmp_path)
