@@ -88,12 +88,13 @@ def plot_lines(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 2, 4.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    firsts = dict.fromkeys(r[series[0]] for rows in panels.values() for r in rows)
+    color_of = {n: colors[i % len(colors)] for i, n in enumerate(firsts)}  # the same in every panel
     for ax, (title, rows) in zip(axes[0], panels.items()):
         names = list(dict.fromkeys(tuple(r[k] for k in series) for r in rows))
         styles = list(dict.fromkeys(r[style_key] for r in rows)) if style_key else []
-        color_of = {n: colors[i % len(colors)] for i, n in enumerate(dict.fromkeys(n[0] for n in names))}
         for name in names:
             points = sorted(
                 (r for r in rows if tuple(r[k] for k in series) == name and r[f"{metric}_mean"] is not None),
@@ -118,7 +119,8 @@ def plot_lines(
             ax.set_xscale("log")
         ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel or metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
