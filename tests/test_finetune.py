@@ -6,6 +6,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -169,3 +170,12 @@ def test_train_fraction_is_a_seeded_subset(tmp_path):
     cfg = config(TINY, data={"train_fraction": 0.01})
     with pytest.raises(ValueError, match=r"batch_size=256 is larger than the 41 training examples"):
         trainer.build_run(cfg, tmp_path)
+
+
+def test_merge_takes_mapped_rows_and_fresh_rows_for_new_domains():
+    """A fine-tune model may have more domains than the pretrained one, in another order."""
+    pre = {"rows": jnp.arange(6.0).reshape(2, 3), "shared": jnp.ones(4)}
+    fresh = {"rows": -jnp.ones((3, 3)), "shared": jnp.zeros(4)}
+    merged = finetune.merge_pretrained(pre, fresh, {"rows": True, "shared": False}, finetune.DomainMap((1, None, 0)))
+    np.testing.assert_array_equal(merged["rows"], [[3, 4, 5], [-1, -1, -1], [0, 1, 2]])
+    np.testing.assert_array_equal(merged["shared"], pre["shared"])
