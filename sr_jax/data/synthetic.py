@@ -58,7 +58,7 @@ STYLES = {
     "professional": ["professional", "pro", "heavy duty", "studio grade"],
 }
 SYLLABLES = ["vol", "ta", "ro", "zen", "ka", "mi", "lux", "or", "vin", "sa", "tek", "no", "ar", "bel"]
-GENERATOR_VERSION = 3  # bump whenever the generated data would change: it keys the cache
+GENERATOR_VERSION = 4  # bump whenever the generated data would change: it keys the cache
 NUM_BRANDS = 24
 NUM_REGIONS = 6
 LATENT = 12
@@ -118,7 +118,10 @@ def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     item_vec = topic_vec[item_topic] + 0.6 * style_vec[item_style] + 0.35 * _unit(rng, n_i)
     item_cold = rng.random(n_i) < cfg.cold_item_fraction
     item_cold[0] = False
-    for t in range(n_topics):  # every topic keeps a warm item to show in training
+    for t in range(n_topics):  # every topic has a cold item (when there are any), so cold splits are all cold
+        if cfg.cold_item_fraction > 0 and not np.any(item_cold[1:] & (item_topic[1:] == t)):
+            item_cold[1 + np.flatnonzero(item_topic[1:] == t)[-1]] = True
+    for t in range(n_topics):  # and keeps a warm item to show in training
         if not np.any(~item_cold[1:] & (item_topic[1:] == t)):
             item_cold[1 + np.flatnonzero(item_topic[1:] == t)[0]] = False
     # users
