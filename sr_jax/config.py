@@ -58,8 +58,10 @@ class ModelConfig:
     reg_temperature: float = 1.0  # tau of softmax(x_hat / tau) for JS
     mmd_bandwidth: float = 0.0  # Gaussian kernel sigma; 0: sqrt(feature width)
     mmd_max_examples: int = 1024  # the MMD kernel is [n, n]: use the first n examples of a batch
-    num_experts: int = 4
-    expert_hidden: tuple[int, ...] = (64, 32)
+    backbone: str = "mmoe"  # mmoe | ple | star; Shared-Bottom is mmoe with num_experts=1
+    num_experts: int = 4  # shared experts (mmoe, ple)
+    domain_experts: int = 1  # each domain's own experts (ple)
+    expert_hidden: tuple[int, ...] = (64, 32)  # every expert's layers (star: the star network's)
     tower_hidden: tuple[int, ...] = (32,)
     dtype: str = "float32"  # compute dtype; parameters stay float32
 

@@ -2,7 +2,7 @@
 
     l0  FeatureEncoder       ids, sparse fields, text projection            (encoding)
     l1  SharedAdaptation     aspect gating fusion, domain adaptive layer,   (shared by all domains)
-                             MMoE experts
+                             the backbone's experts (MMoE, PLE or STAR)
     l2  DomainHeads          one expert gate and one tower per domain       (task-specific)
 
 A parameter's level is the first key of its path (`params["l1"]["experts"]...`), so selecting,
@@ -17,6 +17,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
+from sr_jax.model.backbones import BACKBONES, DomainExperts, StarNetwork, num_outputs
 from sr_jax.model.domain_adaptation import REGULARIZERS, DomainAdaptiveLayer, js_regularizer, mmd_regularizer
 from sr_jax.model.encoding import SIDES, FeatureEncoder, TextTable, side_aspects
 from sr_jax.model.fusion import AspectGate
@@ -36,7 +37,10 @@ class SharedAdaptation(nnx.Module):
             {s: AspectGate(cfg.gating, len(aspects[s]), cfg.dim, cfg.gate_dim, text_dim, rngs=rngs) for s in SIDES}
         )
         self.adapter = DomainAdaptiveLayer(num_domains, width, rngs=rngs) if cfg.use_domain_adapter else None
-        self.experts = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
+        star = cfg.backbone == "star"
+        self.experts = None if star else StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
+        self.domain_experts = DomainExperts(cfg, num_domains, width, rngs=rngs) if cfg.backbone == "ple" else None
+        self.star = StarNetwork(num_domains, width, cfg.expert_hidden, rngs=rngs) if star else None
 
     def __call__(self, sides, domain: Array) -> tuple[Array, Array, dict]:
         """-> (x_hat [B, 3d], expert outputs [B, E, h], aux)"""
@@ -51,7 +55,12 @@ class SharedAdaptation(nnx.Module):
             reg = mmd_regularizer(x_hat, domain, self.num_domains, cfg.mmd_bandwidth, cfg.mmd_max_examples)
         else:
             reg = jnp.zeros((), jnp.float32)
-        experts = self.experts.all(x_hat, dtype)
+        if self.star is not None:
+            experts = self.star(x_hat, domain, dtype)
+        else:
+            experts = self.experts.all(x_hat, dtype)
+            if self.domain_experts is not None:
+                experts = jnp.concatenate([experts, self.domain_experts(x_hat, domain, dtype)], axis=1)
         return x_hat, experts, {"reg": reg, "aspect_weights": dict(zip(SIDES, weights))}
 
 
@@ -60,7 +69,7 @@ class DomainHeads(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, num_domains: int, *, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(cfg.dtype)
-        self.gate = StackedDense(num_domains, len(SIDES) * cfg.dim, cfg.num_experts, rngs=rngs)
+        self.gate = StackedDense(num_domains, len(SIDES) * cfg.dim, num_outputs(cfg), rngs=rngs)
         self.tower = StackedMLP(num_domains, cfg.expert_hidden[-1], (*cfg.tower_hidden, 1), rngs=rngs, linear_out=True)
 
     def __call__(self, x_hat: Array, experts: Array, domain: Array) -> tuple[Array, Array]:
@@ -78,6 +87,8 @@ class SRFoundationModel(nnx.Module):
     ):
         if cfg.regularizer not in REGULARIZERS:
             raise ValueError(f"model.regularizer={cfg.regularizer!r}: expected one of {REGULARIZERS}")
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone={cfg.backbone!r}: expected one of {BACKBONES}")
         num_domains = num_domains or meta.num_domains
         aspects = side_aspects(cfg, meta)
         self.l0 = FeatureEncoder(cfg, meta, text_dim, rngs=rngs)
