@@ -1,0 +1,225 @@
+"""Your own data into the dataset store, without code: a folder of tables, CSV or Parquet.
+
+    SRC/domains.{csv,parquet}      name, task (search | rec), pretrain (optional: true/false, default true)
+    SRC/impressions.{csv,parquet}  split, domain (a name from domains), user_id, item_id, label (0/1),
+                                   query_id (optional; empty for recommendation examples), timestamp (optional, integer)
+    SRC/items.{csv,parquet}        optional: item_id, text (optional), item.FIELD ... (categorical features)
+    SRC/users.{csv,parquet}        optional: user_id, user.FIELD ...
+    SRC/queries.{csv,parquet}      optional: query_id, text
+
+Ids are any strings or integers; they become rows 1..n in sorted order (0 = missing). A FIELD value
+may hold several values separated by "|" (a multi-valued field). Texts are stored once each; an
+item or query without text has none (-1). Every problem is a `DatasetError` naming the file, the
+column and the row (data rows counted from 0, the header excluded). Reading uses pyarrow (vectorised:
+no Python loop over rows), which tensorflow-datasets already brings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from sr_jax.data.schema import TASKS, DatasetMeta, Domain, SparseField
+from sr_jax.data.store import Dataset, DatasetError, write_dataset
+
+MULTI_SEPARATOR = "|"
+
+
+class _Table:
+    """One input table and the file it came from, with checked column access."""
+
+    def __init__(self, file: Path, table: pa.Table):
+        self.file, self.table = file, table
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+    def has(self, column: str) -> bool:
+        return column in self.table.column_names
+
+    def strings(self, column: str, required: bool = True) -> pa.ChunkedArray | None:
+        """The column as strings; a missing column or (when required) an empty value is an error."""
+        if not self.has(column):
+            if required:
+                raise DatasetError(self.file, column, None, f"missing column (the file has {self.table.column_names})")
+            return None
+        values = pc.cast(self.table[column], pa.string())
+        empty = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_trim_whitespace(values), ""))
+        if required and pc.any(empty).as_py():
+            raise DatasetError(self.file, column, _first(empty), "empty value")
+        return pc.if_else(empty, pa.scalar(None, pa.string()), values)
+
+    def unique_ids(self, column: str) -> pa.ChunkedArray:
+        ids = self.strings(column)
+        counts = pc.value_counts(ids)
+        repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        if len(repeated):
+            row = _first(pc.equal(ids, repeated[0]))
+            raise DatasetError(self.file, column, row, f"id {repeated[0].as_py()!r} appears more than once")
+        return ids
+
+
+def _first(mask) -> int:
+    return int(np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))[0])
+
+
+def _read(src: Path, name: str, required: bool) -> _Table | None:
+    found = [p for p in (src / f"{name}.csv", src / f"{name}.parquet") if p.exists()]
+    if not found:
+        if required:
+            raise DatasetError(src / f"{name}.csv", None, None, "missing (a .csv or .parquet table is required)")
+        return None
+    if len(found) > 1:
+        raise DatasetError(found[0], None, None, f"both {found[0].name} and {found[1].name} exist: keep one")
+    file = found[0]
+    try:
+        table = pq.read_table(file) if file.suffix == ".parquet" else pa_csv.read_csv(file)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(file, None, None, f"unreadable table: {e}") from e
+    return _Table(file, table)
+
+
+def _vocab(*arrays) -> pa.Array:
+    """Sorted distinct non-empty ids of all `arrays`: id i + 1 is row i of this array."""
+    values = pa.chunked_array([c for a in arrays if a is not None for c in pc.drop_null(a).chunks], pa.string())
+    distinct = pc.unique(values)
+    return distinct.take(pc.sort_indices(distinct))
+
+
+def _index(values: pa.ChunkedArray, vocab: pa.Array) -> np.ndarray:
+    """Row numbers (1-based; 0 for empty) of `values` in `vocab`."""
+    found = pc.index_in(values, value_set=vocab)
+    return pc.fill_null(pc.add(found, 1), 0).to_numpy().astype(np.int32)
+
+
+def _sparse(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: pa.Array):
+    """Each `side.FIELD` column: (SparseField, [len(vocab) + 1, ...] value rows per entity id)."""
+    if table is None:
+        return []
+    rows = _index(key, vocab)  # entity row in the table -> id
+    out = []
+    for column in table.table.column_names:
+        if not column.startswith(f"{side}."):
+            continue
+        values = table.strings(column, required=False)
+        parts = pc.split_pattern(pc.fill_null(values, ""), MULTI_SEPARATOR)
+        lengths = pc.list_value_length(parts).to_numpy()
+        flat = pc.utf8_trim_whitespace(pc.list_flatten(parts))
+        tokens = _vocab(pc.if_else(pc.equal(flat, ""), pa.scalar(None, pa.string()), flat))
+        codes = _index(pa.chunked_array([flat]), tokens)
+        max_len = max(1, int(lengths.max(initial=1)))
+        per_row = np.zeros((table.rows, max_len), np.int32)
+        positions = np.arange(len(codes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        per_row[np.repeat(np.arange(table.rows), lengths), positions] = codes
+        per_id = np.zeros((len(vocab) + 1, max_len), np.int32)
+        per_id[rows] = per_row
+        field = SparseField(column.split(".", 1)[1], side, len(tokens) + 1, max_len)
+        out.append((field, per_id if max_len > 1 else per_id[:, 0]))
+    return out
+
+
+def _texts(table: _Table | None, key: pa.ChunkedArray | None, vocab: pa.Array, texts: list[str]) -> np.ndarray:
+    """Appends the table's non-empty texts to `texts`; returns the text row of every id (-1: none)."""
+    row_of = np.full(len(vocab) + 1, -1, np.int32)
+    if table is None or not table.has("text"):
+        return row_of
+    values = table.strings("text", required=False).to_pylist()
+    for entity, text in zip(_index(key, vocab), values):
+        if text is not None:
+            row_of[entity] = len(texts)
+            texts.append(text.strip())
+    return row_of
+
+
+def _domains(table: _Table) -> list[Domain]:
+    names = table.unique_ids("name").to_pylist()
+    tasks = table.strings("task").to_pylist()
+    pretrain = table.strings("pretrain", required=False)
+    flags = pretrain.to_pylist() if pretrain is not None else [None] * len(names)
+    domains = []
+    for row, (name, task, flag) in enumerate(zip(names, tasks, flags)):
+        if task not in TASKS:
+            raise DatasetError(table.file, "task", row, f"task {task!r} is not one of {TASKS}")
+        if flag is not None and flag.lower() not in ("true", "false", "1", "0"):
+            raise DatasetError(table.file, "pretrain", row, f"{flag!r} is not true or false")
+        domains.append(Domain(name, task, pretrain=flag is None or flag.lower() in ("true", "1")))
+    return domains
+
+
+def import_tables(src: str | Path, out: str | Path, name: str | None = None, overwrite: bool = False) -> Dataset:
+    """Reads the tables in `src` (see the module docstring), writes the dataset to `out`, returns it."""
+    src = Path(src)
+    domain_table = _read(src, "domains", required=True)
+    domains = _domains(domain_table)
+    imp = _read(src, "impressions", required=True)
+    tables = {t: _read(src, t, required=False) for t in ("items", "users", "queries")}
+    keys = {
+        "item": tables["items"].unique_ids("item_id") if tables["items"] else None,
+        "user": tables["users"].unique_ids("user_id") if tables["users"] else None,
+        "query": tables["queries"].unique_ids("query_id") if tables["queries"] else None,
+    }
+    ids = {
+        "user": imp.strings("user_id"),
+        "item": imp.strings("item_id"),
+        "query": imp.strings("query_id", required=False),
+    }
+    vocab = {side: _vocab(keys[side], ids[side]) for side in ids}
+
+    domain_names = pa.array([d.name for d in domains], pa.string())
+    domain = pc.index_in(imp.strings("domain"), value_set=domain_names)
+    if pc.any(pc.is_null(domain)).as_py():
+        row = _first(pc.is_null(domain))
+        value = imp.strings("domain")[row].as_py()
+        raise DatasetError(imp.file, "domain", row, f"domain {value!r} is not declared in {domain_table.file}")
+    label = imp.strings("label")
+    bad = pc.invert(pc.is_in(label, value_set=pa.array(["0", "1"])))
+    if pc.any(bad).as_py():
+        row = _first(bad)
+        raise DatasetError(imp.file, "label", row, f"label {label[row].as_py()!r} is not 0 or 1")
+    timestamp = None
+    if imp.has("timestamp"):
+        try:
+            timestamp = pc.cast(imp.strings("timestamp"), pa.int64()).to_numpy()
+        except (pa.ArrowInvalid, ValueError) as e:
+            raise DatasetError(imp.file, "timestamp", None, f"not an integer: {e}") from e
+
+    texts: list[str] = []
+    item_text = _texts(tables["items"], keys["item"], vocab["item"], texts)
+    query_text = _texts(tables["queries"], keys["query"], vocab["query"], texts)
+    sparse = _sparse(tables["users"], "user", keys["user"], vocab["user"]) + _sparse(
+        tables["items"], "item", keys["item"], vocab["item"]
+    )
+
+    columns = {
+        "domain": domain.to_numpy().astype(np.int32),
+        "user_id": _index(ids["user"], vocab["user"]),
+        "query_id": _index(ids["query"], vocab["query"]) if ids["query"] is not None else np.zeros(imp.rows, np.int32),
+        "item_id": _index(ids["item"], vocab["item"]),
+        "label": pc.cast(label, pa.int8()).to_numpy(),
+    }
+    columns["query_text"] = query_text[columns["query_id"]]
+    columns["item_text"] = item_text[columns["item_id"]]
+    for field, per_id in sparse:
+        columns[field.column] = per_id[columns[f"{field.side}_id"]]
+    if timestamp is not None:
+        columns["timestamp"] = timestamp
+
+    split = np.asarray(imp.strings("split").to_numpy(zero_copy_only=False))
+    splits = {s: {c: np.ascontiguousarray(a[split == s]) for c, a in columns.items()} for s in sorted(set(split))}
+    meta = DatasetMeta(
+        name=name or src.name,
+        domains=domains,
+        vocab={f"{side}_id": len(vocab[side]) + 1 for side in ("user", "query", "item")},
+        sparse_fields=[field for field, _ in sparse],
+        splits={},
+        num_texts=0,
+        has_timestamp=timestamp is not None,
+        description=f"imported from {src.absolute()} by sr_jax.data.importer",
+    )
+    return write_dataset(out, meta, texts, splits, overwrite=overwrite)

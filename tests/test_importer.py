@@ -1,0 +1,138 @@
+"""Importing a user's own CSV / Parquet tables into the store: ids, texts, sparse fields, errors, training."""
+
+import numpy as np
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import config
+from sr_jax.data.importer import import_tables
+from sr_jax.data.store import DatasetError
+from sr_jax.text import build_text_cache, get_featurizer
+from sr_jax.training import trainer
+
+DOMAINS = "name,task,pretrain\nshop,search,true\nfeed,rec,true\nnew,search,false\n"
+ITEMS = (
+    "item_id,text,item.brand,item.tags\nA7,red running shoes,acme,sport|outdoor\nB2,,zeta,\nC9,blue kettle,acme,home\n"
+)
+USERS = "user_id,user.city\nu1,paris\nu2,\nu3,oslo\n"
+QUERIES = "query_id,text\nq1,running shoes\nq2,kettle\n"
+
+
+def _impressions(n: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    lines = ["split,domain,user_id,query_id,item_id,label,timestamp"]
+    for i in range(n):
+        domain = ["shop", "feed", "new"][i % 3]
+        query = "" if domain == "feed" else ["q1", "q2"][rng.integers(2)]
+        item = ["A7", "B2", "C9", "D4"][rng.integers(4)]  # D4 has no row in items: no text, no fields
+        user = ["u1", "u2", "u3", "u4"][rng.integers(4)]
+        label = int(rng.random() < (0.8 if (query == "q1") == (item == "A7") else 0.2))
+        lines.append(f"{'train' if i % 5 else 'test'},{domain},{user},{query},{item},{label},{1000 + i}")
+    return "\n".join(lines) + "\n"
+
+
+def _edit(table: str, row: int, column: str, value: str) -> str:
+    """The CSV text with one cell (data row `row`) replaced."""
+    lines = table.splitlines()
+    cells = lines[row + 1].split(",")
+    cells[lines[0].split(",").index(column)] = value
+    lines[row + 1] = ",".join(cells)
+    return "\n".join(lines) + "\n"
+
+
+def _write(folder, **tables):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in tables.items():
+        (folder / f"{name}.csv").write_text(text)
+    return folder
+
+
+def _source(tmp_path, impressions=None, **replace):
+    tables = {"domains": DOMAINS, "items": ITEMS, "users": USERS, "queries": QUERIES}
+    tables["impressions"] = impressions or _impressions(40)
+    tables.update(replace)
+    return _write(tmp_path / "src", **tables)
+
+
+def test_import_maps_ids_texts_and_fields(tmp_path):
+    ds = import_tables(_source(tmp_path), tmp_path / "out", name="mine")
+    meta = ds.meta
+    assert [(d.name, d.task, d.pretrain) for d in meta.domains] == [
+        ("shop", "search", True),
+        ("feed", "rec", True),
+        ("new", "search", False),
+    ]
+    assert meta.vocab == {"user_id": 5, "query_id": 3, "item_id": 5}  # sorted ids -> 1..n, 0 = missing
+    assert meta.splits == {"test": 8, "train": 32} and meta.has_timestamp
+    texts = ds.texts()
+    assert texts == ["red running shoes", "blue kettle", "running shoes", "kettle"]  # B2 has none
+    fields = {f.column: f for f in meta.sparse_fields}
+    assert fields["item.tags"].max_len == 2 and fields["item.brand"].max_len == 1
+    assert fields["item.tags"].vocab == 4 and fields["user.city"].vocab == 3  # home, outdoor, sport; oslo, paris
+    train = ds.split("train")
+    items, users = np.asarray(train["item_id"]), np.asarray(train["user_id"])
+    a7, b2, d4 = 1, 2, 4  # sorted: A7, B2, C9, D4
+    assert np.all(np.asarray(train["item_text"])[items == a7] == 0)
+    assert np.all(np.asarray(train["item_text"])[(items == b2) | (items == d4)] == -1)
+    np.testing.assert_array_equal(np.asarray(train["item.tags"])[items == a7][0], [3, 2])  # sport, outdoor
+    assert np.all(np.asarray(train["item.brand"])[items == d4] == 0)
+    assert np.all(np.asarray(train["user.city"])[users == 2] == 0)  # u2: empty city
+    feed = np.asarray(train["domain"]) == 1
+    assert np.all(np.asarray(train["query_id"])[feed] == 0) and np.all(np.asarray(train["query_text"])[feed] == -1)
+    np.testing.assert_array_equal(np.asarray(train["timestamp"])[:3], [1001, 1002, 1003])
+
+
+def test_parquet_gives_the_same_dataset(tmp_path):
+    csv_src = _source(tmp_path)
+    parquet_src = tmp_path / "parquet"
+    parquet_src.mkdir()
+    for file in csv_src.glob("*.csv"):
+        pq.write_table(pa_csv.read_csv(file), parquet_src / f"{file.stem}.parquet")
+    a = import_tables(csv_src, tmp_path / "a", name="x")
+    b = import_tables(parquet_src, tmp_path / "b", name="x")
+    assert a.texts() == b.texts() and a.meta.vocab == b.meta.vocab
+    for name, col in a.split("train").items():
+        np.testing.assert_array_equal(col, b.split("train")[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "replace, match",
+    [
+        ({"impressions": _edit(_impressions(6), 3, "label", "2")}, r"impressions.csv, field 'label', row 3: label '2'"),
+        ({"impressions": _edit(_impressions(6), 1, "domain", "fed")}, r"row 1: domain 'fed' is not declared"),
+        ({"impressions": _impressions(6).replace("user_id", "uid")}, r"field 'user_id': missing column"),
+        ({"impressions": _edit(_impressions(6), 2, "user_id", "")}, r"field 'user_id', row 2: empty value"),
+        ({"items": ITEMS + "A7,again,acme,\n"}, r"items.csv, field 'item_id', row 0: id 'A7' appears more than once"),
+        ({"domains": DOMAINS.replace("rec", "feeds")}, r"domains.csv, field 'task', row 1: task 'feeds'"),
+        ({"impressions": _edit(_impressions(6), 4, "timestamp", "soon")}, r"field 'timestamp'.*not an integer"),
+    ],
+)  # fmt: skip
+def test_malformed_tables_name_the_file_field_and_row(tmp_path, replace, match):
+    with pytest.raises(DatasetError, match=match):
+        import_tables(_source(tmp_path, **replace), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_missing_table_is_an_error(tmp_path):
+    src = _write(tmp_path / "src", domains=DOMAINS)
+    with pytest.raises(DatasetError, match=r"impressions.csv: missing"):
+        import_tables(src, tmp_path / "out")
+
+
+def test_an_imported_dataset_trains(tmp_path):
+    ds = import_tables(_source(tmp_path, impressions=_impressions(2000, seed=1)), tmp_path / "data")
+    build_text_cache(ds.root, get_featurizer("hashed-bow"))
+    cfg = config(data={"path": str(ds.root), "batch_size": 64, "eval_batch_size": 64}, train={"epochs": 3.0})
+    result = trainer.fit(cfg, tmp_path / "run")
+    assert result["overall"]["auc"] > 0.7  # the label follows (query q1) == (item A7): learnable from ids and text
+
+
+def test_cli_imports_and_builds_the_text_cache(tmp_path, capsys):
+    from train import prepare
+
+    src = _source(tmp_path)
+    ds = prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--encoder", "hashed-bow"])
+    assert "hashed-bow" in ds.meta.text_caches and "'train': 32" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--encoder", "none"])
