@@ -1,6 +1,8 @@
-"""Convert a dataset into the store once: `python -m train.prepare tables --src DIR --out DIR [--encoder NAME]`.
+"""Convert a dataset into the store once: `python -m train.prepare NAME --src DIR --out DIR [--encoder NAME]`.
 
-`tables`: your own CSV / Parquet tables (format: sr_jax/data/importer.py and the README). The text cache
+`tables`: your own CSV / Parquet tables (format: sr_jax/data/importer.py and the README); `movielens`:
+MovieLens ml-latest-small (sr_jax/data/movielens.py); `amazon`: Amazon Industrial & Scientific
+(sr_jax/data/amazon.py). The text cache
 of `--encoder` (default: the default config's, all-MiniLM-L6-v2; `none` to skip) is built right after,
 so `python -m train.pretrain --workdir RUN data.path=OUT` can train on it.
 """
@@ -10,12 +12,13 @@ from __future__ import annotations
 import argparse
 
 from sr_jax.config import Config
+from sr_jax.data import amazon, movielens
 from sr_jax.data.importer import import_tables
 from sr_jax.data.store import open_dataset
 from sr_jax.text import build_text_cache, get_featurizer
 from train import cli
 
-CONVERTERS = {"tables": import_tables}
+CONVERTERS = {"tables": import_tables, "movielens": movielens.convert, "amazon": amazon.convert}
 
 
 def main(argv: list[str] | None = None):

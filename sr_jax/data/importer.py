@@ -28,6 +28,7 @@ from sr_jax.data.schema import TASKS, DatasetMeta, Domain, SparseField
 from sr_jax.data.store import Dataset, DatasetError, write_dataset
 
 MULTI_SEPARATOR = "|"
+TABLES = ("domains", "impressions", "items", "users", "queries")
 
 
 class _Table:
@@ -155,10 +156,21 @@ def _domains(table: _Table) -> list[Domain]:
 def import_tables(src: str | Path, out: str | Path, name: str | None = None, overwrite: bool = False) -> Dataset:
     """Reads the tables in `src` (see the module docstring), writes the dataset to `out`, returns it."""
     src = Path(src)
-    domain_table = _read(src, "domains", required=True)
+    tables = {t: _read(src, t, required=t in ("domains", "impressions")) for t in TABLES}
+    return _write(tables, out, name or src.name, f"imported from {src.absolute()} by sr_jax.data.importer", overwrite)
+
+
+def from_arrow(
+    tables: dict[str, pa.Table], out: str | Path, name: str, description: str, overwrite: bool = False
+) -> Dataset:
+    """The same, for tables a converter built in memory (`sr_jax.data.movielens`, ...)."""
+    wrapped = {t: _Table(Path(f"<{name} {t} table>"), tables[t]) if t in tables else None for t in TABLES}
+    return _write(wrapped, out, name, description, overwrite)
+
+
+def _write(tables: dict[str, _Table | None], out: str | Path, name: str, description: str, overwrite: bool) -> Dataset:
+    domain_table, imp = tables["domains"], tables["impressions"]
     domains = _domains(domain_table)
-    imp = _read(src, "impressions", required=True)
-    tables = {t: _read(src, t, required=False) for t in ("items", "users", "queries")}
     keys = {
         "item": tables["items"].unique_ids("item_id") if tables["items"] else None,
         "user": tables["users"].unique_ids("user_id") if tables["users"] else None,
@@ -213,13 +225,13 @@ def import_tables(src: str | Path, out: str | Path, name: str | None = None, ove
     split = np.asarray(imp.strings("split").to_numpy(zero_copy_only=False))
     splits = {s: {c: np.ascontiguousarray(a[split == s]) for c, a in columns.items()} for s in sorted(set(split))}
     meta = DatasetMeta(
-        name=name or src.name,
+        name=name,
         domains=domains,
         vocab={f"{side}_id": len(vocab[side]) + 1 for side in ("user", "query", "item")},
         sparse_fields=[field for field, _ in sparse],
         splits={},
         num_texts=0,
         has_timestamp=timestamp is not None,
-        description=f"imported from {src.absolute()} by sr_jax.data.importer",
+        description=description,
     )
     return write_dataset(out, meta, texts, splits, overwrite=overwrite)

@@ -1,0 +1,112 @@
+"""The converters of real public datasets, on small slices of the files in ../shared/data."""
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sr_jax.data import amazon, movielens
+from sr_jax.data.store import DatasetError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MOVIELENS, AMAZON = SHARED / "movielens-latest-small", SHARED / "amazon-scientific"
+needs_movielens = pytest.mark.skipif(
+    not MOVIELENS.exists(), reason=f"{MOVIELENS} is absent: the real-data converters are tested where it exists"
+)
+needs_amazon = pytest.mark.skipif(
+    not AMAZON.exists(), reason=f"{AMAZON} is absent: the real-data converters are tested where it exists"
+)
+
+
+def _slice(src: Path, dst: Path, rows: dict[str, int]) -> Path:
+    """A copy of `src` with only the first rows (after the header) of some files."""
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+        (dst / file.name).write_text("".join(lines[: rows.get(file.name, len(lines) - 1) + 1]), encoding="utf-8")
+    return dst
+
+
+@needs_movielens
+def test_movielens_domains_labels_search_and_cold_items(tmp_path):
+    src = _slice(MOVIELENS, tmp_path / "src", {"ratings.csv": 3000, "tags.csv": 300})
+    ds = movielens.convert(src, tmp_path / "out")
+    meta = ds.meta
+    assert [d.name for d in meta.domains] == [*movielens.GROUPS, movielens.SEARCH]
+    assert set(meta.splits) == {"train", "test"} and meta.has_timestamp
+    train, test = ds.split("train"), ds.split("test")
+    assert np.asarray(train["timestamp"]).max() < np.asarray(test["timestamp"]).min()  # split by time
+    search = len(movielens.GROUPS)
+    n_search = sum(int((np.asarray(s["domain"]) == search).sum()) for s in (train, test))
+    assert n_search == 300 * (1 + movielens.NEGATIVES)
+    for split in (train, test):
+        is_search = np.asarray(split["domain"]) == search
+        assert np.all(np.asarray(split["query_id"])[is_search] > 0) and np.all(
+            np.asarray(split["query_id"])[~is_search] == 0
+        )
+    # one click per tag application: the search click rate is exactly 1 / (1 + NEGATIVES)
+    labels = np.concatenate([np.asarray(s["label"])[np.asarray(s["domain"]) == search] for s in (train, test)])
+    assert labels.mean() == pytest.approx(1 / (1 + movielens.NEGATIVES))
+    # the rating rule: as many rec impressions as ratings >= 4 or <= 2.5 in the slice
+    ratings = np.loadtxt(src / "ratings.csv", delimiter=",", skiprows=1, usecols=2)
+    rec = sum(int((np.asarray(s["domain"]) < search).sum()) for s in (train, test))
+    assert rec == int(((ratings >= 4) | (ratings <= 2.5)).sum())
+    # cold items: movies of test that train never shows
+    cold = ~np.isin(np.asarray(test["item_id"]), np.asarray(train["item_id"]))
+    assert cold.any()
+    texts = ds.texts()
+    assert any(t.startswith("Toy Story (1995). Adventure, Animation") for t in texts)
+
+
+@needs_movielens
+def test_movielens_bad_rows_are_named(tmp_path):
+    src = _slice(MOVIELENS, tmp_path / "src", {"ratings.csv": 50, "tags.csv": 10})
+    lines = (src / "ratings.csv").read_text().splitlines()
+    lines[4] = "1,99999999,4.0,964982703"
+    (src / "ratings.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"ratings.csv, field 'movieId', row 3: movie 99999999 is not in movies.csv"):
+        movielens.convert(src, tmp_path / "out")
+    lines[4] = "1,1,great,964982703"
+    (src / "ratings.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"ratings.csv, field 'rating', row 3: 'great' is not a float"):
+        movielens.convert(src, tmp_path / "out")
+    shutil.rmtree(src)
+    with pytest.raises(DatasetError, match=r"movies.csv: missing"):
+        movielens.convert(src, tmp_path / "out")
+
+
+@needs_amazon
+def test_amazon_domains_queries_negatives_and_splits(tmp_path):
+    rows = {f"Scientific.{split}.inter": 200 for split in amazon.SPLITS}
+    src = _slice(AMAZON, tmp_path / "src", rows)
+    ds = amazon.convert(src, tmp_path / "out")
+    assert [d.name for d in ds.meta.domains] == ["rec_scientific", "search_scientific"]
+    assert ds.meta.splits == {split: 200 * (1 + amazon.NEGATIVES) for split in amazon.SPLITS}
+    texts = ds.texts()
+    for split in amazon.SPLITS:
+        cols = {k: np.asarray(v) for k, v in ds.split(split).items()}
+        assert cols["label"].mean() == pytest.approx(1 / (1 + amazon.NEGATIVES))
+        search = cols["domain"] == 1
+        assert 0.15 < search.mean() < 0.45  # SEARCH_SHARE of the positives, with their negatives
+        assert np.all(cols["query_id"][search] > 0) and np.all(cols["query_id"][~search] == 0)
+        # a search click's item text holds every word of its category query
+        clicks = search & (cols["label"] == 1)
+        for q, i in zip(cols["query_text"][clicks][:20], cols["item_text"][clicks][:20]):
+            item_words = set(re.findall(r"[a-z0-9]+", texts[i].lower()))
+            assert set(texts[q].split()) <= item_words
+    assert amazon.category_query("Vise. Industrial & Scientific Power & Hand Tools Bench Vises. Shop Fox. ") == (
+        "power hand tools bench vises"
+    )
+    assert amazon.category_query("no path here") is None
+
+
+@needs_amazon
+def test_amazon_bad_rows_are_named(tmp_path):
+    src = _slice(AMAZON, tmp_path / "src", {f"Scientific.{split}.inter": 20 for split in amazon.SPLITS})
+    lines = (src / "Scientific.valid.inter").read_text().splitlines()
+    lines[3] = lines[3].replace("\t", " ", 1)
+    (src / "Scientific.valid.inter").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"Scientific.valid.inter, row 2: 2 tab-separated fields, expected 3"):
+        amazon.convert(src, tmp_path / "out")
