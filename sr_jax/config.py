@@ -39,6 +39,7 @@ class DataConfig:
     text_encoder: str = "all-MiniLM-L6-v2"  # hashed-bow | a packaged encoder name | a checkpoint folder
     train_split: str = "train"
     train_fraction: float = 1.0  # train on this fraction of the train split (a subset drawn with train.seed)
+    domains: tuple[str, ...] = ()  # train and evaluate on these domains only (one model per domain); empty: all
     eval_split: str = "test"
     batch_size: int = 1024
     eval_batch_size: int = 8192

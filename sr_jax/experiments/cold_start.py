@@ -18,17 +18,14 @@ the work folder; a run with an `eval.json` is done and is not run again, so the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
 from functools import partial
 from pathlib import Path
-
-import jax
 
 from configs import finetune as finetune_config
 from sr_jax.config import Config, override
 from sr_jax.experiments import report
+from sr_jax.experiments.cells import run_once
 from sr_jax.training import evaluation, trainer
 
 log = logging.getLogger("sr_jax")
@@ -90,21 +87,12 @@ def cell_config(
 
 
 def _cached(workdir: Path, run, cfg: Config) -> dict:
-    """The result row of `run(cfg, workdir)` (which writes workdir/eval.json), run once: workdir/cell.json
-    marks it done and keeps its wall time."""
-    done = workdir / "cell.json"
-    if not done.exists():
-        start = time.perf_counter()
-        run(cfg, workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
-        jax.clear_caches()  # every run compiles its own closures: drop them, keep memory flat over the grid
-    result = json.loads((workdir / "eval.json").read_text())
+    result, seconds = run_once(workdir, run, cfg)
     return {
         "auc": result["mean_domain_auc"],
         "overall_auc": result["overall"]["auc"],
         "oracle_auc": result.get("mean_domain_oracle_auc"),
-        "seconds": json.loads(done.read_text())["seconds"],
+        "seconds": seconds,
     }
 
 

@@ -124,3 +124,47 @@ def plot_lines(
     fig.tight_layout(rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def wide_markdown(rows: Sequence[dict], key: str, columns: Sequence[tuple[str, str]], digits: int = 4) -> str:
+    """One line per row (named by `key`), one column per (label, metric): "mean ± std", the best mean of
+    each AUC column in bold; empty where a row has no value."""
+    best = {
+        m: max((r[f"{m}_mean"] for r in rows if r.get(f"{m}_mean") is not None), default=None)
+        for _, m in columns
+        if "auc" in m
+    }
+    out = ["| " + " | ".join([key, *(label for label, _ in columns)]) + " |", "|" + "---|" * (len(columns) + 1)]
+    for r in rows:
+        cells = []
+        for _, m in columns:
+            mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+            if mean is None:
+                cells.append("")
+                continue
+            text = f"{mean:.{digits}f} ± {std:.{digits}f}" if "auc" in m else f"{mean:.0f}"
+            cells.append(f"**{text}**" if best.get(m) is not None and mean == best[m] else text)
+        out.append("| " + " | ".join([str(r[key]), *cells]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_bars(path: str | Path, rows: Sequence[dict], key: str, metric: str, title: str, xlabel: str) -> None:
+    """Horizontal bars of `metric` (mean ± std), one per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get(f"{metric}_mean") is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    means = [r[f"{metric}_mean"] for r in rows]
+    ax.barh(range(len(rows)), means, xerr=[r[f"{metric}_std"] for r in rows], capsize=2, color="#4c72b0")
+    ax.set_yticks(range(len(rows)), [str(r[key]) for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    low = min(means)
+    ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(means) + 0.02))
+    ax.set(title=title, xlabel=xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -27,8 +27,11 @@ def cold_item_mask(dataset: Dataset, train_split: str, items: np.ndarray) -> np.
     return ~seen[items]
 
 
-def compute_metrics(dataset: Dataset, split: str, train_split: str, probs: np.ndarray) -> dict:
-    cols = dataset.split(split)
+def compute_metrics(
+    dataset: Dataset, split: str, train_split: str, probs: np.ndarray, columns: dict[str, np.ndarray] | None = None
+) -> dict:
+    """Metrics of `probs` on the split (or on `columns`, a subset of its rows, when given)."""
+    cols = dataset.split(split) if columns is None else columns
     labels, domain, users = np.asarray(cols["label"]), np.asarray(cols["domain"]), np.asarray(cols["user_id"])
     oracle = dataset.meta.oracle_auc.get(split, {})
 

@@ -73,6 +73,20 @@ class Run:
         return shd.to_global(batch, shd.batch_sharding(self.mesh))
 
 
+def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The split's rows of the named domains (all rows when `names` is empty)."""
+    columns = dataset.split(split)
+    if not names:
+        return columns
+    known = [d.name for d in dataset.meta.domains]
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"data.domains: unknown domain(s) {unknown}; the dataset has {known}")
+    keep = np.isin(columns["domain"], [known.index(n) for n in names])
+    if not keep.any():
+        raise ValueError(f"data.domains={list(names)}: no examples in split {split!r}")
+    return {name: np.asarray(col[keep]) for name, col in columns.items()}
+
+
 def subset_size(size: int, fraction: float) -> int:
     if not 0 < fraction <= 1:
         raise ValueError(f"data.train_fraction={fraction}: expected a fraction in (0, 1]")
@@ -99,7 +113,9 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     text_id = text_identity(cfg.data.text_encoder)
     pooled, first = dataset.text_cache(text_id[0])
     text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
-    columns = train_subset(dataset.split(cfg.data.train_split), cfg.data.train_fraction, cfg.train.seed)
+    columns = train_subset(
+        select_domains(dataset, cfg.data.train_split, cfg.data.domains), cfg.data.train_fraction, cfg.train.seed
+    )
     if len(columns["label"]) < cfg.data.batch_size:
         raise ValueError(
             f"data.batch_size={cfg.data.batch_size} is larger than the {len(columns['label'])} training examples "
@@ -226,10 +242,9 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
 def evaluate(run: Run, params, split: str | None = None) -> dict:
     cfg = run.config
     split = split or cfg.data.eval_split
-    probs = evaluation.predict_split(
-        run.predict, params, run.dataset.split(split), cfg.data.eval_batch_size, run.put, run.text
-    )
-    return evaluation.compute_metrics(run.dataset, split, cfg.data.train_split, probs)
+    columns = select_domains(run.dataset, split, cfg.data.domains)
+    probs = evaluation.predict_split(run.predict, params, columns, cfg.data.eval_batch_size, run.put, run.text)
+    return evaluation.compute_metrics(run.dataset, split, cfg.data.train_split, probs, columns)
 
 
 def fit(cfg: Config, workdir: str | Path) -> dict:

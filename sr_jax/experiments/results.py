@@ -1,0 +1,133 @@
+"""The results table: every model of configs/experiment.py on every dataset, over seeds.
+
+A cell is one `trainer.fit` run in WORKDIR/DATASET/MODEL/seed-S (the single-domain baseline: one run
+per domain in .../seed-S/DOMAIN). Finished cells are read back, not rerun, so the grid resumes. The
+real datasets are converted on first use from their source folders into DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from configs.experiment import DATASETS, MODELS, SINGLE_DOMAIN
+from sr_jax.config import Config, override
+from sr_jax.data import amazon, movielens
+from sr_jax.data.store import open_dataset
+from sr_jax.experiments import report
+from sr_jax.experiments.cells import run_once
+from sr_jax.text import build_text_cache, get_featurizer, text_identity
+from sr_jax.training import trainer
+
+log = logging.getLogger("sr_jax")
+CONVERTERS = {"movielens": movielens.convert, "amazon": amazon.convert}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    models: tuple[str, ...] = tuple(MODELS)
+    datasets: tuple[str, ...] = tuple(DATASETS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self):
+        unknown = [m for m in self.models if m not in MODELS] + [d for d in self.datasets if d not in DATASETS]
+        if unknown:
+            raise ValueError(f"unknown models or datasets {unknown}: expected {list(MODELS)} and {list(DATASETS)}")
+
+
+def dataset_path(name: str, data_dir: Path, sources: dict[str, Path], encoder: str) -> str:
+    """The store folder of a dataset ("" for the embedded one), converted and featurized on first use."""
+    if name == "synthetic":
+        return ""
+    out = data_dir / name
+    if not (out / "meta.json").exists():
+        CONVERTERS[name](sources[name], out)
+    dataset = open_dataset(out, check=False)
+    if text_identity(encoder)[0] not in dataset.meta.text_caches:
+        build_text_cache(out, get_featurizer(encoder))
+    return str(out)
+
+
+def _row(result: dict, seconds: float) -> dict:
+    return {
+        "auc": result["mean_domain_auc"],
+        "overall_auc": result["overall"]["auc"],
+        "cold_auc": result.get("cold_items", {}).get("auc"),
+        "seconds": seconds,
+        **{f"auc:{name}": m["auc"] for name, m in result["domains"].items()},
+    }
+
+
+def run_grid(grid: Grid, workdir: str | Path, data_dir: str | Path, sources: dict[str, Path], overrides: list[str]):
+    workdir, data_dir = Path(workdir), Path(data_dir)
+    rows = []
+    for dataset in grid.datasets:
+        encoder = override(Config(), overrides).data.text_encoder
+        path = dataset_path(dataset, data_dir, sources, encoder)
+        for model in grid.models:
+            for seed in grid.seeds:
+                cfg = override(
+                    Config(),
+                    [*DATASETS[dataset], *MODELS[model], f"data.path={path}", f"train.seed={seed}", *overrides],
+                )
+                cell = workdir / dataset / model / f"seed-{seed}"
+                if model in SINGLE_DOMAIN:
+                    row = _single_domain(cfg, cell)
+                else:
+                    row = _row(*run_once(cell, trainer.fit, cfg))
+                log.info("%s / %s / seed %d: mean per-domain AUC %.4f", dataset, model, seed, row["auc"])
+                rows.append(dict(dataset=dataset, model=model, seed=seed, **row))
+    return rows
+
+
+def _single_domain(cfg: Config, cell: Path) -> dict:
+    """One model per domain (each trained and evaluated on its domain alone); their per-domain AUCs. There
+    is no overall or cold-item AUC: the per-domain models' scores are not on one scale."""
+    dataset = trainer.load_dataset(cfg.data)
+    trained = np.unique(np.asarray(dataset.split(cfg.data.train_split)["domain"]))
+    row = {"auc": None, "overall_auc": None, "cold_auc": None, "seconds": 0.0}
+    for k in trained:
+        name = dataset.meta.domains[k].name
+        one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=(name,)))
+        result, seconds = run_once(cell / name, trainer.fit, one)
+        row[f"auc:{name}"] = result["domains"][name]["auc"]
+        row["seconds"] += seconds
+    row["auc"] = float(np.mean([v for k, v in row.items() if k.startswith("auc:")]))
+    return row
+
+
+def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
+    """out/RESULTS.md, out/results/results.csv (every model x dataset, mean and spread) and one PNG per
+    dataset in out/results/."""
+    out = Path(out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    metrics = list(dict.fromkeys(k for r in rows for k in r if k not in ("dataset", "model", "seed")))
+    table = report.aggregate(rows, ("dataset", "model"), metrics)
+    report.write_csv(out / "results" / "results.csv", table)
+    lines = [
+        "# Results: the full model, its ablations and the baselines",
+        "",
+        "Made by:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Test-split AUC, mean ± sample std over {max(r['seeds'] for r in table)} seeds (`train.seed`; the data "
+        "are the same); the best mean of each column in bold. `single-domain` trains one Shared-Bottom DNN per "
+        "domain, so it has per-domain AUCs only. Training time is the wall time of the whole run (CPU here). "
+        "Per-cell numbers: `results/results.csv`.",
+    ]
+    for dataset in dict.fromkeys(r["dataset"] for r in table):
+        part = [r for r in table if r["dataset"] == dataset]
+        domains = [m[len("auc:") :] for m in metrics if m.startswith("auc:") and any(r.get(f"{m}_mean") for r in part)]
+        columns = [("mean per-domain AUC", "auc"), ("overall AUC", "overall_auc"), ("cold-item AUC", "cold_auc")]
+        columns += [(d, f"auc:{d}") for d in domains] + [("train s", "seconds")]
+        lines += ["", f"## {dataset}", "", f"![mean per-domain AUC](results/{dataset}.png)", ""]
+        lines.append(report.wide_markdown(part, "model", columns))
+        report.plot_bars(out / "results" / f"{dataset}.png", part, "model", "auc", dataset, "mean per-domain AUC")
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    return table

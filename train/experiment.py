@@ -1,0 +1,41 @@
+"""The results table: `python -m train.experiment --workdir DIR --report-dir docs [--models ..] [--datasets ..]
+[--seeds ..] [overrides for every run]`.
+
+Runs every model of configs/experiment.py on every dataset and seed (resumable: finished cells are not
+run again), converting the real datasets from ../shared/data on first use, and writes
+REPORT_DIR/RESULTS.md, REPORT_DIR/results/results.csv and a PNG per dataset.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from configs.experiment import DATASETS, MODELS
+from sr_jax.experiments import results
+from train import cli
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = cli.parser(__doc__, named_configs=False)
+    p.add_argument("--report-dir", required=True)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--data-dir", default="data", help="where the real datasets are converted to")
+    p.add_argument("--movielens-src", type=Path, default=SHARED / "movielens-latest-small")
+    p.add_argument("--amazon-src", type=Path, default=SHARED / "amazon-scientific")
+    args = p.parse_args(argv)
+    cli.setup()
+    grid = results.Grid(models=tuple(args.models), datasets=tuple(args.datasets), seeds=tuple(args.seeds))
+    sources = {"movielens": args.movielens_src, "amazon": args.amazon_src}
+    rows = results.run_grid(grid, args.workdir, args.data_dir, sources, args.overrides)
+    command = "python -m train.experiment " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return results.write_report(rows, args.report_dir, command)
+
+
+if __name__ == "__main__":
+    main()
