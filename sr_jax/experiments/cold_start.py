@@ -164,14 +164,7 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
     table = report.aggregate(rows, KEYS, METRICS)
     report.write_csv(out / "cold_start.csv", table)
     lines = [
-        "# Cold start: pretrain, then fine-tune with frozen levels",
-        "",
-        "Made by:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *report.header("Cold start: pretrain, then fine-tune with frozen levels", command),
         "Mean per-domain AUC on each protocol's test split, mean ± sample std over "
         f"{max(r['seeds'] for r in table)} seeds; columns are the fraction of the protocol's training split "
         "used; the best mean of each column is bold. Per-cell numbers, overall AUC and wall time: "

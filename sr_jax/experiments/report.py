@@ -14,6 +14,11 @@ from pathlib import Path
 import numpy as np
 
 
+def header(title: str, command: str) -> list[str]:
+    """A report's first lines: its title and the command that made it."""
+    return [f"# {title}", "", "Made by:", "", "```bash", command, "```", ""]
+
+
 def aggregate(rows: Sequence[dict], keys: Sequence[str], metrics: Sequence[str]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:

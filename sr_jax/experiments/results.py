@@ -108,14 +108,7 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
     table = report.aggregate(rows, ("dataset", "model"), metrics)
     report.write_csv(out / "results" / "results.csv", table)
     lines = [
-        "# Results: the full model, its ablations and the baselines",
-        "",
-        "Made by:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *report.header("Results: the full model, its ablations and the baselines", command),
         f"Test-split AUC, mean ± sample std over {max(r['seeds'] for r in table)} seeds (`train.seed`; the data "
         "are the same); the best mean of each column in bold. `single-domain` trains one Shared-Bottom DNN per "
         "domain, so it has per-domain AUCs only. Training time is the wall time of the whole run (CPU here). "
