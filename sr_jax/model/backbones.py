@@ -3,7 +3,8 @@
     mmoe   shared experts (Ma et al., KDD 2018); with num_experts=1 it is Shared-Bottom
     ple    shared experts plus each domain's own experts (CGC, the one-level PLE; Tang et al., RecSys 2020)
     star   one star-topology network: partitioned normalisation, then layers whose weights are a shared
-           matrix times the domain's matrix, element-wise (Sheng et al., CIKM 2021)
+           matrix times the domain's matrix, element-wise (Sheng et al., CIKM 2021); its auxiliary
+           network (`StarAuxiliary`) adds a logit from the domain indicator in L2
 
 Each gives [B, E, h]: E expert outputs per example, which L2 mixes with its domain's softmax gate
 (`SharedAdaptation` in foundation.py runs them). Per-domain parameters (PLE's domain experts, STAR's
@@ -64,3 +65,17 @@ class StarNetwork(nnx.Module):
             every = jnp.einsum("bi,kio->bko", h.astype(dtype), kernels)
             h = jax.nn.relu(jnp.take_along_axis(every, domain[:, None, None], axis=1)[:, 0] + b[...] + b_k[...][domain])
         return h[:, None, :]
+
+
+class StarAuxiliary(nnx.Module):
+    """STAR's auxiliary network: a small MLP on [x_hat, domain embedding] whose output is added to the
+    logit, so the domain indicator acts on the prediction directly."""
+
+    def __init__(self, num_domains: int, width: int, *, rngs: nnx.Rngs, hidden: int = 32, indicator: int = 8):
+        self.indicator = normal(rngs, (num_domains, indicator), 0.05)
+        self.mlp = StackedMLP(1, width + indicator, (hidden, 1), rngs=rngs, linear_out=True)
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype) -> Array:
+        """-> [B] logits"""
+        x = jnp.concatenate([x_hat, self.indicator[...][domain]], axis=1)
+        return self.mlp.all(x, dtype)[:, 0, 0]

@@ -17,7 +17,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.model.backbones import BACKBONES, DomainExperts, StarNetwork, num_outputs
+from sr_jax.model.backbones import BACKBONES, DomainExperts, StarAuxiliary, StarNetwork, num_outputs
 from sr_jax.model.domain_adaptation import REGULARIZERS, DomainAdaptiveLayer, js_regularizer, mmd_regularizer
 from sr_jax.model.encoding import SIDES, FeatureEncoder, TextTable, side_aspects
 from sr_jax.model.fusion import AspectGate
@@ -71,12 +71,17 @@ class DomainHeads(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.gate = StackedDense(num_domains, len(SIDES) * cfg.dim, num_outputs(cfg), rngs=rngs)
         self.tower = StackedMLP(num_domains, cfg.expert_hidden[-1], (*cfg.tower_hidden, 1), rngs=rngs, linear_out=True)
+        width = len(SIDES) * cfg.dim
+        self.aux = StarAuxiliary(num_domains, width, rngs=rngs) if cfg.backbone == "star" else None
 
     def __call__(self, x_hat: Array, experts: Array, domain: Array) -> tuple[Array, Array]:
         """-> (logits [B], expert weights [B, E])"""
         g = jax.nn.softmax(self.gate.select(x_hat, domain, self.dtype).astype(jnp.float32), axis=-1)
         mixed = jnp.einsum("be,beh->bh", g.astype(self.dtype), experts)
-        return self.tower.select(mixed, domain, self.dtype)[:, 0].astype(jnp.float32), g
+        logits = self.tower.select(mixed, domain, self.dtype)[:, 0].astype(jnp.float32)
+        if self.aux is not None:
+            logits = logits + self.aux(x_hat, domain, self.dtype).astype(jnp.float32)
+        return logits, g
 
 
 class SRFoundationModel(nnx.Module):
