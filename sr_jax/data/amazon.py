@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +94,14 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, seed: int
     for index, asin in item_asin.items():
         if query_of.get(asin):
             top_level.setdefault(query_of[asin].split()[0], []).append(index)
+    items_with = Counter(query_of[item_asin[i]] for pool in top_level.values() for i in pool)
     columns = {k: [] for k in ("split", "domain", "user_id", "query_id", "item_id", "label")}
     for split in SPLITS:
         for user, target, seen in zip(*interactions[split]):
             query = query_of.get(item_asin[target])
             search = query is not None and rng.random() < SEARCH_SHARE
             pool = top_level[query.split()[0]] if search else None
-            if pool is not None and sum(query_of[item_asin[i]] != query for i in pool) < 2 * NEGATIVES:
+            if pool is not None and len(pool) - items_with[query] < 2 * NEGATIVES:
                 pool = None  # a top-level category with too few other items: draw from all
             negatives = []
             while len(negatives) < NEGATIVES:
