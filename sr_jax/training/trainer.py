@@ -60,7 +60,6 @@ class Run:
     per_domain: Any  # tree of bools like params: leaves whose first axis indexes domains
     pretrained: dict | None  # the pretrained run's run_info.json (fine-tuning), else None
     domain_map: finetune.DomainMap | None  # fine-tune domain -> pretrained row (None: new domain)
-    labels: Any  # tree like params: TRAIN / FROZEN / NEW_ROWS (sr_jax.training.optimizer)
     tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
     train_step: Callable  # (state, batch, text) -> (state, metrics)
@@ -96,9 +95,10 @@ def subset_size(size: int, fraction: float) -> int:
 def train_subset(columns: dict[str, np.ndarray], fraction: float, seed: int) -> dict[str, np.ndarray]:
     """A seeded random `fraction` of a split's rows (in their original order); the whole split at 1."""
     size = len(columns["label"])
-    if subset_size(size, fraction) == size:
+    keep = subset_size(size, fraction)
+    if keep == size:
         return columns
-    rows = np.sort(np.random.default_rng([seed, 0x5EED]).permutation(size)[: subset_size(size, fraction)])
+    rows = np.sort(np.random.default_rng([seed, 0x5EED]).permutation(size)[:keep])
     return {name: np.asarray(col[rows]) for name, col in columns.items()}
 
 
@@ -132,8 +132,9 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     graphdef, params = sr_model.abstract(cfg.model, dataset.meta, pooled.shape[1])
     per_domain = sr_model.per_domain(cfg.model, dataset.meta, pooled.shape[1])
     new_rows = mapping.new_rows if mapping else ()
-    labels = trainable_labels(params, cfg.finetune.freeze, per_domain, new_rows)
-    tx = build_optimizer(cfg.train, total_steps, labels, new_rows)
+    tx = build_optimizer(
+        cfg.train, total_steps, trainable_labels(params, cfg.finetune.freeze, per_domain, new_rows), new_rows
+    )
     shapes = jax.eval_shape(lambda p: init_state(p, tx), params)
     shardings = state_shardings(mesh, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -148,7 +149,6 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         per_domain=per_domain,
         pretrained=pretrained,
         domain_map=mapping,
-        labels=labels,
         tx=tx,
         abstract_state=abstract,
         train_step=make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
