@@ -50,13 +50,7 @@ class Checkpointer:
         return TrainState(**restored.state), dict(restored.position)
 
     def item_metadata(self, step: int) -> Any:
-        try:
-            metadata = self.manager.item_metadata(step).state
-        except Exception as e:  # orbax raises several types for unreadable metadata
-            raise CheckpointError(f"{self.directory / str(step)}: unreadable checkpoint metadata: {e}") from e
-        if metadata is None:
-            raise CheckpointError(f"{self.directory / str(step)}: no train state in this checkpoint")
-        return metadata
+        return _state_metadata(self.manager, self.directory, step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -93,11 +87,8 @@ class ParamsReader:
 
     def metadata(self, step: int) -> Any:
         """Shapes and dtypes of the saved parameters."""
-        try:
-            metadata = self.manager.item_metadata(step).state
-        except Exception as e:  # orbax raises several types for unreadable metadata
-            raise CheckpointError(f"{self.directory / str(step)}: unreadable checkpoint metadata: {e}") from e
-        if metadata is None or "params" not in metadata:
+        metadata = _state_metadata(self.manager, self.directory, step)
+        if "params" not in metadata:
             raise CheckpointError(f"{self.directory / str(step)}: no parameters in this checkpoint")
         return metadata["params"]
 
@@ -112,6 +103,17 @@ class ParamsReader:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _state_metadata(manager: ocp.CheckpointManager, directory: Path, step: int) -> Any:
+    """The saved train state's metadata (shapes and dtypes); a CheckpointError when it cannot be read."""
+    try:
+        metadata = manager.item_metadata(step).state
+    except Exception as e:  # orbax raises several types for unreadable metadata
+        raise CheckpointError(f"{directory / str(step)}: unreadable checkpoint metadata: {e}") from e
+    if metadata is None:
+        raise CheckpointError(f"{directory / str(step)}: no train state in this checkpoint")
+    return metadata
 
 
 def check_compatible(where: Path, saved: Any, target: Any, free_first_axis: frozenset[str] = frozenset()) -> None:
