@@ -48,13 +48,13 @@ def init(
     return graphdef, jax.jit(lambda: init_params(cfg, meta, text_dim, seed, num_domains))()
 
 
-def per_domain(cfg: ModelConfig, meta: DatasetMeta, text_dim: int) -> Params:
-    """A tree like the params of bools: True where a leaf's first axis indexes domains (its rows are the
-    domain-embedding row, the adapter's W_k, the gate and tower of domain k). Found by comparing the
-    shapes of models with K and K + 1 domains, so a new per-domain parameter needs no registration."""
-    _, k = abstract(cfg, meta, text_dim)
-    _, k1 = abstract(cfg, meta, text_dim, num_domains=meta.num_domains + 1)
-    return jax.tree.map(lambda a, b: a.shape != b.shape, k, k1)
+def per_domain(cfg: ModelConfig, meta: DatasetMeta, text_dim: int, params: Params) -> Params:
+    """A tree like `params` (the model's, for meta's K domains) of bools: True where a leaf's first axis
+    indexes domains (its rows are the domain-embedding row, the adapter's W_k, the gate and tower of
+    domain k). Found by comparing with the shapes of a model with K + 1 domains, so a new per-domain
+    parameter needs no registration."""
+    _, more = abstract(cfg, meta, text_dim, num_domains=meta.num_domains + 1)
+    return jax.tree.map(lambda a, b: a.shape != b.shape, params, more)
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable):

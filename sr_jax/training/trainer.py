@@ -130,7 +130,7 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
             finetune.check_text_encoder(pretrained, text_id, cfg.finetune.pretrained)
         mapping = finetune.domain_map(dataset, pretrained)
     graphdef, params = sr_model.abstract(cfg.model, dataset.meta, pooled.shape[1])
-    per_domain = sr_model.per_domain(cfg.model, dataset.meta, pooled.shape[1])
+    per_domain = sr_model.per_domain(cfg.model, dataset.meta, pooled.shape[1], params)
     new_rows = mapping.new_rows if mapping else ()
     tx = build_optimizer(
         cfg.train, total_steps, trainable_labels(params, cfg.finetune.freeze, per_domain, new_rows), new_rows
