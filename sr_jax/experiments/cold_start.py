@@ -68,13 +68,18 @@ def pretrain_config(base: Config, text: bool, seed: int) -> Config:
 
 
 def cell_config(
-    pretrained: Config, pretrained_dir: Path, protocol: str, setting: str, fraction: float, overrides: list[str]
+    pretrained: Config,
+    pretrained_dir: Path,
+    protocol: str,
+    setting: str,
+    fraction: float,
+    overrides: list[str],
+    split_sizes: dict[str, int],
 ) -> Config:
     """A fine-tune (or scratch) run: configs/finetune.py on top of the pretrained config, the setting's
-    frozen levels, the fraction, and a batch no larger than the data."""
+    frozen levels, the fraction, and a batch no larger than the data (`split_sizes`: the dataset's)."""
     cfg = override(finetune_config.get_config(pretrained, protocol), overrides)
-    size = trainer.load_dataset(cfg.data).meta.splits[cfg.data.train_split]
-    batch = min(cfg.data.batch_size, trainer.subset_size(size, fraction))
+    batch = min(cfg.data.batch_size, trainer.subset_size(split_sizes[cfg.data.train_split], fraction))
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, train_fraction=fraction, batch_size=batch),
@@ -108,6 +113,7 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
         done += 1
         log.info("[%d/%d] %s: mean per-domain AUC %.4f (%.0f s)", done, cells, name, row["auc"], row["seconds"])
 
+    split_sizes = trainer.load_dataset(base.data).meta.splits  # opened once, not per cell
     for text in grid.text:
         for seed in grid.seeds:
             pre_cfg = pretrain_config(base, text, seed)
@@ -127,7 +133,9 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
                     ]
                 for setting in grid.settings:
                     for fraction in grid.fractions:
-                        cfg = cell_config(pre_cfg, pre_dir, protocol, setting, fraction, list(finetune_overrides))
+                        cfg = cell_config(
+                            pre_cfg, pre_dir, protocol, setting, fraction, list(finetune_overrides), split_sizes
+                        )
                         cell = (
                             workdir
                             / protocol
