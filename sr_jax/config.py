@@ -78,6 +78,10 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | constant
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global-norm clipping; 0: off
+    # How embedding tables are updated: dense (by the optimizer above, every row every step) | rowwise_adagrad |
+    # lazy_adam (row-sparse: only the rows a batch reads are read and written; see training/sparse_update.py)
+    embedding_update: str = "dense"
+    embedding_learning_rate: float = 0.0  # peak rate of the row-sparse updates; 0: learning_rate
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 3

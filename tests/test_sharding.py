@@ -17,12 +17,13 @@ def _train(cfg, workdir, devices, steps=6):
     return run, state
 
 
-@pytest.mark.parametrize("data, model", [(8, 1), (4, 2)])
-def test_sharded_step_matches_single_device(tmp_path, data, model):
+@pytest.mark.parametrize("data, model, rule", [(8, 1, "dense"), (4, 2, "dense"), (4, 2, "lazy_adam")])
+def test_sharded_step_matches_single_device(tmp_path, data, model, rule):
     assert len(jax.devices()) == 8, "conftest sets --xla_force_host_platform_device_count=8"
-    cfg = config(TINY, train={"checkpoint_every": 1000})
+    train = {"checkpoint_every": 1000, "embedding_update": rule}
+    cfg = config(TINY, train=train)
     _, single = _train(cfg, tmp_path / "one", jax.devices()[:1])
-    sharded_cfg = config(TINY, train={"checkpoint_every": 1000}, mesh={"data": data, "model": model})
+    sharded_cfg = config(TINY, train=train, mesh={"data": data, "model": model})
     run, sharded = _train(sharded_cfg, tmp_path / "many", jax.devices())
     assert dict(run.mesh.shape) == {"data": data, "model": model}
     item_table = sharded.params["l0"]["id_tables"]["item"]
@@ -31,8 +32,8 @@ def test_sharded_step_matches_single_device(tmp_path, data, model):
     assert item_table.addressable_shards[0].data.shape == (rows // model, cfg.model.dim)
     (mu,) = [  # Adam's first moment of the table is sharded like the table
         leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(sharded.opt_state)
-        if path_str(path).endswith("mu/l0/id_tables/item")
+        for path, leaf in jax.tree_util.tree_leaves_with_path((sharded.opt_state, sharded.tables_state))
+        if path_str(path).endswith(("mu/l0/id_tables/item", "id_tables/item/mu"))
     ]
     assert mu.sharding.spec == P("model", None)
     assert sharded.params["l1"]["experts"]["layers"][0]["kernel"].sharding.spec == P()
@@ -49,3 +50,20 @@ def test_batch_must_divide_over_the_data_axis(tmp_path):
     cfg = config(TINY, data={"batch_size": 100, "synthetic": TINY, "eval_batch_size": 512}, mesh={"data": 8})
     with pytest.raises(ValueError, match="data.batch_size=100 is not divisible"):
         trainer.build_run(cfg, tmp_path)
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    """Saved from one device, resumed on a 4 x 2 mesh: the same values, in the new mesh's shardings."""
+    train = {"checkpoint_every": 3, "embedding_update": "lazy_adam"}
+    one_cfg = config(TINY, train=train)
+    one = trainer.build_run(one_cfg, tmp_path, mesh=trainer.shd.make_mesh(one_cfg.mesh, jax.devices()[:1]))
+    saved = trainer.train(one, trainer.initial_state(one), until=3)
+    one.checkpointer.close()
+    many_cfg = config(TINY, train=train, mesh={"data": 4, "model": 2})
+    many = trainer.build_run(many_cfg, tmp_path, mesh=trainer.shd.make_mesh(many_cfg.mesh, jax.devices()))
+    restored = trainer.restore_or_init(many)
+    assert int(restored.step) == 3
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), saved, restored)
+    assert restored.params["l0"]["id_tables"]["item"].sharding.spec == P("model", None)
+    assert restored.tables_state["id_tables"]["item"]["nu"].sharding.spec == P("model", None)
+    assert len(restored.params["l1"]["experts"]["layers"][0]["kernel"].sharding.device_set) == 8

@@ -4,6 +4,9 @@ import dataclasses
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import SMALL, TINY, config
@@ -63,3 +66,18 @@ def test_training_refuses_a_text_cache_from_another_encoder(tmp_path):
         trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root)))
     with pytest.raises(FileNotFoundError, match=r"no encoder folder minilm \(and not a packaged name"):
         trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root), text_encoder="minilm"))
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
+    """model.dtype=bfloat16 runs the matmuls in bf16; parameters and optimizer state stay float32 and the
+    training curve follows the float32 one."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = config(TINY, model={"dtype": dtype}, train={"log_every": 4, "checkpoint_every": 1000})
+        run = trainer.build_run(cfg, tmp_path / dtype)
+        state = trainer.train(run, trainer.initial_state(run), until=8)
+        assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim} == {jnp.dtype("float32")}
+        lines = (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()
+        losses[dtype] = [json.loads(line)["loss"] for line in lines]
+    assert len(losses["float32"]) == 2
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=0.02)

@@ -57,9 +57,15 @@ def per_domain(cfg: ModelConfig, meta: DatasetMeta, text_dim: int, params: Param
     return jax.tree.map(lambda a, b: a.shape != b.shape, params, more)
 
 
-def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable):
-    """(logits [B], aux) where aux = {"reg": scalar, "aspect_weights": {side: [B, A]}, "expert_weights": [B, E]}."""
-    return nnx.merge(graphdef, params)(batch, text)
+def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable, rows=None):
+    """(logits [B], aux) where aux = {"reg": scalar, "aspect_weights": {side: [B, A]}, "expert_weights": [B, E]}.
+    `rows` (optional) are the embedding rows to read per table, as `table_rows` gives them."""
+    return nnx.merge(graphdef, params)(batch, text, rows)
+
+
+def table_rows(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array]) -> dict[tuple[str, str], jax.Array]:
+    """The embedding rows `batch` reads, per table (key: its path under params["l0"])."""
+    return nnx.merge(graphdef, params).l0.table_rows(batch)
 
 
 __all__ = [
@@ -74,4 +80,5 @@ __all__ = [
     "level_labels",
     "level_of",
     "per_domain",
+    "table_rows",
 ]

@@ -60,7 +60,19 @@ class FeatureEncoder(nnx.Module):
         )
         self.text_dim = text_dim
 
-    def __call__(self, batch: dict[str, Array], text: TextTable) -> dict[str, Aspects]:
+    def table_rows(self, batch: dict[str, Array]) -> dict[tuple[str, str], Array]:
+        """The rows every embedding lookup of `batch` reads, per table (key: the table's path under l0, e.g.
+        ("id_tables", "user")); a multi-valued field's rows keep its [B, L] shape."""
+        rows = {("id_tables", s): hash_ids(batch[f"{s}_id"], self.vocab[s], self.rows[s]) for s in SIDES}
+        for side, fields in self.fields.items():
+            rows.update({("sparse_tables", f"{side}_{f.name}"): batch[f"{side}.{f.name}"] for f in fields})
+        return rows
+
+    def __call__(
+        self, batch: dict[str, Array], text: TextTable, rows: dict[tuple[str, str], Array] | None = None
+    ) -> dict[str, Aspects]:
+        """`rows` replaces `table_rows(batch)`: the row-sparse update passes the gathered tables' rows."""
+        rows = self.table_rows(batch) if rows is None else rows
         out = {}
         for side in SIDES:
             vectors, masks = [], []
@@ -69,8 +81,7 @@ class FeatureEncoder(nnx.Module):
             for aspect in self.aspects[side]:
                 if aspect == "id":
                     # a plain gather: the store validated every id against its vocab
-                    rows = hash_ids(ids, self.vocab[side], self.rows[side])
-                    vectors.append(self.id_tables[side][...][rows])
+                    vectors.append(self.id_tables[side][...][rows[("id_tables", side)]])
                     masks.append(ids != 0)
                 elif aspect == "text":
                     row = batch[f"{side}_text"]
@@ -80,25 +91,25 @@ class FeatureEncoder(nnx.Module):
                     vectors.append(self.text_proj[side](pooled))
                     masks.append(has)
                 else:
-                    vec, has = self._sparse(side, batch)
+                    vec, has = self._sparse(side, batch, rows)
                     vectors.append(vec)
                     masks.append(has)
             out[side] = Aspects(jnp.stack(vectors, 1), jnp.stack(masks, 1), first)
         return out
 
-    def _sparse(self, side: str, batch: dict[str, Array]) -> tuple[Array, Array]:
+    def _sparse(self, side: str, batch: dict[str, Array], rows) -> tuple[Array, Array]:
         """Field embeddings (multi-valued fields mean-pooled over non-zero values), concatenated, projected."""
         embedded, present = [], []
         for f in self.fields[side]:
             values = batch[f"{side}.{f.name}"]
-            table = self.sparse_tables[f"{side}_{f.name}"][...]
+            looked_up = self.sparse_tables[f"{side}_{f.name}"][...][rows[("sparse_tables", f"{side}_{f.name}")]]
             if values.ndim == 1:
-                embedded.append(table[values])
+                embedded.append(looked_up)
                 present.append(values != 0)
             else:
                 nonzero = (values != 0).astype(jnp.float32)
                 count = nonzero.sum(1, keepdims=True)
-                embedded.append(jnp.einsum("bl,bld->bd", nonzero, table[values]) / jnp.maximum(count, 1.0))
+                embedded.append(jnp.einsum("bl,bld->bd", nonzero, looked_up) / jnp.maximum(count, 1.0))
                 present.append(count[:, 0] > 0)
         has = jnp.any(jnp.stack(present, 1), axis=1)
         return self.sparse_proj[side](jnp.concatenate(embedded, 1)), has

@@ -100,8 +100,9 @@ class SRFoundationModel(nnx.Module):
         self.l1 = SharedAdaptation(cfg, aspects, num_domains, text_dim, rngs=rngs)
         self.l2 = DomainHeads(cfg, num_domains, rngs=rngs)
 
-    def __call__(self, batch: dict[str, Array], text: TextTable) -> tuple[Array, dict]:
+    def __call__(self, batch: dict[str, Array], text: TextTable, rows=None) -> tuple[Array, dict]:
+        """`rows`: the embedding rows to read per table (default: the batch's; see FeatureEncoder)."""
         domain = batch["domain"]
-        x_hat, experts, aux = self.l1(self.l0(batch, text), domain)
+        x_hat, experts, aux = self.l1(self.l0(batch, text, rows), domain)
         logits, aux["expert_weights"] = self.l2(x_hat, experts, domain)
         return logits, aux

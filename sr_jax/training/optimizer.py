@@ -6,6 +6,8 @@ Every parameter leaf carries a label (`trainable_labels`):
     FROZEN    exactly zero update, no optimizer state, no weight decay, not counted by gradient clipping
     NEW_ROWS  a per-domain leaf of a frozen level: only the rows of the new domains are updated (and have
               optimizer state); the other rows are frozen as above
+    SPARSE    an embedding table under a row-sparse rule (`sparse_update`): its gradient is the gathered
+              rows' [U, d]; the chain only clips it (it counts in the global norm) and passes it on
 
 `optax.masked` would not do: it passes masked-out gradients through unchanged, so "frozen" leaves
 would still move (JAX-NOTES.md). The gradients of frozen leaves are replaced by zeros before anything
@@ -23,8 +25,10 @@ import optax
 
 from sr_jax.config import TrainConfig
 from sr_jax.model.levels import LEVELS, level_of
+from sr_jax.training.sharding import ROW_SHARDED
+from sr_jax.treeutil import path_names
 
-TRAIN, FROZEN, NEW_ROWS = "train", "frozen", "new_rows"
+TRAIN, FROZEN, NEW_ROWS, SPARSE = "train", "frozen", "new_rows", "sparse"
 
 
 def learning_rate(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -50,14 +54,17 @@ def check_levels(freeze: Sequence[str]) -> tuple[str, ...]:
     return levels
 
 
-def trainable_labels(params: Any, freeze: Sequence[str], per_domain: Any, new_rows: Sequence[int]) -> Any:
-    """A tree like `params` of TRAIN / FROZEN / NEW_ROWS. `per_domain` is a tree of bools: True where the
-    leaf's first axis indexes domains; `new_rows` are the domains that stay trainable in frozen levels."""
+def trainable_labels(
+    params: Any, freeze: Sequence[str], per_domain: Any, new_rows: Sequence[int], sparse_tables: bool = False
+) -> Any:
+    """A tree like `params` of TRAIN / FROZEN / NEW_ROWS / SPARSE. `per_domain` is a tree of bools: True
+    where the leaf's first axis indexes domains; `new_rows` are the domains that stay trainable in frozen
+    levels; `sparse_tables`: trainable embedding tables are updated row-sparsely."""
     frozen = check_levels(freeze)
 
     def label(path, _, is_per_domain):
         if level_of(path) not in frozen:
-            return TRAIN
+            return SPARSE if sparse_tables and path_names(path)[1] in ROW_SHARDED else TRAIN
         return NEW_ROWS if is_per_domain and new_rows else FROZEN
 
     return jax.tree_util.tree_map_with_path(label, params, per_domain)
@@ -112,5 +119,7 @@ def build_optimizer(
     return optax.chain(
         _zero_frozen_gradients(labels, jnp.asarray(rows, jnp.int32)),
         *clip,
-        optax.multi_transform({TRAIN: opt, NEW_ROWS: on_rows(opt, rows), FROZEN: optax.set_to_zero()}, labels),
+        optax.multi_transform(
+            {TRAIN: opt, NEW_ROWS: on_rows(opt, rows), FROZEN: optax.set_to_zero(), SPARSE: optax.identity()}, labels
+        ),
     )

@@ -38,15 +38,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
-    """Embedding tables by rows over `model` (when the rows divide evenly); everything else replicated."""
-    if any(n in ROW_SHARDED for n in path_names(path)) and len(shape) == 2 and shape[0] % mesh.shape["model"] == 0:
-        return NamedSharding(mesh, P("model", None))
+    """Embedding tables, and per-row state kept beside them, by rows over `model` (when the rows divide
+    evenly); everything else replicated."""
+    if any(n in ROW_SHARDED for n in path_names(path)) and len(shape) >= 1 and shape[0] % mesh.shape["model"] == 0:
+        return NamedSharding(mesh, P("model", *[None] * (len(shape) - 1)))
     return replicated(mesh)
 
 
 def tree_shardings(mesh: Mesh, params: Any, tree: Any) -> Any:
     """Shardings for `tree` (params, or optimizer state that mirrors them): a leaf whose path ends with a
-    parameter's path and has its shape is sharded like that parameter; other leaves are replicated."""
+    parameter's path and has its shape is sharded like that parameter; other leaves by `param_sharding`
+    of their own path (a row-sparse rule's per-row state: like its table)."""
     by_path = {path_names(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
     def rule(path, leaf):
@@ -54,7 +56,7 @@ def tree_shardings(mesh: Mesh, params: Any, tree: Any) -> Any:
         for start in range(len(keys)):
             if by_path.get(keys[start:]) == getattr(leaf, "shape", None):
                 return param_sharding(mesh, path[start:], leaf.shape)
-        return replicated(mesh)
+        return param_sharding(mesh, path, getattr(leaf, "shape", ()))
 
     return jax.tree_util.tree_map_with_path(rule, tree)
 

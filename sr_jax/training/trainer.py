@@ -31,7 +31,7 @@ from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.text import text_identity
-from sr_jax.training import evaluation, finetune, sharding as shd
+from sr_jax.training import evaluation, finetune, sharding as shd, sparse_update
 from sr_jax.training.checkpoint import Checkpointer
 from sr_jax.training.optimizer import build_optimizer, trainable_labels
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
@@ -58,6 +58,7 @@ class Run:
     train_columns: dict[str, np.ndarray]  # the train split, or the configured fraction of it
     graphdef: nnx.GraphDef
     per_domain: Any  # tree of bools like params: leaves whose first axis indexes domains
+    embedding_update: str  # the tables' rule: dense, or row-sparse (dense when the tables are frozen)
     pretrained: dict | None  # the pretrained run's run_info.json (fine-tuning), else None
     domain_map: finetune.DomainMap | None  # fine-tune domain -> pretrained row (None: new domain)
     tx: optax.GradientTransformation
@@ -132,10 +133,10 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     graphdef, params = sr_model.abstract(cfg.model, dataset.meta, pooled.shape[1])
     per_domain = sr_model.per_domain(cfg.model, dataset.meta, pooled.shape[1], params)
     new_rows = mapping.new_rows if mapping else ()
-    tx = build_optimizer(
-        cfg.train, total_steps, trainable_labels(params, cfg.finetune.freeze, per_domain, new_rows), new_rows
-    )
-    shapes = jax.eval_shape(lambda p: init_state(p, tx), params)
+    rule = sparse_update.effective_rule(cfg.train.embedding_update, cfg.finetune.freeze)
+    labels = trainable_labels(params, cfg.finetune.freeze, per_domain, new_rows, sparse_tables=rule != "dense")
+    tx = build_optimizer(cfg.train, total_steps, labels, new_rows)
+    shapes = jax.eval_shape(lambda p: init_state(p, tx, rule), params)
     shardings = state_shardings(mesh, shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return Run(
@@ -147,11 +148,19 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         train_columns=columns,
         graphdef=graphdef,
         per_domain=per_domain,
+        embedding_update=rule,
         pretrained=pretrained,
         domain_map=mapping,
         tx=tx,
         abstract_state=abstract,
-        train_step=make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings),
+        train_step=make_train_step(
+            graphdef,
+            tx,
+            cfg.model.reg_weight,
+            mesh,
+            shardings,
+            sparse=None if rule == "dense" else (rule, sparse_update.learning_rate(cfg.train, total_steps)),
+        ),
         predict=make_predict_step(graphdef, mesh, shardings.params),
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
@@ -169,7 +178,7 @@ def initial_state(run: Run) -> TrainState:
         return sr_model.init_params(cfg.model, run.dataset.meta, run.text.pooled.shape[1], cfg.train.seed)
 
     if run.domain_map is None:
-        return jax.jit(lambda: init_state(fresh(), run.tx), out_shardings=out_shardings)()
+        return jax.jit(lambda: init_state(fresh(), run.tx, run.embedding_update), out_shardings=out_shardings)()
     pretrained = finetune.restore_pretrained(
         cfg.finetune.pretrained,
         cfg.finetune.pretrained_step,
@@ -184,7 +193,8 @@ def initial_state(run: Run) -> TrainState:
     )
 
     def make(pre) -> TrainState:
-        return init_state(finetune.merge_pretrained(pre, fresh(), run.per_domain, run.domain_map), run.tx)
+        params = finetune.merge_pretrained(pre, fresh(), run.per_domain, run.domain_map)
+        return init_state(params, run.tx, run.embedding_update)
 
     return jax.jit(make, out_shardings=out_shardings)(pretrained)
 
