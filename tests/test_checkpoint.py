@@ -44,7 +44,7 @@ def test_save_restore_round_trip_and_position(tmp_path):
     state = trainer.train(run, trainer.initial_state(run), until=5)
     run.checkpointer.save(5, state, trainer.position(run, 5), force=True)
     run.checkpointer.wait()
-    restored, position = run.checkpointer.restore(run.abstract_state, step=5)
+    restored, position = run.checkpointer.restore(run.steps.abstract_state, step=5)
     _assert_trees_equal(state, restored)
     assert position == {"step": 5, "epoch": 0, "batch": 5, "seed": 0}
 
@@ -59,12 +59,12 @@ def test_mismatched_checkpoint_names_the_parameter_and_both_shapes(tmp_path):
         match=r"parameter params/l0/id_tables/item has shape \(120, 32\) in the "
         r"checkpoint, \(120, 16\) in the model",
     ):
-        wider.checkpointer.restore(wider.abstract_state)
+        wider.checkpointer.restore(wider.steps.abstract_state)
     no_adapter = trainer.build_run(_cfg(use_domain_adapter=False), tmp_path)
     with pytest.raises(
         CheckpointError, match=r"checkpoint has parameter params/l1/adapter/\S+ .* that the model lacks"
     ):
-        no_adapter.checkpointer.restore(no_adapter.abstract_state)
+        no_adapter.checkpointer.restore(no_adapter.steps.abstract_state)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -74,4 +74,4 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "4" / "state")
     again = trainer.build_run(_cfg(), tmp_path)
     with pytest.raises(CheckpointError, match="checkpoints/4"):
-        again.checkpointer.restore(again.abstract_state)
+        again.checkpointer.restore(again.steps.abstract_state)

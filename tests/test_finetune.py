@@ -40,7 +40,7 @@ def _finetune_cfg(pretrained, protocol="new-domain", **train):
 
 def _pretrained_params(pretrained):
     run = trainer.build_run(load_config(pretrained / "config.json"), pretrained)
-    state, _ = run.checkpointer.restore(run.abstract_state)
+    state, _ = run.checkpointer.restore(run.steps.abstract_state)
     run.checkpointer.close()
     return state.params
 
@@ -57,7 +57,7 @@ def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
     fresh = _leaves(
         jax.jit(lambda: sr_model.init_params(run.config.model, run.dataset.meta, run.text.pooled.shape[1], 0))()
     )
-    per_domain = _leaves(run.per_domain)
+    per_domain = _leaves(run.steps.per_domain)
     assert sum(bool(v) for v in per_domain.values()) >= 6  # domain embedding, adapter W_k and b_k, gate, tower
     for path, value in start.items():
         if per_domain[path]:
@@ -73,7 +73,7 @@ def test_frozen_levels_do_not_move_and_have_no_optimizer_state(pretrained, tmp_p
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, freeze=freeze))
     run = trainer.build_run(cfg, tmp_path)
     start = trainer.initial_state(run)
-    before, per_domain = _leaves(start.params), _leaves(run.per_domain)
+    before, per_domain = _leaves(start.params), _leaves(run.steps.per_domain)
     state_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(start.opt_state)]
     after = _leaves(trainer.train(run, start, until=6).params)
     moved = 0

@@ -42,10 +42,12 @@ def _close(a, b, **tol):
 
 def test_gradient_of_the_gathered_rows_is_the_dense_gradient_of_those_rows(tmp_path):
     cfg, run, params, (batch, *_) = _world(tmp_path, "lazy_adam")
-    dense = jax.grad(loss_fn, argnums=1, has_aux=True)(run.graphdef, params, batch, run.text, 0.05)[0]
-    gathered = sparse_update.gather(params, sr_model.table_rows(run.graphdef, params, batch))
+    dense = jax.grad(loss_fn, argnums=1, has_aux=True)(run.steps.graphdef, params, batch, run.text, 0.05)[0]
+    gathered = sparse_update.gather(params, sr_model.table_rows(run.steps.graphdef, params, batch))
     small = sparse_update.with_tables(params, gathered.embeddings)
-    sparse = jax.grad(loss_fn, argnums=1, has_aux=True)(run.graphdef, small, batch, run.text, 0.05, gathered.inverse)[0]
+    sparse = jax.grad(loss_fn, argnums=1, has_aux=True)(
+        run.steps.graphdef, small, batch, run.text, 0.05, gathered.inverse
+    )[0]
     touched_any = False
     for key, table_grad in sparse_update.tables(dense).items():
         g, u = np.asarray(sparse_update.tables(sparse)[key]), np.asarray(gathered.uniq[key])
@@ -132,11 +134,11 @@ def test_sparse_step_equals_the_dense_rule(tmp_path, rule):
 
 def _step(run, params, tx, rule, sparse):
     shapes = jax.eval_shape(lambda: init_state(params, tx, rule))
-    return make_train_step(run.graphdef, tx, 0.05, run.mesh, state_shardings(run.mesh, shapes), sparse)
+    return make_train_step(run.steps.graphdef, tx, 0.05, run.mesh, state_shardings(run.mesh, shapes), sparse)
 
 
 def _rows(run, params, batches, key):
-    return [sr_model.table_rows(run.graphdef, params, b)[key] for b in batches]
+    return [sr_model.table_rows(run.steps.graphdef, params, b)[key] for b in batches]
 
 
 def test_frozen_tables_take_no_update_under_a_sparse_rule(tmp_path):
@@ -149,7 +151,7 @@ def test_frozen_tables_take_no_update_under_a_sparse_rule(tmp_path):
     start = trainer.initial_state(run)
     before = jax.tree.map(np.asarray, sparse_update.tables(start.params))
     state = trainer.train(run, start, until=3)
-    assert run.embedding_update == "dense" and state.tables_state == {}
+    assert run.steps.embedding_update == "dense" and state.tables_state == {}
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, sparse_update.tables(state.params)))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 
+from sr_jax import distributed
 from sr_jax.config import Config, config_from_name, load_config, override
 
 
@@ -38,11 +39,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def setup() -> None:
-    """Logging, and JAX's persistent compilation cache in `$SR_JAX_COMPILE_CACHE` (default
-    ~/.cache/sr_jax/jax; empty: off), so a rerun or a sweep of same-shaped runs skips recompiling."""
+    """Logging, JAX's persistent compilation cache in `$SR_JAX_COMPILE_CACHE` (default ~/.cache/sr_jax/jax;
+    empty: off), so a rerun or a sweep of same-shaped runs skips recompiling, and the multi-host wiring
+    (`sr_jax.distributed`: a no-op unless its environment variables are set)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     cache = os.environ.get("SR_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "sr_jax" / "jax"))
     if cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    distributed.initialize()

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     cli.setup()
     run = trainer.build_run(load_config(f"{args.workdir}/config.json"), args.workdir)
-    state, _ = run.checkpointer.restore(run.abstract_state)
+    state, _ = run.checkpointer.restore(run.steps.abstract_state)
     result = trainer.evaluate(run, state.params, args.split)
     evaluation.write_report(args.workdir, result, name=f"eval_{result['split']}" if args.split else "eval")
     print(evaluation.markdown_table(result))

@@ -16,8 +16,13 @@ import numpy as np
 
 
 class BatchIterator:
-    def __init__(self, columns: dict[str, np.ndarray], batch_size: int, seed: int, start_step: int = 0):
-        self.columns = columns
+    """Global batches of `batch_size` rows; this process reads `rows` of each (multi-host: every process
+    its own part of the same global batch, so the data a run sees does not depend on the process count)."""
+
+    def __init__(
+        self, columns: dict[str, np.ndarray], batch_size: int, seed: int, start_step: int = 0, rows: slice = slice(None)
+    ):
+        self.columns, self.rows = columns, rows
         self.size = len(next(iter(columns.values())))
         if batch_size > self.size:
             raise ValueError(f"batch size {batch_size} is larger than the split ({self.size} examples)")
@@ -35,7 +40,9 @@ class BatchIterator:
         epoch, k = divmod(self.step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.order(epoch)
-        idx = np.sort(self._order[k * self.batch_size : (k + 1) * self.batch_size])  # sorted: sequential reads
+        idx = np.sort(self._order[k * self.batch_size : (k + 1) * self.batch_size])[
+            self.rows
+        ]  # sorted: sequential reads
         self.step += 1
         return {name: np.take(col, idx, axis=0) for name, col in self.columns.items()}
 

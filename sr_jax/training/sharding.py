@@ -61,8 +61,23 @@ def tree_shardings(mesh: Mesh, params: Any, tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(rule, tree)
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold under `sharding` (all on one process)."""
+    mine = {
+        (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+        for device, index in sharding.devices_indices_map((batch_size,)).items()
+        if device.process_index == jax.process_index()
+    }
+    blocks = sorted(mine)
+    start, stop = blocks[0][0], blocks[-1][1]
+    if sum(b - a for a, b in blocks) != stop - start:
+        raise ValueError(f"this process's devices hold rows {blocks} of a batch: not one contiguous block")
+    return slice(start, stop)
+
+
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's batch -> global arrays sharded on `data` (multi-host: each process brings its part)."""
+    """This process's rows of a batch (`process_rows`) -> global arrays sharded on `data` (multi-host: each
+    process brings its part)."""
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)  # one call for the whole batch: much less overhead
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

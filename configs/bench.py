@@ -1,0 +1,16 @@
+"""The benchmark network (`python -m train.bench`): the reference multi-domain MMoE's shapes (32-wide
+embeddings, 8 experts of [256, 128], towers of [64, 1], Adam), on the full model."""
+
+import dataclasses
+
+from sr_jax.config import Config
+
+
+def get_config() -> Config:
+    cfg = Config()
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, batch_size=4096, prefetch=2),
+        model=dataclasses.replace(cfg.model, dim=32, num_experts=8, expert_hidden=(256, 128), tower_hidden=(64,)),
+        train=dataclasses.replace(cfg.train, optimizer="adam", learning_rate=1e-3),
+    )

@@ -1,0 +1,147 @@
+"""Timing the train step: sr-jax's (compiled ahead, its memory checked) and the PyTorch reference's.
+
+Both run the same schema, batch size and batches. A measurement is warm-up steps (excluded), then
+`repeats` chunks of `steps` steps, each chunk ended by a device sync; the median seconds per step of
+the chunks is reported. sr-jax is also timed end to end, fed by the real input pipeline (shuffled
+batches from host columns, placed on the mesh by the background prefetcher), to show whether input
+stalls the step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from sr_jax.config import Config
+from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.model import TextTable
+from sr_jax.training import sharding as shd, trainer
+
+GiB = 1024**3
+
+
+def median_step_seconds(run: Callable[[int], None], steps: int, repeats: int, warmup: int) -> float:
+    """`run(n)` runs n steps and waits for the device; the median over `repeats` chunks of seconds/step."""
+    run(warmup)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(steps)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def peak_device_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def time_jax(
+    cfg: Config, meta: DatasetMeta, text: np.ndarray, columns: dict[str, np.ndarray], steps: int, repeats: int
+) -> dict:
+    """sr-jax's train step on batches of `columns` (one device batch per step, cycled from 8)."""
+    mesh = shd.make_mesh(cfg.mesh)
+    bs = cfg.data.batch_size
+    built = trainer.build_steps(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
+    table = jax.device_put(TextTable(text, text), shd.replicated(mesh))
+    put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
+    host = [{k: v[i * bs : (i + 1) * bs] for k, v in columns.items()} for i in range(8)]
+    batches = [put(b) for b in host]
+    what = f"the benchmark at batch {bs}"
+    compiled, estimate, compile_s = trainer.compile_step(built, batches[0], table, what)
+    state = trainer.fresh_state(cfg, meta, text.shape[1], built)
+    position = 0
+
+    def run(n: int, feed=None) -> None:
+        nonlocal state, position
+        for _ in range(n):
+            batch = next(feed) if feed is not None else batches[position % len(batches)]
+            state, metrics = compiled(state, batch, table)
+            position += 1
+        jax.block_until_ready(metrics["loss"])
+
+    seconds = median_step_seconds(run, steps, repeats, warmup=10)
+    feed = prefetch_to_device(BatchIterator(columns, bs, seed=0), put, cfg.data.prefetch)
+    end_to_end = median_step_seconds(lambda n: run(n, feed), steps, repeats, warmup=2)
+    host_only = BatchIterator(columns, bs, seed=1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(host_only)
+    host_seconds = (time.perf_counter() - start) / steps
+    return {
+        "step_ms": 1e3 * seconds,
+        "examples_per_s": bs / seconds,
+        "end_to_end_examples_per_s": bs / end_to_end,
+        "host_pipeline_examples_per_s": bs / host_seconds,
+        "compile_s": compile_s,
+        "peak_gib": (peak_device_bytes() or estimate.total) / GiB,
+        "peak_is_estimate": peak_device_bytes() is None,
+    }
+
+
+def time_torch(
+    cfg: Config,
+    meta: DatasetMeta,
+    text: np.ndarray,
+    columns: dict[str, np.ndarray],
+    steps: int,
+    repeats: int,
+    mode: str,
+) -> dict:
+    """The PyTorch reference (`torch_reference.TorchSRModel`) with dense Adam, eager or torch.compile'd,
+    on the same batches, starting from the same parameters."""
+    import torch
+
+    from sr_jax import model as sr_model
+    from sr_jax.bench.torch_reference import TorchSRModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bs = cfg.data.batch_size
+    params = jax.tree.map(np.asarray, sr_model.init(cfg.model, meta, text.shape[1], seed=0)[1])
+    model = TorchSRModel(params, cfg.model, meta, text).to(device)
+    opt = torch.optim.Adam(model.parameters(), cfg.train.learning_rate)
+    batches = [
+        {k: torch.from_numpy(np.asarray(v[i * bs : (i + 1) * bs], np.int64)).to(device) for k, v in columns.items()}
+        for i in range(8)
+    ]
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        return loss
+
+    if mode == "compile":
+        step = torch.compile(step)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    step(batches[0])
+    sync()
+    first_s = time.perf_counter() - start
+    position = 0
+
+    def run(n: int) -> None:
+        nonlocal position
+        for _ in range(n):
+            step(batches[position % len(batches)])
+            position += 1
+        sync()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_step_seconds(run, steps, repeats, warmup=5)
+    return {
+        "step_ms": 1e3 * seconds,
+        "examples_per_s": bs / seconds,
+        "compile_s": first_s,
+        "peak_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else None,
+        "peak_is_estimate": False,
+    }

@@ -1,0 +1,141 @@
+"""The same network in PyTorch, as the benchmark's reference (run only where torch is importable; torch
+is never a dependency of sr-jax).
+
+`TorchSRModel(params, cfg, meta)` takes the JAX model's parameters (numpy, `sr_jax.model.init`'s tree)
+and computes the same logits and loss: L0 lookups and projections, domain aspect gating, the Domain
+Adaptive Layer, the JS regularizer, MMoE experts, per-domain gates and towers. Per-domain layers are
+computed for every domain and gathered, as in JAX. Supported: the default model (gating mean|domain,
+regularizer js|none, backbone mmoe); anything else is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sr_jax.config import ModelConfig
+from sr_jax.data.schema import DatasetMeta
+
+SIDES = ("user", "query", "item")
+
+
+def _param(x: np.ndarray) -> nn.Parameter:
+    return nn.Parameter(torch.from_numpy(np.array(x, np.float32)))
+
+
+class TorchSRModel(nn.Module):
+    def __init__(self, params: dict[str, Any], cfg: ModelConfig, meta: DatasetMeta, text: np.ndarray):
+        super().__init__()
+        if cfg.gating not in ("mean", "domain") or cfg.regularizer not in ("js", "none") or cfg.backbone != "mmoe":
+            raise NotImplementedError("the torch reference covers gating mean|domain, regularizer js|none, mmoe")
+        if cfg.id_buckets or not cfg.use_domain_adapter or not cfg.use_text:
+            raise NotImplementedError("the torch reference covers the full model without id hashing")
+        self.cfg, self.meta = cfg, meta
+        l0, l1, l2 = params["l0"], params["l1"], params["l2"]
+        self.id_tables = nn.ParameterDict({s: _param(l0["id_tables"][s]) for s in SIDES})
+        self.fields = {s: [f for f in meta.sparse_fields if f.side == s] for s in ("user", "item")}
+        if any(f.max_len > 1 for f in meta.sparse_fields):
+            raise NotImplementedError("the torch reference covers single-valued sparse fields")
+        self.sparse_tables = nn.ParameterDict({k: _param(v) for k, v in l0["sparse_tables"].items()})
+        self.sparse_proj = nn.ParameterDict(
+            {f"{s}_{k}": _param(v) for s, layer in l0["sparse_proj"].items() for k, v in layer.items()}
+        )
+        self.text_proj = nn.ParameterDict(
+            {f"{s}_{k}": _param(v) for s, layer in l0["text_proj"].items() for k, v in layer.items()}
+        )
+        self.register_buffer("text", torch.from_numpy(np.asarray(text, np.float32)))
+        self.domain_embedding = _param(l1["domain_embedding"])
+        self.missing = nn.ParameterDict({s: _param(l1["gates"][s]["missing"]) for s in SIDES})
+        self.aspect_embedding = nn.ParameterDict(
+            {s: _param(l1["gates"][s]["aspect_embedding"]) for s in SIDES if "aspect_embedding" in l1["gates"][s]}
+        )
+        self.dal_kernel, self.dal_bias = _param(l1["adapter"]["proj"]["kernel"]), _param(l1["adapter"]["proj"]["bias"])
+        self.norm_scale, self.norm_bias = _param(l1["adapter"]["norm"]["scale"]), _param(l1["adapter"]["norm"]["bias"])
+        self.experts = nn.ParameterList([_param(v) for layer in _layers(l1["experts"]) for v in layer])
+        self.gate_kernel, self.gate_bias = _param(l2["gate"]["kernel"]), _param(l2["gate"]["bias"])
+        self.tower = nn.ParameterList([_param(v) for layer in _layers(l2["tower"]) for v in layer])
+
+    def _side(self, side: str, batch: dict[str, torch.Tensor], e_d: torch.Tensor) -> torch.Tensor:
+        ids = batch[f"{side}_id"]
+        vectors, masks = [self.id_tables[side][ids]], [ids != 0]
+        if side != "user":
+            row = batch[f"{side}_text"]
+            has = row >= 0
+            pooled = torch.where(has[:, None], self.text[row.clamp(min=0)], 0.0)
+            vectors.append(pooled @ self.text_proj[f"{side}_kernel"] + self.text_proj[f"{side}_bias"])
+            masks.append(has)
+        if side != "query" and self.fields[side]:
+            values = [batch[f.column] for f in self.fields[side]]
+            embedded = torch.cat(
+                [self.sparse_tables[f"{side}_{f.name}"][v] for f, v in zip(self.fields[side], values)], 1
+            )
+            vectors.append(embedded @ self.sparse_proj[f"{side}_kernel"] + self.sparse_proj[f"{side}_bias"])
+            masks.append(torch.stack([v != 0 for v in values], 1).any(1))
+        vectors, mask = torch.stack(vectors, 1), torch.stack(masks, 1)  # [B, A, d], [B, A]
+        if self.cfg.gating == "mean":
+            logits = torch.zeros(mask.shape, device=mask.device)
+        else:
+            logits = e_d @ self.aspect_embedding[side].T
+        logits = torch.where(mask, logits, -torch.inf)
+        any_present = mask.any(-1, keepdim=True)
+        w = torch.where(mask, torch.softmax(torch.where(any_present, logits, 0.0), -1), 0.0)
+        h = torch.einsum("ba,bad->bd", w, vectors)
+        return torch.where(any_present, h, self.missing[side])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits [B], regularizer)"""
+        domain = batch["domain"]
+        e_d = self.domain_embedding[domain]
+        x = torch.cat([self._side(s, batch, e_d) for s in SIDES], 1)  # [B, 3d]
+        every = torch.einsum("bi,kio->bko", x, self.dal_kernel) + self.dal_bias
+        x_hat = F.layer_norm(_pick(every, domain), x.shape[1:], self.norm_scale, self.norm_bias, eps=1e-6)
+        reg = _js(x_hat, domain, self.meta.num_domains, self.cfg.reg_temperature)
+        h = x_hat
+        for i in range(0, len(self.experts), 2):
+            spec = "bi,eio->beo" if h.dim() == 2 else "bei,eio->beo"
+            h = torch.relu(torch.einsum(spec, h, self.experts[i + 1]) + self.experts[i])  # (bias, kernel) pairs
+        g = torch.softmax(_pick(torch.einsum("bi,kie->bke", x_hat, self.gate_kernel) + self.gate_bias, domain), -1)
+        t = torch.einsum("be,beh->bh", g, h)
+        n = len(self.tower) // 2
+        for i in range(n):
+            every = torch.einsum("bi,kio->bko", t, self.tower[2 * i + 1]) + self.tower[2 * i]
+            t = _pick(every, domain)
+            if i < n - 1:
+                t = torch.relu(t)
+        if self.cfg.regularizer == "none":
+            reg = torch.zeros((), device=x.device)
+        return t[:, 0], reg
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, reg = self(batch)
+        return F.binary_cross_entropy_with_logits(logits, batch["label"].float()) + self.cfg.reg_weight * reg
+
+
+def _layers(mlp: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(bias, kernel) of a StackedMLP's layers, in order."""
+    layers = mlp["layers"]
+    return [(layers[k]["bias"], layers[k]["kernel"]) for k in sorted(layers, key=int)]
+
+
+def _pick(every: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, K, out] -> [B, out]: row index[b] of example b."""
+    return every.gather(1, index[:, None, None].expand(-1, 1, every.shape[-1]))[:, 0]
+
+
+def _js(x_hat: torch.Tensor, domain: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    onehot = F.one_hot(domain, k).float()
+    counts = onehot.sum(0)
+    probs = torch.softmax(x_hat / temperature, -1)
+    p = (onehot.T @ probs) / counts.clamp(min=1.0)[:, None]
+    p = torch.where(counts[:, None] > 0, p, 1.0 / p.shape[1])
+    m = 0.5 * (p[:, None, :] + p[None, :, :])
+    log_p = torch.log(p)
+    kl_i = (p[:, None, :] * (log_p[:, None, :] - torch.log(m))).sum(-1)
+    kl_j = (p[None, :, :] * (log_p[None, :, :] - torch.log(m))).sum(-1)
+    present = counts > 0
+    pairs = present[:, None] & present[None, :] & torch.triu(torch.ones(k, k, dtype=torch.bool, device=p.device), 1)
+    return torch.where(pairs, 0.5 * (kl_i + kl_j), 0.0).sum()

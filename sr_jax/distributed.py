@@ -1,0 +1,55 @@
+"""Multi-host wiring: one process per host (or per GPU), joined by `initialize()` before any JAX computation.
+
+    SR_JAX_COORDINATOR=host:port SR_JAX_NUM_PROCESSES=N SR_JAX_PROCESS_ID=i python -m train.pretrain ...
+    SR_JAX_DISTRIBUTED=auto python -m train.pretrain ...   # TPU pods, SLURM, Open MPI: detected by JAX
+
+Every process runs the same program. The mesh spans all processes' devices; each process reads only its
+rows of every global batch (`sharding.process_rows`); process 0 alone writes the run's files (config,
+metrics, reports), while orbax writes checkpoints from all processes together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger("sr_jax")
+
+
+def initialize() -> None:
+    """Joins the processes named by the environment (above); a single process when none is set."""
+    coordinator = os.environ.get("SR_JAX_COORDINATOR")
+    if coordinator:
+        missing = [v for v in ("SR_JAX_NUM_PROCESSES", "SR_JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise ValueError(f"SR_JAX_COORDINATOR={coordinator} is set but {missing} are not")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes: cross-process collectives
+        jax.distributed.initialize(
+            coordinator, int(os.environ["SR_JAX_NUM_PROCESSES"]), int(os.environ["SR_JAX_PROCESS_ID"])
+        )
+    elif os.environ.get("SR_JAX_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+    else:
+        return
+    log.info(
+        "process %d of %d: %d local devices, %d in all",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def is_primary() -> bool:
+    """True on the process that writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the same named point (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

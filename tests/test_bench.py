@@ -1,0 +1,100 @@
+"""The benchmark: its world, its CLI and report, and (where torch is importable) that the PyTorch
+reference computes the same network as sr-jax."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from sr_jax import model as sr_model
+from sr_jax.bench.world import bench_meta, random_columns
+from sr_jax.config import config_from_name
+from sr_jax.training.steps import loss_fn
+from train import bench
+
+
+def test_bench_world_has_the_requested_tables():
+    meta = bench_meta(fields=15, vocab=1000, domains=7)
+    assert len(meta.sparse_fields) == 12 and meta.num_domains == 7
+    cols = random_columns(meta, 256)
+    assert set(cols) == set(meta.columns())
+    ids = [cols[c] for c in ("user_id", "query_id", "item_id")] + [cols[f.column] for f in meta.sparse_fields]
+    assert all(x.min() >= 1 and x.max() < 1000 for x in ids)
+    cfg = config_from_name("bench")
+    _, params = sr_model.abstract(cfg.model, meta, 384)
+    tables = jax.tree.leaves((params["l0"]["id_tables"], params["l0"]["sparse_tables"]))
+    assert len(tables) == 15 and {t.shape for t in tables} == {(1000, 32)}
+
+
+def test_bench_cli_writes_its_report(tmp_path, capsys):
+    rows = bench.main(
+        [
+            "--batch",
+            "64",
+            "128",
+            "--vocab",
+            "200",
+            "--fields",
+            "5",
+            "--domains",
+            "3",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--update",
+            "dense",
+            "lazy_adam",
+            "--torch",
+            "--text-dim",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    jax_rows = [r for r in rows if r["impl"].startswith("sr-jax")]
+    assert len(jax_rows) == 4
+    for r in jax_rows:
+        assert r["examples_per_s"] > 0 and r["end_to_end_examples_per_s"] > 0 and r["compile_s"] > 0
+        assert r["peak_gib"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text())[0]["batch"] == 64
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "| sr-jax float32 lazy_adam | 128 | 200 |" in (tmp_path / "bench.md").read_text()
+    assert "| impl | batch |" in capsys.readouterr().out
+
+
+def test_torch_reference_computes_the_same_network():
+    torch = pytest.importorskip("torch", reason="the PyTorch reference runs only where torch is importable")
+    from sr_jax.bench.torch_reference import TorchSRModel
+
+    meta = bench_meta(fields=7, vocab=50, domains=3, num_texts=40)
+    cfg = config_from_name("bench").model
+    text = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    graphdef, params = sr_model.init(cfg, meta, 16, seed=3)
+    cols = random_columns(meta, 128, seed=1)
+    cols["item_id"][:5] = 0  # missing aspects take the same path in both
+    cols["query_text"][::3] = -1
+    table = sr_model.TextTable(text, text)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        graphdef, params, cols, table, cfg.reg_weight
+    )
+    reference = TorchSRModel(jax.tree.map(np.asarray, params), cfg, meta, text)
+    batch = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in cols.items()}
+    logits, reg = reference(batch)
+    np.testing.assert_allclose(
+        logits.detach().numpy(), np.asarray(sr_model.apply(graphdef, params, cols, table)[0]), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(float(reg.detach()), float(metrics["reg"]), rtol=1e-4, atol=1e-6)
+    torch_loss = reference.loss(batch)
+    torch_loss.backward()
+    np.testing.assert_allclose(float(torch_loss), float(loss), rtol=1e-5)
+    pairs = {
+        "expert kernel": (reference.experts[1], grads["l1"]["experts"]["layers"][0]["kernel"]),
+        "tower kernel": (reference.tower[3], grads["l2"]["tower"]["layers"][1]["kernel"]),
+        "DAL kernel": (reference.dal_kernel, grads["l1"]["adapter"]["proj"]["kernel"]),
+        "item table": (reference.id_tables["item"], grads["l0"]["id_tables"]["item"]),
+        "aspect embedding": (reference.aspect_embedding["item"], grads["l1"]["gates"]["item"]["aspect_embedding"]),
+    }
+    for name, (torch_param, jax_grad) in pairs.items():
+        np.testing.assert_allclose(torch_param.grad.numpy(), np.asarray(jax_grad), rtol=1e-3, atol=1e-6, err_msg=name)
