@@ -61,5 +61,5 @@ def test_each_baseline_trains_and_beats_a_constant_predictor(tmp_path, name):
     cfg = config(TINY, model=dataclasses.asdict(base.model), train={"epochs": 2.0, "checkpoint_every": 1000})
     result = trainer.fit(cfg, tmp_path)
     assert result["overall"]["auc"] > 0.6, result["overall"]  # a constant predictor scores 0.5
-    params = trainer.build_run(cfg, tmp_path).abstract_state.params
+    params = trainer.build_run(cfg, tmp_path).steps.abstract_state.params
     assert ("star" in params["l1"]) == ("aux" in params["l2"]) == (name == "star") and "adapter" not in params["l1"]

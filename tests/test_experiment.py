@@ -27,6 +27,8 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
         "--models", "full", "single-domain", "--datasets", "synthetic", "--seeds", "0", "--",
         *tiny, "data.text_encoder=hashed-bow", "data.batch_size=256", "mesh.data=1", "train.epochs=1",
     ]  # fmt: skip
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "analysis.md").write_text("## Reading the tables\nhand-written notes\n")
     table = experiment.main(args)
     assert [(r["model"], r["seeds"]) for r in table] == [("full", 1), ("single-domain", 1)]
     single = table[1]
@@ -34,6 +36,7 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert all(0 < r["auc_mean"] < 1 for r in table) and table[0]["cold_auc_mean"] is not None
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "## synthetic" in md and "| single-domain |" in md and "python -m train.experiment" in md
+    assert md.index("hand-written notes") < md.index("## synthetic")  # the analysis survives regeneration
     assert (tmp_path / "docs" / "results" / "synthetic.png").read_bytes()[:4] == b"\x89PNG"
     with open(tmp_path / "docs" / "results" / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2

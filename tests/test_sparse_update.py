@@ -156,6 +156,6 @@ def test_frozen_tables_take_no_update_under_a_sparse_rule(tmp_path):
 
 
 def test_a_sparse_rule_trains_a_useful_model(tmp_path):
-    cfg = config(TINY, train={"epochs": 4.0, "embedding_update": "rowwise_adagrad", "embedding_learning_rate": 0.05})
+    cfg = config(TINY, train={"epochs": 2.0, "embedding_update": "rowwise_adagrad", "embedding_learning_rate": 0.05})
     result = trainer.fit(cfg, tmp_path)
-    assert result["mean_domain_auc"] > 0.6
+    assert result["overall"]["auc"] > 0.6, result["overall"]  # a constant predictor scores 0.5

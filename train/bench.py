@@ -87,6 +87,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _cost(r: dict) -> str:
+    """XLA's FLOPs and bytes per step and the rates achieved (sr-jax rows only)."""
+    if "gflop_per_step" not in r:
+        return " | | |"
+    return (
+        f"{r['gflop_per_step']:.2f} | {r['gb_per_step']:.3f} | {r['achieved_tflops']:.3f} | "
+        f"{r['achieved_tb_per_s']:.3f}"
+    )
+
+
 def write_report(rows: list[dict], out: Path, command: str, has_torch: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -96,8 +106,8 @@ def write_report(rows: list[dict], out: Path, command: str, has_torch: bool) -> 
         "the PyTorch reference's in the same run" + ("" if has_torch else " (torch is not importable here)") + ".",
         "",
         "| impl | batch | rows/field | step ms | examples/s | vs torch eager | end to end ex/s | host pipeline ex/s "
-        "| compile s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| compile s | peak GiB | GFLOP/step | GB/step | TFLOP/s | TB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         eager = next(
@@ -110,7 +120,7 @@ def write_report(rows: list[dict], out: Path, command: str, has_torch: bool) -> 
         host = f"{r['host_pipeline_examples_per_s']:,.0f}" if "host_pipeline_examples_per_s" in r else ""
         lines.append(
             f"| {r['impl']} | {r['batch']} | {r['vocab']:,} | {r['step_ms']:.2f} | {r['examples_per_s']:,.0f} | "
-            f"{ratio} | {e2e} | {host} | {r['compile_s']:.1f} | {peak} |"
+            f"{ratio} | {e2e} | {host} | {r['compile_s']:.1f} | {peak} | {_cost(r)} |"
         )
     table = "\n".join(lines)
     (out / "bench.md").write_text(table + "\n\n![examples/s against batch size](bench.png)\n")

@@ -41,6 +41,13 @@ def peak_device_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def step_cost(compiled) -> tuple[float, float]:
+    """XLA's count of the compiled step's floating-point operations and bytes accessed (per device)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
 def time_jax(
     cfg: Config, meta: DatasetMeta, text: np.ndarray, columns: dict[str, np.ndarray], steps: int, repeats: int
 ) -> dict:
@@ -73,9 +80,14 @@ def time_jax(
     for _ in range(steps):
         next(host_only)
     host_seconds = (time.perf_counter() - start) / steps
+    flops, bytes_accessed = step_cost(compiled)
     return {
         "step_ms": 1e3 * seconds,
         "examples_per_s": bs / seconds,
+        "gflop_per_step": flops / 1e9,
+        "gb_per_step": bytes_accessed / 1e9,
+        "achieved_tflops": flops / seconds / 1e12,
+        "achieved_tb_per_s": bytes_accessed / seconds / 1e12,
         "end_to_end_examples_per_s": bs / end_to_end,
         "host_pipeline_examples_per_s": bs / host_seconds,
         "compile_s": compile_s,

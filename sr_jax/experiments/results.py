@@ -101,7 +101,8 @@ def _single_domain(cfg: Config, cell: Path) -> dict:
 
 def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
     """out/RESULTS.md, out/results/results.csv (every model x dataset, mean and spread) and one PNG per
-    dataset in out/results/."""
+    dataset in out/results/. A hand-written out/results/analysis.md, where present, is kept in RESULTS.md
+    (after the command), so regenerating the tables never loses the reading of them."""
     out = Path(out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     metrics = list(dict.fromkeys(k for r in rows for k in r if k not in ("dataset", "model", "seed")))
@@ -114,6 +115,9 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
         "domain, so it has per-domain AUCs only. Training time is the wall time of the whole run (CPU here). "
         "Per-cell numbers: `results/results.csv`.",
     ]
+    analysis = out / "results" / "analysis.md"
+    if analysis.exists():
+        lines += ["", analysis.read_text().strip()]
     for dataset in dict.fromkeys(r["dataset"] for r in table):
         part = [r for r in table if r["dataset"] == dataset]
         domains = [m[len("auc:") :] for m in metrics if m.startswith("auc:") and any(r.get(f"{m}_mean") for r in part)]
