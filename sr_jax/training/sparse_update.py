@@ -37,6 +37,7 @@ import optax
 
 from sr_jax.config import TrainConfig
 from sr_jax.training.optimizer import check_levels, learning_rate as main_schedule
+from sr_jax.training.sharding import ROW_SHARDED
 
 RULES = ("dense", "rowwise_adagrad", "lazy_adam")
 TableKey = tuple[str, str]  # a table's path under params["l0"], e.g. ("id_tables", "user")
@@ -57,13 +58,13 @@ def effective_rule(rule: str, freeze: tuple[str, ...]) -> str:
 
 def tables(params: Any) -> dict[TableKey, jax.Array]:
     """The embedding tables of a params tree, by key."""
-    return {(group, name): t for group in ("id_tables", "sparse_tables") for name, t in params["l0"][group].items()}
+    return {(group, name): t for group in ROW_SHARDED for name, t in params["l0"][group].items()}
 
 
 def with_tables(params: Any, new: dict[TableKey, Any]) -> Any:
     """A shallow copy of `params` whose tables in `new` are replaced."""
     l0 = dict(params["l0"])
-    for group in ("id_tables", "sparse_tables"):
+    for group in ROW_SHARDED:
         l0[group] = {name: new.get((group, name), t) for name, t in params["l0"][group].items()}
     return {**params, "l0": l0}
 
