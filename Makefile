@@ -20,7 +20,7 @@ demo: setup  ## pretrain the full model on the embedded synthetic dataset; repor
 	$(PY) -m train.pretrain --workdir runs/demo $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 $(ARGS)  # two workers: most of the suite's time is XLA compiling, one program at a time
 
 bench-input: setup
 	$(PY) -m train.bench_input $(ARGS)

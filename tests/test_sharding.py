@@ -17,7 +17,7 @@ def _train(cfg, workdir, devices, steps=6):
     return run, state
 
 
-@pytest.mark.parametrize("data, model, rule", [(8, 1, "dense"), (4, 2, "dense"), (4, 2, "lazy_adam")])
+@pytest.mark.parametrize("data, model, rule", [(4, 2, "dense"), (4, 2, "lazy_adam")])
 def test_sharded_step_matches_single_device(tmp_path, data, model, rule):
     assert len(jax.devices()) == 8, "conftest sets --xla_force_host_platform_device_count=8"
     train = {"checkpoint_every": 1000, "embedding_update": rule}
