@@ -25,6 +25,11 @@ from sr_jax.training import sharding as shd, trainer
 GiB = 1024**3
 
 
+def host_batches(columns: dict[str, np.ndarray], batch_size: int, count: int = 8) -> list[dict[str, np.ndarray]]:
+    """The first `count` batches of the columns: the fixed batches both implementations cycle through."""
+    return [{k: v[i * batch_size : (i + 1) * batch_size] for k, v in columns.items()} for i in range(count)]
+
+
 def median_step_seconds(run: Callable[[int], None], steps: int, repeats: int, warmup: int) -> float:
     """`run(n)` runs n steps and waits for the device; the median over `repeats` chunks of seconds/step."""
     run(warmup)
@@ -57,8 +62,7 @@ def time_jax(
     built = trainer.build_steps(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
     table = jax.device_put(TextTable(text, text), shd.replicated(mesh))
     put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
-    host = [{k: v[i * bs : (i + 1) * bs] for k, v in columns.items()} for i in range(8)]
-    batches = [put(b) for b in host]
+    batches = [put(b) for b in host_batches(columns, bs)]
     what = f"the benchmark at batch {bs}"
     compiled, estimate, compile_s = trainer.compile_step(built, batches[0], table, what)
     state = trainer.fresh_state(cfg, meta, text.shape[1], built)
@@ -81,6 +85,7 @@ def time_jax(
         next(host_only)
     host_seconds = (time.perf_counter() - start) / steps
     flops, bytes_accessed = step_cost(compiled)
+    peak = peak_device_bytes()
     return {
         "step_ms": 1e3 * seconds,
         "examples_per_s": bs / seconds,
@@ -91,8 +96,8 @@ def time_jax(
         "end_to_end_examples_per_s": bs / end_to_end,
         "host_pipeline_examples_per_s": bs / host_seconds,
         "compile_s": compile_s,
-        "peak_gib": (peak_device_bytes() or estimate.total) / GiB,
-        "peak_is_estimate": peak_device_bytes() is None,
+        "peak_gib": (peak or estimate.total) / GiB,
+        "peak_is_estimate": peak is None,
     }
 
 
@@ -118,8 +123,8 @@ def time_torch(
     model = TorchSRModel(params, cfg.model, meta, text).to(device)
     opt = torch.optim.Adam(model.parameters(), cfg.train.learning_rate)
     batches = [
-        {k: torch.from_numpy(np.asarray(v[i * bs : (i + 1) * bs], np.int64)).to(device) for k, v in columns.items()}
-        for i in range(8)
+        {k: torch.from_numpy(np.asarray(v, np.int64)).to(device) for k, v in b.items()}
+        for b in host_batches(columns, bs)
     ]
 
     def step(batch):

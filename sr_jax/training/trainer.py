@@ -234,14 +234,9 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
 def initial_state(run: Run) -> TrainState:
     """Step 0: fresh parameters, or the pretrained run's (with fresh rows for new domains), and a fresh
     optimizer state, made by one compiled function straight into their shardings."""
-    cfg = run.config
-    out_shardings = jax.tree.map(lambda a: a.sharding, run.steps.abstract_state)
-
-    def fresh():
-        return sr_model.init_params(cfg.model, run.dataset.meta, run.text.pooled.shape[1], cfg.train.seed)
-
+    cfg, meta, text_dim = run.config, run.dataset.meta, run.text.pooled.shape[1]
     if run.domain_map is None:
-        return fresh_state(cfg, run.dataset.meta, run.text.pooled.shape[1], run.steps)
+        return fresh_state(cfg, meta, text_dim, run.steps)
     pretrained = finetune.restore_pretrained(
         cfg.finetune.pretrained,
         cfg.finetune.pretrained_step,
@@ -256,9 +251,11 @@ def initial_state(run: Run) -> TrainState:
     )
 
     def make(pre) -> TrainState:
-        params = finetune.merge_pretrained(pre, fresh(), run.steps.per_domain, run.domain_map)
+        fresh = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
+        params = finetune.merge_pretrained(pre, fresh, run.steps.per_domain, run.domain_map)
         return init_state(params, run.steps.tx, run.steps.embedding_update)
 
+    out_shardings = jax.tree.map(lambda a: a.sharding, run.steps.abstract_state)
     return jax.jit(make, out_shardings=out_shardings)(pretrained)
 
 
