@@ -40,9 +40,8 @@ class BatchIterator:
         epoch, k = divmod(self.step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.order(epoch)
-        idx = np.sort(self._order[k * self.batch_size : (k + 1) * self.batch_size])[
-            self.rows
-        ]  # sorted: sequential reads
+        batch = np.sort(self._order[k * self.batch_size : (k + 1) * self.batch_size])  # sorted: sequential reads
+        idx = batch[self.rows]
         self.step += 1
         return {name: np.take(col, idx, axis=0) for name, col in self.columns.items()}
 
