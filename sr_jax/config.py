@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ class DataConfig:
     train_split: str = "train"
     train_fraction: float = 1.0  # train on this fraction of the train split (a subset drawn with train.seed)
     domains: tuple[str, ...] = ()  # train and evaluate on these domains only (one model per domain); empty: all
+    # Leave out the domains meta.json marks `pretrain: false` (held out for cold start). The fine-tune
+    # config turns it off: fine-tuning (and training from scratch on the cold data) is what they are for.
+    pretrain_domains_only: bool = True
     eval_split: str = "test"
     batch_size: int = 1024
     eval_batch_size: int = 8192
@@ -50,18 +54,23 @@ class DataConfig:
 class ModelConfig:
     dim: int = 32  # width d of every aspect vector
     id_buckets: int = 0  # hash ids into this many rows per id table; 0: one row per id (no hashing)
+    # Embedding tables get a multiple of this many rows (padding no id reaches), so that any mesh.model
+    # dividing it shards them evenly, and a checkpoint's shapes do not depend on the mesh.
+    table_row_multiple: int = 64
     gating: str = "domain"  # aspect gating fusion: mean | cls | domain
     gate_dim: int = 16  # H, width of the domain and aspect embeddings of the domain gate
     use_text: bool = True  # text aspect on (ablation: off)
     use_domain_adapter: bool = True  # Domain Adaptive Layer on (ablation: identity)
     regularizer: str = "js"  # js | mmd | none
     reg_weight: float = 0.05  # lambda
-    reg_temperature: float = 1.0  # tau of softmax(x_hat / tau) for JS
+    reg_temperature: float = 1.0  # tau of softmax(z / tau) for JS
     mmd_bandwidth: float = 0.0  # Gaussian kernel sigma; 0: sqrt(feature width)
-    mmd_max_examples: int = 1024  # the MMD kernel is [n, n]: use the first n examples of a batch
+    mmd_max_examples: int = 1024  # the MMD kernel is [n, n]: a subsample of n examples, stratified by domain
     backbone: str = "mmoe"  # mmoe | ple | star; Shared-Bottom is mmoe with num_experts=1
     num_experts: int = 4  # shared experts (mmoe, ple)
     domain_experts: int = 1  # each domain's own experts (ple)
+    ple_levels: int = 1  # PLE's extraction levels (ple; 1 is CGC)
+    star_norm: str = "partitioned"  # STAR's normalisation: partitioned (the paper's) | layer (a LayerNorm variant)
     expert_hidden: tuple[int, ...] = (64, 32)  # every expert's layers (star: the star network's)
     tower_hidden: tuple[int, ...] = (32,)
     dtype: str = "float32"  # compute dtype; parameters stay float32
@@ -94,6 +103,10 @@ class FinetuneConfig:
     pretrained: str = ""  # a run folder (config.json, run_info.json, checkpoints/); empty: fresh init
     pretrained_step: int = -1  # which of its checkpoints; -1: the latest
     freeze: tuple[str, ...] = ()  # levels that get no update: any of l0, l1, l2
+    # Align against the pretrained domains' saved distributions (reference.npz of the pretrained run): a
+    # fine-tune batch of one domain has no pair of domains of its own to align.
+    align_reference: bool = True
+    replay_fraction: float = 0.0  # this share of every fine-tune batch replays the pretraining examples
 
 
 @dataclasses.dataclass
@@ -113,6 +126,18 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+# The values a choice field may take: the one list every module and the validation read.
+LEVELS = ("l0", "l1", "l2")  # the network's levels (DESIGN.md): encoding, shared adaptation, per-domain heads
+GATINGS = ("mean", "cls", "domain")
+REGULARIZERS = ("js", "mmd", "none")
+BACKBONES = ("mmoe", "ple", "star")
+STAR_NORMS = ("partitioned", "layer")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+SCHEDULES = ("cosine", "constant")
+EMBEDDING_UPDATES = ("dense", "rowwise_adagrad", "lazy_adam")
 
 
 def _parse(value: str, annotation: Any, key: str) -> Any:
@@ -188,12 +213,114 @@ def load_config(path: str | Path) -> Config:
     return from_dict(Config, json.loads(Path(path).read_text()))
 
 
-def config_from_name(name: str) -> Config:
-    """`configs/NAME.py`'s `get_config()`: the named starting points of the CLI."""
-    import importlib
+def _check(problems: list[str], ok: bool, key: str, message: str) -> None:
+    if not ok:
+        problems.append(f"{key}: {message}")
 
-    try:
-        module = importlib.import_module(f"configs.{name}")
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"no config named {name!r} in configs/") from e
-    return module.get_config()
+
+def _positive(problems: list[str], cfg: Any, section: str, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        good = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+        _check(problems, good, f"{section}.{name}", f"{value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _choice(problems: list[str], value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(problems, value in choices, key, f"{value!r} is not one of {choices}")
+
+
+def _only_for(problems: list[str], cfg: Any, section: str, names: tuple[str, ...], active: bool, what: str) -> None:
+    """Keys that mean something only under `what`: set to a non-default value otherwise is an error."""
+    default = type(cfg)()
+    for name in names:
+        if not active and getattr(cfg, name) != getattr(default, name):
+            problems.append(f"{section}.{name}={getattr(cfg, name)!r} is set, but it applies only {what}")
+
+
+def validate_model(cfg: ModelConfig) -> list[str]:
+    """The model section's problems (see `validate`)."""
+    problems: list[str] = []
+    _positive(problems, cfg, "model", "dim", "gate_dim", "num_experts", "ple_levels", "table_row_multiple")
+    _positive(problems, cfg, "model", "id_buckets", "domain_experts", "reg_weight", "mmd_bandwidth", allow_zero=True)
+    _positive(problems, cfg, "model", "reg_temperature")
+    _check(
+        problems, cfg.id_buckets != 1, "model.id_buckets", "1 leaves no row for ids (row 0 is 'missing'): use 0 or >= 2"
+    )
+    _check(problems, cfg.mmd_max_examples >= 2, "model.mmd_max_examples", f"{cfg.mmd_max_examples} must be >= 2")
+    for key, widths in (("model.expert_hidden", cfg.expert_hidden), ("model.tower_hidden", cfg.tower_hidden)):
+        _check(problems, all(w > 0 for w in widths), key, f"{widths} must be positive widths")
+    _check(problems, len(cfg.expert_hidden) > 0, "model.expert_hidden", "needs at least one layer")
+    _choice(problems, cfg.gating, "model.gating", GATINGS)
+    _choice(problems, cfg.regularizer, "model.regularizer", REGULARIZERS)
+    _choice(problems, cfg.backbone, "model.backbone", BACKBONES)
+    _choice(problems, cfg.star_norm, "model.star_norm", STAR_NORMS)
+    _choice(problems, cfg.dtype, "model.dtype", DTYPES)
+    _check(
+        problems,
+        cfg.gating != "cls" or cfg.use_text,
+        "model.gating",
+        "cls gating reads text features: set model.use_text=true",
+    )
+    _check(problems, cfg.backbone != "ple" or cfg.domain_experts >= 1, "model.domain_experts", "ple needs >= 1")
+    _only_for(problems, cfg, "model", ("domain_experts", "ple_levels"), cfg.backbone == "ple", "to model.backbone=ple")
+    _only_for(problems, cfg, "model", ("star_norm",), cfg.backbone == "star", "to model.backbone=star")
+    _only_for(problems, cfg, "model", ("num_experts",), cfg.backbone != "star", "to model.backbone=mmoe|ple")
+    _only_for(problems, cfg, "model", ("reg_weight",), cfg.regularizer != "none", "with a regularizer (js or mmd)")
+    _only_for(problems, cfg, "model", ("reg_temperature",), cfg.regularizer == "js", "to model.regularizer=js")
+    _only_for(
+        problems,
+        cfg,
+        "model",
+        ("mmd_bandwidth", "mmd_max_examples"),
+        cfg.regularizer == "mmd",
+        "to model.regularizer=mmd",
+    )
+    return problems
+
+
+def validate(cfg: Config) -> Config:
+    """Every rule a config must meet, checked before anything is written or trained. All problems are
+    reported at once, each naming its key; returns the config unchanged."""
+    data, train, tune, mesh = cfg.data, cfg.train, cfg.finetune, cfg.mesh
+    problems = validate_model(cfg.model)
+    _positive(problems, data, "data", "batch_size", "eval_batch_size", "train_fraction")
+    _positive(problems, data, "data", "prefetch", allow_zero=True)
+    _check(problems, data.train_fraction <= 1, "data.train_fraction", f"{data.train_fraction} must be in (0, 1]")
+    _positive(problems, train, "train", "epochs", "learning_rate", "log_every", "checkpoint_every", "keep_checkpoints")
+    _positive(
+        problems, train, "train", "seed", "min_steps", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True
+    )
+    _positive(problems, train, "train", "embedding_learning_rate", allow_zero=True)
+    _choice(problems, train.optimizer, "train.optimizer", OPTIMIZERS)
+    _choice(problems, train.schedule, "train.schedule", SCHEDULES)
+    _choice(problems, train.embedding_update, "train.embedding_update", EMBEDDING_UPDATES)
+    _check(
+        problems,
+        train.weight_decay == 0 or train.optimizer == "adamw",
+        "train.weight_decay",
+        f"{train.weight_decay} needs train.optimizer=adamw (got {train.optimizer!r})",
+    )
+    unknown = [level for level in tune.freeze if level.lower() not in LEVELS]
+    _check(problems, not unknown, "finetune.freeze", f"unknown level(s) {unknown}; expected any of {LEVELS}")
+    _check(
+        problems, 0 <= tune.replay_fraction < 1, "finetune.replay_fraction", f"{tune.replay_fraction} must be in [0, 1)"
+    )
+    _check(problems, tune.pretrained_step >= -1, "finetune.pretrained_step", "-1 (the latest) or a step")
+    _check(
+        problems,
+        tune.replay_fraction == 0 or bool(tune.pretrained),
+        "finetune.replay_fraction",
+        "replays the pretraining data of finetune.pretrained, which is not set",
+    )
+    _check(problems, mesh.model >= 1, "mesh.model", f"{mesh.model} must be >= 1")
+    _check(problems, mesh.data == -1 or mesh.data >= 1, "mesh.data", f"{mesh.data} must be -1 (all) or >= 1")
+    _check(
+        problems,
+        mesh.model < 1 or cfg.model.table_row_multiple % mesh.model == 0,
+        "mesh.model",
+        f"{mesh.model} must divide model.table_row_multiple={cfg.model.table_row_multiple} (tables are padded to "
+        "that multiple of rows, then split over the model axis): raise model.table_row_multiple",
+    )
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return cfg

@@ -9,7 +9,7 @@ import pytest
 
 from sr_jax import model as sr_model
 from sr_jax.bench.world import bench_meta, random_columns
-from sr_jax.config import config_from_name
+from train.cli import config_from_name
 from sr_jax.training.steps import loss_fn
 from train import bench
 
@@ -24,7 +24,7 @@ def test_bench_world_has_the_requested_tables():
     cfg = config_from_name("bench")
     _, params = sr_model.abstract(cfg.model, meta, 384)
     tables = jax.tree.leaves((params["l0"]["id_tables"], params["l0"]["sparse_tables"]))
-    assert len(tables) == 15 and {t.shape for t in tables} == {(1000, 32)}
+    assert len(tables) == 15 and {t.shape for t in tables} == {(1024, 32)}  # 1000 rows padded to 64s
 
 
 def test_bench_cli_writes_its_report(tmp_path, capsys):
@@ -75,7 +75,7 @@ def test_torch_reference_computes_the_same_network():
     cols["item_id"][:5] = 0  # missing aspects take the same path in both
     cols["query_text"][::3] = -1
     table = sr_model.TextTable(text, text)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+    (loss, (metrics, _)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
         graphdef, params, cols, table, cfg.reg_weight
     )
     reference = TorchSRModel(jax.tree.map(np.asarray, params), cfg, meta, text)
@@ -89,9 +89,10 @@ def test_torch_reference_computes_the_same_network():
     torch_loss.backward()
     np.testing.assert_allclose(float(torch_loss), float(loss), rtol=1e-5)
     pairs = {
-        "expert kernel": (reference.experts[1], grads["l1"]["experts"]["layers"][0]["kernel"]),
+        "expert kernel": (reference.experts[1], grads["l1"]["backbone"]["experts"]["layers"][0]["kernel"]),
         "tower kernel": (reference.tower[3], grads["l2"]["tower"]["layers"][1]["kernel"]),
         "DAL kernel": (reference.dal_kernel, grads["l1"]["adapter"]["proj"]["kernel"]),
+        "DAL gain": (reference.norm_scale, grads["l1"]["adapter"]["scale"]),
         "item table": (reference.id_tables["item"], grads["l0"]["id_tables"]["item"]),
         "aspect embedding": (reference.aspect_embedding["item"], grads["l1"]["gates"]["item"]["aspect_embedding"]),
     }

@@ -56,8 +56,8 @@ def test_mismatched_checkpoint_names_the_parameter_and_both_shapes(tmp_path):
     wider = trainer.build_run(_cfg(dim=16), tmp_path)
     with pytest.raises(
         CheckpointError,
-        match=r"parameter params/l0/id_tables/item has shape \(120, 32\) in the "
-        r"checkpoint, \(120, 16\) in the model",
+        match=r"parameter params/l0/id_tables/item has shape \(128, 32\) in the "
+        r"checkpoint, \(128, 16\) in the model",
     ):
         wider.checkpointer.restore(wider.steps.abstract_state)
     no_adapter = trainer.build_run(_cfg(use_domain_adapter=False), tmp_path)

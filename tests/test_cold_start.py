@@ -47,7 +47,8 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     with open(out / "cold_start.csv") as f:
         assert len(list(csv.DictReader(f))) == len(table)
     md = (out / "cold_start.md").read_text()
-    assert "## new-domain (train `heldout_train`, evaluate `heldout_test`)" in md and "| freeze-l0-l1 | on |" in md
+    assert "## new-domain (train `heldout_train`, evaluate `heldout_test`)" in md
+    assert "| freeze-l0-l1 | default | on |" in md
     assert "python -m train.cold_start --workdir" in md
     # finished cells are not run again
     monkeypatch.setattr(trainer, "fit", lambda *a: pytest.fail("a finished cell ran again"))

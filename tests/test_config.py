@@ -1,6 +1,8 @@
 import pytest
 
-from sr_jax.config import Config, ConfigError, config_from_name, load_config, override, save_config
+from sr_jax.config import Config, ConfigError, load_config, override, save_config, validate
+from train import pretrain
+from train.cli import config_from_name
 
 
 def test_overrides_parse_by_declared_type():
@@ -42,3 +44,46 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.json") == cfg
     with pytest.raises(ConfigError, match="no config named"):
         config_from_name("missing")
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["train.weight_decay=0.1"], "train.weight_decay: 0.1 needs train.optimizer=adamw"),
+        (["model.gating=cls", "model.use_text=false"], "model.gating: cls gating reads text features"),
+        (["model.reg_temperature=0"], "model.reg_temperature: 0.0 must be > 0"),
+        (["model.reg_temperature=-1"], "model.reg_temperature: -1.0 must be > 0"),
+        (["data.batch_size=0"], "data.batch_size: 0 must be > 0"),
+        (["train.epochs=nan"], "train.epochs: nan must be > 0"),
+        (["train.log_every=0"], "train.log_every: 0 must be > 0"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints: 0 must be > 0"),
+        (["model.num_experts=0"], "model.num_experts: 0 must be > 0"),
+        (["model.dtype=float16"], "model.dtype: 'float16' is not one of"),
+        (["model.ple_levels=2"], "model.ple_levels=2 is set, but it applies only to model.backbone=ple"),
+        (["model.star_norm=layer"], "model.star_norm='layer' is set, but it applies only to model.backbone=star"),
+        (["model.regularizer=none", "model.reg_weight=0.2"], "model.reg_weight=0.2 is set, but it applies only with"),
+        (["model.mmd_bandwidth=2"], "model.mmd_bandwidth=2.0 is set, but it applies only to model.regularizer=mmd"),
+        (["finetune.freeze=l3"], "finetune.freeze: unknown level(s) ['l3']"),
+        (["finetune.replay_fraction=0.3"], "finetune.replay_fraction: replays the pretraining data"),
+        (["mesh.model=3"], "mesh.model: 3 must divide model.table_row_multiple=64"),
+        (["train.embedding_update=sparse"], "train.embedding_update: 'sparse' is not one of"),
+    ],
+)
+def test_validate_names_the_key_of_every_problem(overrides, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        validate(override(Config(), overrides))
+
+
+def test_validate_reports_all_problems_at_once_and_accepts_the_named_configs():
+    with pytest.raises(ConfigError) as e:
+        validate(override(Config(), ["data.batch_size=0", "model.dim=-1", "train.seed=-3"]))
+    assert all(k in str(e.value) for k in ("data.batch_size", "model.dim", "train.seed"))
+    for name in ("default", "baselines", "bench", "finetune"):
+        validate(config_from_name(name))
+
+
+def test_a_bad_override_is_refused_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="train.log_every: 0 must be > 0"):
+        pretrain.main(["--workdir", str(workdir), "train.log_every=0"])
+    assert not (workdir / "config.json").exists()

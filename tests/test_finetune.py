@@ -51,7 +51,7 @@ def _leaves(tree):
 
 def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
     run = trainer.build_run(_finetune_cfg(pretrained), tmp_path)
-    assert run.domain_map.new_rows == (NEW,)
+    assert run.domain_map.new_domains == (NEW,)
     start = _leaves(trainer.initial_state(run).params)
     before = _leaves(_pretrained_params(pretrained))
     fresh = _leaves(
@@ -96,10 +96,13 @@ def test_frozen_levels_do_not_move_and_have_no_optimizer_state(pretrained, tmp_p
 def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path):
     cfg = _finetune_cfg(pretrained)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=16))
+    with pytest.raises(CheckpointError, match=r"reference.npz: rows of width 96, but this model's z has 48"):
+        trainer.build_run(wider, tmp_path / "wider")
+    wider = dataclasses.replace(wider, finetune=dataclasses.replace(wider.finetune, align_reference=False))
     with pytest.raises(
         CheckpointError,
-        match=r"parameter params/l0/id_tables/item has shape \(120, 32\) in the checkpoint, "
-        r"\(120, 16\) in the model",
+        match=r"parameter params/l0/id_tables/item has shape \(128, 32\) in the checkpoint, "
+        r"\(128, 16\) in the model",
     ):
         trainer.initial_state(trainer.build_run(wider, tmp_path / "wider"))
     other = tmp_path / "other-encoder"
@@ -121,7 +124,7 @@ def test_domains_map_by_name(pretrained):
     info = {"domains": names[::-1], "trained_domains": names[2:5]}  # other order, only three trained
     mapping = finetune.domain_map(dataset, info)
     assert mapping.source == (None, None, 5, 4, 3, None, None, None)
-    assert mapping.new_rows == (0, 1, 5, 6, 7)
+    assert mapping.new_domains == (0, 1, 5, 6, 7)
 
 
 def test_finetune_resumes_exactly(pretrained, tmp_path):
@@ -167,9 +170,11 @@ def test_train_fraction_is_a_seeded_subset(tmp_path):
     assert not np.array_equal(half["user_id"], trainer.train_subset(columns, 0.25, 4)["user_id"])
     with pytest.raises(ValueError, match=r"train_fraction=0.0: expected a fraction"):
         trainer.train_subset(columns, 0.0, 0)
-    cfg = config(TINY, data={"train_fraction": 0.01})
-    with pytest.raises(ValueError, match=r"batch_size=256 is larger than the 41 training examples"):
-        trainer.build_run(cfg, tmp_path)
+    run = trainer.build_run(config(TINY, data={"train_fraction": 0.01}), tmp_path)  # 41 examples: one batch of 41
+    assert run.batch_size == 41 and run.steps_per_epoch == 1
+    assert trainer.batch_size(256, 41, 8, "x") == 40  # a multiple of the data axis
+    with pytest.raises(ValueError, match=r"5 examples cannot fill a batch over 8 devices"):
+        trainer.batch_size(256, 5, 8, "x")
 
 
 def test_merge_takes_mapped_rows_and_fresh_rows_for_new_domains():
@@ -179,3 +184,89 @@ def test_merge_takes_mapped_rows_and_fresh_rows_for_new_domains():
     merged = finetune.merge_pretrained(pre, fresh, {"rows": True, "shared": False}, finetune.DomainMap((1, None, 0)))
     np.testing.assert_array_equal(merged["rows"], [[3, 4, 5], [-1, -1, -1], [0, 1, 2]])
     np.testing.assert_array_equal(merged["shared"], pre["shared"])
+
+
+def test_cold_items_are_those_pretraining_never_trained(pretrained, tmp_path):
+    """In a cold-items fine-tune, the cold items are the ones the pretrained run never saw, although the
+    fine-tune's own cold split trains them."""
+    cfg = _finetune_cfg(pretrained, "cold-items", epochs=1.0)
+    result = trainer.fit(cfg, tmp_path)
+    run = trainer.build_run(cfg, tmp_path)
+    cold_test = run.dataset.split("cold_test")
+    pretrained_items = np.unique(run.dataset.split("train")["item_id"])
+    expected = int((~np.isin(cold_test["item_id"], pretrained_items)).sum())
+    assert expected > 0.9 * len(cold_test["item_id"]) and result["cold_items"]["examples"] == expected
+    assert np.array_equal(
+        np.load(tmp_path / finetune.TRAINED_ITEMS),
+        run.warm_items | np.isin(np.arange(len(run.warm_items)), run.train_columns["item_id"]),
+    )
+
+
+def test_held_out_domains_stay_out_of_pretraining(tmp_path):
+    """A domain meta.json marks pretrain: false is not trained (nor evaluated) by a pretraining run, and
+    run_info records what was really trained; the fine-tune config trains it."""
+    from sr_jax.data.store import write_dataset
+
+    base = trainer.load_dataset(config(TINY).data)
+    train = {k: np.asarray(v) for k, v in base.split("train").items()}
+    train["domain"] = np.where(np.arange(len(train["domain"])) % 8 == 0, 7, train["domain"]).astype(np.int32)
+    test = {k: np.asarray(v) for k, v in base.split("test").items()}
+    test["domain"] = np.where(np.arange(len(test["domain"])) % 8 == 0, 7, test["domain"]).astype(np.int32)
+    meta = dataclasses.replace(base.meta, text_caches={}, oracle_auc={})
+    root = tmp_path / "data"
+    write_dataset(root, meta, base.texts(), {"train": train, "test": test})
+    from sr_jax.text import HashedBagOfWords, build_text_cache
+
+    build_text_cache(root, HashedBagOfWords(), progress=False)
+    cfg = config(TINY, data={"path": str(root)}, train={"epochs": 1.0})
+    run = trainer.build_run(cfg, tmp_path / "run")
+    assert NEW not in np.unique(run.train_columns["domain"]) and "search_new_service" not in run.domains
+    result = trainer.fit(cfg, tmp_path / "run")
+    assert "search_new_service" not in result["domains"]
+    assert "search_new_service" not in finetune.read_run_info(tmp_path / "run")["trained_domains"]
+    ft = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pretrain_domains_only=False))
+    assert NEW in np.unique(trainer.build_run(ft, tmp_path / "ft").train_columns["domain"])
+    with pytest.raises(ValueError, match=r"held out of pretraining in meta.json"):
+        trainer.build_run(config(TINY, data={"path": str(root), "domains": ("search_new_service",)}), tmp_path / "x")
+
+
+def test_evaluating_a_run_without_checkpoints_is_an_error_not_a_fresh_model(pretrained, tmp_path):
+    cfg = load_config(pretrained / "config.json")
+    run = trainer.build_run(cfg, tmp_path)  # an empty folder: no checkpoint
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder|no checkpoint to restore"):
+        trainer.restore_params(run)
+    params = trainer.restore_params(trainer.build_run(cfg, pretrained))
+    assert jax.tree.structure(params) == jax.tree.structure(run.steps.abstract_state.params)
+
+
+def test_new_domain_fine_tuning_aligns_against_the_pretrained_reference(pretrained, tmp_path):
+    """A new-domain batch holds one domain: without the pretrained run's reference L_reg is zero; with it the
+    new domain is pulled towards the pretrained domains."""
+    saved = np.load(pretrained / "reference.npz")
+    assert saved["rows"].shape == (8, 512, 96) and saved["count"][NEW] == 0 and saved["count"][:NEW].min() > 0
+    regs = {}
+    for align in (True, False):
+        cfg = _finetune_cfg(pretrained, epochs=1.0)
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, align_reference=align))
+        trainer.fit(cfg, tmp_path / str(align))
+        lines = (tmp_path / str(align) / "metrics.jsonl").read_text().splitlines()
+        regs[align] = [json.loads(line)["reg"] for line in lines]
+    assert all(r > 0 for r in regs[True]) and all(r == 0 for r in regs[False])
+
+
+def test_replay_mixes_pretraining_examples_into_every_fine_tune_batch(pretrained, tmp_path):
+    cfg = _finetune_cfg(pretrained)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, replay_fraction=0.25))
+    run = trainer.build_run(cfg, tmp_path / "run")
+    assert (run.batch_size, run.replay_size) == (256, 64)
+    batch = next(trainer.batches(run, 0))
+    assert np.all(batch["domain"][:192] == NEW) and np.all(batch["domain"][192:] != NEW)
+    np.testing.assert_array_equal(batch["item_id"], next(trainer.batches(run, 0))["item_id"])  # (seed, step)
+    assert trainer.fit(cfg, tmp_path / "run")["domains"]["search_new_service"]["examples"] > 0
+    other = tmp_path / "other-data"
+    shutil.copytree(pretrained, other)
+    info = json.loads((other / finetune.RUN_INFO).read_text())
+    (other / finetune.RUN_INFO).write_text(json.dumps({**info, "dataset": "elsewhere"}))
+    elsewhere = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(other)))
+    with pytest.raises(ValueError, match=r"trained on dataset 'elsewhere'.*replay needs the pretraining data"):
+        trainer.build_run(elsewhere, tmp_path / "elsewhere")

@@ -5,7 +5,8 @@ import pytest
 from flax import nnx
 
 from sr_jax.model.encoding import Aspects
-from sr_jax.model.fusion import GATINGS, AspectGate, masked_softmax
+from sr_jax.config import GATINGS
+from sr_jax.model.fusion import AspectGate, masked_softmax
 
 B, A, D, H, T = 16, 3, 8, 4, 10
 

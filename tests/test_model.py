@@ -31,7 +31,7 @@ def test_functional_api_is_pure_and_levelled(data):
     assert set(params) == set(sr_model.LEVELS)
     labels = jax.tree.leaves(sr_model.level_labels(params))
     assert set(labels) == {"l0", "l1", "l2"}
-    assert "id_tables" in params["l0"] and "experts" in params["l1"] and "tower" in params["l2"]
+    assert "id_tables" in params["l0"] and "experts" in params["l1"]["backbone"] and "tower" in params["l2"]
     logits, aux = jax.jit(lambda p, b: sr_model.apply(graphdef, p, b, text))(params, batch)
     again, _ = sr_model.apply(graphdef, params, batch, text)
     np.testing.assert_allclose(logits, again, rtol=1e-5, atol=1e-6)
@@ -66,6 +66,9 @@ def test_each_example_uses_its_own_domain_tower(data):
         {"regularizer": "mmd"},
         {"regularizer": "none"},
         {"id_buckets": 50},
+        {"backbone": "ple", "ple_levels": 2},
+        {"backbone": "star"},
+        {"backbone": "star", "star_norm": "layer"},
         {"dtype": "bfloat16"},
     ],
 )
@@ -78,16 +81,30 @@ def test_variants_build_and_run(data, fields):
         assert "text_proj" not in params["l0"] or not params["l0"]["text_proj"]
         assert aux["aspect_weights"]["item"].shape[1] == 2  # id, sparse
     if "id_buckets" in fields:
-        assert params["l0"]["id_tables"]["item"].shape[0] == 50
+        assert params["l0"]["id_tables"]["item"].shape[0] == 64  # 50 buckets, padded to the row multiple
     if fields.get("regularizer") == "none":
         assert float(aux["reg"]) == 0.0
 
 
 def test_bad_model_options_are_refused(data):
-    with pytest.raises(ValueError, match="model.gating='max'"):
+    with pytest.raises(ValueError, match="model.gating: 'max' is not one of"):
         _build(data, gating="max")
-    with pytest.raises(ValueError, match="model.regularizer='kl'"):
+    with pytest.raises(ValueError, match="model.regularizer: 'kl' is not one of"):
         _build(data, regularizer="kl")
+
+
+def test_tables_are_padded_to_the_row_multiple_and_ids_never_reach_the_padding(data):
+    ds, text, batch = data
+    graphdef, params = _build(data, table_row_multiple=64)
+    assert params["l0"]["id_tables"]["item"].shape[0] == 128  # 120 items -> 128 rows
+    assert all(t.shape[0] % 64 == 0 for t in jax.tree.leaves(params["l0"]["sparse_tables"]))
+    rows = sr_model.table_rows(graphdef, params, batch)
+    assert int(rows[("id_tables", "item")].max()) < ds.meta.vocab["item_id"]
+    bumped = jax.tree.map(lambda a: a, params)
+    bumped["l0"]["id_tables"]["item"] = params["l0"]["id_tables"]["item"].at[120:].set(100.0)  # the padding
+    np.testing.assert_array_equal(
+        sr_model.apply(graphdef, params, batch, text)[0], sr_model.apply(graphdef, bumped, batch, text)[0]
+    )
 
 
 def test_hash_ids_keeps_missing_and_stays_in_range():
@@ -96,3 +113,41 @@ def test_hash_ids_keeps_missing_and_stays_in_range():
     assert rows[0] == 0 and rows[1:].min() >= 1 and rows.max() <= 100
     assert len(np.unique(rows)) == 101
     np.testing.assert_array_equal(hash_ids(ids, 10_000, 10_000), ids)
+
+
+@pytest.mark.parametrize("buckets", [1024, 1000])
+def test_hashed_strided_ids_collide_no_more_than_random(buckets):
+    """Ids that differ by multiples of the bucket count (a power of two here) must not pile into one row, as
+    they do when the hash keeps the low bits: the distinct rows hit stay near the ideal of a random map."""
+    n = buckets - 1  # rows 1..buckets-1 take ids
+    for stride in (n, 1024, 4096):
+        ids = jnp.arange(1, n + 1) * stride
+        used = len(np.unique(np.asarray(hash_ids(ids, 1 << 30, buckets))))
+        ideal = n * (1 - (1 - 1 / n) ** n)  # expected distinct rows of n ids thrown at random
+        assert used > 0.95 * ideal, (stride, used, ideal)
+
+
+def test_bfloat16_logits_are_not_rounded_to_bfloat16(data):
+    """The tower's last layer accumulates in float32: logits are not quantised to bf16's 8 bits (which ties
+    scores and costs AUC), so few of them are exactly representable in bf16."""
+    ds, text, batch = data
+    graphdef, params = _build(data, dtype="bfloat16")
+    logits, _ = sr_model.apply(graphdef, params, batch, text)
+    logits = np.asarray(logits)
+    representable = logits == np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+    assert logits.dtype == np.float32 and representable.mean() < 0.25
+    assert len(np.unique(logits)) == len(logits)
+
+
+def test_the_regularizer_does_not_depend_on_the_adapters_gain(data):
+    """L_reg aligns the normalised output before LayerNorm's gain: shrinking the gain (what the model could do
+    to switch the regularizer off) leaves it unchanged."""
+    ds, text, batch = data
+    for regularizer in ("js", "mmd"):
+        graphdef, params = _build(data, regularizer=regularizer)
+        reg = float(sr_model.apply(graphdef, params, batch, text)[1]["reg"])
+        shrunk = jax.tree.map(lambda a: a, params)
+        shrunk["l1"]["adapter"]["scale"] = params["l1"]["adapter"]["scale"] * 0.1
+        assert reg > 0 and float(sr_model.apply(graphdef, shrunk, batch, text)[1]["reg"]) == pytest.approx(
+            reg, rel=1e-5
+        )

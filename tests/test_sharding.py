@@ -27,16 +27,15 @@ def test_sharded_step_matches_single_device(tmp_path, data, model, rule):
     run, sharded = _train(sharded_cfg, tmp_path / "many", jax.devices())
     assert dict(run.mesh.shape) == {"data": data, "model": model}
     item_table = sharded.params["l0"]["id_tables"]["item"]
-    rows = TINY.num_items
     assert item_table.sharding.spec == P("model", None)
-    assert item_table.addressable_shards[0].data.shape == (rows // model, cfg.model.dim)
+    assert item_table.addressable_shards[0].data.shape == (128 // model, cfg.model.dim)  # 120 rows padded to 128
     (mu,) = [  # Adam's first moment of the table is sharded like the table
         leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path((sharded.opt_state, sharded.tables_state))
         if path_str(path).endswith(("mu/l0/id_tables/item", "id_tables/item/mu"))
     ]
     assert mu.sharding.spec == P("model", None)
-    assert sharded.params["l1"]["experts"]["layers"][0]["kernel"].sharding.spec == P()
+    assert sharded.params["l1"]["backbone"]["experts"]["layers"][0]["kernel"].sharding.spec == P()
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
         single.params,
@@ -66,4 +65,19 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), saved, restored)
     assert restored.params["l0"]["id_tables"]["item"].sharding.spec == P("model", None)
     assert restored.tables_state["id_tables"]["item"]["nu"].sharding.spec == P("model", None)
-    assert len(restored.params["l1"]["experts"]["layers"][0]["kernel"].sharding.device_set) == 8
+    assert len(restored.params["l1"]["backbone"]["experts"]["layers"][0]["kernel"].sharding.device_set) == 8
+
+
+def test_every_table_is_row_sharded_whatever_its_vocabulary(tmp_path, caplog):
+    """Vocabularies such as an importer's len(ids) + 1 rarely divide the model axis: tables are padded to
+    model.table_row_multiple rows, so every one is split over `model`, and the start of a run logs the layout."""
+    cfg = config(TINY, mesh={"data": 2, "model": 4})
+    run = trainer.build_run(cfg, tmp_path, mesh=trainer.shd.make_mesh(cfg.mesh, jax.devices()))
+    tables = {
+        **run.steps.abstract_state.params["l0"]["id_tables"],
+        **run.steps.abstract_state.params["l0"]["sparse_tables"],
+    }
+    assert run.dataset.meta.vocab["item_id"] % 4 != 0 or any(f.vocab % 4 for f in run.dataset.meta.sparse_fields)
+    assert all(t.sharding.spec == P("model", None) for t in tables.values())
+    layout = trainer.shd.table_layout(run.mesh, run.steps.abstract_state.params)
+    assert "l0/sparse_tables/item_price: 64 rows x 32, 16 per device over model=4" in layout

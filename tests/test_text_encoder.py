@@ -256,6 +256,6 @@ def test_inspect_a_training_run(tmp_path, capsys):
     run.checkpointer.wait()
     convert.main(["inspect", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| params/l0/id_tables/item | (120, 32) | float32 | L0 |" in out
+    assert "| params/l0/id_tables/item | (128, 32) | float32 | L0 |" in out
     assert re.search(r"\| opt_state/\S+/mu/l2/gate/kernel \| \(8, 96, 4\) \| float32 \| optimizer state of L2 \|", out)
     assert "| L1 |" in out

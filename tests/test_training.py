@@ -12,7 +12,7 @@ import pytest
 from helpers import SMALL, TINY, config
 from sr_jax.data.store import DatasetError, write_text_cache
 from sr_jax.text import HashedBagOfWords
-from sr_jax.training import trainer
+from sr_jax.training import evaluation, trainer
 from train import evaluate, pretrain
 
 
@@ -81,3 +81,18 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
         losses[dtype] = [json.loads(line)["loss"] for line in lines]
     assert len(losses["float32"]) == 2
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=0.02)
+
+
+def test_a_domain_with_one_class_is_left_out_of_the_mean_and_the_report_says_so():
+    ds = trainer.load_dataset(config(TINY).data)
+    cols = {k: np.asarray(v) for k, v in ds.split("test").items()}
+    cols["label"] = np.where(cols["domain"] == 1, 1, cols["label"]).astype(np.int8)
+    probs = np.random.default_rng(0).random(len(cols["label"]))
+    result = evaluation.compute_metrics(ds, "test", probs, cols, np.ones(ds.meta.vocab["item_id"], bool))
+    assert result["domains_without_auc"] == ["search_kitchen"] and np.isnan(result["domains"]["search_kitchen"]["auc"])
+    others = [m["auc"] for name, m in result["domains"].items() if name != "search_kitchen"]
+    assert result["mean_domain_auc"] == pytest.approx(np.mean(others))
+    assert "cold_items" not in result  # every item is warm here
+    assert "Left out of the mean: 1 domain(s) whose labels in this split are one class" in evaluation.markdown_table(
+        result
+    )

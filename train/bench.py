@@ -27,7 +27,7 @@ import numpy as np
 
 from sr_jax.bench import timing
 from sr_jax.bench.world import bench_meta, random_columns
-from sr_jax.config import config_from_name, override
+from sr_jax.config import override
 from sr_jax.experiments import report
 from train import cli
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("overrides", nargs="*", help="section.field=value on configs/bench.py")
     args = p.parse_args(argv)
     cli.setup()
-    base = override(config_from_name("bench"), args.overrides)
+    base = override(cli.config_from_name("bench"), args.overrides)
     has_torch = importlib.util.find_spec("torch") is not None
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     rows = []

@@ -14,10 +14,11 @@ import time
 
 import jax
 
-from sr_jax.config import config_from_name, override
+from sr_jax.config import override
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.training import sharding as shd
 from sr_jax.training.trainer import load_dataset
+from train import cli
 
 
 def throughput(batches, batch_size: int, seconds: float) -> float:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.cores:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
-    cfg = override(config_from_name("default"), args.overrides)
+    cfg = override(cli.config_from_name("default"), args.overrides)
     dataset = load_dataset(cfg.data)
     columns = dataset.split(cfg.data.train_split)
     bs = cfg.data.batch_size

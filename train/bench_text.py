@@ -42,7 +42,7 @@ def real_texts(data: Path) -> list[str]:
         from sr_jax.config import SyntheticConfig
         from sr_jax.data import synthetic
 
-        texts = synthetic.ensure(SyntheticConfig(), ()).texts()
+        texts = synthetic.ensure(SyntheticConfig()).texts()
     return [t for t in texts if t.strip()]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 
 from sr_jax import distributed
-from sr_jax.config import Config, config_from_name, load_config, override
+from sr_jax.config import Config, ConfigError, load_config, override, validate
 
 
 def parser(description: str, named_configs: bool = True) -> argparse.ArgumentParser:
@@ -28,14 +28,26 @@ def parser(description: str, named_configs: bool = True) -> argparse.ArgumentPar
     return p
 
 
+def config_from_name(name: str) -> Config:
+    """`configs/NAME.py`'s `get_config()`: the named starting points of the command line."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"no config named {name!r} in configs/") from e
+    return module.get_config()
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
-    """The config a command runs with: saved (when resuming) or named, then the overrides on top."""
+    """The config a command runs with: saved (when resuming) or named, then the overrides on top, checked
+    (`validate`) before anything is written."""
     saved = Path(args.workdir) / "config.json"
     if args.config is None and saved.exists():
         base = load_config(saved)
     else:
         base = config_from_name(args.config or "default")
-    return override(base, args.overrides)
+    return validate(override(base, args.overrides))
 
 
 def setup() -> None:

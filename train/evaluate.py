@@ -1,4 +1,4 @@
-"""Re-evaluate a run's latest checkpoint: `python -m train.evaluate --workdir DIR [--split NAME]`."""
+"""Re-evaluate a run's latest checkpoint, parameters only: `python -m train.evaluate --workdir DIR [--split NAME]`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from train import cli
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True, help="the run folder (config.json, checkpoints/) to evaluate")
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's data.eval_split)")
     args = p.parse_args(argv)
     cli.setup()
     run = trainer.build_run(load_config(f"{args.workdir}/config.json"), args.workdir)
-    state, _ = run.checkpointer.restore(run.steps.abstract_state)
-    result = trainer.evaluate(run, state.params, args.split)
+    params = trainer.restore_params(run)
+    run.checkpointer.close()
+    result = trainer.evaluate(run, params, args.split)
     evaluation.write_report(args.workdir, result, name=f"eval_{result['split']}" if args.split else "eval")
     print(evaluation.markdown_table(result))
     return result

@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from configs.experiment import DATASETS, MODELS
+from configs.experiment import DATASETS, MODELS, SINGLE_DOMAIN
 from sr_jax.experiments import results
 from train import cli
 
@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--amazon-src", type=Path, default=SHARED / "amazon-scientific")
     args = p.parse_args(argv)
     cli.setup()
-    grid = results.Grid(models=tuple(args.models), datasets=tuple(args.datasets), seeds=tuple(args.seeds))
+    grid = results.Grid(
+        models={m: MODELS[m] for m in args.models},
+        datasets={d: DATASETS[d] for d in args.datasets},
+        seeds=tuple(args.seeds),
+        single_domain=SINGLE_DOMAIN,
+    )
     sources = {"movielens": args.movielens_src, "amazon": args.amazon_src}
     rows = results.run_grid(grid, args.workdir, args.data_dir, sources, args.overrides)
     command = "python -m train.experiment " + shlex.join(sys.argv[1:] if argv is None else argv)

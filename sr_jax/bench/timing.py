@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from sr_jax import model as sr_model
 from sr_jax.config import Config
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
@@ -64,7 +65,7 @@ def time_jax(
     put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
     batches = [put(b) for b in host_batches(columns, bs)]
     what = f"the benchmark at batch {bs}"
-    compiled, estimate, compile_s = trainer.compile_step(built, batches[0], table, what)
+    compiled, estimate, compile_s = trainer.compile_step(built, batches[0], table, None, what)
     state = trainer.fresh_state(cfg, meta, text.shape[1], built)
     position = 0
 
@@ -72,7 +73,7 @@ def time_jax(
         nonlocal state, position
         for _ in range(n):
             batch = next(feed) if feed is not None else batches[position % len(batches)]
-            state, metrics = compiled(state, batch, table)
+            state, metrics = compiled(state, batch, table, None)
             position += 1
         jax.block_until_ready(metrics["loss"])
 
@@ -114,7 +115,6 @@ def time_torch(
     on the same batches, starting from the same parameters."""
     import torch
 
-    from sr_jax import model as sr_model
     from sr_jax.bench.torch_reference import TorchSRModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

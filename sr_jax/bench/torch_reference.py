@@ -19,8 +19,7 @@ from torch import nn
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
-
-SIDES = ("user", "query", "item")
+from sr_jax.model.encoding import SIDES
 
 
 def _param(x: np.ndarray) -> nn.Parameter:
@@ -54,8 +53,8 @@ class TorchSRModel(nn.Module):
             {s: _param(l1["gates"][s]["aspect_embedding"]) for s in SIDES if "aspect_embedding" in l1["gates"][s]}
         )
         self.dal_kernel, self.dal_bias = _param(l1["adapter"]["proj"]["kernel"]), _param(l1["adapter"]["proj"]["bias"])
-        self.norm_scale, self.norm_bias = _param(l1["adapter"]["norm"]["scale"]), _param(l1["adapter"]["norm"]["bias"])
-        self.experts = nn.ParameterList([_param(v) for layer in _layers(l1["experts"]) for v in layer])
+        self.norm_scale, self.norm_bias = _param(l1["adapter"]["scale"]), _param(l1["adapter"]["shift"])
+        self.experts = nn.ParameterList([_param(v) for layer in _layers(l1["backbone"]["experts"]) for v in layer])
         self.gate_kernel, self.gate_bias = _param(l2["gate"]["kernel"]), _param(l2["gate"]["bias"])
         self.tower = nn.ParameterList([_param(v) for layer in _layers(l2["tower"]) for v in layer])
 
@@ -92,8 +91,9 @@ class TorchSRModel(nn.Module):
         e_d = self.domain_embedding[domain]
         x = torch.cat([self._side(s, batch, e_d) for s in SIDES], 1)  # [B, 3d]
         every = torch.einsum("bi,kio->bko", x, self.dal_kernel) + self.dal_bias
-        x_hat = F.layer_norm(_pick(every, domain), x.shape[1:], self.norm_scale, self.norm_bias, eps=1e-6)
-        reg = _js(x_hat, domain, self.meta.num_domains, self.cfg.reg_temperature)
+        z = F.layer_norm(_pick(every, domain), x.shape[1:], eps=1e-6)  # standardised: what L_reg aligns
+        x_hat = z * self.norm_scale + self.norm_bias
+        reg = _js(z, domain, self.meta.num_domains, self.cfg.reg_temperature)
         h = x_hat
         for i in range(0, len(self.experts), 2):
             spec = "bi,eio->beo" if h.dim() == 2 else "bei,eio->beo"
@@ -126,16 +126,19 @@ def _pick(every: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return every.gather(1, index[:, None, None].expand(-1, 1, every.shape[-1]))[:, 0]
 
 
-def _js(x_hat: torch.Tensor, domain: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+def _js(z: torch.Tensor, domain: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Mean over present domain pairs of JS(p_i || p_j) / log 2, in log space (as the JAX model)."""
     onehot = F.one_hot(domain, k).float()
     counts = onehot.sum(0)
-    probs = torch.softmax(x_hat / temperature, -1)
-    p = (onehot.T @ probs) / counts.clamp(min=1.0)[:, None]
-    p = torch.where(counts[:, None] > 0, p, 1.0 / p.shape[1])
-    m = 0.5 * (p[:, None, :] + p[None, :, :])
-    log_p = torch.log(p)
-    kl_i = (p[:, None, :] * (log_p[:, None, :] - torch.log(m))).sum(-1)
-    kl_j = (p[None, :, :] * (log_p[None, :, :] - torch.log(m))).sum(-1)
+    log_probs = torch.log_softmax(z / temperature, -1)
+    peak = torch.full((k, z.shape[1]), -torch.inf, device=z.device).index_reduce(0, domain, log_probs, "amax")
+    peak = torch.where(counts[:, None] > 0, peak, 0.0).detach()
+    sums = onehot.T @ torch.exp(log_probs - peak[domain])
+    log_p = peak + torch.log(sums.clamp(min=1e-30)) - torch.log(counts.clamp(min=1.0))[:, None]
+    log_p = torch.where(counts[:, None] > 0, log_p, -float(np.log(z.shape[1])))
+    lp_i, lp_j = log_p[:, None, :], log_p[None, :, :]
+    log_m = torch.logaddexp(lp_i, lp_j) - np.log(2.0)
+    js = 0.5 * ((lp_i.exp() * (lp_i - log_m)).sum(-1) + (lp_j.exp() * (lp_j - log_m)).sum(-1)) / np.log(2.0)
     present = counts > 0
-    pairs = present[:, None] & present[None, :] & torch.triu(torch.ones(k, k, dtype=torch.bool, device=p.device), 1)
-    return torch.where(pairs, 0.5 * (kl_i + kl_j), 0.0).sum()
+    pairs = present[:, None] & present[None, :] & torch.triu(torch.ones(k, k, dtype=torch.bool, device=z.device), 1)
+    return torch.where(pairs, js, 0.0).sum() / pairs.sum().clamp(min=1)

@@ -16,13 +16,19 @@ import numpy as np
 
 
 class BatchIterator:
-    """Global batches of `batch_size` rows; this process reads `rows` of each (multi-host: every process
-    its own part of the same global batch, so the data a run sees does not depend on the process count)."""
+    """Global batches of `batch_size` rows; this process reads `process_slice` of each (multi-host: every
+    process its own part of the same global batch, so the data a run sees does not depend on the process
+    count)."""
 
     def __init__(
-        self, columns: dict[str, np.ndarray], batch_size: int, seed: int, start_step: int = 0, rows: slice = slice(None)
+        self,
+        columns: dict[str, np.ndarray],
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        process_slice: slice = slice(None),
     ):
-        self.columns, self.rows = columns, rows
+        self.columns, self.process_slice = columns, process_slice
         self.size = len(next(iter(columns.values())))
         if batch_size > self.size:
             raise ValueError(f"batch size {batch_size} is larger than the split ({self.size} examples)")
@@ -41,9 +47,25 @@ class BatchIterator:
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.order(epoch)
         batch = np.sort(self._order[k * self.batch_size : (k + 1) * self.batch_size])  # sorted: sequential reads
-        idx = batch[self.rows]
+        idx = batch[self.process_slice]
         self.step += 1
         return {name: np.take(col, idx, axis=0) for name, col in self.columns.items()}
+
+
+class MixedBatches:
+    """Global batches whose first rows come from `main` and the rest from `replay` (fine-tuning's replay of
+    pretraining examples), each a full-batch BatchIterator of its own; this process reads `process_slice`
+    of the joined batch. Epochs and the resumable position follow `main`."""
+
+    def __init__(self, main: BatchIterator, replay: BatchIterator, process_slice: slice = slice(None)):
+        self.main, self.replay, self.process_slice = main, replay, process_slice
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        a, b = next(self.main), next(self.replay)
+        return {name: np.concatenate([a[name], b[name]])[self.process_slice] for name in a}
 
 
 def sequential_batches(columns: dict[str, np.ndarray], batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:

@@ -14,7 +14,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 TASKS = ("search", "rec")
-SIDES = ("user", "item")
+SPARSE_SIDES = ("user", "item")  # the sides that carry sparse fields
 ID_FIELDS = ("user_id", "query_id", "item_id")
 TEXT_FIELDS = ("query_text", "item_text")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sr_jax.data.schema import ID_FIELDS, SIDES, TASKS, TEXT_FIELDS, DatasetMeta, TextCache
+from sr_jax.data.schema import ID_FIELDS, SPARSE_SIDES, TASKS, TEXT_FIELDS, DatasetMeta, TextCache
 from sr_jax.io import atomic_dir, atomic_file
 
 
@@ -115,8 +115,8 @@ def validate(root: str | Path) -> Dataset:
         if d.task not in TASKS:
             raise DatasetError(meta_file, "domains", k, f"task {d.task!r} is not one of {TASKS}")
     for k, f in enumerate(meta.sparse_fields):
-        if f.side not in SIDES:
-            raise DatasetError(meta_file, "sparse_fields", k, f"side {f.side!r} is not one of {SIDES}")
+        if f.side not in SPARSE_SIDES:
+            raise DatasetError(meta_file, "sparse_fields", k, f"side {f.side!r} is not one of {SPARSE_SIDES}")
 
     texts = read_texts(root / "texts.jsonl")
     if len(texts) != meta.num_texts:

@@ -346,15 +346,10 @@ def default_root(cfg: SyntheticConfig) -> Path:
     return base / f"synthetic-{key}"
 
 
-def ensure(cfg: SyntheticConfig, text_encoders: tuple[str, ...]) -> Dataset:
-    """The cached synthetic dataset for `cfg`, generated (and featurized) on first use."""
-    from sr_jax.text import build_text_cache, get_featurizer, text_identity
-
+def ensure(cfg: SyntheticConfig) -> Dataset:
+    """The cached synthetic dataset for `cfg`, generated on first use (text caches are the caller's: the
+    data layer does not depend on the text encoders)."""
     root = default_root(cfg)
     if not (root / "meta.json").exists():
         generate(cfg, root)
-    dataset = open_dataset(root, check=False)
-    for spec in text_encoders:
-        if text_identity(spec)[0] not in dataset.meta.text_caches:
-            build_text_cache(root, get_featurizer(spec))
     return open_dataset(root)

@@ -11,8 +11,10 @@ on the protocol's test split:
     freeze-l0      the pretrained model, L0 (embeddings, text projection) frozen
     freeze-l0-l1   the pretrained model, L0 and L1 frozen (the paper's best)
 
-and, for new items, the pretrained model evaluated as it is (`zero-shot`). Every run is a folder under
-the work folder; a run with an `eval.json` is done and is not run again, so the grid resumes.
+and, for new items, the pretrained model evaluated as it is (`zero-shot`). Each fine-tuned setting runs
+in every chosen variant (VARIANTS: the default alignment against the pretrained domains' reference,
+none, or with a replay of pretraining examples in every batch). Every run is a folder under the work
+folder; a finished run is not run again, so the grid resumes.
 """
 
 from __future__ import annotations
@@ -22,17 +24,22 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from configs import finetune as finetune_config
 from sr_jax.config import Config, override
 from sr_jax.experiments import report
 from sr_jax.experiments.cells import run_once
 from sr_jax.training import evaluation, trainer
+from sr_jax.training.finetune import PROTOCOLS, finetune_config
 
 log = logging.getLogger("sr_jax")
 
 SETTINGS = {"scratch": (), "finetune-all": (), "freeze-l0": ("l0",), "freeze-l0-l1": ("l0", "l1")}
 ZERO_SHOT = "zero-shot"  # the pretrained model without fine-tuning (new items only: a new domain has no tower)
-KEYS = ("protocol", "text", "setting", "fraction")
+VARIANTS = {  # fine-tuned settings only; scratch and zero-shot have nothing to align or replay
+    "default": [],  # aligned against the pretrained domains' reference distributions
+    "no-align": ["finetune.align_reference=false"],
+    "replay": ["finetune.replay_fraction=0.25"],
+}
+KEYS = ("protocol", "text", "setting", "variant", "fraction")
 METRICS = ("auc", "overall_auc", "oracle_auc", "seconds")
 
 
@@ -40,18 +47,21 @@ METRICS = ("auc", "overall_auc", "oracle_auc", "seconds")
 class Grid:
     seeds: tuple[int, ...] = (0, 1, 2)
     fractions: tuple[float, ...] = (0.01, 0.05, 0.2, 1.0)
-    protocols: tuple[str, ...] = tuple(finetune_config.PROTOCOLS)
+    protocols: tuple[str, ...] = tuple(PROTOCOLS)
     settings: tuple[str, ...] = tuple(SETTINGS)
     text: tuple[bool, ...] = (True, False)
+    variants: tuple[str, ...] = ("default",)
 
     def __post_init__(self):
-        unknown = [s for s in self.settings if s not in SETTINGS] + [
-            p for p in self.protocols if p not in finetune_config.PROTOCOLS
-        ]
+        unknown = (
+            [s for s in self.settings if s not in SETTINGS]
+            + [p for p in self.protocols if p not in PROTOCOLS]
+            + [v for v in self.variants if v not in VARIANTS]
+        )
         if unknown:
             raise ValueError(
-                f"unknown settings or protocols {unknown}: expected {list(SETTINGS)} and "
-                f"{list(finetune_config.PROTOCOLS)}"
+                f"unknown settings, protocols or variants {unknown}: expected {list(SETTINGS)}, {list(PROTOCOLS)} "
+                f"and {list(VARIANTS)}"
             )
 
 
@@ -72,23 +82,23 @@ def cell_config(
     pretrained_dir: Path,
     protocol: str,
     setting: str,
+    variant: str,
     fraction: float,
     overrides: list[str],
-    split_sizes: dict[str, int],
 ) -> Config:
-    """A fine-tune (or scratch) run: configs/finetune.py on top of the pretrained config, the setting's
-    frozen levels, the fraction, and a batch no larger than the data (`split_sizes`: the dataset's)."""
-    cfg = override(finetune_config.get_config(pretrained, protocol), overrides)
-    batch = min(cfg.data.batch_size, trainer.subset_size(split_sizes[cfg.data.train_split], fraction))
-    return dataclasses.replace(
+    """A fine-tune (or scratch) run: the fine-tune config on top of the pretrained config, the setting's
+    frozen levels, the variant, the fraction, then `overrides`."""
+    cfg = finetune_config(pretrained, protocol)
+    cfg = dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, train_fraction=fraction, batch_size=batch),
+        data=dataclasses.replace(cfg.data, train_fraction=fraction),
         finetune=dataclasses.replace(
             cfg.finetune,
             pretrained="" if setting == "scratch" else str(pretrained_dir.absolute()),
             freeze=SETTINGS[setting],
         ),
     )
+    return override(cfg, [*([] if setting == "scratch" else VARIANTS[variant]), *overrides])
 
 
 def _cached(workdir: Path, run, cfg: Config) -> dict:
@@ -105,7 +115,9 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
     """Runs (or reuses) every cell; returns one row per cell and seed."""
     workdir = Path(workdir)
     rows = []
-    cells = len(grid.text) * len(grid.seeds) * (1 + len(grid.protocols) * len(grid.settings) * len(grid.fractions))
+    tuned = [s for s in grid.settings if s != "scratch"]
+    per_protocol = (len(tuned) * len(grid.variants) + (len(grid.settings) - len(tuned))) * len(grid.fractions)
+    cells = len(grid.text) * len(grid.seeds) * (1 + len(grid.protocols) * per_protocol)
     done = 0
 
     def progress(name: str, row: dict) -> None:
@@ -113,7 +125,6 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
         done += 1
         log.info("[%d/%d] %s: mean per-domain AUC %.4f (%.0f s)", done, cells, name, row["auc"], row["seconds"])
 
-    split_sizes = trainer.load_dataset(base.data).meta.splits  # opened once, not per cell
     for text in grid.text:
         for seed in grid.seeds:
             pre_cfg = pretrain_config(base, text, seed)
@@ -122,44 +133,53 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
             for protocol in grid.protocols:
                 if protocol == "cold-items":
                     zero_dir = workdir / protocol / f"text-{_on(text)}" / ZERO_SHOT / f"seed-{seed}"
-                    _, eval_split = finetune_config.PROTOCOLS[protocol]
+                    _, eval_split = PROTOCOLS[protocol]
                     zero_cfg = dataclasses.replace(
                         pre_cfg, data=dataclasses.replace(pre_cfg.data, eval_split=eval_split)
                     )
                     row = _cached(zero_dir, partial(_evaluate_pretrained, pretrained=pre_dir), zero_cfg)
                     rows += [
-                        dict(protocol=protocol, text=_on(text), setting=ZERO_SHOT, fraction=f, seed=seed, **row)
+                        dict(
+                            protocol=protocol,
+                            text=_on(text),
+                            setting=ZERO_SHOT,
+                            variant="-",
+                            fraction=f,
+                            seed=seed,
+                            **row,
+                        )
                         for f in grid.fractions
                     ]
                 for setting in grid.settings:
-                    for fraction in grid.fractions:
-                        cfg = cell_config(
-                            pre_cfg, pre_dir, protocol, setting, fraction, list(finetune_overrides), split_sizes
-                        )
-                        cell = (
-                            workdir
-                            / protocol
-                            / f"text-{_on(text)}"
-                            / setting
-                            / f"fraction-{fraction:g}"
-                            / f"seed-{seed}"
-                        )
-                        row = _cached(cell, trainer.fit, cfg)
-                        progress(str(cell), row)
-                        rows.append(
-                            dict(
-                                protocol=protocol, text=_on(text), setting=setting, fraction=fraction, seed=seed, **row
+                    for variant in grid.variants if setting != "scratch" else ("-",):
+                        for fraction in grid.fractions:
+                            cfg = cell_config(
+                                pre_cfg, pre_dir, protocol, setting, variant, fraction, list(finetune_overrides)
                             )
-                        )
+                            name = setting if variant in ("-", "default") else f"{setting}+{variant}"
+                            cell = workdir / protocol / f"text-{_on(text)}" / name / f"fraction-{fraction:g}"
+                            row = _cached(cell / f"seed-{seed}", trainer.fit, cfg)
+                            progress(str(cell / f"seed-{seed}"), row)
+                            rows.append(
+                                dict(
+                                    protocol=protocol,
+                                    text=_on(text),
+                                    setting=setting,
+                                    variant=variant,
+                                    fraction=fraction,
+                                    seed=seed,
+                                    **row,
+                                )
+                            )
     return rows
 
 
 def _evaluate_pretrained(cfg: Config, workdir: Path, pretrained: Path) -> None:
     """The pretrained run's parameters, evaluated on `cfg`'s eval split; the report goes to `workdir`."""
     run = trainer.build_run(cfg, pretrained)
-    state = trainer.restore_or_init(run)
+    params = trainer.restore_params(run)
     run.checkpointer.close()
-    result = trainer.evaluate(run, state.params)
+    result = trainer.evaluate(run, params)
     workdir.mkdir(parents=True, exist_ok=True)
     evaluation.write_report(workdir, result)
 
@@ -181,7 +201,7 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
     protocols = list(dict.fromkeys(r["protocol"] for r in table))
     oracle = {p: _oracle([r for r in table if r["protocol"] == p]) for p in protocols}
     for protocol in protocols:
-        train_split, eval_split = finetune_config.PROTOCOLS[protocol]
+        train_split, eval_split = PROTOCOLS[protocol]
         lines += [
             "",
             f"## {protocol} (train `{train_split}`, evaluate `{eval_split}`)",
@@ -189,7 +209,7 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
             *([f"Oracle (the true click probabilities): {oracle[protocol]:.4f}.", ""] if oracle[protocol] else []),
             report.pivot_markdown(
                 [r for r in table if r["protocol"] == protocol],
-                ("setting", "text"),
+                ("setting", "variant", "text"),
                 "fraction",
                 "auc",
                 column_label=lambda f: f"{f:g}",
@@ -202,7 +222,7 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
         panels,
         x="fraction",
         metric="auc",
-        series=("setting", "text"),
+        series=("setting", "variant", "text"),
         style_key="text",
         xlabel="fraction of the cold training split",
         ylabel="mean per-domain AUC",

@@ -1,4 +1,4 @@
-"""The results table: every model of configs/experiment.py on every dataset, over seeds.
+"""The results table: every model of a grid (configs/experiment.py's) on every dataset, over seeds.
 
 A cell is one `trainer.fit` run in WORKDIR/DATASET/MODEL/seed-S (the single-domain baseline: one run
 per domain in .../seed-S/DOMAIN). Finished cells are read back, not rerun, so the grid resumes. The
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.experiment import DATASETS, MODELS, SINGLE_DOMAIN
 from sr_jax.config import Config, override
 from sr_jax.data import amazon, movielens
 from sr_jax.data.store import open_dataset
@@ -28,14 +27,13 @@ CONVERTERS = {"movielens": movielens.convert, "amazon": amazon.convert}
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    models: tuple[str, ...] = tuple(MODELS)
-    datasets: tuple[str, ...] = tuple(DATASETS)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    """models and datasets: name -> its overrides on the default config; `single_domain`: the models trained
+    as one model per domain."""
 
-    def __post_init__(self):
-        unknown = [m for m in self.models if m not in MODELS] + [d for d in self.datasets if d not in DATASETS]
-        if unknown:
-            raise ValueError(f"unknown models or datasets {unknown}: expected {list(MODELS)} and {list(DATASETS)}")
+    models: dict[str, list[str]]
+    datasets: dict[str, list[str]]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    single_domain: tuple[str, ...] = ()
 
 
 def dataset_path(name: str, data_dir: Path, sources: dict[str, Path], encoder: str) -> str:
@@ -64,17 +62,17 @@ def _row(result: dict, seconds: float) -> dict:
 def run_grid(grid: Grid, workdir: str | Path, data_dir: str | Path, sources: dict[str, Path], overrides: list[str]):
     workdir, data_dir = Path(workdir), Path(data_dir)
     rows = []
-    for dataset in grid.datasets:
+    for dataset, dataset_overrides in grid.datasets.items():
         encoder = override(Config(), overrides).data.text_encoder
         path = dataset_path(dataset, data_dir, sources, encoder)
-        for model in grid.models:
+        for model, model_overrides in grid.models.items():
             for seed in grid.seeds:
                 cfg = override(
                     Config(),
-                    [*DATASETS[dataset], *MODELS[model], f"data.path={path}", f"train.seed={seed}", *overrides],
+                    [*dataset_overrides, *model_overrides, f"data.path={path}", f"train.seed={seed}", *overrides],
                 )
                 cell = workdir / dataset / model / f"seed-{seed}"
-                if model in SINGLE_DOMAIN:
+                if model in grid.single_domain:
                     row = _single_domain(cfg, cell)
                 else:
                     row = _row(*run_once(cell, trainer.fit, cfg))
@@ -87,10 +85,8 @@ def _single_domain(cfg: Config, cell: Path) -> dict:
     """One model per domain (each trained and evaluated on its domain alone); their per-domain AUCs. There
     is no overall or cold-item AUC: the per-domain models' scores are not on one scale."""
     dataset = trainer.load_dataset(cfg.data)
-    trained = np.unique(np.asarray(dataset.split(cfg.data.train_split)["domain"]))
     row = {"auc": None, "overall_auc": None, "cold_auc": None, "seconds": 0.0}
-    for k in trained:
-        name = dataset.meta.domains[k].name
+    for name in trainer.run_domains(cfg.data, dataset.meta):
         one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=(name,)))
         result, seconds = run_once(cell / name, trainer.fit, one)
         row[f"auc:{name}"] = result["domains"][name]["auc"]

@@ -4,7 +4,8 @@
     logits, aux = sr_jax.model.apply(graphdef, params, batch, text)    # pure, jit-able
 
 `params` is a plain nested dict of arrays (levels `l0`, `l1`, `l2` at the top): it is what optax
-updates, orbax saves and sharding rules annotate.
+updates, orbax saves and sharding rules annotate. It also holds STAR's batch statistics (`stats_mask`),
+which training writes back from `apply(..., train=True)` instead of optimizing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
+from sr_jax.model.domain_adaptation import AlignmentReference
 from sr_jax.model.encoding import TextTable
 from sr_jax.model.foundation import SRFoundationModel
 from sr_jax.model.levels import LEVELS, level_labels, level_of
@@ -57,10 +59,43 @@ def per_domain(cfg: ModelConfig, meta: DatasetMeta, text_dim: int, params: Param
     return jax.tree.map(lambda a, b: a.shape != b.shape, params, more)
 
 
-def apply(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable, rows=None):
-    """(logits [B], aux) where aux = {"reg": scalar, "aspect_weights": {side: [B, A]}, "expert_weights": [B, E]}.
-    `rows` (optional) are the embedding rows to read per table, as `table_rows` gives them."""
-    return nnx.merge(graphdef, params)(batch, text, rows)
+def apply(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    batch: dict[str, jax.Array],
+    text: TextTable,
+    table_rows=None,
+    *,
+    train: bool = False,
+    key: jax.Array | None = None,
+    reference: AlignmentReference | None = None,
+):
+    """(logits [B] float32, aux) where aux = {"reg": scalar, "aligned": [B, 3d] (what L_reg aligns),
+    "aspect_weights": {side: [B, A]}, "expert_weights": [B, E]}, and with `train=True` also "stats": the
+    batch statistics after this batch (STAR's partitioned normalisation; {} for other models), a
+    params-shaped subtree to write back with `with_stats`. `table_rows` (optional) are the embedding rows
+    to read per table, as `table_rows` gives them; `key` draws the MMD subsample; `reference`: the
+    pretrained domains' distributions that fine-tuning aligns against."""
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(batch, text, table_rows, train=train, key=key, reference=reference)
+    if train:
+        aux["stats"] = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return logits, aux
+
+
+def stats_mask(graphdef: nnx.GraphDef, params: Params) -> Params:
+    """A tree like `params` of bools: True for batch statistics (not trained by the optimizer: they follow the
+    data through `apply(..., train=True)`)."""
+    stats = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, params), nnx.BatchStat)))
+    paths = {tuple(path) for path, _ in stats}
+    return jax.tree_util.tree_map_with_path(lambda path, _: tuple(path) in paths, params)
+
+
+def with_stats(params: Params, stats: Params) -> Params:
+    """`params` with the batch statistics in `stats` (a subtree of the same paths) replaced."""
+    if not isinstance(stats, dict):
+        return stats
+    return {k: with_stats(v, stats[k]) if k in stats else v for k, v in params.items()}
 
 
 def table_rows(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array]) -> dict[tuple[str, str], jax.Array]:
@@ -70,6 +105,7 @@ def table_rows(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Arra
 
 __all__ = [
     "LEVELS",
+    "AlignmentReference",
     "Params",
     "SRFoundationModel",
     "TextTable",
@@ -80,5 +116,7 @@ __all__ = [
     "level_labels",
     "level_of",
     "per_domain",
+    "stats_mask",
     "table_rows",
+    "with_stats",
 ]

@@ -1,15 +1,17 @@
 """The multi-task backbones of L1: what turns x_hat into a stack of expert outputs for L2's gates.
 
     mmoe   shared experts (Ma et al., KDD 2018); with num_experts=1 it is Shared-Bottom
-    ple    shared experts plus each domain's own experts (CGC, the one-level PLE; Tang et al., RecSys 2020)
-    star   one star-topology network: partitioned normalisation, then layers whose weights are a shared
-           matrix times the domain's matrix, element-wise (Sheng et al., CIKM 2021); its auxiliary
-           network (`StarAuxiliary`) adds a logit from the domain indicator in L2
+    ple    progressive layered extraction (Tang et al., RecSys 2020): `ple_levels` levels of shared experts
+           plus each domain's own experts; one level is CGC
+    star   the star-topology network (Sheng et al., CIKM 2021): partitioned normalisation, then layers whose
+           weights are a shared matrix times the domain's matrix, element-wise; its auxiliary network
+           (`StarAuxiliary`) adds a logit from the domain indicator in L2
 
-Each gives [B, E, h]: E expert outputs per example, which L2 mixes with its domain's softmax gate
-(`SharedAdaptation` in foundation.py runs them). Per-domain parameters (PLE's domain experts, STAR's
-domain factors) sit on a leading domain axis like the rest of the model, so fine-tuning gives a new
-domain fresh, trainable rows.
+Each is called as backbone(x_hat, domain, dtype, train) -> (experts [B, E, h], gate input [B, g]): E expert
+outputs per example, which L2 mixes with its domain's softmax gate (read from the gate input), or takes
+as they are when E = 1. Per-domain parameters (PLE's domain experts and gates, STAR's domain factors and
+statistics) sit on a leading domain axis like the rest of the model, so fine-tuning gives a new domain
+fresh, trainable rows.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.layers import Array, StackedMLP, normal, zeros
-
-BACKBONES = ("mmoe", "ple", "star")
+from sr_jax.model.domain_adaptation import standardise
+from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal, pick, zeros
 
 
 def num_outputs(cfg: ModelConfig) -> int:
@@ -29,42 +30,122 @@ def num_outputs(cfg: ModelConfig) -> int:
     return {"mmoe": cfg.num_experts, "ple": cfg.num_experts + cfg.domain_experts, "star": 1}[cfg.backbone]
 
 
-class DomainExperts(nnx.Module):
-    """PLE's experts of each domain: E_d stacks of K MLPs; an example runs its own domain's row of each."""
+class SharedExperts(nnx.Module):
+    """MMoE's experts: E shared MLPs, every one on every example."""
 
     def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
-        self.stacks = nnx.List(
+        self.experts = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        return self.experts.every(x_hat, dtype), x_hat
+
+
+class ExtractionLevel(nnx.Module):
+    """One PLE level: shared experts on the shared input, the example's own domain's experts on its domain
+    input; below the last level, gates mix both kinds into the next level's two inputs."""
+
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, last: bool, *, rngs: nnx.Rngs):
+        self.shared = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
+        self.own = nnx.List(
             [StackedMLP(num_domains, width, cfg.expert_hidden, rngs=rngs) for _ in range(cfg.domain_experts)]
         )
+        experts = cfg.num_experts + cfg.domain_experts
+        self.domain_gate = None if last else StackedDense(num_domains, width, experts, rngs=rngs)
+        self.shared_gate = None if last else StackedDense(1, width, experts, rngs=rngs)
 
-    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype) -> Array:
-        """-> [B, E_d, h]"""
-        return jnp.stack([stack.select(x_hat, domain, dtype) for stack in self.stacks], axis=1)
+    def __call__(self, h_domain: Array, h_shared: Array, domain: Array, dtype: jnp.dtype):
+        """-> experts [B, E, h], and the next level's (domain input, shared input) [B, h] (None at the last)"""
+        own = [stack.select(h_domain, domain, dtype) for stack in self.own]
+        experts = jnp.concatenate([self.shared.every(h_shared, dtype), jnp.stack(own, axis=1)], axis=1)
+        if self.domain_gate is None:
+            return experts, None
+
+        def mix(logits):
+            return jnp.einsum("be,beh->bh", jax.nn.softmax(logits.astype(jnp.float32), -1).astype(dtype), experts)
+
+        next_domain = mix(self.domain_gate.select(h_domain, domain, dtype))
+        next_shared = mix(self.shared_gate.every(h_shared, dtype)[:, 0])
+        return experts, (next_domain, next_shared)
+
+
+class ProgressiveExperts(nnx.Module):
+    """PLE: `ple_levels` extraction levels; the last level's experts go to L2, whose domain gates read the
+    domain input of that level (x_hat itself for one level: CGC)."""
+
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
+        widths = [width] + [cfg.expert_hidden[-1]] * (cfg.ple_levels - 1)
+        self.levels = nnx.List(
+            [
+                ExtractionLevel(cfg, num_domains, w, last=i == cfg.ple_levels - 1, rngs=rngs)
+                for i, w in enumerate(widths)
+            ]
+        )
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        h_domain = h_shared = x_hat
+        for level in self.levels:
+            experts, inputs = level(h_domain, h_shared, domain, dtype)
+            if inputs is not None:
+                h_domain, h_shared = inputs
+        return experts, h_domain
+
+
+class PartitionedNorm(nnx.Module):
+    """STAR's partitioned normalisation: every example is normalised by its own domain's statistics (the
+    batch's rows of that domain in training, the domain's moving averages at inference), then scaled by
+    gamma * gamma_k and shifted by beta + beta_k. `per_example=True` normalises each example by its own
+    features instead (a LayerNorm; the `star_norm=layer` variant, which needs no statistics)."""
+
+    def __init__(self, num_domains: int, width: int, per_example: bool, momentum: float = 0.99):
+        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
+        self.shift = zeros((width,))
+        self.domain_scale = nnx.Param(jnp.ones((num_domains, width), jnp.float32))
+        self.domain_shift = zeros((num_domains, width))
+        self.per_example, self.momentum = per_example, momentum
+        if not per_example:
+            self.mean = nnx.BatchStat(jnp.zeros((num_domains, width), jnp.float32))
+            self.var = nnx.BatchStat(jnp.ones((num_domains, width), jnp.float32))
+
+    def __call__(self, x: Array, domain: Array, train: bool) -> Array:
+        x = x.astype(jnp.float32)
+        if self.per_example:
+            z = standardise(x)
+        else:
+            if train:
+                onehot = jax.nn.one_hot(domain, self.mean.shape[0], dtype=jnp.float32)  # [B, K]
+                count = onehot.sum(0)[:, None]
+                mean = onehot.T @ x / jnp.maximum(count, 1.0)
+                var = onehot.T @ jnp.square(x - mean[domain]) / jnp.maximum(count, 1.0)
+                m = self.momentum
+                self.mean[...] = jnp.where(count > 0, m * self.mean[...] + (1 - m) * mean, self.mean[...])
+                self.var[...] = jnp.where(count > 0, m * self.var[...] + (1 - m) * var, self.var[...])
+            else:
+                mean, var = self.mean[...], self.var[...]
+            z = (x - mean[domain]) * jax.lax.rsqrt(var[domain] + 1e-5)
+        gamma = self.scale[...] * self.domain_scale[...][domain]
+        return z * gamma + self.shift[...] + self.domain_shift[...][domain]
 
 
 class StarNetwork(nnx.Module):
-    """STAR: LayerNorm with scale gamma * gamma_k and shift beta + beta_k (partitioned normalisation), then
-    ReLU layers with W = W_shared * W_k and b = b_shared + b_k. The domain factors start at one and
-    zero, so every domain starts from the shared network."""
+    """STAR: partitioned normalisation, then ReLU layers with W = W_shared * W_k and b = b_shared + b_k. The
+    domain factors start at one and zero, so every domain starts from the shared network."""
 
-    def __init__(self, num_domains: int, width: int, widths: tuple[int, ...], *, rngs: nnx.Rngs):
-        self.norm = nnx.LayerNorm(width, rngs=rngs)
-        self.norm_scale = nnx.Param(jnp.ones((num_domains, width)))
-        self.norm_shift = zeros((num_domains, width))
-        dims = (width, *widths)
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
+        self.norm = PartitionedNorm(num_domains, width, per_example=cfg.star_norm == "layer")
+        dims = (width, *cfg.expert_hidden)
         self.shared_kernels = nnx.List([normal(rngs, (a, b), a**-0.5) for a, b in zip(dims[:-1], dims[1:])])
         self.shared_biases = nnx.List([zeros((b,)) for b in dims[1:]])
         self.domain_kernels = nnx.List([nnx.Param(jnp.ones((num_domains, a, b))) for a, b in zip(dims[:-1], dims[1:])])
         self.domain_biases = nnx.List([zeros((num_domains, b)) for b in dims[1:]])
 
-    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype) -> Array:
-        """-> [B, 1, h]"""
-        h = self.norm(x_hat) * self.norm_scale[...][domain] + self.norm_shift[...][domain]
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        """-> ([B, 1, h], x_hat)"""
+        h = self.norm(x_hat, domain, train)
         for w, b, w_k, b_k in zip(self.shared_kernels, self.shared_biases, self.domain_kernels, self.domain_biases):
             kernels = (w[...][None] * w_k[...]).astype(dtype)  # [K, in, out]
             every = jnp.einsum("bi,kio->bko", h.astype(dtype), kernels)
-            h = jax.nn.relu(jnp.take_along_axis(every, domain[:, None, None], axis=1)[:, 0] + b[...] + b_k[...][domain])
-        return h[:, None, :]
+            h = jax.nn.relu(pick(every, domain) + b[...] + b_k[...][domain])
+        return h[:, None, :], x_hat
 
 
 class StarAuxiliary(nnx.Module):
@@ -76,6 +157,16 @@ class StarAuxiliary(nnx.Module):
         self.mlp = StackedMLP(1, width + indicator, (hidden, 1), rngs=rngs, linear_out=True)
 
     def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype) -> Array:
-        """-> [B] logits"""
+        """-> [B] logits (float32)"""
         x = jnp.concatenate([x_hat, self.indicator[...][domain]], axis=1)
-        return self.mlp.all(x, dtype)[:, 0, 0]
+        return self.mlp.every(x, dtype)[:, 0, 0]
+
+
+def make_backbone(cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    kinds = {"mmoe": SharedExperts, "ple": ProgressiveExperts, "star": StarNetwork}
+    return kinds[cfg.backbone](cfg, num_domains, width, rngs=rngs)
+
+
+def gate_width(cfg: ModelConfig, width: int) -> int:
+    """The width of what L2's domain gates read: x_hat, or PLE's last domain input."""
+    return cfg.expert_hidden[-1] if cfg.backbone == "ple" and cfg.ple_levels > 1 else width

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.data.schema import DatasetMeta
+from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
 from sr_jax.model.layers import Array, hash_ids, normal
 
 SIDES = ("user", "query", "item")
@@ -42,16 +42,24 @@ def side_aspects(cfg: ModelConfig, meta: DatasetMeta) -> dict[str, tuple[str, ..
     }
 
 
+def padded_rows(rows: int, multiple: int) -> int:
+    """A table's row count rounded up to `model.table_row_multiple`, so that any model axis dividing that
+    multiple shards it evenly (ids never reach the padding rows)."""
+    return -(-rows // multiple) * multiple
+
+
 class FeatureEncoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, meta: DatasetMeta, text_dim: int, *, rngs: nnx.Rngs):
         self.vocab = {s: meta.vocab[f"{s}_id"] for s in SIDES}
-        self.rows = {s: min(v, cfg.id_buckets) if cfg.id_buckets else v for s, v in self.vocab.items()}
+        self.buckets = {s: min(v, cfg.id_buckets) if cfg.id_buckets else v for s, v in self.vocab.items()}
         self.aspects = side_aspects(cfg, meta)
-        self.id_tables = nnx.Dict({s: normal(rngs, (self.rows[s], cfg.dim), 0.05) for s in SIDES})
-        self.fields = {s: [f for f in meta.sparse_fields if f.side == s] for s in ("user", "item")}
-        self.sparse_tables = nnx.Dict(
-            {f"{f.side}_{f.name}": normal(rngs, (f.vocab, cfg.dim), 0.05) for f in meta.sparse_fields}
-        )
+
+        def table(rows: int) -> nnx.Param:
+            return normal(rngs, (padded_rows(rows, cfg.table_row_multiple), cfg.dim), 0.05)
+
+        self.id_tables = nnx.Dict({s: table(self.buckets[s]) for s in SIDES})
+        self.fields = {s: [f for f in meta.sparse_fields if f.side == s] for s in SPARSE_SIDES}
+        self.sparse_tables = nnx.Dict({f"{f.side}_{f.name}": table(f.vocab) for f in meta.sparse_fields})
         self.sparse_proj = nnx.Dict(
             {s: nnx.Linear(len(fs) * cfg.dim, cfg.dim, rngs=rngs) for s, fs in self.fields.items() if fs}
         )
@@ -63,16 +71,17 @@ class FeatureEncoder(nnx.Module):
     def table_rows(self, batch: dict[str, Array]) -> dict[tuple[str, str], Array]:
         """The rows every embedding lookup of `batch` reads, per table (key: the table's path under l0, e.g.
         ("id_tables", "user")); a multi-valued field's rows keep its [B, L] shape."""
-        rows = {("id_tables", s): hash_ids(batch[f"{s}_id"], self.vocab[s], self.rows[s]) for s in SIDES}
+        rows = {("id_tables", s): hash_ids(batch[f"{s}_id"], self.vocab[s], self.buckets[s]) for s in SIDES}
         for side, fields in self.fields.items():
             rows.update({("sparse_tables", f"{side}_{f.name}"): batch[f"{side}.{f.name}"] for f in fields})
         return rows
 
     def __call__(
-        self, batch: dict[str, Array], text: TextTable, rows: dict[tuple[str, str], Array] | None = None
+        self, batch: dict[str, Array], text: TextTable, table_rows: dict[tuple[str, str], Array] | None = None
     ) -> dict[str, Aspects]:
-        """`rows` replaces `table_rows(batch)`: the row-sparse update passes the gathered tables' rows."""
-        rows = self.table_rows(batch) if rows is None else rows
+        """`table_rows` replaces `self.table_rows(batch)`: the row-sparse update passes the gathered tables'
+        rows."""
+        rows = self.table_rows(batch) if table_rows is None else table_rows
         out = {}
         for side in SIDES:
             vectors, masks = [], []

@@ -5,7 +5,7 @@
                              the backbone's experts (MMoE, PLE or STAR)
     l2  DomainHeads          one expert gate and one tower per domain       (task-specific)
 
-A parameter's level is the first key of its path (`params["l1"]["experts"]...`), so selecting,
+A parameter's level is the first key of its path (`params["l1"]["backbone"]...`), so selecting,
 freezing or restoring a level is a filter on that key (`sr_jax.model.levels`).
 """
 
@@ -15,10 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sr_jax.config import ModelConfig
+from sr_jax.config import ConfigError, ModelConfig, validate_model
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.model.backbones import BACKBONES, DomainExperts, StarAuxiliary, StarNetwork, num_outputs
-from sr_jax.model.domain_adaptation import REGULARIZERS, DomainAdaptiveLayer, js_regularizer, mmd_regularizer
+from sr_jax.model.backbones import StarAuxiliary, gate_width, make_backbone, num_outputs
+from sr_jax.model.domain_adaptation import (
+    AlignmentReference,
+    DomainAdaptiveLayer,
+    js_regularizer,
+    mmd_regularizer,
+    standardise,
+)
 from sr_jax.model.encoding import SIDES, FeatureEncoder, TextTable, side_aspects
 from sr_jax.model.fusion import AspectGate
 from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal
@@ -37,50 +43,47 @@ class SharedAdaptation(nnx.Module):
             {s: AspectGate(cfg.gating, len(aspects[s]), cfg.dim, cfg.gate_dim, text_dim, rngs=rngs) for s in SIDES}
         )
         self.adapter = DomainAdaptiveLayer(num_domains, width, rngs=rngs) if cfg.use_domain_adapter else None
-        star = cfg.backbone == "star"
-        self.experts = None if star else StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
-        self.domain_experts = DomainExperts(cfg, num_domains, width, rngs=rngs) if cfg.backbone == "ple" else None
-        self.star = StarNetwork(num_domains, width, cfg.expert_hidden, rngs=rngs) if star else None
+        self.backbone = make_backbone(cfg, num_domains, width, rngs=rngs)
 
-    def __call__(self, sides, domain: Array) -> tuple[Array, Array, dict]:
-        """-> (x_hat [B, 3d], expert outputs [B, E, h], aux)"""
+    def __call__(self, sides, domain: Array, train: bool, key: Array, reference: AlignmentReference | None):
+        """-> (x_hat [B, 3d], expert outputs [B, E, h], L2's gate input [B, g], aux)"""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         e_d = self.domain_embedding[...][domain]
         fused, weights = zip(*(self.gates[s](sides[s], e_d) for s in SIDES))
         x = jnp.concatenate(fused, axis=1)
-        x_hat = self.adapter(x, domain, dtype) if self.adapter is not None else x
+        x_hat, z = self.adapter(x, domain, dtype) if self.adapter is not None else (x, standardise(x))
         if cfg.regularizer == "js":
-            reg = js_regularizer(x_hat, domain, self.num_domains, cfg.reg_temperature)
+            reg = js_regularizer(z, domain, self.num_domains, cfg.reg_temperature, reference)
         elif cfg.regularizer == "mmd":
-            reg = mmd_regularizer(x_hat, domain, self.num_domains, cfg.mmd_bandwidth, cfg.mmd_max_examples)
+            reg = mmd_regularizer(z, domain, self.num_domains, cfg.mmd_bandwidth, cfg.mmd_max_examples, key, reference)
         else:
             reg = jnp.zeros((), jnp.float32)
-        if self.star is not None:
-            experts = self.star(x_hat, domain, dtype)
-        else:
-            experts = self.experts.all(x_hat, dtype)
-            if self.domain_experts is not None:
-                experts = jnp.concatenate([experts, self.domain_experts(x_hat, domain, dtype)], axis=1)
-        return x_hat, experts, {"reg": reg, "aspect_weights": dict(zip(SIDES, weights))}
+        experts, gate_input = self.backbone(x_hat, domain, dtype, train)
+        return x_hat, experts, gate_input, {"reg": reg, "aligned": z, "aspect_weights": dict(zip(SIDES, weights))}
 
 
 class DomainHeads(nnx.Module):
-    """L2: each domain's softmax gate over the experts and its tower; an example uses its own domain's."""
+    """L2: each domain's softmax gate over the experts (none when there is one expert output) and its tower;
+    an example uses its own domain's."""
 
     def __init__(self, cfg: ModelConfig, num_domains: int, *, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(cfg.dtype)
-        self.gate = StackedDense(num_domains, len(SIDES) * cfg.dim, num_outputs(cfg), rngs=rngs)
-        self.tower = StackedMLP(num_domains, cfg.expert_hidden[-1], (*cfg.tower_hidden, 1), rngs=rngs, linear_out=True)
         width = len(SIDES) * cfg.dim
+        experts = num_outputs(cfg)
+        self.gate = StackedDense(num_domains, gate_width(cfg, width), experts, rngs=rngs) if experts > 1 else None
+        self.tower = StackedMLP(num_domains, cfg.expert_hidden[-1], (*cfg.tower_hidden, 1), rngs=rngs, linear_out=True)
         self.aux = StarAuxiliary(num_domains, width, rngs=rngs) if cfg.backbone == "star" else None
 
-    def __call__(self, x_hat: Array, experts: Array, domain: Array) -> tuple[Array, Array]:
-        """-> (logits [B], expert weights [B, E])"""
-        g = jax.nn.softmax(self.gate.select(x_hat, domain, self.dtype).astype(jnp.float32), axis=-1)
-        mixed = jnp.einsum("be,beh->bh", g.astype(self.dtype), experts)
-        logits = self.tower.select(mixed, domain, self.dtype)[:, 0].astype(jnp.float32)
+    def __call__(self, x_hat: Array, experts: Array, gate_input: Array, domain: Array) -> tuple[Array, Array]:
+        """-> (logits [B] float32, expert weights [B, E])"""
+        if self.gate is None:
+            g, mixed = jnp.ones(experts.shape[:2], jnp.float32), experts[:, 0]
+        else:
+            g = jax.nn.softmax(self.gate.select(gate_input, domain, self.dtype).astype(jnp.float32), axis=-1)
+            mixed = jnp.einsum("be,beh->bh", g.astype(self.dtype), experts)
+        logits = self.tower.select(mixed, domain, self.dtype)[:, 0]
         if self.aux is not None:
-            logits = logits + self.aux(x_hat, domain, self.dtype).astype(jnp.float32)
+            logits = logits + self.aux(x_hat, domain, self.dtype)
         return logits, g
 
 
@@ -90,19 +93,29 @@ class SRFoundationModel(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, meta: DatasetMeta, text_dim: int, *, rngs: nnx.Rngs, num_domains: int | None = None
     ):
-        if cfg.regularizer not in REGULARIZERS:
-            raise ValueError(f"model.regularizer={cfg.regularizer!r}: expected one of {REGULARIZERS}")
-        if cfg.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone={cfg.backbone!r}: expected one of {BACKBONES}")
+        if problems := validate_model(cfg):
+            raise ConfigError("invalid model config:\n  " + "\n  ".join(problems))
         num_domains = num_domains or meta.num_domains
         aspects = side_aspects(cfg, meta)
         self.l0 = FeatureEncoder(cfg, meta, text_dim, rngs=rngs)
         self.l1 = SharedAdaptation(cfg, aspects, num_domains, text_dim, rngs=rngs)
         self.l2 = DomainHeads(cfg, num_domains, rngs=rngs)
 
-    def __call__(self, batch: dict[str, Array], text: TextTable, rows=None) -> tuple[Array, dict]:
-        """`rows`: the embedding rows to read per table (default: the batch's; see FeatureEncoder)."""
+    def __call__(
+        self,
+        batch: dict[str, Array],
+        text: TextTable,
+        table_rows=None,
+        *,
+        train: bool = False,
+        key: Array | None = None,
+        reference: AlignmentReference | None = None,
+    ) -> tuple[Array, dict]:
+        """`table_rows`: the embedding rows to read per table (default: the batch's; see FeatureEncoder).
+        `train`: STAR's partitioned normalisation uses (and updates) batch statistics; `key`: the MMD
+        regularizer's subsample; `reference`: the pretrained domains' distributions to align against."""
         domain = batch["domain"]
-        x_hat, experts, aux = self.l1(self.l0(batch, text, rows), domain)
-        logits, aux["expert_weights"] = self.l2(x_hat, experts, domain)
+        key = jax.random.key(0) if key is None else key
+        x_hat, experts, gate_input, aux = self.l1(self.l0(batch, text, table_rows), domain, train, key, reference)
+        logits, aux["expert_weights"] = self.l2(x_hat, experts, gate_input, domain)
         return logits, aux

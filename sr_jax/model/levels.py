@@ -6,9 +6,8 @@ from typing import Any
 
 import jax
 
+from sr_jax.config import LEVELS
 from sr_jax.treeutil import key_name, path_str
-
-LEVELS = ("l0", "l1", "l2")
 
 
 def level_of(path: tuple) -> str:

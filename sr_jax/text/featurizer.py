@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from tqdm import tqdm
+
+from sr_jax.data.store import open_dataset, write_text_cache
+from sr_jax.io import atomic_file
+from sr_jax.text.encoder import PACKAGED, describe, load_encoder
 
 
 class TextFeaturizer(Protocol):
@@ -69,8 +74,6 @@ def get_featurizer(name: str, batch_size: int = 256, dtype: str = "float32") -> 
     `all-MiniLM-L6-v2`, or a BERT-family checkpoint folder (run with `batch_size` and `dtype`)."""
     if name == HashedBagOfWords.name:
         return HashedBagOfWords()
-    from sr_jax.text.encoder import PACKAGED, load_encoder
-
     if name in PACKAGED or Path(name).is_dir():
         return load_encoder(name, batch_size=batch_size, dtype=dtype)
     raise ValueError(
@@ -84,8 +87,6 @@ def text_identity(spec: str) -> tuple[str, str]:
     if spec == HashedBagOfWords.name:
         f = HashedBagOfWords()
         return f.name, f.fingerprint()
-    from sr_jax.text.encoder import describe
-
     encoder = describe(spec)
     return encoder.name, encoder.fingerprint
 
@@ -99,11 +100,6 @@ def build_text_cache(
     `text_cache/.NAME.partial/`, so a build that is killed resumes where it stopped, as long as the
     featurizer's fingerprint is unchanged. The cache itself appears only once it is complete.
     """
-    from tqdm import tqdm
-
-    from sr_jax.data.store import open_dataset, write_text_cache
-    from sr_jax.io import atomic_file
-
     root = Path(root)
     texts = open_dataset(root, check=False).texts()
     order = np.argsort([len(t) for t in texts], kind="stable")

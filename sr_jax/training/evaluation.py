@@ -1,5 +1,11 @@
 """Evaluation on a held-out split: per-domain AUC, GAUC and log loss, overall AUC, cold-item AUC, and
-the dataset's oracle AUCs beside them; written as `eval.json` and `eval.md`."""
+the dataset's oracle AUCs beside them; written as `eval.json` and `eval.md`.
+
+Cold items are the items whose id rows were never trained before the run was evaluated: for a
+pretraining run, items absent from its training data (the fraction and domains it really trained on);
+for a fine-tune run, items its pretrained run never trained (the fine-tune's own cold split does not
+make them warm: the question is what pretraining brings to them). A domain whose labels in the split
+are all one class has no AUC: it is left out of the mean per-domain AUC, and the report says so."""
 
 from __future__ import annotations
 
@@ -21,17 +27,12 @@ def predict_split(predict, params, columns: dict[str, np.ndarray], batch_size: i
     return np.concatenate(out)
 
 
-def cold_item_mask(dataset: Dataset, train_split: str, items: np.ndarray) -> np.ndarray:
-    """True where an item never appears in the training split (its id row was never trained)."""
-    seen = np.bincount(np.asarray(dataset.split(train_split)["item_id"]), minlength=dataset.meta.vocab["item_id"]) > 0
-    return ~seen[items]
-
-
 def compute_metrics(
-    dataset: Dataset, split: str, train_split: str, probs: np.ndarray, columns: dict[str, np.ndarray] | None = None
+    dataset: Dataset, split: str, probs: np.ndarray, columns: dict[str, np.ndarray], warm_items: np.ndarray
 ) -> dict:
-    """Metrics of `probs` on the split (or on `columns`, a subset of its rows, when given)."""
-    cols = dataset.split(split) if columns is None else columns
+    """Metrics of `probs` on `columns` (rows of the split); `warm_items` [item vocab] bool: the items whose
+    id rows were trained before this evaluation (the others are the cold items)."""
+    cols = columns
     labels, domain, users = np.asarray(cols["label"]), np.asarray(cols["domain"]), np.asarray(cols["user_id"])
     oracle = dataset.meta.oracle_auc.get(split, {})
 
@@ -47,16 +48,18 @@ def compute_metrics(
         }
 
     per_domain = {d.name: block(domain == k, d.name) for k, d in enumerate(dataset.meta.domains) if (domain == k).any()}
+    scored = {name: m for name, m in per_domain.items() if not np.isnan(m["auc"])}
     result = {
         "split": split,
         "domains": per_domain,
         "overall": block(np.ones_like(labels, bool), "overall"),
-        "mean_domain_auc": float(np.mean([m["auc"] for m in per_domain.values()])),
+        "mean_domain_auc": float(np.mean([m["auc"] for m in scored.values()])) if scored else float("nan"),
+        "domains_without_auc": sorted(set(per_domain) - set(scored)),  # one class only: no AUC
     }
-    oracle_means = [m["oracle_auc"] for m in per_domain.values() if m["oracle_auc"] is not None]
-    if len(oracle_means) == len(per_domain):
+    oracle_means = [m["oracle_auc"] for m in scored.values() if m["oracle_auc"] is not None]
+    if scored and len(oracle_means) == len(scored):
         result["mean_domain_oracle_auc"] = float(np.mean(oracle_means))
-    cold = cold_item_mask(dataset, train_split, np.asarray(cols["item_id"]))
+    cold = ~warm_items[np.asarray(cols["item_id"])]
     if cold.any():
         result["cold_items"] = block(cold, "cold_items")
     return result
@@ -83,6 +86,11 @@ def markdown_table(result: dict) -> str:
         f"Mean per-domain AUC: {result['mean_domain_auc']:.4f}"
         + (f" (oracle {result['mean_domain_oracle_auc']:.4f})" if "mean_domain_oracle_auc" in result else ""),
     ]
+    if skipped := result.get("domains_without_auc"):
+        lines.append(
+            f"Left out of the mean: {len(skipped)} domain(s) whose labels in this split are one class, so they have "
+            f"no AUC: {', '.join(skipped)}."
+        )
     return "\n".join(lines) + "\n"
 
 

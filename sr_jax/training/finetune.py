@@ -1,34 +1,82 @@
-"""Fine-tuning from a pretrained run: which domains are new, and the pretrained parameters in the
-fine-tune model's shapes.
+"""Fine-tuning from a pretrained run: the cold-start protocols and their schedule, which domains are new,
+what a run records for the runs started from it, and the pretrained parameters in the fine-tune
+model's shapes.
 
-Every run writes `run_info.json` beside its checkpoints: the domains its per-domain parameter rows stand
-for (in row order), the ones it actually trained, and the text encoder its text projection was fitted
-to. A fine-tune run maps its dataset's domains onto those rows by name. A domain the pretrained run
-never trained (held out of pretraining, or absent from its dataset) is *new*: its domain-embedding
-row, adapter W_k, expert gate and tower start from a fresh init and stay trainable when their level
-is frozen. Every other parameter is restored exactly; a structure or shape difference is a
-`CheckpointError` naming the parameter path and both shapes.
+Every run writes, beside its checkpoints:
+- `run_info.json`: the domains its per-domain parameter rows stand for (in row order), the ones it
+  actually trained, the split it trained on, and the text encoder its text projection was fitted to;
+- `trained_items.npy`: which item ids its id rows were trained on (its own data and its pretrained run's);
+- `reference.npz` (`sr_jax.training.alignment`): a sample of each trained domain's z, what fine-tuning
+  aligns against.
+A fine-tune run copies these from its pretrained run into its own `pretrained/` folder when it starts,
+so it resumes and evaluates without the pretrained folder. It maps its dataset's domains onto the
+pretrained rows by name. A domain the pretrained run never trained (held out of pretraining, or absent
+from its dataset) is *new*: its domain-embedding row, adapter W_k, expert gate and tower start from a
+fresh init and stay trainable when their level is frozen. Every other parameter is restored exactly; a
+structure or shape difference is a `CheckpointError` naming the parameter path and both shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from sr_jax.config import Config, FinetuneConfig, TrainConfig
 from sr_jax.data.store import Dataset
+from sr_jax.io import atomic_dir
 from sr_jax.training.checkpoint import CheckpointError, ParamsReader, check_compatible
 from sr_jax.treeutil import path_str, shapes
 
 RUN_INFO = "run_info.json"
+TRAINED_ITEMS = "trained_items.npy"
+SNAPSHOT = "pretrained"  # a fine-tune run's copy of what it needs from its pretrained run
+
+# protocol -> (train split, eval split) of the embedded dataset (DESIGN.md, "Cold start")
+PROTOCOLS = {
+    "new-domain": ("heldout_train", "heldout_test"),  # a domain held out of pretraining
+    "cold-items": ("cold_train", "cold_test"),  # new items in the known domains
+}
+
+
+def finetune_config(pretrained: Config, protocol: str = "new-domain") -> Config:
+    """A fine-tune run of `protocol` from a pretrained run's config: its model and data (so the architecture
+    and the text features match), the protocol's splits, and fine-tuning's own schedule, with levels L0
+    and L1 frozen (the paper's best split)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown cold-start protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    train_split, eval_split = PROTOCOLS[protocol]
+    data = dataclasses.replace(
+        pretrained.data, train_split=train_split, eval_split=eval_split, batch_size=256, pretrain_domains_only=False
+    )
+    return dataclasses.replace(
+        pretrained,
+        data=data,
+        train=TrainConfig(
+            seed=pretrained.train.seed,
+            epochs=5.0,
+            min_steps=100,
+            learning_rate=2e-3,
+            warmup_steps=20,
+            log_every=20,
+            checkpoint_every=100,
+        ),
+        finetune=FinetuneConfig(freeze=("l0", "l1")),
+    )
 
 
 def write_run_info(
-    workdir: Path, dataset: Dataset, train_domains: np.ndarray, text: tuple[str, str], pretrained: dict | None
+    workdir: Path,
+    dataset: Dataset,
+    train_split: str,
+    train_domains: np.ndarray,
+    text: tuple[str, str],
+    pretrained: dict | None,
 ) -> dict:
     """Records what the run's parameters mean. `train_domains`: the domain column of the train data."""
     names = [d.name for d in dataset.meta.domains]
@@ -39,9 +87,10 @@ def write_run_info(
         "dataset": dataset.meta.name,
         "domains": names,
         "trained_domains": [n for n in names if n in trained],
+        "train_split": train_split,
         "text_encoder": text[0],
         "text_fingerprint": text[1],
-        "pretrained": pretrained,  # so that this run resumes and evaluates without the pretrained folder
+        "pretrained": pretrained,  # the pretrained run's record, for provenance
     }
     (workdir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -54,13 +103,38 @@ def read_run_info(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def pretrained_info(workdir: Path, pretrained_dir: str | Path) -> dict:
-    """The pretrained run's run_info: as this run recorded it when it started, else from the pretrained
-    folder (which is then needed only until the first checkpoint)."""
-    own = workdir / RUN_INFO
-    if own.exists() and (recorded := json.loads(own.read_text()).get("pretrained")) is not None:
-        return recorded
-    return read_run_info(pretrained_dir)
+def pretrained_folder(workdir: Path, pretrained_dir: str | Path) -> Path:
+    """Where this run reads its pretrained run's records: its own snapshot once it has one, else the
+    pretrained folder itself."""
+    own = workdir / SNAPSHOT
+    return own if (own / RUN_INFO).exists() else Path(pretrained_dir)
+
+
+def snapshot_pretrained(workdir: Path, pretrained_dir: str | Path) -> None:
+    """Copies the pretrained run's records (run_info, trained items, alignment reference) into
+    `workdir/pretrained/`, once, so the fine-tune run no longer needs the pretrained folder."""
+    if (workdir / SNAPSHOT / RUN_INFO).exists():
+        return
+    src = Path(pretrained_dir)
+    with atomic_dir(workdir / SNAPSHOT) as tmp:
+        for name in (RUN_INFO, TRAINED_ITEMS, "reference.npz"):
+            if (src / name).exists():
+                shutil.copy(src / name, tmp / name)
+
+
+def write_trained_items(workdir: Path, items: np.ndarray) -> None:
+    np.save(workdir / TRAINED_ITEMS, np.asarray(items, bool))
+
+
+def read_trained_items(run_dir: Path, vocab: int) -> np.ndarray:
+    """[vocab] bool: the item ids a run's id rows were trained on."""
+    path = Path(run_dir) / TRAINED_ITEMS
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (written by every run since the cold-item fix; re-run it)")
+    items = np.load(path)
+    if items.shape != (vocab,):
+        raise CheckpointError(f"{path}: {items.shape[0]} items, but this dataset has {vocab}")
+    return items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +144,7 @@ class DomainMap:
     source: tuple[int | None, ...]
 
     @property
-    def new_rows(self) -> tuple[int, ...]:
+    def new_domains(self) -> tuple[int, ...]:
         return tuple(k for k, s in enumerate(self.source) if s is None)
 
 

@@ -2,16 +2,20 @@
 
 Every parameter leaf carries a label (`trainable_labels`):
 
-    TRAIN     updated by the optimizer
-    FROZEN    exactly zero update, no optimizer state, no weight decay, not counted by gradient clipping
-    NEW_ROWS  a per-domain leaf of a frozen level: only the rows of the new domains are updated (and have
-              optimizer state); the other rows are frozen as above
-    SPARSE    an embedding table under a row-sparse rule (`sparse_update`): its gradient is the gathered
-              rows' [U, d]; the chain only clips it (it counts in the global norm) and passes it on
+    TRAIN        updated by the optimizer
+    NEW_DOMAINS  a per-domain leaf of a frozen level: only the rows of the new domains are updated (and have
+                 optimizer state); the other rows get exactly zero update
+    SPARSE       an embedding table under a row-sparse rule (`sparse_update`): its gradient is the gathered
+                 rows' [U, d]; the chain only clips it (it counts in the global norm) and passes it on
+    FROZEN       a leaf of a frozen level: not differentiated at all, no optimizer state, no weight decay
+    STATS        batch statistics (STAR's partitioned normalisation): not differentiated or optimized; the
+                 forward pass in training writes them
 
-`optax.masked` would not do: it passes masked-out gradients through unchanged, so "frozen" leaves
-would still move (JAX-NOTES.md). The gradients of frozen leaves are replaced by zeros before anything
-reads them, so XLA drops their backward computation.
+The train step splits the params by label *before* differentiating (`partition`): the loss is a
+function of the trainable part only, the rest is a constant, so XLA never builds the gradient of a
+frozen table (a dense [rows, d] array per table). The optimizer works on the trainable part alone.
+`optax.masked` would not do for freezing: it passes masked-out gradients through unchanged, so
+"frozen" leaves would still move (docs/JAX-NOTES.md).
 """
 
 from __future__ import annotations
@@ -24,66 +28,78 @@ import jax.numpy as jnp
 import optax
 
 from sr_jax.config import TrainConfig
-from sr_jax.model.levels import LEVELS, level_of
+from sr_jax.model.levels import level_of
 from sr_jax.training.sharding import ROW_SHARDED
 from sr_jax.treeutil import path_names
 
-TRAIN, FROZEN, NEW_ROWS, SPARSE = "train", "frozen", "new_rows", "sparse"
+TRAIN, NEW_DOMAINS, SPARSE, FROZEN, STATS = "train", "new_domains", "sparse", "frozen", "stats"
+TRAINABLE = (TRAIN, NEW_DOMAINS, SPARSE)
 
 
-def learning_rate(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+def learning_rate(cfg: TrainConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
+    """Warm-up, then cosine decay (to 1% of the peak) or constant; `peak` defaults to train.learning_rate
+    (the row-sparse embedding rule passes train.embedding_learning_rate)."""
+    peak = cfg.learning_rate if peak is None else peak
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1), end_value=0.01 * cfg.learning_rate
+            0.0, peak, warmup, max(total_steps, warmup + 1), end_value=0.01 * peak
         )
-    if cfg.schedule == "constant":
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)],
-            [warmup],
-        )
-    raise ValueError(f"train.schedule={cfg.schedule!r}: expected cosine or constant")
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
 
 
 def check_levels(freeze: Sequence[str]) -> tuple[str, ...]:
-    """Normalises `freeze` ("L0", "l1" ...) to level names; an unknown level is an error."""
-    levels = tuple(dict.fromkeys(level.lower() for level in freeze))
-    unknown = [level for level in levels if level not in LEVELS]
-    if unknown:
-        raise ValueError(f"finetune.freeze={list(freeze)}: unknown level(s) {unknown}; expected any of {LEVELS}")
-    return levels
+    """Normalises `freeze` ("L0", "l1" ...) to level names (`config.validate` has rejected unknown ones)."""
+    return tuple(dict.fromkeys(level.lower() for level in freeze))
 
 
 def trainable_labels(
-    params: Any, freeze: Sequence[str], per_domain: Any, new_rows: Sequence[int], sparse_tables: bool = False
+    params: Any,
+    freeze: Sequence[str],
+    per_domain: Any,
+    new_domains: Sequence[int],
+    sparse_tables: bool = False,
+    stats: Any = None,
 ) -> Any:
-    """A tree like `params` of TRAIN / FROZEN / NEW_ROWS / SPARSE. `per_domain` is a tree of bools: True
-    where the leaf's first axis indexes domains; `new_rows` are the domains that stay trainable in frozen
-    levels; `sparse_tables`: trainable embedding tables are updated row-sparsely."""
+    """A tree like `params` of labels. `per_domain` is a tree of bools: True where the leaf's first axis
+    indexes domains; `new_domains` are the domains that stay trainable in frozen levels; `sparse_tables`:
+    trainable embedding tables are updated row-sparsely; `stats`: a tree of bools, True for batch
+    statistics (`sr_jax.model.stats_mask`)."""
     frozen = check_levels(freeze)
+    stats = jax.tree.map(lambda _: False, params) if stats is None else stats
 
-    def label(path, _, is_per_domain):
+    def label(path, _, is_per_domain, is_stats):
+        if is_stats:
+            return STATS
         if level_of(path) not in frozen:
             return SPARSE if sparse_tables and path_names(path)[1] in ROW_SHARDED else TRAIN
-        return NEW_ROWS if is_per_domain and new_rows else FROZEN
+        return NEW_DOMAINS if is_per_domain and new_domains else FROZEN
 
-    return jax.tree_util.tree_map_with_path(label, params, per_domain)
+    return jax.tree_util.tree_map_with_path(label, params, per_domain, stats)
 
 
-def _zero_frozen_gradients(labels: Any, rows: jax.Array) -> optax.GradientTransformation:
-    """Zeros for FROZEN leaves and for the frozen rows of NEW_ROWS leaves (stateless)."""
+def partition(tree: Any, labels: Any) -> tuple[Any, Any]:
+    """(trainable, fixed): two trees shaped like `tree`, each with None where the other has the leaf."""
+    trainable = jax.tree.map(lambda label, x: x if label in TRAINABLE else None, labels, tree)
+    fixed = jax.tree.map(lambda label, x: None if label in TRAINABLE else x, labels, tree)
+    return trainable, fixed
+
+
+def combine(trainable: Any, fixed: Any) -> Any:
+    """The inverse of `partition`."""
+    return jax.tree.map(lambda a, b: b if a is None else a, trainable, fixed, is_leaf=lambda x: x is None)
+
+
+def zero_frozen_rows(grads: Any, labels: Any, new_domains: Sequence[int]) -> Any:
+    """The gradient of the trainable part with the frozen rows of NEW_DOMAINS leaves set to zero."""
+    if not new_domains:
+        return grads
+    rows = jnp.asarray(new_domains, jnp.int32)
 
     def keep(label, g):
-        if label == FROZEN:
-            return jnp.zeros_like(g)
-        if label == NEW_ROWS:
-            return jnp.zeros_like(g).at[rows].set(g[rows])
-        return g
+        return jnp.zeros_like(g).at[rows].set(g[rows]) if label == NEW_DOMAINS else g
 
-    def update(updates, state, params=None):
-        return jax.tree.map(keep, labels, updates), state
-
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+    return jax.tree.map(keep, partition(labels, labels)[0], grads)
 
 
 def on_rows(inner: optax.GradientTransformation, rows: Sequence[int]) -> optax.GradientTransformation:
@@ -100,26 +116,33 @@ def on_rows(inner: optax.GradientTransformation, rows: Sequence[int]) -> optax.G
     return optax.GradientTransformation(lambda params: inner.init(take(params)), update)
 
 
+def decays(path: tuple) -> bool:
+    """Weight decay applies to weight matrices (kernels) only: never to biases, norms or embeddings."""
+    return any("kernel" in name for name in path_names(path))
+
+
 def build_optimizer(
-    cfg: TrainConfig, total_steps: int, labels: Any, new_rows: Sequence[int] = ()
+    cfg: TrainConfig, total_steps: int, labels: Any, new_domains: Sequence[int] = ()
 ) -> optax.GradientTransformation:
-    """clip(trainable gradients) -> the configured optimizer on TRAIN leaves and on the NEW_ROWS rows."""
+    """For the trainable part (`partition(params, labels)[0]`) of the params, its gradient already passed
+    through `zero_frozen_rows`: clip -> the configured optimizer on TRAIN leaves and on the NEW_DOMAINS rows."""
     lr = learning_rate(cfg, total_steps)
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+
     optimizers = {
         "adam": lambda: optax.adam(lr),
-        "adamw": lambda: optax.adamw(lr, weight_decay=cfg.weight_decay),
+        "adamw": lambda: optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask),
         "adagrad": lambda: optax.adagrad(lr),
         "sgd": lambda: optax.sgd(lr, momentum=0.9),
     }
-    if cfg.optimizer not in optimizers:
-        raise ValueError(f"train.optimizer={cfg.optimizer!r}: expected one of {sorted(optimizers)}")
     opt = optimizers[cfg.optimizer]()
     clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    rows = tuple(new_rows) or (0,)  # NEW_ROWS leaves exist only when new_rows is not empty
+    rows = tuple(new_domains) or (0,)  # NEW_DOMAINS leaves exist only when new_domains is not empty
     return optax.chain(
-        _zero_frozen_gradients(labels, jnp.asarray(rows, jnp.int32)),
         *clip,
         optax.multi_transform(
-            {TRAIN: opt, NEW_ROWS: on_rows(opt, rows), FROZEN: optax.set_to_zero(), SPARSE: optax.identity()}, labels
+            {TRAIN: opt, NEW_DOMAINS: on_rows(opt, rows), SPARSE: optax.identity()}, partition(labels, labels)[0]
         ),
     )

@@ -38,11 +38,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
-    """Embedding tables, and per-row state kept beside them, by rows over `model` (when the rows divide
-    evenly); everything else replicated."""
-    if any(n in ROW_SHARDED for n in path_names(path)) and len(shape) >= 1 and shape[0] % mesh.shape["model"] == 0:
-        return NamedSharding(mesh, P("model", *[None] * (len(shape) - 1)))
-    return replicated(mesh)
+    """Embedding tables, and per-row state kept beside them, by rows over `model`; everything else
+    replicated. Tables have a multiple of `model.table_row_multiple` rows, which the model axis divides
+    (`config.validate`), so a table never falls back to being replicated."""
+    if not any(n in ROW_SHARDED for n in path_names(path)) or len(shape) < 1:
+        return replicated(mesh)
+    if shape[0] % mesh.shape["model"]:
+        raise ValueError(
+            f"{'/'.join(path_names(path))}: {shape[0]} rows do not divide over mesh.model={mesh.shape['model']}"
+        )
+    return NamedSharding(mesh, P("model", *[None] * (len(shape) - 1)))
+
+
+def table_layout(mesh: Mesh, params: Any) -> str:
+    """One line per embedding table: its rows and how they lie on the mesh (logged at the start of a run)."""
+    lines = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = path_names(path)
+        if not any(n in ROW_SHARDED for n in names):
+            continue
+        sharding = param_sharding(mesh, path, leaf.shape)
+        per_device = sharding.shard_shape(leaf.shape)[0]
+        where = f"{per_device} per device over model={mesh.shape['model']}" if sharding.spec else "replicated"
+        lines.append(f"  {'/'.join(names)}: {leaf.shape[0]} rows x {leaf.shape[1]}, {where}")
+    return "\n".join(lines)
 
 
 def tree_shardings(mesh: Mesh, params: Any, tree: Any) -> Any:
@@ -61,7 +80,7 @@ def tree_shardings(mesh: Mesh, params: Any, tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(rule, tree)
 
 
-def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+def process_slice(sharding: NamedSharding, batch_size: int) -> slice:
     """The rows of a global batch that this process's devices hold under `sharding` (all on one process)."""
     mine = {
         (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
@@ -76,7 +95,7 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows of a batch (`process_rows`) -> global arrays sharded on `data` (multi-host: each
+    """This process's rows of a batch (`process_slice`) -> global arrays sharded on `data` (multi-host: each
     process brings its part)."""
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)  # one call for the whole batch: much less overhead

@@ -8,8 +8,8 @@ step. With `train.embedding_update` set to a row-sparse rule, the train step ins
        out-of-range row R) and `inverse` (the batch's rows as positions in `uniq`);
     2. gathers them, `table[uniq]` [U, d], and differentiates the loss w.r.t. these gathered rows
        (the model reads them through `inverse`), so the gradient is [U, d], never [R, d];
-    3. lets the dense optimizer chain zero frozen gradients and clip, with the gathered rows counted in
-       the global norm exactly as the dense gradient's non-zero rows would be;
+    3. lets the dense optimizer chain clip, with the gathered rows counted in the global norm exactly as
+       the dense gradient's non-zero rows would be;
     4. applies the rule below to the touched rows by scatter (padding rows are dropped).
 
 Rules (state per table, sharded by rows like the table):
@@ -28,32 +28,22 @@ no update whatever the rule.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from sr_jax.config import TrainConfig
-from sr_jax.training.optimizer import check_levels, learning_rate as main_schedule
+from sr_jax.training.optimizer import check_levels
 from sr_jax.training.sharding import ROW_SHARDED
 
-RULES = ("dense", "rowwise_adagrad", "lazy_adam")
 TableKey = tuple[str, str]  # a table's path under params["l0"], e.g. ("id_tables", "user")
 ADAGRAD_EPS = 1e-8
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults
 
 
-def check_rule(rule: str) -> str:
-    if rule not in RULES:
-        raise ValueError(f"train.embedding_update={rule!r}: expected one of {RULES}")
-    return rule
-
-
 def effective_rule(rule: str, freeze: tuple[str, ...]) -> str:
     """The configured rule, or dense when L0 (the tables' level) is frozen: frozen tables take no update."""
-    return "dense" if "l0" in check_levels(freeze) else check_rule(rule)
+    return "dense" if "l0" in check_levels(freeze) else rule
 
 
 def tables(params: Any) -> dict[TableKey, jax.Array]:
@@ -71,7 +61,7 @@ def with_tables(params: Any, new: dict[TableKey, Any]) -> Any:
 
 def init_state(rule: str, params: Any) -> dict:
     """Per-table state, {group: {name: {arrays whose first axis is the table's rows}}}; empty for dense."""
-    if check_rule(rule) == "dense":
+    if rule == "dense":
         return {}
     state: dict = {}
     for (group, name), t in tables(params).items():
@@ -133,9 +123,3 @@ def apply(
         table = current[(group, name)]
         new_tables[(group, name)] = table.at[u].set(w.astype(table.dtype), mode="drop")
     return new_tables, new_state
-
-
-def learning_rate(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-    """The main schedule's shape, peaking at train.embedding_learning_rate (when set)."""
-    peak = cfg.embedding_learning_rate or cfg.learning_rate
-    return main_schedule(dataclasses.replace(cfg, learning_rate=peak), total_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -12,26 +13,31 @@ from jax.sharding import Mesh
 
 from sr_jax import model as sr_model
 from sr_jax.training import sharding as shd, sparse_update
+from sr_jax.training.optimizer import combine, partition, zero_frozen_rows
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar
     params: Any
-    opt_state: Any
+    opt_state: Any  # the optimizer's state of the trainable part of params (optimizer.partition)
     tables_state: Any  # the row-sparse rule's per-table state (sparse_update.init_state; {} when dense)
 
 
-def loss_fn(graphdef: nnx.GraphDef, params, batch, text: sr_model.TextTable, reg_weight: float, rows=None):
-    """mean binary cross-entropy + lambda * L_reg; returns (loss, metrics). `rows`: see sr_model.apply."""
-    logits, aux = sr_model.apply(graphdef, params, batch, text, rows)
+def loss_fn(graphdef: nnx.GraphDef, params, batch, text: sr_model.TextTable, reg_weight: float, **apply_kwargs):
+    """mean binary cross-entropy + lambda * L_reg -> (loss, (metrics, batch statistics)). `apply_kwargs`:
+    see sr_model.apply (the step passes train=True)."""
+    logits, aux = sr_model.apply(graphdef, params, batch, text, **apply_kwargs)
     bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"].astype(jnp.float32)).mean()
     loss = bce + reg_weight * aux["reg"]
-    return loss, {"loss": loss, "bce": bce, "reg": aux["reg"]}
+    return loss, ({"loss": loss, "bce": bce, "reg": aux["reg"]}, aux.get("stats", {}))
 
 
-def init_state(params, tx: optax.GradientTransformation, embedding_update: str = "dense") -> TrainState:
+def init_state(params, labels, tx: optax.GradientTransformation, embedding_update: str = "dense") -> TrainState:
     return TrainState(
-        jnp.zeros((), jnp.int32), params, tx.init(params), sparse_update.init_state(embedding_update, params)
+        jnp.zeros((), jnp.int32),
+        params,
+        tx.init(partition(params, labels)[0]),
+        sparse_update.init_state(embedding_update, params),
     )
 
 
@@ -42,29 +48,47 @@ def state_shardings(mesh: Mesh, state: TrainState) -> TrainState:
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
+    labels: Any,
     reg_weight: float,
     mesh: Mesh,
     state_sharding: TrainState,
+    seed: int,
+    grad_clip: float,
+    new_domains: Sequence[int] = (),
     sparse: tuple[str, optax.Schedule] | None = None,
 ):
-    """jit(step)(state, batch, text) -> (state, metrics); the state's buffers are donated. `sparse`:
-    (rule, learning-rate schedule) to update the embedding tables row-sparsely (`sparse_update`); the
-    optimizer `tx` must then label the tables SPARSE."""
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+    """jit(step)(state, batch, text, reference) -> (state, metrics); the state's buffers are donated.
 
-    def step(state: TrainState, batch, text):
+    Only the trainable part of the params (`labels`, see optimizer.py) is differentiated. `sparse`: (rule,
+    learning-rate schedule) to update the embedding tables row-sparsely (`sparse_update`); `labels` must then
+    mark the tables SPARSE. `reference`: the pretrained domains' distributions to align against, or None.
+    Metrics: loss, bce, reg, and the trainable gradient's global norm before and after clipping."""
+
+    def step(state: TrainState, batch, text, reference):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)  # the MMD subsample of this step
         if sparse is None:
-            (_, metrics), grads = grad_fn(graphdef, state.params, batch, text, reg_weight)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params, tables_state = optax.apply_updates(state.params, updates), state.tables_state
+            view, table_rows = state.params, None
         else:
             gathered = sparse_update.gather(state.params, sr_model.table_rows(graphdef, state.params, batch))
-            small = sparse_update.with_tables(state.params, gathered.embeddings)  # tables -> their [U, d] rows
-            (_, metrics), grads = grad_fn(graphdef, small, batch, text, reg_weight, gathered.inverse)
-            updates, opt_state = tx.update(grads, state.opt_state, small)
+            view, table_rows = sparse_update.with_tables(state.params, gathered.embeddings), gathered.inverse
+        trainable, fixed = partition(view, labels)
+
+        def loss_of(trainable):
+            kwargs = dict(table_rows=table_rows, train=True, key=key, reference=reference)
+            return loss_fn(graphdef, combine(trainable, fixed), batch, text, reg_weight, **kwargs)
+
+        (_, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        grads = zero_frozen_rows(grads, labels, new_domains)
+        norm = optax.tree.norm(grads)
+        metrics["grad_norm"] = norm
+        metrics["grad_norm_clipped"] = jnp.minimum(norm, grad_clip) if grad_clip > 0 else norm
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        if sparse is None:
+            params, tables_state = combine(optax.apply_updates(trainable, updates), fixed), state.tables_state
+        else:
             no_tables = {key: None for key in gathered.uniq}
             dense = optax.apply_updates(
-                sparse_update.with_tables(state.params, no_tables), sparse_update.with_tables(updates, no_tables)
+                sparse_update.with_tables(trainable, no_tables), sparse_update.with_tables(updates, no_tables)
             )
             rule, schedule = sparse
             tables, tables_state = sparse_update.apply(
@@ -76,23 +100,28 @@ def make_train_step(
                 gathered,
                 sparse_update.tables(updates),
             )
-            params = sparse_update.with_tables(dense, tables)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+            params = sparse_update.with_tables(combine(dense, fixed), tables)
+        params = sr_model.with_stats(params, stats)
         return TrainState(state.step + 1, params, opt_state, tables_state), metrics
 
     return jax.jit(
         step,
-        in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
+        in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh), shd.replicated(mesh)),
         out_shardings=(state_sharding, shd.replicated(mesh)),
         donate_argnums=0,
     )
 
 
-def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding):
-    """jit(predict)(params, batch, text) -> click probabilities [B]."""
+def click_probability(logits, aux):
+    return jax.nn.sigmoid(logits)
+
+
+def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, output=click_probability):
+    """jit(predict)(params, batch, text) -> output(logits, aux) of the model in inference mode, replicated
+    (every process can read it): click probabilities [B] by default."""
 
     def predict(params, batch, text):
-        return jax.nn.sigmoid(sr_model.apply(graphdef, params, batch, text)[0])
+        return output(*sr_model.apply(graphdef, params, batch, text))
 
     return jax.jit(
         predict,

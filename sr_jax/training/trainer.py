@@ -1,20 +1,21 @@
 """Training runs (pretraining and fine-tuning alike): everything a run needs, built from a Config,
 and the train loop.
 
-A run's folder holds `config.json` (the exact config), `run_info.json` (what its parameters mean, for
-fine-tuning from it), `checkpoints/` (orbax), `metrics.jsonl` (one line per log interval), and
-`eval.json` / `eval.md`. A run with `finetune.pretrained` set starts from that run's parameters
-(`sr_jax.training.finetune`) instead of a fresh init; `finetune.freeze` holds levels fixed.
+A run's folder holds `config.json` (the exact config), `run_info.json`, `trained_items.npy` and
+`reference.npz` (what its parameters mean, for fine-tuning from it: `sr_jax.training.finetune`),
+`checkpoints/` (orbax), `metrics.jsonl` (one line per log interval), and `eval.json` / `eval.md`. A run
+with `finetune.pretrained` set starts from that run's parameters instead of a fresh init;
+`finetune.freeze` holds levels fixed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,27 +28,34 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sr_jax import distributed, model as sr_model
-from sr_jax.config import Config, DataConfig, save_config
+from sr_jax.config import Config, DataConfig, save_config, validate
 from sr_jax.data import synthetic
-from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
+from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.data.store import Dataset, open_dataset
-from sr_jax.text import text_identity
-from sr_jax.training import evaluation, finetune, memory, sharding as shd, sparse_update
-from sr_jax.training.checkpoint import Checkpointer
-from sr_jax.training.optimizer import build_optimizer, trainable_labels
+from sr_jax.text import build_text_cache, get_featurizer, text_identity
+from sr_jax.training import alignment, evaluation, finetune, memory, sharding as shd, sparse_update
+from sr_jax.training.checkpoint import Checkpointer, ParamsReader
+from sr_jax.training.optimizer import build_optimizer, learning_rate, trainable_labels
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
 
 log = logging.getLogger("sr_jax")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """The configured dataset (the synthetic one when no path is given), with its text cache checked."""
+    """The configured dataset (the synthetic one, generated on first use, when no path is given), with the
+    text cache of `cfg.text_encoder` (built for the synthetic dataset, checked for any other)."""
     if not cfg.path and not distributed.is_primary():
         distributed.barrier("synthetic dataset")  # process 0 generates it (once) before the others read it
-    dataset = open_dataset(cfg.path) if cfg.path else synthetic.ensure(cfg.synthetic, (cfg.text_encoder,))
-    if not cfg.path and distributed.is_primary():
-        distributed.barrier("synthetic dataset")
+    if cfg.path:
+        dataset = open_dataset(cfg.path)
+    else:
+        dataset = synthetic.ensure(cfg.synthetic)
+        if text_identity(cfg.text_encoder)[0] not in dataset.meta.text_caches:
+            build_text_cache(dataset.root, get_featurizer(cfg.text_encoder))
+            dataset = open_dataset(dataset.root)
+        if distributed.is_primary():
+            distributed.barrier("synthetic dataset")
     dataset.text_cache_info(*text_identity(cfg.text_encoder))
     return dataset
 
@@ -57,46 +65,68 @@ class Steps(NamedTuple):
 
     graphdef: nnx.GraphDef
     per_domain: Any  # tree of bools like params: leaves whose first axis indexes domains
+    labels: Any  # tree like params: what the optimizer does with each leaf (optimizer.trainable_labels)
     embedding_update: str  # the tables' rule: dense, or row-sparse (dense when the tables are frozen)
     tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
-    train_step: Callable  # (state, batch, text) -> (state, metrics)
+    train_step: Callable  # (state, batch, text, reference) -> (state, metrics)
     predict: Callable  # (params, batch, text) -> click probabilities
+    aligned: Callable  # (params, batch, text) -> z [B, 3d], what the regularizer aligns
+
+    @property
+    def state_shardings(self) -> TrainState:
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
 
 def build_steps(
-    cfg: Config, meta: DatasetMeta, text_dim: int, mesh: Mesh, total_steps: int, new_rows: tuple[int, ...] = ()
+    cfg: Config, meta: DatasetMeta, text_dim: int, mesh: Mesh, total_steps: int, new_domains: tuple[int, ...] = ()
 ) -> Steps:
-    """`new_rows`: fine-tuning's new domains, trainable inside frozen levels."""
+    """`new_domains`: fine-tuning's new domains, trainable inside frozen levels."""
+    validate(cfg)
     graphdef, params = sr_model.abstract(cfg.model, meta, text_dim)
     per_domain = sr_model.per_domain(cfg.model, meta, text_dim, params)
     rule = sparse_update.effective_rule(cfg.train.embedding_update, cfg.finetune.freeze)
-    labels = trainable_labels(params, cfg.finetune.freeze, per_domain, new_rows, sparse_tables=rule != "dense")
-    tx = build_optimizer(cfg.train, total_steps, labels, new_rows)
-    shapes = jax.eval_shape(lambda p: init_state(p, tx, rule), params)
+    labels = trainable_labels(
+        params,
+        cfg.finetune.freeze,
+        per_domain,
+        new_domains,
+        sparse_tables=rule != "dense",
+        stats=sr_model.stats_mask(graphdef, params),
+    )
+    tx = build_optimizer(cfg.train, total_steps, labels, new_domains)
+    shapes = jax.eval_shape(lambda p: init_state(p, labels, tx, rule), params)
     shardings = state_shardings(mesh, shapes)
-    sparse = None if rule == "dense" else (rule, sparse_update.learning_rate(cfg.train, total_steps))
+    train = cfg.train
+    sparse = None
+    if rule != "dense":
+        sparse = (rule, learning_rate(train, total_steps, peak=train.embedding_learning_rate or train.learning_rate))
+    step = make_train_step(
+        graphdef, tx, labels, cfg.model.reg_weight, mesh, shardings, train.seed, train.grad_clip, new_domains, sparse
+    )
     return Steps(
         graphdef=graphdef,
         per_domain=per_domain,
+        labels=labels,
         embedding_update=rule,
         tx=tx,
         abstract_state=jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
         ),
-        train_step=make_train_step(graphdef, tx, cfg.model.reg_weight, mesh, shardings, sparse),
+        train_step=step,
         predict=make_predict_step(graphdef, mesh, shardings.params),
+        aligned=make_predict_step(graphdef, mesh, shardings.params, output=lambda logits, aux: aux["aligned"]),
     )
 
 
-def compile_step(steps: Steps, batch: Any, text: sr_model.TextTable, what: str):
+def compile_step(steps: Steps, batch: Any, text: sr_model.TextTable, reference, what: str):
     """The train step compiled ahead for these batch shapes, after its memory per device is logged and
     checked (`memory.check`: a step that cannot fit fails here, before anything is allocated).
     -> (compiled step, memory estimate, compile seconds)"""
     start = time.perf_counter()
-    compiled = steps.train_step.lower(steps.abstract_state, batch, text).compile()
+    compiled = steps.train_step.lower(steps.abstract_state, batch, text, reference).compile()
     seconds = time.perf_counter() - start
-    estimate = memory.estimate(steps.abstract_state, (batch, text), compiled)
+    estimate = memory.estimate(steps.abstract_state, (batch, text, reference), compiled)
     log.info("train step compiled in %.1f s; memory per device:\n%s", seconds, estimate.table())
     memory.check(estimate, what)
     return compiled, estimate, seconds
@@ -104,13 +134,12 @@ def compile_step(steps: Steps, batch: Any, text: sr_model.TextTable, what: str):
 
 def fresh_state(cfg: Config, meta: DatasetMeta, text_dim: int, steps: Steps) -> TrainState:
     """Fresh parameters (train.seed) and optimizer state, made by one compiled function in their shardings."""
-    out_shardings = jax.tree.map(lambda a: a.sharding, steps.abstract_state)
 
     def make():
         params = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
-        return init_state(params, steps.tx, steps.embedding_update)
+        return init_state(params, steps.labels, steps.tx, steps.embedding_update)
 
-    return jax.jit(make, out_shardings=out_shardings)()
+    return jax.jit(make, out_shardings=steps.state_shardings)()
 
 
 @dataclasses.dataclass
@@ -122,9 +151,15 @@ class Run:
     dataset: Dataset
     mesh: Mesh
     text: sr_model.TextTable
-    train_columns: dict[str, np.ndarray]  # the train split, or the configured fraction of it
+    domains: tuple[str, ...]  # the domains this run trains and evaluates on
+    train_columns: dict[str, np.ndarray]  # the train split's rows of those domains, or the configured fraction
+    batch_size: int  # the global batch: data.batch_size, or less when the training data are fewer
+    replay_columns: dict[str, np.ndarray] | None  # fine-tuning's replay of the pretraining examples
+    replay_size: int  # rows of every batch that replay them (after batch_size - replay_size train rows)
     pretrained: dict | None  # the pretrained run's run_info.json (fine-tuning), else None
     domain_map: finetune.DomainMap | None  # fine-tune domain -> pretrained row (None: new domain)
+    warm_items: np.ndarray  # [item vocab] bool: items trained before this run (pretraining: by this run)
+    reference: sr_model.AlignmentReference | None  # what fine-tuning aligns against, on device
     steps: Steps  # model, optimizer, train and predict steps
     total_steps: int
     steps_per_epoch: int
@@ -135,39 +170,54 @@ class Run:
         """This process's rows of a batch -> the global batch on the mesh."""
         return shd.to_global(batch, shd.batch_sharding(self.mesh))
 
-    def rows(self, batch_size: int) -> slice:
+    def process_slice(self, batch_size: int) -> slice:
         """The rows of every global batch of this size that this process reads."""
-        return shd.process_rows(shd.batch_sharding(self.mesh), batch_size)
+        return shd.process_slice(shd.batch_sharding(self.mesh), batch_size)
 
     def compiled_train_step(self) -> Callable:
         """The train step compiled ahead for this run's shapes (once), after its memory per device is logged
         and checked: a run that cannot fit fails here, before anything is allocated."""
         if self._compiled is not None:
             return self._compiled
-        cfg = self.config
         batch = {
             name: jax.ShapeDtypeStruct(
-                (cfg.data.batch_size, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(self.mesh)
+                (self.batch_size, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(self.mesh)
             )
             for name, col in self.train_columns.items()
         }
-        what = f"training with data.batch_size={cfg.data.batch_size} on mesh {dict(self.mesh.shape)}"
-        compiled, _, _ = compile_step(self.steps, batch, self.text, what)
+        what = f"training with a batch of {self.batch_size} on mesh {dict(self.mesh.shape)}"
+        compiled, _, _ = compile_step(self.steps, batch, self.text, self.reference, what)
         self._compiled = compiled
         return compiled
 
 
-def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The split's rows of the named domains (all rows when `names` is empty)."""
-    columns = dataset.split(split)
-    if not names:
-        return columns
-    known = [d.name for d in dataset.meta.domains]
-    if unknown := [n for n in names if n not in known]:
+def run_domains(cfg: DataConfig, meta: DatasetMeta) -> tuple[str, ...]:
+    """The domains a run trains and evaluates on: `data.domains` (all when empty), without those meta.json
+    holds out of pretraining (`pretrain: false`) when `data.pretrain_domains_only`."""
+    known = [d.name for d in meta.domains]
+    if unknown := [n for n in cfg.domains if n not in known]:
         raise ValueError(f"data.domains: unknown domain(s) {unknown}; the dataset has {known}")
+    chosen = list(cfg.domains) or known
+    if not cfg.pretrain_domains_only:
+        return tuple(chosen)
+    held_out = {d.name for d in meta.domains if not d.pretrain}
+    if cfg.domains and (asked := [n for n in cfg.domains if n in held_out]):
+        raise ValueError(
+            f"data.domains: {asked} are held out of pretraining in meta.json (pretrain: false); "
+            "train on them by fine-tuning, or set data.pretrain_domains_only=false"
+        )
+    return tuple(n for n in chosen if n not in held_out)
+
+
+def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The split's rows of the named domains (all rows when they are all the dataset's)."""
+    columns = dataset.split(split)
+    known = [d.name for d in dataset.meta.domains]
+    if set(names) == set(known):
+        return columns
     keep = np.isin(columns["domain"], [known.index(n) for n in names])
     if not keep.any():
-        raise ValueError(f"data.domains={list(names)}: no examples in split {split!r}")
+        raise ValueError(f"domains {list(names)}: no examples in split {split!r}")
     return {name: np.asarray(col[keep]) for name, col in columns.items()}
 
 
@@ -187,43 +237,87 @@ def train_subset(columns: dict[str, np.ndarray], fraction: float, seed: int) -> 
     return {name: np.asarray(col[rows]) for name, col in columns.items()}
 
 
+def batch_size(configured: int, examples: int, data_axis: int, what: str) -> int:
+    """The configured batch, or, when the data are fewer, the largest multiple of the data axis that fits
+    (tiny cold-start fractions): the one place a batch is clamped."""
+    if examples >= configured:
+        return configured
+    clamped = examples // data_axis * data_axis
+    if clamped == 0:
+        raise ValueError(f"{what}: {examples} examples cannot fill a batch over {data_axis} devices of the data axis")
+    log.warning(
+        "data.batch_size=%d is larger than the %d examples of %s: using %d", configured, examples, what, clamped
+    )
+    return clamped
+
+
+def _replay(cfg: Config, dataset: Dataset, pretrained: dict, size: int) -> dict[str, np.ndarray] | None:
+    """The pretraining examples a fine-tune batch replays (its train split, trained domains)."""
+    if not size:
+        return None
+    if pretrained["dataset"] != dataset.meta.name:
+        raise ValueError(
+            f"finetune.replay_fraction={cfg.finetune.replay_fraction}: the pretrained run trained on dataset "
+            f"{pretrained['dataset']!r}, this run's is {dataset.meta.name!r}; replay needs the pretraining data"
+        )
+    return select_domains(dataset, pretrained["train_split"], tuple(pretrained["trained_domains"]))
+
+
 def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run:
+    validate(cfg)
     workdir = Path(workdir)
     dataset = load_dataset(cfg.data)
     mesh = mesh or shd.make_mesh(cfg.mesh)
     data_axis = mesh.shape["data"]
-    for name, size in (("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size)):
-        if size % data_axis:
-            raise ValueError(f"{name}={size} is not divisible by the mesh's data axis ({data_axis} devices)")
+    if cfg.data.eval_batch_size % data_axis:
+        raise ValueError(
+            f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the mesh's data axis ({data_axis})"
+        )
     text_id = text_identity(cfg.data.text_encoder)
     pooled, first = dataset.text_cache(text_id[0])
     text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
+    domains = run_domains(cfg.data, dataset.meta)
     columns = train_subset(
-        select_domains(dataset, cfg.data.train_split, cfg.data.domains), cfg.data.train_fraction, cfg.train.seed
+        select_domains(dataset, cfg.data.train_split, domains), cfg.data.train_fraction, cfg.train.seed
     )
-    if len(columns["label"]) < cfg.data.batch_size:
-        raise ValueError(
-            f"data.batch_size={cfg.data.batch_size} is larger than the {len(columns['label'])} training examples "
-            f"(split {cfg.data.train_split!r}, fraction {cfg.data.train_fraction}): lower the batch size"
-        )
-    steps_per_epoch = len(columns["label"]) // cfg.data.batch_size
+    what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
+    batch = batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
+    replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
+    if replay_size >= batch:
+        raise ValueError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
+    if batch % data_axis:
+        raise ValueError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
+    steps_per_epoch = len(columns["label"]) // (batch - replay_size)
     total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
-    pretrained = mapping = None
+    pretrained = mapping = reference = replay = None
+    vocab = dataset.meta.vocab["item_id"]
+    warm_items = np.bincount(np.asarray(columns["item_id"]), minlength=vocab) > 0
     if cfg.finetune.pretrained:
-        pretrained = finetune.pretrained_info(workdir, cfg.finetune.pretrained)
+        source = finetune.pretrained_folder(workdir, cfg.finetune.pretrained)
+        pretrained = finetune.read_run_info(source)
         if cfg.model.use_text:
             finetune.check_text_encoder(pretrained, text_id, cfg.finetune.pretrained)
         mapping = finetune.domain_map(dataset, pretrained)
-    steps = build_steps(cfg, dataset.meta, pooled.shape[1], mesh, total_steps, mapping.new_rows if mapping else ())
+        warm_items = finetune.read_trained_items(source, vocab)
+        if cfg.finetune.align_reference and cfg.model.regularizer != "none":
+            reference = jax.device_put(alignment.read_reference(source, cfg.model), shd.replicated(mesh))
+        replay = _replay(cfg, dataset, pretrained, replay_size)
+    steps = build_steps(cfg, dataset.meta, pooled.shape[1], mesh, total_steps, mapping.new_domains if mapping else ())
     return Run(
         config=cfg,
         workdir=workdir,
         dataset=dataset,
         mesh=mesh,
         text=text,
+        domains=domains,
         train_columns=columns,
+        batch_size=batch,
+        replay_columns=replay,
+        replay_size=replay_size,
         pretrained=pretrained,
         domain_map=mapping,
+        warm_items=warm_items,
+        reference=reference,
         steps=steps,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
@@ -247,16 +341,15 @@ def initial_state(run: Run) -> TrainState:
     log.info(
         "restored %s; new domains (fresh rows): %s",
         cfg.finetune.pretrained,
-        [run.dataset.meta.domains[k].name for k in run.domain_map.new_rows] or "none",
+        [run.dataset.meta.domains[k].name for k in run.domain_map.new_domains] or "none",
     )
 
     def make(pre) -> TrainState:
         fresh = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
         params = finetune.merge_pretrained(pre, fresh, run.steps.per_domain, run.domain_map)
-        return init_state(params, run.steps.tx, run.steps.embedding_update)
+        return init_state(params, run.steps.labels, run.steps.tx, run.steps.embedding_update)
 
-    out_shardings = jax.tree.map(lambda a: a.sharding, run.steps.abstract_state)
-    return jax.jit(make, out_shardings=out_shardings)(pretrained)
+    return jax.jit(make, out_shardings=run.steps.state_shardings)(pretrained)
 
 
 def restore_or_init(run: Run) -> TrainState:
@@ -267,22 +360,37 @@ def restore_or_init(run: Run) -> TrainState:
     return state
 
 
+def restore_params(run: Run, step: int = -1) -> Any:
+    """The parameters of one of the run's own checkpoints (the latest by default), without its optimizer
+    state: what evaluation needs. A run with no checkpoint is an error, never a fresh model."""
+    reader = ParamsReader(run.workdir / "checkpoints")
+    try:
+        return reader.restore(reader.step(step), run.steps.abstract_state.params)
+    finally:
+        reader.close()
+
+
 def position(run: Run, step: int) -> dict:
     epoch, batch = divmod(step, run.steps_per_epoch)
     return {"step": step, "epoch": epoch, "batch": batch, "seed": run.config.train.seed}
+
+
+def batches(run: Run, start: int):
+    """The run's global batches from step `start` on, this process's rows of each (with the replayed
+    pretraining rows after the cold ones when fine-tuning replays)."""
+    seed, size = run.config.train.seed, run.batch_size
+    if run.replay_columns is None:
+        return BatchIterator(run.train_columns, size, seed, start_step=start, process_slice=run.process_slice(size))
+    main = BatchIterator(run.train_columns, size - run.replay_size, seed, start_step=start)
+    replay = BatchIterator(run.replay_columns, run.replay_size, seed + 1, start_step=start)
+    return MixedBatches(main, replay, run.process_slice(size))
 
 
 def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     """Trains from the state's step to `until` (default: the end), checkpointing and logging on the way."""
     cfg = run.config
     start, stop = int(state.step), min(until or run.total_steps, run.total_steps)
-    batches = prefetch_to_device(
-        BatchIterator(
-            run.train_columns, cfg.data.batch_size, cfg.train.seed, start_step=start, rows=run.rows(cfg.data.batch_size)
-        ),
-        run.put,
-        cfg.data.prefetch,
-    )
+    feed = prefetch_to_device(batches(run, start), run.put, cfg.data.prefetch)
     desc, primary = "finetune" if cfg.finetune.pretrained else "train", distributed.is_primary()
     step_fn = run.compiled_train_step()
     window_start, window_steps = time.perf_counter(), 0
@@ -290,8 +398,8 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
         open(run.workdir / "metrics.jsonl" if primary else os.devnull, "a") as metrics_file,
         tqdm(total=stop, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=not primary) as bar,
     ):
-        for step, batch in zip(range(start, stop), batches):
-            state, metrics = step_fn(state, batch, run.text)
+        for step, batch in zip(range(start, stop), feed):
+            state, metrics = step_fn(state, batch, run.text, run.reference)
             window_steps += 1
             done = step + 1
             if done % cfg.train.log_every == 0 or done == stop:
@@ -300,7 +408,7 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 metrics.update(
                     step=done,
                     epoch=done / run.steps_per_epoch,
-                    examples_per_s=window_steps * cfg.data.batch_size / elapsed,
+                    examples_per_s=window_steps * run.batch_size / elapsed,
                 )
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
@@ -315,38 +423,77 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
 def evaluate(run: Run, params, split: str | None = None) -> dict:
     cfg = run.config
     split = split or cfg.data.eval_split
-    columns = select_domains(run.dataset, split, cfg.data.domains)
-    rows = run.rows(cfg.data.eval_batch_size)
+    columns = select_domains(run.dataset, split, run.domains)
+    rows = run.process_slice(cfg.data.eval_batch_size)
 
     def put(batch):  # every process reads the whole eval batch and brings its rows
         return run.put({name: col[rows] for name, col in batch.items()})
 
     probs = evaluation.predict_split(run.steps.predict, params, columns, cfg.data.eval_batch_size, put, run.text)
-    return evaluation.compute_metrics(run.dataset, split, cfg.data.train_split, probs, columns)
+    return evaluation.compute_metrics(run.dataset, split, probs, columns, run.warm_items)
+
+
+def write_records(run: Run, params) -> None:
+    """What a run leaves for the runs started from it: the items its id rows were trained on (with its
+    pretrained run's) and each trained domain's sample of z (`alignment`)."""
+    trained = run.warm_items | (np.bincount(run.train_columns["item_id"], minlength=len(run.warm_items)) > 0)
+    cfg = run.config
+    rows = run.process_slice(cfg.data.eval_batch_size)
+
+    def aligned(batch):
+        return run.steps.aligned(params, batch, run.text)
+
+    def put(batch):
+        return run.put({name: col[rows] for name, col in batch.items()})
+
+    if distributed.is_primary():
+        finetune.write_trained_items(run.workdir, trained)
+    alignment.write_reference(
+        run.workdir,
+        aligned,
+        run.train_columns,
+        run.dataset.meta.num_domains,
+        cfg.train.seed,
+        cfg.data.eval_batch_size,
+        put,
+        write=distributed.is_primary(),
+    )
 
 
 def fit(cfg: Config, workdir: str | Path) -> dict:
     """A whole run, pretraining or fine-tuning: resume or start, train, evaluate, write the reports."""
+    validate(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if distributed.is_primary():
         save_config(cfg, workdir / "config.json")
+        if cfg.finetune.pretrained:
+            finetune.snapshot_pretrained(workdir, cfg.finetune.pretrained)
+    distributed.barrier("run folder")
     run = build_run(cfg, workdir)
     if distributed.is_primary():
         text_id = text_identity(cfg.data.text_encoder)
-        finetune.write_run_info(workdir, run.dataset, run.train_columns["domain"], text_id, run.pretrained)
+        finetune.write_run_info(
+            workdir, run.dataset, cfg.data.train_split, run.train_columns["domain"], text_id, run.pretrained
+        )
     log.info(
-        "dataset %s: training on %d examples of split %r; %d steps (%d per epoch) on mesh %s; frozen levels: %s",
+        "dataset %s: training on %d examples of split %r (domains %s); %d steps (%d per epoch) of batch %d%s "
+        "on mesh %s; frozen levels: %s",
         run.dataset.meta.name,
         len(run.train_columns["label"]),
         cfg.data.train_split,
+        list(run.domains),
         run.total_steps,
         run.steps_per_epoch,
+        run.batch_size,
+        f" ({run.replay_size} replayed)" if run.replay_size else "",
         dict(run.mesh.shape),
         list(cfg.finetune.freeze) or "none",
     )
+    log.info("embedding tables:\n%s", shd.table_layout(run.mesh, run.steps.abstract_state.params))
     run.compiled_train_step()  # the memory check, before the state is allocated
     state = train(run, restore_or_init(run))
+    write_records(run, state.params)
     result = evaluate(run, state.params)
     if distributed.is_primary():
         evaluation.write_report(workdir, result)
