@@ -11,6 +11,8 @@ MODELS = {
     "full-no-text": NO_TEXT,
     "full-no-dal": ["model.use_domain_adapter=false"],
     "full-no-reg": ["model.regularizer=none"],
+    "full-reg-0.2": ["model.reg_weight=0.2"],
+    "full-reg-1": ["model.reg_weight=1.0"],
     "full-mmd": ["model.regularizer=mmd"],
     "full-mean-gating": ["model.gating=mean"],
     "full-cls-gating": ["model.gating=cls"],

@@ -1,4 +1,4 @@
-"""Fine-tuning a pretrained run for one of the two cold-start protocols of DESIGN.md
+"""Fine-tuning a pretrained run for one of the two cold-start protocols of docs/DESIGN.md
 (`sr_jax.training.finetune.PROTOCOLS`): the pretrained run's model and data, the protocol's splits, and
 fine-tuning's own schedule (5 epochs and at least 100 steps, Adam 2e-3 with 20 warm-up steps, batch
 256), with levels L0 and L1 frozen, the paper's best split."""

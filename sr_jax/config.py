@@ -129,7 +129,7 @@ class ConfigError(ValueError):
 
 
 # The values a choice field may take: the one list every module and the validation read.
-LEVELS = ("l0", "l1", "l2")  # the network's levels (DESIGN.md): encoding, shared adaptation, per-domain heads
+LEVELS = ("l0", "l1", "l2")  # the network's levels (docs/DESIGN.md): encoding, shared adaptation, per-domain heads
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
 BACKBONES = ("mmoe", "ple", "star")

@@ -34,12 +34,16 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     args = [
         "--workdir", str(tmp_path / "grid"), "--report-dir", str(tmp_path / "report"),
         "--seeds", "0", "--fractions", "0.5", "1", "--settings", "scratch", "freeze-l0-l1", "--text", "on",
+        "--variants", "default", "replay",
         "--finetune", "train.min_steps=2", "train.epochs=1", "--",
         *tiny, "data.text_encoder=hashed-bow", "data.batch_size=256", "mesh.data=1", "train.epochs=1",
     ]  # fmt: skip
     table = cold_start.main(args)
-    # 2 protocols x 2 settings x 2 fractions, and the zero-shot line of the new-items protocol
-    assert len(table) == 2 * 2 * 2 + 2
+    # 2 protocols x (scratch + freeze-l0-l1 in 2 variants) x 2 fractions, and the zero-shot line of new items
+    assert len(table) == 2 * 3 * 2 + 2
+    assert {r["variant"] for r in table if r["setting"] == "freeze-l0-l1"} == {"default", "replay"}
+    replayed = tmp_path / "grid" / "new-domain" / "text-on" / "freeze-l0-l1+replay" / "fraction-1" / "seed-0"
+    assert '"replay_fraction": 0.25' in (replayed / "config.json").read_text()
     assert {r["setting"] for r in table if r["protocol"] == "cold-items"} == {"zero-shot", "scratch", "freeze-l0-l1"}
     assert all(0.0 < r["auc_mean"] < 1.0 and r["seeds"] == 1 for r in table)
     out = tmp_path / "report"
@@ -48,7 +52,7 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
         assert len(list(csv.DictReader(f))) == len(table)
     md = (out / "cold_start.md").read_text()
     assert "## new-domain (train `heldout_train`, evaluate `heldout_test`)" in md
-    assert "| freeze-l0-l1 | default | on |" in md
+    assert "| freeze-l0-l1 | default | on |" in md and "| freeze-l0-l1 | replay | on |" in md
     assert "python -m train.cold_start --workdir" in md
     # finished cells are not run again
     monkeypatch.setattr(trainer, "fit", lambda *a: pytest.fail("a finished cell ran again"))

@@ -38,6 +38,14 @@ def _finetune_cfg(pretrained, protocol="new-domain", **train):
     )
 
 
+def _from_edited_copy(cfg, pretrained, copy, **run_info):
+    """`cfg` fine-tuning from a copy of the pretrained run whose run_info.json has `run_info` changed."""
+    shutil.copytree(pretrained, copy)
+    info = json.loads((copy / finetune.RUN_INFO).read_text())
+    (copy / finetune.RUN_INFO).write_text(json.dumps({**info, **run_info}))
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(copy)))
+
+
 def _pretrained_params(pretrained):
     run = trainer.build_run(load_config(pretrained / "config.json"), pretrained)
     state, _ = run.checkpointer.restore(run.steps.abstract_state)
@@ -105,11 +113,7 @@ def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path)
         r"\(128, 16\) in the model",
     ):
         trainer.initial_state(trainer.build_run(wider, tmp_path / "wider"))
-    other = tmp_path / "other-encoder"
-    shutil.copytree(pretrained, other)
-    info = json.loads((other / finetune.RUN_INFO).read_text())
-    (other / finetune.RUN_INFO).write_text(json.dumps({**info, "text_fingerprint": "hashed-bow-v1:other"}))
-    elsewhere = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(other)))
+    elsewhere = _from_edited_copy(cfg, pretrained, tmp_path / "other-encoder", text_fingerprint="hashed-bow-v1:other")
     with pytest.raises(CheckpointError, match=r"pretrained with text encoder 'hashed-bow'.*but this run uses"):
         trainer.build_run(elsewhere, tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match=r"run_info.json: missing"):
@@ -263,10 +267,6 @@ def test_replay_mixes_pretraining_examples_into_every_fine_tune_batch(pretrained
     assert np.all(batch["domain"][:192] == NEW) and np.all(batch["domain"][192:] != NEW)
     np.testing.assert_array_equal(batch["item_id"], next(trainer.batches(run, 0))["item_id"])  # (seed, step)
     assert trainer.fit(cfg, tmp_path / "run")["domains"]["search_new_service"]["examples"] > 0
-    other = tmp_path / "other-data"
-    shutil.copytree(pretrained, other)
-    info = json.loads((other / finetune.RUN_INFO).read_text())
-    (other / finetune.RUN_INFO).write_text(json.dumps({**info, "dataset": "elsewhere"}))
-    elsewhere = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(other)))
+    elsewhere = _from_edited_copy(cfg, pretrained, tmp_path / "other-data", dataset="elsewhere")
     with pytest.raises(ValueError, match=r"trained on dataset 'elsewhere'.*replay needs the pretraining data"):
         trainer.build_run(elsewhere, tmp_path / "elsewhere")

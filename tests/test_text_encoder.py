@@ -20,6 +20,7 @@ from sr_jax.training import trainer
 from train import convert, encode_text
 
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.npz"
+ROBERTA = Path(__file__).parent / "data"  # tiny_roberta/ and roberta_reference.npz (make_roberta_reference.py)
 TINY_BERT = {
     "model_type": "bert",
     "vocab_size": 30522,
@@ -51,6 +52,33 @@ def test_minilm_matches_pytorch_on_real_texts():
     bf16 = load_encoder("all-MiniLM-L6-v2", dtype="bfloat16")
     assert cosine(bf16.encode(texts), ref["pooled"]).min() >= 0.999
     assert bf16.fingerprint() == encoder.fingerprint()
+
+
+@pytest.mark.parametrize("prefix", ["", "roberta."])
+def test_roberta_positions_match_pytorch(tmp_path, prefix):
+    """RoBERTa counts positions from pad_token_id + 1 over the non-padding tokens: transformers' RobertaModel on
+    a tiny random checkpoint, right-padded inputs, one as long as the position table allows."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sr_jax.text.bert import BertConfig, BertEncoder, params_from_safetensors
+
+    weights = load_file(str(ROBERTA / "tiny_roberta" / "model.safetensors"))
+    save_file({prefix + k: v for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
+    cfg = BertConfig.from_file(ROBERTA / "tiny_roberta" / "config.json")
+    assert cfg.roberta_positions and cfg.max_tokens == 40
+    ref = np.load(ROBERTA / "roberta_reference.npz")
+    encoder = nnx.merge(
+        nnx.graphdef(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))),
+        params_from_safetensors(tmp_path / "model.safetensors", cfg),
+    )
+    hidden = np.asarray(encoder(jnp.asarray(ref["ids"], jnp.int32), jnp.asarray(ref["mask"], jnp.int32)))
+    real = ref["mask"].astype(bool)
+    np.testing.assert_allclose(hidden[real], ref["hidden"][real], rtol=1e-4, atol=1e-5)
+    # more padding (a wider bucket) leaves the real tokens as they were
+    wider = np.pad(ref["ids"][1:], ((0, 0), (0, 24)), constant_values=cfg.pad_token_id)
+    out = np.asarray(encoder(jnp.asarray(wider, jnp.int32), jnp.asarray(wider != cfg.pad_token_id, jnp.int32)))
+    np.testing.assert_allclose(out[:, :40][real[1:]], ref["hidden"][1:][real[1:]], rtol=1e-4, atol=1e-5)
 
 
 def _tiny_checkpoint(folder: Path, prefix: str = "", seed: int = 0) -> Path:

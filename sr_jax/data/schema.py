@@ -1,6 +1,6 @@
 """The dataset metadata (`meta.json`) and the columns every split must have.
 
-One example is one impression (DESIGN.md, "Data model"). Ids are integers in [0, vocab) with 0 meaning
+One example is one impression (docs/DESIGN.md, "Data model"). Ids are integers in [0, vocab) with 0 meaning
 "missing"; text columns hold a row of the dataset's text table, or -1 for "no text".
 """
 

@@ -12,7 +12,7 @@ differ in catalogue (which topics they sell), base rate b_k, and how much person
 query relevance (beta) matters: that is the domain shift. A fraction of items are "cold": they never
 appear in train or valid examples, only in test, where only text and sparse fields describe them.
 
-The two cold-start protocols (DESIGN.md) get their own splits: `cold_train` / `cold_test` hold
+The two cold-start protocols (docs/DESIGN.md) get their own splits: `cold_train` / `cold_test` hold
 impressions of cold items in the known domains (the first traffic of new items), and the last domain
 is held out of pretraining (`heldout_train` / `heldout_test`).
 

@@ -1,4 +1,4 @@
-"""The cold-start comparison of DESIGN.md: does pretraining, then fine-tuning with frozen levels, beat
+"""The cold-start comparison of docs/DESIGN.md: does pretraining, then fine-tuning with frozen levels, beat
 training on the cold data alone?
 
 For every text setting (language-model text aspect on / off) and seed, one model is pretrained on the

@@ -18,7 +18,6 @@ from sr_jax.model.encoding import Aspects
 from sr_jax.model.layers import Array, normal
 
 
-
 def masked_softmax(logits: Array, mask: Array) -> Array:
     """Softmax over the last axis where mask is True; 0 elsewhere, and all-0 where nothing is present."""
     logits = jnp.where(mask, logits, -jnp.inf)

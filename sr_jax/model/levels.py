@@ -1,4 +1,4 @@
-"""Levels L0, L1, L2 (DESIGN.md): the first key of every parameter path names its level."""
+"""Levels L0, L1, L2 (docs/DESIGN.md): the first key of every parameter path names its level."""
 
 from __future__ import annotations
 

@@ -1,8 +1,13 @@
-"""A BERT-family text encoder in Flax NNX (BERT, MiniLM and relatives), loaded from Hugging Face files.
+"""A BERT-family text encoder in Flax NNX (BERT, MiniLM, RoBERTa and relatives), loaded from Hugging Face
+files.
 
 No PyTorch: the config comes from `config.json`, the weights from `model.safetensors` (keys with or
-without a `bert.` prefix), the tokenizer from `tokenizer.json` (the `tokenizers` library). The encoder is
-frozen: it is only ever called under jit to fill a dataset's text cache.
+without a `bert.` / `roberta.` prefix), the tokenizer from `tokenizer.json` (the `tokenizers` library). The
+encoder is frozen: it is only ever called under jit to fill a dataset's text cache.
+
+BERT numbers positions 0..L-1. RoBERTa (and XLM-RoBERTa) number the non-padding tokens from
+pad_token_id + 1 and give padding the position pad_token_id (transformers'
+`create_position_ids_from_input_ids`), so its usable length is max_position_embeddings - pad_token_id - 1.
 """
 
 from __future__ import annotations
@@ -28,11 +33,23 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
+    model_type: str = "bert"
+    pad_token_id: int = 0
+
+    @property
+    def roberta_positions(self) -> bool:
+        return self.model_type in ROBERTA_TYPES
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position table covers."""
+        offset = self.pad_token_id + 1 if self.roberta_positions else 0
+        return self.max_position_embeddings - offset
 
     @classmethod
     def from_file(cls, path: str | Path) -> BertConfig:
         data = json.loads(Path(path).read_text())
-        if data.get("model_type", "bert") not in ("bert", "roberta", "xlm-roberta"):
+        if data.get("model_type", "bert") not in ("bert", *ROBERTA_TYPES):
             raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not a BERT-family encoder")
         if data.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: position_embedding_type {data['position_embedding_type']!r} is not supported")
@@ -41,6 +58,7 @@ class BertConfig:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
+ROBERTA_TYPES = ("roberta", "xlm-roberta")
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -75,6 +93,7 @@ class BertEncoder(nnx.Module):
     softmax and the residual stream stay float32, and parameters are float32 either way."""
 
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.pad_token_id = cfg.pad_token_id if cfg.roberta_positions else None
         self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
         self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
         self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, rngs=rngs)
@@ -83,7 +102,11 @@ class BertEncoder(nnx.Module):
 
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """ids, mask [B, L] int32 -> hidden [B, L, H] float32"""
-        positions = jnp.arange(ids.shape[1])[None, :]
+        if self.pad_token_id is None:
+            positions = jnp.arange(ids.shape[1])[None, :]
+        else:  # RoBERTa: non-padding tokens count from pad_token_id + 1, padding sits at pad_token_id
+            real = (ids != self.pad_token_id).astype(jnp.int32)
+            positions = jnp.cumsum(real, axis=1) * real + self.pad_token_id
         x = self.word(ids) + self.position(positions) + self.token_type(jnp.zeros_like(ids))
         x = self.embed_norm(x)
         bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
@@ -136,7 +159,8 @@ def hf_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, bool]]:
 
 
 # Present in checkpoints, not used by an encoder that pools itself.
-IGNORED_KEYS = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
+IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.dense.weight", "pooler.dense.bias")
+PREFIXES = ("bert.", "roberta.")
 
 
 def params_from_safetensors(path: str | Path, cfg: BertConfig) -> dict:
@@ -144,7 +168,11 @@ def params_from_safetensors(path: str | Path, cfg: BertConfig) -> dict:
     misshapen keys are errors that name the key."""
     from safetensors.numpy import load_file
 
-    tensors = {k.removeprefix("bert."): v for k, v in load_file(str(path)).items()}
+    tensors = {}
+    for key, value in load_file(str(path)).items():
+        for prefix in PREFIXES:
+            key = key.removeprefix(prefix)
+        tensors[key] = value
     mapping = hf_key_map(cfg)
     unknown = sorted(set(tensors) - set(mapping) - set(IGNORED_KEYS))
     if unknown:

@@ -49,7 +49,7 @@ def resolve(path_or_name: str | Path) -> Path:
 
 def _settings(folder: Path, cfg: BertConfig) -> tuple[int, bool]:
     """(max tokens, L2-normalise?) from the sentence-transformers files when present."""
-    max_length = cfg.max_position_embeddings
+    max_length = cfg.max_tokens
     st_config = folder / "sentence_bert_config.json"
     if st_config.exists():
         max_length = min(max_length, json.loads(st_config.read_text()).get("max_seq_length", max_length))
@@ -139,7 +139,7 @@ class TextEncoder:
         for start in range(0, len(texts), batch):
             rows = order[start : start + batch]
             width = int(buckets[np.searchsorted(buckets, lengths[rows].max())])
-            tokens = np.zeros((batch, width), np.int32)
+            tokens = np.full((batch, width), self.spec.config.pad_token_id, np.int32)
             mask = np.zeros((batch, width), np.int32)
             for r, row in enumerate(rows):
                 tokens[r, : lengths[row]] = ids[row]

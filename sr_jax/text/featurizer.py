@@ -1,6 +1,6 @@
 """The interface every frozen text featurizer implements, the model-free baseline, and cache building.
 
-A featurizer maps texts to two vectors each, as Aspect Gating Fusion needs (DESIGN.md, L0): the pooled
+A featurizer maps texts to two vectors each, as Aspect Gating Fusion needs (docs/DESIGN.md, L0): the pooled
 vector (a summary of the whole text) and the first-token vector (what `cls` gating reads). Its outputs
 are computed once per text and stored in the dataset's text cache, tagged with `name` and
 `fingerprint()` so that training never mixes features from different encoders.

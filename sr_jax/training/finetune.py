@@ -37,7 +37,7 @@ RUN_INFO = "run_info.json"
 TRAINED_ITEMS = "trained_items.npy"
 SNAPSHOT = "pretrained"  # a fine-tune run's copy of what it needs from its pretrained run
 
-# protocol -> (train split, eval split) of the embedded dataset (DESIGN.md, "Cold start")
+# protocol -> (train split, eval split) of the embedded dataset (docs/DESIGN.md, "Cold start")
 PROTOCOLS = {
     "new-domain": ("heldout_train", "heldout_test"),  # a domain held out of pretraining
     "cold-items": ("cold_train", "cold_test"),  # new items in the known domains
