@@ -136,3 +136,20 @@ def test_cli_imports_and_builds_the_text_cache(tmp_path, capsys):
     assert "hashed-bow" in ds.meta.text_caches and "'train': 32" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
         prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--encoder", "none"])
+
+
+def test_ids_are_kept_as_written(tmp_path):
+    """007 and 7, 1.0 and 1, and two integers that differ past float precision (in a column that also holds
+    1.5, which made pyarrow read it as floats) are six distinct items, not three."""
+    items = ["007", "7", "1.0", "1", "9007199254740993", "9007199254740992"]
+    lines = ["split,domain,user_id,item_id,label"]
+    lines += [f"train,feed,u{i % 2},{item},{i % 2}" for i, item in enumerate(items)]
+    lines += ["test,feed,u0,1.5,1", "test,feed,u1,7,0"]
+    item_table = "item_id,text\n" + "".join(f"{item},item {item}\n" for item in items + ["1.5"])
+    src = _write(tmp_path / "src", domains="name,task\nfeed,rec\n", impressions="\n".join(lines) + "\n", items=item_table)
+    ds = import_tables(src, tmp_path / "out")
+    assert ds.meta.vocab["item_id"] == len(items) + 1 + 1  # + "1.5", + the missing id 0
+    train = ds.split("train")
+    assert len(np.unique(train["item_id"])) == len(items)
+    texts = ds.texts()
+    assert [texts[r] for r in train["item_text"]] == [f"item {item}" for item in items]

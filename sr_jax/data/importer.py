@@ -7,7 +7,9 @@
     SRC/users.{csv,parquet}        optional: user_id, user.FIELD ...
     SRC/queries.{csv,parquet}      optional: query_id, text
 
-Ids are any strings or integers; they become rows 1..n in sorted order (0 = missing). A FIELD value
+Ids are any strings or integers, read as written: every CSV column is read as text, so `007` and `7`, or
+`1.0` and `1`, are different ids (pyarrow's type inference would merge them); they become rows 1..n in
+sorted order (0 = missing). A FIELD value
 may hold several values separated by "|" (a multi-valued field). Texts are stored once each; an
 item or query without text has none (-1). Every problem is a `DatasetError` naming the file, the
 column and the row (data rows counted from 0, the header excluded). Reading uses pyarrow (vectorised:
@@ -16,6 +18,7 @@ no Python loop over rows), which tensorflow-datasets already brings.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +83,19 @@ def _read(src: Path, name: str, required: bool) -> _Table | None:
         raise DatasetError(found[0], None, None, f"both {found[0].name} and {found[1].name} exist: keep one")
     file = found[0]
     try:
-        table = pq.read_table(file) if file.suffix == ".parquet" else pa_csv.read_csv(file)
+        table = pq.read_table(file) if file.suffix == ".parquet" else _read_csv_as_text(file)
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(file, None, None, f"unreadable table: {e}") from e
     return _Table(file, table)
+
+
+def _read_csv_as_text(file: Path) -> pa.Table:
+    """Every column as strings, exactly as written: inferring types would turn ids like 007 and 7, 1.0 and 1,
+    or large integers differing past float precision into one value."""
+    with open(file, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    columns = dict.fromkeys(header, pa.string())
+    return pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(column_types=columns, strings_can_be_null=True))
 
 
 def _vocab(*arrays) -> pa.Array:
