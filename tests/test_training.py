@@ -96,3 +96,18 @@ def test_a_domain_with_one_class_is_left_out_of_the_mean_and_the_report_says_so(
     assert "Left out of the mean: 1 domain(s) whose labels in this split are one class" in evaluation.markdown_table(
         result
     )
+
+
+def test_a_diverged_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint(tmp_path):
+    """NaN parameters (a corrupt restore, an overflow) make the loss NaN: the run stops at the next check with
+    an error naming the step (6: the first log; checkpoints every 4), saves nothing from that state, and writes
+    no eval.json."""
+    cfg = config(TINY, train={"checkpoint_every": 4, "log_every": 6})
+    run = trainer.build_run(cfg, tmp_path)
+    good = trainer.train(run, trainer.initial_state(run), until=4)  # checkpoint at step 4
+    poisoned = good._replace(params={**good.params, "l2": jax.tree.map(lambda x: x * jnp.nan, good.params["l2"])})
+    with pytest.raises(trainer.TrainingDiverged, match=r"loss=nan.* at step 6; .*the last checkpoint is step 4"):
+        trainer.train(run, poisoned)
+    assert run.checkpointer.latest_step() == 4 and not (tmp_path / "eval.json").exists()
+    restored, _ = run.checkpointer.restore(run.steps.abstract_state)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))

@@ -31,6 +31,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step)` would write a checkpoint (every `every` steps)."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: TrainState, position: dict, force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position))
         return self.manager.save(step, args=args, force=force)

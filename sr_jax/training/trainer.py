@@ -42,6 +42,10 @@ from sr_jax.training.steps import TrainState, init_state, make_predict_step, mak
 log = logging.getLogger("sr_jax")
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or the gradient norm became NaN or inf: training stops before anything is saved from it."""
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """The configured dataset (the synthetic one, generated on first use, when no path is given), with the
     text cache of `cfg.text_encoder` (built for the synthetic dataset, checked for any other)."""
@@ -387,7 +391,9 @@ def batches(run: Run, start: int):
 
 
 def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
-    """Trains from the state's step to `until` (default: the end), checkpointing and logging on the way."""
+    """Trains from the state's step to `until` (default: the end), checkpointing and logging on the way. The
+    loss and gradient norm are checked at every log and every checkpoint: a NaN or inf stops the run with
+    `TrainingDiverged` before that state is saved (the update that made NaN parameters had a NaN gradient)."""
     cfg = run.config
     start, stop = int(state.step), min(until or run.total_steps, run.total_steps)
     feed = prefetch_to_device(batches(run, start), run.put, cfg.data.prefetch)
@@ -402,8 +408,11 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             state, metrics = step_fn(state, batch, run.text, run.reference)
             window_steps += 1
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == stop:
+            logged = done % cfg.train.log_every == 0 or done == stop
+            if logged or run.checkpointer.due(done):  # a state is saved only after its loss is checked
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(run, metrics, done)
+            if logged:
                 elapsed = time.perf_counter() - window_start
                 metrics.update(
                     step=done,
@@ -418,6 +427,19 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             bar.update(1)
     run.checkpointer.wait()
     return state
+
+
+def check_finite(run: Run, metrics: dict, step: int) -> None:
+    """Stops a run whose loss or gradient norm is NaN or inf, before that state is saved or evaluated."""
+    bad = {k: metrics[k] for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])}
+    if bad:
+        run.checkpointer.wait()
+        kept = run.checkpointer.latest_step()
+        raise TrainingDiverged(
+            f"{run.workdir}: {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; nothing from this "
+            f"state was saved, the last checkpoint is step {kept}. Lower train.learning_rate, or check the data "
+            "and the restored parameters."
+        )
 
 
 def evaluate(run: Run, params, split: str | None = None) -> dict:
