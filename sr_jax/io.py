@@ -1,8 +1,10 @@
-"""Atomic writes: a file or folder appears complete under its final name, or not at all."""
+"""Atomic writes (a file or folder appears complete under its final name, or not at all), and one writer
+per folder (`exclusive`)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -37,3 +39,35 @@ def atomic_file(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class FolderLocked(RuntimeError):
+    """Another process holds the folder's writer lock."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str = "run") -> Iterator[None]:
+    """Holds an exclusive lock on `folder` (an flock on `folder/.lock`, which records the holder's pid) while
+    the block runs; a second writer fails at once with FolderLocked naming that pid. Readers take no lock.
+    The lock goes with the process: a killed writer leaves nothing that blocks the next one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise FolderLocked(
+            f"{folder}: another process (pid {holder}) is writing this {what}; wait for it to finish, or use "
+            "another folder"
+        ) from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

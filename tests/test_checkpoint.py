@@ -1,5 +1,8 @@
-"""Checkpoint save/restore, exact resume, and the errors for mismatched or broken checkpoints."""
+"""Checkpoint save/restore, exact resume, one writer per run folder, and the errors for mismatched or broken
+checkpoints."""
 
+import json
+import os
 import shutil
 
 import jax
@@ -7,6 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY, config
+from sr_jax.io import FolderLocked, exclusive
 from sr_jax.training import trainer
 from sr_jax.training.checkpoint import CheckpointError
 
@@ -75,3 +79,23 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     again = trainer.build_run(_cfg(), tmp_path)
     with pytest.raises(CheckpointError, match="checkpoints/4"):
         again.checkpointer.restore(again.steps.abstract_state)
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
+    with exclusive(tmp_path):
+        with pytest.raises(FolderLocked, match=rf"another process \(pid {os.getpid()}\) is writing this run"):
+            trainer.fit(_cfg(), tmp_path)
+    assert not (tmp_path / "config.json").exists()  # refused before anything was written
+    with exclusive(tmp_path):  # released: the next writer takes it
+        pass
+
+
+def test_a_resumed_runs_metrics_have_every_step_once(tmp_path):
+    cfg = config(TINY, train={"epochs": 2.0, "checkpoint_every": 4, "log_every": 2})
+    run = trainer.build_run(cfg, tmp_path)
+    trainer.train(run, trainer.initial_state(run), until=6)  # "killed" after step 6: last checkpoint at 4
+    run.checkpointer.close()
+    resumed = trainer.build_run(cfg, tmp_path)
+    trainer.train(resumed, trainer.restore_or_init(resumed), until=8)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]

@@ -146,7 +146,9 @@ def test_ids_are_kept_as_written(tmp_path):
     lines += [f"train,feed,u{i % 2},{item},{i % 2}" for i, item in enumerate(items)]
     lines += ["test,feed,u0,1.5,1", "test,feed,u1,7,0"]
     item_table = "item_id,text\n" + "".join(f"{item},item {item}\n" for item in items + ["1.5"])
-    src = _write(tmp_path / "src", domains="name,task\nfeed,rec\n", impressions="\n".join(lines) + "\n", items=item_table)
+    src = _write(
+        tmp_path / "src", domains="name,task\nfeed,rec\n", impressions="\n".join(lines) + "\n", items=item_table
+    )
     ds = import_tables(src, tmp_path / "out")
     assert ds.meta.vocab["item_id"] == len(items) + 1 + 1  # + "1.5", + the missing id 0
     train = ds.split("train")

@@ -10,6 +10,7 @@ with `finetune.pretrained` set starts from that run's parameters instead of a fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,7 @@ from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.data.store import Dataset, open_dataset
+from sr_jax.io import atomic_file, exclusive
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
 from sr_jax.training import alignment, evaluation, finetune, memory, sharding as shd, sparse_update
 from sr_jax.training.checkpoint import Checkpointer, ParamsReader
@@ -399,6 +401,8 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     feed = prefetch_to_device(batches(run, start), run.put, cfg.data.prefetch)
     desc, primary = "finetune" if cfg.finetune.pretrained else "train", distributed.is_primary()
     step_fn = run.compiled_train_step()
+    if primary:
+        cut_metrics(run.workdir / "metrics.jsonl", start)
     window_start, window_steps = time.perf_counter(), 0
     with (
         open(run.workdir / "metrics.jsonl" if primary else os.devnull, "a") as metrics_file,
@@ -427,6 +431,18 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             bar.update(1)
     run.checkpointer.wait()
     return state
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Drops the lines of metrics.jsonl past `step` (logged after the checkpoint a run resumes from), so that a
+    resumed run's log has every step once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(kept))
 
 
 def check_finite(run: Run, metrics: dict, step: int) -> None:
@@ -483,10 +499,15 @@ def write_records(run: Run, params) -> None:
 
 
 def fit(cfg: Config, workdir: str | Path) -> dict:
-    """A whole run, pretraining or fine-tuning: resume or start, train, evaluate, write the reports."""
+    """A whole run, pretraining or fine-tuning: resume or start, train, evaluate, write the reports. One writer
+    per run folder: a second `fit` on the same folder fails at once (`io.FolderLocked`, naming the holder)."""
     validate(cfg)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with exclusive(workdir) if distributed.is_primary() else contextlib.nullcontext():
+        return _fit(cfg, workdir)
+
+
+def _fit(cfg: Config, workdir: Path) -> dict:
     if distributed.is_primary():
         save_config(cfg, workdir / "config.json")
         if cfg.finetune.pretrained:
