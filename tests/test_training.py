@@ -111,3 +111,8 @@ def test_a_diverged_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint
     assert run.checkpointer.latest_step() == 4 and not (tmp_path / "eval.json").exists()
     restored, _ = run.checkpointer.restore(run.steps.abstract_state)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_an_unknown_split_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"data.eval_split='tset': the dataset .* has splits \['cold_test'"):
+        trainer.build_run(config(TINY, data={"eval_split": "tset"}), tmp_path)
