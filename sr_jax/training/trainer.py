@@ -279,11 +279,10 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         raise ValueError(
             f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the mesh's data axis ({data_axis})"
         )
+    splits = sorted(dataset.meta.splits)
     for key in ("train_split", "eval_split"):  # before any training: an unknown split would fail only at its end
-        if getattr(cfg.data, key) not in dataset.meta.splits:
-            raise ValueError(
-                f"data.{key}={getattr(cfg.data, key)!r}: the dataset {dataset.root} has splits {sorted(dataset.meta.splits)}"
-            )
+        if (split := getattr(cfg.data, key)) not in splits:
+            raise ValueError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
     text_id = text_identity(cfg.data.text_encoder)
     pooled, first = dataset.text_cache(text_id[0])
     text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
