@@ -223,7 +223,7 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
         x="fraction",
         metric="auc",
         series=("setting", "variant", "text"),
-        style_key="text",
+        style_key="variant" if len({r["variant"] for r in table} - {"-"}) > 1 else "text",
         xlabel="fraction of the cold training split",
         ylabel="mean per-domain AUC",
         logx=True,
