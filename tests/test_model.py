@@ -115,10 +115,11 @@ def test_hash_ids_keeps_missing_and_stays_in_range():
     np.testing.assert_array_equal(hash_ids(ids, 10_000, 10_000), ids)
 
 
-@pytest.mark.parametrize("buckets", [1024, 1000])
+@pytest.mark.parametrize("buckets", [1025, 1000])
 def test_hashed_strided_ids_collide_no_more_than_random(buckets):
-    """Ids that differ by multiples of the bucket count (a power of two here) must not pile into one row, as
-    they do when the hash keeps the low bits: the distinct rows hit stay near the ideal of a random map."""
+    """Ids that differ by multiples of the number of hashed rows (rows - 1 = 1024, a power of two) must not
+    pile into one row, as they all did (1 row of 1024) when the hash kept the low bits: the distinct rows hit
+    stay near the ideal of a random map."""
     n = buckets - 1  # rows 1..buckets-1 take ids
     for stride in (n, 1024, 4096):
         ids = jnp.arange(1, n + 1) * stride
