@@ -180,6 +180,11 @@ class Run:
         """The rows of every global batch of this size that this process reads."""
         return shd.process_slice(shd.batch_sharding(self.mesh), batch_size)
 
+    def put_eval(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A whole evaluation batch, which every process reads, -> the global batch (each brings its rows)."""
+        rows = self.process_slice(self.config.data.eval_batch_size)
+        return self.put({name: col[rows] for name, col in batch.items()})
+
     def compiled_train_step(self) -> Callable:
         """The train step compiled ahead for this run's shapes (once), after its memory per device is logged
         and checked: a run that cannot fit fails here, before anything is allocated."""
@@ -466,12 +471,9 @@ def evaluate(run: Run, params, split: str | None = None) -> dict:
     cfg = run.config
     split = split or cfg.data.eval_split
     columns = select_domains(run.dataset, split, run.domains)
-    rows = run.process_slice(cfg.data.eval_batch_size)
-
-    def put(batch):  # every process reads the whole eval batch and brings its rows
-        return run.put({name: col[rows] for name, col in batch.items()})
-
-    probs = evaluation.predict_split(run.steps.predict, params, columns, cfg.data.eval_batch_size, put, run.text)
+    probs = evaluation.predict_split(
+        run.steps.predict, params, columns, cfg.data.eval_batch_size, run.put_eval, run.text
+    )
     return evaluation.compute_metrics(run.dataset, split, probs, columns, run.warm_items)
 
 
@@ -480,13 +482,9 @@ def write_records(run: Run, params) -> None:
     pretrained run's) and each trained domain's sample of z (`alignment`)."""
     trained = run.warm_items | (np.bincount(run.train_columns["item_id"], minlength=len(run.warm_items)) > 0)
     cfg = run.config
-    rows = run.process_slice(cfg.data.eval_batch_size)
 
     def aligned(batch):
         return run.steps.aligned(params, batch, run.text)
-
-    def put(batch):
-        return run.put({name: col[rows] for name, col in batch.items()})
 
     if distributed.is_primary():
         finetune.write_trained_items(run.workdir, trained)
@@ -497,7 +495,7 @@ def write_records(run: Run, params) -> None:
         run.dataset.meta.num_domains,
         cfg.train.seed,
         cfg.data.eval_batch_size,
-        put,
+        run.put_eval,
         write=distributed.is_primary(),
     )
 
