@@ -176,9 +176,9 @@ def test_train_fraction_is_a_seeded_subset(tmp_path):
         trainer.train_subset(columns, 0.0, 0)
     run = trainer.build_run(config(TINY, data={"train_fraction": 0.01}), tmp_path)  # 41 examples: one batch of 41
     assert run.batch_size == 41 and run.steps_per_epoch == 1
-    assert trainer.batch_size(256, 41, 8, "x") == 40  # a multiple of the data axis
+    assert trainer.clamped_batch_size(256, 41, 8, "x") == 40  # a multiple of the data axis
     with pytest.raises(ValueError, match=r"5 examples cannot fill a batch over 8 devices"):
-        trainer.batch_size(256, 5, 8, "x")
+        trainer.clamped_batch_size(256, 5, 8, "x")
 
 
 def test_merge_takes_mapped_rows_and_fresh_rows_for_new_domains():

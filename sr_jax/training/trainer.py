@@ -248,7 +248,7 @@ def train_subset(columns: dict[str, np.ndarray], fraction: float, seed: int) -> 
     return {name: np.asarray(col[rows]) for name, col in columns.items()}
 
 
-def batch_size(configured: int, examples: int, data_axis: int, what: str) -> int:
+def clamped_batch_size(configured: int, examples: int, data_axis: int, what: str) -> int:
     """The configured batch, or, when the data are fewer, the largest multiple of the data axis that fits
     (tiny cold-start fractions): the one place a batch is clamped."""
     if examples >= configured:
@@ -296,7 +296,7 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         select_domains(dataset, cfg.data.train_split, domains), cfg.data.train_fraction, cfg.train.seed
     )
     what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
-    batch = batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
+    batch = clamped_batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
     replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
     if replay_size >= batch:
         raise ValueError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
