@@ -6,6 +6,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -99,3 +100,48 @@ def test_a_resumed_runs_metrics_have_every_step_once(tmp_path):
     trainer.train(resumed, trainer.restore_or_init(resumed), until=8)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
+
+
+def _checkpointed(folder):
+    """A run with checkpoints at steps 1 (orbax saves a run's first step), 4 and 8."""
+    cfg = config(TINY, train={"epochs": 1.0, "checkpoint_every": 4, "keep_checkpoints": 3})
+    run = trainer.build_run(cfg, folder)
+    trainer.train(run, trainer.initial_state(run), until=8)
+    run.checkpointer.close()
+    return cfg
+
+
+def _truncate_data(step_folder):
+    """Cuts the largest array-data file of a checkpoint step in half: a save cut short."""
+    largest = max((p for p in step_folder.rglob("*") if p.is_file() and p.parent.name == "d"), key=os.path.getsize)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_that_restores(tmp_path, caplog):
+    cfg = _checkpointed(tmp_path / "one")
+    _truncate_data(tmp_path / "one" / "checkpoints" / "8")
+    resumed = trainer.build_run(cfg, tmp_path / "one")
+    with pytest.raises(CheckpointError, match=r"checkpoints/8: cannot restore"):
+        resumed.checkpointer.restore(resumed.steps.abstract_state)  # wrapped, whatever TensorStore raised
+    state = trainer.restore_or_init(resumed)
+    assert int(state.step) == 4 and "skipped a checkpoint that does not restore" in caplog.text
+    # a run whose every checkpoint is broken is an error listing each, never a fresh start
+    cfg = _checkpointed(tmp_path / "two")
+    _truncate_data(tmp_path / "two" / "checkpoints" / "8")
+    for step in ("4", "1"):
+        shutil.rmtree(tmp_path / "two" / "checkpoints" / step / "state")
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)no checkpoint restores:.*checkpoints/8: cannot restore.*checkpoints/4.*checkpoints/1",
+    ):
+        trainer.restore_or_init(trainer.build_run(cfg, tmp_path / "two"))
+
+
+def test_restored_parameters_must_be_finite(tmp_path):
+    run = trainer.build_run(_cfg(), tmp_path)
+    state = trainer.train(run, trainer.initial_state(run), until=2)
+    broken = state._replace(params={**state.params, "l2": jax.tree.map(lambda x: x * jnp.nan, state.params["l2"])})
+    run.checkpointer.save(2, broken, trainer.position(run, 2), force=True)
+    run.checkpointer.wait()
+    with pytest.raises(CheckpointError, match=r"checkpoints/2: parameter params/l2/\S+ holds NaN or inf"):
+        run.checkpointer.restore(run.steps.abstract_state)

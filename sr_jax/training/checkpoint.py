@@ -2,7 +2,10 @@
 
 A checkpoint holds `state` (step, params, optimizer state) and `position` (JSON: step, epoch, batch in
 the epoch). Restoring goes into abstract targets that carry shardings, so a checkpoint restores onto
-any mesh; a checkpoint whose tree or shapes do not match the model raises `CheckpointError`.
+any mesh. Any failure to restore (a tree or shapes that do not match the model, a truncated or garbled
+file whatever exception the storage layer raises) and restored parameters that are not finite raise
+`CheckpointError` naming the step folder; `Checkpointer.restore_newest` falls back to the newest step
+that restores.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sr_jax.training.steps import TrainState
-from sr_jax.treeutil import first_mismatch
+from sr_jax.treeutil import first_mismatch, path_str
 
 
 class CheckpointError(ValueError):
@@ -49,9 +53,22 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore())
         try:
             restored = self.manager.restore(step, args=args)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore: {e}") from e
-        return TrainState(**restored.state), dict(restored.position)
+        except Exception as e:  # the storage layer (TensorStore) raises many types for broken files
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore: {type(e).__name__}: {e}") from e
+        state = TrainState(**restored.state)
+        check_finite(self.directory / str(step), state.params)
+        return state, dict(restored.position)
+
+    def restore_newest(self, abstract_state: TrainState) -> tuple[TrainState, dict, list[str]]:
+        """The newest checkpoint that restores -> (state, position, why each newer step was skipped); a
+        CheckpointError listing every step's problem when none does."""
+        skipped = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return (*self.restore(abstract_state, step), skipped)
+            except CheckpointError as e:
+                skipped.append(str(e))
+        raise CheckpointError(f"{self.directory}: no checkpoint restores:\n  " + "\n  ".join(skipped))
 
     def item_metadata(self, step: int) -> Any:
         return _state_metadata(self.manager, self.directory, step)
@@ -101,9 +118,13 @@ class ParamsReader:
         restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
         args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, partial_restore=True)
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore the parameters: {e}") from e
+            params = self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+        except Exception as e:  # the storage layer (TensorStore) raises many types for broken files
+            raise CheckpointError(
+                f"{self.directory / str(step)}: cannot restore the parameters: {type(e).__name__}: {e}"
+            ) from e
+        check_finite(self.directory / str(step), params)
+        return params
 
     def close(self) -> None:
         self.manager.close()
@@ -118,6 +139,13 @@ def _state_metadata(manager: ocp.CheckpointManager, directory: Path, step: int) 
     if metadata is None:
         raise CheckpointError(f"{directory / str(step)}: no train state in this checkpoint")
     return metadata
+
+
+def check_finite(where: Path, params: Any) -> None:
+    """A restored parameter with NaN or inf is a broken checkpoint, not a model to train or evaluate."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not bool(jnp.isfinite(leaf).all()):
+            raise CheckpointError(f"{where}: parameter params/{path_str(path)} holds NaN or inf values")
 
 
 def check_compatible(where: Path, saved: Any, target: Any, free_first_axis: frozenset[str] = frozenset()) -> None:

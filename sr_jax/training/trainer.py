@@ -368,9 +368,13 @@ def initial_state(run: Run) -> TrainState:
 
 
 def restore_or_init(run: Run) -> TrainState:
+    """The newest checkpoint that restores (a broken newer one is skipped, and said so), or step 0 when the
+    run has none."""
     if run.checkpointer.latest_step() is None:
         return initial_state(run)
-    state, position = run.checkpointer.restore(run.steps.abstract_state)
+    state, position, skipped = run.checkpointer.restore_newest(run.steps.abstract_state)
+    for problem in skipped:
+        log.warning("skipped a checkpoint that does not restore: %s", problem)
     log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), position["epoch"], position["batch"])
     return state
 
