@@ -4,6 +4,9 @@ checkpoints."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ from helpers import TINY, config
 from sr_jax.io import FolderLocked, exclusive
 from sr_jax.training import trainer
 from sr_jax.training.checkpoint import CheckpointError
+from train import cli
 
 
 def _cfg(**model):
@@ -145,3 +149,49 @@ def test_restored_parameters_must_be_finite(tmp_path):
     run.checkpointer.wait()
     with pytest.raises(CheckpointError, match=r"checkpoints/2: parameter params/l2/\S+ holds NaN or inf"):
         run.checkpointer.restore(run.steps.abstract_state)
+
+
+def test_sigterm_finishes_the_step_saves_it_and_stops(tmp_path):
+    """A pre-empted VM sends SIGTERM: the loop finishes the step it is in, saves it (although no checkpoint
+    was due), waits for the save and stops; running again resumes from that step. The signal is sent from
+    inside the loop (a wrapped step), not after a wall-clock sleep."""
+    cfg = config(TINY, train={"epochs": 1.0, "checkpoint_every": 100, "log_every": 100})
+    run = trainer.build_run(cfg, tmp_path)
+    compiled, calls = run.compiled_train_step(), []
+
+    def step_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return compiled(*args)
+
+    run._compiled = step_then_signal
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(trainer.TrainingInterrupted, match=r"stopped by SIGTERM after step 3, which is saved") as e:
+        trainer.train(run, trainer.initial_state(run))
+    assert e.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before  # handler restored
+    assert run.checkpointer.latest_step() == 3
+    run.checkpointer.close()
+    resumed = trainer.build_run(cfg, tmp_path)
+    assert int(trainer.train(resumed, trainer.restore_or_init(resumed)).step) == resumed.total_steps == 16
+
+
+def test_the_cli_exits_with_one_line_and_a_second_signal_stops_at_once(tmp_path):
+    def stopped():
+        raise trainer.TrainingInterrupted("run: stopped by SIGTERM after step 3, which is saved", signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as e:
+        cli.interruptible(stopped)
+    assert e.value.code == 128 + signal.SIGTERM
+    code = (
+        "import os, signal\n"
+        "from sr_jax.training.trainer import stop_requests\n"
+        "with stop_requests() as received:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    assert received == [signal.SIGINT]\n"  # the first: recorded, the process goes on
+        "    print('first recorded', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('not reached', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "first recorded\n" and proc.returncode == -signal.SIGINT, (proc.stdout, proc.stderr)

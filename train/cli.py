@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 
 from sr_jax import distributed
 from sr_jax.config import Config, ConfigError, load_config, override, validate
+from sr_jax.training.trainer import TrainingInterrupted
 
 
 def parser(description: str, named_configs: bool = True) -> argparse.ArgumentParser:
@@ -61,3 +64,13 @@ def setup() -> None:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     distributed.initialize()
+
+
+def interruptible(main: Callable[[], object]) -> object:
+    """Runs an entry point's main: a training stopped by a signal (after saving) ends with one clear line and
+    the exit status 128 + the signal, as a process killed by it would, instead of a traceback."""
+    try:
+        return main()
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)

@@ -79,7 +79,8 @@ def sequential_batches(columns: dict[str, np.ndarray], batch_size: int) -> Itera
 
 
 def prefetch_to_device(batches: Iterator, put: Callable, size: int) -> Iterator:
-    """Runs `put` (host batch -> device batch) in a background thread, `size` batches ahead."""
+    """Runs `put` (host batch -> device batch) in a background thread, `size` batches ahead. Close the generator
+    (`contextlib.closing`) when leaving early: the thread is then joined, never left mid-transfer at exit."""
     if size <= 0:
         yield from map(put, batches)
         return
@@ -105,11 +106,13 @@ def prefetch_to_device(batches: Iterator, put: Callable, size: int) -> Iterator:
         except BaseException as e:  # surfaced in the consumer
             offer(e)
 
-    threading.Thread(target=worker, daemon=True).start()
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
     try:
         while (item := q.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
+    finally:  # closed early (a stop, an error): the worker ends its transfer and exits before we go on
         stop.set()
+        thread.join()

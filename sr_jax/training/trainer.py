@@ -15,8 +15,10 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,6 +48,50 @@ log = logging.getLogger("sr_jax")
 
 class TrainingDiverged(FloatingPointError):
     """The loss or the gradient norm became NaN or inf: training stops before anything is saved from it."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop was asked for (SIGTERM, SIGINT): the run finished its step, saved it and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While training: a SIGTERM or SIGINT is recorded in the yielded list (the loop finishes its step, saves and
+    stops: a pre-empted VM loses nothing); a second one exits at once. Installed from the main thread only."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signum)
+        log.warning("%s: finishing this step, saving, then stopping (again: stop at once)", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stop_agreed(received: list[int], at_sync_point: bool) -> bool:
+    """Whether to stop now: at once on one process; several processes agree at logs and checkpoints (a
+    collective), so that they all stop after the same step."""
+    if jax.process_count() == 1:
+        return bool(received)
+    if not at_sync_point:
+        return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(received)))).any())
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -408,7 +454,8 @@ def batches(run: Run, start: int):
 def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     """Trains from the state's step to `until` (default: the end), checkpointing and logging on the way. The
     loss and gradient norm are checked at every log and every checkpoint: a NaN or inf stops the run with
-    `TrainingDiverged` before that state is saved (the update that made NaN parameters had a NaN gradient)."""
+    `TrainingDiverged` before that state is saved (the update that made NaN parameters had a NaN gradient).
+    A SIGTERM or SIGINT finishes the step, saves it and raises `TrainingInterrupted`."""
     cfg = run.config
     start, stop = int(state.step), min(until or run.total_steps, run.total_steps)
     feed = prefetch_to_device(batches(run, start), run.put, cfg.data.prefetch)
@@ -418,6 +465,8 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
         cut_metrics(run.workdir / "metrics.jsonl", start)
     window_start, window_steps = time.perf_counter(), 0
     with (
+        contextlib.closing(feed),
+        stop_requests() as received,
         open(run.workdir / "metrics.jsonl" if primary else os.devnull, "a") as metrics_file,
         tqdm(total=stop, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=not primary) as bar,
     ):
@@ -426,7 +475,8 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             window_steps += 1
             done = step + 1
             logged = done % cfg.train.log_every == 0 or done == stop
-            if logged or run.checkpointer.due(done):  # a state is saved only after its loss is checked
+            stopping = _stop_agreed(received, logged or run.checkpointer.due(done))
+            if logged or stopping or run.checkpointer.due(done):  # a state is saved only after its loss is checked
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(run, metrics, done)
             if logged:
@@ -440,8 +490,16 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            run.checkpointer.save(done, state, position(run, done), force=done == run.total_steps)
+            run.checkpointer.save(done, state, position(run, done), force=done == run.total_steps or stopping)
             bar.update(1)
+            if stopping:
+                run.checkpointer.wait()
+                signum = received[0] if received else signal.SIGTERM
+                raise TrainingInterrupted(
+                    f"{run.workdir}: stopped by {signal.Signals(signum).name} after step {done}, which is saved; "
+                    "run the same command to resume",
+                    signum,
+                )
     run.checkpointer.wait()
     return state
 
