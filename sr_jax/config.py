@@ -205,6 +205,19 @@ def from_dict(cls: type, data: dict) -> Any:
     return cls(**kwargs)
 
 
+def changed_keys(before: Any, after: Any) -> list[str]:
+    """The `section.field` keys whose values differ between two configs."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(to_dict(before)), flat(to_dict(after))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import SMALL, TINY, config
+from sr_jax.config import ConfigError
 from sr_jax.data.store import DatasetError, write_text_cache
 from sr_jax.text import HashedBagOfWords
 from sr_jax.training import evaluation, trainer
@@ -116,3 +117,21 @@ def test_a_diverged_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint
 def test_an_unknown_split_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"data.eval_split='tset': the dataset .* has splits \['cold_test'"):
         trainer.build_run(config(TINY, data={"eval_split": "tset"}), tmp_path)
+
+
+def test_resuming_with_an_override_that_changes_the_run_is_refused(tmp_path, monkeypatch):
+    """A different batch size on resume would change the data position and the schedule: refused, naming the
+    key, with config.json untouched, unless --allow-changes; logging and checkpointing keys may change."""
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "run"
+    tiny = [f"data.synthetic.{k}={v}" for k, v in TINY.__dict__.items()]
+    args = ["--workdir", str(workdir), "train.epochs=1", "data.batch_size=256", "mesh.data=1", *tiny]
+    first = pretrain.main(args + ["data.text_encoder=hashed-bow"])
+    saved = (workdir / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"resuming with \['data.batch_size'\] changed .* --allow-changes"):
+        pretrain.main(["--workdir", str(workdir), "data.batch_size=128"])
+    assert (workdir / "config.json").read_text() == saved
+    again = pretrain.main(["--workdir", str(workdir), "train.log_every=7"])  # finished: re-evaluates
+    assert again["overall"]["auc"] == pytest.approx(first["overall"]["auc"], abs=1e-6)
+    allowed = pretrain.main(["--workdir", str(workdir), "--allow-changes", "data.batch_size=128"])
+    assert json.loads((workdir / "config.json").read_text())["data"]["batch_size"] == 128 and allowed["domains"]

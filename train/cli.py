@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 
 from sr_jax import distributed
-from sr_jax.config import Config, ConfigError, load_config, override, validate
+from sr_jax.config import Config, ConfigError, changed_keys, load_config, override, validate
 from sr_jax.training.trainer import TrainingInterrupted
 
 
@@ -27,6 +27,11 @@ def parser(description: str, named_configs: bool = True) -> argparse.ArgumentPar
             help="a configs/NAME.py to start from (default: the workdir's "
             "saved config.json when resuming, else configs/default.py)",
         )
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume a run with overrides that change what it trains (batch, data, schedule, model)",
+    )
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.gating=cls train.epochs=2")
     return p
 
@@ -42,15 +47,35 @@ def config_from_name(name: str) -> Config:
     return module.get_config()
 
 
+# What a resumed run may change freely: how it is evaluated, logged, checkpointed and laid out on devices.
+# Anything else (the batch, the data, the schedule, the model) would silently change the data position,
+# the learning-rate schedule or the shapes of what was saved.
+RESUMABLE = ("data.eval_split", "data.eval_batch_size", "data.prefetch", "train.log_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "finetune.pretrained", "mesh.")  # fmt: skip
+
+
+def check_resume(saved: Path, cfg: Config, allow_changes: bool) -> Config:
+    """`cfg`, for a run folder whose saved config is `saved`: refused (ConfigError naming the keys) when it
+    changes what the run trains, unless `allow_changes`."""
+    changed = [k for k in changed_keys(load_config(saved), cfg) if not k.startswith(RESUMABLE)]
+    if changed and not allow_changes:
+        raise ConfigError(
+            f"{saved}: resuming with {changed} changed would alter what this run trains (its data position, "
+            "schedule or shapes); pass --allow-changes to resume anyway, or start another --workdir"
+        )
+    return cfg
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     """The config a command runs with: saved (when resuming) or named, then the overrides on top, checked
-    (`validate`) before anything is written."""
+    (`validate`, and against the saved config when resuming) before anything is written."""
     saved = Path(args.workdir) / "config.json"
     if args.config is None and saved.exists():
         base = load_config(saved)
     else:
         base = config_from_name(args.config or "default")
-    return validate(override(base, args.overrides))
+    cfg = validate(override(base, args.overrides))
+    return check_resume(saved, cfg, args.allow_changes) if saved.exists() else cfg
 
 
 def setup() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from configs import finetune as finetune_config
-from sr_jax.config import load_config, override
+from sr_jax.config import load_config, override, validate
 from sr_jax.training import evaluation, trainer
 from train import cli
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli.setup()
     saved = Path(args.workdir) / "config.json"
     if saved.exists():
-        cfg = override(load_config(saved), args.overrides)
+        cfg = cli.check_resume(saved, validate(override(load_config(saved), args.overrides)), args.allow_changes)
     elif args.pretrained:
         pretrained = Path(args.pretrained).absolute()
         cfg = finetune_config.get_config(load_config(pretrained / "config.json"), args.protocol)

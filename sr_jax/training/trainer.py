@@ -39,7 +39,7 @@ from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.io import atomic_file, exclusive
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
 from sr_jax.training import alignment, evaluation, finetune, memory, sharding as shd, sparse_update
-from sr_jax.training.checkpoint import Checkpointer, ParamsReader
+from sr_jax.training.checkpoint import CheckpointError, Checkpointer, ParamsReader
 from sr_jax.training.optimizer import build_optimizer, learning_rate, trainable_labels
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
 
@@ -421,6 +421,20 @@ def restore_or_init(run: Run) -> TrainState:
     state, position, skipped = run.checkpointer.restore_newest(run.steps.abstract_state)
     for problem in skipped:
         log.warning("skipped a checkpoint that does not restore: %s", problem)
+    if position["step"] != int(state.step):
+        raise CheckpointError(
+            f"{run.checkpointer.directory / str(int(state.step))}: the saved data position is step "
+            f"{position['step']}, the train state's is {int(state.step)}"
+        )
+    if (position["epoch"], position["batch"]) != divmod(position["step"], run.steps_per_epoch):
+        log.warning(  # --allow-changes with another batch size or data: the position follows the step
+            "the saved data position (epoch %d, batch %d) was made with other batches; resuming at step %d of this "
+            "run's (%d steps per epoch)",
+            position["epoch"],
+            position["batch"],
+            position["step"],
+            run.steps_per_epoch,
+        )
     log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), position["epoch"], position["batch"])
     return state
 
