@@ -14,6 +14,8 @@ import logging
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("sr_jax")
 
@@ -50,6 +52,11 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
     """Waits until every process reaches the same named point (no-op on one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on any process (a collective: every process must call it at the same point)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag))).any())

@@ -87,11 +87,7 @@ def _stop_agreed(received: list[int], at_sync_point: bool) -> bool:
     collective), so that they all stop after the same step."""
     if jax.process_count() == 1:
         return bool(received)
-    if not at_sync_point:
-        return False
-    from jax.experimental import multihost_utils
-
-    return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(received)))).any())
+    return at_sync_point and distributed.any_process(bool(received))
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -308,6 +304,11 @@ def clamped_batch_size(configured: int, examples: int, data_axis: int, what: str
     return clamped
 
 
+def items_in(columns: dict[str, np.ndarray], vocab: int) -> np.ndarray:
+    """[vocab] bool: the item ids that occur in `columns`."""
+    return np.bincount(np.asarray(columns["item_id"]), minlength=vocab) > 0
+
+
 def _replay(cfg: Config, dataset: Dataset, pretrained: dict, size: int) -> dict[str, np.ndarray] | None:
     """The pretraining examples a fine-tune batch replays (its train split, trained domains)."""
     if not size:
@@ -352,8 +353,9 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
     pretrained = mapping = reference = replay = None
     vocab = dataset.meta.vocab["item_id"]
-    warm_items = np.bincount(np.asarray(columns["item_id"]), minlength=vocab) > 0
-    if cfg.finetune.pretrained:
+    if not cfg.finetune.pretrained:
+        warm_items = items_in(columns, vocab)
+    else:
         source = finetune.pretrained_folder(workdir, cfg.finetune.pretrained)
         pretrained = finetune.read_run_info(source)
         if cfg.model.use_text:
@@ -556,7 +558,7 @@ def evaluate(run: Run, params, split: str | None = None) -> dict:
 def write_records(run: Run, params) -> None:
     """What a run leaves for the runs started from it: the items its id rows were trained on (with its
     pretrained run's) and each trained domain's sample of z (`alignment`)."""
-    trained = run.warm_items | (np.bincount(run.train_columns["item_id"], minlength=len(run.warm_items)) > 0)
+    trained = run.warm_items | items_in(run.train_columns, len(run.warm_items))
     cfg = run.config
 
     def aligned(batch):
