@@ -1,5 +1,6 @@
 """Fine-tuning a pretrained run for one of the two cold-start protocols of docs/DESIGN.md
-(`sr_jax.training.finetune.PROTOCOLS`): the pretrained run's model and data, the protocol's splits, and
+(`sr_jax.training.finetune.PROTOCOLS`): the pretrained run's model and data settings (on its dataset or
+another one), the protocol's splits (or those named), and
 fine-tuning's own schedule (5 epochs and at least 100 steps, Adam 2e-3 with 20 warm-up steps, batch
 256), with levels L0 and L1 frozen, the paper's best split."""
 
@@ -9,5 +10,10 @@ from sr_jax.training.finetune import PROTOCOLS, finetune_config
 __all__ = ["PROTOCOLS", "get_config"]
 
 
-def get_config(pretrained: Config | None = None, protocol: str = "new-domain") -> Config:
-    return finetune_config(pretrained or Config(), protocol)
+def get_config(
+    pretrained: Config | None = None,
+    protocol: str = "new-domain",
+    splits: tuple[str, str] | None = None,
+    data_path: str | None = None,
+) -> Config:
+    return finetune_config(pretrained or Config(), protocol, splits, data_path)

@@ -57,9 +57,15 @@ class ModelConfig:
     # Embedding tables get a multiple of this many rows (padding no id reaches), so that any mesh.model
     # dividing it shards them evenly, and a checkpoint's shapes do not depend on the mesh.
     table_row_multiple: int = 64
+    # The std of the embedding tables' initial rows. Small, so that a row no example trained (a new or
+    # cold id) is close to zero, an uninformative vector, rather than noise the towers read.
+    embedding_init_std: float = 1e-4
     gating: str = "domain"  # aspect gating fusion: mean | cls | domain
     gate_dim: int = 16  # H, width of the domain and aspect embeddings of the domain gate
     use_text: bool = True  # text aspect on (ablation: off)
+    # The user's history aspect: the mean text features of the last N items the user clicked strictly
+    # before the example (sr_jax.data.history); 0: off. Needs timestamps and use_text.
+    user_history: int = 0
     use_domain_adapter: bool = True  # Domain Adaptive Layer on (ablation: identity)
     regularizer: str = "js"  # js | mmd | none
     reg_weight: float = 0.05  # lambda
@@ -101,12 +107,17 @@ class FinetuneConfig:
     """Start from a pretrained run instead of a fresh init, and hold chosen levels fixed."""
 
     pretrained: str = ""  # a run folder (config.json, run_info.json, checkpoints/); empty: fresh init
+    protocol: str = ""  # the cold-start protocol a fine-tune (or its scratch baseline) was made for, if any
     pretrained_step: int = -1  # which of its checkpoints; -1: the latest
     freeze: tuple[str, ...] = ()  # levels that get no update: any of l0, l1, l2
     # Align against the pretrained domains' saved distributions (reference.npz of the pretrained run): a
     # fine-tune batch of one domain has no pair of domains of its own to align.
     align_reference: bool = True
     replay_fraction: float = 0.0  # this share of every fine-tune batch replays the pretraining examples
+    # Table rows the pretrained run never trained (new keys, cold ids, a new field's values) stay trainable
+    # in a frozen L0 and start from: zero | mean (of the table's trained rows) | text (items: the pretrained
+    # run's ridge map from an item's text features to its id row; other tables and items without text: mean)
+    new_rows_init: str = "text"
 
 
 @dataclasses.dataclass
@@ -138,6 +149,7 @@ DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 SCHEDULES = ("cosine", "constant")
 EMBEDDING_UPDATES = ("dense", "rowwise_adagrad", "lazy_adam")
+NEW_ROWS_INITS = ("zero", "mean", "text")
 
 
 def _parse(value: str, annotation: Any, key: str) -> Any:
@@ -255,7 +267,14 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     problems: list[str] = []
     _positive(problems, cfg, "model", "dim", "gate_dim", "num_experts", "ple_levels", "table_row_multiple")
     _positive(problems, cfg, "model", "id_buckets", "domain_experts", "reg_weight", "mmd_bandwidth", allow_zero=True)
-    _positive(problems, cfg, "model", "reg_temperature")
+    _positive(problems, cfg, "model", "reg_temperature", "embedding_init_std")
+    _positive(problems, cfg, "model", "user_history", allow_zero=True)
+    _check(
+        problems,
+        cfg.use_text or not cfg.user_history,
+        "model.user_history",
+        "reads text features: needs model.use_text",
+    )
     _check(
         problems, cfg.id_buckets != 1, "model.id_buckets", "1 leaves no row for ids (row 0 is 'missing'): use 0 or >= 2"
     )
@@ -291,6 +310,20 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     return problems
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its folders (the dataset, the pretrained run, a text encoder checkpoint folder) absolute,
+    so that a saved config means the same folders from any working directory."""
+    encoder = cfg.data.text_encoder
+    data = dataclasses.replace(
+        cfg.data,
+        path=str(Path(cfg.data.path).absolute()) if cfg.data.path else "",
+        text_encoder=str(Path(encoder).absolute()) if Path(encoder).is_dir() else encoder,
+    )
+    tune = cfg.finetune
+    pretrained = str(Path(tune.pretrained).absolute()) if tune.pretrained else ""
+    return dataclasses.replace(cfg, data=data, finetune=dataclasses.replace(tune, pretrained=pretrained))
+
+
 def validate(cfg: Config) -> Config:
     """Every rule a config must meet, checked before anything is written or trained. All problems are
     reported at once, each naming its key; returns the config unchanged."""
@@ -318,6 +351,7 @@ def validate(cfg: Config) -> Config:
     _check(
         problems, 0 <= tune.replay_fraction < 1, "finetune.replay_fraction", f"{tune.replay_fraction} must be in [0, 1)"
     )
+    _choice(problems, tune.new_rows_init, "finetune.new_rows_init", NEW_ROWS_INITS)
     _check(problems, tune.pretrained_step >= -1, "finetune.pretrained_step", "-1 (the latest) or a step")
     _check(
         problems,

@@ -28,21 +28,23 @@ def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {path_str(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def first_mismatch(saved: Any, target: Any, free_first_axis: frozenset[str] = frozenset()) -> str | None:
-    """The first difference between a saved tree and the tree it should restore into, as a sentence
-    naming the parameter path and both shapes (parameters before optimizer state); None if they match.
-    Leaves in `free_first_axis` (paths) may differ in their first dimension."""
+def mismatches(saved: Any, target: Any, free_first_axis: frozenset[str] = frozenset()) -> list[str]:
+    """Every difference between a saved tree and the tree it should restore into, one sentence each naming
+    the parameter path and both shapes (parameters before optimizer state); empty if they match. Leaves in
+    `free_first_axis` (paths) may differ in their first dimension."""
     have, want = shapes(saved), shapes(target)
 
     def order(paths):
         return sorted(paths, key=lambda p: (p.startswith("opt_state/"), p))
 
-    for path in order(want.keys() - have.keys()):
-        return f"parameter {path} (shape {want[path]}) is missing from the checkpoint"
-    for path in order(have.keys() - want.keys()):
-        return f"checkpoint has parameter {path} (shape {have[path]}) that the model lacks"
-    for path in order(want):
+    problems = [
+        f"parameter {p} (shape {want[p]}) is missing from the checkpoint" for p in order(want.keys() - have.keys())
+    ]
+    problems += [
+        f"checkpoint has parameter {p} (shape {have[p]}) that the model lacks" for p in order(have.keys() - want.keys())
+    ]
+    for path in order(want.keys() & have.keys()):
         same = have[path][1:] == want[path][1:] if path in free_first_axis else have[path] == want[path]
         if not same:
-            return f"parameter {path} has shape {have[path]} in the checkpoint, {want[path]} in the model"
-    return None
+            problems.append(f"parameter {path} has shape {have[path]} in the checkpoint, {want[path]} in the model")
+    return problems

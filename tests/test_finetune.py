@@ -57,9 +57,19 @@ def _leaves(tree):
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _new_table_rows(run):
+    return {f"l0/{group}/{name}": mask for (group, name), mask in run.new_rows.new.items()}
+
+
 def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
-    run = trainer.build_run(_finetune_cfg(pretrained), tmp_path)
+    cfg = _finetune_cfg(pretrained)
+    run = trainer.build_run(
+        dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, new_rows_init="zero")), tmp_path
+    )
     assert run.domain_map.new_domains == (NEW,)
+    new_rows = _new_table_rows(run)
+    assert new_rows["l0/id_tables/item"].sum() > 0  # the held-out domain's items: never trained
+    assert not any(m[0] for m in new_rows.values())  # row 0 (missing) is never new
     start = _leaves(trainer.initial_state(run).params)
     before = _leaves(_pretrained_params(pretrained))
     fresh = _leaves(
@@ -71,6 +81,10 @@ def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
         if per_domain[path]:
             np.testing.assert_array_equal(value[:NEW], before[path][:NEW], err_msg=path)
             np.testing.assert_array_equal(value[NEW], fresh[path][NEW], err_msg=path)
+        elif path in new_rows:  # never trained rows start at zero, the others as trained
+            new = new_rows[path]
+            np.testing.assert_array_equal(value[new], 0.0, err_msg=path)
+            np.testing.assert_array_equal(value[~new], before[path][~new], err_msg=path)
         else:
             np.testing.assert_array_equal(value, before[path], err_msg=path)
 
@@ -82,6 +96,7 @@ def test_frozen_levels_do_not_move_and_have_no_optimizer_state(pretrained, tmp_p
     run = trainer.build_run(cfg, tmp_path)
     start = trainer.initial_state(run)
     before, per_domain = _leaves(start.params), _leaves(run.steps.per_domain)
+    new_rows = _new_table_rows(run)
     state_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(start.opt_state)]
     after = _leaves(trainer.train(run, start, until=6).params)
     moved = 0
@@ -95,10 +110,34 @@ def test_frozen_levels_do_not_move_and_have_no_optimizer_state(pretrained, tmp_p
             np.testing.assert_array_equal(value[:NEW], before[path][:NEW], err_msg=path)
             assert not np.array_equal(value[NEW], before[path][NEW]), path
             assert in_state, path  # moments for its trainable row
+        elif path in new_rows:  # a frozen table: only the rows the pretrained run never trained move
+            new = new_rows[path]
+            np.testing.assert_array_equal(value[~new], before[path][~new], err_msg=path)
+            assert not np.any(value[~new] != before[path][~new]), path
         else:
             np.testing.assert_array_equal(value, before[path], err_msg=path)
             assert not in_state, f"{path} has optimizer state: {in_state}"
     assert moved > 5
+
+
+@pytest.mark.parametrize("rule", ["dense", "rowwise_adagrad"])
+def test_rows_pretraining_never_trained_train_in_a_frozen_l0(pretrained, tmp_path, rule):
+    """Cold items (never in the pretraining data) are new rows: with L0 and L1 frozen, exactly the new rows the
+    cold training data reads move, under a row-sparse rule (lazy Adam when the configured one is dense)."""
+    cfg = _finetune_cfg(pretrained, "cold-items", embedding_update=rule)
+    run = trainer.build_run(cfg, tmp_path)
+    assert run.steps.embedding_update == ("lazy_adam" if rule == "dense" else rule)
+    new = run.new_rows.new[("id_tables", "item")]
+    read = np.zeros_like(new)
+    read[np.unique(run.train_columns["item_id"])] = True
+    assert (new & read).sum() >= 5 and not run.new_rows.new[("id_tables", "user")].any()
+    start = trainer.initial_state(run)
+    before = jax.device_get(start.params["l0"]["id_tables"])
+    after = jax.device_get(trainer.train(run, start, until=4).params["l0"]["id_tables"])
+    moved = np.any(after["item"] != before["item"], axis=1)
+    assert moved[new & read].all() and not moved[~(new & read)].any()
+    assert len(np.unique(run.train_columns["user_id"])) >= 5  # users the batches read: trained, so frozen
+    np.testing.assert_array_equal(after["user"], before["user"])
 
 
 def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path):
@@ -200,10 +239,11 @@ def test_cold_items_are_those_pretraining_never_trained(pretrained, tmp_path):
     pretrained_items = np.unique(run.dataset.split("train")["item_id"])
     expected = int((~np.isin(cold_test["item_id"], pretrained_items)).sum())
     assert expected > 0.9 * len(cold_test["item_id"]) and result["cold_items"]["examples"] == expected
-    assert np.array_equal(
-        np.load(tmp_path / finetune.TRAINED_ITEMS),
-        run.warm_items | np.isin(np.arange(len(run.warm_items)), run.train_columns["item_id"]),
-    )
+    with np.load(tmp_path / finetune.TRAINED_ROWS) as saved:  # the record: pretrained rows and its own
+        expected = run.warm_items | np.isin(np.arange(len(run.warm_items)), run.train_columns["item_id"])
+        expected[0] = False
+        np.testing.assert_array_equal(saved["item_id"], expected)
+        assert set(saved.files) == set(run.model_meta.tables())
 
 
 def test_held_out_domains_stay_out_of_pretraining(tmp_path):
@@ -218,7 +258,7 @@ def test_held_out_domains_stay_out_of_pretraining(tmp_path):
     test["domain"] = np.where(np.arange(len(test["domain"])) % 8 == 0, 7, test["domain"]).astype(np.int32)
     meta = dataclasses.replace(base.meta, text_caches={}, oracle_auc={})
     root = tmp_path / "data"
-    write_dataset(root, meta, base.texts(), {"train": train, "test": test})
+    write_dataset(root, meta, base.texts(), {"train": train, "test": test}, base.keys())
     from sr_jax.text import HashedBagOfWords, build_text_cache
 
     build_text_cache(root, HashedBagOfWords(), progress=False)
@@ -270,3 +310,40 @@ def test_replay_mixes_pretraining_examples_into_every_fine_tune_batch(pretrained
     elsewhere = _from_edited_copy(cfg, pretrained, tmp_path / "other-data", dataset="elsewhere")
     with pytest.raises(ValueError, match=r"trained on dataset 'elsewhere'.*replay needs the pretraining data"):
         trainer.build_run(elsewhere, tmp_path / "elsewhere")
+
+
+def test_finetune_cli_refuses_options_that_disagree_with_the_run_and_trains_scratch(pretrained, tmp_path):
+    from sr_jax.config import ConfigError, save_config
+
+    workdir = tmp_path / "ft"
+    args = finetune_cli.parser().parse_args(["--pretrained", str(pretrained), "--workdir", str(workdir)])
+    cfg = finetune_cli.resolve(args)
+    assert cfg.finetune.protocol == "new-domain" and cfg.data.train_split == "heldout_train"
+    assert cfg.finetune.pretrained == str(pretrained.absolute())
+    workdir.mkdir()
+    save_config(cfg, workdir / "config.json")
+    for extra, flag in ((["--protocol", "cold-items"], "--protocol"), (["--pretrained", str(tmp_path)], "--pretrained"),
+                        (["--scratch"], "--scratch"), (["--eval-split", "test"], "--eval-split")):  # fmt: skip
+        with pytest.raises(ConfigError, match=flag):
+            finetune_cli.resolve(finetune_cli.parser().parse_args(["--workdir", str(workdir), *extra]))
+    same = ["--workdir", str(workdir), "--pretrained", str(pretrained), "--protocol", "new-domain"]
+    assert finetune_cli.resolve(finetune_cli.parser().parse_args(same)) == cfg  # agreeing options resume
+    scratch = finetune_cli.resolve(
+        finetune_cli.parser().parse_args(
+            ["--pretrained", str(pretrained), "--scratch", "--workdir", str(tmp_path / "s")]
+        )
+    )
+    assert scratch.finetune.pretrained == "" and scratch.finetune.freeze == () and scratch.model == cfg.model
+    assert scratch.train == cfg.train and scratch.data == cfg.data  # the fine-tune's data and schedule
+    with pytest.raises(ValueError, match=r"--train-split and --eval-split"):
+        finetune.protocol_splits(["train", "valid"], "cold-items")
+
+
+def test_overrides_go_anywhere_on_the_command_line():
+    from train import cli
+
+    p = cli.parser("x")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--finetune", action="append", default=[])
+    args = cli.parse(p, ["--workdir", "w", "--seeds", "0", "1", "model.dim=8", "--finetune", "train.epochs=1", "a.b=2"])
+    assert args.seeds == [0, 1] and args.overrides == ["model.dim=8", "a.b=2"] and args.finetune == ["train.epochs=1"]

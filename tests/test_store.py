@@ -38,6 +38,7 @@ def test_round_trip_is_memory_mapped_and_exact(clean, tmp_path):
         _meta_without_caches(clean),
         ds.texts(),
         {s: {k: np.asarray(v) for k, v in ds.split(s).items()} for s in ds.meta.splits},
+        ds.keys(),
     )
     for split in ds.meta.splits:
         for name, col in ds.split(split).items():
@@ -147,7 +148,7 @@ def test_failed_write_leaves_nothing_behind(clean, tmp_path):
     splits = {s: {k: np.asarray(v).copy() for k, v in ds.split(s).items()} for s in ds.meta.splits}
     splits["train"]["item_id"][3] = -5
     with pytest.raises(DatasetError, match="row 3"):
-        write_dataset(tmp_path / "bad", _meta_without_caches(clean), ds.texts(), splits)
+        write_dataset(tmp_path / "bad", _meta_without_caches(clean), ds.texts(), splits, ds.keys())
     assert list(tmp_path.iterdir()) == []
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sr_jax.data.schema import DatasetMeta, Domain
+from sr_jax.data.schema import DatasetMeta, Domain, numbered_keys
 from sr_jax.data.store import write_dataset
 from sr_jax.text import build_text_cache, load_encoder
 
@@ -51,7 +51,7 @@ def text_dataset(texts: list[str], root: Path) -> Path:
     one = {"domain": [0], "user_id": [1], "query_id": [0], "item_id": [1], "query_text": [-1], "item_text": [0]}
     split = {k: np.asarray(v, np.int32) for k, v in one.items()} | {"label": np.ones(1, np.int8)}
     meta = DatasetMeta("bench", [Domain("d", "rec")], {"user_id": 2, "query_id": 1, "item_id": 2}, [], {}, 0)
-    write_dataset(root, meta, texts, {"train": split})
+    write_dataset(root, meta, texts, {"train": split}, numbered_keys(meta))
     return root
 
 

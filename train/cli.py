@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 
 from sr_jax import distributed
-from sr_jax.config import Config, ConfigError, changed_keys, load_config, override, validate
+from sr_jax.config import Config, ConfigError, absolute_paths, changed_keys, load_config, override, validate
 from sr_jax.training.trainer import TrainingInterrupted
 
 
@@ -34,6 +34,19 @@ def parser(description: str, named_configs: bool = True) -> argparse.ArgumentPar
     )
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.gating=cls train.epochs=2")
     return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`p.parse_args`, with `section.field=value` overrides accepted anywhere on the command line: argparse
+    would let an option of several values (`--seeds 0 1 2`) swallow the overrides after it, so every bare
+    `key=value` token is moved to the end (a token that is the value of a one-value option stays)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    single = {s for a in p._actions if a.nargs is None and a.option_strings for s in a.option_strings}
+    kept, overrides = [], []
+    for i, token in enumerate(argv):
+        bare = "=" in token and not token.startswith("-") and (i == 0 or argv[i - 1] not in single)
+        (overrides if bare else kept).append(token)
+    return p.parse_args(kept + overrides)
 
 
 def config_from_name(name: str) -> Config:
@@ -74,7 +87,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         base = load_config(saved)
     else:
         base = config_from_name(args.config or "default")
-    cfg = validate(override(base, args.overrides))
+    cfg = absolute_paths(validate(override(base, args.overrides)))
     return check_resume(saved, cfg, args.allow_changes) if saved.exists() else cfg
 
 

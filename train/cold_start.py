@@ -4,6 +4,8 @@
 Pretrains one model per text setting and seed, then trains every (protocol, setting, variant, fraction,
 seed) cell: scratch, finetune-all, freeze-l0, freeze-l0-l1, each fine-tuned setting in every chosen variant
 (default: aligned against the pretrained domains; no-align; replay), see sr_jax.experiments.cold_start.
+`--finetune-data` takes the cold data from a dataset prepared apart (read through the pretrained tables by
+raw key); `--history` adds the user history aspect settings as rows. Overrides go anywhere.
 Resumable: a finished cell is not run again. Writes OUT/cold_start.{md,csv,png}.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from sr_jax.config import override
 from sr_jax.experiments import cold_start
@@ -27,8 +30,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--settings", nargs="+", default=list(cold_start.SETTINGS), choices=list(cold_start.SETTINGS))
     p.add_argument("--variants", nargs="+", default=["default"], choices=list(cold_start.VARIANTS))
     p.add_argument("--text", nargs="+", choices=("on", "off"), default=["on", "off"])
-    p.add_argument("--finetune", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the fine-tune runs")
-    args = p.parse_args(argv)
+    p.add_argument("--history", type=int, nargs="+", default=[0], help="model.user_history settings (0: none)")
+    p.add_argument("--finetune-data", default="", help="the cold data as a dataset prepared apart")
+    p.add_argument("--train-split", help="its cold training split (default: the protocol's, else train)")
+    p.add_argument("--eval-split", help="its evaluation split (default: the protocol's, else test)")
+    p.add_argument(
+        "--finetune", action="append", default=[], metavar="KEY=VALUE", help="an override of the fine-tune runs"
+    )
+    args = cli.parse(p, argv)
+    if bool(args.train_split) != bool(args.eval_split):
+        p.error("--train-split and --eval-split go together")
     cli.setup()
     base = override(cli.config_from_name(args.config or "default"), args.overrides)
     grid = cold_start.Grid(
@@ -38,10 +49,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         settings=tuple(args.settings),
         text=tuple(t == "on" for t in args.text),
         variants=tuple(args.variants),
+        history=tuple(args.history),
+        finetune_data=str(Path(args.finetune_data).absolute()) if args.finetune_data else "",
+        splits=(args.train_split, args.eval_split) if args.train_split else None,
     )
     rows = cold_start.run_grid(base, grid, args.workdir, args.finetune)
     command = "python -m train.cold_start " + shlex.join(sys.argv[1:] if argv is None else argv)
-    table = cold_start.write_report(rows, args.report_dir, command)
+    splits = {p: cold_start.grid_splits(grid, base, p) for p in grid.protocols}
+    table = cold_start.write_report(rows, args.report_dir, command, splits)
     print((args.report_dir + "/cold_start.md") if table else "no cells")
     return table
 

@@ -1,36 +1,95 @@
 """Fine-tune a pretrained run for cold start:
-`python -m train.finetune --pretrained RUN --workdir DIR [--protocol new-domain|cold-items] [overrides]`.
+`python -m train.finetune --pretrained RUN --workdir DIR [--data DATASET] [--protocol new-domain|cold-items]
+[--train-split S --eval-split S] [--scratch] [overrides]`.
 
-Starts from RUN's saved config (model and data) with configs/finetune.py's splits and schedule, restores
-RUN's parameters (fresh rows for domains RUN never trained) and freezes `finetune.freeze` (default
-l0,l1). Resumes from DIR's latest checkpoint when there is one; writes DIR/eval.json and DIR/eval.md.
+Starts from RUN's saved config (model and data settings) with configs/finetune.py's schedule, on RUN's
+dataset or `--data` (a dataset prepared apart, with ids, fields and texts of its own: its tables are read
+through RUN's by raw key). The splits are the protocol's in the embedded dataset, else the dataset's
+`train` and `test`, else those named. Restores RUN's parameters (fresh rows for new domains, keys and
+fields, trainable whatever is frozen) and freezes `finetune.freeze` (default l0,l1). `--scratch` trains
+the same architecture from a fresh init on the same data and schedule: the baseline a fine-tune must
+beat. Resumes from DIR's latest checkpoint when there is one (the options must then agree with DIR's
+saved config, or be left out); writes DIR/eval.json and DIR/eval.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 from configs import finetune as finetune_config
-from sr_jax.config import load_config, override, validate
-from sr_jax.training import evaluation, trainer
+from sr_jax.config import Config, ConfigError, absolute_paths, load_config, override, validate
+from sr_jax.data import synthetic
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.training import evaluation, finetune, trainer
 from train import cli
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, named_configs=False)
     p.add_argument("--pretrained", help="the pretraining run folder (not needed to resume DIR)")
-    p.add_argument("--protocol", default="new-domain", choices=sorted(finetune_config.PROTOCOLS))
-    args = p.parse_args(argv)
-    cli.setup()
+    p.add_argument("--data", help="the dataset to fine-tune on (default: the pretrained run's)")
+    p.add_argument("--protocol", choices=sorted(finetune_config.PROTOCOLS), help="default: new-domain")
+    p.add_argument("--train-split", help="the cold training split (default: see above)")
+    p.add_argument("--eval-split", help="the split to evaluate on (default: see above)")
+    p.add_argument("--scratch", action="store_true", help="a fresh model of the pretrained run's architecture")
+    return p
+
+
+def _start(args: argparse.Namespace) -> Config:
+    """A new fine-tune (or scratch) config from the pretrained run's."""
+    pretrained = load_config(Path(args.pretrained) / "config.json") if args.pretrained else Config()
+    data_path = str(Path(args.data).absolute()) if args.data else pretrained.data.path
+    names = DatasetMeta.read(data_path).splits if data_path else synthetic.SPLITS
+    protocol = args.protocol or "new-domain"
+    splits = finetune.protocol_splits(names, protocol, args.train_split or "", args.eval_split or "")
+    cfg = finetune_config.get_config(pretrained, protocol, splits, data_path)
+    if args.scratch:
+        return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, freeze=()))
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(Path(args.pretrained))))
+
+
+def _disagreements(args: argparse.Namespace, saved: Config) -> list[str]:
+    """The options that contradict a run folder's saved config (a resume takes them from there)."""
+    given = {
+        "--pretrained": (args.pretrained and str(Path(args.pretrained).absolute()), saved.finetune.pretrained),
+        "--data": (args.data and str(Path(args.data).absolute()), saved.data.path),
+        "--protocol": (args.protocol, saved.finetune.protocol),
+        "--train-split": (args.train_split, saved.data.train_split),
+        "--eval-split": (args.eval_split, saved.data.eval_split),
+    }
+    out = [f"{flag} {new} (the run has {old or 'none'})" for flag, (new, old) in given.items() if new and new != old]
+    if args.scratch and saved.finetune.pretrained:
+        out.append(f"--scratch (the run fine-tunes {saved.finetune.pretrained})")
+    return out
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    """The config the command runs with: DIR's saved one when resuming (options that contradict it are refused),
+    else a new one from the pretrained run's; overrides on top, checked before anything is written."""
     saved = Path(args.workdir) / "config.json"
     if saved.exists():
-        cfg = cli.check_resume(saved, validate(override(load_config(saved), args.overrides)), args.allow_changes)
-    elif args.pretrained:
-        pretrained = Path(args.pretrained).absolute()
-        cfg = finetune_config.get_config(load_config(pretrained / "config.json"), args.protocol)
-        cfg = override(cfg, [f"finetune.pretrained={pretrained}", *args.overrides])
-    else:
-        p.error("--pretrained is required to start a fine-tune run")
+        if problems := _disagreements(args, load_config(saved)):
+            raise ConfigError(
+                f"{saved}: this run was started with other settings: {'; '.join(problems)}. Leave these options out "
+                "to resume it, or start another --workdir"
+            )
+        cfg = absolute_paths(validate(override(load_config(saved), args.overrides)))
+        return cli.check_resume(saved, cfg, args.allow_changes)
+    if not args.pretrained and not args.scratch:
+        raise ConfigError("--pretrained is required to start a fine-tune run (or --scratch for a fresh model)")
+    return absolute_paths(validate(override(_start(args), args.overrides)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
+    args = p.parse_args(argv)
+    cli.setup()
+    try:
+        cfg = resolve(args)
+    except (ConfigError, ValueError) as e:
+        p.error(str(e))
     result = trainer.fit(cfg, args.workdir)
     print(evaluation.markdown_table(result))
     return result

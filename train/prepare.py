@@ -1,18 +1,25 @@
-"""Convert a dataset into the store once: `python -m train.prepare NAME --src DIR --out DIR [--encoder NAME]`.
+"""Convert a dataset into the store once: `python -m train.prepare NAME --src DIR --out DIR [--encoder NAME]
+[--reuse-text DATASET ...] [converter options]`.
 
-`tables`: your own CSV / Parquet tables (format: sr_jax/data/importer.py and the README); `movielens`:
-MovieLens ml-latest-small (sr_jax/data/movielens.py); `amazon`: Amazon Industrial & Scientific
-(sr_jax/data/amazon.py). The text cache
-of `--encoder` (default: the default config's, all-MiniLM-L6-v2; `none` to skip) is built right after,
-so `python -m train.pretrain --workdir RUN data.path=OUT` can train on it.
+`tables`: your own CSV / Parquet tables (format: sr_jax/data/importer.py and the README; `--negatives N`
+samples non-clicks for unlabelled impressions); `movielens`: MovieLens ml-latest-small
+(sr_jax/data/movielens.py; `--domains` / `--exclude-domains` prepare a genre group apart); `amazon`: an
+Amazon category in RecBole's atomic files (sr_jax/data/amazon.py; `--categories` /
+`--exclude-categories` prepare a sub-category tree apart). The text cache of `--encoder` (default: the
+default config's, all-MiniLM-L6-v2; `none` to skip) is built right after, copying every text that a
+`--reuse-text` dataset (or the dataset `--overwrite` replaces) already encoded, so that
+`python -m train.pretrain --workdir RUN data.path=OUT` can train on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+from pathlib import Path
 
 from sr_jax.config import Config
-from sr_jax.data import amazon, movielens
+from sr_jax.data import amazon, movielens, negatives
 from sr_jax.data.importer import import_tables
 from sr_jax.data.store import open_dataset
 from sr_jax.text import build_text_cache, get_featurizer
@@ -28,12 +35,34 @@ def main(argv: list[str] | None = None):
     p.add_argument("--out", required=True, help="the dataset folder to write")
     p.add_argument("--encoder", default=Config().data.text_encoder, help="text encoder of the cache, or none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--reuse-text", nargs="+", default=[], metavar="DATASET", help="datasets whose cached texts to copy")
+    p.add_argument("--seed", type=int, default=0, help="the negative sampler's seed")
+    p.add_argument("--negatives", type=int, default=0, help="tables: non-clicks sampled per unlabelled impression")
+    p.add_argument("--sampler", default="uniform", choices=negatives.SAMPLERS, help="tables: how negatives are drawn")
+    p.add_argument("--domains", nargs="+", default=[], help="movielens: keep only these domains")
+    p.add_argument("--exclude-domains", nargs="+", default=[], help="movielens: leave out these domains")
+    p.add_argument("--categories", nargs="+", default=[], help="amazon: keep these top-level categories")
+    p.add_argument("--exclude-categories", nargs="+", default=[], help="amazon: leave out these categories")
+    p.add_argument("--root", help="amazon: the category path's root in the item texts (known for RecBole's names)")
     args = p.parse_args(argv)
     cli.setup()
-    dataset = CONVERTERS[args.name](args.src, args.out, overwrite=args.overwrite)
+    options = {
+        "tables": dict(negatives=args.negatives, sampler=args.sampler, seed=args.seed),
+        "movielens": dict(domains=tuple(args.domains), exclude_domains=tuple(args.exclude_domains), seed=args.seed),
+        "amazon": dict(categories=tuple(args.categories), exclude_categories=tuple(args.exclude_categories),
+                       root=args.root, seed=args.seed),
+    }[args.name]  # fmt: skip
+    out, reuse = Path(args.out), list(args.reuse_text)
+    previous = out.with_name(f".{out.name}.previous")
+    if args.overwrite and (out / "meta.json").exists() and args.encoder != "none":
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out, previous)  # kept until the new cache is built: its texts are not encoded again
+        reuse.append(str(previous))
+    dataset = CONVERTERS[args.name](args.src, out, overwrite=args.overwrite, **options)
     if args.encoder != "none":
-        build_text_cache(dataset.root, get_featurizer(args.encoder))
+        build_text_cache(dataset.root, get_featurizer(args.encoder), reuse=reuse)
         dataset = open_dataset(dataset.root)
+    shutil.rmtree(previous, ignore_errors=True)
     print(
         f"{dataset.root}: {dataset.meta.splits}, {dataset.meta.num_texts} texts, domains "
         f"{[d.name for d in dataset.meta.domains]}"

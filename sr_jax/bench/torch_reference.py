@@ -41,7 +41,7 @@ class TorchSRModel(nn.Module):
             raise NotImplementedError("the torch reference covers single-valued sparse fields")
         self.sparse_tables = nn.ParameterDict({k: _param(v) for k, v in l0["sparse_tables"].items()})
         self.sparse_proj = nn.ParameterDict(
-            {f"{s}_{k}": _param(v) for s, layer in l0["sparse_proj"].items() for k, v in layer.items()}
+            {f"{f}_{k}": _param(v) for f, layer in l0["sparse_proj"].items() for k, v in layer.items()}
         )
         self.text_proj = nn.ParameterDict(
             {f"{s}_{k}": _param(v) for s, layer in l0["text_proj"].items() for k, v in layer.items()}
@@ -69,11 +69,17 @@ class TorchSRModel(nn.Module):
             masks.append(has)
         if side != "query" and self.fields[side]:
             values = [batch[f.column] for f in self.fields[side]]
-            embedded = torch.cat(
-                [self.sparse_tables[f"{side}_{f.name}"][v] for f, v in zip(self.fields[side], values)], 1
+            projected = torch.stack(  # each field through its projection, then the mean over present fields
+                [
+                    self.sparse_tables[f"{side}_{f.name}"][v] @ self.sparse_proj[f"{side}_{f.name}_kernel"]
+                    + self.sparse_proj[f"{side}_{f.name}_bias"]
+                    for f, v in zip(self.fields[side], values)
+                ],
+                1,
             )
-            vectors.append(embedded @ self.sparse_proj[f"{side}_kernel"] + self.sparse_proj[f"{side}_bias"])
-            masks.append(torch.stack([v != 0 for v in values], 1).any(1))
+            present = torch.stack([v != 0 for v in values], 1).float()
+            vectors.append(torch.einsum("bf,bfd->bd", present, projected) / present.sum(1, keepdim=True).clamp(min=1))
+            masks.append(present.sum(1) > 0)
         vectors, mask = torch.stack(vectors, 1), torch.stack(masks, 1)  # [B, A, d], [B, A]
         if self.cfg.gating == "mean":
             logits = torch.zeros(mask.shape, device=mask.device)

@@ -3,13 +3,15 @@
     SRC/domains.{csv,parquet}      name, task (search | rec), pretrain (optional: true/false, default true)
     SRC/impressions.{csv,parquet}  split, domain (a name from domains), user_id, item_id, label (0/1),
                                    query_id (optional; empty for recommendation examples), timestamp (optional, integer)
+                                   Without `label` the rows are clicks (implicit feedback): `negatives` sampled
+                                   non-clicks follow each (`sr_jax.data.negatives`)
     SRC/items.{csv,parquet}        optional: item_id, text (optional), item.FIELD ... (categorical features)
     SRC/users.{csv,parquet}        optional: user_id, user.FIELD ...
     SRC/queries.{csv,parquet}      optional: query_id, text
 
 Ids are any strings or integers, read as written: every CSV column is read as text, so `007` and `7`, or
 `1.0` and `1`, are different ids (pyarrow's type inference would merge them); they become rows 1..n in
-sorted order (0 = missing). A FIELD value
+sorted order (0 = missing), and the store keeps every row's key (`keys.json`). A FIELD value
 may hold several values separated by "|" (a multi-valued field). Texts are stored once each; an
 item or query without text has none (-1). Every problem is a `DatasetError` naming the file, the
 column and the row (data rows counted from 0, the header excluded). Reading uses pyarrow (vectorised:
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sr_jax.data import negatives
 from sr_jax.data.schema import TASKS, DatasetMeta, Domain, SparseField
 from sr_jax.data.store import Dataset, DatasetError, write_dataset
 
@@ -112,7 +115,7 @@ def _index(values: pa.ChunkedArray, vocab: pa.Array) -> np.ndarray:
 
 
 def _sparse(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: pa.Array):
-    """Each `side.FIELD` column: (SparseField, [len(vocab) + 1, ...] value rows per entity id)."""
+    """Each `side.FIELD` column: (SparseField, [len(vocab) + 1, ...] value rows per entity id, its values' keys)."""
     if table is None:
         return []
     rows = _index(key, vocab)  # entity row in the table -> id
@@ -133,7 +136,7 @@ def _sparse(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab:
         per_id = np.zeros((len(vocab) + 1, max_len), np.int32)
         per_id[rows] = per_row
         field = SparseField(column.split(".", 1)[1], side, len(tokens) + 1, max_len)
-        out.append((field, per_id if max_len > 1 else per_id[:, 0]))
+        out.append((field, per_id if max_len > 1 else per_id[:, 0], tokens.to_pylist()))
     return out
 
 
@@ -165,11 +168,61 @@ def _domains(table: _Table) -> list[Domain]:
     return domains
 
 
-def import_tables(src: str | Path, out: str | Path, name: str | None = None, overwrite: bool = False) -> Dataset:
-    """Reads the tables in `src` (see the module docstring), writes the dataset to `out`, returns it."""
+def import_tables(
+    src: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    overwrite: bool = False,
+    negatives: int = 0,
+    sampler: str = "uniform",
+    seed: int = 0,
+) -> Dataset:
+    """Reads the tables in `src` (see the module docstring), writes the dataset to `out`, returns it.
+    Impressions without a `label` column are implicit feedback (every row a click): `negatives` non-clicks
+    per positive are sampled for them (`sr_jax.data.negatives`, `sampler` uniform or popularity, `seed`)."""
     src = Path(src)
     tables = {t: _read(src, t, required=t in ("domains", "impressions")) for t in TABLES}
-    return _write(tables, out, name or src.name, f"imported from {src.absolute()} by sr_jax.data.importer", overwrite)
+    description = f"imported from {src.absolute()} by sr_jax.data.importer"
+    imp = tables["impressions"]
+    if not imp.has("label"):
+        if negatives < 1:
+            raise DatasetError(
+                imp.file, "label", None, "missing column: label the rows, or sample negatives for implicit "
+                "feedback (train.prepare tables --negatives N)"
+            )  # fmt: skip
+        tables["impressions"] = _Table(imp.file, _sample_negatives(imp, tables["items"], negatives, sampler, seed))
+        description += f", {negatives} {sampler} negatives per positive (seed {seed})"
+    elif negatives:
+        raise DatasetError(imp.file, "label", None, "the impressions are labelled: --negatives is for unlabelled ones")
+    return _write(tables, out, name or src.name, description, overwrite)
+
+
+def _sample_negatives(imp: _Table, items: _Table | None, per_positive: int, sampler: str, seed: int) -> pa.Table:
+    columns = {c: np.asarray(imp.strings(c, required=c in ("user_id", "item_id")).to_pylist(), dtype=object)
+               for c in imp.table.column_names}  # fmt: skip
+    queries = columns.get("query_id")
+    pool = np.asarray(items.unique_ids("item_id").to_pylist(), dtype=object) if items else None
+    drawn = negatives.sample(columns["user_id"], columns["item_id"], queries, per_positive, seed, sampler, pool=pool)
+    return pa.table({k: list(v) for k, v in negatives.expand(columns, drawn).items()})
+
+
+def keep_domains(tables: dict[str, pa.Table], keep: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> dict:
+    """In-memory tables with the impressions of the `keep` domains (or all but `drop`), and the domains, items,
+    users and queries those impressions use: a part of a dataset prepared apart from the rest, with
+    vocabularies of its own."""
+    names = tables["domains"]["name"].to_pylist()
+    if unknown := sorted((set(keep) | set(drop)) - set(names)):
+        raise ValueError(f"unknown domains {unknown}; the data has {names}")
+    chosen = [n for n in names if (n in keep if keep else n not in drop)]
+    out = dict(tables)
+    out["domains"] = tables["domains"].filter(pc.is_in(tables["domains"]["name"], pa.array(chosen)))
+    imp = tables["impressions"].filter(pc.is_in(tables["impressions"]["domain"], pa.array(chosen)))
+    out["impressions"] = imp
+    for table, key in (("items", "item_id"), ("users", "user_id"), ("queries", "query_id")):
+        if table in tables and key in imp.column_names:
+            used = pc.unique(pc.drop_null(pc.cast(imp[key], pa.string())))
+            out[table] = tables[table].filter(pc.is_in(pc.cast(tables[table][key], pa.string()), used))
+    return out
 
 
 def from_arrow(
@@ -229,7 +282,7 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
     }
     columns["query_text"] = query_text[columns["query_id"]]
     columns["item_text"] = item_text[columns["item_id"]]
-    for field, per_id in sparse:
+    for field, per_id, _ in sparse:
         columns[field.column] = per_id[columns[f"{field.side}_id"]]
     if timestamp is not None:
         columns["timestamp"] = timestamp
@@ -240,10 +293,12 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
         name=name,
         domains=domains,
         vocab={f"{side}_id": len(vocab[side]) + 1 for side in ("user", "query", "item")},
-        sparse_fields=[field for field, _ in sparse],
+        sparse_fields=[field for field, _, _ in sparse],
         splits={},
         num_texts=0,
         has_timestamp=timestamp is not None,
         description=description,
     )
-    return write_dataset(out, meta, texts, splits, overwrite=overwrite)
+    keys = {f"{side}_id": vocab[side].to_pylist() for side in ("user", "query", "item")}
+    keys.update({field.column: tokens for field, _, tokens in sparse})
+    return write_dataset(out, meta, texts, splits, keys, overwrite=overwrite)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from sr_jax.data.importer import from_arrow
+from sr_jax.data.importer import from_arrow, keep_domains
 from sr_jax.data.store import Dataset, DatasetError
 
 GROUPS = {
@@ -72,7 +72,16 @@ def _group(genres: str) -> str:
     return names[int(np.argmax(counts))]
 
 
-def convert(src: str | Path, out: str | Path, overwrite: bool = False, seed: int = 0) -> Dataset:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    seed: int = 0,
+    domains: tuple[str, ...] = (),
+    exclude_domains: tuple[str, ...] = (),
+) -> Dataset:
+    """`domains` / `exclude_domains`: keep only these domains (or all but them) and the movies, users and
+    queries they use: a genre group prepared apart from the others (`importer.keep_domains`)."""
     src = Path(src)
     movies = _read(src / "movies.csv", {"movieId": int, "title": str, "genres": str})
     ratings = _read(src / "ratings.csv", {"userId": int, "movieId": int, "rating": float, "timestamp": int})
@@ -146,4 +155,9 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, seed: int
         f"MovieLens ml-latest-small from {src.absolute()}: rating >= 4 click, <= 2.5 non-click; "
         f"tags as queries with {NEGATIVES} sampled negatives (seed {seed}); test from the {TEST_QUANTILE} time quantile"
     )
-    return from_arrow(tables, out, "movielens-small", description, overwrite=overwrite)
+    name = "movielens-small"
+    if domains or exclude_domains:
+        tables = keep_domains(tables, domains, exclude_domains)
+        name += "".join(f"-{d}" for d in domains) + "".join(f"-no-{d}" for d in exclude_domains)
+        description += f"; domains {tables['domains']['name'].to_pylist()} only"
+    return from_arrow(tables, out, name, description, overwrite=overwrite)

@@ -1,7 +1,9 @@
 """The dataset metadata (`meta.json`) and the columns every split must have.
 
 One example is one impression (docs/DESIGN.md, "Data model"). Ids are integers in [0, vocab) with 0 meaning
-"missing"; text columns hold a row of the dataset's text table, or -1 for "no text".
+"missing"; text columns hold a row of the dataset's text table, or -1 for "no text". Every id table (the
+three id fields and each sparse field) keeps the raw key of each row (`keys.json`, `sr_jax.data.vocabulary`),
+so that runs started from another dataset's model read its rows by key.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: raw keys of every id table (keys.json)
 TASKS = ("search", "rec")
 SPARSE_SIDES = ("user", "item")  # the sides that carry sparse fields
 ID_FIELDS = ("user_id", "query_id", "item_id")
@@ -72,6 +74,10 @@ class DatasetMeta:
     def pretrain_domains(self) -> list[int]:
         return [k for k, d in enumerate(self.domains) if d.pretrain]
 
+    def tables(self) -> dict[str, int]:
+        """Every id table: its column name (user_id, ..., item.brand) -> rows (0 = missing included)."""
+        return {**{f: self.vocab[f] for f in ID_FIELDS}, **{f.column: f.vocab for f in self.sparse_fields}}
+
     def columns(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Every column of a split: name -> (dtype, shape of one row)."""
         cols: dict[str, tuple[np.dtype, tuple[int, ...]]] = {"domain": (np.dtype(np.int32), ())}
@@ -98,3 +104,9 @@ class DatasetMeta:
     @classmethod
     def read(cls, root: str | Path) -> DatasetMeta:
         return cls.from_json((Path(root) / "meta.json").read_text())
+
+
+def numbered_keys(meta: DatasetMeta) -> dict[str, list[str]]:
+    """Keys "1" ... "n-1" for every id table of data whose ids have no other name (the synthetic world,
+    benchmarks): two such datasets share a key only by number."""
+    return {table: [str(i) for i in range(1, rows)] for table, rows in meta.tables().items()}

@@ -2,6 +2,7 @@
 
     DIR/meta.json                         DatasetMeta
     DIR/texts.jsonl                       one JSON string per line: the text table
+    DIR/keys.json                         {table: [raw key of row 1, row 2, ...]} for every id table
     DIR/splits/SPLIT/COLUMN.npy           one array per column, read with memory mapping
     DIR/text_cache/ENCODER/{pooled,first}.npy   [num_texts, dim] float32 per text encoder
 
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sr_jax.data.schema import ID_FIELDS, SPARSE_SIDES, TASKS, TEXT_FIELDS, DatasetMeta, TextCache
+from sr_jax.data.schema import FORMAT_VERSION, ID_FIELDS, SPARSE_SIDES, TASKS, TEXT_FIELDS, DatasetMeta, TextCache
 from sr_jax.io import atomic_dir, atomic_file
+
+
+KEYS = "keys.json"
 
 
 class DatasetError(ValueError):
@@ -66,6 +70,10 @@ class Dataset:
     def texts(self) -> list[str]:
         return read_texts(self.root / "texts.jsonl")
 
+    def keys(self) -> dict[str, list[str]]:
+        """The raw key of every row of every id table: {table: keys of rows 1..n} (row 0 is "missing")."""
+        return json.loads((self.root / KEYS).read_text(encoding="utf-8"))
+
     def text_cache_info(self, encoder: str, fingerprint: str | None = None) -> TextCache:
         """Which cache `encoder` made; an error if there is none, or if it came from other weights or
         settings than `fingerprint` (when given)."""
@@ -109,8 +117,14 @@ def validate(root: str | Path) -> Dataset:
         meta = DatasetMeta.read(root)
     except (json.JSONDecodeError, TypeError, KeyError) as e:
         raise DatasetError(meta_file, None, None, f"unreadable metadata: {e}") from e
-    if meta.format_version != 1:
-        raise DatasetError(meta_file, "format_version", None, f"unsupported version {meta.format_version}")
+    if meta.format_version != FORMAT_VERSION:
+        raise DatasetError(
+            meta_file,
+            "format_version",
+            None,
+            f"version {meta.format_version}, this sr_jax reads version {FORMAT_VERSION} (which keeps every id "
+            "table's raw keys): prepare the dataset again with python -m train.prepare",
+        )
     for k, d in enumerate(meta.domains):
         if d.task not in TASKS:
             raise DatasetError(meta_file, "domains", k, f"task {d.task!r} is not one of {TASKS}")
@@ -118,6 +132,7 @@ def validate(root: str | Path) -> Dataset:
         if f.side not in SPARSE_SIDES:
             raise DatasetError(meta_file, "sparse_fields", k, f"side {f.side!r} is not one of {SPARSE_SIDES}")
 
+    _validate_keys(root / KEYS, meta)
     texts = read_texts(root / "texts.jsonl")
     if len(texts) != meta.num_texts:
         raise DatasetError(
@@ -161,6 +176,31 @@ def validate(root: str | Path) -> Dataset:
     return Dataset(root, meta)
 
 
+def _validate_keys(file: Path, meta: DatasetMeta) -> None:
+    """keys.json: one list of distinct strings per id table, one key per row but row 0."""
+    try:
+        keys = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(file, None, None, "missing: the raw keys of the id tables") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(file, None, None, f"unreadable: {e}") from e
+    tables = meta.tables()
+    if not isinstance(keys, dict) or set(keys) != set(tables):
+        found = sorted(keys) if isinstance(keys, dict) else type(keys).__name__
+        raise DatasetError(file, None, None, f"tables {found}, expected {sorted(tables)}")
+    for table, rows in tables.items():
+        values = keys[table]
+        if not isinstance(values, list) or len(values) != rows - 1:
+            size = len(values) if isinstance(values, list) else type(values).__name__
+            raise DatasetError(file, table, None, f"{size} keys, expected {rows - 1} (one per row but row 0)")
+        if bad := [r for r, v in enumerate(values) if not isinstance(v, str)]:
+            raise DatasetError(file, table, bad[0] + 1, f"key {values[bad[0]]!r} is not a string")
+        if len(set(values)) != len(values):
+            seen: dict[str, int] = {}
+            row = next(r for r, v in enumerate(values) if seen.setdefault(v, r) != r)
+            raise DatasetError(file, table, row + 1, f"key {values[row]!r} is also row {seen[values[row]] + 1}")
+
+
 def _validate_text_cache(folder: Path, encoder: str, info: TextCache, num_texts: int) -> None:
     for part in ("pooled", "first"):
         file = folder / f"{part}.npy"
@@ -190,9 +230,11 @@ def write_dataset(
     meta: DatasetMeta,
     texts: list[str],
     splits: dict[str, dict[str, np.ndarray]],
+    keys: dict[str, list[str]],
     overwrite: bool = False,
 ) -> Dataset:
-    """Writes, validates, then atomically renames a complete dataset into `root`."""
+    """Writes, validates, then atomically renames a complete dataset into `root`. `keys`: the raw key of every
+    row but 0 of every id table (`DatasetMeta.tables`)."""
     root = Path(root)
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists (pass overwrite=True to replace it)")
@@ -202,6 +244,7 @@ def write_dataset(
     meta.num_texts = len(texts)
     with atomic_dir(root, validate) as tmp:
         (tmp / "meta.json").write_text(meta.to_json())
+        (tmp / KEYS).write_text(json.dumps(keys, ensure_ascii=False), encoding="utf-8")
         with open(tmp / "texts.jsonl", "w", encoding="utf-8") as f:
             for text in texts:
                 f.write(json.dumps(text) + "\n")

@@ -32,7 +32,7 @@ import numpy as np
 
 from sr_jax import metrics
 from sr_jax.config import SyntheticConfig
-from sr_jax.data.schema import DatasetMeta, Domain, SparseField
+from sr_jax.data.schema import DatasetMeta, Domain, SparseField, numbered_keys
 from sr_jax.data.store import Dataset, open_dataset, write_dataset
 
 # Fine topics, three per coarse category, each with nouns a shopper would type.
@@ -58,7 +58,8 @@ STYLES = {
     "professional": ["professional", "pro", "heavy duty", "studio grade"],
 }
 SYLLABLES = ["vol", "ta", "ro", "zen", "ka", "mi", "lux", "or", "vin", "sa", "tek", "no", "ar", "bel"]
-GENERATOR_VERSION = 4  # bump whenever the generated data would change: it keys the cache
+SPLITS = ("train", "valid", "test", "heldout_train", "heldout_test", "cold_train", "cold_test")
+GENERATOR_VERSION = 5  # bump whenever the generated data would change: it keys the cache
 NUM_BRANDS = 24
 NUM_REGIONS = 6
 LATENT = 12
@@ -298,6 +299,7 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
         "cold_train": (n_cold, pretrain, shares, 1.0),
         "cold_test": (n_cold, pretrain, shares, 1.0),
     }
+    assert tuple(specs) == SPLITS
     splits, oracle = {}, {}
     for name, (n, domains, sh, cold_share) in specs.items():
         imp = _impressions(world, cfg, rng, n, domains, sh[domains], cold_share)
@@ -322,7 +324,7 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
         description=f"sr-jax synthetic multi-domain S&R data, generator v{GENERATOR_VERSION}, "
         f"{json.dumps(dataclasses.asdict(cfg))}",
     )
-    return write_dataset(root, meta, texts, splits, overwrite=overwrite)
+    return write_dataset(root, meta, texts, splits, numbered_keys(meta), overwrite=overwrite)
 
 
 def oracle_aucs(imp: dict[str, np.ndarray], is_cold: np.ndarray) -> dict[str, float]:

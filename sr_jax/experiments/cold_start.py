@@ -28,7 +28,9 @@ from sr_jax.config import Config, override
 from sr_jax.experiments import report
 from sr_jax.experiments.cells import run_once
 from sr_jax.training import evaluation, trainer
-from sr_jax.training.finetune import PROTOCOLS, finetune_config
+from sr_jax.data import synthetic
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.training.finetune import PROTOCOLS, finetune_config, protocol_splits
 
 log = logging.getLogger("sr_jax")
 
@@ -51,6 +53,9 @@ class Grid:
     settings: tuple[str, ...] = tuple(SETTINGS)
     text: tuple[bool, ...] = (True, False)
     variants: tuple[str, ...] = ("default",)
+    history: tuple[int, ...] = (0,)  # model.user_history settings (0: no history aspect)
+    finetune_data: str = ""  # the cold data as a dataset prepared apart (default: the pretraining dataset's splits)
+    splits: tuple[str, str] | None = None  # its (train, eval) splits (default: finetune.protocol_splits)
 
     def __post_init__(self):
         unknown = (
@@ -69,12 +74,18 @@ def _on(text: bool) -> str:
     return "on" if text else "off"
 
 
-def pretrain_config(base: Config, text: bool, seed: int) -> Config:
+def pretrain_config(base: Config, text: bool, seed: int, history: int = 0) -> Config:
     return dataclasses.replace(
         base,
-        model=dataclasses.replace(base.model, use_text=text),
+        model=dataclasses.replace(base.model, use_text=text, user_history=history),
         train=dataclasses.replace(base.train, seed=seed),
     )
+
+
+def grid_splits(grid: Grid, pretrained: Config, protocol: str) -> tuple[str, str]:
+    path = grid.finetune_data or pretrained.data.path
+    names = DatasetMeta.read(path).splits if path else synthetic.SPLITS
+    return grid.splits or protocol_splits(names, protocol)
 
 
 def cell_config(
@@ -85,10 +96,12 @@ def cell_config(
     variant: str,
     fraction: float,
     overrides: list[str],
+    splits: tuple[str, str] | None = None,
+    data_path: str | None = None,
 ) -> Config:
-    """A fine-tune (or scratch) run: the fine-tune config on top of the pretrained config, the setting's
-    frozen levels, the variant, the fraction, then `overrides`."""
-    cfg = finetune_config(pretrained, protocol)
+    """A fine-tune (or scratch) run: the fine-tune config on top of the pretrained config (on `data_path`'s
+    `splits` when given), the setting's frozen levels, the variant, the fraction, then `overrides`."""
+    cfg = finetune_config(pretrained, protocol, splits, data_path)
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, train_fraction=fraction),
@@ -117,7 +130,8 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
     rows = []
     tuned = [s for s in grid.settings if s != "scratch"]
     per_protocol = (len(tuned) * len(grid.variants) + (len(grid.settings) - len(tuned))) * len(grid.fractions)
-    cells = len(grid.text) * len(grid.seeds) * (1 + len(grid.protocols) * per_protocol)
+    aspects = sum(1 for t in grid.text for h in grid.history if t or not h)
+    cells = aspects * len(grid.seeds) * (1 + len(grid.protocols) * per_protocol)
     done = 0
 
     def progress(name: str, row: dict) -> None:
@@ -125,14 +139,16 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
         done += 1
         log.info("[%d/%d] %s: mean per-domain AUC %.4f (%.0f s)", done, cells, name, row["auc"], row["seconds"])
 
-    for text in grid.text:
+    for text, history in ((t, h) for t in grid.text for h in grid.history if t or not h):
+        aspect = f"text-{_on(text)}" + (f"-history-{history}" if history else "")
         for seed in grid.seeds:
-            pre_cfg = pretrain_config(base, text, seed)
-            pre_dir = workdir / "pretrain" / f"text-{_on(text)}" / f"seed-{seed}"
+            pre_cfg = pretrain_config(base, text, seed, history)
+            pre_dir = workdir / "pretrain" / aspect / f"seed-{seed}"
             progress(str(pre_dir), _cached(pre_dir, trainer.fit, pre_cfg))
             for protocol in grid.protocols:
-                if protocol == "cold-items":
-                    zero_dir = workdir / protocol / f"text-{_on(text)}" / ZERO_SHOT / f"seed-{seed}"
+                splits = grid_splits(grid, pre_cfg, protocol)
+                if protocol == "cold-items" and not grid.finetune_data:  # zero-shot reads its own dataset only
+                    zero_dir = workdir / protocol / aspect / ZERO_SHOT / f"seed-{seed}"
                     _, eval_split = PROTOCOLS[protocol]
                     zero_cfg = dataclasses.replace(
                         pre_cfg, data=dataclasses.replace(pre_cfg.data, eval_split=eval_split)
@@ -141,7 +157,7 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
                     rows += [
                         dict(
                             protocol=protocol,
-                            text=_on(text),
+                            text=aspect[len("text-") :],
                             setting=ZERO_SHOT,
                             variant="-",
                             fraction=f,
@@ -154,16 +170,24 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
                     for variant in grid.variants if setting != "scratch" else ("-",):
                         for fraction in grid.fractions:
                             cfg = cell_config(
-                                pre_cfg, pre_dir, protocol, setting, variant, fraction, list(finetune_overrides)
+                                pre_cfg,
+                                pre_dir,
+                                protocol,
+                                setting,
+                                variant,
+                                fraction,
+                                list(finetune_overrides),
+                                splits,
+                                grid.finetune_data or None,
                             )
                             name = setting if variant in ("-", "default") else f"{setting}+{variant}"
-                            cell = workdir / protocol / f"text-{_on(text)}" / name / f"fraction-{fraction:g}"
+                            cell = workdir / protocol / aspect / name / f"fraction-{fraction:g}"
                             row = _cached(cell / f"seed-{seed}", trainer.fit, cfg)
                             progress(str(cell / f"seed-{seed}"), row)
                             rows.append(
                                 dict(
                                     protocol=protocol,
-                                    text=_on(text),
+                                    text=aspect[len("text-") :],
                                     setting=setting,
                                     variant=variant,
                                     fraction=fraction,
@@ -184,7 +208,9 @@ def _evaluate_pretrained(cfg: Config, workdir: Path, pretrained: Path) -> None:
     evaluation.write_report(workdir, result)
 
 
-def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
+def write_report(
+    rows: list[dict], out: str | Path, command: str, splits: dict[str, tuple[str, str]] | None = None
+) -> list[dict]:
     """cold_start.csv (every cell's mean and spread), cold_start.md (tables), cold_start.png (AUC against
     the fraction of cold data, one panel per protocol)."""
     out = Path(out)
@@ -201,7 +227,7 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
     protocols = list(dict.fromkeys(r["protocol"] for r in table))
     oracle = {p: _oracle([r for r in table if r["protocol"] == p]) for p in protocols}
     for protocol in protocols:
-        train_split, eval_split = PROTOCOLS[protocol]
+        train_split, eval_split = (splits or PROTOCOLS)[protocol]
         lines += [
             "",
             f"## {protocol} (train `{train_split}`, evaluate `{eval_split}`)",

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
+from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
 from sr_jax.model.layers import Array, hash_ids, normal
 
@@ -35,11 +36,21 @@ def side_aspects(cfg: ModelConfig, meta: DatasetMeta) -> dict[str, tuple[str, ..
     """The aspects each side fuses, in order."""
     has_sparse = {s: any(f.side == s for f in meta.sparse_fields) for s in SIDES}
     text = ("text",) if cfg.use_text else ()
+    history = ("history",) if cfg.user_history else ()
     return {
-        "user": ("id",) + (("sparse",) if has_sparse["user"] else ()),
+        "user": ("id",) + (("sparse",) if has_sparse["user"] else ()) + history,
         "query": ("id",) + text,
         "item": ("id",) + text + (("sparse",) if has_sparse["item"] else ()),
     }
+
+
+def table_key(column: str) -> tuple[str, str]:
+    """The path under params["l0"] of the table an id column reads: user_id -> ("id_tables", "user"),
+    item.brand -> ("sparse_tables", "item_brand")."""
+    if column.endswith("_id") and "." not in column:
+        return ("id_tables", column[: -len("_id")])
+    side, name = column.split(".", 1)
+    return ("sparse_tables", f"{side}_{name}")
 
 
 def padded_rows(rows: int, multiple: int) -> int:
@@ -55,25 +66,26 @@ class FeatureEncoder(nnx.Module):
         self.aspects = side_aspects(cfg, meta)
 
         def table(rows: int) -> nnx.Param:
-            return normal(rngs, (padded_rows(rows, cfg.table_row_multiple), cfg.dim), 0.05)
+            return normal(rngs, (padded_rows(rows, cfg.table_row_multiple), cfg.dim), cfg.embedding_init_std)
 
         self.id_tables = nnx.Dict({s: table(self.buckets[s]) for s in SIDES})
         self.fields = {s: [f for f in meta.sparse_fields if f.side == s] for s in SPARSE_SIDES}
-        self.sparse_tables = nnx.Dict({f"{f.side}_{f.name}": table(f.vocab) for f in meta.sparse_fields})
+        self.sparse_tables = nnx.Dict({table_key(f.column)[1]: table(f.vocab) for f in meta.sparse_fields})
+        # one projection per field (pooled over the present ones), so that no shape depends on how many
+        # fields a dataset has: a model meets a dataset with other fields by adding or dropping some
         self.sparse_proj = nnx.Dict(
-            {s: nnx.Linear(len(fs) * cfg.dim, cfg.dim, rngs=rngs) for s, fs in self.fields.items() if fs}
+            {table_key(f.column)[1]: nnx.Linear(cfg.dim, cfg.dim, rngs=rngs) for f in meta.sparse_fields}
         )
-        self.text_proj = nnx.Dict(
-            {s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in ("query", "item")} if cfg.use_text else {}
-        )
+        text_sides = ("query", "item", *(("history",) if cfg.user_history else ())) if cfg.use_text else ()
+        self.text_proj = nnx.Dict({s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in text_sides})
         self.text_dim = text_dim
 
     def table_rows(self, batch: dict[str, Array]) -> dict[tuple[str, str], Array]:
         """The rows every embedding lookup of `batch` reads, per table (key: the table's path under l0, e.g.
         ("id_tables", "user")); a multi-valued field's rows keep its [B, L] shape."""
         rows = {("id_tables", s): hash_ids(batch[f"{s}_id"], self.vocab[s], self.buckets[s]) for s in SIDES}
-        for side, fields in self.fields.items():
-            rows.update({("sparse_tables", f"{side}_{f.name}"): batch[f"{side}.{f.name}"] for f in fields})
+        for fields in self.fields.values():
+            rows.update({table_key(f.column): batch[f.column] for f in fields})
         return rows
 
     def __call__(
@@ -99,6 +111,13 @@ class FeatureEncoder(nnx.Module):
                     first = jnp.where(has[:, None], text.first[jnp.maximum(row, 0)], 0.0)
                     vectors.append(self.text_proj[side](pooled))
                     masks.append(has)
+                elif aspect == "history":  # [B, N] text rows of earlier clicks: their mean, projected
+                    rows_h = batch[HISTORY]
+                    present = (rows_h >= 0).astype(jnp.float32)
+                    pooled_h = jnp.einsum("bn,bnt->bt", present, text.pooled[jnp.maximum(rows_h, 0)])
+                    count = present.sum(1, keepdims=True)
+                    vectors.append(self.text_proj["history"](pooled_h / jnp.maximum(count, 1.0)))
+                    masks.append(count[:, 0] > 0)
                 else:
                     vec, has = self._sparse(side, batch, rows)
                     vectors.append(vec)
@@ -107,18 +126,23 @@ class FeatureEncoder(nnx.Module):
         return out
 
     def _sparse(self, side: str, batch: dict[str, Array], rows) -> tuple[Array, Array]:
-        """Field embeddings (multi-valued fields mean-pooled over non-zero values), concatenated, projected."""
-        embedded, present = [], []
+        """Each field's embedding (a multi-valued field's mean over its non-zero values) through the field's
+        projection, then the mean over the fields the example has."""
+        projected, present = [], []
         for f in self.fields[side]:
-            values = batch[f"{side}.{f.name}"]
-            looked_up = self.sparse_tables[f"{side}_{f.name}"][...][rows[("sparse_tables", f"{side}_{f.name}")]]
+            key = table_key(f.column)
+            values = batch[f.column]
+            looked_up = self.sparse_tables[key[1]][...][rows[key]]
             if values.ndim == 1:
-                embedded.append(looked_up)
-                present.append(values != 0)
+                embedded, has = looked_up, values != 0
             else:
                 nonzero = (values != 0).astype(jnp.float32)
                 count = nonzero.sum(1, keepdims=True)
-                embedded.append(jnp.einsum("bl,bld->bd", nonzero, looked_up) / jnp.maximum(count, 1.0))
-                present.append(count[:, 0] > 0)
-        has = jnp.any(jnp.stack(present, 1), axis=1)
-        return self.sparse_proj[side](jnp.concatenate(embedded, 1)), has
+                embedded, has = jnp.einsum("bl,bld->bd", nonzero, looked_up) / jnp.maximum(count, 1.0), count[:, 0] > 0
+            projected.append(self.sparse_proj[key[1]](embedded))
+            present.append(has)
+        weight = jnp.stack(present, 1).astype(jnp.float32)  # [B, F]
+        pooled = jnp.einsum("bf,bfd->bd", weight, jnp.stack(projected, 1)) / jnp.maximum(
+            weight.sum(1, keepdims=True), 1
+        )
+        return pooled, weight.sum(1) > 0

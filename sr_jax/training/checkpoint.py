@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sr_jax.training.steps import TrainState
-from sr_jax.treeutil import first_mismatch, path_str
+from sr_jax.treeutil import mismatches, path_str
 
 
 class CheckpointError(ValueError):
@@ -149,5 +149,7 @@ def check_finite(where: Path, params: Any) -> None:
 
 
 def check_compatible(where: Path, saved: Any, target: Any, free_first_axis: frozenset[str] = frozenset()) -> None:
-    if (problem := first_mismatch(saved, target, free_first_axis)) is not None:
-        raise CheckpointError(f"{where}: {problem}")
+    """A CheckpointError naming every parameter whose path or shape differs (see `treeutil.mismatches`)."""
+    if problems := mismatches(saved, target, free_first_axis):
+        listed = "\n  ".join(problems)
+        raise CheckpointError(f"{where}: {len(problems)} parameter(s) do not match the model:\n  {listed}")

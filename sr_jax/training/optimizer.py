@@ -6,7 +6,9 @@ Every parameter leaf carries a label (`trainable_labels`):
     NEW_DOMAINS  a per-domain leaf of a frozen level: only the rows of the new domains are updated (and have
                  optimizer state); the other rows get exactly zero update
     SPARSE       an embedding table under a row-sparse rule (`sparse_update`): its gradient is the gathered
-                 rows' [U, d]; the chain only clips it (it counts in the global norm) and passes it on
+                 rows' [U, d]; the chain only clips it (it counts in the global norm) and passes it on. In a
+                 frozen L0 the tables are SPARSE when some of their rows are new (never trained by the
+                 pretrained run): the rule updates those rows only (`sparse_update`, "trainable")
     FROZEN       a leaf of a frozen level: not differentiated at all, no optimizer state, no weight decay
     STATS        batch statistics (STAR's partitioned normalisation): not differentiated or optimized; the
                  forward pass in training writes them
@@ -30,7 +32,7 @@ import optax
 from sr_jax.config import TrainConfig
 from sr_jax.model.levels import level_of
 from sr_jax.training.sharding import ROW_SHARDED
-from sr_jax.treeutil import path_names
+from sr_jax.treeutil import path_names, path_str
 
 TRAIN, NEW_DOMAINS, SPARSE, FROZEN, STATS = "train", "new_domains", "sparse", "frozen", "stats"
 TRAINABLE = (TRAIN, NEW_DOMAINS, SPARSE)
@@ -60,19 +62,26 @@ def trainable_labels(
     new_domains: Sequence[int],
     sparse_tables: bool = False,
     stats: Any = None,
+    new_rows: bool = False,
+    new_leaves: frozenset[str] = frozenset(),
 ) -> Any:
     """A tree like `params` of labels. `per_domain` is a tree of bools: True where the leaf's first axis
     indexes domains; `new_domains` are the domains that stay trainable in frozen levels; `sparse_tables`:
     trainable embedding tables are updated row-sparsely; `stats`: a tree of bools, True for batch
-    statistics (`sr_jax.model.stats_mask`)."""
+    statistics (`sr_jax.model.stats_mask`); `new_rows`: the tables have rows that stay trainable in a frozen
+    L0 (row-sparsely); `new_leaves`: paths of leaves the pretrained run lacks (a new sparse field's table
+    and projection), trainable whatever is frozen."""
     frozen = check_levels(freeze)
     stats = jax.tree.map(lambda _: False, params) if stats is None else stats
 
     def label(path, _, is_per_domain, is_stats):
         if is_stats:
             return STATS
-        if level_of(path) not in frozen:
-            return SPARSE if sparse_tables and path_names(path)[1] in ROW_SHARDED else TRAIN
+        table = path_names(path)[1] in ROW_SHARDED
+        if level_of(path) not in frozen or path_str(path) in new_leaves:
+            return SPARSE if sparse_tables and table else TRAIN
+        if table and new_rows:
+            return SPARSE
         return NEW_DOMAINS if is_per_domain and new_domains else FROZEN
 
     return jax.tree_util.tree_map_with_path(label, params, per_domain, stats)

@@ -23,7 +23,10 @@ Rules (state per table, sharded by rows like the table):
                      touched it too (e.g. the first step).
 
 Weight decay is not applied to tables under a row-sparse rule. Frozen tables (`finetune.freeze=l0`) take
-no update whatever the rule.
+no update whatever the rule, except their new rows (rows the pretrained run never trained: new keys,
+cold ids): a fine-tune with a frozen L0 and new rows runs a row-sparse rule (lazy Adam when
+`train.embedding_update` is dense), and each table's state holds a `trainable` row mask; the other rows
+get zero gradient (they do not count in the global norm) and are never written.
 """
 
 from __future__ import annotations
@@ -41,9 +44,14 @@ ADAGRAD_EPS = 1e-8
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults
 
 
-def effective_rule(rule: str, freeze: tuple[str, ...]) -> str:
-    """The configured rule, or dense when L0 (the tables' level) is frozen: frozen tables take no update."""
-    return "dense" if "l0" in check_levels(freeze) else rule
+def effective_rule(rule: str, freeze: tuple[str, ...], new_rows: bool = False) -> str:
+    """The configured rule; with L0 (the tables' level) frozen: dense (no table takes an update) unless the
+    tables have `new_rows`, which a row-sparse rule trains (lazy Adam when the configured one is dense)."""
+    if "l0" not in check_levels(freeze):
+        return rule
+    if not new_rows:
+        return "dense"
+    return "lazy_adam" if rule == "dense" else rule
 
 
 def tables(params: Any) -> dict[TableKey, jax.Array]:
@@ -59,18 +67,38 @@ def with_tables(params: Any, new: dict[TableKey, Any]) -> Any:
     return {**params, "l0": l0}
 
 
-def init_state(rule: str, params: Any) -> dict:
-    """Per-table state, {group: {name: {arrays whose first axis is the table's rows}}}; empty for dense."""
+def init_state(rule: str, params: Any, trainable_rows: dict[TableKey, Any] | None = None) -> dict:
+    """Per-table state, {group: {name: {arrays whose first axis is the table's rows}}}; empty for dense.
+    `trainable_rows` ([R] bool per table): the only rows the rule may update (a frozen L0's new rows)."""
     if rule == "dense":
         return {}
     state: dict = {}
-    for (group, name), t in tables(params).items():
+    for key, t in tables(params).items():
         if rule == "rowwise_adagrad":
             arrays = {"acc": jnp.zeros(t.shape[:1], jnp.float32)}
         else:
             arrays = {"mu": jnp.zeros(t.shape, jnp.float32), "nu": jnp.zeros(t.shape, jnp.float32)}
-        state.setdefault(group, {})[name] = arrays
+        if trainable_rows is not None:
+            arrays["trainable"] = jnp.asarray(trainable_rows[key], bool)
+        state.setdefault(key[0], {})[key[1]] = arrays
     return state
+
+
+def writable(state: dict, gathered: Gathered) -> dict[TableKey, jax.Array]:
+    """Each table's gathered rows as the rule may write them: rows outside its `trainable` mask become the
+    out-of-range row (reads fill, writes drop)."""
+    out = {}
+    for (group, name), u in gathered.uniq.items():
+        mask = state.get(group, {}).get(name, {}).get("trainable")
+        out[(group, name)] = (
+            u if mask is None else jnp.where(mask.at[u].get(mode="fill", fill_value=False), u, mask.shape[0])
+        )
+    return out
+
+
+def mask_grads(grads: dict[TableKey, jax.Array], rows: dict[TableKey, jax.Array], num_rows: dict[TableKey, int]):
+    """The gathered rows' gradients with the rows the rule may not write (`writable`) set to zero."""
+    return {k: jnp.where((rows[k] < num_rows[k])[:, None], g, 0.0) for k, g in grads.items()}
 
 
 class Gathered(NamedTuple):
@@ -107,8 +135,9 @@ def apply(
         return x.at[u].get(mode="fill", fill_value=0)
 
     new_tables, new_state = {}, {group: dict(by_name) for group, by_name in state.items()}
+    rows = writable(state, gathered)
     for (group, name), g in grads.items():
-        u, w, old = gathered.uniq[(group, name)], gathered.embeddings[(group, name)], state[group][name]
+        u, w, old = rows[(group, name)], gathered.embeddings[(group, name)], state[group][name]
         if rule == "rowwise_adagrad":
             acc = read(old["acc"], u) + jnp.mean(g * g, axis=-1)
             w = w - lr * g / (jnp.sqrt(acc) + ADAGRAD_EPS)[:, None]
@@ -119,7 +148,7 @@ def apply(
             t = (step + 1).astype(jnp.float32)
             w = w - lr * (mu / (1 - ADAM_B1**t)) / (jnp.sqrt(nu / (1 - ADAM_B2**t)) + ADAM_EPS)
             new = {"mu": mu, "nu": nu}
-        new_state[group][name] = {k: old[k].at[u].set(v, mode="drop") for k, v in new.items()}
+        new_state[group][name] = {**old, **{k: old[k].at[u].set(v, mode="drop") for k, v in new.items()}}
         table = current[(group, name)]
         new_tables[(group, name)] = table.at[u].set(w.astype(table.dtype), mode="drop")
     return new_tables, new_state

@@ -32,12 +32,15 @@ def loss_fn(graphdef: nnx.GraphDef, params, batch, text: sr_model.TextTable, reg
     return loss, ({"loss": loss, "bce": bce, "reg": aux["reg"]}, aux.get("stats", {}))
 
 
-def init_state(params, labels, tx: optax.GradientTransformation, embedding_update: str = "dense") -> TrainState:
+def init_state(
+    params, labels, tx: optax.GradientTransformation, embedding_update: str = "dense", trainable_rows=None
+) -> TrainState:
+    """`trainable_rows`: see sparse_update.init_state (a frozen L0's new rows)."""
     return TrainState(
         jnp.zeros((), jnp.int32),
         params,
         tx.init(partition(params, labels)[0]),
-        sparse_update.init_state(embedding_update, params),
+        sparse_update.init_state(embedding_update, params, trainable_rows),
     )
 
 
@@ -79,6 +82,12 @@ def make_train_step(
 
         (_, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
         grads = zero_frozen_rows(grads, labels, new_domains)
+        if sparse is not None:  # rows a frozen L0 keeps (all but its new rows) get no gradient
+            num_rows = {k: t.shape[0] for k, t in sparse_update.tables(state.params).items()}
+            rows = sparse_update.writable(state.tables_state, gathered)
+            grads = sparse_update.with_tables(
+                grads, sparse_update.mask_grads(sparse_update.tables(grads), rows, num_rows)
+            )
         norm = optax.tree.norm(grads)
         metrics["grad_norm"] = norm
         metrics["grad_norm_clipped"] = jnp.minimum(norm, grad_clip) if grad_clip > 0 else norm

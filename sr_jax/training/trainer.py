@@ -1,8 +1,9 @@
 """Training runs (pretraining and fine-tuning alike): everything a run needs, built from a Config,
 and the train loop.
 
-A run's folder holds `config.json` (the exact config), `run_info.json`, `trained_items.npy` and
-`reference.npz` (what its parameters mean, for fine-tuning from it: `sr_jax.training.finetune`),
+A run's folder holds `config.json` (the exact config), `run_info.json`, `vocab.json`, `trained_rows.npz`,
+`item_text_map.npz` and `reference.npz` (what its parameters mean, for fine-tuning from it:
+`sr_jax.training.finetune`),
 `checkpoints/` (orbax), `metrics.jsonl` (one line per log interval), and `eval.json` / `eval.md`. A run
 with `finetune.pretrained` set starts from that run's parameters instead of a fresh init;
 `finetune.freeze` holds levels fixed.
@@ -31,16 +32,18 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sr_jax import distributed, model as sr_model
-from sr_jax.config import Config, DataConfig, save_config, validate
+from sr_jax.config import Config, DataConfig, absolute_paths, save_config, validate
 from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
+from sr_jax.data import history, vocabulary
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.io import atomic_file, exclusive
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
 from sr_jax.training import alignment, evaluation, finetune, memory, sharding as shd, sparse_update
 from sr_jax.training.checkpoint import CheckpointError, Checkpointer, ParamsReader
-from sr_jax.training.optimizer import build_optimizer, learning_rate, trainable_labels
+from sr_jax.training.optimizer import build_optimizer, check_levels, learning_rate, trainable_labels
+from sr_jax.training.sharding import ROW_SHARDED
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
 
 log = logging.getLogger("sr_jax")
@@ -115,6 +118,7 @@ class Steps(NamedTuple):
     per_domain: Any  # tree of bools like params: leaves whose first axis indexes domains
     labels: Any  # tree like params: what the optimizer does with each leaf (optimizer.trainable_labels)
     embedding_update: str  # the tables' rule: dense, or row-sparse (dense when the tables are frozen)
+    trainable_rows: dict | None  # a frozen L0's new rows, the only ones the rule updates (else None: all)
     tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
     train_step: Callable  # (state, batch, text, reference) -> (state, metrics)
@@ -127,13 +131,23 @@ class Steps(NamedTuple):
 
 
 def build_steps(
-    cfg: Config, meta: DatasetMeta, text_dim: int, mesh: Mesh, total_steps: int, new_domains: tuple[int, ...] = ()
+    cfg: Config,
+    meta: DatasetMeta,
+    text_dim: int,
+    mesh: Mesh,
+    total_steps: int,
+    new_domains: tuple[int, ...] = (),
+    new_rows: finetune.NewRows | None = None,
+    new_leaves: frozenset[str] = frozenset(),
 ) -> Steps:
-    """`new_domains`: fine-tuning's new domains, trainable inside frozen levels."""
+    """Fine-tuning's new domains, new table rows and new leaves (a new field's) stay trainable inside frozen
+    levels."""
     validate(cfg)
     graphdef, params = sr_model.abstract(cfg.model, meta, text_dim)
     per_domain = sr_model.per_domain(cfg.model, meta, text_dim, params)
-    rule = sparse_update.effective_rule(cfg.train.embedding_update, cfg.finetune.freeze)
+    rows_only = new_rows is not None and new_rows.any and "l0" in check_levels(cfg.finetune.freeze)
+    trainable_rows = new_rows.new if rows_only else None
+    rule = sparse_update.effective_rule(cfg.train.embedding_update, cfg.finetune.freeze, rows_only)
     labels = trainable_labels(
         params,
         cfg.finetune.freeze,
@@ -141,9 +155,11 @@ def build_steps(
         new_domains,
         sparse_tables=rule != "dense",
         stats=sr_model.stats_mask(graphdef, params),
+        new_rows=rows_only,
+        new_leaves=new_leaves,
     )
     tx = build_optimizer(cfg.train, total_steps, labels, new_domains)
-    shapes = jax.eval_shape(lambda p: init_state(p, labels, tx, rule), params)
+    shapes = jax.eval_shape(lambda p: init_state(p, labels, tx, rule, trainable_rows), params)
     shardings = state_shardings(mesh, shapes)
     train = cfg.train
     sparse = None
@@ -157,6 +173,7 @@ def build_steps(
         per_domain=per_domain,
         labels=labels,
         embedding_update=rule,
+        trainable_rows=trainable_rows,
         tx=tx,
         abstract_state=jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
@@ -200,19 +217,34 @@ class Run:
     mesh: Mesh
     text: sr_model.TextTable
     domains: tuple[str, ...]  # the domains this run trains and evaluates on
-    train_columns: dict[str, np.ndarray]  # the train split's rows of those domains, or the configured fraction
+    alignment: vocabulary.Alignment  # the model's tables, and the dataset's ids as their rows
+    model_meta: DatasetMeta  # the dataset's metadata with the model's table sizes and fields: what shapes follow
+    train_columns: dict[str, np.ndarray]  # the train split's rows of those domains (in the model's rows)
     batch_size: int  # the global batch: data.batch_size, or less when the training data are fewer
     replay_columns: dict[str, np.ndarray] | None  # fine-tuning's replay of the pretraining examples
     replay_size: int  # rows of every batch that replay them (after batch_size - replay_size train rows)
     pretrained: dict | None  # the pretrained run's run_info.json (fine-tuning), else None
     domain_map: finetune.DomainMap | None  # fine-tune domain -> pretrained row (None: new domain)
-    warm_items: np.ndarray  # [item vocab] bool: items trained before this run (pretraining: by this run)
+    trained_rows: dict[str, np.ndarray]  # table -> [rows] bool: trained before this run (pretraining: by it)
+    new_rows: finetune.NewRows | None  # fine-tuning: the rows its pretrained run never trained
     reference: sr_model.AlignmentReference | None  # what fine-tuning aligns against, on device
     steps: Steps  # model, optimizer, train and predict steps
     total_steps: int
     steps_per_epoch: int
     checkpointer: Checkpointer
     _compiled: Callable | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def warm_items(self) -> np.ndarray:
+        """[item rows] bool: the items whose id rows were trained before this run (the others are cold)."""
+        return self.trained_rows["item_id"]
+
+    def split(self, name: str) -> dict[str, np.ndarray]:
+        """A split's rows of the run's domains, in the model's table rows (with the user history aspect's
+        column, from the run's training examples and this split's, when the model reads it)."""
+        columns = self.alignment.remap(select_domains(self.dataset, name, self.domains))
+        n = self.config.model.user_history
+        return history.with_history(columns, [self.train_columns, columns], n) if n else columns
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a batch -> the global batch on the mesh."""
@@ -304,12 +336,9 @@ def clamped_batch_size(configured: int, examples: int, data_axis: int, what: str
     return clamped
 
 
-def items_in(columns: dict[str, np.ndarray], vocab: int) -> np.ndarray:
-    """[vocab] bool: the item ids that occur in `columns`."""
-    return np.bincount(np.asarray(columns["item_id"]), minlength=vocab) > 0
-
-
-def _replay(cfg: Config, dataset: Dataset, pretrained: dict, size: int) -> dict[str, np.ndarray] | None:
+def _replay(
+    cfg: Config, dataset: Dataset, pretrained: dict, size: int, aligned: vocabulary.Alignment
+) -> dict[str, np.ndarray] | None:
     """The pretraining examples a fine-tune batch replays (its train split, trained domains)."""
     if not size:
         return None
@@ -318,7 +347,40 @@ def _replay(cfg: Config, dataset: Dataset, pretrained: dict, size: int) -> dict[
             f"finetune.replay_fraction={cfg.finetune.replay_fraction}: the pretrained run trained on dataset "
             f"{pretrained['dataset']!r}, this run's is {dataset.meta.name!r}; replay needs the pretraining data"
         )
-    return select_domains(dataset, pretrained["train_split"], tuple(pretrained["trained_domains"]))
+    return aligned.remap(select_domains(dataset, pretrained["train_split"], tuple(pretrained["trained_domains"])))
+
+
+def item_texts(dataset: Dataset, aligned: vocabulary.Alignment) -> np.ndarray:
+    """[model item rows] int32: each item's row of the text table (-1: none), from every split."""
+    out = np.full(aligned.vocab.rows("item_id"), -1, np.int32)
+    rows = aligned.rows.get("item_id")
+    for split in dataset.meta.splits:
+        columns = dataset.split(split)
+        ids = np.asarray(columns["item_id"])
+        out[ids if rows is None else rows[ids]] = columns["item_text"]
+    return out
+
+
+def _text_estimates(
+    fresh: finetune.NewRows,
+    source: Path,
+    dataset: Dataset,
+    aligned: vocabulary.Alignment,
+    pooled: np.ndarray,
+    dim: int,
+) -> finetune.NewRows:
+    """`fresh` with the text map's estimate of every new item row that has a text."""
+    kernel, bias = finetune.read_text_map(source)
+    if kernel.shape != (pooled.shape[1], dim):
+        raise CheckpointError(
+            f"{source / finetune.TEXT_MAP}: maps {kernel.shape[0]}-wide text features to {kernel.shape[1]}-wide rows; "
+            f"this run has {pooled.shape[1]}-wide features and {dim}-wide rows"
+        )
+    texts = item_texts(dataset, aligned)
+    new = fresh.new[("id_tables", "item")][: len(texts)]
+    index = np.flatnonzero(new & (texts >= 0)).astype(np.int32)
+    estimate = np.asarray(pooled[texts[index]], np.float32) @ kernel + bias
+    return dataclasses.replace(fresh, text=(index, estimate))
 
 
 def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run:
@@ -339,9 +401,22 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     pooled, first = dataset.text_cache(text_id[0])
     text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
     domains = run_domains(cfg.data, dataset.meta)
-    columns = train_subset(
-        select_domains(dataset, cfg.data.train_split, domains), cfg.data.train_fraction, cfg.train.seed
+    source = finetune.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
+    pretrained = finetune.read_run_info(source) if source else None
+    own = vocabulary.of_dataset(dataset)
+    aligned = vocabulary.align(vocabulary.read(source), own) if source else vocabulary.identity(own)
+    model_meta = aligned.vocab.model_meta(dataset.meta)
+    columns = aligned.remap(
+        train_subset(select_domains(dataset, cfg.data.train_split, domains), cfg.data.train_fraction, cfg.train.seed)
     )
+    if cfg.model.user_history:
+        if not dataset.meta.has_timestamp:
+            raise ValueError(
+                f"model.user_history={cfg.model.user_history}: the dataset {dataset.root} has no timestamps"
+            )
+        if cfg.finetune.replay_fraction:
+            raise ValueError("model.user_history with finetune.replay_fraction: the replayed data has no history")
+        columns = history.with_history(columns, [columns], cfg.model.user_history)
     what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
     batch = clamped_batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
     replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
@@ -351,21 +426,37 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         raise ValueError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
     steps_per_epoch = len(columns["label"]) // (batch - replay_size)
     total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
-    pretrained = mapping = reference = replay = None
-    vocab = dataset.meta.vocab["item_id"]
-    if not cfg.finetune.pretrained:
-        warm_items = items_in(columns, vocab)
+    mapping = reference = replay = fresh_rows = None
+    _, abstract_params = sr_model.abstract(cfg.model, model_meta, pooled.shape[1])
+    if source is None:
+        trained = finetune.rows_in(columns, aligned.vocab)
     else:
-        source = finetune.pretrained_folder(workdir, cfg.finetune.pretrained)
-        pretrained = finetune.read_run_info(source)
         if cfg.model.use_text:
             finetune.check_text_encoder(pretrained, text_id, cfg.finetune.pretrained)
         mapping = finetune.domain_map(dataset, pretrained)
-        warm_items = finetune.read_trained_items(source, vocab)
+        trained = finetune.read_trained_rows(source, aligned.vocab)
+        table_rows = {
+            (group, name): t.shape[0] for group in ROW_SHARDED for name, t in abstract_params["l0"][group].items()
+        }
+        hashed = {"user_id", "query_id", "item_id"} if cfg.model.id_buckets else set()
+        fresh_rows = finetune.new_rows(trained, table_rows, hashed)
+        if cfg.finetune.new_rows_init == "text" and cfg.model.use_text:
+            fresh_rows = _text_estimates(fresh_rows, source, dataset, aligned, pooled, cfg.model.dim)
         if cfg.finetune.align_reference and cfg.model.regularizer != "none":
             reference = jax.device_put(alignment.read_reference(source, cfg.model), shd.replicated(mesh))
-        replay = _replay(cfg, dataset, pretrained, replay_size)
-    steps = build_steps(cfg, dataset.meta, pooled.shape[1], mesh, total_steps, mapping.new_domains if mapping else ())
+        replay = _replay(cfg, dataset, pretrained, replay_size, aligned)
+    new_fields = tuple(f.column for f in aligned.vocab.fields if f.column not in aligned.pretrained_rows)
+    new_leaves = finetune.new_leaf_paths(abstract_params, new_fields) if source else frozenset()
+    steps = build_steps(
+        cfg,
+        model_meta,
+        pooled.shape[1],
+        mesh,
+        total_steps,
+        mapping.new_domains if mapping else (),
+        fresh_rows,
+        new_leaves,
+    )
     return Run(
         config=cfg,
         workdir=workdir,
@@ -373,13 +464,16 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         mesh=mesh,
         text=text,
         domains=domains,
+        alignment=aligned,
+        model_meta=model_meta,
         train_columns=columns,
         batch_size=batch,
         replay_columns=replay,
         replay_size=replay_size,
         pretrained=pretrained,
         domain_map=mapping,
-        warm_items=warm_items,
+        trained_rows=trained,
+        new_rows=fresh_rows,
         reference=reference,
         steps=steps,
         total_steps=total_steps,
@@ -391,26 +485,35 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
 def initial_state(run: Run) -> TrainState:
     """Step 0: fresh parameters, or the pretrained run's (with fresh rows for new domains), and a fresh
     optimizer state, made by one compiled function straight into their shardings."""
-    cfg, meta, text_dim = run.config, run.dataset.meta, run.text.pooled.shape[1]
+    cfg, meta, text_dim = run.config, run.model_meta, run.text.pooled.shape[1]
     if run.domain_map is None:
         return fresh_state(cfg, meta, text_dim, run.steps)
+    new_fields = tuple(f.column for f in run.alignment.vocab.fields if f.column not in run.alignment.pretrained_rows)
     pretrained = finetune.restore_pretrained(
         cfg.finetune.pretrained,
         cfg.finetune.pretrained_step,
         run.steps.abstract_state.params,
         run.steps.per_domain,
         len(run.pretrained["domains"]),
+        finetune.new_leaf_paths(run.steps.abstract_state.params, new_fields),
     )
+    counts = {t: int(m.sum()) for t, m in run.new_rows.new.items() if m.any()}
     log.info(
-        "restored %s; new domains (fresh rows): %s",
+        "restored %s; new domains (fresh rows): %s; new keys per table: %s; rows never trained (start from %s, "
+        "trainable whatever is frozen): %s; new fields: %s",
         cfg.finetune.pretrained,
         [run.dataset.meta.domains[k].name for k in run.domain_map.new_domains] or "none",
+        {t: n for t, n in run.alignment.new_keys().items() if n} or "none",
+        cfg.finetune.new_rows_init,
+        {"/".join(k): n for k, n in counts.items()} or "none",
+        list(new_fields) or "none",
     )
 
     def make(pre) -> TrainState:
         fresh = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
         params = finetune.merge_pretrained(pre, fresh, run.steps.per_domain, run.domain_map)
-        return init_state(params, run.steps.labels, run.steps.tx, run.steps.embedding_update)
+        params = finetune.init_new_rows(params, run.new_rows, cfg.finetune.new_rows_init)
+        return init_state(params, run.steps.labels, run.steps.tx, run.steps.embedding_update, run.steps.trainable_rows)
 
     return jax.jit(make, out_shardings=run.steps.state_shardings)(pretrained)
 
@@ -548,7 +651,7 @@ def check_finite(run: Run, metrics: dict, step: int) -> None:
 def evaluate(run: Run, params, split: str | None = None) -> dict:
     cfg = run.config
     split = split or cfg.data.eval_split
-    columns = select_domains(run.dataset, split, run.domains)
+    columns = run.split(split)
     probs = evaluation.predict_split(
         run.steps.predict, params, columns, cfg.data.eval_batch_size, run.put_eval, run.text
     )
@@ -558,14 +661,17 @@ def evaluate(run: Run, params, split: str | None = None) -> dict:
 def write_records(run: Run, params) -> None:
     """What a run leaves for the runs started from it: the items its id rows were trained on (with its
     pretrained run's) and each trained domain's sample of z (`alignment`)."""
-    trained = run.warm_items | items_in(run.train_columns, len(run.warm_items))
+    now = finetune.rows_in(run.train_columns, run.alignment.vocab)
+    trained = {table: run.trained_rows[table] | rows for table, rows in now.items()}
     cfg = run.config
 
     def aligned(batch):
         return run.steps.aligned(params, batch, run.text)
 
     if distributed.is_primary():
-        finetune.write_trained_items(run.workdir, trained)
+        finetune.write_trained_rows(run.workdir, trained)
+        if cfg.model.use_text:
+            _write_text_map(run, params, trained["item_id"])
     alignment.write_reference(
         run.workdir,
         aligned,
@@ -578,10 +684,27 @@ def write_records(run: Run, params) -> None:
     )
 
 
+def _write_text_map(run: Run, params, trained: np.ndarray) -> None:
+    """Fits and saves the map from an item's text features to its id row, on the trained items with text
+    (hashed id tables have no row of their own per item: no map)."""
+    if run.config.model.id_buckets:
+        return
+    texts = item_texts(run.dataset, run.alignment)
+    items = np.flatnonzero(trained[: len(texts)] & (texts >= 0))
+    if len(items) < 2:
+        return
+    table = np.asarray(jax.device_get(params["l0"]["id_tables"]["item"]))
+    pooled = np.asarray(run.dataset.text_cache(text_identity(run.config.data.text_encoder)[0])[0])
+    finetune.write_text_map(
+        run.workdir, *finetune.fit_text_map(pooled[texts[items]], table[items], run.config.train.seed)
+    )
+
+
 def fit(cfg: Config, workdir: str | Path) -> dict:
     """A whole run, pretraining or fine-tuning: resume or start, train, evaluate, write the reports. One writer
-    per run folder: a second `fit` on the same folder fails at once (`io.FolderLocked`, naming the holder)."""
-    validate(cfg)
+    per run folder: a second `fit` on the same folder fails at once (`io.FolderLocked`, naming the holder).
+    The saved config names its folders by absolute path."""
+    cfg = absolute_paths(validate(cfg))
     workdir = Path(workdir)
     with exclusive(workdir) if distributed.is_primary() else contextlib.nullcontext():
         return _fit(cfg, workdir)
@@ -595,6 +718,7 @@ def _fit(cfg: Config, workdir: Path) -> dict:
     distributed.barrier("run folder")
     run = build_run(cfg, workdir)
     if distributed.is_primary():
+        vocabulary.write(workdir, run.alignment.vocab)
         text_id = text_identity(cfg.data.text_encoder)
         finetune.write_run_info(
             workdir, run.dataset, cfg.data.train_split, run.train_columns["domain"], text_id, run.pretrained

@@ -1,0 +1,137 @@
+"""Vocabularies that travel: the raw keys behind every id table, and a dataset aligned to another run's
+tables by key.
+
+A dataset's ids are dense row numbers of its own (`keys.json` says which raw key each row stands for). A
+model's tables have rows of their own too: a fresh run's are its dataset's; a run started from a
+pretrained run (fine-tuning) keeps the pretrained rows, in their order, and appends one row per key the
+pretrained run lacks (`align`). Sparse fields match by name (`item.brand`): a field the pretrained run
+lacks gets a table of its own, one the dataset lacks reads as missing (row 0, a zero column). The
+dataset's columns are remapped on the host to the model's rows when a run loads them (`Alignment.remap`).
+
+Every run writes its tables' keys (`vocab.json`) beside its checkpoints, so the runs started from it
+align without its dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sr_jax.data.schema import ID_FIELDS, DatasetMeta, SparseField
+from sr_jax.data.store import Dataset
+from sr_jax.io import atomic_file
+
+VOCAB = "vocab.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """The keys of a model's id tables. keys[table][r] is the key of row r + 1 (row 0: missing); tables are
+    the id fields (user_id, query_id, item_id) and the sparse fields' columns (item.brand, ...)."""
+
+    keys: dict[str, tuple[str, ...]]
+    fields: tuple[SparseField, ...]  # the sparse fields, in table order (vocab = rows of the table)
+
+    def rows(self, table: str) -> int:
+        return len(self.keys[table]) + 1
+
+    def model_meta(self, meta: DatasetMeta) -> DatasetMeta:
+        """`meta` with this vocabulary's table sizes and sparse fields: what the model's shapes follow."""
+        return dataclasses.replace(
+            meta, vocab={f: self.rows(f) for f in ID_FIELDS}, sparse_fields=list(self.fields), text_caches={}
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "keys": {t: list(k) for t, k in self.keys.items()},
+                "fields": [dataclasses.asdict(f) for f in self.fields],
+            },
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocabulary:
+        d = json.loads(text)
+        return cls({t: tuple(k) for t, k in d["keys"].items()}, tuple(SparseField(**f) for f in d["fields"]))
+
+
+def of_dataset(dataset: Dataset) -> Vocabulary:
+    keys = dataset.keys()
+    return Vocabulary({t: tuple(keys[t]) for t in dataset.meta.tables()}, tuple(dataset.meta.sparse_fields))
+
+
+def write(folder: Path, vocab: Vocabulary) -> None:
+    with atomic_file(Path(folder) / VOCAB) as tmp:
+        tmp.write_text(vocab.to_json(), encoding="utf-8")
+
+
+def read(folder: str | Path) -> Vocabulary:
+    path = Path(folder) / VOCAB
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; every run writes its tables' keys there (re-run it)")
+    return Vocabulary.from_json(path.read_text(encoding="utf-8"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    """A dataset read through a model's tables.
+
+    vocab: the model's tables (the pretrained run's rows first, then the new keys' rows);
+    rows: column -> [dataset rows] int32, the model row of each dataset id (absent: the same row);
+    missing: the model's sparse fields the dataset lacks (their columns read as 0, missing);
+    pretrained_rows: table -> rows the pretrained run had (rows past it are new); absent tables are new."""
+
+    vocab: Vocabulary
+    rows: dict[str, np.ndarray]
+    missing: tuple[SparseField, ...]
+    pretrained_rows: dict[str, int]
+
+    def remap(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A split's columns in the model's rows (the unchanged ones stay memory-mapped)."""
+        out = dict(columns)
+        for column, rows in self.rows.items():
+            out[column] = rows[np.asarray(columns[column])]
+        n = len(columns["label"])
+        for f in self.missing:
+            out[f.column] = np.zeros((n, f.max_len) if f.max_len > 1 else (n,), np.int32)
+        return out
+
+    def new_keys(self) -> dict[str, int]:
+        """table -> how many rows the alignment appended for keys the pretrained run lacks."""
+        return {t: self.vocab.rows(t) - self.pretrained_rows.get(t, 0) for t in self.vocab.keys}
+
+
+def identity(vocab: Vocabulary) -> Alignment:
+    """A dataset read through its own tables (a run with no pretrained run)."""
+    return Alignment(vocab, {}, (), {t: vocab.rows(t) for t in vocab.keys})
+
+
+def align(pretrained: Vocabulary, data: Vocabulary) -> Alignment:
+    """The model tables of a run on `data` started from a run whose tables are `pretrained`: every pretrained
+    row stays where it is, each key of `data` it lacks gets a new row after them."""
+    keys, rows = {}, {}
+    data_fields = {f.column: f for f in data.fields}
+    pretrained_fields = {f.column: f for f in pretrained.fields}
+    fields = [dataclasses.replace(f, vocab=0) for f in pretrained.fields] + [
+        f for f in data.fields if f.column not in pretrained_fields
+    ]
+    for table in [*ID_FIELDS, *(f.column for f in fields)]:
+        old = pretrained.keys.get(table, ())
+        if table not in data.keys:  # a pretrained field this dataset lacks
+            keys[table] = old
+            continue
+        position = {k: r + 1 for r, k in enumerate(old)}
+        new = [k for k in data.keys[table] if k not in position]
+        keys[table] = (*old, *new)
+        position.update({k: len(old) + 1 + r for r, k in enumerate(new)})
+        mapping = np.array([0, *(position[k] for k in data.keys[table])], np.int32)
+        if not np.array_equal(mapping, np.arange(len(mapping))):
+            rows[table] = mapping
+    fields = [dataclasses.replace(f, vocab=len(keys[f.column]) + 1) for f in fields]
+    missing = tuple(f for f in fields if f.column not in data_fields)
+    vocab = Vocabulary(keys, tuple(fields))
+    return Alignment(vocab, rows, missing, {t: len(k) + 1 for t, k in pretrained.keys.items()})
