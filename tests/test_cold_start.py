@@ -29,15 +29,49 @@ def test_aggregate_and_markdown():
     assert "| a | 0.7100 ± 0.0141 |" in md and "| b | **0.7500 ± 0.0000** |" in md
 
 
+def test_paired_gains_subtract_scratch_of_the_same_seed():
+    from sr_jax.experiments.cold_start import paired_gains
+
+    base = {"protocol": "p", "text": "on", "variant": "-", "fraction": 0.1}
+    rows = [
+        {**base, "setting": "scratch", "seed": 0, "auc": 0.60},
+        {**base, "setting": "scratch", "seed": 1, "auc": 0.70},
+        {**base, "setting": "freeze-l0", "variant": "default", "seed": 0, "auc": 0.65},
+        {**base, "setting": "freeze-l0", "variant": "default", "seed": 1, "auc": 0.71},
+    ]
+    assert [round(g["gain"], 6) for g in paired_gains(rows)] == [0.05, 0.01]
+
+
 def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     tiny = [f"data.synthetic.{k}={v}" for k, v in TINY.__dict__.items()]
     args = [
-        "--workdir", str(tmp_path / "grid"), "--report-dir", str(tmp_path / "report"),
-        "--seeds", "0", "--fractions", "0.5", "1", "--settings", "scratch", "freeze-l0-l1", "--text", "on",
-        "--variants", "default", "replay",
-        "--finetune", "train.min_steps=2", "train.epochs=1", "--",
-        *tiny, "data.text_encoder=hashed-bow", "data.batch_size=256", "mesh.data=1", "train.epochs=1",
-    ]  # fmt: skip
+        "--workdir",
+        str(tmp_path / "grid"),
+        "--report-dir",
+        str(tmp_path / "report"),
+        "--seeds",
+        "0",
+        *tiny,
+        "--fractions",
+        "0.5",
+        "1",
+        "data.text_encoder=hashed-bow",
+        "--settings",
+        "scratch",
+        "freeze-l0-l1",
+        "--text",
+        "on",
+        "--variants",
+        "default",
+        "replay",
+        "--finetune",
+        "train.min_steps=2",
+        "--finetune",
+        "train.epochs=1",
+        "data.batch_size=256",
+        "mesh.data=1",
+        "train.epochs=1",
+    ]  # fmt: skip  (overrides anywhere: between and after the grid options)
     table = cold_start.main(args)
     # 2 protocols x (scratch + freeze-l0-l1 in 2 variants) x 2 fractions, and the zero-shot line of new items
     assert len(table) == 2 * 3 * 2 + 2
@@ -54,6 +88,11 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     assert "## new-domain (train `heldout_train`, evaluate `heldout_test`)" in md
     assert "| freeze-l0-l1 | default | on |" in md and "| freeze-l0-l1 | replay | on |" in md
     assert "python -m train.cold_start --workdir" in md
+    assert "Gain over scratch, paired by seed" in md
+    pretrained = tmp_path / "grid" / "pretrain" / "text-on" / "seed-0" / "config.json"
+    assert '"num_users": 60' in pretrained.read_text()  # the overrides placed between options reached it
+    tuned = tmp_path / "grid" / "new-domain" / "text-on" / "freeze-l0-l1" / "fraction-1" / "seed-0" / "config.json"
+    assert '"min_steps": 2' in tuned.read_text() and '"epochs": 1.0' in tuned.read_text()
     # finished cells are not run again
     monkeypatch.setattr(trainer, "fit", lambda *a: pytest.fail("a finished cell ran again"))
     monkeypatch.setattr(trainer, "build_run", lambda *a: pytest.fail("a finished cell ran again"))

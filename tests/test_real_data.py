@@ -96,10 +96,39 @@ def test_amazon_domains_queries_negatives_and_splits(tmp_path):
         for q, i in zip(cols["query_text"][clicks][:20], cols["item_text"][clicks][:20]):
             item_words = set(re.findall(r"[a-z0-9]+", texts[i].lower()))
             assert set(texts[q].split()) <= item_words
-    assert amazon.category_query("Vise. Industrial & Scientific Power & Hand Tools Bench Vises. Shop Fox. ") == (
+    root = amazon.ROOTS["Scientific"]
+    assert amazon.category_query("Vise. Industrial & Scientific Power & Hand Tools Bench Vises. Shop Fox. ", root) == (
         "power hand tools bench vises"
     )
-    assert amazon.category_query("no path here") is None
+    assert amazon.category_query("no path here", root) is None
+    # timestamps order a user's rows: the target's position in its sequence
+    train = ds.split("train")
+    assert ds.meta.has_timestamp and np.all(np.asarray(train["timestamp"]) >= 0)
+
+
+@needs_amazon
+def test_amazon_any_category_folder_and_a_sub_category_tree_apart(tmp_path):
+    """File names come from the folder (here `Lab.*`, whose root needs --root); --categories keeps one top-level
+    category's items, whose negatives come from it too, and --exclude-categories the rest."""
+    src = tmp_path / "src"
+    _slice(AMAZON, src, {f"Scientific.{split}.inter": 2000 for split in amazon.SPLITS})
+    for file in list(src.iterdir()):
+        file.rename(src / file.name.replace("Scientific.", "Lab."))
+    with pytest.raises(DatasetError, match=r"no known category root for 'Lab': pass --root"):
+        amazon.convert(src, tmp_path / "x")
+    root = amazon.ROOTS["Scientific"]
+    apart = amazon.convert(src, tmp_path / "lab", root=root, categories=("lab",))
+    rest = amazon.convert(src, tmp_path / "rest", root=root, exclude_categories=("lab",))
+    assert [d.name for d in apart.meta.domains] == ["rec_lab", "search_lab"]
+    texts = apart.texts()
+    for split in apart.meta.splits:
+        item_text = np.asarray(apart.split(split)["item_text"])
+        assert all((amazon.category_query(texts[t], root) or "").startswith("lab ") for t in item_text)
+    lab_items, rest_items = set(apart.keys()["item_id"]), set(rest.keys()["item_id"])
+    assert lab_items and rest_items and not lab_items & rest_items
+    assert set(apart.keys()["user_id"]) & set(rest.keys()["user_id"])  # partly shared users
+    with pytest.raises(ValueError, match=r"unknown top-level categories \['labs'\]"):
+        amazon.convert(src, tmp_path / "y", root=root, categories=("labs",))
 
 
 @needs_amazon

@@ -208,6 +208,20 @@ def _evaluate_pretrained(cfg: Config, workdir: Path, pretrained: Path) -> None:
     evaluation.write_report(workdir, result)
 
 
+def paired_gains(rows: list[dict]) -> list[dict]:
+    """Each fine-tuned cell's AUC minus scratch's on the same protocol, text setting, fraction and seed (the
+    seed draws both the fraction's subset and the init): rows with "gain" in place of the metrics."""
+    scratch = {
+        (r["protocol"], r["text"], r["fraction"], r["seed"]): r["auc"] for r in rows if r["setting"] == "scratch"
+    }
+    return [
+        {**{k: r[k] for k in (*KEYS, "seed")}, "gain": r["auc"] - scratch[key]}
+        for r in rows
+        if r["setting"] not in ("scratch", ZERO_SHOT)
+        and (key := (r["protocol"], r["text"], r["fraction"], r["seed"])) in scratch
+    ]
+
+
 def write_report(
     rows: list[dict], out: str | Path, command: str, splits: dict[str, tuple[str, str]] | None = None
 ) -> list[dict]:
@@ -217,6 +231,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     table = report.aggregate(rows, KEYS, METRICS)
     report.write_csv(out / "cold_start.csv", table)
+    gain_table = report.aggregate(paired_gains(rows), KEYS, ("gain",))
     lines = [
         *report.header("Cold start: pretrain, then fine-tune with frozen levels", command),
         "Mean per-domain AUC on each protocol's test split, mean ± sample std over "
@@ -241,6 +256,16 @@ def write_report(
                 column_label=lambda f: f"{f:g}",
             ),
         ]
+        if gains := [g for g in gain_table if g["protocol"] == protocol]:
+            lines += [
+                "",
+                "Gain over scratch, paired by seed (the fine-tuned cell's AUC minus scratch's with the same seed, "
+                "mean ± sample std):",
+                "",
+                report.pivot_markdown(
+                    gains, ("setting", "variant", "text"), "fraction", "gain", column_label=lambda f: f"{f:g}"
+                ),
+            ]
     (out / "cold_start.md").write_text("\n".join(lines))
     panels = {p: [r for r in table if r["protocol"] == p] for p in protocols}
     report.plot_lines(

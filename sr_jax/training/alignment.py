@@ -17,9 +17,8 @@ import numpy as np
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.pipeline import sequential_batches
-from sr_jax.io import atomic_file
 from sr_jax.model.domain_adaptation import REFERENCE_ROWS, AlignmentReference, make_reference
-from sr_jax.training.checkpoint import CheckpointError
+from sr_jax.training.checkpoint import CheckpointError, read_record, write_record
 
 REFERENCE = "reference.npz"
 
@@ -56,19 +55,15 @@ def write_reference(
         out[k, : count[k]] = z[start : start + count[k]]
     if not write:
         return
-    with atomic_file(workdir / REFERENCE) as tmp:
-        np.savez(tmp, rows=out, count=count)
+    write_record(workdir / REFERENCE, rows=out, count=count)
 
 
 def read_reference(folder: Path, cfg: ModelConfig) -> AlignmentReference:
     path = Path(folder) / REFERENCE
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: missing; the pretrained run left no alignment reference (set finetune.align_reference=false "
-            "or re-run the pretraining)"
-        )
-    with np.load(path) as saved:
-        rows, count = saved["rows"], saved["count"]
+    saved = read_record(
+        path, "the pretrained run left no alignment reference (set finetune.align_reference=false or re-run it)"
+    )
+    rows, count = saved["rows"], saved["count"]
     if rows.shape[2] != 3 * cfg.dim:
         raise CheckpointError(f"{path}: rows of width {rows.shape[2]}, but this model's z has {3 * cfg.dim}")
     return make_reference(rows, count, cfg.reg_temperature, cfg.mmd_bandwidth)

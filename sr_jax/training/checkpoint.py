@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from sr_jax.io import atomic_file
 from sr_jax.training.steps import TrainState
 from sr_jax.treeutil import mismatches, path_str
 
@@ -153,3 +155,17 @@ def check_compatible(where: Path, saved: Any, target: Any, free_first_axis: froz
     if problems := mismatches(saved, target, free_first_axis):
         listed = "\n  ".join(problems)
         raise CheckpointError(f"{where}: {len(problems)} parameter(s) do not match the model:\n  {listed}")
+
+
+def write_record(path: Path, **arrays: np.ndarray) -> None:
+    """Saves one of a run's records for the runs started from it (an .npz of `arrays`), atomically."""
+    with atomic_file(Path(path)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def read_record(path: Path, missing: str) -> dict[str, np.ndarray]:
+    """A record `write_record` saved; a CheckpointError saying `missing` (what to do) when there is none."""
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: missing; {missing}")
+    with np.load(path) as saved:
+        return {k: saved[k] for k in saved.files}

@@ -40,9 +40,9 @@ import numpy as np
 from sr_jax.config import Config, FinetuneConfig, TrainConfig
 from sr_jax.data.store import Dataset
 from sr_jax.data.vocabulary import VOCAB, Vocabulary
-from sr_jax.io import atomic_dir, atomic_file
+from sr_jax.io import atomic_dir
 from sr_jax.training.alignment import REFERENCE
-from sr_jax.training.checkpoint import CheckpointError, ParamsReader, check_compatible
+from sr_jax.training.checkpoint import CheckpointError, ParamsReader, check_compatible, read_record, write_record
 from sr_jax.model.encoding import table_key
 from sr_jax.treeutil import path_names, path_str, shapes
 
@@ -173,25 +173,22 @@ def snapshot_pretrained(workdir: Path, pretrained_dir: str | Path) -> None:
 
 def write_trained_rows(workdir: Path, trained: dict[str, np.ndarray]) -> None:
     """`trained`: table column (user_id, item.brand, ...) -> [rows] bool, the rows trained so far."""
-    with atomic_file(workdir / TRAINED_ROWS) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{table: np.asarray(rows, bool) for table, rows in trained.items()})
+    write_record(workdir / TRAINED_ROWS, **{table: np.asarray(rows, bool) for table, rows in trained.items()})
 
 
 def read_trained_rows(run_dir: Path, vocab: Vocabulary) -> dict[str, np.ndarray]:
     """table -> [rows of `vocab`] bool: the rows a run trained (its record, padded with False to the rows
     `vocab` adds; a table the run lacked is all False)."""
     path = Path(run_dir) / TRAINED_ROWS
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (written by every run since keys travel with runs; re-run it)")
-    with np.load(path) as saved:
-        out = {}
-        for table in vocab.keys:
-            rows = np.zeros(vocab.rows(table), bool)
-            if table in saved:
-                if len(saved[table]) > len(rows):
-                    raise CheckpointError(f"{path}: table {table} has {len(saved[table])} rows, the run's {len(rows)}")
-                rows[: len(saved[table])] = saved[table]
-            out[table] = rows
+    saved = read_record(path, "written by every run since keys travel with runs (re-run it)")
+    out = {}
+    for table in vocab.keys:
+        rows = np.zeros(vocab.rows(table), bool)
+        if table in saved:
+            if len(saved[table]) > len(rows):
+                raise CheckpointError(f"{path}: table {table} has {len(saved[table])} rows, the run's {len(rows)}")
+            rows[: len(saved[table])] = saved[table]
+        out[table] = rows
     return out
 
 
@@ -221,19 +218,15 @@ def fit_text_map(texts: np.ndarray, rows: np.ndarray, seed: int) -> tuple[np.nda
 
 
 def write_text_map(workdir: Path, kernel: np.ndarray, bias: np.ndarray) -> None:
-    with atomic_file(workdir / TEXT_MAP) as tmp, open(tmp, "wb") as f:
-        np.savez(f, kernel=kernel, bias=bias)
+    write_record(workdir / TEXT_MAP, kernel=kernel, bias=bias)
 
 
 def read_text_map(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(run_dir) / TEXT_MAP
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: missing; the pretrained run fitted no text map (it trained without text or items with "
-            "text): set finetune.new_rows_init=mean or zero"
-        )
-    with np.load(path) as saved:
-        return saved["kernel"], saved["bias"]
+    saved = read_record(
+        Path(run_dir) / TEXT_MAP,
+        "the pretrained run fitted no text map (it trained no item with text): set finetune.new_rows_init=mean",
+    )
+    return saved["kernel"], saved["bias"]
 
 
 @dataclasses.dataclass(frozen=True)
