@@ -116,8 +116,9 @@ class FinetuneConfig:
     replay_fraction: float = 0.0  # this share of every fine-tune batch replays the pretraining examples
     # Table rows the pretrained run never trained (new keys, cold ids, a new field's values) stay trainable
     # in a frozen L0 and start from: zero | mean (of the table's trained rows) | text (items: the pretrained
-    # run's ridge map from an item's text features to its id row; other tables and items without text: mean)
-    new_rows_init: str = "text"
+    # run's ridge map from an item's text features to its id row; other tables and items without text: mean).
+    # The three tie on real data (docs/COLD_START.md): zero, the simplest, is the default.
+    new_rows_init: str = "zero"
 
 
 @dataclasses.dataclass

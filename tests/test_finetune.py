@@ -350,3 +350,31 @@ def test_overrides_go_anywhere_on_the_command_line():
     p.add_argument("--finetune", action="append", default=[])
     args = cli.parse(p, ["--workdir", "w", "--seeds", "0", "1", "model.dim=8", "--finetune", "train.epochs=1", "a.b=2"])
     assert args.seeds == [0, 1] and args.overrides == ["model.dim=8", "a.b=2"] and args.finetune == ["train.epochs=1"]
+
+
+def test_new_rows_start_from_zero_the_mean_or_the_text_estimate():
+    table = jnp.asarray(np.arange(24, dtype=np.float32).reshape(6, 4))
+    params = {"l0": {"id_tables": {"item": table}, "sparse_tables": {}}}
+    new = np.array([False, False, True, False, True, False])
+    trained = np.array([False, True, False, True, False, False])
+    rows = finetune.NewRows({("id_tables", "item"): new}, {("id_tables", "item"): trained})
+    zero = np.asarray(finetune.init_new_rows(params, rows, "zero")["l0"]["id_tables"]["item"])
+    np.testing.assert_array_equal(zero[new], 0.0)
+    np.testing.assert_array_equal(zero[~new], np.asarray(table)[~new])
+    mean = np.asarray(finetune.init_new_rows(params, rows, "mean")["l0"]["id_tables"]["item"])
+    np.testing.assert_allclose(mean[new], np.broadcast_to(np.asarray(table)[trained].mean(0), (2, 4)))
+    estimate = (np.array([4], np.int32), np.full((1, 4), 7.0, np.float32))  # item 4 has text, item 2 none
+    text = np.asarray(
+        finetune.init_new_rows(params, dataclasses.replace(rows, text=estimate), "text")["l0"]["id_tables"]["item"]
+    )
+    np.testing.assert_array_equal(text[4], 7.0)
+    np.testing.assert_allclose(text[2], mean[2])
+
+
+def test_the_text_map_recovers_a_linear_relation():
+    rng = np.random.default_rng(0)
+    texts = rng.normal(size=(400, 8)).astype(np.float32)
+    truth = rng.normal(size=(8, 3)).astype(np.float32)
+    rows = texts @ truth + 0.5
+    kernel, bias = finetune.fit_text_map(texts, rows, seed=0)
+    np.testing.assert_allclose(texts @ kernel + bias, rows, rtol=0.05, atol=0.05)  # ridge: a slight shrinkage
