@@ -46,14 +46,15 @@ class FolderLocked(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive(folder: Path, what: str = "run") -> Iterator[None]:
+def exclusive(folder: Path, what: str = "run", wait: bool = False) -> Iterator[None]:
     """Holds an exclusive lock on `folder` (an flock on `folder/.lock`, which records the holder's pid) while
-    the block runs; a second writer fails at once with FolderLocked naming that pid. Readers take no lock.
-    The lock goes with the process: a killed writer leaves nothing that blocks the next one."""
+    the block runs; a second writer fails at once with FolderLocked naming that pid (or, with `wait`, waits
+    for it: a shared cache that the first one fills). Readers take no lock. The lock goes with the process:
+    a killed writer leaves nothing that blocks the next one."""
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / ".lock", "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "?"

@@ -195,3 +195,27 @@ def test_the_cli_exits_with_one_line_and_a_second_signal_stops_at_once(tmp_path)
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout == "first recorded\n" and proc.returncode == -signal.SIGINT, (proc.stdout, proc.stderr)
+
+
+def test_a_waiting_writer_of_a_shared_cache_waits_for_the_holder(tmp_path):
+    """Two runs that start together on a fresh synthetic dataset fill its cache one after the other (they
+    raced before, and one crashed on the other's half-written text cache)."""
+    import threading
+    import time
+
+    order = []
+    held = threading.Event()
+
+    def holder():
+        with exclusive(tmp_path, "cache"):
+            held.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    with exclusive(tmp_path, "cache", wait=True):
+        order.append("second in")
+    thread.join()
+    assert order == ["first done", "second in"]

@@ -100,11 +100,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         distributed.barrier("synthetic dataset")  # process 0 generates it (once) before the others read it
     if cfg.path:
         dataset = open_dataset(cfg.path)
-    else:
-        dataset = synthetic.ensure(cfg.synthetic)
-        if text_identity(cfg.text_encoder)[0] not in dataset.meta.text_caches:
-            build_text_cache(dataset.root, get_featurizer(cfg.text_encoder))
-            dataset = open_dataset(dataset.root)
+    else:  # one process fills the shared cache at a time: two runs starting together wait, not race
+        with exclusive(synthetic.default_root(cfg.synthetic).parent, "synthetic dataset cache", wait=True):
+            dataset = synthetic.ensure(cfg.synthetic)
+            if text_identity(cfg.text_encoder)[0] not in dataset.meta.text_caches:
+                build_text_cache(dataset.root, get_featurizer(cfg.text_encoder))
+                dataset = open_dataset(dataset.root)
         if distributed.is_primary():
             distributed.barrier("synthetic dataset")
     dataset.text_cache_info(*text_identity(cfg.text_encoder))
