@@ -649,7 +649,14 @@ def check_finite(run: Run, metrics: dict, step: int) -> None:
         )
 
 
+def trained_so_far(run: Run) -> dict[str, np.ndarray]:
+    """table -> [rows] bool: the rows trained by this run or before it (its pretrained run's)."""
+    now = finetune.rows_in(run.train_columns, run.alignment.vocab)
+    return {table: run.trained_rows[table] | rows for table, rows in now.items()}
+
+
 def evaluate(run: Run, params, split: str | None = None) -> dict:
+    """Metrics of `params` on a split (default: data.eval_split)."""
     cfg = run.config
     split = split or cfg.data.eval_split
     columns = run.split(split)
@@ -662,8 +669,7 @@ def evaluate(run: Run, params, split: str | None = None) -> dict:
 def write_records(run: Run, params) -> None:
     """What a run leaves for the runs started from it: the items its id rows were trained on (with its
     pretrained run's) and each trained domain's sample of z (`alignment`)."""
-    now = finetune.rows_in(run.train_columns, run.alignment.vocab)
-    trained = {table: run.trained_rows[table] | rows for table, rows in now.items()}
+    trained = trained_so_far(run)
     cfg = run.config
 
     def aligned(batch):
