@@ -143,9 +143,9 @@ def test_rows_pretraining_never_trained_train_in_a_frozen_l0(pretrained, tmp_pat
 def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path):
     cfg = _finetune_cfg(pretrained)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=16))
+    text_start = dataclasses.replace(wider, finetune=dataclasses.replace(wider.finetune, new_rows_init="text"))
     with pytest.raises(CheckpointError, match=r"item_text_map.npz: maps 64-wide text features to 32-wide rows"):
-        trainer.build_run(wider, tmp_path / "wider")
-    wider = dataclasses.replace(wider, finetune=dataclasses.replace(wider.finetune, new_rows_init="mean"))
+        trainer.build_run(text_start, tmp_path / "wider")
     with pytest.raises(CheckpointError, match=r"reference.npz: rows of width 96, but this model's z has 48"):
         trainer.build_run(wider, tmp_path / "wider")
     wider = dataclasses.replace(wider, finetune=dataclasses.replace(wider.finetune, align_reference=False))

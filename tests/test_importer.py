@@ -128,7 +128,7 @@ def test_an_imported_dataset_trains(tmp_path):
     assert result["overall"]["auc"] > 0.7  # the label follows (query q1) == (item A7): learnable from ids and text
 
 
-def test_cli_imports_and_builds_the_text_cache(tmp_path, capsys):
+def test_cli_imports_and_builds_the_text_cache(tmp_path, capsys, monkeypatch):
     from train import prepare
 
     src = _source(tmp_path)
@@ -136,6 +136,17 @@ def test_cli_imports_and_builds_the_text_cache(tmp_path, capsys):
     assert "hashed-bow" in ds.meta.text_caches and "'train': 32" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
         prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--encoder", "none"])
+    # re-preparing over it encodes no text it already held (the replaced dataset's cache is reused)
+    from sr_jax.text import featurizer
+
+    encoded = []
+    real = featurizer.HashedBagOfWords.featurize
+    monkeypatch.setattr(featurizer.HashedBagOfWords, "featurize", lambda self, t: encoded.extend(t) or real(self, t))
+    (src / "items.csv").write_text(ITEMS + "E1,a new steel pan,acme,home\n")
+    again = prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--encoder", "hashed-bow",
+                          "--overwrite"])  # fmt: skip
+    assert encoded == ["a new steel pan"] and again.meta.num_texts == ds.meta.num_texts + 1
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())  # the replaced dataset is gone
 
 
 def test_ids_are_kept_as_written(tmp_path):

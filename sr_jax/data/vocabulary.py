@@ -100,6 +100,11 @@ class Alignment:
             out[f.column] = np.zeros((n, f.max_len) if f.max_len > 1 else (n,), np.int32)
         return out
 
+    @property
+    def new_fields(self) -> tuple[str, ...]:
+        """The columns of the sparse fields the pretrained run lacks (their tables and projections are new)."""
+        return tuple(f.column for f in self.vocab.fields if f.column not in self.pretrained_rows)
+
     def new_keys(self) -> dict[str, int]:
         """table -> how many rows the alignment appended for keys the pretrained run lacks."""
         return {t: self.vocab.rows(t) - self.pretrained_rows.get(t, 0) for t in self.vocab.keys}

@@ -384,6 +384,49 @@ def _text_estimates(
     return dataclasses.replace(fresh, text=(index, estimate))
 
 
+class Start(NamedTuple):
+    """What a run takes from its pretrained run (all None for a fresh run, but `trained_rows`)."""
+
+    mapping: finetune.DomainMap | None
+    trained_rows: dict[str, np.ndarray]  # pretraining: the rows this run trains
+    new_rows: finetune.NewRows | None
+    reference: sr_model.AlignmentReference | None  # on the host
+    replay: dict[str, np.ndarray] | None
+    new_leaves: frozenset[str]
+
+
+def _from_pretrained(
+    cfg: Config,
+    source: Path,
+    pretrained: dict,
+    dataset: Dataset,
+    aligned: vocabulary.Alignment,
+    abstract_params: Any,
+    pooled: np.ndarray,
+    replay_size: int,
+) -> Start:
+    """The domain map, trained and new rows, new leaves, alignment reference and replay of a fine-tune."""
+    if cfg.model.use_text:
+        finetune.check_text_encoder(pretrained, text_identity(cfg.data.text_encoder), cfg.finetune.pretrained)
+    trained = finetune.read_trained_rows(source, aligned.vocab)
+    table_rows = {
+        (group, name): t.shape[0] for group in ROW_SHARDED for name, t in abstract_params["l0"][group].items()
+    }
+    hashed = {"user_id", "query_id", "item_id"} if cfg.model.id_buckets else set()
+    fresh = finetune.new_rows(trained, table_rows, hashed)
+    if cfg.finetune.new_rows_init == "text" and cfg.model.use_text:
+        fresh = _text_estimates(fresh, source, dataset, aligned, pooled, cfg.model.dim)
+    aligns = cfg.finetune.align_reference and cfg.model.regularizer != "none"
+    return Start(
+        mapping=finetune.domain_map(dataset, pretrained),
+        trained_rows=trained,
+        new_rows=fresh,
+        reference=alignment.read_reference(source, cfg.model) if aligns else None,
+        replay=_replay(cfg, dataset, pretrained, replay_size, aligned),
+        new_leaves=finetune.new_leaf_paths(abstract_params, aligned.new_fields),
+    )
+
+
 def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run:
     validate(cfg)
     workdir = Path(workdir)
@@ -398,8 +441,7 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     for key in ("train_split", "eval_split"):  # before any training: an unknown split would fail only at its end
         if (split := getattr(cfg.data, key)) not in splits:
             raise ValueError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
-    text_id = text_identity(cfg.data.text_encoder)
-    pooled, first = dataset.text_cache(text_id[0])
+    pooled, first = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
     text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
     domains = run_domains(cfg.data, dataset.meta)
     source = finetune.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
@@ -427,36 +469,21 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         raise ValueError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
     steps_per_epoch = len(columns["label"]) // (batch - replay_size)
     total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
-    mapping = reference = replay = fresh_rows = None
     _, abstract_params = sr_model.abstract(cfg.model, model_meta, pooled.shape[1])
     if source is None:
-        trained = finetune.rows_in(columns, aligned.vocab)
+        start = Start(None, finetune.rows_in(columns, aligned.vocab), None, None, None, frozenset())
     else:
-        if cfg.model.use_text:
-            finetune.check_text_encoder(pretrained, text_id, cfg.finetune.pretrained)
-        mapping = finetune.domain_map(dataset, pretrained)
-        trained = finetune.read_trained_rows(source, aligned.vocab)
-        table_rows = {
-            (group, name): t.shape[0] for group in ROW_SHARDED for name, t in abstract_params["l0"][group].items()
-        }
-        hashed = {"user_id", "query_id", "item_id"} if cfg.model.id_buckets else set()
-        fresh_rows = finetune.new_rows(trained, table_rows, hashed)
-        if cfg.finetune.new_rows_init == "text" and cfg.model.use_text:
-            fresh_rows = _text_estimates(fresh_rows, source, dataset, aligned, pooled, cfg.model.dim)
-        if cfg.finetune.align_reference and cfg.model.regularizer != "none":
-            reference = jax.device_put(alignment.read_reference(source, cfg.model), shd.replicated(mesh))
-        replay = _replay(cfg, dataset, pretrained, replay_size, aligned)
-    new_fields = tuple(f.column for f in aligned.vocab.fields if f.column not in aligned.pretrained_rows)
-    new_leaves = finetune.new_leaf_paths(abstract_params, new_fields) if source else frozenset()
+        start = _from_pretrained(cfg, source, pretrained, dataset, aligned, abstract_params, pooled, replay_size)
+    reference = None if start.reference is None else jax.device_put(start.reference, shd.replicated(mesh))
     steps = build_steps(
         cfg,
         model_meta,
         pooled.shape[1],
         mesh,
         total_steps,
-        mapping.new_domains if mapping else (),
-        fresh_rows,
-        new_leaves,
+        start.mapping.new_domains if start.mapping else (),
+        start.new_rows,
+        start.new_leaves,
     )
     return Run(
         config=cfg,
@@ -469,12 +496,12 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         model_meta=model_meta,
         train_columns=columns,
         batch_size=batch,
-        replay_columns=replay,
+        replay_columns=start.replay,
         replay_size=replay_size,
         pretrained=pretrained,
-        domain_map=mapping,
-        trained_rows=trained,
-        new_rows=fresh_rows,
+        domain_map=start.mapping,
+        trained_rows=start.trained_rows,
+        new_rows=start.new_rows,
         reference=reference,
         steps=steps,
         total_steps=total_steps,
@@ -489,7 +516,7 @@ def initial_state(run: Run) -> TrainState:
     cfg, meta, text_dim = run.config, run.model_meta, run.text.pooled.shape[1]
     if run.domain_map is None:
         return fresh_state(cfg, meta, text_dim, run.steps)
-    new_fields = tuple(f.column for f in run.alignment.vocab.fields if f.column not in run.alignment.pretrained_rows)
+    new_fields = run.alignment.new_fields
     pretrained = finetune.restore_pretrained(
         cfg.finetune.pretrained,
         cfg.finetune.pretrained_step,
