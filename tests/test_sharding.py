@@ -81,3 +81,30 @@ def test_every_table_is_row_sharded_whatever_its_vocabulary(tmp_path, caplog):
     assert all(t.sharding.spec == P("model", None) for t in tables.values())
     layout = trainer.shd.table_layout(run.mesh, run.steps.abstract_state.params)
     assert "l0/sparse_tables/item_price: 64 rows x 32, 16 per device over model=4" in layout
+
+
+def test_a_frozen_l0_fine_tune_with_new_rows_matches_single_device(tmp_path):
+    """The new-row mask of a frozen L0 is sharded by rows like its table, and the masked row-sparse update
+    gives the single-device result on a 4 x 2 mesh."""
+    import dataclasses
+
+    from configs import finetune as finetune_config
+    from sr_jax.config import load_config
+
+    trainer.fit(config(TINY, train={"epochs": 1.0, "checkpoint_every": 1000}), tmp_path / "pre")
+    cfg = finetune_config.get_config(load_config(tmp_path / "pre" / "config.json"), "cold-items")
+    cfg = dataclasses.replace(
+        cfg,
+        finetune=dataclasses.replace(cfg.finetune, pretrained=str(tmp_path / "pre")),
+        train=dataclasses.replace(cfg.train, min_steps=0, epochs=2.0, checkpoint_every=1000),
+    )
+    _, single = _train(cfg, tmp_path / "one", jax.devices()[:1], steps=4)
+    sharded_cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=4, model=2))
+    run, sharded = _train(sharded_cfg, tmp_path / "many", jax.devices(), steps=4)
+    mask = sharded.tables_state["id_tables"]["item"]["trainable"]
+    assert mask.sharding.spec == P("model") and np.asarray(mask).sum() == run.new_rows.new[("id_tables", "item")].sum()
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
+        single.params,
+        sharded.params,
+    )
