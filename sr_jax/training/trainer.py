@@ -705,7 +705,7 @@ def write_records(run: Run, params) -> None:
     if distributed.is_primary():
         finetune.write_trained_rows(run.workdir, trained)
         if cfg.model.use_text:
-            _write_text_map(run, params, trained["item_id"])
+            _write_text_map(run, params)
     alignment.write_reference(
         run.workdir,
         aligned,
@@ -718,20 +718,21 @@ def write_records(run: Run, params) -> None:
     )
 
 
-def _write_text_map(run: Run, params, trained: np.ndarray) -> None:
-    """Fits and saves the map from an item's text features to its id row, on the trained items with text
-    (hashed id tables have no row of their own per item: no map)."""
+def _write_text_map(run: Run, params) -> None:
+    """Fits and saves the map from an item's text features to its id row, on the items this run trained that
+    have a text (read from its training columns, already in memory; hashed id tables have no row of their own
+    per item: no map)."""
     if run.config.model.id_buckets:
         return
-    texts = item_texts(run.dataset, run.alignment)
-    items = np.flatnonzero(trained[: len(texts)] & (texts >= 0))
-    if len(items) < 2:
+    items, first = np.unique(np.asarray(run.train_columns["item_id"]), return_index=True)
+    texts = np.asarray(run.train_columns["item_text"])[first]
+    keep = (items > 0) & (texts >= 0)
+    if keep.sum() < 2:
         return
     table = np.asarray(jax.device_get(params["l0"]["id_tables"]["item"]))
-    pooled = np.asarray(run.dataset.text_cache(text_identity(run.config.data.text_encoder)[0])[0])
-    finetune.write_text_map(
-        run.workdir, *finetune.fit_text_map(pooled[texts[items]], table[items], run.config.train.seed)
-    )
+    pooled = run.dataset.text_cache(text_identity(run.config.data.text_encoder)[0])[0]  # memory-mapped
+    kernel, bias = finetune.fit_text_map(pooled[texts[keep]], table[items[keep]], run.config.train.seed)
+    finetune.write_text_map(run.workdir, kernel, bias)
 
 
 def fit(cfg: Config, workdir: str | Path) -> dict:
