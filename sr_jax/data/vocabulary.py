@@ -119,11 +119,8 @@ def align(pretrained: Vocabulary, data: Vocabulary) -> Alignment:
     """The model tables of a run on `data` started from a run whose tables are `pretrained`: every pretrained
     row stays where it is, each key of `data` it lacks gets a new row after them."""
     keys, rows = {}, {}
-    data_fields = {f.column: f for f in data.fields}
-    pretrained_fields = {f.column: f for f in pretrained.fields}
-    fields = [dataclasses.replace(f, vocab=0) for f in pretrained.fields] + [
-        f for f in data.fields if f.column not in pretrained_fields
-    ]
+    data_fields = {f.column for f in data.fields}
+    fields = [*pretrained.fields, *(f for f in data.fields if f.column not in pretrained.keys)]
     for table in [*ID_FIELDS, *(f.column for f in fields)]:
         old = pretrained.keys.get(table, ())
         if table not in data.keys:  # a pretrained field this dataset lacks
@@ -136,7 +133,7 @@ def align(pretrained: Vocabulary, data: Vocabulary) -> Alignment:
         mapping = np.array([0, *(position[k] for k in data.keys[table])], np.int32)
         if not np.array_equal(mapping, np.arange(len(mapping))):
             rows[table] = mapping
-    fields = [dataclasses.replace(f, vocab=len(keys[f.column]) + 1) for f in fields]
+    fields = [dataclasses.replace(f, vocab=len(keys[f.column]) + 1) for f in fields]  # the aligned sizes
     missing = tuple(f for f in fields if f.column not in data_fields)
     vocab = Vocabulary(keys, tuple(fields))
     return Alignment(vocab, rows, missing, {t: len(k) + 1 for t, k in pretrained.keys.items()})
