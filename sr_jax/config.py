@@ -237,7 +237,13 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> Config:
-    return from_dict(Config, json.loads(Path(path).read_text()))
+    """A saved config; a ConfigError naming the file when it is not one."""
+    try:
+        return from_dict(Config, json.loads(Path(path).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a saved config ({type(e).__name__}: {e})") from e
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def _check(problems: list[str], ok: bool, key: str, message: str) -> None:

@@ -146,4 +146,4 @@ def write_report(rows: list[dict], out: Path, command: str, has_torch: bool) -> 
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main)

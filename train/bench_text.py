@@ -26,6 +26,7 @@ import numpy as np
 from sr_jax.data.schema import DatasetMeta, Domain, numbered_keys
 from sr_jax.data.store import write_dataset
 from sr_jax.text import build_text_cache, load_encoder
+from train import cli
 
 
 def real_texts(data: Path) -> list[str]:
@@ -160,4 +161,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main)

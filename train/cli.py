@@ -14,7 +14,10 @@ import jax
 
 from sr_jax import distributed
 from sr_jax.config import Config, ConfigError, absolute_paths, changed_keys, load_config, override, validate
-from sr_jax.training.trainer import TrainingInterrupted
+from sr_jax.data.store import DatasetError
+from sr_jax.io import FolderLocked
+from sr_jax.training.checkpoint import CheckpointError
+from sr_jax.training.trainer import TrainingDiverged, TrainingInterrupted
 
 
 def parser(description: str, named_configs: bool = True) -> argparse.ArgumentParser:
@@ -104,11 +107,19 @@ def setup() -> None:
     distributed.initialize()
 
 
+# Errors about the user's input or state, whose message names the file, key, row or step: one line, no traceback.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FolderLocked, TrainingDiverged)
+
+
 def interruptible(main: Callable[[], object]) -> object:
     """Runs an entry point's main: a training stopped by a signal (after saving) ends with one clear line and
-    the exit status 128 + the signal, as a process killed by it would, instead of a traceback."""
+    the exit status 128 + the signal, as a process killed by it would; an error in the input (USER_ERRORS)
+    ends with its message and status 1, instead of a traceback."""
     try:
         return main()
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

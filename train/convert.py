@@ -21,6 +21,7 @@ from sr_jax.model.levels import LEVELS
 from sr_jax.text.encoder import ORBAX_MARKER
 from sr_jax.training.checkpoint import Checkpointer
 from sr_jax.treeutil import path_str
+from train import cli
 
 
 def checkpoint_tree(path: Path) -> tuple[str, object, str]:
@@ -96,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from sr_jax.data.tfds_store import write_tfds
+from train import cli
 
 
 def main(argv: list[str] | None = None):
@@ -20,4 +21,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main)

@@ -89,16 +89,57 @@ def _read(src: Path, name: str, required: bool) -> _Table | None:
         table = pq.read_table(file) if file.suffix == ".parquet" else _read_csv_as_text(file)
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(file, None, None, f"unreadable table: {e}") from e
+    names = table.column_names
+    if repeated := sorted({c for c in names if names.count(c) > 1}):
+        raise DatasetError(file, repeated[0], None, f"column appears more than once in the header {names}")
     return _Table(file, table)
 
 
 def _read_csv_as_text(file: Path) -> pa.Table:
     """Every column as strings, exactly as written: inferring types would turn ids like 007 and 7, 1.0 and 1,
-    or large integers differing past float precision into one value."""
+    or large integers differing past float precision into one value. One pass over the bytes first checks
+    UTF-8 (naming the row of a bad byte) and sizes pyarrow's blocks to the longest line (a cell of several
+    MiB does not fit the default block); a row with another number of cells is named too."""
+    longest = _check_utf8(file)
     with open(file, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
-    columns = dict.fromkeys(header, pa.string())
-    return pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(column_types=columns, strings_can_be_null=True))
+    bad: list[int | None] = []
+
+    def invalid(row) -> str:
+        bad.append(None if row.number is None else row.number - 2)  # 1-based, header included
+        return "error"
+
+    try:
+        return pa_csv.read_csv(
+            file,
+            read_options=pa_csv.ReadOptions(block_size=max(1 << 20, 2 * longest), use_threads=False),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=invalid),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=True
+            ),
+        )
+    except pa.ArrowInvalid as e:
+        if bad:
+            raise DatasetError(
+                file, None, bad[0], f"a row of another number of cells than the header's {len(header)}"
+            ) from e
+        raise
+
+
+def _check_utf8(file: Path) -> int:
+    """The longest line's length in bytes; a DatasetError naming the row of the first byte that is not UTF-8."""
+    longest = 0
+    with open(file, "rb") as f:
+        for line_number, line in enumerate(f):
+            longest = max(longest, len(line))
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                row = line_number - 1 if line_number else None
+                raise DatasetError(
+                    file, None, row, f"not UTF-8 text (byte {line[e.start]:#x}): save it as UTF-8"
+                ) from None
+    return longest
 
 
 def _vocab(*arrays) -> pa.Array:
@@ -235,6 +276,9 @@ def from_arrow(
 
 def _write(tables: dict[str, _Table | None], out: str | Path, name: str, description: str, overwrite: bool) -> Dataset:
     domain_table, imp = tables["domains"], tables["impressions"]
+    for table in (domain_table, imp):
+        if table.rows == 0:
+            raise DatasetError(table.file, None, None, "no rows (only a header): nothing to import")
     domains = _domains(domain_table)
     keys = {
         "item": tables["items"].unique_ids("item_id") if tables["items"] else None,
@@ -261,10 +305,14 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
         raise DatasetError(imp.file, "label", row, f"label {label[row].as_py()!r} is not 0 or 1")
     timestamp = None
     if imp.has("timestamp"):
-        try:
-            timestamp = pc.cast(imp.strings("timestamp"), pa.int64()).to_numpy()
-        except (pa.ArrowInvalid, ValueError) as e:
-            raise DatasetError(imp.file, "timestamp", None, f"not an integer: {e}") from e
+        values = imp.strings("timestamp")
+        integer = pc.match_substring_regex(pc.utf8_trim_whitespace(values), r"^-?[0-9]{1,18}$")
+        if not pc.all(integer).as_py():
+            row = _first(pc.invert(integer))
+            raise DatasetError(
+                imp.file, "timestamp", row, f"{values[row].as_py()!r} is not an integer of at most 18 digits"
+            )
+        timestamp = pc.cast(pc.utf8_trim_whitespace(values), pa.int64()).to_numpy()
 
     texts: list[str] = []
     item_text = _texts(tables["items"], keys["item"], vocab["item"], texts)

@@ -90,15 +90,25 @@ class Dataset:
         """(pooled, first) [num_texts, dim] float32 arrays made by `encoder`."""
         self.text_cache_info(encoder)
         folder = self.root / "text_cache" / encoder
-        return (np.load(folder / "pooled.npy", mmap_mode="r"), np.load(folder / "first.npy", mmap_mode="r"))
+        return (_load(folder / "pooled.npy", "pooled"), _load(folder / "first.npy", "first"))
+
+
+def _load(file: Path, field: str) -> np.ndarray:
+    """A memory-mapped .npy; a DatasetError naming it when it is truncated or not an array."""
+    try:
+        return np.load(file, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise DatasetError(file, field, None, f"unreadable array (truncated or not .npy): {e}") from e
 
 
 def read_texts(path: Path) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for row, line in enumerate(f):
+    with open(path, "rb") as f:
+        for row, raw in enumerate(f):
             try:
-                text = json.loads(line)
+                text = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DatasetError(path, "text", row, f"not UTF-8 text (byte {raw[e.start]:#x})") from e
             except json.JSONDecodeError as e:
                 raise DatasetError(path, "text", row, f"not a JSON string: {e}") from e
             if not isinstance(text, str) or not text.strip():
@@ -115,8 +125,9 @@ def validate(root: str | Path) -> Dataset:
         raise DatasetError(meta_file, None, None, "missing: not a dataset folder")
     try:
         meta = DatasetMeta.read(root)
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
         raise DatasetError(meta_file, None, None, f"unreadable metadata: {e}") from e
+    _check_types(meta_file, meta)
     if meta.format_version != FORMAT_VERSION:
         raise DatasetError(
             meta_file,
@@ -162,10 +173,7 @@ def validate(root: str | Path) -> Dataset:
             raise DatasetError(folder / f"{extra[0]}.npy", extra[0], None, "column not declared by meta.json")
         for name, (dtype, row_shape) in columns.items():
             file = folder / f"{name}.npy"
-            try:
-                a = np.load(file, mmap_mode="r")
-            except ValueError as e:
-                raise DatasetError(file, name, None, f"unreadable array: {e}") from e
+            a = _load(file, name)
             if a.dtype != dtype:
                 raise DatasetError(file, name, None, f"dtype {a.dtype}, expected {dtype}")
             if a.shape != (size, *row_shape):
@@ -174,6 +182,31 @@ def validate(root: str | Path) -> Dataset:
                 lo, hi, what = ranges[name]
                 _check_range(file, name, np.asarray(a), lo, hi, what)
     return Dataset(root, meta)
+
+
+def _check_types(file: Path, meta: DatasetMeta) -> None:
+    """meta.json's fields have the types the store relies on (JSON would take a string for a number)."""
+
+    def counts(value, keys=None) -> bool:
+        return (
+            isinstance(value, dict)
+            and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items())
+            and (keys is None or set(value) == set(keys))
+        )
+
+    checks = {
+        "name": isinstance(meta.name, str),
+        "vocab": counts(meta.vocab, ID_FIELDS),
+        "splits": counts(meta.splits),
+        "num_texts": type(meta.num_texts) is int and meta.num_texts >= 0,
+        "has_timestamp": isinstance(meta.has_timestamp, bool),
+        "sparse_fields": all(
+            type(f.vocab) is int and type(f.max_len) is int and f.max_len >= 1 for f in meta.sparse_fields
+        ),
+    }
+    for field, ok in checks.items():
+        if not ok:
+            raise DatasetError(file, field, None, f"wrong type or value {getattr(meta, field)!r}")
 
 
 def _validate_keys(file: Path, meta: DatasetMeta) -> None:
@@ -206,7 +239,7 @@ def _validate_text_cache(folder: Path, encoder: str, info: TextCache, num_texts:
         file = folder / f"{part}.npy"
         if not file.exists():
             raise DatasetError(file, part, None, f"missing text cache file of encoder {encoder!r}")
-        a = np.load(file, mmap_mode="r")
+        a = _load(file, part)
         if a.dtype != np.float32 or a.shape != (num_texts, info.dim):
             raise DatasetError(
                 file,
