@@ -17,8 +17,16 @@ def test_hashed_bag_of_words_is_deterministic_and_sees_shared_words():
     assert f.fingerprint() != HashedBagOfWords(seed=1).fingerprint()
 
 
+def test_any_unicode_text_has_a_vector():
+    """Words of any script are words; a text with none gets the empty text's vector (it raised before)."""
+    f = HashedBagOfWords()
+    pooled, first = f.featurize(["東京 タワー", "東京", "Café crème", "cafe creme", "!!! ???", "...", "CAFÉ"])
+    assert np.all(np.isfinite(pooled)) and pooled[0] @ pooled[1] > 0.7  # they share the word 東京
+    assert pooled[2] @ pooled[6] > 0.7 and abs(pooled[2] @ pooled[3]) < 0.5  # é is a letter; case folds
+    np.testing.assert_array_equal(pooled[4], pooled[5])  # no word at all: the empty text, whatever its marks
+    np.testing.assert_array_equal(first[4], f.featurize([""])[1][0])
+
+
 def test_errors():
-    with pytest.raises(ValueError, match="has no words"):
-        HashedBagOfWords().featurize(["ok", "  !! "])
     with pytest.raises(ValueError, match="unknown text encoder"):
         get_featurizer("nope")

@@ -63,7 +63,7 @@ def test_training_refuses_a_text_cache_from_another_encoder(tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(dataset.root, root)
     write_text_cache(root, other.name, other.fingerprint(), *other.featurize(dataset.texts()))
-    with pytest.raises(DatasetError, match=r"made by 'hashed-bow-v1:dim=64:buckets=65536:seed=1'.*rebuild"):
+    with pytest.raises(DatasetError, match=r"made by 'hashed-bow-v2:dim=64:buckets=65536:seed=1'.*rebuild"):
         trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root)))
     with pytest.raises(FileNotFoundError, match=r"no encoder folder minilm \(and not a packaged name"):
         trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root), text_encoder="minilm"))
@@ -135,3 +135,15 @@ def test_resuming_with_an_override_that_changes_the_run_is_refused(tmp_path, mon
     assert again["overall"]["auc"] == pytest.approx(first["overall"]["auc"], abs=1e-6)
     allowed = pretrain.main(["--workdir", str(workdir), "--allow-changes", "data.batch_size=128"])
     assert json.loads((workdir / "config.json").read_text())["data"]["batch_size"] == 128 and allowed["domains"]
+
+
+def test_a_stale_synthetic_text_cache_is_rebuilt(tmp_path):
+    """The synthetic dataset is a cache: a text cache an older encoder version made is rebuilt, not refused."""
+    cfg = config(dataclasses.replace(TINY, seed=7))
+    dataset = trainer.load_dataset(cfg.data)
+    current = dataset.meta.text_caches["hashed-bow"].fingerprint
+    old = HashedBagOfWords(seed=1)
+    write_text_cache(dataset.root, old.name, "hashed-bow-v1:an-older-version", *old.featurize(dataset.texts()))
+    again = trainer.load_dataset(cfg.data)
+    assert again.meta.text_caches["hashed-bow"].fingerprint == current
+    np.testing.assert_array_equal(again.text_cache("hashed-bow")[0], HashedBagOfWords().featurize(dataset.texts())[0])

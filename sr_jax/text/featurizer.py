@@ -40,14 +40,16 @@ class TextFeaturizer(Protocol):
         """(pooled [n, dim], first [n, dim]) float32."""
 
 
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"\w+")  # a run of letters or digits of any script
 
 
 class HashedBagOfWords:
     """Hashed bag of words with a fixed random projection: deterministic, needs no model.
 
-    Each lower-cased word is hashed (CRC32) into one of `buckets` rows of a Gaussian matrix drawn from
-    `seed`; pooled = L2-normalised mean of the text's word rows, first = its first word's row.
+    Each case-folded word (a run of letters or digits of any script: "café", "東京") is hashed (CRC32)
+    into one of `buckets` rows of a Gaussian matrix drawn from `seed`; pooled = L2-normalised mean of the
+    text's word rows, first = its first word's row. A text with no word ("!!! ???") gets the empty text's
+    vector (the row of the empty word), as a language-model encoder gives one to a text of no tokens.
     Texts sharing words get similar vectors; synonyms do not (that is what a language model adds).
     """
 
@@ -58,16 +60,14 @@ class HashedBagOfWords:
         self._table = np.random.default_rng(seed).standard_normal((buckets, dim), dtype=np.float32) / np.sqrt(dim)
 
     def fingerprint(self) -> str:
-        return f"hashed-bow-v1:dim={self.dim}:buckets={self.buckets}:seed={self.seed}"
+        return f"hashed-bow-v2:dim={self.dim}:buckets={self.buckets}:seed={self.seed}"
 
     def featurize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         pooled = np.zeros((len(texts), self.dim), np.float32)
         first = np.zeros((len(texts), self.dim), np.float32)
         for i, text in enumerate(texts):
-            rows = [zlib.crc32(w.encode()) % self.buckets for w in _WORD.findall(text.lower())]
-            if not rows:
-                raise ValueError(f"text {i} has no words: {text!r}")
-            vectors = self._table[rows]
+            words = _WORD.findall(text.casefold()) or [""]
+            vectors = self._table[[zlib.crc32(w.encode("utf-8")) % self.buckets for w in words]]
             mean = vectors.mean(axis=0)
             pooled[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
             first[i] = vectors[0]

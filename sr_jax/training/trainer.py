@@ -103,7 +103,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     else:  # one process fills the shared cache at a time: two runs starting together wait, not race
         with exclusive(synthetic.default_root(cfg.synthetic).parent, "synthetic dataset cache", wait=True):
             dataset = synthetic.ensure(cfg.synthetic)
-            if text_identity(cfg.text_encoder)[0] not in dataset.meta.text_caches:
+            name, fingerprint = text_identity(cfg.text_encoder)
+            cache = dataset.meta.text_caches.get(name)
+            if cache is None or cache.fingerprint != fingerprint:  # missing, or made by an older encoder version
                 build_text_cache(dataset.root, get_featurizer(cfg.text_encoder))
                 dataset = open_dataset(dataset.root)
         if distributed.is_primary():
