@@ -7,7 +7,7 @@ import pytest
 
 from helpers import config
 from sr_jax.data.importer import import_tables
-from sr_jax.data.store import DatasetError
+from sr_jax.data.store import DatasetError, open_dataset
 from sr_jax.text import build_text_cache, get_featurizer
 from sr_jax.training import trainer
 
@@ -134,8 +134,8 @@ def test_cli_imports_and_builds_the_text_cache(tmp_path, capsys, monkeypatch):
     src = _source(tmp_path)
     ds = prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--encoder", "hashed-bow"])
     assert "hashed-bow" in ds.meta.text_caches and "'train': 32" in capsys.readouterr().out
-    with pytest.raises(FileExistsError):
-        prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--encoder", "none"])
+    with pytest.raises(FileExistsError, match=r"prepared.json differs\): pass --overwrite"):
+        prepare.main(["tables", "--src", str(src), "--out", str(tmp_path / "out"), "--seed", "3"])
     # re-preparing over it encodes no text it already held (the replaced dataset's cache is reused)
     from sr_jax.text import featurizer
 
@@ -166,3 +166,27 @@ def test_ids_are_kept_as_written(tmp_path):
     assert len(np.unique(train["item_id"])) == len(items)
     texts = ds.texts()
     assert [texts[r] for r in train["item_text"]] == [f"item {item}" for item in items]
+
+
+def test_a_killed_prepare_resumes_when_run_again(tmp_path, monkeypatch):
+    """Killed while encoding (or stopped by a text the featurizer refused): the same command again keeps the
+    dataset and finishes the cache; nothing is converted twice."""
+    from sr_jax.text import featurizer
+    from train import prepare
+
+    command = ["tables", "--src", str(_source(tmp_path)), "--out", str(tmp_path / "out"), "--encoder", "hashed-bow"]
+    real = featurizer.HashedBagOfWords.featurize
+
+    def killed(self, texts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(featurizer.HashedBagOfWords, "featurize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(command)
+    assert (tmp_path / "out/meta.json").exists() and "hashed-bow" not in open_dataset(tmp_path / "out").meta.text_caches
+    monkeypatch.setattr(featurizer.HashedBagOfWords, "featurize", real)
+    converted = []
+    monkeypatch.setitem(prepare.CONVERTERS, "tables", lambda *a, **k: converted.append(a))
+    ds = prepare.main(command)
+    assert not converted and "hashed-bow" in ds.meta.text_caches
+    assert prepare.main(command).meta.text_caches == ds.meta.text_caches  # done: a rerun changes nothing

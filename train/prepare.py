@@ -8,12 +8,15 @@ Amazon category in RecBole's atomic files (sr_jax/data/amazon.py; `--categories`
 `--exclude-categories` prepare a sub-category tree apart). The text cache of `--encoder` (default: the
 default config's, all-MiniLM-L6-v2; `none` to skip) is built right after, copying every text that a
 `--reuse-text` dataset (or the dataset `--overwrite` replaces) already encoded, so that
-`python -m train.pretrain --workdir RUN data.path=OUT` can train on it.
+`python -m train.pretrain --workdir RUN data.path=OUT` can train on it. A killed run of the command
+resumes when run again (the dataset is kept, the cache build continues from its last finished chunk); a
+different command on an existing folder is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,9 +25,10 @@ from sr_jax.config import Config
 from sr_jax.data import amazon, movielens, negatives
 from sr_jax.data.importer import import_tables
 from sr_jax.data.store import open_dataset
-from sr_jax.text import build_text_cache, get_featurizer
+from sr_jax.text import build_text_cache, get_featurizer, text_identity
 from train import cli
 
+PREPARED = "prepared.json"  # the command that made a dataset folder: a rerun of it resumes, another is refused
 CONVERTERS = {"tables": import_tables, "movielens": movielens.convert, "amazon": amazon.convert}
 
 
@@ -54,12 +58,23 @@ def main(argv: list[str] | None = None):
     }[args.name]  # fmt: skip
     out, reuse = Path(args.out), list(args.reuse_text)
     previous = out.with_name(f".{out.name}.previous")
-    if args.overwrite and (out / "meta.json").exists() and args.encoder != "none":
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(out, previous)  # kept until the new cache is built: its texts are not encoded again
-        reuse.append(str(previous))
-    dataset = CONVERTERS[args.name](args.src, out, overwrite=args.overwrite, **options)
-    if args.encoder != "none":
+    made_by = {"converter": args.name, "src": str(Path(args.src).absolute()), **options}
+    if (out / "meta.json").exists() and not args.overwrite:
+        # a rerun of the same command finishes what a killed one left (the text cache is resumable)
+        if _read_json(out / PREPARED) != json.loads(json.dumps(made_by)):
+            raise FileExistsError(
+                f"{out} exists and was not prepared by this command (its {PREPARED} differs): pass --overwrite to "
+                "replace it, or choose another --out"
+            )
+        dataset = open_dataset(out, check=False)
+    else:
+        if args.overwrite and (out / "meta.json").exists() and args.encoder != "none":
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(out, previous)  # kept until the new cache is built: its texts are not encoded again
+            reuse.append(str(previous))
+        dataset = CONVERTERS[args.name](args.src, out, overwrite=args.overwrite, **options)
+        (out / PREPARED).write_text(json.dumps(made_by, indent=2) + "\n")
+    if args.encoder != "none" and text_identity(args.encoder) not in _caches(dataset):
         build_text_cache(dataset.root, get_featurizer(args.encoder), reuse=reuse)
         dataset = open_dataset(dataset.root)
     shutil.rmtree(previous, ignore_errors=True)
@@ -68,6 +83,17 @@ def main(argv: list[str] | None = None):
         f"{[d.name for d in dataset.meta.domains]}"
     )
     return dataset
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _caches(dataset) -> set[tuple[str, str]]:
+    return {(name, c.fingerprint) for name, c in dataset.meta.text_caches.items()}
 
 
 if __name__ == "__main__":
