@@ -125,6 +125,9 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_that_restores(tm
     cfg = _checkpointed(tmp_path / "one")
     _truncate_data(tmp_path / "one" / "checkpoints" / "8")
     resumed = trainer.build_run(cfg, tmp_path / "one")
+    with pytest.raises(CheckpointError, match=r"checkpoints/8/state/\S+: changed on disk since .* \(checksum\)"):
+        resumed.checkpointer.restore(resumed.steps.abstract_state)
+    (tmp_path / "one" / "checkpoints" / ".checksums" / "8.json").unlink()  # unsealed: orbax meets the damage
     with pytest.raises(CheckpointError, match=r"checkpoints/8: cannot restore"):
         resumed.checkpointer.restore(resumed.steps.abstract_state)  # wrapped, whatever TensorStore raised
     state = trainer.restore_or_init(resumed)
@@ -136,9 +139,29 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_that_restores(tm
         shutil.rmtree(tmp_path / "two" / "checkpoints" / step / "state")
     with pytest.raises(
         CheckpointError,
-        match=r"(?s)no checkpoint restores:.*checkpoints/8: cannot restore.*checkpoints/4.*checkpoints/1",
+        match=r"(?s)no checkpoint restores:.*checkpoints/8/.*checksum.*checkpoints/4.*checkpoints/1",
     ):
         trainer.restore_or_init(trainer.build_run(cfg, tmp_path / "two"))
+
+
+def test_a_bit_flipped_checkpoint_is_found_and_skipped(tmp_path, caplog):
+    """16 bytes flipped inside the largest data file of the latest step (a file of the same size): evaluation,
+    fine-tuning and resume refuse it, naming the file; resume falls back to the step before."""
+    from sr_jax.training.checkpoint import ParamsReader
+
+    cfg = _checkpointed(tmp_path)
+    step8 = tmp_path / "checkpoints" / "8"
+    assert json.loads((tmp_path / "checkpoints" / ".checksums" / "8.json").read_text())
+    largest = max((p for p in step8.rglob("*") if p.is_file() and p.parent.name == "d"), key=os.path.getsize)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 16])
+    largest.write_bytes(bytes(data))
+    reader = ParamsReader(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match=rf"{largest.name}: changed on disk since the checkpoint was saved"):
+        reader.restore(8, trainer.build_run(cfg, tmp_path).steps.abstract_state.params)
+    reader.close()
+    state = trainer.restore_or_init(trainer.build_run(cfg, tmp_path))
+    assert int(state.step) == 4 and "checksum" in caplog.text
 
 
 def test_restored_parameters_must_be_finite(tmp_path):

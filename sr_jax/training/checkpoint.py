@@ -10,6 +10,8 @@ that restores.
 
 from __future__ import annotations
 
+import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,10 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, position: dict, force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position))
-        return self.manager.save(step, args=args, force=force)
+        saved = self.manager.save(step, args=args, force=force)
+        if saved:  # orbax finished the previous save before starting this one: seal it
+            seal(self.directory, [s for s in self.manager.all_steps() if s != step])
+        return saved
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """Restores `step` (default: latest) into the structure, shapes and shardings of `abstract_state`."""
@@ -51,6 +56,7 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         target = jax.tree.map(lambda a: ocp.utils.to_shape_dtype_struct(a), abstract_state._asdict())
+        verify(self.directory, step)
         check_compatible(self.directory / str(step) / "state", self.item_metadata(step), target)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore())
         try:
@@ -77,6 +83,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        seal(self.directory, self.manager.all_steps())
 
     def close(self) -> None:
         self.manager.close()
@@ -117,6 +124,7 @@ class ParamsReader:
 
     def restore(self, step: int, target: Any) -> Any:
         """The saved parameters, into `target`'s structure (ShapeDtypeStructs that carry shardings)."""
+        verify(self.directory, step)
         restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
         args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, partial_restore=True)
         try:
@@ -130,6 +138,53 @@ class ParamsReader:
 
     def close(self) -> None:
         self.manager.close()
+
+
+CHECKSUMS = ".checksums"  # checkpoints/.checksums/STEP.json: {file: crc32} of each finished step's files
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(step_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(step_dir)): _crc32(p) for p in sorted(step_dir.rglob("*")) if p.is_file()}
+
+
+def seal(directory: Path, steps) -> None:
+    """Records the CRC32 of every file of each finished step that has no record yet (process 0), and drops the
+    records of steps orbax has deleted: what `verify` checks, so that a bit flipped on disk is found."""
+    if jax.process_index() != 0:
+        return
+    records = directory / CHECKSUMS
+    records.mkdir(exist_ok=True)
+    for step in steps:
+        if not (records / f"{step}.json").exists() and (directory / str(step)).is_dir():
+            with atomic_file(records / f"{step}.json") as tmp:
+                tmp.write_text(json.dumps(_files(directory / str(step))))
+    kept = {f"{s}.json" for s in steps}
+    for record in records.glob("*.json"):
+        if record.name not in kept and not (directory / record.stem).is_dir():
+            record.unlink()
+
+
+def verify(directory: Path, step: int) -> None:
+    """A CheckpointError naming the first file of `step` that changed, went missing or appeared since it was
+    sealed (a step saved before sealing, or by a run killed before it, is not checked)."""
+    record = directory / CHECKSUMS / f"{step}.json"
+    if not record.exists():
+        return
+    saved, now = json.loads(record.read_text()), _files(directory / str(step))
+    for name in sorted(saved.keys() | now.keys()):
+        if saved.get(name) != now.get(name):
+            problem = "is missing" if name not in now else "is new" if name not in saved else "changed on disk"
+            raise CheckpointError(
+                f"{directory / str(step) / name}: {problem} since the checkpoint was saved (checksum)"
+            )
 
 
 def _state_metadata(manager: ocp.CheckpointManager, directory: Path, step: int) -> Any:
