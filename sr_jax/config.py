@@ -45,6 +45,10 @@ class DataConfig:
     # config turns it off: fine-tuning (and training from scratch on the cold data) is what they are for.
     pretrain_domains_only: bool = True
     eval_split: str = "test"
+    valid_split: str = "valid"  # the validation split of train.eval_every ("" when data.valid_from_train carves it)
+    # A fixed, seeded part of the train split held out for validation and never trained on (0: none); the
+    # cold-start protocols use it, since their cold data has no validation split of its own.
+    valid_from_train: float = 0.0
     batch_size: int = 1024
     eval_batch_size: int = 8192
     prefetch: int = 2  # batches placed on device ahead of the step
@@ -101,6 +105,15 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # Validation during training: every `eval_every` steps (0: never) the model is scored on the validation
+    # data (data.valid_split, or data.valid_from_train's part of the train split); the step with the best
+    # `early_stopping_metric` is kept in best/ (orbax's best-checkpoint policy) and evaluated on the test split
+    # at the end. `early_stopping_patience` evaluations without a gain of `early_stopping_min_delta` stop the
+    # run (0: never stop early).
+    eval_every: int = 0
+    early_stopping_metric: str = "mean_domain_auc"  # mean_domain_auc | overall_auc (higher is better)
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
 
 @dataclasses.dataclass
@@ -152,6 +165,7 @@ OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 SCHEDULES = ("cosine", "constant")
 EMBEDDING_UPDATES = ("dense", "rowwise_adagrad", "lazy_adam")
 NEW_ROWS_INITS = ("zero", "mean", "text")
+VALIDATION_METRICS = ("mean_domain_auc", "overall_auc")
 
 
 def _parse(value: str, annotation: Any, key: str) -> Any:
@@ -345,6 +359,28 @@ def validate(cfg: Config) -> Config:
         problems, train, "train", "seed", "min_steps", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True
     )
     _positive(problems, train, "train", "embedding_learning_rate", allow_zero=True)
+    _positive(
+        problems, train, "train", "eval_every", "early_stopping_patience", "early_stopping_min_delta", allow_zero=True
+    )
+    _choice(problems, train.early_stopping_metric, "train.early_stopping_metric", VALIDATION_METRICS)
+    _check(
+        problems,
+        train.early_stopping_patience == 0 or train.eval_every > 0,
+        "train.early_stopping_patience",
+        "stops on validation scores: needs train.eval_every > 0",
+    )
+    _check(
+        problems,
+        0 <= data.valid_from_train < 1,
+        "data.valid_from_train",
+        f"{data.valid_from_train} must be in [0, 1)",
+    )
+    _check(
+        problems,
+        train.eval_every == 0 or bool(data.valid_split) != (data.valid_from_train > 0),
+        "train.eval_every",
+        "validates on data.valid_split or on data.valid_from_train's part of the train split: set exactly one",
+    )
     _choice(problems, train.optimizer, "train.optimizer", OPTIMIZERS)
     _choice(problems, train.schedule, "train.schedule", SCHEDULES)
     _choice(problems, train.embedding_update, "train.embedding_update", EMBEDDING_UPDATES)

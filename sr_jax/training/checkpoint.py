@@ -89,6 +89,51 @@ class Checkpointer:
         self.manager.close()
 
 
+class BestCheckpoint:
+    """The parameters of the step with the best validation score, kept by orbax's best-checkpoint policy
+    (`best_fn`, max_to_keep=1) in its own folder, beside the latest-steps checkpoints that resume needs."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda metrics: metrics["score"], best_mode="max", create=True
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers={"params": ocp.StandardCheckpointHandler()}
+        )
+
+    def save(self, step: int, params: Any, score: float) -> None:
+        """Offers `step`'s parameters with their score; orbax keeps them only if they are the best so far."""
+        if step in self.manager.all_steps():
+            return  # a resumed run re-validating the step it resumed from
+        self.manager.save(
+            step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), metrics={"score": score}, force=True
+        )
+        self.manager.wait_until_finished()
+        seal(self.directory, self.manager.all_steps())
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, score) of the best step kept, or None before the first validation."""
+        step = self.manager.best_step()
+        return None if step is None else (step, float(self.manager.metrics(step)["score"]))
+
+    def restore(self, abstract_params: Any) -> Any:
+        step = self.manager.best_step()
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no validated checkpoint")
+        verify(self.directory, step)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
+        try:
+            params = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+        except Exception as e:  # the storage layer (TensorStore) raises many types for broken files
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore: {type(e).__name__}: {e}") from e
+        check_finite(self.directory / str(step), params)
+        return params
+
+    def close(self) -> None:
+        self.manager.close()
+
+
 class ParamsReader:
     """Reads only the parameters of another run's train-state checkpoints (no optimizer state is read):
     the fine-tuning side of a checkpoint."""

@@ -86,6 +86,11 @@ def markdown_table(result: dict) -> str:
         f"Mean per-domain AUC: {result['mean_domain_auc']:.4f}"
         + (f" (oracle {result['mean_domain_oracle_auc']:.4f})" if "mean_domain_oracle_auc" in result else ""),
     ]
+    if chosen := result.get("validation"):
+        lines.append(
+            f"Parameters of step {chosen['step']}, the best {chosen['metric']} on the validation data "
+            f"({chosen['score']:.4f}), of {result['trained_steps']} steps trained."
+        )
     if skipped := result.get("domains_without_auc"):
         lines.append(
             f"Left out of the mean: {len(skipped)} domain(s) whose labels in this split are one class, so they have "

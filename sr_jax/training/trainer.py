@@ -41,7 +41,7 @@ from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.io import atomic_file, exclusive
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
 from sr_jax.training import alignment, evaluation, finetune, memory, sharding as shd, sparse_update
-from sr_jax.training.checkpoint import CheckpointError, Checkpointer, ParamsReader
+from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, Checkpointer, ParamsReader
 from sr_jax.training.optimizer import build_optimizer, check_levels, learning_rate, trainable_labels
 from sr_jax.training.sharding import ROW_SHARDED
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
@@ -235,6 +235,9 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     checkpointer: Checkpointer
+    valid_columns: dict[str, np.ndarray] | None = None  # what train.eval_every scores (in the model's rows)
+    best: BestCheckpoint | None = None  # the best validated parameters (train.eval_every)
+    validation: list = dataclasses.field(default_factory=list)  # [step, score] of every validation so far
     _compiled: Callable | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
@@ -307,6 +310,19 @@ def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> dict
     if not keep.any():
         raise ValueError(f"domains {list(names)}: no examples in split {split!r}")
     return {name: np.asarray(col[keep]) for name, col in columns.items()}
+
+
+def carve_validation(
+    columns: dict[str, np.ndarray], fraction: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """(the rest, a fixed seeded `fraction` of the rows) of a split, each in the original order; the same
+    rows whatever train.seed, so every cell of a grid validates on the same data (fraction 0: no carving)."""
+    if not fraction:
+        return columns, None
+    size = len(columns["label"])
+    held = np.zeros(size, bool)
+    held[np.random.default_rng(0x7A11D).permutation(size)[: max(1, round(fraction * size))]] = True
+    return ({k: np.asarray(v)[~held] for k, v in columns.items()}, {k: np.asarray(v)[held] for k, v in columns.items()})
 
 
 def subset_size(size: int, fraction: float) -> int:
@@ -440,7 +456,8 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
             f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the mesh's data axis ({data_axis})"
         )
     splits = sorted(dataset.meta.splits)
-    for key in ("train_split", "eval_split"):  # before any training: an unknown split would fail only at its end
+    named = ("train_split", "eval_split", *(("valid_split",) if cfg.train.eval_every and cfg.data.valid_split else ()))
+    for key in named:  # before any training: an unknown split would fail only at its end
         if (split := getattr(cfg.data, key)) not in splits:
             raise ValueError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
     pooled, first = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
@@ -451,9 +468,11 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
     own = vocabulary.of_dataset(dataset)
     aligned = vocabulary.align(vocabulary.read(source), own) if source else vocabulary.identity(own)
     model_meta = aligned.vocab.model_meta(dataset.meta)
-    columns = aligned.remap(
-        train_subset(select_domains(dataset, cfg.data.train_split, domains), cfg.data.train_fraction, cfg.train.seed)
-    )
+    kept, carved = carve_validation(select_domains(dataset, cfg.data.train_split, domains), cfg.data.valid_from_train)
+    columns = aligned.remap(train_subset(kept, cfg.data.train_fraction, cfg.train.seed))
+    valid = None
+    if cfg.train.eval_every:
+        valid = aligned.remap(carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains))
     if cfg.model.user_history:
         if not dataset.meta.has_timestamp:
             raise ValueError(
@@ -462,6 +481,8 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         if cfg.finetune.replay_fraction:
             raise ValueError("model.user_history with finetune.replay_fraction: the replayed data has no history")
         columns = history.with_history(columns, [columns], cfg.model.user_history)
+        if valid is not None:
+            valid = history.with_history(valid, [columns, valid], cfg.model.user_history)
     what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
     batch = clamped_batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
     replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
@@ -509,6 +530,8 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         checkpointer=Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every),
+        valid_columns=valid,
+        best=BestCheckpoint(workdir / "best") if cfg.train.eval_every else None,
     )
 
 
@@ -571,6 +594,7 @@ def restore_or_init(run: Run) -> TrainState:
             run.steps_per_epoch,
         )
     log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), position["epoch"], position["batch"])
+    run.validation = [list(v) for v in position.get("validation", [])]
     return state
 
 
@@ -585,8 +609,32 @@ def restore_params(run: Run, step: int = -1) -> Any:
 
 
 def position(run: Run, step: int) -> dict:
+    """Where the data stand after `step`, and the validation scores so far (what early stopping decides on)."""
     epoch, batch = divmod(step, run.steps_per_epoch)
-    return {"step": step, "epoch": epoch, "batch": batch, "seed": run.config.train.seed}
+    return {"step": step, "epoch": epoch, "batch": batch, "seed": run.config.train.seed, "validation": run.validation}
+
+
+def stops_early(history: list, patience: int, min_delta: float) -> bool:
+    """Whether the last `patience` validations (of [step, score] pairs) brought no gain of more than `min_delta`
+    over the best score before them."""
+    if not patience:
+        return False
+    best, since = -np.inf, 0
+    for _, score in history:
+        best, since = (score, 0) if score > best + min_delta else (best, since + 1)
+    return since >= patience
+
+
+def validate_step(run: Run, params, step: int) -> float:
+    """Scores `params` on the validation data, offers them to the best checkpoint, records the score."""
+    cfg = run.config
+    result = evaluate_columns(run, params, run.valid_columns, "validation")
+    score = (
+        result["mean_domain_auc"] if cfg.train.early_stopping_metric == "mean_domain_auc" else result["overall"]["auc"]
+    )
+    run.best.save(step, params, score)
+    run.validation = [*[v for v in run.validation if v[0] < step], [step, score]]
+    return score
 
 
 def batches(run: Run, start: int):
@@ -607,6 +655,8 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     A SIGTERM or SIGINT finishes the step, saves it and raises `TrainingInterrupted`."""
     cfg = run.config
     start, stop = int(state.step), min(until or run.total_steps, run.total_steps)
+    if stops_early(run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta):
+        return state  # a resumed run that had stopped early: done
     feed = prefetch_to_device(batches(run, start), run.put, cfg.data.prefetch)
     desc, primary = "finetune" if cfg.finetune.pretrained else "train", distributed.is_primary()
     step_fn = run.compiled_train_step()
@@ -639,8 +689,24 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            run.checkpointer.save(done, state, position(run, done), force=done == run.total_steps or stopping)
+            early = False
+            if run.best is not None and (done % cfg.train.eval_every == 0 or done == stop):
+                score = validate_step(run, state.params, done)
+                metrics_file.write(json.dumps({"step": done, f"valid_{cfg.train.early_stopping_metric}": score}) + "\n")
+                metrics_file.flush()
+                early = stops_early(
+                    run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
+                )
+            final = done == run.total_steps or early
+            run.checkpointer.save(done, state, position(run, done), force=final or stopping)
             bar.update(1)
+            if early:
+                log.info(
+                    "early stopping after step %d: %d validations without a gain",
+                    done,
+                    cfg.train.early_stopping_patience,
+                )
+                break
             if stopping:
                 run.checkpointer.wait()
                 signum = received[0] if received else signal.SIGTERM
@@ -686,13 +752,16 @@ def trained_so_far(run: Run) -> dict[str, np.ndarray]:
 
 def evaluate(run: Run, params, split: str | None = None) -> dict:
     """Metrics of `params` on a split (default: data.eval_split)."""
-    cfg = run.config
-    split = split or cfg.data.eval_split
-    columns = run.split(split)
+    split = split or run.config.data.eval_split
+    return evaluate_columns(run, params, run.split(split), split)
+
+
+def evaluate_columns(run: Run, params, columns: dict[str, np.ndarray], name: str) -> dict:
+    """Metrics of `params` on `columns` (rows in the model's tables), reported under `name`."""
     probs = evaluation.predict_split(
-        run.steps.predict, params, columns, cfg.data.eval_batch_size, run.put_eval, run.text
+        run.steps.predict, params, columns, run.config.data.eval_batch_size, run.put_eval, run.text
     )
-    return evaluation.compute_metrics(run.dataset, split, probs, columns, run.warm_items)
+    return evaluation.compute_metrics(run.dataset, name, probs, columns, run.warm_items)
 
 
 def write_records(run: Run, params) -> None:
@@ -777,9 +846,18 @@ def _fit(cfg: Config, workdir: Path) -> dict:
     log.info("embedding tables:\n%s", shd.table_layout(run.mesh, run.steps.abstract_state.params))
     run.compiled_train_step()  # the memory check, before the state is allocated
     state = train(run, restore_or_init(run))
-    write_records(run, state.params)
-    result = evaluate(run, state.params)
+    params, chosen = state.params, None
+    if run.best is not None:  # the validation-chosen step is the run's result
+        params, (step, score) = run.best.restore(run.steps.abstract_state.params), run.best.best()
+        chosen = {"step": step, "metric": cfg.train.early_stopping_metric, "score": score, "history": run.validation}
+    write_records(run, params)
+    result = evaluate(run, params)
+    if chosen is not None:
+        result["validation"] = chosen
+        result["trained_steps"] = int(state.step)
     if distributed.is_primary():
         evaluation.write_report(workdir, result)
     run.checkpointer.close()
+    if run.best is not None:
+        run.best.close()
     return result

@@ -1,0 +1,61 @@
+"""Validation during training: the best validated step is kept by orbax's best policy and is the run's
+result, early stopping, and a validation part carved from the train split."""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import TINY, config
+from sr_jax.config import ConfigError, validate
+from sr_jax.training import trainer
+
+
+def test_early_stopping_counts_validations_without_a_gain():
+    history = [[10, 0.60], [20, 0.65], [30, 0.651], [40, 0.64]]
+    assert not trainer.stops_early(history, 3, 0.0)
+    assert trainer.stops_early(history, 2, 0.005)  # 0.651 is not a gain of more than 0.005
+    assert not trainer.stops_early(history, 0, 0.0)  # 0: never
+
+
+def test_the_best_validated_step_is_the_result_and_the_run_stops_early(tmp_path):
+    cfg = config(
+        TINY,
+        train={
+            "epochs": 4.0,
+            "eval_every": 4,
+            "early_stopping_patience": 2,
+            "early_stopping_min_delta": 1.0,
+            "checkpoint_every": 1000,
+        },
+    )  # fmt: skip  (min_delta 1: no validation can gain, so it stops after the third)
+    result = trainer.fit(cfg, tmp_path)
+    chosen = result["validation"]
+    assert [s for s, _ in chosen["history"]] == [4, 8, 12] and result["trained_steps"] == 12
+    assert chosen["score"] == max(v for _, v in chosen["history"])
+    assert chosen["step"] == max(chosen["history"], key=lambda v: v[1])[0]
+    assert [p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()] == [str(chosen["step"])]
+    run = trainer.build_run(cfg, tmp_path)
+    best = run.best.restore(run.steps.abstract_state.params)
+    again = trainer.evaluate(run, best)
+    assert again["mean_domain_auc"] == pytest.approx(
+        result["mean_domain_auc"], abs=1e-6
+    )  # the test figures are the best step's
+    assert "Parameters of step" in (tmp_path / "eval.md").read_text()
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "valid_mean_domain_auc" in m] == [4, 8, 12]
+    # the same command again: the run had stopped early, so it does not train on
+    assert trainer.fit(cfg, tmp_path)["trained_steps"] == 12
+
+
+def test_a_validation_part_is_carved_from_the_train_split_and_never_trained():
+    columns = {"label": np.arange(100) % 2, "item_id": np.arange(100)}
+    kept, held = trainer.carve_validation(columns, 0.1)
+    assert len(held["label"]) == 10 and not set(held["item_id"]) & set(kept["item_id"])
+    again, held_again = trainer.carve_validation(columns, 0.1)
+    np.testing.assert_array_equal(held["item_id"], held_again["item_id"])  # fixed whatever the run's seed
+    assert trainer.carve_validation(columns, 0.0)[1] is None
+    with pytest.raises(ConfigError, match=r"train.eval_every: validates on data.valid_split or"):
+        validate(config(TINY, train={"eval_every": 4}, data={"valid_from_train": 0.1}))
+    with pytest.raises(ConfigError, match=r"train.early_stopping_patience: stops on validation scores"):
+        validate(config(TINY, train={"early_stopping_patience": 2}))
