@@ -55,7 +55,7 @@ def test_save_restore_round_trip_and_position(tmp_path):
     run.checkpointer.wait()
     restored, position = run.checkpointer.restore(run.steps.abstract_state, step=5)
     _assert_trees_equal(state, restored)
-    assert position == {"step": 5, "epoch": 0, "batch": 5, "seed": 0}
+    assert position == {"step": 5, "epoch": 0, "batch": 5, "seed": 0, "validation": []}  # no validation yet
 
 
 def test_mismatched_checkpoint_names_the_parameter_and_both_shapes(tmp_path):
