@@ -24,6 +24,7 @@ def test_the_best_validated_step_is_the_result_and_the_run_stops_early(tmp_path)
         train={
             "epochs": 4.0,
             "eval_every": 4,
+            "log_every": 4,
             "early_stopping_patience": 2,
             "early_stopping_min_delta": 1.0,
             "checkpoint_every": 1000,
@@ -46,6 +47,27 @@ def test_the_best_validated_step_is_the_result_and_the_run_stops_early(tmp_path)
     assert [m["step"] for m in metrics if "valid_mean_domain_auc" in m] == [4, 8, 12]
     # the same command again: the run had stopped early, so it does not train on
     assert trainer.fit(cfg, tmp_path)["trained_steps"] == 12
+    # TensorBoard event files hold the same curves (read back without TensorFlow)
+    scalars = _event_scalars(tmp_path / "tensorboard")
+    assert {4, 8, 12} <= {step for step, _ in scalars["valid_mean_domain_auc"]} and "loss" in scalars
+
+
+def _event_scalars(folder) -> dict[str, list]:
+    """{tag: [(step, value)]} of the TFRecord event files in `folder` (length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list] = {}
+    for file in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = file.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
 
 
 def test_a_validation_part_is_carved_from_the_train_split_and_never_trained():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -38,9 +37,10 @@ from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.data import history, vocabulary
 from sr_jax.data.store import Dataset, open_dataset
-from sr_jax.io import atomic_file, exclusive
+from sr_jax.io import exclusive
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
 from sr_jax.training import alignment, evaluation, finetune, memory, sharding as shd, sparse_update
+from sr_jax.training.metrics_log import MetricsLog
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, Checkpointer, ParamsReader
 from sr_jax.training.optimizer import build_optimizer, check_levels, learning_rate, trainable_labels
 from sr_jax.training.sharding import ROW_SHARDED
@@ -660,13 +660,11 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     feed = prefetch_to_device(batches(run, start), run.put, cfg.data.prefetch)
     desc, primary = "finetune" if cfg.finetune.pretrained else "train", distributed.is_primary()
     step_fn = run.compiled_train_step()
-    if primary:
-        cut_metrics(run.workdir / "metrics.jsonl", start)
     window_start, window_steps = time.perf_counter(), 0
     with (
         contextlib.closing(feed),
         stop_requests() as received,
-        open(run.workdir / "metrics.jsonl" if primary else os.devnull, "a") as metrics_file,
+        contextlib.closing(MetricsLog(run.workdir, start, write=primary)) as metrics_log,
         tqdm(total=stop, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=not primary) as bar,
     ):
         for step, batch in zip(range(start, stop), feed):
@@ -680,20 +678,14 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 check_finite(run, metrics, done)
             if logged:
                 elapsed = time.perf_counter() - window_start
-                metrics.update(
-                    step=done,
-                    epoch=done / run.steps_per_epoch,
-                    examples_per_s=window_steps * run.batch_size / elapsed,
-                )
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
+                metrics.update(epoch=done / run.steps_per_epoch, examples_per_s=window_steps * run.batch_size / elapsed)
+                metrics_log.write(done, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             early = False
             if run.best is not None and (done % cfg.train.eval_every == 0 or done == stop):
                 score = validate_step(run, state.params, done)
-                metrics_file.write(json.dumps({"step": done, f"valid_{cfg.train.early_stopping_metric}": score}) + "\n")
-                metrics_file.flush()
+                metrics_log.write(done, {f"valid_{cfg.train.early_stopping_metric}": score})
                 early = stops_early(
                     run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
                 )
@@ -717,18 +709,6 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 )
     run.checkpointer.wait()
     return state
-
-
-def cut_metrics(path: Path, step: int) -> None:
-    """Drops the lines of metrics.jsonl past `step` (logged after the checkpoint a run resumes from), so that a
-    resumed run's log has every step once."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        with atomic_file(path) as tmp:
-            tmp.write_text("".join(kept))
 
 
 def check_finite(run: Run, metrics: dict, step: int) -> None:
