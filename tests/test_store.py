@@ -160,3 +160,22 @@ def test_text_cache_with_missing_rows_is_refused_and_keeps_the_old_cache(copy):
     assert [p.name for p in (copy / "text_cache").iterdir()] == ["hashed-bow"]
     with pytest.raises(DatasetError, match="no text cache made by encoder 'minilm'"):
         open_dataset(copy).text_cache("minilm")
+
+
+def test_a_validated_dataset_opens_without_reading_its_columns_until_a_file_changes(copy, monkeypatch):
+    from sr_jax.data import store
+
+    open_dataset(copy)  # validated in full, and stamped
+    assert (copy / store.VALIDATED).exists()
+    calls = []
+    real = store.validate
+    monkeypatch.setattr(store, "validate", lambda root: calls.append(root) or real(root))
+    open_dataset(copy)
+    assert calls == []  # the fingerprint matched: no column was read
+    label = copy / "splits/train/label.npy"
+    values = np.load(label)
+    values[0] = 7  # not a label, and the file's time changes
+    np.save(label, values)
+    with pytest.raises(DatasetError, match=r"label.npy, field 'label', row 0"):
+        open_dataset(copy)
+    assert len(calls) == 1
