@@ -37,6 +37,10 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "## synthetic" in md and "| single-domain |" in md and "python -m train.experiment" in md
     assert md.index("hand-written notes") < md.index("## synthetic")  # the analysis survives regeneration
+    assert "| compile s | train s | eval s | cell s |" in md  # where each cell's time went
+    full = table[0]
+    assert 0 < full["compile_s_mean"] and 0 < full["train_s_mean"] and 0 < full["evaluate_s_mean"]
+    assert full["compile_s_mean"] + full["train_s_mean"] + full["evaluate_s_mean"] < full["seconds_mean"]
     assert (tmp_path / "docs" / "results" / "synthetic.png").read_bytes()[:4] == b"\x89PNG"
     with open(tmp_path / "docs" / "results" / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2

@@ -49,12 +49,16 @@ def dataset_path(name: str, data_dir: Path, sources: dict[str, Path], encoder: s
     return str(out)
 
 
+TIMES = ("compile_s", "train_s", "evaluate_s")  # eval.json's timing: compilation, training, test evaluation
+
+
 def _row(result: dict, seconds: float) -> dict:
     return {
         "auc": result["mean_domain_auc"],
         "overall_auc": result["overall"]["auc"],
         "cold_auc": result.get("cold_items", {}).get("auc"),
         "seconds": seconds,
+        **{key: result.get("timing", {}).get(key) for key in TIMES},
         **{f"auc:{name}": m["auc"] for name, m in result["domains"].items()},
     }
 
@@ -91,6 +95,8 @@ def _single_domain(cfg: Config, cell: Path) -> dict:
         result, seconds = run_once(cell / name, trainer.fit, one)
         row[f"auc:{name}"] = result["domains"][name]["auc"]
         row["seconds"] += seconds
+        for key in TIMES:  # the per-domain models' times add up
+            row[key] = (row.get(key) or 0.0) + (result.get("timing", {}).get(key) or 0.0)
     row["auc"] = float(np.mean([v for k, v in row.items() if k.startswith("auc:")]))
     return row
 
@@ -108,7 +114,8 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
         *report.header("Results: the full model, its ablations and the baselines", command),
         f"Test-split AUC, mean ± sample std over {max(r['seeds'] for r in table)} seeds (`train.seed`; the data "
         "are the same); the best mean of each column in bold. `single-domain` trains one Shared-Bottom DNN per "
-        "domain, so it has per-domain AUCs only. Training time is the wall time of the whole run (CPU here). "
+        "domain, so it has per-domain AUCs only. Times (CPU here): the train step's compilation, training (with its "
+        "validations), the test evaluation, and the whole cell's wall time (data loading included). "
         "Per-cell numbers: `results/results.csv`.",
     ]
     analysis = out / "results" / "analysis.md"
@@ -118,7 +125,8 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
         part = [r for r in table if r["dataset"] == dataset]
         domains = [m[len("auc:") :] for m in metrics if m.startswith("auc:") and any(r.get(f"{m}_mean") for r in part)]
         columns = [("mean per-domain AUC", "auc"), ("overall AUC", "overall_auc"), ("cold-item AUC", "cold_auc")]
-        columns += [(d, f"auc:{d}") for d in domains] + [("train s", "seconds")]
+        columns += [(d, f"auc:{d}") for d in domains]
+        columns += [("compile s", "compile_s"), ("train s", "train_s"), ("eval s", "evaluate_s"), ("cell s", "seconds")]
         lines += ["", f"## {dataset}", "", f"![mean per-domain AUC](results/{dataset}.png)", ""]
         lines.append(report.wide_markdown(part, "model", columns))
         report.plot_bars(out / "results" / f"{dataset}.png", part, "model", "auc", dataset, "mean per-domain AUC")

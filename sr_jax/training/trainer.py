@@ -236,6 +236,7 @@ class Run:
     steps_per_epoch: int
     checkpointer: Checkpointer
     valid_columns: dict[str, np.ndarray] | None = None  # what train.eval_every scores (in the model's rows)
+    compile_seconds: float = 0.0  # the train step's ahead-of-time compilation (0 until compiled)
     best: BestCheckpoint | None = None  # the best validated parameters (train.eval_every)
     validation: list = dataclasses.field(default_factory=list)  # [step, score] of every validation so far
     _compiled: Callable | None = dataclasses.field(default=None, init=False, repr=False)
@@ -277,7 +278,7 @@ class Run:
             for name, col in self.train_columns.items()
         }
         what = f"training with a batch of {self.batch_size} on mesh {dict(self.mesh.shape)}"
-        compiled, _, _ = compile_step(self.steps, batch, self.text, self.reference, what)
+        compiled, _, self.compile_seconds = compile_step(self.steps, batch, self.text, self.reference, what)
         self._compiled = compiled
         return compiled
 
@@ -825,13 +826,22 @@ def _fit(cfg: Config, workdir: Path) -> dict:
     )
     log.info("embedding tables:\n%s", shd.table_layout(run.mesh, run.steps.abstract_state.params))
     run.compiled_train_step()  # the memory check, before the state is allocated
+    started = time.perf_counter()
     state = train(run, restore_or_init(run))
+    train_seconds = time.perf_counter() - started
     params, chosen = state.params, None
     if run.best is not None:  # the validation-chosen step is the run's result
         params, (step, score) = run.best.restore(run.steps.abstract_state.params), run.best.best()
         chosen = {"step": step, "metric": cfg.train.early_stopping_metric, "score": score, "history": run.validation}
     write_records(run, params)
+    started = time.perf_counter()
     result = evaluate(run, params)
+    # where a run's time goes (this process; a resumed run counts its own part only)
+    result["timing"] = {
+        "compile_s": run.compile_seconds,
+        "train_s": train_seconds,  # with its validations
+        "evaluate_s": time.perf_counter() - started,
+    }
     if chosen is not None:
         result["validation"] = chosen
         result["trained_steps"] = int(state.step)
