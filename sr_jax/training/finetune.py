@@ -42,7 +42,9 @@ from sr_jax.data.store import Dataset
 from sr_jax.data.vocabulary import VOCAB, Vocabulary
 from sr_jax.io import atomic_dir
 from sr_jax.training.alignment import REFERENCE
+from sr_jax.training import sparse_update
 from sr_jax.training.checkpoint import CheckpointError, ParamsReader, check_compatible, read_record, write_record
+from sr_jax.training.sharding import ROW_SHARDED
 from sr_jax.model.encoding import table_key
 from sr_jax.treeutil import path_names, path_str, shapes
 
@@ -260,7 +262,7 @@ def table_paths(params: Any) -> frozenset[str]:
     return frozenset(
         path_str(p)
         for p, _ in jax.tree_util.tree_leaves_with_path(params)
-        if path_names(p)[1:2] in (("id_tables",), ("sparse_tables",))
+        if path_names(p)[1:2] and path_names(p)[1] in ROW_SHARDED
     )
 
 
@@ -385,21 +387,19 @@ def init_new_rows(params: Any, rows: NewRows, how: str) -> Any:
     """`params` with every table's new rows set to `how`'s value (jit-able): zero; mean, the mean of the
     rows the pretrained run trained (zero if none); text, for items with text the text map's estimate, for
     the other new rows the mean."""
-    l0 = dict(params["l0"])
-    for group in ("id_tables", "sparse_tables"):
-        l0[group] = dict(l0[group])
-        for name, table in l0[group].items():
-            new = rows.new[(group, name)]
-            if not new.any():
-                continue
-            if how == "zero":
-                value = jnp.zeros((1, table.shape[1]), table.dtype)
-            else:
-                trained = jnp.asarray(rows.trained[(group, name)])[:, None]
-                value = (table * trained).sum(0, keepdims=True) / jnp.maximum(trained.sum(), 1)
-            table = jnp.where(jnp.asarray(new)[:, None], value, table)
-            if how == "text" and (group, name) == ("id_tables", "item") and rows.text is not None:
-                index, estimate = rows.text
-                table = table.at[index].set(estimate.astype(table.dtype))
-            l0[group][name] = table
-    return {**params, "l0": l0}
+    started = {}
+    for key, table in sparse_update.tables(params).items():
+        new = rows.new[key]
+        if not new.any():
+            continue
+        if how == "zero":
+            value = jnp.zeros((1, table.shape[1]), table.dtype)
+        else:
+            trained = jnp.asarray(rows.trained[key])[:, None]
+            value = (table * trained).sum(0, keepdims=True) / jnp.maximum(trained.sum(), 1)
+        table = jnp.where(jnp.asarray(new)[:, None], value, table)
+        if how == "text" and key == ("id_tables", "item") and rows.text is not None:
+            index, estimate = rows.text
+            table = table.at[index].set(estimate.astype(table.dtype))
+        started[key] = table
+    return sparse_update.with_tables(params, started)

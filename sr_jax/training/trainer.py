@@ -34,7 +34,7 @@ from sr_jax import distributed, model as sr_model
 from sr_jax.config import Config, DataConfig, absolute_paths, save_config, validate
 from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
-from sr_jax.data.schema import DatasetMeta
+from sr_jax.data.schema import ID_FIELDS, DatasetMeta
 from sr_jax.data import history, vocabulary
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.io import exclusive
@@ -43,7 +43,6 @@ from sr_jax.training import alignment, evaluation, finetune, memory, sharding as
 from sr_jax.training.metrics_log import MetricsLog
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, Checkpointer, ParamsReader
 from sr_jax.training.optimizer import build_optimizer, check_levels, learning_rate, trainable_labels
-from sr_jax.training.sharding import ROW_SHARDED
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
 
 log = logging.getLogger("sr_jax")
@@ -230,6 +229,7 @@ class Run:
     domain_map: finetune.DomainMap | None  # fine-tune domain -> pretrained row (None: new domain)
     trained_rows: dict[str, np.ndarray]  # table -> [rows] bool: trained before this run (pretraining: by it)
     new_rows: finetune.NewRows | None  # fine-tuning: the rows its pretrained run never trained
+    new_leaves: frozenset[str]  # fine-tuning: the leaves its pretrained run lacks (a new field's)
     reference: sr_model.AlignmentReference | None  # what fine-tuning aligns against, on device
     steps: Steps  # model, optimizer, train and predict steps
     total_steps: int
@@ -428,10 +428,8 @@ def _from_pretrained(
     if cfg.model.use_text:
         finetune.check_text_encoder(pretrained, text_identity(cfg.data.text_encoder), cfg.finetune.pretrained)
     trained = finetune.read_trained_rows(source, aligned.vocab)
-    table_rows = {
-        (group, name): t.shape[0] for group in ROW_SHARDED for name, t in abstract_params["l0"][group].items()
-    }
-    hashed = {"user_id", "query_id", "item_id"} if cfg.model.id_buckets else set()
+    table_rows = {key: t.shape[0] for key, t in sparse_update.tables(abstract_params).items()}
+    hashed = set(ID_FIELDS) if cfg.model.id_buckets else set()
     fresh = finetune.new_rows(trained, table_rows, hashed)
     if cfg.finetune.new_rows_init == "text" and cfg.model.use_text:
         fresh = _text_estimates(fresh, source, dataset, aligned, pooled, cfg.model.dim)
@@ -526,6 +524,7 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         domain_map=start.mapping,
         trained_rows=start.trained_rows,
         new_rows=start.new_rows,
+        new_leaves=start.new_leaves,
         reference=reference,
         steps=steps,
         total_steps=total_steps,
@@ -542,14 +541,13 @@ def initial_state(run: Run) -> TrainState:
     cfg, meta, text_dim = run.config, run.model_meta, run.text.pooled.shape[1]
     if run.domain_map is None:
         return fresh_state(cfg, meta, text_dim, run.steps)
-    new_fields = run.alignment.new_fields
     pretrained = finetune.restore_pretrained(
         cfg.finetune.pretrained,
         cfg.finetune.pretrained_step,
         run.steps.abstract_state.params,
         run.steps.per_domain,
         len(run.pretrained["domains"]),
-        finetune.new_leaf_paths(run.steps.abstract_state.params, new_fields),
+        run.new_leaves,
     )
     counts = {t: int(m.sum()) for t, m in run.new_rows.new.items() if m.any()}
     log.info(
@@ -560,7 +558,7 @@ def initial_state(run: Run) -> TrainState:
         {t: n for t, n in run.alignment.new_keys().items() if n} or "none",
         cfg.finetune.new_rows_init,
         {"/".join(k): n for k, n in counts.items()} or "none",
-        list(new_fields) or "none",
+        list(run.alignment.new_fields) or "none",
     )
 
     def make(pre) -> TrainState:
