@@ -1,16 +1,31 @@
-"""The grid of docs/RESULTS.md: the full model, its ablations and the baselines (each a list of
-overrides on configs/default.py), and the datasets with their own overrides."""
+"""The grid of docs/RESULTS.md: the full model, its ablations and the baselines (each a list of overrides on
+configs/default.py), the datasets with their own overrides, and the search space of `train.tune`.
+
+Every dataset validates during training (its `valid` split, `train.eval_every` steps apart), stops after
+three validations without a gain and reports its best validated step on the test split; `train.epochs` is
+the most a run may train. `train.tune` gives every model of TUNED the same number of trials over SEARCH_SPACE
+(and REG_SPACE for the models with an alignment regularizer) on the validation split; an ablation reuses the
+settings tuned for the model it ablates (ABLATES), so that it differs from it in its one component only.
+"""
+
+import json
+from pathlib import Path
 
 from configs.baselines import BASELINES, overrides
+from sr_jax.config import Config, ConfigError, override
+from sr_jax.experiments.tuning import space_for
 
 NO_TEXT = ["model.use_text=false"]
 SINGLE_DOMAIN = ("single-domain", "single-domain-no-text")  # one Shared-Bottom DNN per domain
 
 MODELS = {
     "full": [],  # MMoE-DA-JS with domain gating: the paper's best
+    "full-star": ["model.backbone=star"],  # the paper's additions (gating, DAL, JS) on the STAR backbone
+    "full-ple": ["model.backbone=ple", "model.ple_levels=2"],  # ... and on PLE
     "full-no-text": NO_TEXT,
     "full-no-dal": ["model.use_domain_adapter=false"],
     "full-no-reg": ["model.regularizer=none"],
+    "full-no-da-js": ["model.use_domain_adapter=false", "model.regularizer=none"],  # MMoE with domain gating
     "full-reg-0.2": ["model.reg_weight=0.2"],
     "full-reg-1": ["model.reg_weight=1.0"],
     "full-mmd": ["model.regularizer=mmd"],
@@ -23,7 +38,53 @@ MODELS = {
 }
 
 DATASETS = {
-    "synthetic": [],
-    "movielens": ["train.epochs=5", "data.batch_size=512"],
-    "amazon": ["train.epochs=3"],
+    "synthetic": ["train.eval_every=250", "train.early_stopping_patience=3"],
+    "movielens": ["train.epochs=8", "data.batch_size=512", "train.eval_every=50", "train.early_stopping_patience=3"],
+    "amazon": ["train.epochs=5", "train.eval_every=50", "train.early_stopping_patience=3"],
 }
+
+# What `train.tune` tunes, each with its own trials, and the model whose tuned settings each ablation takes.
+TUNED = ("full", "full-star", "full-ple", "shared-bottom", "mmoe", "ple", "star")
+ABLATES = {
+    **{m: "full" for m in MODELS if m.startswith("full-") and m not in TUNED},
+    **{f"{name}-no-text": name for name in BASELINES if name in TUNED},
+    "single-domain": "shared-bottom",
+    "single-domain-no-text": "shared-bottom",
+}
+
+# key -> ("log", low, high) | ("choice", values): the same space for every model.
+SEARCH_SPACE = {
+    "train.learning_rate": ("log", 3e-4, 1e-2),
+    "model.dim": ("choice", (16, 32, 64)),
+    "model.expert_hidden": ("choice", ("32,16", "64,32", "128,64")),
+}
+REG_SPACE = {  # the models with the JS alignment regularizer, in addition
+    "model.reg_weight": ("log", 0.01, 1.0),
+    "model.reg_temperature": ("log", 0.25, 4.0),
+}
+
+# The paper's claims and the questions the reading asks: (label, model a, model b), tested a − b per dataset.
+COMPARISONS = (
+    ("domain gating − mean gating", "full", "full-mean-gating"),
+    ("domain gating − cls gating", "full", "full-cls-gating"),
+    ("DA + JS − neither (MMoE, domain gating)", "full", "full-no-da-js"),
+    ("full − no DAL", "full", "full-no-dal"),
+    ("full − no JS", "full", "full-no-reg"),
+    ("full − MMoE", "full", "mmoe"),
+    ("full on STAR − STAR", "full-star", "star"),
+    ("full on PLE − PLE", "full-ple", "ple"),
+    ("STAR − full", "star", "full"),
+)
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+
+
+def tuned(dataset: str, model: str) -> list[str]:
+    """The tuned settings (configs/tuned/DATASET/MODEL.json, written by `train.tune`) of `model`, or of the
+    model it ablates, limited to the keys of the search space that `model` has."""
+    source = model if model in TUNED else ABLATES.get(model)
+    path = TUNED_DIR / dataset / f"{source}.json"
+    if source is None or not path.is_file():
+        raise ConfigError(f"{model} on {dataset}: no tuned settings ({path}); run python -m train.tune first")
+    keys = space_for(override(Config(), MODELS[model]), SEARCH_SPACE, REG_SPACE)
+    return [s for s in json.loads(path.read_text())["settings"] if s.partition("=")[0] in keys]

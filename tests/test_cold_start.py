@@ -1,6 +1,7 @@
 """The cold-start runner: every cell runs once, the grid resumes, and the report files are written."""
 
 import csv
+import json
 
 import pytest
 
@@ -40,6 +41,30 @@ def test_paired_gains_subtract_scratch_of_the_same_seed():
         {**base, "setting": "freeze-l0", "variant": "default", "seed": 1, "auc": 0.71},
     ]
     assert [round(g["gain"], 6) for g in paired_gains(rows)] == [0.05, 0.01]
+
+
+def test_the_claims_are_tested_paired_by_fraction_and_seed():
+    from sr_jax.experiments.cold_start import paired_settings
+
+    rows = [
+        {"protocol": "p", "text": "on", "fraction": f, "seed": s, "setting": setting, "variant": variant, "auc": auc}
+        for f in (0.1, 1.0)
+        for s in (0, 1)
+        for setting, variant, auc in (
+            ("scratch", "-", 0.60 + 0.1 * f),
+            ("freeze-l0", "default", 0.70 + 0.01 * s),
+            ("freeze-l0-l1", "default", 0.69 + 0.03 * s),
+        )
+    ]
+    tests = dict(paired_settings(rows, "p"))
+    assert set(tests) == {
+        "freeze-l0 (default, text on) − scratch",
+        "freeze-l0-l1 (default, text on) − scratch",
+        "freeze-l0-l1 − freeze-l0 (default, text on)",
+    }
+    best = tests["freeze-l0-l1 − freeze-l0 (default, text on)"]
+    assert best["pairs"] == 4 and best["wins"] == 2 and best["diff"] == pytest.approx(0.0)
+    assert tests["freeze-l0 (default, text on) − scratch"]["diff"] == pytest.approx(0.705 - 0.655)
 
 
 def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
@@ -89,10 +114,14 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     assert "| freeze-l0-l1 | default | on |" in md and "| freeze-l0-l1 | replay | on |" in md
     assert "python -m train.cold_start --workdir" in md
     assert "Gain over scratch, paired by seed" in md
+    assert "Paired by fraction and seed" in md and "| freeze-l0-l1 (default, text on) − scratch |" in md
     pretrained = tmp_path / "grid" / "pretrain" / "text-on" / "seed-0" / "config.json"
     assert '"num_users": 60' in pretrained.read_text()  # the overrides placed between options reached it
     tuned = tmp_path / "grid" / "new-domain" / "text-on" / "freeze-l0-l1" / "fraction-1" / "seed-0" / "config.json"
     assert '"min_steps": 2' in tuned.read_text() and '"epochs": 1.0' in tuned.read_text()
+    # a fine-tune validates on a tenth of its cold train split and reports its best validated step
+    assert '"valid_from_train": 0.1' in tuned.read_text() and '"eval_every": 20' in tuned.read_text()
+    assert "validation" in json.loads((tuned.parent / "eval.json").read_text())
     # finished cells are not run again
     monkeypatch.setattr(trainer, "fit", lambda *a: pytest.fail("a finished cell ran again"))
     monkeypatch.setattr(trainer, "build_run", lambda *a: pytest.fail("a finished cell ran again"))

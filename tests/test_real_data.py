@@ -35,11 +35,15 @@ def test_movielens_domains_labels_search_and_cold_items(tmp_path):
     ds = movielens.convert(src, tmp_path / "out")
     meta = ds.meta
     assert [d.name for d in meta.domains] == [*movielens.GROUPS, movielens.SEARCH]
-    assert set(meta.splits) == {"train", "test"} and meta.has_timestamp
-    train, test = ds.split("train"), ds.split("test")
-    assert np.asarray(train["timestamp"]).max() < np.asarray(test["timestamp"]).min()  # split by time
+    assert set(meta.splits) == {"train", "valid", "test"} and meta.has_timestamp
+    train, valid, test = ds.split("train"), ds.split("valid"), ds.split("test")
+    times = [np.asarray(s["timestamp"]) for s in (train, valid, test)]
+    assert times[0].max() < times[1].min() and times[1].max() < times[2].min()  # split by time, valid in between
+    sizes = np.array([len(t) for t in times]) / sum(len(t) for t in times)
+    assert sizes == pytest.approx([movielens.VALID_QUANTILE, movielens.TEST_QUANTILE - movielens.VALID_QUANTILE,
+                                   1 - movielens.TEST_QUANTILE], abs=0.02)  # fmt: skip
     search = len(movielens.GROUPS)
-    n_search = sum(int((np.asarray(s["domain"]) == search).sum()) for s in (train, test))
+    n_search = sum(int((np.asarray(s["domain"]) == search).sum()) for s in (train, valid, test))
     assert n_search == 300 * (1 + movielens.NEGATIVES)
     for split in (train, test):
         is_search = np.asarray(split["domain"]) == search
@@ -47,11 +51,11 @@ def test_movielens_domains_labels_search_and_cold_items(tmp_path):
             np.asarray(split["query_id"])[~is_search] == 0
         )
     # one click per tag application: the search click rate is exactly 1 / (1 + NEGATIVES)
-    labels = np.concatenate([np.asarray(s["label"])[np.asarray(s["domain"]) == search] for s in (train, test)])
+    labels = np.concatenate([np.asarray(s["label"])[np.asarray(s["domain"]) == search] for s in (train, valid, test)])
     assert labels.mean() == pytest.approx(1 / (1 + movielens.NEGATIVES))
     # the rating rule: as many rec impressions as ratings >= 4 or <= 2.5 in the slice
     ratings = np.loadtxt(src / "ratings.csv", delimiter=",", skiprows=1, usecols=2)
-    rec = sum(int((np.asarray(s["domain"]) < search).sum()) for s in (train, test))
+    rec = sum(int((np.asarray(s["domain"]) < search).sum()) for s in (train, valid, test))
     assert rec == int(((ratings >= 4) | (ratings <= 2.5)).sum())
     # cold items: movies of test that train never shows
     cold = ~np.isin(np.asarray(test["item_id"]), np.asarray(train["item_id"]))

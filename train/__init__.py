@@ -5,6 +5,7 @@ finetune      fine-tune a pretrained run for a cold-start protocol
 evaluate      re-evaluate a run's checkpoint on a split
 cold_start    the cold-start comparison grid -> docs/COLD_START.md's tables
 experiment    the results grid (models x datasets x seeds) -> docs/RESULTS.md
+tune          an equal tuning budget per model, on validation (Optuna) -> configs/tuned/
 prepare       convert a dataset into the store (your tables, MovieLens, Amazon) and build its text cache
 encode_text   fill a dataset's text cache with an encoder (resumable)
 convert       checkpoint utilities: Hugging Face encoder -> orbax, inspect a checkpoint

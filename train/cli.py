@@ -53,9 +53,19 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namesp
 
 
 def config_from_name(name: str) -> Config:
-    """`configs/NAME.py`'s `get_config()`: the named starting points of the command line."""
+    """`configs/NAME.py`'s `get_config()`, or the overrides of `configs/NAME.json` (what `train.tune` writes,
+    e.g. `tuned/movielens/full`): the named starting points of the command line."""
     import importlib
+    import json
 
+    import configs
+
+    saved = Path(configs.__file__).parent / f"{name}.json"
+    if saved.is_file():
+        try:
+            return override(Config(), json.loads(saved.read_text())["overrides"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{saved}: not a named config (a JSON object with a list of 'overrides'): {e}") from e
     try:
         module = importlib.import_module(f"configs.{name}")
     except ModuleNotFoundError as e:

@@ -1,9 +1,11 @@
 """The results table: `python -m train.experiment --workdir DIR --report-dir docs [--models ..] [--datasets ..]
-[--seeds ..] [overrides for every run]`.
+[--seeds ..] [--tuned] [overrides for every run]`.
 
 Runs every model of configs/experiment.py on every dataset and seed (resumable: finished cells are not
 run again), converting the real datasets from ../shared/data on first use, and writes
-REPORT_DIR/RESULTS.md, REPORT_DIR/results/results.csv and a PNG per dataset.
+REPORT_DIR/RESULTS.md (with configs/experiment.py's paired comparisons), REPORT_DIR/results/results.csv, a
+bar chart and a chart of validation curves per dataset. `--tuned`: every model at the settings
+`train.tune` chose for it (or for the model it ablates), read from configs/tuned/.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from configs.experiment import DATASETS, MODELS, SINGLE_DOMAIN
+from configs.experiment import COMPARISONS, DATASETS, MODELS, SINGLE_DOMAIN, tuned
 from sr_jax.experiments import results
 from train import cli
 
@@ -25,21 +27,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tuned", action="store_true", help="run every model at its tuned settings (configs/tuned/)")
     p.add_argument("--data-dir", default="data", help="where the real datasets are converted to")
     p.add_argument("--movielens-src", type=Path, default=SHARED / "movielens-latest-small")
     p.add_argument("--amazon-src", type=Path, default=SHARED / "amazon-scientific")
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)
     cli.setup()
     grid = results.Grid(
         models={m: MODELS[m] for m in args.models},
         datasets={d: DATASETS[d] for d in args.datasets},
         seeds=tuple(args.seeds),
         single_domain=SINGLE_DOMAIN,
+        tuned={(d, m): tuned(d, m) for d in args.datasets for m in args.models} if args.tuned else {},
     )
     sources = {"movielens": args.movielens_src, "amazon": args.amazon_src}
     rows = results.run_grid(grid, args.workdir, args.data_dir, sources, args.overrides)
     command = "python -m train.experiment " + shlex.join(sys.argv[1:] if argv is None else argv)
-    return results.write_report(rows, args.report_dir, command)
+    return results.write_report(rows, args.report_dir, command, COMPARISONS, grid.tuned, SINGLE_DOMAIN)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ domain from the free-text tags (`python -m train.prepare movielens --src DIR --o
   generator, among those never given that tag; they share the tag's user and timestamp.
 - Items: text "Title (year). Genre, Genre"; sparse fields `item.genres` (multi-valued) and `item.decade`.
 - Splits by time: `test` holds every impression at or after the TEST_QUANTILE quantile of the
-  timestamps, `train` the rest. A movie first seen in test never appears in train: the cold items.
+  timestamps, `valid` those from the VALID_QUANTILE quantile up to it (the last part of the training
+  period, for validation during training and tuning), `train` the rest. A movie first seen after the
+  train period never appears in train: the cold items.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ GROUPS = {
 }
 SEARCH = "search_tags"
 NEGATIVES = 4
+VALID_QUANTILE = 0.7
 TEST_QUANTILE = 0.8
 
 
@@ -133,8 +136,9 @@ def convert(
     }
 
     impressions = {k: np.concatenate([rec[k], search[k]]) for k in rec}
-    cut = np.quantile(impressions["timestamp"], TEST_QUANTILE)
-    impressions["split"] = np.where(impressions["timestamp"] >= cut, "test", "train").astype(object)
+    valid_cut, test_cut = np.quantile(impressions["timestamp"], [VALID_QUANTILE, TEST_QUANTILE])
+    time = impressions["timestamp"]
+    impressions["split"] = np.select([time >= test_cut, time >= valid_cut], ["test", "valid"], "train").astype(object)
 
     decade = [re.search(r"\((\d{3})\d\)\s*$", t) for t in movies["title"]]
     genres_text = [", ".join(g.split("|")) if g != "(no genres listed)" else "" for g in movies["genres"]]
@@ -153,7 +157,8 @@ def convert(
     }
     description = (
         f"MovieLens ml-latest-small from {src.absolute()}: rating >= 4 click, <= 2.5 non-click; "
-        f"tags as queries with {NEGATIVES} sampled negatives (seed {seed}); test from the {TEST_QUANTILE} time quantile"
+        f"tags as queries with {NEGATIVES} sampled negatives (seed {seed}); "
+        f"valid from the {VALID_QUANTILE} and test from the {TEST_QUANTILE} time quantile"
     )
     name = "movielens-small"
     if domains or exclude_domains:

@@ -222,6 +222,31 @@ def paired_gains(rows: list[dict]) -> list[dict]:
     ]
 
 
+def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | None]]:
+    """The claims a cold-start table tests, paired by (fraction, seed) over a protocol's mean per-domain AUCs:
+    every fine-tune setting − scratch (does pretraining help?), zero-shot − scratch where it exists, and
+    freeze-l0-l1 (the paper's best) − every other fine-tune setting, within each text setting and variant."""
+
+    def auc(setting, variant, text):
+        return {
+            (r["fraction"], r["seed"]): r["auc"]
+            for r in rows
+            if r["protocol"] == protocol and (r["setting"], r["variant"], r["text"]) == (setting, variant, text)
+        }
+
+    cells = list(dict.fromkeys((r["setting"], r["variant"], r["text"]) for r in rows if r["protocol"] == protocol))
+    out = []
+    for setting, variant, text in cells:
+        if setting != "scratch":
+            label = f"{setting} ({variant}, text {text}) − scratch"
+            out.append((label, report.paired_test(auc(setting, variant, text), auc("scratch", "-", text))))
+    for setting, variant, text in cells:
+        if setting not in ("scratch", ZERO_SHOT, "freeze-l0-l1"):
+            test = report.paired_test(auc("freeze-l0-l1", variant, text), auc(setting, variant, text))
+            out.append((f"freeze-l0-l1 − {setting} ({variant}, text {text})", test))
+    return out
+
+
 def write_report(
     rows: list[dict], out: str | Path, command: str, splits: dict[str, tuple[str, str]] | None = None
 ) -> list[dict]:
@@ -266,6 +291,9 @@ def write_report(
                     gains, ("setting", "variant", "text"), "fraction", "gain", column_label=lambda f: f"{f:g}"
                 ),
             ]
+        if tests := [t for t in paired_settings(rows, protocol) if t[1] is not None]:
+            title = "Paired by fraction and seed (mean per-domain AUC of a − b):"
+            lines += ["", title, "", report.paired_markdown(tests)]
     (out / "cold_start.md").write_text("\n".join(lines))
     panels = {p: [r for r in table if r["protocol"] == p] for p in protocols}
     report.plot_lines(

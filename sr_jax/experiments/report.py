@@ -173,3 +173,61 @@ def plot_bars(path: str | Path, rows: Sequence[dict], key: str, metric: str, tit
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def paired_test(a: dict, b: dict) -> dict | None:
+    """a − b over the keys both have (e.g. (seed, domain): the same seed gives both the same initialisation
+    and data order): the mean difference, its pairs, how many favour a, and two-sided p-values of the paired
+    t-test and of Wilcoxon's signed-rank test (scipy; None below 2 pairs or when every difference is 0).
+    The pairs of one seed share its run, so the p-values are optimistic where domains move together."""
+    from scipy import stats
+
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    diffs = np.array([a[k] - b[k] for k in keys], float)
+    varied = len(diffs) > 1 and np.any(diffs != diffs[0])
+    return {
+        "diff": float(diffs.mean()),
+        "pairs": len(diffs),
+        "wins": int((diffs > 0).sum()),
+        "p_t": float(stats.ttest_rel([a[k] for k in keys], [b[k] for k in keys]).pvalue) if varied else None,
+        "p_wilcoxon": float(stats.wilcoxon(diffs).pvalue) if varied and np.any(diffs) else None,
+    }
+
+
+def paired_markdown(comparisons: Sequence[tuple[str, dict | None]]) -> str:
+    """One line per (label, paired_test result): difference, wins of pairs, p-values."""
+
+    def p(value):
+        return "" if value is None else f"{value:.3f}" if value >= 0.001 else "<0.001"
+
+    out = ["| comparison | mean difference | pairs won | p (paired t) | p (Wilcoxon) |", "|---|---|---|---|---|"]
+    for label, r in comparisons:
+        if r is not None:
+            won = f"{r['wins']}/{r['pairs']}"
+            out.append(f"| {label} | {r['diff']:+.4f} | {won} | {p(r['p_t'])} | {p(r['p_wilcoxon'])} |")
+    return "\n".join(out) + "\n"
+
+
+def plot_curves(path: str | Path, curves: dict[str, Sequence[Sequence[float]]], title: str, ylabel: str) -> None:
+    """One line per name of its [step, score] points (e.g. a validation curve), a marker at its best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in curves.items():
+        if not points:
+            continue
+        steps, scores = np.array(points, float).T
+        (line,) = ax.plot(steps, scores, marker="o", markersize=2, label=name)
+        best = int(np.argmax(scores))
+        ax.plot(steps[best], scores[best], marker="*", markersize=10, color=line.get_color())
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

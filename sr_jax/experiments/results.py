@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ class Grid:
     datasets: dict[str, list[str]]
     seeds: tuple[int, ...] = (0, 1, 2)
     single_domain: tuple[str, ...] = ()
+    # (dataset, model) -> the tuned settings of that cell (configs/tuned), applied before the model's overrides
+    tuned: dict[tuple[str, str], list[str]] = dataclasses.field(default_factory=dict)
 
 
 def dataset_path(name: str, data_dir: Path, sources: dict[str, Path], encoder: str) -> str:
@@ -53,13 +56,18 @@ TIMES = ("compile_s", "train_s", "evaluate_s")  # eval.json's timing: compilatio
 
 
 def _row(result: dict, seconds: float) -> dict:
+    """A cell's figures; `curve` ([step, validation score] pairs) is plotted, not tabulated."""
+    chosen = result.get("validation", {})
     return {
         "auc": result["mean_domain_auc"],
         "overall_auc": result["overall"]["auc"],
         "cold_auc": result.get("cold_items", {}).get("auc"),
+        "valid_auc": chosen.get("score"),
+        "step": chosen.get("step"),
         "seconds": seconds,
         **{key: result.get("timing", {}).get(key) for key in TIMES},
         **{f"auc:{name}": m["auc"] for name, m in result["domains"].items()},
+        "curve": chosen.get("history", []),
     }
 
 
@@ -71,17 +79,17 @@ def run_grid(grid: Grid, workdir: str | Path, data_dir: str | Path, sources: dic
         path = dataset_path(dataset, data_dir, sources, encoder)
         for model, model_overrides in grid.models.items():
             for seed in grid.seeds:
-                cfg = override(
-                    Config(),
-                    [*dataset_overrides, *model_overrides, f"data.path={path}", f"train.seed={seed}", *overrides],
-                )
+                tuned = grid.tuned.get((dataset, model), [])
+                where = [f"data.path={path}", f"train.seed={seed}"]
+                cfg = override(Config(), [*dataset_overrides, *tuned, *model_overrides, *where, *overrides])
                 cell = workdir / dataset / model / f"seed-{seed}"
                 if model in grid.single_domain:
                     row = _single_domain(cfg, cell)
                 else:
                     row = _row(*run_once(cell, trainer.fit, cfg))
                 log.info("%s / %s / seed %d: mean per-domain AUC %.4f", dataset, model, seed, row["auc"])
-                rows.append(dict(dataset=dataset, model=model, seed=seed, **row))
+                command = [*dataset_overrides, *tuned, *model_overrides, f"data.path={path}", *overrides]
+                rows.append(dict(dataset=dataset, model=model, seed=seed, **row, overrides=command))
     return rows
 
 
@@ -89,7 +97,7 @@ def _single_domain(cfg: Config, cell: Path) -> dict:
     """One model per domain (each trained and evaluated on its domain alone); their per-domain AUCs. There
     is no overall or cold-item AUC: the per-domain models' scores are not on one scale."""
     dataset = trainer.load_dataset(cfg.data)
-    row = {"auc": None, "overall_auc": None, "cold_auc": None, "seconds": 0.0}
+    row = {"auc": None, "overall_auc": None, "cold_auc": None, "seconds": 0.0, "curve": []}
     for name in trainer.run_domains(cfg.data, dataset.meta):
         one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=(name,)))
         result, seconds = run_once(cell / name, trainer.fit, one)
@@ -101,20 +109,56 @@ def _single_domain(cfg: Config, cell: Path) -> dict:
     return row
 
 
-def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
-    """out/RESULTS.md, out/results/results.csv (every model x dataset, mean and spread) and one PNG per
-    dataset in out/results/. A hand-written out/results/analysis.md, where present, is kept in RESULTS.md
-    (after the command), so regenerating the tables never loses the reading of them."""
+def paired(rows: list[dict], dataset: str, a: str, b: str) -> dict | None:
+    """Model a − model b on a dataset, paired by (seed, domain) over their per-domain test AUCs."""
+
+    def by_pair(model):
+        return {
+            (r["seed"], k): v
+            for r in rows
+            if r["dataset"] == dataset and r["model"] == model
+            for k, v in r.items()
+            if k.startswith("auc:") and v is not None
+        }
+
+    return report.paired_test(by_pair(a), by_pair(b))
+
+
+def _commands(rows: list[dict], single_domain: tuple[str, ...]) -> list[str]:
+    """The command of every row of a dataset's table (one cell: add train.seed=S), in a folded block."""
+    lines = ["<details><summary>The command of each row (add <code>train.seed=S</code> for seed S)</summary>", ""]
+    lines += ["```bash"]
+    for model, overrides in dict.fromkeys((r["model"], tuple(r["overrides"])) for r in rows):
+        per_domain = " data.domains=DOMAIN  # once per domain" if model in single_domain else ""
+        lines.append(f"# {model}\npython -m train.pretrain --workdir runs/{model} {shlex.join(overrides)}{per_domain}")
+    return [*lines, "```", "", "</details>", ""]
+
+
+def write_report(
+    rows: list[dict],
+    out: str | Path,
+    command: str,
+    comparisons: tuple[tuple[str, str, str], ...] = (),
+    tuned: dict[tuple[str, str], list[str]] | None = None,
+    single_domain: tuple[str, ...] = (),
+) -> list[dict]:
+    """out/RESULTS.md, out/results/results.csv (every model x dataset, mean and spread), one bar chart and one
+    chart of seed 0's validation curves per dataset in out/results/. `comparisons`: (label, model a, model b)
+    tested per dataset, paired by seed and domain; `tuned`: (dataset, model) -> the tuned settings, listed.
+    A hand-written out/results/analysis.md, where present, is kept in RESULTS.md (after the command), so
+    regenerating the tables never loses the reading of them."""
     out = Path(out)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    metrics = list(dict.fromkeys(k for r in rows for k in r if k not in ("dataset", "model", "seed")))
+    skip = ("dataset", "model", "seed", "curve", "overrides")
+    metrics = list(dict.fromkeys(k for r in rows for k in r if k not in skip))
     table = report.aggregate(rows, ("dataset", "model"), metrics)
     report.write_csv(out / "results" / "results.csv", table)
     lines = [
         *report.header("Results: the full model, its ablations and the baselines", command),
         f"Test-split AUC, mean ± sample std over {max(r['seeds'] for r in table)} seeds (`train.seed`; the data "
-        "are the same); the best mean of each column in bold. `single-domain` trains one Shared-Bottom DNN per "
-        "domain, so it has per-domain AUCs only. Times (CPU here): the train step's compilation, training (with its "
+        "are the same), of each run's best validated step; the best mean of each column in bold. `single-domain` "
+        "trains one Shared-Bottom DNN per domain, so it has per-domain AUCs only. `valid` is the chosen step's "
+        "validation AUC, `step` the chosen step. Times (CPU here): the train step's compilation, training (with its "
         "validations), the test evaluation, and the whole cell's wall time (data loading included). "
         "Per-cell numbers: `results/results.csv`.",
     ]
@@ -126,9 +170,23 @@ def write_report(rows: list[dict], out: str | Path, command: str) -> list[dict]:
         domains = [m[len("auc:") :] for m in metrics if m.startswith("auc:") and any(r.get(f"{m}_mean") for r in part)]
         columns = [("mean per-domain AUC", "auc"), ("overall AUC", "overall_auc"), ("cold-item AUC", "cold_auc")]
         columns += [(d, f"auc:{d}") for d in domains]
+        columns += [("valid", "valid_auc"), ("step", "step")]
         columns += [("compile s", "compile_s"), ("train s", "train_s"), ("eval s", "evaluate_s"), ("cell s", "seconds")]
         lines += ["", f"## {dataset}", "", f"![mean per-domain AUC](results/{dataset}.png)", ""]
+        lines += _commands([r for r in rows if r["dataset"] == dataset], single_domain)
         lines.append(report.wide_markdown(part, "model", columns))
+        tests = [(label, paired(rows, dataset, a, b)) for label, a, b in comparisons]
+        if any(t for _, t in tests):
+            lines += ["Paired by seed and domain (per-domain test AUC of a − b):", "", report.paired_markdown(tests)]
+        settings = {m: s for (d, m), s in (tuned or {}).items() if d == dataset and s}
+        if settings:
+            lines += ["Tuned settings (configs/tuned/):", "", "| model | settings |", "|---|---|"]
+            lines += [f"| {m} | `{' '.join(s)}` |" for m, s in settings.items()] + [""]
+        curves = {r["model"]: r["curve"] for r in rows if r["dataset"] == dataset and r["seed"] == min(
+            x["seed"] for x in rows if x["dataset"] == dataset) and r["curve"]}  # fmt: skip
+        if curves:
+            report.plot_curves(out / "results" / f"{dataset}-validation.png", curves, dataset, "validation AUC")
+            lines += [f"![validation curves, first seed](results/{dataset}-validation.png)", ""]
         report.plot_bars(out / "results" / f"{dataset}.png", part, "model", "auc", dataset, "mean per-domain AUC")
     (out / "RESULTS.md").write_text("\n".join(lines))
     return table

@@ -92,7 +92,9 @@ def finetune_config(
     """A fine-tune run of `protocol` from a pretrained run's config: its model (so the architecture matches),
     its data settings on `data_path` (default: its dataset), the (train, eval) `splits` (default: the
     protocol's in the embedded dataset), and fine-tuning's own schedule, with levels L0 and L1 frozen (the
-    paper's best split)."""
+    paper's best split). It validates on a fixed tenth of the cold train split that it never trains on
+    (the cold data have no validation split of their own) every 20 steps, stops after 3 validations without
+    a gain and keeps the best step."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown cold-start protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     train_split, eval_split = splits or PROTOCOLS[protocol]
@@ -104,6 +106,8 @@ def finetune_config(
         batch_size=256,
         pretrain_domains_only=False,
         domains=(),
+        valid_split="",
+        valid_from_train=0.1,
     )
     return dataclasses.replace(
         pretrained,
@@ -116,6 +120,8 @@ def finetune_config(
             warmup_steps=20,
             log_every=20,
             checkpoint_every=100,
+            eval_every=20,
+            early_stopping_patience=3,
         ),
         finetune=FinetuneConfig(freeze=("l0", "l1"), protocol=protocol),
     )

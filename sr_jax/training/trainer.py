@@ -239,6 +239,8 @@ class Run:
     compile_seconds: float = 0.0  # the train step's ahead-of-time compilation (0 until compiled)
     best: BestCheckpoint | None = None  # the best validated parameters (train.eval_every)
     validation: list = dataclasses.field(default_factory=list)  # [step, score] of every validation so far
+    # Called with (step, score) after every validation; True stops the run there (a tuner's pruner).
+    on_validation: Callable[[int, float], bool] | None = None
     _compiled: Callable | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
@@ -681,21 +683,22 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 metrics_log.write(done, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            early = False
+            early = pruned = False
             if run.best is not None and (done % cfg.train.eval_every == 0 or done == stop):
                 score = validate_step(run, state.params, done)
                 metrics_log.write(done, {f"valid_{cfg.train.early_stopping_metric}": score})
                 early = stops_early(
                     run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
                 )
-            final = done == run.total_steps or early
+                pruned = run.on_validation is not None and bool(run.on_validation(done, score))
+            final = done == run.total_steps or early or pruned
             run.checkpointer.save(done, state, position(run, done), force=final or stopping)
             bar.update(1)
-            if early:
+            if early or pruned:
                 log.info(
-                    "early stopping after step %d: %d validations without a gain",
+                    "stopping after step %d: %s",
                     done,
-                    cfg.train.early_stopping_patience,
+                    f"{cfg.train.early_stopping_patience} validations without a gain" if early else "pruned",
                 )
                 break
             if stopping:
@@ -785,23 +788,26 @@ def _write_text_map(run: Run, params) -> None:
     finetune.write_text_map(run.workdir, kernel, bias)
 
 
-def fit(cfg: Config, workdir: str | Path) -> dict:
+def fit(cfg: Config, workdir: str | Path, on_validation: Callable[[int, float], bool] | None = None) -> dict:
     """A whole run, pretraining or fine-tuning: resume or start, train, evaluate, write the reports. One writer
     per run folder: a second `fit` on the same folder fails at once (`io.FolderLocked`, naming the holder).
-    The saved config names its folders by absolute path."""
+    The saved config names its folders by absolute path. `on_validation(step, score)`, called after every
+    validation (train.eval_every), stops the run where it returns True (a tuner's pruner); the run then ends
+    as an early-stopped one does, with its best validated step."""
     cfg = absolute_paths(validate(cfg))
     workdir = Path(workdir)
     with exclusive(workdir) if distributed.is_primary() else contextlib.nullcontext():
-        return _fit(cfg, workdir)
+        return _fit(cfg, workdir, on_validation)
 
 
-def _fit(cfg: Config, workdir: Path) -> dict:
+def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool] | None) -> dict:
     if distributed.is_primary():
         save_config(cfg, workdir / "config.json")
         if cfg.finetune.pretrained:
             finetune.snapshot_pretrained(workdir, cfg.finetune.pretrained)
     distributed.barrier("run folder")
     run = build_run(cfg, workdir)
+    run.on_validation = on_validation
     if distributed.is_primary():
         vocabulary.write(workdir, run.alignment.vocab)
         text_id = text_identity(cfg.data.text_encoder)

@@ -1,0 +1,127 @@
+"""Equal-budget tuning (sr_jax/experiments/tuning.py, train.tune), the pruner's hook in training, the named
+configs it writes, and the paired tests of the results report."""
+
+import dataclasses
+import json
+
+import numpy as np
+import optuna
+import pytest
+from scipy import stats
+
+from configs import experiment
+from helpers import TINY, config
+from sr_jax.config import Config, override
+from sr_jax.experiments import report, results, tuning
+from sr_jax.training import trainer
+from train import cli
+
+BASE = [
+    *(f"data.synthetic.{f.name}={getattr(TINY, f.name)}" for f in dataclasses.fields(TINY)),
+    "data.text_encoder=hashed-bow",
+    "data.batch_size=256",
+    "data.eval_batch_size=512",
+    "mesh.data=1",
+    "train.epochs=1",
+    "train.eval_every=4",
+    "train.log_every=4",
+    "train.checkpoint_every=8",
+]  # 16 steps, validated every 4
+SPACE = {"train.learning_rate": ("log", 1e-3, 1e-2), "model.dim": ("choice", (8, 16))}
+
+
+def test_a_study_chooses_on_validation_only_and_resumes_its_interrupted_trial(tmp_path):
+    # a tuner killed mid-trial leaves it RUNNING: the next tuner runs its settings again, then the rest
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="study", direction="maximize")
+    interrupted = study.ask({"train.learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+                             "model.dim": optuna.distributions.CategoricalDistribution((8, 16))})  # fmt: skip
+    chosen = tuning.tune(tmp_path, BASE, SPACE, trials=2)
+    trials = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    finished = [t for t in trials if t.state in tuning.FINISHED]
+    assert len(finished) == 2 == chosen["trials"]
+    assert finished[0].params == interrupted.params  # queued again with its settings
+    assert chosen["validation"] == max(t.user_attrs["score"] for t in finished)
+    for t in finished:  # every trial validated on valid and evaluated on valid: no test figure exists
+        folder = tmp_path / "trials" / tuning.folder_name(t.user_attrs["settings"])
+        result = json.loads((folder / "eval.json").read_text())
+        assert result["split"] == "valid" and result["validation"]["score"] == t.user_attrs["score"]
+    # run again: the budget is spent, nothing trains, the same choice
+    assert tuning.tune(tmp_path, BASE, SPACE, trials=2)["settings"] == chosen["settings"]
+
+
+def test_the_pruner_stops_a_run_at_a_validation(tmp_path):
+    calls = []
+
+    def prune_at_8(step, score):
+        calls.append(step)
+        return step == 8
+
+    cfg = config(TINY, train={"epochs": 1.0, "eval_every": 4, "log_every": 4, "checkpoint_every": 100})
+    result = trainer.fit(cfg, tmp_path, on_validation=prune_at_8)
+    assert calls == [4, 8] and result["trained_steps"] == 8
+    assert [s for s, _ in result["validation"]["history"]] == [4, 8]
+
+
+def test_suggestions_are_overrides_of_the_declared_space():
+    trial = optuna.trial.FixedTrial({"train.learning_rate": 0.00123456, "model.expert_hidden": "32,16"})
+    space = {"train.learning_rate": ("log", 1e-4, 1e-2), "model.expert_hidden": ("choice", ("32,16", "64,32"))}
+    settings = tuning.suggest(trial, space)
+    assert settings == ["train.learning_rate=0.00123", "model.expert_hidden=32,16"]
+    assert override(Config(), settings).model.expert_hidden == (32, 16)
+    with pytest.raises(ValueError, match="unknown kind"):
+        tuning.suggest(trial, {"train.learning_rate": ("uniform", 0, 1)})
+
+
+def test_the_full_model_also_tunes_its_regularizer_and_ablations_take_only_what_they_have(tmp_path, monkeypatch):
+    full, mmoe = (override(Config(), experiment.MODELS[m]) for m in ("full", "mmoe"))
+    assert set(tuning.space_for(full, experiment.SEARCH_SPACE, experiment.REG_SPACE)) == {
+        *experiment.SEARCH_SPACE,
+        "model.reg_weight",
+        "model.reg_temperature",
+    }
+    assert set(tuning.space_for(mmoe, experiment.SEARCH_SPACE, experiment.REG_SPACE)) == set(experiment.SEARCH_SPACE)
+    settings = ["train.learning_rate=0.002", "model.dim=16", "model.reg_weight=0.3", "model.reg_temperature=2"]
+    monkeypatch.setattr(experiment, "TUNED_DIR", tmp_path)
+    (tmp_path / "movielens").mkdir()
+    (tmp_path / "movielens" / "full.json").write_text(json.dumps({"settings": settings}))
+    assert experiment.tuned("movielens", "full") == settings
+    assert experiment.tuned("movielens", "full-mean-gating") == settings  # an ablation: the full model's
+    assert experiment.tuned("movielens", "full-no-reg") == settings[:2]  # no regularizer, no reg settings
+    assert experiment.tuned("movielens", "full-mmd") == settings[:2]  # reg_weight was tuned for JS, not MMD
+    for model, _ in experiment.ABLATES.items():  # every ablation's settings are valid for it
+        if experiment.ABLATES[model] == "full":
+            cfg = override(Config(), [*experiment.tuned("movielens", model), *experiment.MODELS[model]])
+            assert cfg.model.dim == 16
+    with pytest.raises(ValueError, match="run python -m train.tune"):
+        experiment.tuned("amazon", "full")
+
+
+def test_a_named_config_of_the_tuner_is_a_starting_point_of_the_command_line(tmp_path, monkeypatch):
+    import configs
+
+    named = tmp_path / "tuned" / "synthetic" / "full.json"
+    tuning.write_named_config(named, "synthetic", "full", ["model.dim=16", "train.epochs=3"], {"validation": 0.7}, "")
+    monkeypatch.setattr(configs, "__file__", str(tmp_path / "__init__.py"))
+    cfg = cli.config_from_name("tuned/synthetic/full")
+    assert cfg.model.dim == 16 and cfg.train.epochs == 3
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(cli.ConfigError, match="broken.json"):
+        cli.config_from_name("broken")
+
+
+def test_paired_tests_match_scipy_and_pair_by_seed_and_domain():
+    rows = [
+        {"dataset": "d", "model": m, "seed": s, "auc:x": base + 0.01 * s + dx, "auc:y": base + 0.02 + dy}
+        for s in range(3)
+        for m, base, dx, dy in (("a", 0.70, 0.002 * s, 0.001), ("b", 0.69, 0.0, -0.004 * s))
+    ]
+    r = results.paired(rows, "d", "a", "b")
+    a = np.array([[0.70 + 0.01 * s + 0.002 * s, 0.72 + 0.001] for s in range(3)]).ravel()
+    b = np.array([[0.69 + 0.01 * s, 0.71 - 0.004 * s] for s in range(3)]).ravel()
+    assert r["pairs"] == 6 and r["wins"] == 6 and r["diff"] == pytest.approx((a - b).mean())
+    assert r["p_t"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(a - b).pvalue)
+    assert results.paired(rows, "d", "a", "missing") is None
+    table = report.paired_markdown([("a − b", r)])
+    assert "| a − b | +0.0" in table and "6/6" in table
