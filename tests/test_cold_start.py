@@ -115,6 +115,7 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     assert "python -m train.cold_start --workdir" in md
     assert "Gain over scratch, paired by seed" in md
     assert "Paired by fraction and seed" in md and "| freeze-l0-l1 (default, text on) − scratch |" in md
+    assert "| freeze-l0-l1 (default, text on) − zero-shot |" in md  # the cold-items protocol has a zero-shot line
     pretrained = tmp_path / "grid" / "pretrain" / "text-on" / "seed-0" / "config.json"
     assert '"num_users": 60' in pretrained.read_text()  # the overrides placed between options reached it
     tuned = tmp_path / "grid" / "new-domain" / "text-on" / "freeze-l0-l1" / "fraction-1" / "seed-0" / "config.json"

@@ -224,8 +224,9 @@ def paired_gains(rows: list[dict]) -> list[dict]:
 
 def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | None]]:
     """The claims a cold-start table tests, paired by (fraction, seed) over a protocol's mean per-domain AUCs:
-    every fine-tune setting − scratch (does pretraining help?), zero-shot − scratch where it exists, and
-    freeze-l0-l1 (the paper's best) − every other fine-tune setting, within each text setting and variant."""
+    every fine-tune setting − scratch (does pretraining help?), zero-shot − scratch and freeze-l0-l1 −
+    zero-shot where it exists (does fine-tuning help?), and freeze-l0-l1 (the paper's best) − every other
+    fine-tune setting, within each text setting and variant."""
 
     def auc(setting, variant, text):
         return {
@@ -240,6 +241,10 @@ def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | N
         if setting != "scratch":
             label = f"{setting} ({variant}, text {text}) − scratch"
             out.append((label, report.paired_test(auc(setting, variant, text), auc("scratch", "-", text))))
+    for setting, variant, text in cells:
+        if setting == "freeze-l0-l1" and (zero := auc(ZERO_SHOT, "-", text)):
+            test = report.paired_test(auc(setting, variant, text), zero)
+            out.append((f"freeze-l0-l1 ({variant}, text {text}) − zero-shot", test))
     for setting, variant, text in cells:
         if setting not in ("scratch", ZERO_SHOT, "freeze-l0-l1"):
             test = report.paired_test(auc("freeze-l0-l1", variant, text), auc(setting, variant, text))
