@@ -218,11 +218,13 @@ def plot_curves(path: str | Path, curves: dict[str, Sequence[Sequence[float]]], 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, points in curves.items():
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: a grid's models do not share one
+    for i, (name, points) in enumerate(curves.items()):
         if not points:
             continue
         steps, scores = np.array(points, float).T
-        (line,) = ax.plot(steps, scores, marker="o", markersize=2, label=name)
+        style = "-" if i < len(palette) else "--"
+        (line,) = ax.plot(steps, scores, style, marker="o", markersize=2, label=name, color=palette[i % len(palette)])
         best = int(np.argmax(scores))
         ax.plot(steps[best], scores[best], marker="*", markersize=10, color=line.get_color())
     ax.set(title=title, xlabel="step", ylabel=ylabel)
