@@ -134,7 +134,9 @@ def two_datasets(tmp_path_factory):
 def test_a_fine_tune_on_another_dataset_reads_the_pretrained_rows_by_key(two_datasets, tmp_path):
     a, b, pre = two_datasets
     argv = ["--pretrained", str(pre), "--workdir", str(tmp_path / "ft"), "--data", str(b), "--train-split", "cold",
-            "--eval-split", "later", "finetune.new_rows_init=zero", "train.min_steps=0", "train.epochs=1"]  # fmt: skip
+            "--eval-split", "later", "finetune.new_rows_init=zero", "train.min_steps=0", "train.epochs=2"]  # fmt: skip
+    # (2 epochs: 4 steps. The new field's rows start at zero and the first step's rate is 0 (warm-up), so its
+    # projection gets a gradient only once its rows have moved: after the second step.)
     args_cfg = finetune_cli.resolve(finetune_cli.parser().parse_args(argv))
     run = trainer.build_run(args_cfg, tmp_path / "ft")
     keys = run.alignment.vocab.keys
