@@ -107,6 +107,8 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     assert all(0.0 < r["auc_mean"] < 1.0 and r["seeds"] == 1 for r in table)
     out = tmp_path / "report"
     assert (out / "cold_start.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for protocol in ("new-domain", "cold-items"):  # every fine-tune validates: its curves are drawn
+        assert (out / f"{protocol}-validation.png").read_bytes()[:4] == b"\x89PNG"
     with open(out / "cold_start.csv") as f:
         assert len(list(csv.DictReader(f))) == len(table)
     md = (out / "cold_start.md").read_text()
@@ -115,7 +117,8 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     assert "python -m train.cold_start --workdir" in md
     assert "Gain over scratch, paired by seed" in md
     assert "Paired by fraction and seed" in md and "| freeze-l0-l1 (default, text on) − scratch |" in md
-    assert "| freeze-l0-l1 (default, text on) − zero-shot |" in md  # the cold-items protocol has a zero-shot line
+    assert "| freeze-l0-l1 (default, text on) − zero-shot |" in md
+    assert "![validation curves](new-domain-validation.png)" in md  # the cold-items protocol has a zero-shot line
     pretrained = tmp_path / "grid" / "pretrain" / "text-on" / "seed-0" / "config.json"
     assert '"num_users": 60' in pretrained.read_text()  # the overrides placed between options reached it
     tuned = tmp_path / "grid" / "new-domain" / "text-on" / "freeze-l0-l1" / "fraction-1" / "seed-0" / "config.json"

@@ -121,6 +121,7 @@ def _cached(workdir: Path, run, cfg: Config) -> dict:
         "overall_auc": result["overall"]["auc"],
         "oracle_auc": result.get("mean_domain_oracle_auc"),
         "seconds": seconds,
+        "curve": result.get("validation", {}).get("history", []),  # [step, validation score]: plotted
     }
 
 
@@ -252,6 +253,19 @@ def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | N
     return out
 
 
+def _curves(rows: list[dict], protocol: str) -> dict[str, list]:
+    """setting -> the validation curve of its cell with the first seed and the largest fraction."""
+    mine = [r for r in rows if r["protocol"] == protocol and r.get("curve")]
+    if not mine:
+        return {}
+    seed, fraction = min(r["seed"] for r in mine), max(r["fraction"] for r in mine)
+
+    def name(r):
+        return " / ".join(x for x in (r["setting"], r["variant"], f"text {r['text']}") if x not in ("-", "default"))
+
+    return {name(r): r["curve"] for r in mine if r["seed"] == seed and r["fraction"] == fraction}
+
+
 def write_report(
     rows: list[dict], out: str | Path, command: str, splits: dict[str, tuple[str, str]] | None = None
 ) -> list[dict]:
@@ -296,6 +310,10 @@ def write_report(
                     gains, ("setting", "variant", "text"), "fraction", "gain", column_label=lambda f: f"{f:g}"
                 ),
             ]
+        if curves := _curves(rows, protocol):
+            report.plot_curves(out / f"{protocol}-validation.png", curves, protocol, "validation AUC")
+            title = "Validation curves of the first seed with the largest fraction (a star at the chosen step):"
+            lines += ["", title, "", f"![validation curves]({protocol}-validation.png)"]
         if tests := [t for t in paired_settings(rows, protocol) if t[1] is not None]:
             title = "Paired by fraction and seed (mean per-domain AUC of a − b):"
             lines += ["", title, "", report.paired_markdown(tests)]
