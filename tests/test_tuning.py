@@ -125,3 +125,18 @@ def test_paired_tests_match_scipy_and_pair_by_seed_and_domain():
     assert results.paired(rows, "d", "a", "missing") is None
     table = report.paired_markdown([("a − b", r)])
     assert "| a − b | +0.0" in table and "6/6" in table
+
+
+def test_the_tune_command_writes_named_configs_and_a_summary(tmp_path):
+    from train import tune as tune_cli
+
+    out = tmp_path / "tuned"
+    argv = ["--workdir", str(tmp_path / "tune"), "--datasets", "synthetic", "--models", "mmoe", "--trials", "1",
+            "--configs-dir", str(out), *BASE]  # fmt: skip
+    summary = tune_cli.main(argv)
+    record = json.loads((out / "synthetic" / "mmoe.json").read_text())
+    assert record["settings"] == summary["synthetic/mmoe"]["settings"] and record["trials"] == 1
+    cfg = override(Config(), record["overrides"])  # what `--config tuned/synthetic/mmoe` starts from
+    assert cfg.train.eval_every == 4 and cfg.model.gating == "mean" and cfg.data.synthetic.num_users == TINY.num_users
+    assert f"{cfg.train.learning_rate:.3g}" in " ".join(record["settings"])
+    assert "| synthetic/mmoe | 1 (0) |" in (tmp_path / "tune" / "TUNING.md").read_text()

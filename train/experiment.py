@@ -10,6 +10,7 @@ bar chart and a chart of validation curves per dataset. `--tuned`: every model a
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -21,6 +22,17 @@ from train import cli
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """Where the grid's real datasets come from and are converted to (shared by train.tune)."""
+    p.add_argument("--data-dir", default="data", help="where the real datasets are converted to")
+    p.add_argument("--movielens-src", type=Path, default=SHARED / "movielens-latest-small")
+    p.add_argument("--amazon-src", type=Path, default=SHARED / "amazon-scientific")
+
+
+def sources(args: argparse.Namespace) -> dict[str, Path]:
+    return {"movielens": args.movielens_src, "amazon": args.amazon_src}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = cli.parser(__doc__, named_configs=False)
     p.add_argument("--report-dir", required=True)
@@ -28,9 +40,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tuned", action="store_true", help="run every model at its tuned settings (configs/tuned/)")
-    p.add_argument("--data-dir", default="data", help="where the real datasets are converted to")
-    p.add_argument("--movielens-src", type=Path, default=SHARED / "movielens-latest-small")
-    p.add_argument("--amazon-src", type=Path, default=SHARED / "amazon-scientific")
+    add_dataset_options(p)
     args = cli.parse(p, argv)
     cli.setup()
     grid = results.Grid(
@@ -40,8 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         single_domain=SINGLE_DOMAIN,
         tuned={(d, m): tuned(d, m) for d in args.datasets for m in args.models} if args.tuned else {},
     )
-    sources = {"movielens": args.movielens_src, "amazon": args.amazon_src}
-    rows = results.run_grid(grid, args.workdir, args.data_dir, sources, args.overrides)
+    rows = results.run_grid(grid, args.workdir, args.data_dir, sources(args), args.overrides)
     command = "python -m train.experiment " + shlex.join(sys.argv[1:] if argv is None else argv)
     return results.write_report(rows, args.report_dir, command, COMPARISONS, grid.tuned, SINGLE_DOMAIN)
 

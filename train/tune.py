@@ -24,7 +24,7 @@ from configs.experiment import DATASETS, MODELS, REG_SPACE, SEARCH_SPACE, TUNED,
 from sr_jax.config import Config, override
 from sr_jax.experiments import results, tuning
 from train import cli
-from train.experiment import SHARED
+from train.experiment import add_dataset_options, sources
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,17 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trials", type=int, default=12, help="finished trials per dataset and model")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (trials train with train.seed's)")
     p.add_argument("--configs-dir", type=Path, default=TUNED_DIR, help="where the named configs are written")
-    p.add_argument("--data-dir", default="data", help="where the real datasets are converted to")
-    p.add_argument("--movielens-src", type=Path, default=SHARED / "movielens-latest-small")
-    p.add_argument("--amazon-src", type=Path, default=SHARED / "amazon-scientific")
+    add_dataset_options(p)
     args = cli.parse(p, argv)
     cli.setup()
     command = "python -m train.tune " + shlex.join(sys.argv[1:] if argv is None else argv)
-    sources = {"movielens": args.movielens_src, "amazon": args.amazon_src}
     encoder = override(Config(), args.overrides).data.text_encoder
     summary = {}
     for dataset in args.datasets:
-        path = results.dataset_path(dataset, Path(args.data_dir), sources, encoder)
+        path = results.dataset_path(dataset, Path(args.data_dir), sources(args), encoder)
         for model in args.models:
             base = [*DATASETS[dataset], *MODELS[model], f"data.path={path}", *args.overrides]
             space = tuning.space_for(override(Config(), base), SEARCH_SPACE, REG_SPACE)
