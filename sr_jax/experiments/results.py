@@ -80,15 +80,15 @@ def run_grid(grid: Grid, workdir: str | Path, data_dir: str | Path, sources: dic
         for model, model_overrides in grid.models.items():
             for seed in grid.seeds:
                 tuned = grid.tuned.get((dataset, model), [])
-                where = [f"data.path={path}", f"train.seed={seed}"]
-                cfg = override(Config(), [*dataset_overrides, *tuned, *model_overrides, *where, *overrides])
+                cell_overrides = [*dataset_overrides, *tuned, *model_overrides, f"data.path={path}"]
+                cfg = override(Config(), [*cell_overrides, f"train.seed={seed}", *overrides])
                 cell = workdir / dataset / model / f"seed-{seed}"
                 if model in grid.single_domain:
                     row = _single_domain(cfg, cell)
                 else:
                     row = _row(*run_once(cell, trainer.fit, cfg))
                 log.info("%s / %s / seed %d: mean per-domain AUC %.4f", dataset, model, seed, row["auc"])
-                command = [*dataset_overrides, *tuned, *model_overrides, f"data.path={path}", *overrides]
+                command = [*cell_overrides, *overrides]  # the row's command, every override but the seed
                 rows.append(dict(dataset=dataset, model=model, seed=seed, **row, overrides=command))
     return rows
 
@@ -182,8 +182,9 @@ def write_report(
         if settings:
             lines += ["Tuned settings (configs/tuned/):", "", "| model | settings |", "|---|---|"]
             lines += [f"| {m} | `{' '.join(s)}` |" for m, s in settings.items()] + [""]
-        curves = {r["model"]: r["curve"] for r in rows if r["dataset"] == dataset and r["seed"] == min(
-            x["seed"] for x in rows if x["dataset"] == dataset) and r["curve"]}  # fmt: skip
+        first_seed = min(r["seed"] for r in rows if r["dataset"] == dataset)
+        first = [r for r in rows if (r["dataset"], r["seed"]) == (dataset, first_seed)]
+        curves = {r["model"]: r["curve"] for r in first if r["curve"]}
         if curves:
             report.plot_curves(out / "results" / f"{dataset}-validation.png", curves, dataset, "validation AUC")
             lines += [f"![validation curves, first seed](results/{dataset}-validation.png)", ""]
