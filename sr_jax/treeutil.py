@@ -48,3 +48,21 @@ def mismatches(saved: Any, target: Any, free_first_axis: frozenset[str] = frozen
         if not same:
             problems.append(f"parameter {path} has shape {have[path]} in the checkpoint, {want[path]} in the model")
     return problems
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    """A nested dict's leaves by 'path/to/leaf' name (what files that hold a flat name -> array map use)."""
+    return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """`flatten`'s inverse: {'l0/id_tables/user': x} -> {'l0': {'id_tables': {'user': x}}}; a name of digits
+    is a list index (an int key, as `nnx.to_pure_dict` writes a layer list's)."""
+    out: dict[str, Any] = {}
+    for name, leaf in flat.items():
+        *parents, last = name.split("/")
+        node = out
+        for key in parents:
+            node = node.setdefault(int(key) if key.isdigit() else key, {})
+        node[int(last) if last.isdigit() else last] = leaf
+    return out

@@ -1,10 +1,12 @@
 """The same network in PyTorch, as the benchmark's reference (run only where torch is importable; torch
 is never a dependency of sr-jax).
 
-`TorchSRModel(params, cfg, meta)` takes the JAX model's parameters (numpy, `sr_jax.model.init`'s tree)
-and computes the same logits and loss: L0 lookups and projections, domain aspect gating, the Domain
-Adaptive Layer, the JS regularizer, MMoE experts, per-domain gates and towers. Per-domain layers are
-computed for every domain and gathered, as in JAX. Supported: the default model (gating mean|domain,
+`TorchSRModel(params, cfg, meta, text)` takes the JAX model's parameters (numpy, `sr_jax.model.init`'s tree),
+names them by the public scheme of `sr_jax.export.interop.torch_state_dict` (so its `state_dict()` is what
+`python -m train.convert to-torch` writes, and `load_state_dict` takes it back), and computes the same logits
+and loss: L0 lookups and projections, domain aspect gating, the Domain Adaptive Layer, the JS regularizer,
+MMoE experts, per-domain gates and towers. Per-domain layers are computed for every domain and gathered, as
+in JAX. Supported: the default model (gating mean|domain,
 regularizer js|none, backbone mmoe); anything else is refused.
 """
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
+from sr_jax.export.interop import torch_state_dict
 from sr_jax.model.encoding import SIDES
 
 
@@ -34,29 +37,30 @@ class TorchSRModel(nn.Module):
         if cfg.id_buckets or not cfg.use_domain_adapter or not cfg.use_text:
             raise NotImplementedError("the torch reference covers the full model without id hashing")
         self.cfg, self.meta = cfg, meta
-        l0, l1, l2 = params["l0"], params["l1"], params["l2"]
-        self.id_tables = nn.ParameterDict({s: _param(l0["id_tables"][s]) for s in SIDES})
+        state = torch_state_dict(params)  # the public name scheme (sr_jax.export.interop)
+
+        def group(prefix: str) -> dict[str, nn.Parameter]:
+            return {n[len(prefix) + 1 :]: _param(v) for n, v in state.items() if n.startswith(prefix + ".")}
+
+        def listed(prefix: str) -> list[nn.Parameter]:
+            return [_param(state[f"{prefix}.{i}"]) for i in range(len(group(prefix)))]
+
+        self.id_tables = nn.ParameterDict(group("id_tables"))
         self.fields = {s: [f for f in meta.sparse_fields if f.side == s] for s in ("user", "item")}
         if any(f.max_len > 1 for f in meta.sparse_fields):
             raise NotImplementedError("the torch reference covers single-valued sparse fields")
-        self.sparse_tables = nn.ParameterDict({k: _param(v) for k, v in l0["sparse_tables"].items()})
-        self.sparse_proj = nn.ParameterDict(
-            {f"{f}_{k}": _param(v) for f, layer in l0["sparse_proj"].items() for k, v in layer.items()}
-        )
-        self.text_proj = nn.ParameterDict(
-            {f"{s}_{k}": _param(v) for s, layer in l0["text_proj"].items() for k, v in layer.items()}
-        )
-        self.register_buffer("text", torch.from_numpy(np.asarray(text, np.float32)))
-        self.domain_embedding = _param(l1["domain_embedding"])
-        self.missing = nn.ParameterDict({s: _param(l1["gates"][s]["missing"]) for s in SIDES})
-        self.aspect_embedding = nn.ParameterDict(
-            {s: _param(l1["gates"][s]["aspect_embedding"]) for s in SIDES if "aspect_embedding" in l1["gates"][s]}
-        )
-        self.dal_kernel, self.dal_bias = _param(l1["adapter"]["proj"]["kernel"]), _param(l1["adapter"]["proj"]["bias"])
-        self.norm_scale, self.norm_bias = _param(l1["adapter"]["scale"]), _param(l1["adapter"]["shift"])
-        self.experts = nn.ParameterList([_param(v) for layer in _layers(l1["backbone"]["experts"]) for v in layer])
-        self.gate_kernel, self.gate_bias = _param(l2["gate"]["kernel"]), _param(l2["gate"]["bias"])
-        self.tower = nn.ParameterList([_param(v) for layer in _layers(l2["tower"]) for v in layer])
+        self.sparse_tables = nn.ParameterDict(group("sparse_tables"))
+        self.sparse_proj = nn.ParameterDict(group("sparse_proj"))
+        self.text_proj = nn.ParameterDict(group("text_proj"))
+        self.register_buffer("text", torch.from_numpy(np.asarray(text, np.float32)), persistent=False)  # data
+        self.domain_embedding = _param(state["domain_embedding"])
+        self.missing = nn.ParameterDict(group("missing"))
+        self.aspect_embedding = nn.ParameterDict(group("aspect_embedding"))
+        self.dal_kernel, self.dal_bias = _param(state["dal_kernel"]), _param(state["dal_bias"])
+        self.norm_scale, self.norm_bias = _param(state["norm_scale"]), _param(state["norm_bias"])
+        self.experts = nn.ParameterList(listed("experts"))  # (bias, kernel) of each layer
+        self.gate_kernel, self.gate_bias = _param(state["gate_kernel"]), _param(state["gate_bias"])
+        self.tower = nn.ParameterList(listed("tower"))
 
     def _side(self, side: str, batch: dict[str, torch.Tensor], e_d: torch.Tensor) -> torch.Tensor:
         ids = batch[f"{side}_id"]
@@ -119,12 +123,6 @@ class TorchSRModel(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, reg = self(batch)
         return F.binary_cross_entropy_with_logits(logits, batch["label"].float()) + self.cfg.reg_weight * reg
-
-
-def _layers(mlp: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(bias, kernel) of a StackedMLP's layers, in order."""
-    layers = mlp["layers"]
-    return [(layers[k]["bias"], layers[k]["kernel"]) for k in sorted(layers, key=int)]
 
 
 def _pick(every: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -137,3 +137,19 @@ def align(pretrained: Vocabulary, data: Vocabulary) -> Alignment:
     missing = tuple(f for f in fields if f.column not in data_fields)
     vocab = Vocabulary(keys, tuple(fields))
     return Alignment(vocab, rows, missing, {t: len(k) + 1 for t, k in pretrained.keys.items()})
+
+
+def lookup(model: Vocabulary, data: Vocabulary) -> Alignment:
+    """A dataset read through a trained model's tables as they are (scoring, embedding): each key maps to the
+    model's row for it, a key the model lacks to row 0 (missing: the model has no row to read); the model's
+    fields the dataset lacks read as missing, the dataset's fields the model lacks are not read."""
+    rows = {}
+    for table, keys in model.keys.items():
+        if table not in data.keys:
+            continue
+        position = {k: r + 1 for r, k in enumerate(keys)}
+        mapping = np.array([0, *(position.get(k, 0) for k in data.keys[table])], np.int32)
+        if not np.array_equal(mapping, np.arange(len(mapping))):
+            rows[table] = mapping
+    missing = tuple(f for f in model.fields if f.column not in data.keys)
+    return Alignment(model, rows, missing, {t: model.rows(t) for t in model.keys})

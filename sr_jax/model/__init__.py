@@ -83,6 +83,19 @@ def apply(
     return logits, aux
 
 
+def sides(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable) -> dict[str, jax.Array]:
+    """{"user", "query", "item"} -> [B, d]: each side's fused vector (aspect gating fusion of its id, text and
+    sparse aspects, for the example's domain). A side's vector depends on that side's features and the domain
+    only, so items and queries can be embedded apart (`sr_jax.export.embeddings`)."""
+    return nnx.merge(graphdef, params).sides(batch, text)
+
+
+def from_sides(graphdef: nnx.GraphDef, params: Params, fused: dict[str, jax.Array], domain: jax.Array) -> jax.Array:
+    """The logits [B] (inference mode) of fused side vectors [B, d] and domains [B]: `apply`'s logits when
+    `fused = sides(...)` of the same batch."""
+    return nnx.merge(graphdef, params).from_sides(fused, domain)[0]
+
+
 def stats_mask(graphdef: nnx.GraphDef, params: Params) -> Params:
     """A tree like `params` of bools: True for batch statistics (not trained by the optimizer: they follow the
     data through `apply(..., train=True)`)."""
@@ -111,11 +124,13 @@ __all__ = [
     "TextTable",
     "abstract",
     "apply",
+    "from_sides",
     "init",
     "init_params",
     "level_labels",
     "level_of",
     "per_domain",
+    "sides",
     "stats_mask",
     "table_rows",
     "with_stats",

@@ -25,7 +25,7 @@ from sr_jax.model.domain_adaptation import (
     mmd_regularizer,
     standardise,
 )
-from sr_jax.model.encoding import SIDES, FeatureEncoder, TextTable, side_aspects
+from sr_jax.model.encoding import SIDES, Aspects, FeatureEncoder, TextTable, side_aspects
 from sr_jax.model.fusion import AspectGate
 from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal
 
@@ -45,12 +45,17 @@ class SharedAdaptation(nnx.Module):
         self.adapter = DomainAdaptiveLayer(num_domains, width, rngs=rngs) if cfg.use_domain_adapter else None
         self.backbone = make_backbone(cfg, num_domains, width, rngs=rngs)
 
-    def __call__(self, sides, domain: Array, train: bool, key: Array, reference: AlignmentReference | None):
-        """-> (x_hat [B, 3d], expert outputs [B, E, h], L2's gate input [B, g], aux)"""
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    def fuse(self, sides: dict[str, Aspects], domain: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+        """Each side's aspects -> (its fused vector h [B, d], its aspect weights [B, A]), per side. A side's
+        vector depends on that side's features and the domain only: the towers of the two-tower view."""
         e_d = self.domain_embedding[...][domain]
         fused, weights = zip(*(self.gates[s](sides[s], e_d) for s in SIDES))
-        x = jnp.concatenate(fused, axis=1)
+        return dict(zip(SIDES, fused)), dict(zip(SIDES, weights))
+
+    def __call__(self, fused: dict[str, Array], domain: Array, train: bool, key: Array, reference):
+        """-> (x_hat [B, 3d], expert outputs [B, E, h], L2's gate input [B, g], aux)"""
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = jnp.concatenate([fused[s] for s in SIDES], axis=1)
         x_hat, z = self.adapter(x, domain, dtype) if self.adapter is not None else (x, standardise(x))
         if cfg.regularizer == "js":
             reg = js_regularizer(z, domain, self.num_domains, cfg.reg_temperature, reference)
@@ -59,7 +64,7 @@ class SharedAdaptation(nnx.Module):
         else:
             reg = jnp.zeros((), jnp.float32)
         experts, gate_input = self.backbone(x_hat, domain, dtype, train)
-        return x_hat, experts, gate_input, {"reg": reg, "aligned": z, "aspect_weights": dict(zip(SIDES, weights))}
+        return x_hat, experts, gate_input, {"reg": reg, "aligned": z}
 
 
 class DomainHeads(nnx.Module):
@@ -114,8 +119,26 @@ class SRFoundationModel(nnx.Module):
         """`table_rows`: the embedding rows to read per table (default: the batch's; see FeatureEncoder).
         `train`: STAR's partitioned normalisation uses (and updates) batch statistics; `key`: the MMD
         regularizer's subsample; `reference`: the pretrained domains' distributions to align against."""
-        domain = batch["domain"]
+        fused, weights = self.l1.fuse(self.l0(batch, text, table_rows), batch["domain"])
+        logits, aux = self.from_sides(fused, batch["domain"], train=train, key=key, reference=reference)
+        aux["aspect_weights"] = weights
+        return logits, aux
+
+    def sides(self, batch: dict[str, Array], text: TextTable) -> dict[str, Array]:
+        """The fused user, query and item vectors [B, d] of each example: what the network above them sees."""
+        return self.l1.fuse(self.l0(batch, text), batch["domain"])[0]
+
+    def from_sides(
+        self,
+        fused: dict[str, Array],
+        domain: Array,
+        *,
+        train: bool = False,
+        key: Array | None = None,
+        reference: AlignmentReference | None = None,
+    ) -> tuple[Array, dict]:
+        """The logits [B] from the fused side vectors (`sides`) and the domains [B]; aux as `__call__`'s."""
         key = jax.random.key(0) if key is None else key
-        x_hat, experts, gate_input, aux = self.l1(self.l0(batch, text, table_rows), domain, train, key, reference)
+        x_hat, experts, gate_input, aux = self.l1(fused, domain, train, key, reference)
         logits, aux["expert_weights"] = self.l2(x_hat, experts, gate_input, domain)
         return logits, aux

@@ -1,0 +1,279 @@
+"""Item and query vectors for a retrieval index: the two-tower view of the model.
+
+The model fuses each side's aspects (id, text, sparse fields) into one vector per side by domain gating
+(`sr_model.sides`); a side's vector depends on that side's features and the domain only. So per domain there
+is an item tower (item -> h_item [d]) and a user/query tower (user, query -> h_user, h_query [d]), and the
+network above them (Domain Adaptive Layer, experts, the domain's gate and tower) scores their concatenation.
+
+What the vectors mean, and what they do not:
+- `vector` of an item and `user_vector`/`query_vector` of a query are exactly what that network reads
+  (`sr_model.from_sides` of them gives the model's logit, bit for bit).
+- Their dot product means nothing: the model never takes one, and h_item . h_query ranks items by an
+  unrelated quantity.
+- `retrieval_vector` r of a query is the gradient of the logit with respect to h_item at the domain's mean
+  item vector h_bar: r . h_item ranks items by the first-order Taylor expansion of the model's logit around
+  h_bar. It is exact for a model linear in h_item and an approximation otherwise; `recall_at_k` measures how
+  much of the model's own top k it finds (retrieval.json), so an index built on it can be judged before use.
+
+Files (Parquet, vectors as fixed-size float32 lists): items.parquet (domain, item_key, item_row, vector,
+id_vector = the item's id-table row, text_vector = its raw text features, null without text) and
+queries.parquet (domain, user_key, query_key, user_vector, query_vector, retrieval_vector,
+query_text_vector), with embeddings.json saying the widths and the model they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from sr_jax import model as sr_model
+from sr_jax.data import history
+from sr_jax.data.pipeline import sequential_batches
+from sr_jax.data.store import Dataset
+from sr_jax.export.scoring import model_columns, run_scorer, text_table
+from sr_jax.export.trained import TrainedModel
+from sr_jax.io import atomic_dir
+
+ITEM_SIDE = ("item_id", "item_text")
+QUERY_SIDE = ("user_id", "query_id", "query_text", history.COLUMN)
+
+
+def _side_columns(model: TrainedModel, side: str) -> list[str]:
+    fixed = ITEM_SIDE if side == "item" else QUERY_SIDE
+    return [*fixed, *(f.column for f in model.model_meta.sparse_fields if (f.side == "item") == (side == "item"))]
+
+
+def _blank(model: TrainedModel, columns: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """A batch of n examples with every feature missing (ids 0, text rows -1), then `columns`."""
+    out = {"domain": np.zeros(n, np.int32)}
+    for name in ("user_id", "query_id", "item_id"):
+        out[name] = np.zeros(n, np.int32)
+    for name in ("query_text", "item_text"):
+        out[name] = np.full(n, -1, np.int32)
+    for f in model.model_meta.sparse_fields:
+        out[f.column] = np.zeros((n, f.max_len) if f.max_len > 1 else (n,), np.int32)
+    if model.config.model.user_history:
+        out[history.COLUMN] = np.full((n, model.config.model.user_history), -1, np.int32)
+    out.update(columns)
+    return out
+
+
+def _unique_rows(columns: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """Indices of the first row of each distinct combination of `names` (and domain), in order."""
+    stacked = np.concatenate(
+        [np.asarray(columns[n]).reshape(len(columns["domain"]), -1) for n in ["domain", *names] if n in columns], 1
+    )
+    _, first = np.unique(stacked, axis=0, return_index=True)
+    return np.sort(first)
+
+
+class Towers:
+    """The model's side vectors, batched and compiled once: sides(batch) and the retrieval gradient."""
+
+    def __init__(self, model: TrainedModel, text: sr_model.TextTable, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        table = jax.device_put(sr_model.TextTable(np.asarray(text.pooled), np.asarray(text.first)))
+        params = jax.device_put(model.params)
+        g = model.graphdef
+        self._sides = jax.jit(lambda b: sr_model.sides(g, params, b, table))
+        self._logits = jax.jit(lambda fused, d: sr_model.from_sides(g, params, fused, d))
+
+        def gradient(user, query, item, domain):  # d logit / d h_item, one row per example
+            return jax.grad(
+                lambda i: sr_model.from_sides(g, params, {"user": user, "query": query, "item": i}, domain).sum()
+            )(item)
+
+        self._gradient = jax.jit(gradient)
+
+    def sides(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {s: [] for s in ("user", "query", "item")}
+        for batch, n in sequential_batches(columns, self.batch_size):
+            for side, v in self._sides(batch).items():
+                out[side].append(np.asarray(v)[:n])
+        return {s: np.concatenate(v) for s, v in out.items()}
+
+    def logits(self, fused: dict[str, np.ndarray], domain: np.ndarray) -> np.ndarray:
+        return np.asarray(self._logits({k: jnp.asarray(v) for k, v in fused.items()}, jnp.asarray(domain)))
+
+    def gradient(self, user: np.ndarray, query: np.ndarray, item: np.ndarray, domain: np.ndarray) -> np.ndarray:
+        return np.asarray(self._gradient(user, query, item, domain))
+
+
+def _vectors(a: np.ndarray) -> pa.Array:
+    a = np.ascontiguousarray(a, np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+
+
+def _keys(dataset: Dataset, table: str, ids: np.ndarray) -> pa.Array:
+    keys = np.array([None, *dataset.keys()[table]], dtype=object)
+    return pa.array(keys[ids], pa.string())
+
+
+def embed(
+    model: TrainedModel,
+    dataset: Dataset,
+    split: str,
+    out: str | Path,
+    batch_size: int = 4096,
+    recall_k: int = 10,
+    recall_queries: int = 200,
+) -> dict:
+    """Writes items.parquet (every item of each domain, from all splits), queries.parquet (each distinct user and
+    query of `split`, per domain), embeddings.json and retrieval.json (`recall_at_k` on them) to `out`."""
+    started = time.perf_counter()
+    scorer = run_scorer(model, batch_size)
+    text = text_table(scorer, dataset)
+    towers = Towers(model, text, batch_size)
+    item_tables, mean_item = [], {}
+    all_items = {s: model_columns(scorer, dataset, s) for s in dataset.meta.splits}
+    raw_items = {s: dataset.split(s) for s in dataset.meta.splits}
+    merged = {
+        c: np.concatenate([np.asarray(all_items[s][c]) for s in all_items])
+        for c in ["domain", *_side_columns(model, "item")]
+        if c in all_items[next(iter(all_items))]
+    }
+    raw_item_ids = np.concatenate([np.asarray(raw_items[s]["item_id"]) for s in raw_items])
+    keep = _unique_rows({"domain": merged["domain"], "item": raw_item_ids}, ["item"])
+    keep = keep[raw_item_ids[keep] > 0]
+    pooled = np.asarray(text.pooled)
+    for k in tqdm(sorted(set(merged["domain"][keep].tolist())), desc="items", unit="domain"):
+        rows = keep[merged["domain"][keep] == k]
+        columns = _blank(model, {c: merged[c][rows] for c in merged}, len(rows))
+        fused = towers.sides(columns)["item"]
+        mean_item[k] = fused.mean(0)
+        texts = columns["item_text"]
+        text_vectors = _vectors(
+            pooled[np.maximum(texts, 0)] if model.config.model.use_text else np.zeros((len(rows), 1))
+        )
+        item_tables.append(
+            pa.table(
+                {
+                    "domain": pa.array([model.domains[k]] * len(rows)),
+                    "item_key": _keys(dataset, "item_id", raw_item_ids[rows]),
+                    "item_row": pa.array(columns["item_id"]),
+                    "vector": _vectors(fused),
+                    "id_vector": _vectors(model.params["l0"]["id_tables"]["item"][columns["item_id"]]),
+                    "text_vector": pa.array(text_vectors, mask=pa.array(texts < 0).to_numpy(zero_copy_only=False)),
+                }
+            )
+        )
+    columns = model_columns(scorer, dataset, split)
+    raw = dataset.split(split)
+    query_names = [c for c in _side_columns(model, "query") if c in columns]
+    first = _unique_rows(columns, query_names)
+    query_tables = []
+    for k in tqdm(sorted(set(np.asarray(columns["domain"])[first].tolist())), desc="queries", unit="domain"):
+        if k not in mean_item:
+            continue
+        rows = first[np.asarray(columns["domain"])[first] == k]
+        batch = _blank(model, {c: np.asarray(columns[c])[rows] for c in ["domain", *query_names]}, len(rows))
+        fused = towers.sides(batch)
+        anchor = np.broadcast_to(mean_item[k], fused["item"].shape).copy()
+        gradient = np.concatenate(
+            [
+                towers.gradient(
+                    fused["user"][i : i + batch_size],
+                    fused["query"][i : i + batch_size],
+                    anchor[i : i + batch_size],
+                    batch["domain"][i : i + batch_size],
+                )
+                for i in range(0, len(rows), batch_size)
+            ]
+        )
+        texts = batch["query_text"]
+        query_tables.append(
+            pa.table(
+                {
+                    "domain": pa.array([model.domains[k]] * len(rows)),
+                    "user_key": _keys(dataset, "user_id", np.asarray(raw["user_id"])[rows]),
+                    "query_key": _keys(dataset, "query_id", np.asarray(raw["query_id"])[rows]),
+                    "user_vector": _vectors(fused["user"]),
+                    "query_vector": _vectors(fused["query"]),
+                    "retrieval_vector": _vectors(gradient),
+                    "query_text_vector": pa.array(
+                        _vectors(
+                            pooled[np.maximum(texts, 0)] if model.config.model.use_text else np.zeros((len(rows), 1))
+                        ),
+                        mask=pa.array(texts < 0).to_numpy(zero_copy_only=False),
+                    ),
+                }
+            )
+        )
+    items, queries = pa.concat_tables(item_tables), pa.concat_tables(query_tables)
+    recall = recall_at_k(towers, items, queries, model.domains, recall_k, recall_queries)
+    info = {
+        "model": str(model.workdir),
+        "fingerprint": model.fingerprint,
+        "step": model.step,
+        "dataset": str(dataset.root),
+        "split": split,
+        "dim": model.config.model.dim,
+        "text_dim": model.text_dim,
+        "items": items.num_rows,
+        "queries": queries.num_rows,
+        "seconds": round(time.perf_counter() - started, 2),
+        "meaning": __doc__.split("What the vectors mean, and what they do not:")[1].split("Files")[0].strip(),
+    }
+    with atomic_dir(Path(out)) as tmp:
+        tmp.chmod(0o755)
+        pq.write_table(items, tmp / "items.parquet")
+        pq.write_table(queries, tmp / "queries.parquet")
+        (tmp / "embeddings.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "retrieval.json").write_text(json.dumps(recall, indent=2) + "\n")
+    return {**info, "retrieval": recall}
+
+
+def matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column -> [rows, width] float32."""
+    flat = column.combine_chunks()
+    return flat.flatten().to_numpy().reshape(len(flat), flat.type.list_size)
+
+
+def recall_at_k(
+    towers: Towers, items: pa.Table, queries: pa.Table, domains: list[str], k: int, per_domain: int
+) -> dict:
+    """Per domain, over up to `per_domain` queries: the mean share of the model's own top k items (its logits for
+    every item of the domain) that the top k by dot product finds, for the retrieval vector and, as a contrast,
+    for the raw fused vectors (item . (user + query))."""
+    out = {}
+    for name in domains:
+        its, qs = (
+            items.filter(pc.equal(items["domain"], name)),
+            queries.filter(pc.equal(queries["domain"], name)),
+        )
+        if its.num_rows <= k or not qs.num_rows:
+            continue
+        item_vectors = matrix(its["vector"])
+        picked = np.random.default_rng(0).permutation(qs.num_rows)[:per_domain]
+        user, query, retrieval = (matrix(qs[c])[picked] for c in ("user_vector", "query_vector", "retrieval_vector"))
+        domain = np.full(its.num_rows, domains.index(name), np.int32)
+        found = {"retrieval_vector": [], "fused_dot": []}
+        for u, q, r in zip(user, query, retrieval):
+            n = its.num_rows
+            logits = towers.logits(
+                {
+                    "user": np.broadcast_to(u, (n, len(u))),
+                    "query": np.broadcast_to(q, (n, len(q))),
+                    "item": item_vectors,
+                },
+                domain,
+            )
+            truth = set(np.argsort(-logits, kind="stable")[:k].tolist())
+            for method, v in (("retrieval_vector", r), ("fused_dot", u + q)):
+                top = np.argsort(-(item_vectors @ v), kind="stable")[:k]
+                found[method].append(len(truth & set(top.tolist())) / k)
+        out[name] = {
+            "items": its.num_rows,
+            "queries": len(picked),
+            **{f"recall@{k}/{m}": float(np.mean(v)) for m, v in found.items()},
+        }
+    return out

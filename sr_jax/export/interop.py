@@ -1,0 +1,167 @@
+"""Parameters out of sr-jax and back: flat safetensors, the PyTorch reference module's state_dict, and
+params-only run folders. Nothing here imports torch.
+
+Name schemes (docs/EXPORT.md):
+- safetensors (`to_safetensors`): the parameter's path joined by dots, `l1.backbone.experts.layers.0.kernel`;
+  arrays as in JAX, so a dense kernel is [in, out] (torch's nn.Linear.weight is its transpose) and a
+  per-domain layer's is [K, in, out]. The header's metadata holds the model config, the domains, the step and
+  the training run's fingerprint.
+- PyTorch (`torch_state_dict`): the names of `sr_jax.bench.torch_reference.TorchSRModel`'s state_dict
+  (`id_tables.item`, `dal_kernel`, `experts.1`, ...), arrays unchanged; `TorchSRModel.load_state_dict` takes
+  it as it is. The map covers what the reference covers (the default model); other models are refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file, save_file
+
+from sr_jax.export.trained import TrainedModel
+from sr_jax.io import atomic_dir
+from sr_jax.training.checkpoint import CheckpointError, seal
+from sr_jax.treeutil import flatten, unflatten
+
+# jax path (regex over "/"-joined names) -> torch name (format string over the match's groups)
+_TORCH_NAMES = [
+    (r"l0/id_tables/(\w+)", "id_tables.{0}"),
+    (r"l0/sparse_tables/(\w+)", "sparse_tables.{0}"),
+    (r"l0/sparse_proj/(\w+)/(kernel|bias)", "sparse_proj.{0}_{1}"),
+    (r"l0/text_proj/(\w+)/(kernel|bias)", "text_proj.{0}_{1}"),
+    (r"l1/domain_embedding", "domain_embedding"),
+    (r"l1/gates/(\w+)/missing", "missing.{0}"),
+    (r"l1/gates/(\w+)/aspect_embedding", "aspect_embedding.{0}"),
+    (r"l1/adapter/proj/kernel", "dal_kernel"),
+    (r"l1/adapter/proj/bias", "dal_bias"),
+    (r"l1/adapter/scale", "norm_scale"),
+    (r"l1/adapter/shift", "norm_bias"),
+    (r"l1/backbone/experts/layers/(\d+)/(bias|kernel)", "experts.{pair}"),
+    (r"l2/gate/(kernel|bias)", "gate_{0}"),
+    (r"l2/tower/layers/(\d+)/(bias|kernel)", "tower.{pair}"),
+]
+
+
+def torch_name(path: str) -> str:
+    """The reference module's name for a parameter path; layers' (bias, kernel) pairs are ParameterList entries
+    2i, 2i + 1. A parameter the reference lacks raises NotImplementedError naming it."""
+    for pattern, name in _TORCH_NAMES:
+        if m := re.fullmatch(pattern, path):
+            groups = m.groups()
+            if "{pair}" in name:
+                return name.format(pair=2 * int(groups[0]) + (groups[1] == "kernel"))
+            return name.format(*groups)
+    raise NotImplementedError(
+        f"parameter {path}: the PyTorch reference (sr_jax/bench/torch_reference.py) has no counterpart; it covers "
+        "the default model (gating mean|domain, regularizer js|none, MMoE, text on, no id hashing)"
+    )
+
+
+def torch_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """The parameters under the reference module's state_dict names (float32 numpy arrays)."""
+    return {torch_name(path): np.asarray(v, np.float32) for path, v in flatten(params).items()}
+
+
+def from_torch_state_dict(state: dict[str, Any], like: Any) -> Any:
+    """A state_dict of the reference module -> parameters shaped like `like` (a params tree or its shapes); a
+    CheckpointError naming every missing, unknown or misshapen entry."""
+    wanted = {torch_name(path): (path, tuple(leaf.shape)) for path, leaf in flatten(like).items()}
+    problems = [
+        f"missing {name} (params/{path}, shape {shape})" for name, (path, shape) in wanted.items() if name not in state
+    ]
+    problems += [f"unknown entry {name}" for name in state if name not in wanted]
+    arrays = {}
+    for name, (path, shape) in wanted.items():
+        if name in state:
+            value = np.asarray(state[name].detach().cpu().numpy() if hasattr(state[name], "detach") else state[name])
+            if value.shape != shape:
+                problems.append(f"{name} (params/{path}) has shape {value.shape}, the model wants {shape}")
+            arrays[path] = value.astype(np.float32)
+    if problems:
+        raise CheckpointError("the state_dict does not match the model:\n  " + "\n  ".join(problems))
+    return unflatten(arrays)
+
+
+def metadata(model: TrainedModel) -> dict[str, str]:
+    return {
+        "format": "sr-jax params",
+        "model": json.dumps(dataclasses.asdict(model.config.model)),
+        "domains": json.dumps(model.domains),
+        "step": str(model.step),
+        "fingerprint": model.fingerprint,
+    }
+
+
+def to_safetensors(model: TrainedModel, out: str | Path) -> Path:
+    """The run's parameters as one flat safetensors file (names: the paths joined by dots)."""
+    flat = {path.replace("/", "."): np.ascontiguousarray(v) for path, v in flatten(model.params).items()}
+    save_file(flat, str(out), metadata=metadata(model))
+    return Path(out)
+
+
+def to_torch(model: TrainedModel, out: str | Path) -> Path:
+    """The reference module's state_dict: a .pt file (torch.save; needs torch) or, for any other suffix, a
+    safetensors file of the same names (`safetensors.torch.load_file` reads it into tensors)."""
+    state = torch_state_dict(model.params)
+    out = Path(out)
+    if out.suffix == ".pt":
+        import torch  # optional: only this format needs it
+
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, out)
+    else:
+        save_file(state, str(out), metadata=metadata(model))
+    return out
+
+
+def read_torch(path: str | Path) -> dict[str, Any]:
+    """A state_dict saved by `to_torch` or by PyTorch (.pt needs torch; safetensors does not)."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_file(str(path))
+
+
+RECORDS = ("config.json", "run_info.json", "vocab.json", "trained_rows.npz", "item_text_map.npz", "reference.npz")
+
+
+def write_params_run(model: TrainedModel, params: Any, out: str | Path, dtype: str = "float32") -> Path:
+    """A run folder holding only `params` (no optimizer state; floating leaves in `dtype`) at the model's step,
+    with the run's records: what fine-tuning (`finetune.pretrained`), evaluation, export and scoring read."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: expected float32 or bfloat16")
+    cast = jax.tree.map(
+        lambda v: jnp.asarray(v, jnp.dtype(dtype)) if jnp.issubdtype(v.dtype, jnp.floating) else v, params
+    )
+    with atomic_dir(Path(out)) as tmp:
+        tmp.chmod(0o755)
+        for name in RECORDS:
+            if (model.workdir / name).exists():
+                shutil.copyfile(model.workdir / name, tmp / name)
+        info = json.loads((tmp / "run_info.json").read_text())
+        info["converted"] = {
+            "from": str(model.workdir),
+            "step": model.step,
+            "chosen_by": model.chosen_by,
+            "dtype": dtype,
+        }
+        (tmp / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        manager = ocp.CheckpointManager(
+            tmp / "checkpoints",
+            options=ocp.CheckpointManagerOptions(create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler()},
+        )
+        manager.save(model.step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": cast})))
+        manager.wait_until_finished()
+        manager.close()
+        seal(tmp / "checkpoints", [model.step])
+    return Path(out)

@@ -1,0 +1,228 @@
+"""Batch scoring of a dataset split to Parquet, from a run folder or an exported artifact.
+
+    predict(scorer_of("runs/pretrain"), "data/amazon", "test", "scores.parquet")
+
+The output has one row per example, in the split's order: `row` (its index in the split), `domain`, the raw
+keys `user_key`, `query_key`, `item_key` (null where the id is missing), `score` (the click probability) and
+`label`. The dataset is read through the model's vocabulary by key (`vocabulary.lookup`: a key the model never
+had reads as missing), its text rows through its own text cache, which must come from the model's encoder.
+
+Scoring streams: every `part_rows` examples are written to `OUT.parts/` as one Parquet file, atomically; a
+killed job run again keeps the finished parts and scores the rest; the parts are joined into OUT at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from sr_jax import model as sr_model
+from sr_jax.data import history, vocabulary
+from sr_jax.data.pipeline import sequential_batches
+from sr_jax.data.store import Dataset, open_dataset
+from sr_jax.export.trained import TrainedModel
+from sr_jax.io import atomic_file
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """What scoring needs of a model, whether it comes from a run or from an exported artifact."""
+
+    source: str  # the run or artifact folder
+    fingerprint: str  # the training run's (and, for a run, its chosen step)
+    vocab: vocabulary.Vocabulary
+    domains: list[str]
+    text_encoder: tuple[str, str]  # (name, fingerprint) of the encoder its text features came from
+    uses_text: bool
+    history: int  # model.user_history
+    batch_size: int
+    # text table -> (batch of the model's features [batch_size, ...] -> click probabilities [batch_size])
+    bind: Callable[[sr_model.TextTable], Callable[[dict[str, np.ndarray]], np.ndarray]]
+
+
+def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
+    """Scores with the run's parameters under jit (the trainer's prediction: equal scores at equal batch sizes)."""
+
+    def bind(text: sr_model.TextTable):
+        table = jax.device_put(sr_model.TextTable(np.asarray(text.pooled), np.asarray(text.first)))
+        params = jax.device_put(model.params)
+        predict = jax.jit(lambda p, b: jax.nn.sigmoid(sr_model.apply(model.graphdef, p, b, table)[0]))
+        return lambda batch: np.asarray(predict(params, batch))
+
+    info, cfg = model.run_info, model.config
+    return Scorer(
+        source=str(model.workdir),
+        fingerprint=model.fingerprint,
+        vocab=model.vocab,
+        domains=model.domains,
+        text_encoder=(info["text_encoder"], info["text_fingerprint"]),
+        uses_text=cfg.model.use_text,
+        history=cfg.model.user_history,
+        batch_size=batch_size or cfg.data.eval_batch_size,
+        bind=bind,
+    )
+
+
+def artifact_scorer(folder: str | Path, batch_size: int = 4096) -> Scorer:
+    """Scores with an exported artifact, through its own `serve.py` (what a serving system runs)."""
+    folder = Path(folder)
+    spec = importlib.util.spec_from_file_location(f"sr_serve_{abs(hash(str(folder)))}", folder / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    served = serve.load(folder)
+    manifest = served.manifest
+    names = {f["name"] for f in manifest["features"]}
+
+    def bind(text: sr_model.TextTable):
+        table = {c: np.asarray(getattr(text, c)) for c in manifest["text"]["columns"]}
+        return lambda batch: served({k: v for k, v in batch.items() if k in names}, table)["probability"]
+
+    return Scorer(
+        source=str(folder),
+        fingerprint=manifest["run"]["fingerprint"],
+        vocab=vocabulary.read(folder),
+        domains=served.domains,
+        text_encoder=(manifest["text"]["encoder"], manifest["text"]["fingerprint"]),
+        uses_text=manifest["run"]["model"]["use_text"],
+        history=manifest["run"]["model"]["user_history"],
+        batch_size=batch_size,
+        bind=bind,
+    )
+
+
+def model_columns(scorer: Scorer, dataset: Dataset, split: str) -> dict[str, np.ndarray]:
+    """The split's columns in the model's rows and domains (memory-mapped where nothing changes)."""
+    columns = dataset.split(split)
+    known = {n: k for k, n in enumerate(scorer.domains)}
+    names = [d.name for d in dataset.meta.domains]
+    if unknown := [n for n in names if n not in known]:
+        present = set(np.unique(np.asarray(columns["domain"])).tolist())
+        if unknown := [n for n in unknown if names.index(n) in present]:
+            raise ValueError(
+                f"{dataset.root}: split {split!r} has domain(s) {unknown} that the model {scorer.source} lacks "
+                f"(it has {scorer.domains}); fine-tune it on them first (train.finetune)"
+            )
+    aligned = vocabulary.lookup(scorer.vocab, vocabulary.of_dataset(dataset))
+    out = aligned.remap(columns)
+    to_model = np.array([known.get(n, 0) for n in names], np.int32)
+    out["domain"] = to_model[np.asarray(columns["domain"])]
+    if scorer.history:  # the user's earlier clicks, from the train split and this one (as training saw them)
+        events = (
+            [columns] if split == "train" or "train" not in dataset.meta.splits else [dataset.split("train"), columns]
+        )
+        out[history.COLUMN] = history.with_history(columns, events, scorer.history)[history.COLUMN]
+    return out
+
+
+def text_table(scorer: Scorer, dataset: Dataset) -> sr_model.TextTable:
+    """The dataset's text cache from the model's encoder (a 1-row stand-in for a model without text)."""
+    if not scorer.uses_text:
+        zero = np.zeros((1, 1), np.float32)
+        return sr_model.TextTable(zero, zero)
+    name, fingerprint = scorer.text_encoder
+    dataset.text_cache_info(name, fingerprint)
+    return sr_model.TextTable(*dataset.text_cache(name))
+
+
+def _keys(dataset: Dataset, table: str, ids: np.ndarray) -> pa.Array:
+    keys = np.array([None, *dataset.keys()[table]], dtype=object)
+    return pa.array(keys[ids], pa.string())
+
+
+def predict(
+    scorer: Scorer,
+    data: str | Path,
+    split: str,
+    out: str | Path,
+    part_rows: int = 262_144,
+    overwrite: bool = False,
+) -> dict:
+    """Scores `split` of the dataset at `data` into the Parquet file `out`; -> a summary (rows, seconds,
+    examples/s, parts reused). Resumes a killed job of the same scorer, data, split and batch size."""
+    out = Path(out)
+    dataset = open_dataset(data)
+    columns = model_columns(scorer, dataset, split)
+    raw = dataset.split(split)
+    size = len(columns["label"])
+    part_rows = max(scorer.batch_size, part_rows // scorer.batch_size * scorer.batch_size)
+    parts = out.with_name(out.name + ".parts")
+    job = {
+        "source": scorer.source,
+        "fingerprint": scorer.fingerprint,
+        "data": str(Path(data).absolute()),
+        "split": split,
+        "rows": size,
+        "batch_size": scorer.batch_size,
+        "part_rows": part_rows,
+    }
+    _start_parts(parts, job, overwrite)
+    score = scorer.bind(text_table(scorer, dataset))
+    names = [d.name for d in dataset.meta.domains]
+    starts = list(range(0, size, part_rows))
+    reused = sum((parts / _part_name(i)).exists() for i in range(len(starts)))
+    started, scored = time.perf_counter(), 0
+    with tqdm(total=size, desc=f"score {split}", unit="ex", unit_scale=True, dynamic_ncols=True) as bar:
+        for i, start in enumerate(starts):
+            stop = min(start + part_rows, size)
+            if (parts / _part_name(i)).exists():
+                bar.update(stop - start)
+                continue
+            chunk = {k: v[start:stop] for k, v in columns.items()}
+            probs = np.concatenate([score(batch)[:n] for batch, n in sequential_batches(chunk, scorer.batch_size)])
+            domain = np.asarray(raw["domain"][start:stop])
+            table = pa.table(
+                {
+                    "row": pa.array(np.arange(start, stop, dtype=np.int64)),
+                    "domain": pa.DictionaryArray.from_arrays(pa.array(domain, pa.int32()), pa.array(names)),
+                    "user_key": _keys(dataset, "user_id", np.asarray(raw["user_id"][start:stop])),
+                    "query_key": _keys(dataset, "query_id", np.asarray(raw["query_id"][start:stop])),
+                    "item_key": _keys(dataset, "item_id", np.asarray(raw["item_id"][start:stop])),
+                    "score": pa.array(probs.astype(np.float32)),
+                    "label": pa.array(np.asarray(raw["label"][start:stop]).astype(np.int8)),
+                }
+            )
+            with atomic_file(parts / _part_name(i)) as tmp:
+                pq.write_table(table, tmp)
+            scored += stop - start
+            bar.update(stop - start)
+            bar.set_postfix(ex_s=f"{scored / (time.perf_counter() - started):,.0f}")
+    seconds = time.perf_counter() - started
+    with atomic_file(out) as tmp:
+        with pq.ParquetWriter(tmp, pq.read_schema(parts / _part_name(0))) as writer:
+            for i in range(len(starts)):
+                writer.write_table(pq.read_table(parts / _part_name(i)))
+    shutil.rmtree(parts)
+    return {**job, "out": str(out), "parts_reused": reused, "seconds": seconds, "examples_per_s": scored / seconds}
+
+
+def _part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def _start_parts(parts: Path, job: dict, overwrite: bool) -> None:
+    """The parts folder of this job: kept when it holds a killed run of the same job, else started empty."""
+    record = parts / "job.json"
+    if record.exists() and not overwrite:
+        before = json.loads(record.read_text())
+        if before != job:
+            changed = sorted(k for k in job if before.get(k) != job[k])
+            raise ValueError(
+                f"{parts}: holds the parts of another scoring job (differs in {changed}); pass --overwrite to "
+                "start again"
+            )
+        return
+    if parts.exists():
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True)
+    record.write_text(json.dumps(job, indent=2) + "\n")

@@ -1,0 +1,137 @@
+"""Loads and calls an sr-jax serving artifact with jax and numpy alone: this file is copied into every artifact
+(`python -m train.export`) and imports nothing from sr_jax.
+
+    import serve                                   # from the artifact's folder
+    model = serve.load("exported/")
+    rows = model.rows("item_id", ["B00123", "B00456"])          # raw keys -> the model's rows (unknown: 0)
+    out = model({"domain": ["search-a", "rec-b"], "user_id": ..., "item_id": rows, ...})
+    out["probability"], out["logit"]                            # [B] float32 numpy arrays
+
+`model.features` lists every input with its shape and valid range; anything else (a missing feature, a
+float or string where ids are due, an id outside its table, an unknown domain) raises `InputError` naming the
+feature and the first bad row, before anything is computed. Row 0 of every table means "missing" (an unknown
+key, a recommendation example's query); text rows index the artifact's text table (-1: no text).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+class InputError(ValueError):
+    """A batch the model cannot score as given."""
+
+
+class ServedModel:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        self.exported = jax.export.deserialize(bytearray((self.folder / self.manifest["function"]).read_bytes()))
+        self.params = _load_arrays(self.folder / self.manifest["params"]["file"], self.manifest["params"]["dtype"])
+        self.text = _load_arrays(self.folder / self.manifest["text"]["file"], self.manifest["params"]["dtype"])
+        self.features = {f["name"]: f for f in self.manifest["features"]}
+        self.domains = list(self.manifest["domains"])
+        self._vocab = None
+        self._call = jax.jit(self.exported.call)  # compiled once per batch size
+
+    def __call__(self, features: dict, text: dict | None = None) -> dict[str, np.ndarray]:
+        """Scores a batch: `features` maps every name of `self.features` to an array [B] or [B, L]; `text`
+        (optional) replaces the artifact's text table ({"pooled": [T, dim]}: another dataset's cache from the
+        same encoder). -> {"probability": [B], "logit": [B]}"""
+        text = self.text if text is None else self._check_text(text)
+        batch = self.check(features, num_texts=len(text["pooled"]))
+        out = self._call(self.params, text, batch)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def check(self, features: dict, num_texts: int | None = None) -> dict[str, np.ndarray]:
+        """The batch as the function takes it (int32 arrays), or an InputError naming what is wrong."""
+        if not hasattr(features, "keys"):
+            raise InputError(f"features: expected a dict of arrays, got {type(features).__name__}")
+        if missing := [n for n in self.features if n not in features]:
+            raise InputError(f"missing feature(s) {missing}; the model reads {list(self.features)}")
+        num_texts = len(self.text["pooled"]) if num_texts is None else num_texts
+        batch, size = {}, None
+        for name, spec in self.features.items():
+            value = np.asarray(features[name])
+            if name == "domain" and value.dtype.kind in "USO":
+                value = self.domain_ids(value)
+            if value.dtype.kind not in "iu":
+                raise InputError(f"feature {name!r}: dtype {value.dtype}; expected integer row ids (int32)")
+            trailing = spec["shape"][1:]
+            if value.ndim != len(spec["shape"]) or list(value.shape[1:]) != trailing:
+                want = "[B" + "".join(f", {d}" for d in trailing) + "]"
+                raise InputError(f"feature {name!r}: shape {list(value.shape)}; expected {want}")
+            if size is None:
+                size = len(value)
+            elif len(value) != size:
+                raise InputError(f"feature {name!r}: {len(value)} rows; the other features have {size}")
+            high = num_texts if spec["high"] == "num_texts" else spec["high"]
+            bad = (value < spec["low"]) | (value >= high)
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                raise InputError(
+                    f"feature {name!r}, row {row}: {value[row].tolist()} is out of range [{spec['low']}, {high}) "
+                    f"({spec['meaning']})"
+                )
+            batch[name] = value.astype(np.int32)
+        if not size:
+            raise InputError("an empty batch: nothing to score")
+        return batch
+
+    def domain_ids(self, names) -> np.ndarray:
+        """Domain names -> their rows; an InputError naming an unknown one."""
+        index = {n: k for k, n in enumerate(self.domains)}
+        names = np.asarray(names)
+        for row, name in enumerate(names.tolist()):
+            if name not in index:
+                raise InputError(f"feature 'domain', row {row}: unknown domain {name!r}; the model has {self.domains}")
+        return np.array([index[n] for n in names.tolist()], np.int32)
+
+    def rows(self, table: str, keys, unknown: str = "missing") -> np.ndarray:
+        """Raw keys of an id table (user_id, query_id, item_id, or a sparse field such as item.brand) -> the
+        model's rows; an unknown key reads as 0, missing (`unknown="error"`: an InputError instead)."""
+        if self._vocab is None:
+            saved = json.loads((self.folder / self.manifest["vocab"]).read_text(encoding="utf-8"))["keys"]
+            self._vocab = {t: {k: r + 1 for r, k in enumerate(keys)} for t, keys in saved.items()}
+        if table not in self._vocab:
+            raise InputError(f"no table {table!r}; the model has {sorted(self._vocab)}")
+        position = self._vocab[table]
+        out = np.array([position.get(str(k), 0) for k in keys], np.int32)
+        if unknown == "error" and (out == 0).any():
+            row = int(np.argmax(out == 0))
+            raise InputError(f"table {table!r}, row {row}: unknown key {list(keys)[row]!r}")
+        return out
+
+    def _check_text(self, text: dict) -> dict:
+        spec = self.manifest["text"]
+        if missing := [c for c in spec["columns"] if c not in text]:
+            raise InputError(f"text: missing {missing}; the model reads {spec['columns']}")
+        out = {}
+        for column in spec["columns"]:
+            value = np.asarray(text[column])
+            if value.ndim != 2 or value.shape[1] != spec["dim"] or value.dtype.kind != "f":
+                raise InputError(
+                    f"text[{column!r}]: {value.dtype} {list(value.shape)}; expected float [T, {spec['dim']}]"
+                )
+            out[column] = value.astype(self.text[column].dtype)
+        return out
+
+
+def _load_arrays(path: Path, dtype: str) -> dict[str, jax.Array]:
+    """An .npz of the artifact (bfloat16 arrays are stored as their uint16 bits)."""
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    if dtype == "bfloat16":
+        arrays = {k: v.view(jnp.bfloat16) if v.dtype == np.uint16 else v for k, v in arrays.items()}
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def load(folder: str | Path) -> ServedModel:
+    return ServedModel(folder)

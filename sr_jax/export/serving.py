@@ -1,0 +1,179 @@
+"""The serving artifact: the prediction function as a `jax.export` (StableHLO) module with a symbolic batch
+size, and what it needs beside it, loadable with jax alone (`serve.py`, copied in).
+
+    out/
+      manifest.json      features (shapes, valid ranges, meaning), domains, outputs, text and params files,
+                         the training run's folder, step and fingerprint, jax version, platforms
+      model.jaxexport    serve(params, text, features) -> {"probability": [B], "logit": [B]}
+      params.npz         parameters only (no optimizer state), flat "l0/id_tables/item" names
+      text.npz           the run's dataset's cached text features ("pooled"; "first" for cls gating): rows
+                         the features' *_text columns index. The function takes the table as an input with
+                         a symbolic row count, so another dataset's cache (same encoder) serves as well.
+      vocab.json         the raw key of every table row (row r + 1 <-> keys[table][r])
+      serve.py           the loader
+
+`dtype="bfloat16"` stores parameters and text features in bfloat16 (half the size) and runs the per-domain
+and expert layers in bfloat16 (`model.dtype`); float32 scores equal the trainer's bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sr_jax import model as sr_model
+from sr_jax.data.history import COLUMN as HISTORY
+from sr_jax.data.vocabulary import VOCAB
+from sr_jax.export import serve
+from sr_jax.export.trained import TrainedModel
+from sr_jax.io import atomic_dir
+from sr_jax.model.encoding import SIDES, side_aspects
+from sr_jax.treeutil import flatten, unflatten
+
+FUNCTION, PARAMS, TEXT = "model.jaxexport", "params.npz", "text.npz"
+DTYPES = ("float32", "bfloat16")
+
+
+def features(model: TrainedModel) -> list[dict]:
+    """The inputs the model reads, in order: name, shape ("batch" first), valid range [low, high), meaning."""
+    cfg, meta = model.config.model, model.model_meta
+    aspects = side_aspects(cfg, meta)
+    out = [_feature("domain", 0, meta.num_domains, f"the domain's row of {model.domains}")]
+    for side in SIDES:
+        out.append(_feature(f"{side}_id", 0, meta.vocab[f"{side}_id"], f"{side}'s row in vocab.json (0: missing)"))
+        if "text" in aspects[side]:
+            out.append(_feature(f"{side}_text", -1, "num_texts", f"the {side} text's row of the text table (-1: none)"))
+    for f in meta.sparse_fields:
+        out.append(
+            _feature(
+                f.column, 0, f.vocab, f"row in vocab.json of {f.column} (0: missing)", (f.max_len,) * (f.max_len > 1)
+            )
+        )
+    if cfg.user_history:
+        meaning = "text rows of the items the user clicked before the example, latest last (-1: none)"
+        out.append(_feature(HISTORY, -1, "num_texts", meaning, (cfg.user_history,)))
+    return out
+
+
+def _feature(name: str, low: int, high: int | str, meaning: str, trailing: tuple[int, ...] = ()) -> dict:
+    return {"name": name, "shape": ["batch", *trailing], "dtype": "int32", "low": low, "high": high, "meaning": meaning}
+
+
+def text_columns(model: TrainedModel) -> list[str]:
+    """The text table's columns the model reads: the pooled features, and the first token's for cls gating."""
+    return ["pooled", "first"] if model.config.model.gating == "cls" else ["pooled"]
+
+
+def serving_function(model: TrainedModel, dtype: str):
+    """serve(params {name: array}, text {column: [T, dim]}, features {name: [B, ...] int32}) -> outputs."""
+    cfg = dataclasses.replace(model.config.model, dtype=dtype)
+    graphdef, _ = sr_model.abstract(cfg, model.model_meta, model.text_dim)
+
+    def serve_fn(params: dict[str, jax.Array], text: dict[str, jax.Array], batch: dict[str, jax.Array]):
+        params = unflatten({k: v.astype(jnp.float32) for k, v in params.items()})
+        pooled = text["pooled"].astype(jnp.float32)
+        table = sr_model.TextTable(pooled, text["first"].astype(jnp.float32) if "first" in text else pooled)
+        logits, _ = sr_model.apply(graphdef, params, batch, table)
+        logits = logits.astype(jnp.float32)
+        return {"probability": jax.nn.sigmoid(logits), "logit": logits}
+
+    return serve_fn
+
+
+def stored(params: Any, dtype: str) -> dict[str, np.ndarray]:
+    """Flat parameters in the artifact's dtype (floating leaves cast)."""
+    flat = flatten(params)
+    return {
+        k: np.asarray(v, dtype=jnp.dtype(dtype)) if np.issubdtype(v.dtype, np.floating) else v for k, v in flat.items()
+    }
+
+
+def export(
+    model: TrainedModel,
+    text: sr_model.TextTable,
+    out: str | Path,
+    dtype: str = "float32",
+    platforms: tuple[str, ...] = ("cpu", "cuda"),
+) -> dict:
+    """Writes the artifact of `model` to `out` (atomically: a half-written folder is never left); -> manifest."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
+    started = time.perf_counter()
+    params = stored(model.params, dtype)
+    columns = text_columns(model)
+    table = {c: np.asarray(getattr(text, c), dtype=jnp.dtype(dtype)) for c in columns}
+    spec = features(model)
+    batch, rows = jax.export.symbolic_shape("batch, texts")
+    feature_specs = {f["name"]: jax.ShapeDtypeStruct((batch, *f["shape"][1:]), jnp.int32) for f in spec}
+    text_specs = {c: jax.ShapeDtypeStruct((rows, model.text_dim), table[c].dtype) for c in columns}
+    param_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+    exported = jax.export.export(jax.jit(serving_function(model, dtype)), platforms=platforms)(
+        param_specs, text_specs, feature_specs
+    )
+    serialized = exported.serialize()
+    manifest = {
+        "format": "sr-jax serving artifact",
+        "version": 1,
+        "function": FUNCTION,
+        "features": spec,
+        "outputs": {"probability": "click probability [B] float32", "logit": "its logit [B] float32"},
+        "domains": model.domains,
+        "params": {"file": PARAMS, "dtype": dtype, "count": int(sum(v.size for v in params.values()))},
+        "text": {
+            "file": TEXT,
+            "columns": columns,
+            "dim": model.text_dim,
+            "rows": int(len(table["pooled"])),
+            "encoder": model.run_info["text_encoder"],
+            "fingerprint": model.run_info["text_fingerprint"],
+        },
+        "vocab": VOCAB,
+        "run": {
+            "workdir": str(model.workdir),
+            "dataset": model.run_info["dataset"],
+            "step": model.step,
+            "chosen_by": model.chosen_by,
+            "fingerprint": model.fingerprint,
+            "model": dataclasses.asdict(model.config.model),
+        },
+        "jax_version": jax.__version__,
+        "platforms": list(platforms),
+    }
+    with atomic_dir(Path(out)) as tmp:
+        tmp.chmod(0o755)
+        (tmp / FUNCTION).write_bytes(serialized)
+        _save_arrays(tmp / PARAMS, params)
+        _save_arrays(tmp / TEXT, table)
+        shutil.copyfile(model.workdir / VOCAB, tmp / VOCAB)
+        shutil.copyfile(serve.__file__, tmp / "serve.py")
+        manifest["sha256"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        manifest["export_seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / serve.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz that numpy alone reads (bfloat16 as its uint16 bits; the manifest names the dtype)."""
+    with open(path, "wb") as f:
+        np.savez(f, **{k: v.view(np.uint16) if v.dtype == jnp.bfloat16 else v for k, v in arrays.items()})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def size_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())

@@ -1,0 +1,328 @@
+"""Out of the trainer: the serving artifact (jax alone), batch scoring to Parquet, retrieval vectors,
+safetensors / PyTorch interop and params-only run folders (sr_jax/export, docs/EXPORT.md)."""
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from safetensors.numpy import load_file
+
+from helpers import config
+from sr_jax import metrics, model as sr_model
+from sr_jax.bench.world import bench_meta
+from sr_jax.config import from_dict, ModelConfig
+from sr_jax.export import embeddings, interop, scoring, serving, trained
+from sr_jax.training import evaluation, trainer
+from sr_jax.training.checkpoint import CheckpointError
+from sr_jax.treeutil import flatten, unflatten
+from train import convert, embed, export, predict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A validated run (its result is its best validated step) with sparse fields, text and 7 domains."""
+    workdir = tmp_path_factory.mktemp("export") / "run"
+    trainer.fit(config(train={"epochs": 1, "eval_every": 8}), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def artifact(run_dir):
+    out = run_dir.parent / "served"
+    export.main(["--workdir", str(run_dir), "--out", str(out)])
+    return out
+
+
+def trainer_scores(run_dir: Path, batch_size: int, split: str = "test"):
+    """The trainer's own predictions of the run's result (as eval.json's), at `batch_size`, and the columns."""
+    run = trainer.build_run(dataclasses.replace(trained.load(run_dir).config), run_dir)
+    params = trained.load(run_dir).params
+    columns = run.split(split)
+    probs = evaluation.predict_split(run.steps.predict, params, columns, batch_size, run.put_eval, run.text)
+    run.checkpointer.close()
+    return probs, columns
+
+
+def test_the_run_result_is_its_validated_step(run_dir):
+    model = trained.load(run_dir)
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert model.chosen_by == "validation" and model.step == result["validation"]["step"]
+    assert trained.load(run_dir, step=16).chosen_by == "latest"
+
+
+def test_the_artifact_runs_with_jax_alone_and_equals_the_trainer_bit_for_bit(run_dir, artifact, tmp_path):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    model = trained.load(run_dir)
+    assert manifest["run"]["fingerprint"] == model.fingerprint and manifest["domains"] == model.domains
+    assert [f["name"] for f in manifest["features"]] == [f["name"] for f in serving.features(model)]
+    assert not list(artifact.glob("*checkpoint*")) and "opt_state" not in json.dumps(manifest)
+    listing = convert.inspect(artifact)
+    assert "serving artifact" in listing and "| l0.id_tables.item |" in listing
+    expected = {}
+    for size in (8, 512):  # XLA's CPU kernels round by shape: compare at equal batch sizes
+        probs, columns = trainer_scores(run_dir, size)
+        expected[size] = probs[: 2 * size]
+    names = [f["name"] for f in manifest["features"]]
+    np.savez(tmp_path / "batch.npz", **{n: np.asarray(columns[n])[:1024] for n in names})
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["sr_jax"] = None  # importing it fails: the artifact must not need it
+        sys.modules["train"] = None
+        sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+        sys.path.insert(0, {str(artifact)!r})
+        import numpy as np, serve
+        model = serve.load({str(artifact)!r})
+        cols = np.load({str(tmp_path / "batch.npz")!r})
+        out = {{}}
+        for size in (8, 512):
+            out[str(size)] = np.concatenate(
+                [model({{n: cols[n][i : i + size] for n in model.features}})["probability"] for i in (0, size)]
+            )
+        np.savez({str(tmp_path / "out.npz")!r}, **out)
+        """
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with np.load(tmp_path / "out.npz") as served:
+        for size in (8, 512):
+            np.testing.assert_array_equal(served[str(size)], expected[size])
+
+
+def test_a_bfloat16_artifact_is_half_the_size_and_close(run_dir, artifact, tmp_path):
+    export.main(
+        ["--workdir", str(run_dir), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16", "--platforms", "cpu"]
+    )
+    assert (tmp_path / "bf16" / "params.npz").stat().st_size < 0.55 * (artifact / "params.npz").stat().st_size
+    probs, columns = trainer_scores(run_dir, 512)
+    scorer = scoring.artifact_scorer(tmp_path / "bf16", 512)
+    score = scorer.bind(scoring.text_table(scorer, trained.load(run_dir).dataset()))
+    served = np.concatenate([score(b)[:n] for b, n in evaluation.sequential_batches(columns, 512)])
+    assert np.abs(served - probs).max() < 0.02 and not np.array_equal(served, probs)
+
+
+def test_bad_input_to_the_served_model_is_named(artifact):
+    sys.path.insert(0, str(artifact))
+    try:
+        import serve
+    finally:
+        sys.path.remove(str(artifact))
+    model = serve.load(artifact)
+    n = 4
+    batch = {name: np.zeros((n, *spec["shape"][1:]), np.int32) for name, spec in model.features.items()}
+    batch["query_text"] = np.full(n, -1, np.int32)
+    assert model(batch)["probability"].shape == (n,)
+    cases = [
+        ({k: v for k, v in batch.items() if k != "item_id"}, "missing feature(s) ['item_id']"),
+        ({**batch, "user_id": batch["user_id"].astype(np.float32)}, "feature 'user_id': dtype float32"),
+        (
+            {**batch, "item_id": np.array([0, 1, 10**6, 2], np.int32)},
+            "feature 'item_id', row 2: 1000000 is out of range",
+        ),
+        ({**batch, "domain": np.array(["search_shop"] * 3 + ["nowhere"])}, "row 3: unknown domain 'nowhere'"),
+        ({**batch, "item_text": np.zeros((n, 2), np.int32)}, "feature 'item_text': shape [4, 2]; expected [B]"),
+        ({**batch, "label": np.zeros(3)} | {"user_id": np.zeros(3, np.int32)}, "feature 'user_id': 3 rows"),
+        ({k: v[:0] for k, v in batch.items()}, "an empty batch"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(serve.InputError, match=re.escape(message)):
+            model(bad)
+    keys = json.loads((artifact / "vocab.json").read_text())["keys"]["item_id"]
+    np.testing.assert_array_equal(model.rows("item_id", [keys[4], "never-seen"]), [5, 0])
+    with pytest.raises(serve.InputError, match="row 1: unknown key 'never-seen'"):
+        model.rows("item_id", [keys[4], "never-seen"], unknown="error")
+    names = model.domains[:2]
+    by_name = model({**batch, "domain": np.array(names * 2)})["logit"]
+    by_row = model({**batch, "domain": np.array([0, 1, 0, 1], np.int32)})["logit"]
+    np.testing.assert_array_equal(by_name, by_row)
+
+
+def test_predict_writes_eval_s_scores_to_parquet_and_resumes_after_a_kill(run_dir, artifact, tmp_path):
+    probs, _ = trainer_scores(run_dir, 512)
+    out = tmp_path / "scores.parquet"
+    predict.main(["--workdir", str(run_dir), "--out", str(out), "--part-rows", "512"])
+    table = pq.read_table(out)
+    assert table.column_names == ["row", "domain", "user_key", "query_key", "item_key", "score", "label"]
+    np.testing.assert_array_equal(table["score"].to_numpy(), probs.astype(np.float32))
+    result = json.loads((run_dir / "eval.json").read_text())
+    domains, labels, scores = (table[c].to_numpy() for c in ("domain", "label", "score"))
+    domains = np.asarray(table["domain"].to_pylist())
+    for name, m in result["domains"].items():
+        assert metrics.auc(labels[domains == name], scores[domains == name]) == pytest.approx(m["auc"], abs=1e-12)
+    dataset = trained.load(run_dir).dataset()
+    raw = dataset.split("test")
+    assert table["item_key"][3].as_py() == dataset.keys()["item_id"][int(raw["item_id"][3]) - 1]
+
+    # killed after its first part; the same command again scores the second part only
+    scorer = scoring.artifact_scorer(artifact, 256)
+    calls = []
+
+    def dying(text):
+        score = scorer.bind(text)
+
+        def call(batch):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return score(batch)
+
+        return call
+
+    resumed = tmp_path / "resumed.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        scoring.predict(dataclasses.replace(scorer, bind=dying), dataset.root, "test", resumed, part_rows=512)
+    assert [p.name for p in sorted((tmp_path / "resumed.parquet.parts").glob("part-*"))] == ["part-00000.parquet"]
+    calls.clear()
+    summary = scoring.predict(dataclasses.replace(scorer, bind=dying), dataset.root, "test", resumed, part_rows=512)
+    assert summary["parts_reused"] == 1 and len(calls) == 2 and not (tmp_path / "resumed.parquet.parts").exists()
+    np.testing.assert_array_equal(pq.read_table(resumed)["score"].to_numpy(), probs.astype(np.float32))
+    with pytest.raises(SystemExit):  # an artifact carries no dataset
+        predict.main(["--artifact", str(artifact), "--out", str(tmp_path / "x.parquet")])
+
+
+def test_predict_refuses_the_parts_of_another_job(run_dir, artifact, tmp_path):
+    dataset = trained.load(run_dir).dataset()
+    out = tmp_path / "s.parquet"
+    (tmp_path / "s.parquet.parts").mkdir()
+    (tmp_path / "s.parquet.parts" / "job.json").write_text(json.dumps({"split": "valid"}))
+    with pytest.raises(ValueError, match="holds the parts of another scoring job"):
+        scoring.predict(scoring.artifact_scorer(artifact), dataset.root, "test", out)
+
+
+def test_embeddings_are_what_the_network_reads(run_dir, tmp_path):
+    embed.main(["--workdir", str(run_dir), "--out", str(tmp_path / "emb"), "--recall-queries", "20"])
+    items, queries = (
+        pq.read_table(tmp_path / "emb" / "items.parquet"),
+        pq.read_table(tmp_path / "emb" / "queries.parquet"),
+    )
+    model = trained.load(run_dir)
+    dataset = model.dataset()
+    raw = dataset.split("test")
+    keys = {t: dataset.keys()[t] for t in ("user_id", "query_id", "item_id")}
+    item_at = {(d, k): i for i, (d, k) in enumerate(zip(items["domain"].to_pylist(), items["item_key"].to_pylist()))}
+    query_at = {
+        (d, u, q): i
+        for i, (d, u, q) in enumerate(zip(*(queries[c].to_pylist() for c in ("domain", "user_key", "query_key"))))
+    }
+    item_vec, user_vec, query_vec = (
+        embeddings.matrix(t[c]) for t, c in ((items, "vector"), (queries, "user_vector"), (queries, "query_vector"))
+    )
+
+    def key(table, i):
+        return keys[table][int(raw[table][i]) - 1] if raw[table][i] else None
+
+    rows = [0, 1, 2, 3, 17, 99]
+    picked_items = [item_at[(model.domains[raw["domain"][i]], key("item_id", i))] for i in rows]
+    picked_queries = [query_at[(model.domains[raw["domain"][i]], key("user_id", i), key("query_id", i))] for i in rows]
+    fused = {"user": user_vec[picked_queries], "query": query_vec[picked_queries], "item": item_vec[picked_items]}
+    domain = np.asarray(raw["domain"])[rows].astype(np.int32)
+    from_vectors = sr_model.from_sides(model.graphdef, model.params, fused, domain)
+    text = model.text_table()
+    batch = {k: np.asarray(v)[rows] for k, v in raw.items()}
+    logits, _ = sr_model.apply(model.graphdef, model.params, batch, sr_model.TextTable(*map(np.asarray, text)))
+    np.testing.assert_allclose(from_vectors, logits, rtol=1e-5, atol=1e-6)
+    first = picked_items[0]
+    np.testing.assert_array_equal(
+        embeddings.matrix(items["id_vector"])[first],
+        model.params["l0"]["id_tables"]["item"][items["item_row"][first].as_py()],
+    )
+    np.testing.assert_array_equal(
+        embeddings.matrix(items["text_vector"])[first], np.asarray(text.pooled)[raw["item_text"][0]]
+    )
+    # the retrieval vector is the logit's slope along h_item at the domain's mean item
+    k = int(domain[0])
+    mean = item_vec[np.asarray(items["domain"].to_pylist()) == model.domains[k]].mean(0)
+    direction = np.random.default_rng(0).standard_normal(mean.shape).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    q = picked_queries[0]
+
+    def logit(h):
+        sides = {"user": user_vec[q : q + 1], "query": query_vec[q : q + 1], "item": h[None]}
+        return float(sr_model.from_sides(model.graphdef, model.params, sides, np.array([k], np.int32))[0])
+
+    eps = 1e-3  # the item vectors' scale is ~0.05: a small step keeps to the tangent
+    slope = (logit(mean + eps * direction) - logit(mean - eps * direction)) / (2 * eps)
+    assert slope == pytest.approx(
+        float(embeddings.matrix(queries["retrieval_vector"])[q] @ direction), rel=1e-2, abs=1e-4
+    )
+    recall = json.loads((tmp_path / "emb" / "retrieval.json").read_text())
+    better = [r["recall@10/retrieval_vector"] > 10 / r["items"] for r in recall.values()]
+    assert len(recall) >= 5 and all(better)  # better than drawing 10 items at random, in every domain
+
+
+def test_safetensors_and_torch_names_round_trip_exactly(run_dir, tmp_path):
+    model = trained.load(run_dir)
+    convert.main(["to-safetensors", str(run_dir), str(tmp_path / "p.safetensors")])
+    flat = load_file(str(tmp_path / "p.safetensors"))
+    assert "l1.backbone.experts.layers.0.kernel" in flat
+    back = unflatten({k.replace(".", "/"): v for k, v in flat.items()})
+    jax.tree.map(np.testing.assert_array_equal, back, model.params)
+    convert.main(["to-torch", str(run_dir), str(tmp_path / "t.safetensors")])
+    state = load_file(str(tmp_path / "t.safetensors"))
+    assert {"dal_kernel", "experts.1", "id_tables.item", "sparse_proj.item_brand_kernel"} <= set(state)
+    convert.main(
+        ["from-torch", str(tmp_path / "t.safetensors"), "--like", str(run_dir), "--out", str(tmp_path / "back")]
+    )
+    jax.tree.map(np.testing.assert_array_equal, trained.load(tmp_path / "back").params, model.params)
+    broken = {k: v for k, v in state.items() if k != "gate_bias"} | {
+        "dal_bias": np.zeros(3, np.float32),
+        "extra": state["gate_bias"],
+    }
+    with pytest.raises(CheckpointError) as e:
+        interop.from_torch_state_dict(broken, model.params)
+    assert "missing gate_bias (params/l2/gate/bias" in str(e.value) and "unknown entry extra" in str(e.value)
+    assert "dal_bias (params/l1/adapter/proj/bias) has shape (3,)" in str(e.value)
+    with pytest.raises(NotImplementedError, match="l1/backbone/shared"):
+        interop.torch_name("l1/backbone/shared/layers/0/kernel")
+    listing = convert.inspect(tmp_path / "t.safetensors")
+    assert "torch state_dict" in listing and "| dal_kernel |" in listing
+
+
+def test_the_committed_torch_reference_loads_into_the_jax_model():
+    """tests/data/torch_sr_reference.npz was made by TorchSRModel in a torch environment
+    (tests/data/make_torch_sr_reference.py): the name map, the shapes and the logits hold without torch."""
+    with np.load(REPO / "tests" / "data" / "torch_sr_reference.npz") as ref:
+        ref = {k: ref[k] for k in ref.files}
+    state = {k[len("state/") :]: v for k, v in ref.items() if k.startswith("state/")}
+    batch = {k[len("batch/") :]: v for k, v in ref.items() if k.startswith("batch/")}
+    cfg = from_dict(ModelConfig, json.loads(str(ref["model_config"])))
+    meta = bench_meta(**json.loads(str(ref["meta"])))
+    graphdef, like = sr_model.abstract(cfg, meta, ref["text"].shape[1])
+    assert sorted(interop.torch_state_dict(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), like))) == list(
+        ref["module_keys"]
+    )
+    params = interop.from_torch_state_dict(state, like)
+    logits, aux = sr_model.apply(graphdef, params, batch, sr_model.TextTable(ref["text"], ref["text"]))
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], rtol=1e-5, atol=1e-5)
+    assert float(aux["reg"]) == pytest.approx(float(ref["reg"]), rel=1e-4)
+    again = interop.torch_state_dict(params)
+    assert all(np.array_equal(again[k], v) for k, v in state.items()) and again.keys() == state.keys()
+
+
+def test_a_bfloat16_params_only_folder_fine_tunes_and_inspects(run_dir, tmp_path):
+    convert.main(["params", str(run_dir), str(tmp_path / "small"), "--dtype", "bfloat16"])
+    model, small = trained.load(run_dir), trained.load(tmp_path / "small")
+    expected = jax.tree.map(lambda v: np.asarray(v.astype(jax.numpy.bfloat16), np.float32), model.params)
+    jax.tree.map(np.testing.assert_array_equal, small.params, expected)
+
+    def size(folder):
+        return sum(p.stat().st_size for p in (folder / "checkpoints").rglob("*") if p.is_file())
+
+    assert size(tmp_path / "small") < 0.25 * size(run_dir)  # no optimizer state (2x), 16 bits (2x), one step
+    listing = convert.inspect(tmp_path / "small")
+    assert "(params only)" in listing and "opt_state" not in listing
+    assert "| params/l0/id_tables/item | (128, 32) | bfloat16 | L0 |" in listing
+    cfg = config(train={"epochs": 1, "eval_every": 0}, finetune={"pretrained": str(tmp_path / "small")})
+    result = trainer.fit(cfg, tmp_path / "tuned")
+    assert result["mean_domain_auc"] > 0.5
+    assert flatten(small.params).keys() == flatten(model.params).keys()
