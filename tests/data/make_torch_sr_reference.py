@@ -4,8 +4,8 @@
 Run once, in an environment with torch beside sr-jax's own (torch is not a dependency of sr-jax):
     PYTHONPATH=.:.venv/lib/python3.11/site-packages TORCH_VENV/bin/python tests/data/make_torch_sr_reference.py \
         tests/data/torch_sr_reference.npz
-It saves the state_dict of a small random model (the bench model, narrower: 3 domains, sparse fields), the module's own state_dict keys (to
-catch a renamed parameter), a batch and the module's logits and regularizer on it.
+It saves the state_dict of a small random model (the bench model, narrower: 3 domains, sparse fields), the
+module's own state_dict keys (to catch a renamed parameter), a batch and the module's logits and regularizer.
 """
 
 import dataclasses
