@@ -326,3 +326,45 @@ def test_a_bfloat16_params_only_folder_fine_tunes_and_inspects(run_dir, tmp_path
     result = trainer.fit(cfg, tmp_path / "tuned")
     assert result["mean_domain_auc"] > 0.5
     assert flatten(small.params).keys() == flatten(model.params).keys()
+
+
+def test_evaluate_export_and_scoring_read_the_run_s_result_not_its_latest_step(run_dir, tmp_path):
+    """A run that validated is judged by its best validated step: train.evaluate, export and predict use it."""
+    import shutil
+
+    from sr_jax.training.checkpoint import BestCheckpoint
+    from train import evaluate
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    latest = trained.load(copy, step=16).params
+    other = jax.tree.map(np.copy, latest)
+    other["l0"]["id_tables"]["item"][:] = 0.0  # another model: the ids' item aspect gone
+    best = BestCheckpoint(copy / "best")
+    best.save(17, other, score=2.0)  # a better validation score than any real one
+    best.close()
+    assert trained.load(copy).step == 17
+    again = evaluate.main(["--workdir", str(copy), "--split", "test"])
+    run = trainer.build_run(trained.load(copy).config, copy)
+    assert again["mean_domain_auc"] == trainer.evaluate(run, other, "test")["mean_domain_auc"]
+    assert again["mean_domain_auc"] != trainer.evaluate(run, latest, "test")["mean_domain_auc"]
+    run.checkpointer.close()
+
+
+def test_bench_export_writes_its_report(run_dir, tmp_path):
+    from train import bench_export
+
+    rows = bench_export.main(
+        ["--workdir", str(run_dir), "--vocab", "300", "--batch", "64", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    assert [(r["model"], r["dtype"]) for r in rows] == [
+        ("run", "float32"),
+        ("run", "bfloat16"),
+        ("bench 300 rows/field", "float32"),
+        ("bench 300 rows/field", "bfloat16"),
+    ]
+    for r in rows:
+        assert r["trainer_predict_ex_s"] > 0 and r["exported_ex_s"] > 0 and r["served_end_to_end_ex_s"] > 0
+    assert rows[1]["params_mib"] < 0.55 * rows[0]["params_mib"]
+    assert "| bench 300 rows/field | bfloat16 |" in (tmp_path / "bench_export.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # the artifacts were scratch

@@ -1,4 +1,7 @@
-"""Re-evaluate a run's latest checkpoint, parameters only: `python -m train.evaluate --workdir DIR [--split NAME]`."""
+"""Re-evaluate a run's result, parameters only: `python -m train.evaluate --workdir DIR [--split NAME]`.
+
+The result is the best validated step when the run validated (the parameters its eval.json reports), else the
+latest checkpoint."""
 
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     cli.setup()
     run = trainer.build_run(load_config(f"{args.workdir}/config.json"), args.workdir)
-    params = trainer.restore_params(run)
+    params = trainer.result_params(run)
     run.checkpointer.close()
+    if run.best is not None:
+        run.best.close()
     result = trainer.evaluate(run, params, args.split)
     evaluation.write_report(args.workdir, result, name=f"eval_{result['split']}" if args.split else "eval")
     print(evaluation.markdown_table(result))

@@ -609,6 +609,14 @@ def restore_params(run: Run, step: int = -1) -> Any:
         reader.close()
 
 
+def result_params(run: Run) -> Any:
+    """The run's result: its best validated parameters when it validated (what its eval.json reports), else its
+    latest checkpoint's."""
+    if run.best is not None and run.best.best() is not None:
+        return run.best.restore(run.steps.abstract_state.params)
+    return restore_params(run)
+
+
 def position(run: Run, step: int) -> dict:
     """Where the data stand after `step`, and the validation scores so far (what early stopping decides on)."""
     epoch, batch = divmod(step, run.steps_per_epoch)
