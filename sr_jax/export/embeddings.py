@@ -39,7 +39,7 @@ from sr_jax import model as sr_model
 from sr_jax.data import history
 from sr_jax.data.pipeline import sequential_batches
 from sr_jax.data.store import Dataset
-from sr_jax.export.scoring import model_columns, run_scorer, text_table
+from sr_jax.export.scoring import model_columns, raw_keys, run_scorer, text_table
 from sr_jax.export.trained import TrainedModel
 from sr_jax.io import atomic_dir
 
@@ -113,11 +113,6 @@ def _vectors(a: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
 
 
-def _keys(dataset: Dataset, table: str, ids: np.ndarray) -> pa.Array:
-    keys = np.array([None, *dataset.keys()[table]], dtype=object)
-    return pa.array(keys[ids], pa.string())
-
-
 def embed(
     model: TrainedModel,
     dataset: Dataset,
@@ -134,14 +129,12 @@ def embed(
     text = text_table(scorer, dataset)
     towers = Towers(model, text, batch_size)
     item_tables, mean_item = [], {}
-    all_items = {s: model_columns(scorer, dataset, s) for s in dataset.meta.splits}
-    raw_items = {s: dataset.split(s) for s in dataset.meta.splits}
+    # every split's item-side columns, in the model's rows, and the dataset's own item ids (for their keys)
+    splits = [model_columns(scorer, dataset, s) for s in dataset.meta.splits]
     merged = {
-        c: np.concatenate([np.asarray(all_items[s][c]) for s in all_items])
-        for c in ["domain", *_side_columns(model, "item")]
-        if c in all_items[next(iter(all_items))]
+        c: np.concatenate([np.asarray(cols[c]) for cols in splits]) for c in ["domain", *_side_columns(model, "item")]
     }
-    raw_item_ids = np.concatenate([np.asarray(raw_items[s]["item_id"]) for s in raw_items])
+    raw_item_ids = np.concatenate([np.asarray(dataset.split(s)["item_id"]) for s in dataset.meta.splits])
     keep = _unique_rows({"domain": merged["domain"], "item": raw_item_ids}, ["item"])
     keep = keep[raw_item_ids[keep] > 0]
     pooled = np.asarray(text.pooled)
@@ -158,11 +151,11 @@ def embed(
             pa.table(
                 {
                     "domain": pa.array([model.domains[k]] * len(rows)),
-                    "item_key": _keys(dataset, "item_id", raw_item_ids[rows]),
+                    "item_key": raw_keys(dataset, "item_id", raw_item_ids[rows]),
                     "item_row": pa.array(columns["item_id"]),
                     "vector": _vectors(fused),
                     "id_vector": _vectors(model.params["l0"]["id_tables"]["item"][columns["item_id"]]),
-                    "text_vector": pa.array(text_vectors, mask=pa.array(texts < 0).to_numpy(zero_copy_only=False)),
+                    "text_vector": pa.array(text_vectors, mask=texts < 0),
                 }
             )
         )
@@ -194,8 +187,8 @@ def embed(
             pa.table(
                 {
                     "domain": pa.array([model.domains[k]] * len(rows)),
-                    "user_key": _keys(dataset, "user_id", np.asarray(raw["user_id"])[rows]),
-                    "query_key": _keys(dataset, "query_id", np.asarray(raw["query_id"])[rows]),
+                    "user_key": raw_keys(dataset, "user_id", np.asarray(raw["user_id"])[rows]),
+                    "query_key": raw_keys(dataset, "query_id", np.asarray(raw["query_id"])[rows]),
                     "user_vector": _vectors(fused["user"]),
                     "query_vector": _vectors(fused["query"]),
                     "retrieval_vector": _vectors(gradient),
@@ -203,7 +196,7 @@ def embed(
                         _vectors(
                             pooled[np.maximum(texts, 0)] if model.config.model.use_text else np.zeros((len(rows), 1))
                         ),
-                        mask=pa.array(texts < 0).to_numpy(zero_copy_only=False),
+                        mask=texts < 0,
                     ),
                 }
             )

@@ -135,7 +135,8 @@ def text_table(scorer: Scorer, dataset: Dataset) -> sr_model.TextTable:
     return sr_model.TextTable(*dataset.text_cache(name))
 
 
-def _keys(dataset: Dataset, table: str, ids: np.ndarray) -> pa.Array:
+def raw_keys(dataset: Dataset, table: str, ids: np.ndarray) -> pa.Array:
+    """The dataset's raw key of each id of `table` (null for 0, missing)."""
     keys = np.array([None, *dataset.keys()[table]], dtype=object)
     return pa.array(keys[ids], pa.string())
 
@@ -185,9 +186,9 @@ def predict(
                 {
                     "row": pa.array(np.arange(start, stop, dtype=np.int64)),
                     "domain": pa.DictionaryArray.from_arrays(pa.array(domain, pa.int32()), pa.array(names)),
-                    "user_key": _keys(dataset, "user_id", np.asarray(raw["user_id"][start:stop])),
-                    "query_key": _keys(dataset, "query_id", np.asarray(raw["query_id"][start:stop])),
-                    "item_key": _keys(dataset, "item_id", np.asarray(raw["item_id"][start:stop])),
+                    "user_key": raw_keys(dataset, "user_id", np.asarray(raw["user_id"][start:stop])),
+                    "query_key": raw_keys(dataset, "query_id", np.asarray(raw["query_id"][start:stop])),
+                    "item_key": raw_keys(dataset, "item_id", np.asarray(raw["item_id"][start:stop])),
                     "score": pa.array(probs.astype(np.float32)),
                     "label": pa.array(np.asarray(raw["label"][start:stop]).astype(np.int8)),
                 }
