@@ -13,7 +13,7 @@ size, and what it needs beside it, loadable with jax alone (`serve.py`, copied i
       serve.py           the loader
 
 `dtype="bfloat16"` stores parameters and text features in bfloat16 (half the size) and runs the per-domain
-and expert layers in bfloat16 (`model.dtype`); float32 scores equal the trainer's bit for bit.
+and expert layers in bfloat16 (`model.dtype`); float32 scores equal the trainer's bit for bit at equal batch sizes.
 """
 
 from __future__ import annotations
