@@ -128,7 +128,7 @@ def embed(
     scorer = run_scorer(model, batch_size)
     text = text_table(scorer, dataset)
     towers = Towers(model, text, batch_size)
-    item_tables, mean_item = [], {}
+    item_tables, mean_item, keys = [], {}, dataset.keys()
     # every split's item-side columns, in the model's rows, and the dataset's own item ids (for their keys)
     splits = [model_columns(scorer, dataset, s) for s in dataset.meta.splits]
     merged = {
@@ -151,7 +151,7 @@ def embed(
             pa.table(
                 {
                     "domain": pa.array([model.domains[k]] * len(rows)),
-                    "item_key": raw_keys(dataset, "item_id", raw_item_ids[rows]),
+                    "item_key": raw_keys(keys, "item_id", raw_item_ids[rows]),
                     "item_row": pa.array(columns["item_id"]),
                     "vector": _vectors(fused),
                     "id_vector": _vectors(model.params["l0"]["id_tables"]["item"][columns["item_id"]]),
@@ -187,8 +187,8 @@ def embed(
             pa.table(
                 {
                     "domain": pa.array([model.domains[k]] * len(rows)),
-                    "user_key": raw_keys(dataset, "user_id", np.asarray(raw["user_id"])[rows]),
-                    "query_key": raw_keys(dataset, "query_id", np.asarray(raw["query_id"])[rows]),
+                    "user_key": raw_keys(keys, "user_id", np.asarray(raw["user_id"])[rows]),
+                    "query_key": raw_keys(keys, "query_id", np.asarray(raw["query_id"])[rows]),
                     "user_vector": _vectors(fused["user"]),
                     "query_vector": _vectors(fused["query"]),
                     "retrieval_vector": _vectors(gradient),

@@ -31,7 +31,7 @@ from sr_jax import model as sr_model
 from sr_jax.data import history, vocabulary
 from sr_jax.data.pipeline import sequential_batches
 from sr_jax.data.store import Dataset, open_dataset
-from sr_jax.export.trained import TrainedModel
+from sr_jax.export.trained import TrainedModel, read_text_table
 from sr_jax.io import atomic_file
 
 
@@ -131,14 +131,12 @@ def text_table(scorer: Scorer, dataset: Dataset) -> sr_model.TextTable:
         zero = np.zeros((1, 1), np.float32)
         return sr_model.TextTable(zero, zero)
     name, fingerprint = scorer.text_encoder
-    dataset.text_cache_info(name, fingerprint)
-    return sr_model.TextTable(*dataset.text_cache(name))
+    return read_text_table(dataset, {"text_encoder": name, "text_fingerprint": fingerprint})
 
 
-def raw_keys(dataset: Dataset, table: str, ids: np.ndarray) -> pa.Array:
-    """The dataset's raw key of each id of `table` (null for 0, missing)."""
-    keys = np.array([None, *dataset.keys()[table]], dtype=object)
-    return pa.array(keys[ids], pa.string())
+def raw_keys(keys: dict[str, list[str]], table: str, ids: np.ndarray) -> pa.Array:
+    """The raw key of each id of `table` (`keys`: the dataset's `keys()`, read once; null for 0, missing)."""
+    return pa.array(np.array([None, *keys[table]], dtype=object)[ids], pa.string())
 
 
 def predict(
@@ -169,7 +167,7 @@ def predict(
     }
     _start_parts(parts, job, overwrite)
     score = scorer.bind(text_table(scorer, dataset))
-    names = [d.name for d in dataset.meta.domains]
+    names, keys = [d.name for d in dataset.meta.domains], dataset.keys()
     starts = list(range(0, size, part_rows))
     reused = sum((parts / _part_name(i)).exists() for i in range(len(starts)))
     started, scored = time.perf_counter(), 0
@@ -186,9 +184,9 @@ def predict(
                 {
                     "row": pa.array(np.arange(start, stop, dtype=np.int64)),
                     "domain": pa.DictionaryArray.from_arrays(pa.array(domain, pa.int32()), pa.array(names)),
-                    "user_key": raw_keys(dataset, "user_id", np.asarray(raw["user_id"][start:stop])),
-                    "query_key": raw_keys(dataset, "query_id", np.asarray(raw["query_id"][start:stop])),
-                    "item_key": raw_keys(dataset, "item_id", np.asarray(raw["item_id"][start:stop])),
+                    "user_key": raw_keys(keys, "user_id", np.asarray(raw["user_id"][start:stop])),
+                    "query_key": raw_keys(keys, "query_id", np.asarray(raw["query_id"][start:stop])),
+                    "item_key": raw_keys(keys, "item_id", np.asarray(raw["item_id"][start:stop])),
                     "score": pa.array(probs.astype(np.float32)),
                     "label": pa.array(np.asarray(raw["label"][start:stop]).astype(np.int8)),
                 }
