@@ -37,7 +37,9 @@ class DataConfig:
     # Dataset folder in the store format. Empty: generate the synthetic dataset (cached by its config).
     path: str = ""
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
-    text_encoder: str = "all-MiniLM-L6-v2"  # hashed-bow | a packaged encoder name | a checkpoint folder
+    # hashed-bow | a packaged encoder name | a checkpoint folder (BERT family or decoder LM), optionally with
+    # feature options: FOLDER?pooling=last&dim=256&instruction=... (docs/TEXT_FEATURES.md)
+    text_encoder: str = "all-MiniLM-L6-v2"
     train_split: str = "train"
     train_fraction: float = 1.0  # train on this fraction of the train split (a subset drawn with train.seed)
     domains: tuple[str, ...] = ()  # train and evaluate on these domains only (one model per domain); empty: all
@@ -335,11 +337,13 @@ def validate_model(cfg: ModelConfig) -> list[str]:
 def absolute_paths(cfg: Config) -> Config:
     """`cfg` with its folders (the dataset, the pretrained run, a text encoder checkpoint folder) absolute,
     so that a saved config means the same folders from any working directory."""
-    encoder = cfg.data.text_encoder
+    encoder, options = cfg.data.text_encoder.partition("?")[::2]  # a folder, then its feature options
+    if Path(encoder).is_dir():
+        encoder = str(Path(encoder).absolute()) + (f"?{options}" if options else "")
+    else:
+        encoder = cfg.data.text_encoder
     data = dataclasses.replace(
-        cfg.data,
-        path=str(Path(cfg.data.path).absolute()) if cfg.data.path else "",
-        text_encoder=str(Path(encoder).absolute()) if Path(encoder).is_dir() else encoder,
+        cfg.data, path=str(Path(cfg.data.path).absolute()) if cfg.data.path else "", text_encoder=encoder
     )
     tune = cfg.finetune
     pretrained = str(Path(tune.pretrained).absolute()) if tune.pretrained else ""

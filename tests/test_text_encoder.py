@@ -61,17 +61,17 @@ def test_roberta_positions_match_pytorch(tmp_path, prefix):
     import jax.numpy as jnp
     from flax import nnx
 
-    from sr_jax.text.bert import BertConfig, BertEncoder, params_from_safetensors
+    from sr_jax.text.encoder import abstract_module, describe, load_params
 
     weights = load_file(str(ROBERTA / "tiny_roberta" / "model.safetensors"))
     save_file({prefix + k: v for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
-    cfg = BertConfig.from_file(ROBERTA / "tiny_roberta" / "config.json")
+    shutil.copy(ROBERTA / "tiny_roberta" / "config.json", tmp_path / "config.json")
+    shutil.copy(resolve("all-MiniLM-L6-v2") / "tokenizer.json", tmp_path / "tokenizer.json")
+    spec = describe(tmp_path)
+    cfg = spec.config
     assert cfg.roberta_positions and cfg.max_tokens == 40
     ref = np.load(ROBERTA / "roberta_reference.npz")
-    encoder = nnx.merge(
-        nnx.graphdef(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))),
-        params_from_safetensors(tmp_path / "model.safetensors", cfg),
-    )
+    encoder = nnx.merge(nnx.graphdef(abstract_module(spec)), load_params(spec))
     hidden = np.asarray(encoder(jnp.asarray(ref["ids"], jnp.int32), jnp.asarray(ref["mask"], jnp.int32)))
     real = ref["mask"].astype(bool)
     np.testing.assert_allclose(hidden[real], ref["hidden"][real], rtol=1e-4, atol=1e-5)
@@ -143,7 +143,7 @@ def test_bert_prefix_is_optional(tmp_path):
         (
             lambda w: w.update({"encoder.layer.0.attention.self.extra.weight": np.zeros(3, np.float32)}),
             KeyError,
-            "unknown weight 'encoder.layer.0.attention.self.extra.weight'",
+            "tensor 'encoder.layer.0.attention.self.extra.weight' is unknown to this model",
         ),
         (
             lambda w: w.pop("encoder.layer.1.output.dense.bias"),
@@ -153,7 +153,7 @@ def test_bert_prefix_is_optional(tmp_path):
         (
             lambda w: w.update({"embeddings.LayerNorm.bias": np.zeros(7, np.float32)}),
             ValueError,
-            r"weight 'embeddings.LayerNorm.bias' has shape \(7,\), the config implies \(32,\)",
+            r"tensor 'embeddings.LayerNorm.bias' has shape \(7,\), the config implies \(32,\)",
         ),
     ],
 )
@@ -175,7 +175,7 @@ def test_missing_files_and_names_are_clear_errors(tmp_path):
         load_encoder(tmp_path / "nowhere")
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({**TINY_BERT, "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="not a BERT-family encoder"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not one sr-jax can load"):
         load_encoder(tmp_path / "gpt")
 
 
@@ -210,7 +210,7 @@ class _Counting:
 
     def __init__(self, inner, fail_on: int | None = None):
         self.inner, self.fail_on, self.calls = inner, fail_on, 0
-        self.name, self.dim = inner.name, inner.dim
+        self.name, self.dim, self.query_prefix = inner.name, inner.dim, inner.query_prefix
 
     def fingerprint(self):
         return self.inner.fingerprint()

@@ -1,6 +1,6 @@
 """Checkpoint conversions (docs/EXPORT.md).
 
-    python -m train.convert hf-to-orbax --src PATH_OR_NAME --dst DIR   # HF encoder -> orbax encoder folder
+    python -m train.convert hf-to-orbax --src SPEC --dst DIR [--dtype bfloat16]  # HF text model -> orbax folder
     python -m train.convert params RUN OUT [--dtype bfloat16]          # params-only run folder (no optimizer state)
     python -m train.convert to-safetensors RUN OUT.safetensors          # flat, dot-named parameters
     python -m train.convert to-torch RUN OUT.safetensors|OUT.pt         # the PyTorch reference's state_dict
@@ -118,9 +118,10 @@ def inspect(path: str | Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("hf-to-orbax", help="a Hugging Face BERT-family folder -> an orbax encoder folder")
-    conv.add_argument("--src", required=True, help="folder, or a packaged name such as all-MiniLM-L6-v2")
+    conv = sub.add_parser("hf-to-orbax", help="a Hugging Face text model folder -> an orbax encoder folder")
+    conv.add_argument("--src", required=True, help="folder or packaged name (all-MiniLM-L6-v2), [?feature options]")
     conv.add_argument("--dst", required=True)
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="a decoder's weight dtype")
     for name, what in [
         ("params", "a params-only run folder (float32 or bfloat16), for fine-tuning, evaluation and export"),
         ("to-safetensors", "the parameters as one flat safetensors file"),
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "hf-to-orbax":
         from sr_jax.text.conversion import hf_to_orbax
 
-        print(f"wrote {hf_to_orbax(args.src, args.dst)}")
+        print(f"wrote {hf_to_orbax(args.src, args.dst, args.dtype)}")
     elif args.command == "inspect":
         print(inspect(args.path))
     elif args.command == "from-torch":

@@ -1,9 +1,10 @@
 """A BERT-family text encoder in Flax NNX (BERT, MiniLM, RoBERTa and relatives), loaded from Hugging Face
 files.
 
-No PyTorch: the config comes from `config.json`, the weights from `model.safetensors` (keys with or
-without a `bert.` / `roberta.` prefix), the tokenizer from `tokenizer.json` (the `tokenizers` library). The
-encoder is frozen: it is only ever called under jit to fill a dataset's text cache.
+No PyTorch: the config comes from `config.json`, the weights from safetensors (keys with or without a
+`bert.` / `roberta.` prefix; `hf_weights.py`), the tokenizer from `tokenizer.json` (the `tokenizers`
+library). The encoder is frozen: it is only ever called under jit to fill a dataset's text cache
+(`encoder.py` pools and loads it).
 
 BERT numbers positions 0..L-1. RoBERTa (and XLM-RoBERTa) number the non-padding tokens from
 pad_token_id + 1 and give padding the position pad_token_id (transformers'
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sr_jax.text.hf_weights import Entry, copy, transposed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,29 +118,14 @@ class BertEncoder(nnx.Module):
         return x
 
 
-def pool(hidden: jax.Array, mask: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array]:
-    """(attention-masked mean, first-token vector), each [B, H]; the mean L2-normalised when `normalize`
-    (as sentence-transformers' Normalize module does), the first token as the encoder left it."""
-    m = mask[..., None].astype(hidden.dtype)
-    mean = (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
-    if normalize:
-        mean = mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
-    return mean, hidden[:, 0]
-
-
-def abstract_params(cfg: BertConfig) -> dict:
-    """The encoder's parameter tree as shapes and dtypes (no computation)."""
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))))
-
-
-# Hugging Face key (after an optional "bert." prefix) -> (our param path, transpose?)
-def hf_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, bool]]:
+def hf_key_map(cfg: BertConfig) -> dict[str, Entry]:
+    """Hugging Face key (after an optional `bert.` / `roberta.` prefix) -> where it goes in BertEncoder."""
     keys = {
-        "embeddings.word_embeddings.weight": (("word", "embedding"), False),
-        "embeddings.position_embeddings.weight": (("position", "embedding"), False),
-        "embeddings.token_type_embeddings.weight": (("token_type", "embedding"), False),
-        "embeddings.LayerNorm.weight": (("embed_norm", "scale"), False),
-        "embeddings.LayerNorm.bias": (("embed_norm", "bias"), False),
+        "embeddings.word_embeddings.weight": copy(("word", "embedding")),
+        "embeddings.position_embeddings.weight": copy(("position", "embedding")),
+        "embeddings.token_type_embeddings.weight": copy(("token_type", "embedding")),
+        "embeddings.LayerNorm.weight": copy(("embed_norm", "scale")),
+        "embeddings.LayerNorm.bias": copy(("embed_norm", "bias")),
     }
     parts = {
         "attention.self.query": "query",
@@ -150,11 +138,11 @@ def hf_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, bool]]:
     norms = {"attention.output.LayerNorm": "attn_norm", "output.LayerNorm": "out_norm"}
     for n in range(cfg.num_hidden_layers):
         for hf, ours in parts.items():
-            keys[f"encoder.layer.{n}.{hf}.weight"] = (("layers", n, ours, "kernel"), True)
-            keys[f"encoder.layer.{n}.{hf}.bias"] = (("layers", n, ours, "bias"), False)
+            keys[f"encoder.layer.{n}.{hf}.weight"] = transposed(("layers", n, ours, "kernel"))
+            keys[f"encoder.layer.{n}.{hf}.bias"] = copy(("layers", n, ours, "bias"))
         for hf, ours in norms.items():
-            keys[f"encoder.layer.{n}.{hf}.weight"] = (("layers", n, ours, "scale"), False)
-            keys[f"encoder.layer.{n}.{hf}.bias"] = (("layers", n, ours, "bias"), False)
+            keys[f"encoder.layer.{n}.{hf}.weight"] = copy(("layers", n, ours, "scale"))
+            keys[f"encoder.layer.{n}.{hf}.bias"] = copy(("layers", n, ours, "bias"))
     return keys
 
 
@@ -162,33 +150,3 @@ def hf_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, bool]]:
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.dense.weight", "pooler.dense.bias")
 PREFIXES = ("bert.", "roberta.")
 
-
-def params_from_safetensors(path: str | Path, cfg: BertConfig) -> dict:
-    """A pure params dict for BertEncoder from a Hugging Face safetensors file; unknown, missing or
-    misshapen keys are errors that name the key."""
-    from safetensors.numpy import load_file
-
-    tensors = {}
-    for key, value in load_file(str(path)).items():
-        for prefix in PREFIXES:
-            key = key.removeprefix(prefix)
-        tensors[key] = value
-    mapping = hf_key_map(cfg)
-    unknown = sorted(set(tensors) - set(mapping) - set(IGNORED_KEYS))
-    if unknown:
-        raise KeyError(f"{path}: unknown weight {unknown[0]!r} (of {len(unknown)} unknown: {unknown[:5]})")
-    missing = sorted(set(mapping) - set(tensors))
-    if missing:
-        raise KeyError(f"{path}: missing weight {missing[0]!r} (of {len(missing)} missing: {missing[:5]})")
-    template = abstract_params(cfg)
-    params: dict = {}
-    for key, (target, transpose) in mapping.items():
-        value = tensors[key].T if transpose else tensors[key]
-        node, leaf = params, template
-        for part in target[:-1]:
-            node, leaf = node.setdefault(part, {}), leaf[part]
-        expected = leaf[target[-1]].shape
-        if value.shape != expected:
-            raise ValueError(f"{path}: weight {key!r} has shape {value.shape}, the config implies {expected}")
-        node[target[-1]] = jnp.asarray(value, jnp.float32)
-    return params

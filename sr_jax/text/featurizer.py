@@ -1,9 +1,11 @@
 """The interface every frozen text featurizer implements, the model-free baseline, and cache building.
 
 A featurizer maps texts to two vectors each, as Aspect Gating Fusion needs (docs/DESIGN.md, L0): the pooled
-vector (a summary of the whole text) and the first-token vector (what `cls` gating reads). Its outputs
-are computed once per text and stored in the dataset's text cache, tagged with `name` and
-`fingerprint()` so that training never mixes features from different encoders.
+vector (a summary of the whole text) and the summary-token vector (what `cls` gating reads: BERT's first
+token, a decoder's last; the cache calls it `first`). Its outputs are computed once per text and stored in
+the dataset's text cache, tagged with `name` and `fingerprint()` so that training never mixes features from
+different encoders. A featurizer may prompt queries (`query_prefix`, e.g. an embedding model's instruction):
+the cache builder prefixes the texts that queries use.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from sr_jax.data.store import open_dataset, write_text_cache
 from sr_jax.io import atomic_file
-from sr_jax.text.encoder import PACKAGED, describe, load_encoder
+from sr_jax.text.encoder import PACKAGED, describe, load_encoder, split_spec
 
 log = logging.getLogger("sr_jax")
 
@@ -32,6 +34,7 @@ log = logging.getLogger("sr_jax")
 class TextFeaturizer(Protocol):
     name: str
     dim: int
+    query_prefix: str  # put before every query text ("" for none); part of the fingerprint
 
     def fingerprint(self) -> str:
         """Changes whenever the features would change (weights, vocabulary, settings)."""
@@ -54,6 +57,7 @@ class HashedBagOfWords:
     """
 
     name = "hashed-bow"
+    query_prefix = ""
 
     def __init__(self, dim: int = 64, buckets: int = 1 << 16, seed: int = 0):
         self.dim, self.buckets, self.seed = dim, buckets, seed
@@ -74,13 +78,15 @@ class HashedBagOfWords:
         return pooled, first
 
 
-def get_featurizer(name: str, batch_size: int = 256, dtype: str = "float32") -> TextFeaturizer:
+def get_featurizer(name: str, batch_size: int = 256, dtype: str = "float32", mesh=None) -> TextFeaturizer:
     """The featurizer a config names (`data.text_encoder`): `hashed-bow`, a packaged encoder name such as
-    `all-MiniLM-L6-v2`, or a BERT-family checkpoint folder (run with `batch_size` and `dtype`)."""
+    `all-MiniLM-L6-v2`, or a checkpoint folder, with options (`encoder.py`); language models run with
+    `batch_size`, `dtype` and an optional mesh."""
     if name == HashedBagOfWords.name:
         return HashedBagOfWords()
-    if name in PACKAGED or Path(name).is_dir():
-        return load_encoder(name, batch_size=batch_size, dtype=dtype)
+    base, _ = split_spec(name)
+    if base in PACKAGED or Path(base).is_dir():
+        return load_encoder(name, batch_size=batch_size, dtype=dtype, mesh=mesh)
     raise ValueError(
         f"unknown text encoder {name!r}; available: {[HashedBagOfWords.name, *PACKAGED]} or a checkpoint folder"
     )
@@ -105,14 +111,15 @@ def build_text_cache(
 ) -> None:
     """Featurizes a dataset's whole text table into that featurizer's cache.
 
-    Caches are keyed by text content: a text that a dataset in `reuse` already holds in a cache of the same
+    Texts are read through `prompted_texts` (queries prefixed when the featurizer prompts them). Caches are
+    keyed by text content: a text that a dataset in `reuse` already holds in a cache of the same
     featurizer (same fingerprint) is copied from there, not encoded again, so merging or re-preparing data
     costs only its new texts. The other texts are sorted by length and featurized in chunks; each finished
     chunk is saved (atomically) in `text_cache/.NAME.partial/`, so a build that is killed resumes where it
     stopped, as long as the featurizer's fingerprint is unchanged. The cache appears only once complete.
     """
     root = Path(root)
-    texts = open_dataset(root, check=False).texts()
+    texts = prompted_texts(root, featurizer.query_prefix)
     pooled = np.zeros((len(texts), featurizer.dim), np.float32)
     first = np.zeros((len(texts), featurizer.dim), np.float32)
     known = _reuse(texts, featurizer, reuse, pooled, first)
@@ -140,6 +147,8 @@ def build_text_cache(
                     np.savez(tmp, pooled=p, first=f)
             pooled[rows], first[rows] = p, f
             bar.update(len(rows))
+            if tokens := getattr(featurizer, "tokens_seen", 0):  # language models count their tokens
+                bar.set_postfix(tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f}")
     write_text_cache(root, featurizer.name, featurizer.fingerprint(), pooled, first)
     shutil.rmtree(work)
 
@@ -154,7 +163,7 @@ def _reuse(texts: list[str], featurizer: TextFeaturizer, sources, pooled: np.nda
         if info is None or info.fingerprint != featurizer.fingerprint():
             log.warning("%s: no %s cache of this fingerprint to reuse", source, featurizer.name)
             continue
-        row_of = {t: r for r, t in enumerate(other.texts())}
+        row_of = {t: r for r, t in enumerate(prompted_texts(other.root, featurizer.query_prefix))}
         mine = np.array([r for r in range(len(texts)) if not found[r] and texts[r] in row_of], np.int64)
         if not len(mine):
             continue
@@ -163,6 +172,19 @@ def _reuse(texts: list[str], featurizer: TextFeaturizer, sources, pooled: np.nda
         pooled[mine], first[mine] = other_pooled[theirs], other_first[theirs]
         found[mine] = True
     return found
+
+
+def prompted_texts(root: str | Path, query_prefix: str) -> list[str]:
+    """The dataset's text table as the featurizer reads it: the texts that queries use (in any split) with
+    `query_prefix` before them. A text used by both a query and an item is read as a query."""
+    dataset = open_dataset(root, check=False)
+    texts = dataset.texts()
+    if not query_prefix:
+        return texts
+    rows = np.unique(np.concatenate([np.asarray(dataset.split(s)["query_text"]) for s in dataset.meta.splits]))
+    for r in rows[rows >= 0]:
+        texts[r] = query_prefix + texts[r]
+    return texts
 
 
 def _read_json(path: Path):

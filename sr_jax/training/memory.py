@@ -56,12 +56,15 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
-def device_capacity(device: jax.Device) -> int | None:
+def device_capacity(device: jax.Device, devices_in_use: int | None = None) -> int | None:
+    """Bytes one device can hold: the accelerator's limit, or on CPU the host's memory shared by the devices
+    in use on this host (default: all of them)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    if device.platform == "cpu":  # host memory, shared by this process's CPU devices
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, jax.local_device_count())
+    if device.platform == "cpu":
+        sharing = devices_in_use or jax.local_device_count()
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, sharing)
     return None
 
 
@@ -82,15 +85,19 @@ def estimate(abstract_state: Any, inputs: Any, compiled: Any = None) -> MemoryEs
     )
 
 
-def check(estimate: MemoryEstimate, what: str, headroom: float = 0.95) -> None:
+TRAINING_ADVICE = (
+    "Shard the embedding tables over more devices (mesh.model), hash ids into fewer rows (model.id_buckets), "
+    "lower data.batch_size, or use train.embedding_update=rowwise_adagrad (one accumulator per row instead "
+    "of Adam's two moments)."
+)
+
+
+def check(estimate: MemoryEstimate, what: str, headroom: float = 0.95, advice: str = TRAINING_ADVICE) -> None:
     """OutOfMemoryError when the estimate exceeds `headroom` of a device's capacity, with the breakdown and
-    the knobs that help."""
+    `advice`: the knobs that help."""
     if estimate.capacity is None or estimate.total <= headroom * estimate.capacity:
         return
     raise OutOfMemoryError(
         f"{what} needs about {estimate.total / GiB:.2f} GiB per device but a device has "
-        f"{estimate.capacity / GiB:.2f} GiB:\n{estimate.table()}\n"
-        "Shard the embedding tables over more devices (mesh.model), hash ids into fewer rows (model.id_buckets), "
-        "lower data.batch_size, or use train.embedding_update=rowwise_adagrad (one accumulator per row instead "
-        "of Adam's two moments)."
+        f"{estimate.capacity / GiB:.2f} GiB:\n{estimate.table()}\n{advice}"
     )
