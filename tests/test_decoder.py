@@ -22,10 +22,11 @@ from sr_jax.data import synthetic
 from sr_jax.data.store import open_dataset
 from sr_jax.text import build_text_cache, load_encoder, text_identity
 from sr_jax.text.decoder import DecoderConfig
-from sr_jax.text.encoder import TextEncoder, abstract_module, describe, load_params
+from sr_jax.text.encoder import abstract_module, describe, load_params
 from sr_jax.text.featurizer import prompted_texts
-from sr_jax.training import memory, trainer
-from sr_jax.training.sharding import make_mesh
+from sr_jax import memory
+from sr_jax.training import trainer
+from sr_jax.sharding import make_mesh
 from train import convert, encode_text
 
 DATA = Path(__file__).parent / "data"
@@ -97,7 +98,9 @@ def test_config_layouts_and_defaults(tmp_path):
     old["rope_theta"] = rope.pop("rope_theta")
     old["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    assert DecoderConfig.from_file(tmp_path / "config.json") == DecoderConfig.from_file(FOLDERS / "qwen2" / "config.json")
+    assert DecoderConfig.from_file(tmp_path / "config.json") == DecoderConfig.from_file(
+        FOLDERS / "qwen2" / "config.json"
+    )
     glm = {k: v for k, v in json.loads((FOLDERS / "glm" / "config.json").read_text()).items() if k != "head_dim"}
     glm["rope_parameters"].pop("partial_rotary_factor")
     (tmp_path / "config.json").write_text(json.dumps(glm))
@@ -152,18 +155,18 @@ def test_sharded_weights_and_their_errors(tmp_path):
     for edits, error, words in cases:
         with pytest.raises(error, match=words):
             load_encoder(broken(**edits))
-    # an extra, a missing and a misshapen tensor, written through the index as a third shard
-    for extra, words in [
-        ({"model.layers.0.self_attn.extra.weight": np.zeros(3, np.float32)}, "'model.layers.0.self_attn.extra.weight' is unknown"),
-        ({"model.norm.weight": np.zeros(7, np.float32)}, r"'model.norm.weight' has shape \(7,\), the config implies \(48,\)"),
-    ]:  # fmt: skip
+    # an unknown and a misshapen tensor, each in a third shard that the index lists
+    unknown, norm = "model.layers.0.self_attn.extra.weight", "model.norm.weight"
+    for tensors, words in [
+        ({unknown: np.zeros(3, np.float32)}, f"'{unknown}' is unknown"),
+        ({norm: np.zeros(7, np.float32)}, rf"'{norm}' has shape \(7,\), the config implies \(48,\)"),
+    ]:
         broken()
-        weights = {k: v for k, v in extra.items()}
-        if "model.norm.weight" in extra:  # moved out of its shard: rewrite the shard without it
-            _drop(folder, "model.norm.weight", index)
-        save_file(weights, str(folder / "model-00003-of-00003.safetensors"))
+        if norm in tensors:  # moved out of its shard
+            _drop(folder, norm, index)
+        save_file(tensors, str(folder / "model-00003-of-00003.safetensors"))
         new = json.loads(json.dumps(index))
-        new["weight_map"].update({k: "model-00003-of-00003.safetensors" for k in extra})
+        new["weight_map"].update({k: "model-00003-of-00003.safetensors" for k in tensors})
         (folder / "model.safetensors.index.json").write_text(json.dumps(new))
         with pytest.raises((KeyError, ValueError), match=words):
             load_encoder(spec)
@@ -253,7 +256,9 @@ def test_memory_check_refuses_before_reading_weights(monkeypatch):
         raise AssertionError("weights were read")
 
     monkeypatch.setattr("sr_jax.text.hf_weights.Weights.__getitem__", never)
-    with pytest.raises(memory.OutOfMemoryError, match=r"(?s)text encoder qwen2\+\w+ \(float32, batch 256\).*--mesh-model"):
+    with pytest.raises(
+        memory.OutOfMemoryError, match=r"(?s)text encoder qwen2\+\w+ \(float32, batch 256\).*--mesh-model"
+    ):
         load_encoder(spec_of("qwen2"))
 
 

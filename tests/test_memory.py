@@ -6,7 +6,8 @@ import pytest
 
 from helpers import TINY, config
 from sr_jax import model as sr_model
-from sr_jax.training import memory, trainer
+from sr_jax import memory
+from sr_jax.training import trainer
 
 
 def _run(tmp_path, **mesh):

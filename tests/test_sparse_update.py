@@ -11,7 +11,7 @@ from sr_jax import model as sr_model
 from sr_jax.data.pipeline import BatchIterator
 from sr_jax.training import sparse_update, trainer
 from sr_jax.training.optimizer import SPARSE, TRAIN, build_optimizer, learning_rate, trainable_labels
-from sr_jax.training.sharding import ROW_SHARDED
+from sr_jax.sharding import ROW_SHARDED
 from sr_jax.training.steps import init_state, loss_fn, make_train_step, state_shardings
 from sr_jax.treeutil import path_names
 

@@ -26,7 +26,7 @@ from sr_jax.bench.world import bench_meta, random_columns
 from sr_jax.config import save_config
 from sr_jax.data import vocabulary
 from sr_jax.export import scoring, serving, trained
-from sr_jax.training import sharding as shd
+from sr_jax import sharding as shd
 from sr_jax.training.steps import make_predict_step
 from train import cli
 

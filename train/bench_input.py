@@ -16,7 +16,7 @@ import jax
 
 from sr_jax.config import override
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
-from sr_jax.training import sharding as shd
+from sr_jax import sharding as shd
 from sr_jax.training.trainer import load_dataset
 from train import cli
 

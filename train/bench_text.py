@@ -1,12 +1,16 @@
-"""Text-encoder throughput: `python -m train.bench_text [--num-texts N] [--dtype bfloat16] [--out FILE]`.
+"""Text-encoder throughput: `python -m train.bench_text [--encoder SPEC | --random FAMILY] [--num-texts N]
+[--dtype bfloat16] [--out FILE]`.
 
 1. End to end: N real texts (Amazon Scientific item texts and MovieLens titles from `--data`, repeated to
    N; synthetic texts where that folder is absent) written as a dataset's text table, then
-   `build_text_cache`: tokenize, length-bucketed encode, write. Reported in texts/s.
+   `build_text_cache`: tokenize, length-bucketed encode, write. Reported in texts/s and tokens/s.
 2. The model alone at fixed lengths (random token ids, no padding), median of repeated jitted calls.
-3. Where torch is importable, in the same run: transformers' BertModel on the same weights at the same
-   lengths (bf16 on a GPU when --dtype is bfloat16), and sentence-transformers' encode() end to end where
-   that is importable too.
+3. Where torch is importable, in the same run: transformers' PyTorch model on the same weights at the same
+   lengths (SDPA attention; bf16 on a GPU when --dtype is bfloat16), and sentence-transformers' encode()
+   end to end where that is importable too (BERT-family encoders).
+
+`--random FAMILY --layers L --width W` benchmarks a decoder language model of that family with random
+weights (no weights can be downloaded), made by transformers (so it needs torch) with MiniLM's tokenizer.
 """
 
 from __future__ import annotations
@@ -68,15 +72,37 @@ def median_time(repeats: int, fn, *args) -> float:
     return statistics.median(times)
 
 
+def random_decoder(family: str, layers: int, width: int, intermediate: int, root: Path) -> Path:
+    """A decoder checkpoint folder with random weights (transformers' init), `width` wide: heads of 64, key and
+    value heads the largest divisor of the heads up to a quarter of them (GQA), an MLP `intermediate` wide
+    (0: 8/3 x width, rounded up to 64), MiniLM's tokenizer (vocabulary 30522)."""
+    from transformers import AutoConfig, AutoModel
+
+    from sr_jax.text.encoder import resolve
+
+    heads = width // 64
+    kv_heads = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 4))
+    config = AutoConfig.for_model(
+        family, vocab_size=30522, hidden_size=width, intermediate_size=intermediate or -(-width * 8 // 3 // 64) * 64,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64,
+        max_position_embeddings=4096, pad_token_id=0, eos_token_id=102,
+    )  # fmt: skip
+    folder = root / f"random-{family}-{layers}x{width}"
+    AutoModel.from_config(config).save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_bytes((resolve("all-MiniLM-L6-v2") / "tokenizer.json").read_bytes())
+    return folder
+
+
 def torch_rows(folder: Path, texts: list[str], lengths: list[int], batch: int, dtype: str, repeats: int) -> list:
     try:
         import torch
-        from transformers import BertModel
+        from transformers import AutoModel
     except ImportError:
         return []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = torch.bfloat16 if dtype == "bfloat16" and device == "cuda" else torch.float32
-    model = BertModel.from_pretrained(str(folder), torch_dtype=tdtype).to(device).eval()
+    model = AutoModel.from_pretrained(str(folder), dtype=tdtype, attn_implementation="sdpa").to(device).eval()
+    name = type(model).__name__
     rows = []
     for length in lengths:
         ids = torch.randint(1000, 20000, (batch, length), device=device)
@@ -87,11 +113,13 @@ def torch_rows(folder: Path, texts: list[str], lengths: list[int], batch: int, d
 
         rows.append(
             {
-                "path": f"torch BertModel {str(tdtype).split('.')[-1]} {device}, model only",
+                "path": f"torch {name} {str(tdtype).split('.')[-1]} {device} (SDPA), model only",
                 "length": length,
                 "texts_per_s": batch / median_time(repeats, run, ids),
             }
         )
+    if name != "BertModel":
+        return rows
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
@@ -114,6 +142,10 @@ def torch_rows(folder: Path, texts: list[str], lengths: list[int], batch: int, d
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    p.add_argument("--random", default=None, help="a decoder family with random weights instead (needs torch)")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=0, help="MLP width of --random (0: 8/3 x width)")
     p.add_argument("--num-texts", type=int, default=100_000)
     p.add_argument("--data", default="../shared/data", help="where the real texts come from")
     p.add_argument("--batch-size", type=int, default=1024)
@@ -125,38 +157,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lengths = [int(x) for x in args.lengths.split(",")]
     pool = real_texts(Path(args.data))
     texts = [pool[i % len(pool)] for i in range(args.num_texts)]
-    encoder = load_encoder(args.encoder, batch_size=args.batch_size, dtype=args.dtype)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        spec = (
+            random_decoder(args.random, args.layers, args.width, args.intermediate, Path(tmp))
+            if args.random
+            else args.encoder
+        )
+        encoder = load_encoder(spec, batch_size=args.batch_size, dtype=args.dtype)
         root = text_dataset(texts, Path(tmp) / "ds")
         start = time.perf_counter()
         build_text_cache(root, encoder, chunk_size=max(8192, args.batch_size * 8))
+        seconds = time.perf_counter() - start
         rows.append(
             {
                 "path": f"sr-jax build_text_cache {args.dtype}, end to end",
-                "length": "texts",
-                "texts_per_s": len(texts) / (time.perf_counter() - start),
+                "length": f"texts (mean {encoder.tokens_seen / len(texts):.0f} tokens)",
+                "texts_per_s": len(texts) / seconds,
+                "tokens_per_s": encoder.tokens_seen / seconds,
             }
         )
+        rows += model_rows(encoder, lengths, args)
+        rows += torch_rows(encoder.spec.folder, texts, lengths, args.batch_size, args.dtype, args.repeats)
+    for row in rows:
+        if isinstance(row["length"], int):
+            row["tokens_per_s"] = row["texts_per_s"] * row["length"]
+    device = jax.devices()[0].device_kind
+    what = f"random {args.random} {args.layers}x{args.width}" if args.random else args.encoder
+    print(f"\n{what}: {args.num_texts} texts, batch {args.batch_size}, {device} ({jax.default_backend()})\n")
+    print("| path | length | texts/s | tokens/s |\n|---|---|---|---|")
+    for r in rows:
+        tokens = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "n/a"
+        print(f"| {r['path']} | {r['length']} | {r['texts_per_s']:,.0f} | {tokens} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": what, "device": device, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+def model_rows(encoder, lengths: list[int], args: argparse.Namespace) -> list[dict]:
+    rows = []
     for length in lengths:
         ids = jnp.asarray(np.random.default_rng(0).integers(1000, 20000, (args.batch_size, length)), jnp.int32)
         mask = jnp.ones_like(ids)
         seconds = median_time(args.repeats, lambda i, m: jax.block_until_ready(encoder.forward(i, m)), ids, mask)
         rows.append(
             {
-                "path": f"sr-jax Flax encoder {args.dtype}, model only",
+                "path": f"sr-jax Flax {type(encoder.spec.config).__name__[:-6]} {args.dtype}, model only",
                 "length": length,
                 "texts_per_s": args.batch_size / seconds,
             }
         )
-    rows += torch_rows(encoder.spec.folder, texts, lengths, args.batch_size, args.dtype, args.repeats)
-    device = jax.devices()[0].device_kind
-    print(f"\n{args.num_texts} texts, batch {args.batch_size}, {device} ({jax.default_backend()})\n")
-    print("| path | length | texts/s |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r['path']} | {r['length']} | {r['texts_per_s']:,.0f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
     return rows
 
 

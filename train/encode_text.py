@@ -18,7 +18,7 @@ from sr_jax.config import MeshConfig
 from sr_jax.data.store import open_dataset
 from sr_jax.text import build_text_cache, get_featurizer
 from sr_jax.text.encoder import Options, split_spec
-from sr_jax.training.sharding import make_mesh
+from sr_jax.sharding import make_mesh
 from train import cli
 
 

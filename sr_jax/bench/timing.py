@@ -21,7 +21,8 @@ from sr_jax.config import Config
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.model import TextTable
-from sr_jax.training import sharding as shd, trainer
+from sr_jax import sharding as shd
+from sr_jax.training import trainer
 
 GiB = 1024**3
 

@@ -149,4 +149,3 @@ def hf_key_map(cfg: BertConfig) -> dict[str, Entry]:
 # Present in checkpoints, not used by an encoder that pools itself.
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.dense.weight", "pooler.dense.bias")
 PREFIXES = ("bert.", "roberta.")
-

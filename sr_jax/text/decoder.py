@@ -4,15 +4,15 @@ One module covers the families; `DecoderConfig.from_file` reads a checkpoint's `
 `rope_theta`/`rope_scaling` keys or transformers v5's `rope_parameters`) and fills what the file leaves out
 with the family's transformers defaults, and the family's traits say what differs:
 
-| family  | q/k/v bias     | o bias         | MLP                  | other                                                 |
-|---------|----------------|----------------|----------------------|-------------------------------------------------------|
-| llama   | attention_bias | attention_bias | gate, up (mlp_bias)  |                                                       |
-| mistral | no             | no             | gate, up             | sliding window on every layer                         |
-| qwen2   | yes            | no             | gate, up             | sliding window on the layers `layer_types` names      |
-| qwen3   | attention_bias | attention_bias | gate, up             | RMSNorm of q and k per head; sliding as qwen2         |
-| glm     | attention_bias | no             | fused gate_up        | partial (0.5), interleaved rotary                     |
-| glm4    | attention_bias | no             | fused gate_up        | as glm, plus post-attention and post-MLP norms        |
-| gemma   | attention_bias | attention_bias | gate, up (GeGLU)     | embeddings x sqrt(hidden), RMSNorm scale (1 + w)      |
+| family  | q/k/v bias     | o bias         | MLP                 | other                                      |
+|---------|----------------|----------------|---------------------|--------------------------------------------|
+| llama   | attention_bias | attention_bias | gate, up (mlp_bias) |                                            |
+| mistral | no             | no             | gate, up            | sliding window on every layer              |
+| qwen2   | yes            | no             | gate, up            | sliding window where `layer_types` says    |
+| qwen3   | attention_bias | attention_bias | gate, up            | RMSNorm of q and k per head; as qwen2      |
+| glm     | attention_bias | no             | fused gate_up       | partial (0.5), interleaved rotary          |
+| glm4    | attention_bias | no             | fused gate_up       | as glm, plus post-attention/MLP norms      |
+| gemma   | attention_bias | attention_bias | gate, up (GeGLU)    | embeddings x sqrt(hidden), norm (1 + w)    |
 
 Padding may be on either side: positions count real tokens only (position = number of real tokens before
 it), a query attends to real keys at or before it, so a text's vectors do not depend on its padding.
@@ -39,9 +39,20 @@ from flax import nnx
 from sr_jax.text.hf_weights import Entry, copy, split_transposed, transposed
 
 # What transformers assumes when config.json leaves a key out (use_diff=True saves only non-defaults).
-_DEFAULTS = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "rope_theta": 10000.0, "attention_bias": False,
-             "mlp_bias": False, "head_dim": None, "sliding_window": None, "use_sliding_window": False,
-             "max_window_layers": 28, "partial_rotary_factor": 1.0, "pad_token_id": None, "eos_token_id": None}  # fmt: skip
+_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "head_dim": None,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "max_window_layers": 28,
+    "partial_rotary_factor": 1.0,
+    "pad_token_id": None,
+    "eos_token_id": None,
+}
 FAMILY_DEFAULTS = {
     "llama": {},
     "mistral": {"sliding_window": 4096},
@@ -238,7 +249,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, window: int | None, dtype, rngs: nnx.Rngs):
         h, n, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         linear = lambda a, b, bias: nnx.Linear(a, b, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)  # noqa: E731
-        self.q, self.k, self.v = linear(h, n * d, cfg.qkv_bias), linear(h, k * d, cfg.qkv_bias), linear(h, k * d, cfg.qkv_bias)
+        self.q, self.k, self.v = (
+            linear(h, n * d, cfg.qkv_bias),
+            linear(h, k * d, cfg.qkv_bias),
+            linear(h, k * d, cfg.qkv_bias),
+        )
         self.o = linear(n * d, h, cfg.o_bias)
         qk_norm = cfg.model_type == "qwen3"
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, False, dtype, rngs) if qk_norm else None
@@ -278,7 +293,12 @@ class Block(nnx.Module):
     def __init__(self, cfg: DecoderConfig, window: int | None, dtype, rngs: nnx.Rngs):
         offset, eps = cfg.model_type == "gemma", cfg.rms_norm_eps
         norm = lambda: RMSNorm(cfg.hidden_size, eps, offset, dtype, rngs)  # noqa: E731
-        self.attn_norm, self.attn, self.mlp_norm, self.mlp = norm(), Attention(cfg, window, dtype, rngs), norm(), MLP(cfg, dtype, rngs)
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = (
+            norm(),
+            Attention(cfg, window, dtype, rngs),
+            norm(),
+            MLP(cfg, dtype, rngs),
+        )
         post = cfg.model_type == "glm4"
         self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if post else (None, None)
         self.dtype = dtype

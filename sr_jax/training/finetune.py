@@ -44,7 +44,7 @@ from sr_jax.io import atomic_dir
 from sr_jax.training.alignment import REFERENCE
 from sr_jax.training import sparse_update
 from sr_jax.training.checkpoint import CheckpointError, ParamsReader, check_compatible, read_record, write_record
-from sr_jax.training.sharding import ROW_SHARDED
+from sr_jax.sharding import ROW_SHARDED
 from sr_jax.model.encoding import table_key
 from sr_jax.treeutil import path_names, path_str, shapes
 

@@ -31,7 +31,7 @@ import optax
 
 from sr_jax.config import TrainConfig
 from sr_jax.model.levels import level_of
-from sr_jax.training.sharding import ROW_SHARDED
+from sr_jax.sharding import ROW_SHARDED
 from sr_jax.treeutil import path_names, path_str
 
 TRAIN, NEW_DOMAINS, SPARSE, FROZEN, STATS = "train", "new_domains", "sparse", "frozen", "stats"

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from sr_jax.training.optimizer import check_levels
-from sr_jax.training.sharding import ROW_SHARDED
+from sr_jax.sharding import ROW_SHARDED
 
 TableKey = tuple[str, str]  # a table's path under params["l0"], e.g. ("id_tables", "user")
 ADAGRAD_EPS = 1e-8

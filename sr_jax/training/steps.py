@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sr_jax import model as sr_model
-from sr_jax.training import sharding as shd, sparse_update
+from sr_jax import sharding as shd
+from sr_jax.training import sparse_update
 from sr_jax.training.optimizer import combine, partition, zero_frozen_rows
 
 

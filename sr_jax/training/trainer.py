@@ -39,7 +39,9 @@ from sr_jax.data import history, vocabulary
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.io import exclusive
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
-from sr_jax.training import alignment, evaluation, finetune, memory, sharding as shd, sparse_update
+from sr_jax import memory
+from sr_jax import sharding as shd
+from sr_jax.training import alignment, evaluation, finetune, sparse_update
 from sr_jax.training.metrics_log import MetricsLog
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, Checkpointer, ParamsReader
 from sr_jax.training.optimizer import build_optimizer, check_levels, learning_rate, trainable_labels

@@ -1,8 +1,9 @@
 """The mesh and every sharding rule, in one place.
 
 Mesh axes: `data` (the batch is split over it) and `model` (large embedding tables are split by rows
-over it). Axis types are Auto (GSPMD-style): a row-sharded table lookup then compiles to a local
-masked gather plus an all-reduce, and its gradient keeps the row sharding.
+over it; a big text encoder's layers by heads and MLP columns). Axis types are Auto (GSPMD-style): a
+row-sharded table lookup then compiles to a local masked gather plus an all-reduce, and its gradient keeps
+the row sharding.
 """
 
 from __future__ import annotations
@@ -100,3 +101,34 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)  # one call for the whole batch: much less overhead
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def encoder_shardings(mesh: Mesh, params: Any) -> Any:
+    """A text encoder's parameters (BERT or decoder), tensor parallel over `model` (Megatron's split): q/k/v,
+    gate and up kernels by output columns (heads), o and down kernels by input rows, so each device computes
+    its heads and MLP columns and one all-reduce per block joins them; embedding tables by vocabulary rows;
+    norms and biases of row-split layers replicated. A dimension the axis does not divide stays whole
+    (replicated), which is slower but equal."""
+    columns, rows = (
+        ("q", "k", "v", "gate", "up", "query", "key", "value", "intermediate"),
+        ("o", "down", "attn_out", "output"),
+    )
+    size = mesh.shape["model"]
+
+    def rule(path, leaf):
+        names = path_names(path)
+        owner, kind = names[-2] if len(names) > 1 else "", names[-1]
+        axis = None
+        if kind == "embedding":
+            axis = 0
+        elif owner in columns and kind in ("kernel", "bias"):
+            axis = leaf.ndim - 1
+        elif owner in rows and kind == "kernel":
+            axis = 0
+        if axis is None or leaf.shape[axis] % size:
+            return NamedSharding(mesh, P())
+        spec = [None] * leaf.ndim
+        spec[axis] = "model"
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map_with_path(rule, params)
