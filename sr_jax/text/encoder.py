@@ -276,17 +276,12 @@ class TextEncoder:
         self.pad_id = spec.config.pad_token_id if spec.config.pad_token_id is not None else 0
         if spec.pooling.eos and spec.config.eos_token_id is None:
             raise ValueError(f"{spec.folder}: eos=true but config.json names no eos_token_id")
-        self.graphdef = nnx.graphdef(abstract_module(spec, dtype))
-        self._forward = jax.jit(self._apply)
+        self._forward = jax.jit(features_fn(spec, dtype))
         self.tokens_seen = 0  # real (not padding) tokens featurized so far: throughput in tokens/s
 
     @property
     def _data_size(self) -> int:
         return 1 if self.mesh is None else self.mesh.shape["data"]
-
-    def _apply(self, params, ids, mask):
-        hidden = nnx.merge(self.graphdef, params)(ids, mask)
-        return pool(hidden, mask, self.spec.pooling, self.spec.architecture.summary)
 
     def fingerprint(self) -> str:
         return self.spec.fingerprint
@@ -350,6 +345,17 @@ def abstract_module(spec: EncoderSpec, dtype: str = "float32") -> nnx.Module:
     return nnx.eval_shape(lambda: spec.architecture.module(spec.config, nnx.Rngs(0), jnp.dtype(dtype)))
 
 
+def features_fn(spec: EncoderSpec, dtype: str = "float32") -> Callable:
+    """(params, ids [B, L], mask [B, L]) -> (pooled, summary) [B, dim]: the model and its pooling, to jit."""
+    graphdef = nnx.graphdef(abstract_module(spec, dtype))
+
+    def features(params, ids, mask):
+        hidden = nnx.merge(graphdef, params)(ids, mask)
+        return pool(hidden, mask, spec.pooling, spec.architecture.summary)
+
+    return features
+
+
 def abstract_params(spec: EncoderSpec, dtype: str = "float32", mesh: Mesh | None = None) -> dict:
     """The parameter tree as ShapeDtypeStructs, with their shardings when a mesh is given."""
     tree = nnx.to_pure_dict(nnx.state(abstract_module(spec, dtype), nnx.Param))
@@ -363,14 +369,11 @@ def abstract_params(spec: EncoderSpec, dtype: str = "float32", mesh: Mesh | None
 def memory_estimate(spec: EncoderSpec, dtype: str, batch_size: int, mesh: Mesh | None) -> memory.MemoryEstimate:
     """Per-device bytes of the parameters and of the compiled forward pass at the largest bucket, from shapes
     alone: XLA's own figure for activations and workspace, nothing guessed."""
-    encoder = TextEncoder.__new__(TextEncoder)  # the forward function only: no tokenizer, no weights
-    encoder.spec, encoder.mesh = spec, mesh
-    encoder.graphdef = nnx.graphdef(abstract_module(spec, dtype))
     params = abstract_params(spec, dtype, mesh)
     batch = _round_up(batch_size, 1 if mesh is None else mesh.shape["data"])
     sharding = None if mesh is None else NamedSharding(mesh, P("data"))
     ids = jax.ShapeDtypeStruct((batch, spec.max_length), jnp.int32, sharding=sharding)
-    compiled = jax.jit(encoder._apply).lower(params, ids, ids).compile()
+    compiled = jax.jit(features_fn(spec, dtype)).lower(params, ids, ids).compile()
     analysis = compiled.memory_analysis()
     return memory.MemoryEstimate(
         params=memory.per_device_bytes(params),
