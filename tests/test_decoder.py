@@ -204,6 +204,8 @@ def test_options_enter_the_fingerprint_and_shape_the_features(tmp_path):
     np.testing.assert_allclose(short, full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True), atol=1e-5)
     with pytest.raises(ValueError, match="unknown text encoder option 'pool'"):
         describe(f"{FOLDERS / 'qwen2'}?pool=mean")
+    with pytest.raises(ValueError, match="option dim='half': expected a whole number"):
+        describe(f"{FOLDERS / 'qwen2'}?dim=half")
     with pytest.raises(ValueError, match="pooling 'cls' is not one of"):
         describe(f"{FOLDERS / 'qwen2'}?pooling=cls")
     # sentence-transformers files state the defaults (Qwen3-Embedding's layout): last token, normalised, prompted

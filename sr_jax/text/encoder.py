@@ -88,7 +88,7 @@ class Options:
 
     @classmethod
     def parse(cls, query: str) -> Options:
-        """'pooling=mean&dim=256' (URL query syntax; %XX escapes, e.g. %26 for '&')."""
+        """'pooling=mean&dim=256' (URL query syntax: '+' is a space; %XX escapes, e.g. %26 for '&', %2B for '+')."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict = {}
         for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
@@ -99,6 +99,8 @@ class Options:
                     raise ValueError(f"text encoder option {key}={value!r}: expected true or false")
                 values[key] = value.lower() in ("true", "1")
             elif key in ("dim", "max_length"):
+                if not value.isdigit():
+                    raise ValueError(f"text encoder option {key}={value!r}: expected a whole number")
                 values[key] = int(value)
             else:
                 values[key] = value
