@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from helpers import TINY, config
 from sr_jax import model as sr_model
-from sr_jax.model.layers import hash_ids
+from sr_jax.model.layers import StackedMLP, hash_ids
 from sr_jax.training.trainer import load_dataset
 
 
@@ -152,3 +153,28 @@ def test_the_regularizer_does_not_depend_on_the_adapters_gain(data):
         assert reg > 0 and float(sr_model.apply(graphdef, shrunk, batch, text)[1]["reg"]) == pytest.approx(
             reg, rel=1e-5
         )
+
+
+@pytest.mark.parametrize("n, sizes", [(1, [37]), (7, [0, 1, 31, 32, 33, 100, 3]), (100, None)])
+def test_grouped_domain_layers_equal_computing_every_domain(n, sizes):
+    """`select` runs each example through its own domain's layers by grouping (work independent of K); it equals
+    computing all K layers on every example and keeping the example's own, forward and gradient."""
+    rng = np.random.default_rng(n)
+    domain = np.repeat(np.arange(n), sizes) if sizes else rng.integers(0, n, 257)
+    domain = jnp.asarray(rng.permutation(domain), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((len(domain), 12)), jnp.float32)
+    mlp = StackedMLP(n, 12, (16, 1), rngs=nnx.Rngs(0), linear_out=True)
+    graphdef, params = nnx.split(mlp)
+
+    def grouped(params, x):
+        return nnx.merge(graphdef, params).select(x, domain, jnp.float32)
+
+    def every(params, x):
+        out = nnx.merge(graphdef, params).every(x, jnp.float32)  # [B, n, 1]
+        return jnp.take_along_axis(out, domain[:, None, None], axis=1)[:, 0]
+
+    np.testing.assert_allclose(grouped(params, x), every(params, x), rtol=1e-5, atol=1e-6)
+    g_grouped = jax.grad(lambda p, x: grouped(p, x).sum(), argnums=(0, 1))(params, x)
+    g_every = jax.grad(lambda p, x: every(p, x).sum(), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_grouped), jax.tree.leaves(g_every)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

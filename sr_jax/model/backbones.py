@@ -22,7 +22,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.model.domain_adaptation import standardise
-from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal, pick, zeros
+from sr_jax.model.layers import Array, StackedDense, StackedMLP, by_group, normal, zeros
 
 
 def num_outputs(cfg: ModelConfig) -> int:
@@ -140,11 +140,16 @@ class StarNetwork(nnx.Module):
 
     def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
         """-> ([B, 1, h], x_hat)"""
-        h = self.norm(x_hat, domain, train)
-        for w, b, w_k, b_k in zip(self.shared_kernels, self.shared_biases, self.domain_kernels, self.domain_biases):
-            kernels = (w[...][None] * w_k[...]).astype(dtype)  # [K, in, out]
-            every = jnp.einsum("bi,kio->bko", h.astype(dtype), kernels)
-            h = jax.nn.relu(pick(every, domain) + b[...] + b_k[...][domain])
+        layers = list(zip(self.shared_kernels, self.shared_biases, self.domain_kernels, self.domain_biases))
+
+        def star(tiles, group):  # [T, rows, in], each tile through its domain's star-topology layers
+            for w, b, w_k, b_k in layers:
+                kernels = (w[...][None] * w_k[...][group]).astype(dtype)  # [T, in, out]
+                y = jnp.einsum("tri,tio->tro", tiles.astype(dtype), kernels)
+                tiles = jax.nn.relu(y + b[...] + b_k[...][group][:, None])
+            return tiles
+
+        h = by_group(self.norm(x_hat, domain, train), domain, self.domain_kernels[0].shape[0], star)
         return h[:, None, :], x_hat
 
 

@@ -1,17 +1,22 @@
 """Building blocks shared by every model: id hashing, stacked (per-domain / per-expert) dense layers.
 
-Per-domain parameters are stacked on a leading K axis and applied to the whole batch at once, then
-each example keeps the row of its own domain (`pick`): one dense matmul instead of K masked ones or
-a loop, with static shapes under jit.
+Per-domain and per-expert parameters are stacked on a leading axis. Every expert sees every example
+(`every`: one matmul). A per-domain layer runs each example through its own domain's weights only
+(`select`, through `by_group`): examples are sorted into tiles of one domain each, so the work grows with
+the batch, not with the number of domains K (computing all K and keeping one grew linearly: docs/PERFORMANCE.md,
+"Many domains"), with static shapes under jit.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Array = jax.Array
+TILE = 32  # rows per tile of by_group: a multiple of the vector width; fastest of 8..64 on CPU at K = 7..100
 
 
 def fmix32(x: Array) -> Array:
@@ -45,9 +50,28 @@ def zeros(shape: tuple[int, ...]) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, jnp.float32))
 
 
-def pick(every: Array, index: Array) -> Array:
-    """[B, n, ...] -> [B, ...]: row index[b] of example b (its domain's output)."""
-    return jnp.take_along_axis(every, index.reshape(-1, *[1] * (every.ndim - 1)), axis=1)[:, 0]
+def by_group(x: Array, index: Array, n: int, apply: Callable[[Array, Array], Array], tile: int = TILE) -> Array:
+    """Runs `apply` on the examples of each group at once: x [B, in], index [B] in [0, n) -> [B, out].
+
+    Examples are placed, group by group, into tiles of `tile` rows that each hold one group (a group's last
+    tile padded with zeros): at most B + n * (tile - 1) rows, a static bound. `apply(tiles [T, tile, in],
+    group [T]) -> [T, tile, out]` computes each tile with its group's parameters (e.g. `kernel[group]`), and
+    every example's output row is read back in the original order; padding rows are never read, so they get
+    no gradient. Equal to computing every group on every example and keeping the example's own, in a cost
+    that does not grow with n."""
+    b = x.shape[0]
+    num_tiles = -(-(b + n * (tile - 1)) // tile)
+    sizes = jnp.bincount(index, length=n)
+    padded = -(-sizes // tile) * tile
+    ends = jnp.cumsum(padded)
+    order = jnp.argsort(index, stable=True)
+    rank = jnp.arange(b) - (jnp.cumsum(sizes) - sizes)[index[order]]  # place within its group, sorted order
+    row = jnp.zeros(b, jnp.int32).at[order].set((ends - padded)[index[order]] + rank)  # [B] row in the tiles
+    tiles = jnp.zeros((num_tiles * tile, x.shape[1]), x.dtype).at[row].set(x).reshape(num_tiles, tile, -1)
+    starts = jnp.arange(num_tiles) * tile
+    group = jnp.minimum(jnp.searchsorted(ends, starts, side="right"), n - 1)  # [T]; spare tiles: any group
+    out = apply(tiles, group)
+    return out.reshape(num_tiles * tile, -1)[row]
 
 
 class StackedDense(nnx.Module):
@@ -67,9 +91,16 @@ class StackedDense(nnx.Module):
         y = jnp.einsum(spec, x.astype(dtype), self.kernel[...].astype(dtype), preferred_element_type=out_dtype)
         return y + self.bias[...].astype(out_dtype)
 
+    def tiles(self, x: Array, group: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
+        """Layer group[t] on tile t: [T, rows, in] -> [T, rows, out] (by_group's `apply`)."""
+        out_dtype = out_dtype or dtype
+        kernel = self.kernel[...][group].astype(dtype)
+        y = jnp.einsum("tri,tio->tro", x.astype(dtype), kernel, preferred_element_type=out_dtype)
+        return y + self.bias[...][group][:, None].astype(out_dtype)
+
     def select(self, x: Array, index: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
-        """Layer index[b] on x[b]: [B, in] -> [B, out] (computes all n, keeps one: gathered, not looped)."""
-        return pick(self.every(x, dtype, out_dtype), index)
+        """Layer index[b] on x[b]: [B, in] -> [B, out], each example through its own layer only."""
+        return by_group(x, index, self.kernel.shape[0], lambda t, g: self.tiles(t, g, dtype, out_dtype))
 
 
 class StackedMLP(nnx.Module):
@@ -86,8 +117,9 @@ class StackedMLP(nnx.Module):
         return self._run(x, lambda layer, h, out: layer.every(h, dtype, out))
 
     def select(self, x: Array, index: Array, dtype: jnp.dtype) -> Array:
-        """MLP index[b] on x[b]: [B, in] -> [B, out]."""
-        return self._run(x, lambda layer, h, out: layer.select(h, index, dtype, out))
+        """MLP index[b] on x[b]: [B, in] -> [B, out] (grouped once for all its layers)."""
+        n = self.layers[0].kernel.shape[0]
+        return by_group(x, index, n, lambda t, g: self._run(t, lambda layer, h, out: layer.tiles(h, g, dtype, out)))
 
     def _run(self, x: Array, apply_layer) -> Array:
         last = len(self.layers) - 1
