@@ -1,5 +1,5 @@
 """Two processes on this machine (CPU, localhost coordinator) train as one: the same global batches, the
-same result as one process, files written once."""
+same result as one process, files written once; killed and restarted, they resume to the same bits."""
 
 import dataclasses
 import json
@@ -7,15 +7,19 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from helpers import TINY, config
+from sr_jax.export import trained
 from sr_jax.training import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = {"epochs": 1.0, "checkpoint_every": 8, "log_every": 4}
+TRAIN = {"epochs": 2.0, "checkpoint_every": 8, "log_every": 4}
 
 
 def _free_port() -> int:
@@ -38,18 +42,17 @@ def _overrides() -> list[str]:
     ]
 
 
-def test_two_processes_train_like_one(tmp_path):
-    single = trainer.fit(config(TINY, train=TRAIN), tmp_path / "single")  # also generates the dataset
-    workdir, port = tmp_path / "two", _free_port()
+def _start(workdir: Path) -> list[subprocess.Popen]:
+    """`train.pretrain` in two processes of two CPU devices each."""
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
-        SR_JAX_COORDINATOR=f"localhost:{port}",
+        SR_JAX_COORDINATOR=f"localhost:{_free_port()}",
         SR_JAX_NUM_PROCESSES="2",
     )
     command = [sys.executable, "-m", "train.pretrain", "--workdir", str(workdir), *_overrides()]
-    procs = [
+    return [
         subprocess.Popen(
             command,
             cwd=ROOT,
@@ -60,6 +63,9 @@ def test_two_processes_train_like_one(tmp_path):
         )
         for i in range(2)
     ]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
     outputs = []
     for proc in procs:
         try:
@@ -70,12 +76,40 @@ def test_two_processes_train_like_one(tmp_path):
             pytest.fail("the two-process run did not finish in 5 minutes")
     for i, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    return outputs
+
+
+def test_two_processes_train_like_one_and_resume_to_the_same_bits(tmp_path):
+    single = trainer.fit(config(TINY, train=TRAIN), tmp_path / "single")  # also generates the dataset
+    workdir = tmp_path / "two"
+    outputs = _finish(_start(workdir))
     assert "process 1 of 2: 2 local devices, 4 in all" in outputs[1]
     assert "mesh {'data': 2, 'model': 2}" in outputs[0]
     two = json.loads((workdir / "eval.json").read_text())
     assert abs(two["mean_domain_auc"] - single["mean_domain_auc"]) < 2e-4
     assert abs(two["overall"]["log_loss"] - single["overall"]["log_loss"]) < 2e-4
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 16 // 4  # written by process 0 only: one line per log interval
+    assert len(lines) == 32 // 4  # written by process 0 only: one line per log interval
     steps = {p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
-    assert {"8", "16"} <= steps  # saved by both processes together (orbax)
+    assert {"24", "32"} <= steps  # saved by both processes together (orbax; the last 3 kept)
+
+    # killed (SIGKILL, both processes) once step 8 is saved, then the same command again: the end state is
+    # bit-identical to the uninterrupted run's
+    killed = tmp_path / "killed"
+    procs = _start(killed)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "8").is_dir() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a process ended before step 8 was saved"
+        time.sleep(0.01)
+    for p in procs:
+        p.kill()
+        p.communicate()
+    assert not (killed / "eval.json").exists(), "the run finished before it was killed"
+    outputs = _finish(_start(killed))
+    resumed = [line for line in outputs[0].splitlines() if "resumed from step" in line]
+    assert resumed and "resumed from step 32" not in resumed[0], outputs[0][-2000:]
+    ends = trained.load(workdir, step=32).params, trained.load(killed, step=32).params
+    for a, b in zip(jax.tree.leaves(ends[0]), jax.tree.leaves(ends[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    metrics = json.loads((killed / "eval.json").read_text())
+    assert {k: v for k, v in metrics.items() if k != "timing"} == {k: v for k, v in two.items() if k != "timing"}
