@@ -252,14 +252,14 @@ def test_tensor_parallel_on_eight_devices():
 
 
 def test_memory_check_refuses_before_reading_weights(monkeypatch):
-    monkeypatch.setattr(memory, "device_capacity", lambda device, devices_in_use=None: 1 << 20)
+    monkeypatch.setattr(memory, "device_capacity", lambda device, devices_in_use=None: 1 << 16)
 
     def never(*args):
         raise AssertionError("weights were read")
 
     monkeypatch.setattr("sr_jax.text.hf_weights.Weights.__getitem__", never)
     with pytest.raises(
-        memory.OutOfMemoryError, match=r"(?s)text encoder qwen2\+\w+ \(float32, batch 256\).*--mesh-model"
+        memory.OutOfMemoryError, match=r"(?s)text encoder qwen2\+\w+ \(float32, batch 16\).*--mesh-model"
     ):
         load_encoder(spec_of("qwen2"))
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--encoder", required=True, help="hashed-bow, a packaged name or a checkpoint folder [?options]")
     p.add_argument("--chunk-size", type=int, default=8192, help="texts per saved chunk (the unit of resumption)")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per encoder call (larger on accelerators)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per encoder call (default: 16 on CPU, else 256)")
     p.add_argument("--dtype", default="float32", help="encoder compute dtype: float32, or bfloat16 on accelerators")
     p.add_argument("--mesh-model", type=int, default=0, help="split the model over this many devices (0: one device)")
     p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None)

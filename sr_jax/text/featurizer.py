@@ -78,7 +78,7 @@ class HashedBagOfWords:
         return pooled, first
 
 
-def get_featurizer(name: str, batch_size: int = 256, dtype: str = "float32", mesh=None) -> TextFeaturizer:
+def get_featurizer(name: str, batch_size: int | None = None, dtype: str = "float32", mesh=None) -> TextFeaturizer:
     """The featurizer a config names (`data.text_encoder`): `hashed-bow`, a packaged encoder name such as
     `all-MiniLM-L6-v2`, or a checkpoint folder, with options (`encoder.py`); language models run with
     `batch_size`, `dtype` and an optional mesh."""
