@@ -51,6 +51,28 @@ def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...]) -> NamedShar
     return NamedSharding(mesh, P("model", *[None] * (len(shape) - 1)))
 
 
+def text_sharding(mesh: Mesh) -> NamedSharding:
+    """The text table (pooled and first): by rows over `model` (`rows_over_model` places it so)."""
+    return NamedSharding(mesh, P("model"))
+
+
+def rows_over_model(mesh: Mesh, table: np.ndarray) -> jax.Array:
+    """A host table [rows, ...] (a memory map: the text cache) as a device array split by rows over `model`,
+    padded with zero rows to a multiple of the axis. Each device reads only its own rows from the host, so
+    nothing is first committed whole to one device, and a device holds rows / model of it; a lookup compiles
+    to a local masked gather and an all-reduce, like the embedding tables'."""
+    size, n = mesh.shape["model"], table.shape[0]
+    rows = max(-(-n // size), 1) * size
+
+    def shard(index: tuple) -> np.ndarray:
+        start, stop, _ = index[0].indices(rows)
+        part = np.asarray(table[min(start, n) : min(stop, n)], np.float32)
+        missing = (stop - start) - len(part)
+        return np.concatenate([part, np.zeros((missing, *table.shape[1:]), np.float32)]) if missing else part
+
+    return jax.make_array_from_callback((rows, *table.shape[1:]), text_sharding(mesh), shard)
+
+
 def table_layout(mesh: Mesh, params: Any) -> str:
     """One line per embedding table: its rows and how they lie on the mesh (logged at the start of a run)."""
     lines = []

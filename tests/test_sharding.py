@@ -36,6 +36,11 @@ def test_sharded_step_matches_single_device(tmp_path, data, model, rule):
     ]
     assert mu.sharding.spec == P("model", None)
     assert sharded.params["l1"]["backbone"]["experts"]["layers"][0]["kernel"].sharding.spec == P()
+    texts = run.dataset.meta.num_texts
+    assert run.text.pooled.sharding.spec == P("model") and run.text.pooled.shape[0] == -(-texts // model) * model
+    assert run.text.pooled.addressable_shards[0].data.shape[0] == -(-texts // model)  # rows / model per device
+    np.testing.assert_array_equal(np.asarray(run.text.pooled)[:texts], run.dataset.text_cache("hashed-bow")[0])
+    assert run.text.first.shape[0] == model  # domain gating never reads the summary vectors: none kept
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
         single.params,

@@ -62,7 +62,8 @@ def time_jax(
     mesh = shd.make_mesh(cfg.mesh)
     bs = cfg.data.batch_size
     built = trainer.build_steps(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
-    table = jax.device_put(TextTable(text, text), shd.replicated(mesh))
+    first = text if cfg.model.gating == "cls" else text[:0]  # laid out as build_run does
+    table = TextTable(shd.rows_over_model(mesh, text), shd.rows_over_model(mesh, first))
     put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
     batches = [put(b) for b in host_batches(columns, bs)]
     what = f"the benchmark at batch {bs}"

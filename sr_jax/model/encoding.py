@@ -20,10 +20,11 @@ SIDES = ("user", "query", "item")
 
 
 class TextTable(NamedTuple):
-    """The frozen encoder's cached output for the dataset's text table, on device."""
+    """The frozen encoder's cached output for the dataset's text table, on device (in training: split by rows
+    over the mesh's model axis, padded with zero rows; `first` has no real rows unless cls gating reads it)."""
 
-    pooled: Array  # [num_texts, text_dim]
-    first: Array  # [num_texts, text_dim]
+    pooled: Array  # [num_texts (padded), text_dim]
+    first: Array  # [num_texts (padded), text_dim], or [model axis, text_dim] of zeros where unused
 
 
 class Aspects(NamedTuple):

@@ -116,7 +116,7 @@ def make_train_step(
 
     return jax.jit(
         step,
-        in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh), shd.replicated(mesh)),
+        in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.text_sharding(mesh), shd.replicated(mesh)),
         out_shardings=(state_sharding, shd.replicated(mesh)),
         donate_argnums=0,
     )
@@ -135,6 +135,6 @@ def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, outpu
 
     return jax.jit(
         predict,
-        in_shardings=(params_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
+        in_shardings=(params_sharding, shd.batch_sharding(mesh), shd.text_sharding(mesh)),
         out_shardings=shd.replicated(mesh),
     )

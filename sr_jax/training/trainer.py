@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -464,7 +463,9 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         if (split := getattr(cfg.data, key)) not in splits:
             raise ValueError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
     pooled, first = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
-    text = jax.device_put(sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), shd.replicated(mesh))
+    # Split by rows over the model axis; the summary vectors only where cls gating reads them (else 0 rows)
+    first = first if cfg.model.gating == "cls" else first[:0]
+    text = sr_model.TextTable(shd.rows_over_model(mesh, pooled), shd.rows_over_model(mesh, first))
     domains = run_domains(cfg.data, dataset.meta)
     source = finetune.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
     pretrained = finetune.read_run_info(source) if source else None
