@@ -13,6 +13,7 @@ unknown, missing or misshapen tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import struct
@@ -76,13 +77,20 @@ class Weights:
         )
 
     def digest(self) -> str:
-        """A short content hash of all weight files (the single file's own hash when there is one)."""
-        h = hashlib.sha256()
-        for file in self.files:
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-        return h.hexdigest()[:16]
+        """A short content hash of all weight files (the single file's own hash when there is one). Computed
+        once per process for files of unchanged size and modification time: a big model is read once, not
+        once per `describe`."""
+        return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files))
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def weight_files(folder: Path) -> list[Path]:
