@@ -56,6 +56,12 @@ def text_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("model"))
 
 
+def text_table(mesh: Mesh, pooled: np.ndarray, first: np.ndarray, keep_first: bool) -> tuple[jax.Array, jax.Array]:
+    """The text cache's (pooled, first) on the mesh, each by `rows_over_model`; `first` with no real rows
+    unless `keep_first` (only cls gating reads it)."""
+    return rows_over_model(mesh, pooled), rows_over_model(mesh, first if keep_first else first[:0])
+
+
 def rows_over_model(mesh: Mesh, table: np.ndarray) -> jax.Array:
     """A host table [rows, ...] (a memory map: the text cache) as a device array split by rows over `model`,
     padded with zero rows to a multiple of the axis. Each device reads only its own rows from the host, so

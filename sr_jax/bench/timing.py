@@ -62,8 +62,7 @@ def time_jax(
     mesh = shd.make_mesh(cfg.mesh)
     bs = cfg.data.batch_size
     built = trainer.build_steps(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
-    first = text if cfg.model.gating == "cls" else text[:0]  # laid out as build_run does
-    table = TextTable(shd.rows_over_model(mesh, text), shd.rows_over_model(mesh, first))
+    table = TextTable(*shd.text_table(mesh, text, text, keep_first=cfg.model.gating == "cls"))
     put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
     batches = [put(b) for b in host_batches(columns, bs)]
     what = f"the benchmark at batch {bs}"

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from sr_jax import memory, sharding
 from sr_jax.text import bert, decoder
@@ -291,7 +291,7 @@ class TextEncoder:
     def _inputs(self, tokens: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
         if self.mesh is None:
             return jnp.asarray(tokens), jnp.asarray(mask)
-        batch = NamedSharding(self.mesh, P("data"))
+        batch = sharding.batch_sharding(self.mesh)
         return jax.device_put(tokens, batch), jax.device_put(mask, batch)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -377,13 +377,13 @@ def abstract_params(spec: EncoderSpec, dtype: str = "float32", mesh: Mesh | None
     )
 
 
-def memory_estimate(spec: EncoderSpec, dtype: str, batch_size: int | None, mesh: Mesh | None) -> memory.MemoryEstimate:
+def memory_estimate(spec: EncoderSpec, dtype: str, batch_size: int, mesh: Mesh | None) -> memory.MemoryEstimate:
     """Per-device bytes of the parameters and of the compiled forward pass at the largest bucket, from shapes
     alone: XLA's own figure for activations and workspace, nothing guessed."""
     params = abstract_params(spec, dtype, mesh)
-    batch = _round_up(batch_size or default_batch_size(), 1 if mesh is None else mesh.shape["data"])
-    sharding = None if mesh is None else NamedSharding(mesh, P("data"))
-    ids = jax.ShapeDtypeStruct((batch, spec.max_length), jnp.int32, sharding=sharding)
+    batch = _round_up(batch_size, 1 if mesh is None else mesh.shape["data"])
+    where = None if mesh is None else sharding.batch_sharding(mesh)
+    ids = jax.ShapeDtypeStruct((batch, spec.max_length), jnp.int32, sharding=where)
     compiled = jax.jit(features_fn(spec, dtype)).lower(params, ids, ids).compile()
     analysis = compiled.memory_analysis()
     return memory.MemoryEstimate(
@@ -423,13 +423,12 @@ def load_encoder(
     it): features stay within a cosine of ~0.999 of float32 and keep the same fingerprint. With `mesh`, the
     model is split over its `model` axis and batches over `data`; a model that cannot fit a device is refused
     (memory.OutOfMemoryError) before any weight is read."""
-    described = describe(spec)
-    estimate = memory_estimate(described, dtype, batch_size, mesh)
+    described, batch = describe(spec), batch_size or default_batch_size()
+    estimate = memory_estimate(described, dtype, batch, mesh)
     advice = ("Split the model over more devices (--mesh-model), use --dtype bfloat16, lower --batch-size, or "
               "lower the text length (max_length option).")  # fmt: skip
-    batch = batch_size or default_batch_size()
     memory.check(estimate, f"text encoder {described.name} ({dtype}, batch {batch})", advice=advice)
-    return TextEncoder(described, load_params(described, dtype, mesh), batch_size, dtype, mesh)
+    return TextEncoder(described, load_params(described, dtype, mesh), batch, dtype, mesh)
 
 
 def load_orbax_params(folder: Path, template: dict) -> dict:

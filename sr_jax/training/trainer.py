@@ -463,9 +463,7 @@ def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run
         if (split := getattr(cfg.data, key)) not in splits:
             raise ValueError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
     pooled, first = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
-    # Split by rows over the model axis; the summary vectors only where cls gating reads them (else 0 rows)
-    first = first if cfg.model.gating == "cls" else first[:0]
-    text = sr_model.TextTable(shd.rows_over_model(mesh, pooled), shd.rows_over_model(mesh, first))
+    text = sr_model.TextTable(*shd.text_table(mesh, pooled, first, keep_first=cfg.model.gating == "cls"))
     domains = run_domains(cfg.data, dataset.meta)
     source = finetune.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
     pretrained = finetune.read_run_info(source) if source else None
