@@ -54,6 +54,10 @@ class DataConfig:
     batch_size: int = 1024
     eval_batch_size: int = 8192
     prefetch: int = 2  # batches placed on device ahead of the step
+    # Rows shuffled together: a train split up to this size is shuffled whole each epoch; a bigger one streams
+    # in windows of this many rows (blocks of window/64 rows in shuffled order), O(window) host memory
+    # (sr_jax/data/pipeline.py).
+    shuffle_window: int = 1 << 20
 
 
 @dataclasses.dataclass
@@ -358,6 +362,7 @@ def validate(cfg: Config) -> Config:
     _positive(problems, data, "data", "batch_size", "eval_batch_size", "train_fraction")
     _positive(problems, data, "data", "prefetch", allow_zero=True)
     _check(problems, data.train_fraction <= 1, "data.train_fraction", f"{data.train_fraction} must be in (0, 1]")
+    _check(problems, data.shuffle_window >= 64, "data.shuffle_window", f"{data.shuffle_window}: at least 64 rows")
     _positive(problems, train, "train", "epochs", "learning_rate", "log_every", "checkpoint_every", "keep_checkpoints")
     _positive(
         problems, train, "train", "seed", "min_steps", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True

@@ -98,3 +98,72 @@ def test_torch_reference_computes_the_same_network():
     }
     for name, (torch_param, jax_grad) in pairs.items():
         np.testing.assert_allclose(torch_param.grad.numpy(), np.asarray(jax_grad), rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+def test_torch_sparse_updates_are_the_rules_they_name():
+    """One step from the same parameters, against the dense model's clipped gradient g: SparseAdam moves each
+    element a batch reads by lr * g / (|g| + eps / sqrt(1 - b2)) (torch adds eps before bias correction, Adam
+    after), sparse Adagrad by lr * g / (|g| + eps), rows not read stay put, the other parameters take the same
+    Adam step as the dense model's, and clipping counts sparse gradients as dense ones."""
+    torch = pytest.importorskip("torch", reason="the PyTorch reference runs only where torch is importable")
+    from sr_jax.bench.torch_reference import ADAGRAD_EPS, TorchSRModel, clip_grad_norm, train_step
+
+    meta = bench_meta(fields=5, vocab=60, domains=3, num_texts=40)
+    cfg = config_from_name("bench").model
+    text = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    params = jax.tree.map(np.asarray, sr_model.init(cfg, meta, 16, seed=3)[1])
+    batch = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in random_columns(meta, 64, seed=2).items()}
+    lr, clip = 1e-2, 0.05  # a clip well under the gradient's norm, so clipping scales every step
+
+    def stepped(update: str) -> TorchSRModel:
+        model = TorchSRModel(params, cfg, meta, text, sparse=update != "dense")
+        train_step(model, update, lr, clip)(batch)
+        return model
+
+    reference = TorchSRModel(params, cfg, meta, text)
+    reference.loss(batch).backward()
+    assert float(clip_grad_norm(list(reference.parameters()), clip)) > clip
+    dense = stepped("dense")
+    g = reference.id_tables["item"].grad.numpy()
+    before = params["l0"]["id_tables"]["item"]
+    read = np.unique(batch["item_id"].numpy())
+    untouched = np.setdiff1d(np.arange(len(before)), read)
+    for update, eps in (("sparse_adam", 1e-8 / np.sqrt(1 - 0.999)), ("sparse_adagrad", ADAGRAD_EPS)):
+        model = stepped(update)
+        after = model.id_tables["item"].detach().numpy()
+        expected = before - lr * g / (np.abs(g) + eps)
+        np.testing.assert_allclose(after[read], expected[read], rtol=1e-5, atol=1e-7, err_msg=update)
+        np.testing.assert_array_equal(after[untouched], before[untouched])
+        tables = {id(t) for t in model.tables()}
+        for (name, a), b in zip(model.named_parameters(), dense.parameters()):
+            if id(a) not in tables:
+                np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5, err_msg=name)
+
+
+def test_bench_input_times_a_fresh_start_on_a_split_written_in_chunks(tmp_path):
+    from pathlib import Path
+
+    from sr_jax.data.store import VALIDATED, open_dataset
+    from train import bench_input
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "startup.json"
+    args = ["--rows", "5000", "--chunk-rows", "1500", "--dataset", str(tmp_path / "ds"), "--seconds", "0.2"]
+    result = bench_input.main(
+        [*args, "--baseline-src", str(repo), "--cores", "0", "--out", str(out), "data.batch_size=256"]
+    )
+    assert [(r["code"], r["what"]) for r in result["results"]] == [
+        ("this", "write (chunks, validated once)"),
+        ("baseline", "first start"),
+        ("baseline", "later start"),
+        ("this", "start"),
+    ]
+    for r in result["results"][1:]:
+        assert (
+            0 < r["open_s"] <= r["first_batch_s"]
+            and r["examples_per_s"] > 0
+            and r["heap_peak_gib"] > 0
+            and r["anon_gib"] > 0
+        )
+    assert json.loads(out.read_text())["rows"] == 5000
+    assert (tmp_path / "ds" / VALIDATED).exists() and open_dataset(tmp_path / "ds").meta.splits == {"train": 5000}

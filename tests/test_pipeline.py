@@ -57,3 +57,74 @@ def test_prefetch_preserves_order_and_surfaces_errors():
 def test_batch_larger_than_split_is_refused():
     with pytest.raises(ValueError, match="larger than the split"):
         BatchIterator(_cols(), N + 1, seed=0)
+
+
+def _positions(order, epoch, size):
+    return order.rows(epoch, 0, size)
+
+
+def test_a_split_within_the_window_is_shuffled_whole_as_before_streaming():
+    from sr_jax.data.pipeline import EpochOrder
+
+    order = EpochOrder(N, seed=5, window=N)
+    for epoch in (0, 3):
+        np.testing.assert_array_equal(_positions(order, epoch, N), np.random.default_rng([5, epoch]).permutation(N))
+
+
+@pytest.mark.parametrize("size", [1000, 1003, 4096])  # 1003: the last block is short
+def test_streaming_order_is_a_permutation_read_a_window_at_a_time(size):
+    from sr_jax.data.pipeline import BLOCKS_PER_WINDOW, EpochOrder
+
+    window = 128  # blocks of 2 rows, 64 per window
+    order = EpochOrder(size, seed=1, window=window)
+    whole = _positions(order, 0, size)
+    np.testing.assert_array_equal(np.sort(whole), np.arange(size))
+    assert not np.array_equal(whole, np.arange(size))
+    assert not np.array_equal(whole, _positions(order, 1, size))  # each epoch its own order
+    order.rows(0, 0, 0)
+    starts = order._starts  # where each window of epoch 0 begins in its order
+    assert len(starts) - 1 == -(-size // window)
+    for lo, hi in zip(starts[:-2], starts[1:-1]):  # every window but the last: all rows of 64 whole blocks
+        blocks = whole[lo:hi] // order.block
+        assert len(np.unique(blocks)) == BLOCKS_PER_WINDOW and hi - lo == len(np.unique(whole[lo:hi]))
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # any range of positions, read fresh, is the same rows (what resuming relies on)
+        a = int(rng.integers(0, size))
+        b = int(rng.integers(a, size + 1))
+        np.testing.assert_array_equal(EpochOrder(size, seed=1, window=window).rows(0, a, b), whole[a:b])
+
+
+def test_streaming_a_200m_row_split_needs_no_memory_proportional_to_it():
+    """No host holds a permutation of the split: positions at the end of an epoch of 200M rows come from
+    one window's permutation (1M rows) and the block order (12k blocks), in well under 64 MB."""
+    import tracemalloc
+
+    from sr_jax.data.pipeline import EpochOrder
+
+    size = 200_000_000
+    tracemalloc.start()
+    rows = EpochOrder(size, seed=0).rows(7, size - 5000, size)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(np.unique(rows)) == 5000 and rows.min() >= 0 and rows.max() < size
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_streamed_batches_resume_and_split_across_processes():
+    """With a window smaller than the split: resuming at any step reads the batches an uninterrupted run
+    reads, and two processes' slices of each global batch are that batch."""
+    size = 3001
+    cols = {"x": np.arange(size, dtype=np.int64)}
+    full = BatchIterator(cols, 100, seed=2, window=256)
+    reference = [next(full)["x"] for _ in range(65)]  # two epoch boundaries (30 steps an epoch)
+    seen = np.concatenate(reference[:30])
+    assert len(np.unique(seen)) == 3000
+    for start in (0, 11, 29, 30, 47):
+        resumed = BatchIterator(cols, 100, seed=2, start_step=start, window=256)
+        halves = [
+            BatchIterator(cols, 100, seed=2, start_step=start, window=256, process_slice=s)
+            for s in (slice(0, 50), slice(50, 100))
+        ]
+        for k in range(start, 65):
+            np.testing.assert_array_equal(next(resumed)["x"], reference[k])
+            np.testing.assert_array_equal(np.concatenate([next(h)["x"] for h in halves]), reference[k])

@@ -179,3 +179,68 @@ def test_a_validated_dataset_opens_without_reading_its_columns_until_a_file_chan
     with pytest.raises(DatasetError, match=r"label.npy, field 'label', row 0"):
         open_dataset(copy)
     assert len(calls) == 1
+
+
+def test_a_dataset_is_validated_when_written_and_opened_by_its_fingerprint_alone(clean, tmp_path, monkeypatch):
+    """Validation runs once, at write time (in chunks of rows); opening checks the stamp, and adding a text
+    cache (validated itself) keeps it."""
+    from sr_jax.data import store
+
+    ds = open_dataset(clean)
+    monkeypatch.setattr(store, "CHECK_ROWS", 7)  # many chunks, so chunking is what is tested
+    splits = {s: {k: np.asarray(v) for k, v in ds.split(s).items()} for s in ds.meta.splits}
+    root = tmp_path / "fresh"
+    write_dataset(root, _meta_without_caches(clean), ds.texts(), splits, ds.keys())
+    assert (root / store.VALIDATED).exists()
+    monkeypatch.setattr(store, "validate", lambda root: pytest.fail(f"{root} validated again"))
+    open_dataset(root)
+    pooled, first = ds.text_cache("hashed-bow")
+    write_text_cache(root, "hashed-bow", "fp", pooled, first)
+    assert open_dataset(root).text_cache("hashed-bow")[0].shape == pooled.shape
+    bad = np.array(pooled)
+    bad[20, 3] = np.nan  # row 20: the third chunk of 7 rows
+    with pytest.raises(DatasetError, match=r"pooled.npy, field 'pooled', row 20: NaN"):
+        write_text_cache(root, "other", "fp", bad, first)
+
+
+def test_a_bad_row_in_a_later_chunk_is_named_by_its_row(copy, monkeypatch):
+    from sr_jax.data import store
+
+    monkeypatch.setattr(store, "CHECK_ROWS", 16)
+    _corrupt(copy, "train", "item_id", lambda a: np.where(np.arange(len(a)) == 37, -3, a))
+    with pytest.raises(DatasetError, match=r"item_id.npy, field 'item_id', row 37: value -3 outside"):
+        validate(copy)
+
+
+def test_a_split_written_in_chunks_equals_the_split_written_whole(clean, tmp_path):
+    from sr_jax.data.store import Chunks
+
+    ds = open_dataset(clean)
+    train = {k: np.asarray(v) for k, v in ds.split("train").items()}
+    size = len(train["label"])
+    parts = lambda step: ({k: v[i : i + step] for k, v in train.items()} for i in range(0, size, step))  # noqa: E731
+    splits = {s: {k: np.asarray(v) for k, v in ds.split(s).items()} for s in ds.meta.splits}
+    chunked = write_dataset(
+        tmp_path / "chunked",
+        _meta_without_caches(clean),
+        ds.texts(),
+        {**splits, "train": Chunks(size, parts(50))},
+        ds.keys(),
+    )
+    assert chunked.meta.splits == ds.meta.splits
+    for name, col in chunked.split("train").items():
+        np.testing.assert_array_equal(col, train[name])
+    with pytest.raises(ValueError, match=r"split 'train': .* rows written, .* declared"):
+        write_dataset(
+            tmp_path / "short",
+            _meta_without_caches(clean),
+            ds.texts(),
+            {"train": Chunks(size + 1, parts(50))},
+            ds.keys(),
+        )
+    wide = ({**p, "label": p["label"].astype(np.int64)} for p in parts(50))
+    with pytest.raises(ValueError, match=r"split 'train', chunk 0 \(rows 0..49\), column 'label': int64"):
+        write_dataset(
+            tmp_path / "wide", _meta_without_caches(clean), ds.texts(), {"train": Chunks(size, wide)}, ds.keys()
+        )
+    assert not (tmp_path / "short").exists() and not (tmp_path / "wide").exists()

@@ -111,34 +111,25 @@ def time_torch(
     steps: int,
     repeats: int,
     mode: str,
+    update: str,
 ) -> dict:
-    """The PyTorch reference (`torch_reference.TorchSRModel`) with dense Adam, eager or torch.compile'd,
-    on the same batches, starting from the same parameters."""
+    """The PyTorch reference (`torch_reference`) eager or torch.compile'd (`mode`), with the table `update`
+    a PyTorch user would pick (`torch_reference.UPDATES`), bf16 autocast where `cfg.model.dtype` is
+    bfloat16; on the same batches, from the same parameters."""
     import torch
 
-    from sr_jax.bench.torch_reference import TorchSRModel
+    from sr_jax.bench.torch_reference import TorchSRModel, train_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bs = cfg.data.batch_size
     params = jax.tree.map(np.asarray, sr_model.init(cfg.model, meta, text.shape[1], seed=0)[1])
-    model = TorchSRModel(params, cfg.model, meta, text).to(device)
-    opt = torch.optim.Adam(model.parameters(), cfg.train.learning_rate)
+    model = TorchSRModel(params, cfg.model, meta, text, sparse=update != "dense").to(device)
+    autocast = torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
+    step = train_step(model, update, cfg.train.learning_rate, cfg.train.grad_clip, autocast, mode == "compile")
     batches = [
         {k: torch.from_numpy(np.asarray(v, np.int64)).to(device) for k, v in b.items()}
         for b in host_batches(columns, bs)
     ]
-
-    def step(batch):
-        opt.zero_grad(set_to_none=True)
-        loss = model.loss(batch)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        return loss
-
-    if mode == "compile":
-        step = torch.compile(step)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     start = time.perf_counter()
     step(batches[0])

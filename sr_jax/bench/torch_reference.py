@@ -5,13 +5,29 @@ is never a dependency of sr-jax).
 names them by the public scheme of `sr_jax.export.interop.torch_state_dict` (so its `state_dict()` is what
 `python -m train.convert to-torch` writes, and `load_state_dict` takes it back), and computes the same logits
 and loss: L0 lookups and projections, domain aspect gating, the Domain Adaptive Layer, the JS regularizer,
-MMoE experts, per-domain gates and towers. Per-domain layers are computed for every domain and gathered, as
-in JAX. Supported: the default model (gating mean|domain,
-regularizer js|none, backbone mmoe); anything else is refused.
+MMoE experts, per-domain gates and towers. Per-domain layers are computed for every domain and gathered.
+Supported: the default model (gating mean|domain, regularizer js|none, backbone mmoe); anything else is refused.
+
+`train_step(model, update, ...)` is the training a PyTorch user would write for it, with the table update
+they would pick (`UPDATES`):
+
+    dense           torch.optim.Adam over every parameter (every table row, every step)
+    sparse_adam     the tables' lookups give sparse gradients (`F.embedding(sparse=True)`, as
+                    `nn.Embedding(sparse=True)`) updated by `torch.optim.SparseAdam` (lazy Adam: sr-jax's
+                    `lazy_adam`); Adam for the rest
+    sparse_adagrad  sparse gradients updated by `torch.optim.Adagrad`, torch's only other optimizer that takes
+                    them. It is element-wise Adagrad: torch has no row-wise Adagrad (sr-jax's
+                    `rowwise_adagrad` is FBGEMM/TorchRec's, outside torch), so this is the closest torch-native
+                    rule; it keeps a [rows, d] accumulator where row-wise keeps [rows]
+
+Global-norm clipping covers sparse gradients too (torch's `clip_grad_norm_` refuses them). bf16 runs under
+`torch.autocast`; `compile=True` compiles the network with `torch.compile` (with sparse gradients, the part
+after the lookups: the lookups' sparse backward does not trace).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,14 +45,22 @@ def _param(x: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.from_numpy(np.array(x, np.float32)))
 
 
+UPDATES = ("dense", "sparse_adam", "sparse_adagrad")
+ADAGRAD_EPS = 1e-8  # sr-jax's (torch's default is 1e-10)
+
+
 class TorchSRModel(nn.Module):
-    def __init__(self, params: dict[str, Any], cfg: ModelConfig, meta: DatasetMeta, text: np.ndarray):
+    """`sparse`: the tables' lookups give sparse gradients."""
+
+    def __init__(
+        self, params: dict[str, Any], cfg: ModelConfig, meta: DatasetMeta, text: np.ndarray, sparse: bool = False
+    ):
         super().__init__()
         if cfg.gating not in ("mean", "domain") or cfg.regularizer not in ("js", "none") or cfg.backbone != "mmoe":
             raise NotImplementedError("the torch reference covers gating mean|domain, regularizer js|none, mmoe")
         if cfg.id_buckets or not cfg.use_domain_adapter or not cfg.use_text:
             raise NotImplementedError("the torch reference covers the full model without id hashing")
-        self.cfg, self.meta = cfg, meta
+        self.cfg, self.meta, self.sparse = cfg, meta, sparse
         state = torch_state_dict(params)  # the public name scheme (sr_jax.export.interop)
 
         def group(prefix: str) -> dict[str, nn.Parameter]:
@@ -62,9 +86,27 @@ class TorchSRModel(nn.Module):
         self.gate_kernel, self.gate_bias = _param(state["gate_kernel"]), _param(state["gate_bias"])
         self.tower = nn.ParameterList(listed("tower"))
 
-    def _side(self, side: str, batch: dict[str, torch.Tensor], e_d: torch.Tensor) -> torch.Tensor:
+    def tables(self) -> list[nn.Parameter]:
+        """The embedding tables (sr-jax's row-sharded, row-sparse updated parameters)."""
+        return [*self.id_tables.values(), *self.sparse_tables.values()]
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tables' rows each example reads, {table name: [B, d]}: the only part with sparse gradients."""
+        rows = {
+            f"{side}_id": F.embedding(batch[f"{side}_id"], t, sparse=self.sparse) for side, t in self.id_tables.items()
+        }
+        for side, fields in self.fields.items():
+            for f in fields:
+                rows[f"{side}_{f.name}"] = F.embedding(
+                    batch[f.column], self.sparse_tables[f"{side}_{f.name}"], sparse=self.sparse
+                )
+        return rows
+
+    def _side(
+        self, side: str, batch: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], e_d: torch.Tensor
+    ) -> torch.Tensor:
         ids = batch[f"{side}_id"]
-        vectors, masks = [self.id_tables[side][ids]], [ids != 0]
+        vectors, masks = [rows[f"{side}_id"]], [ids != 0]
         if side != "user":
             row = batch[f"{side}_text"]
             has = row >= 0
@@ -75,9 +117,9 @@ class TorchSRModel(nn.Module):
             values = [batch[f.column] for f in self.fields[side]]
             projected = torch.stack(  # each field through its projection, then the mean over present fields
                 [
-                    self.sparse_tables[f"{side}_{f.name}"][v] @ self.sparse_proj[f"{side}_{f.name}_kernel"]
+                    rows[f"{side}_{f.name}"] @ self.sparse_proj[f"{side}_{f.name}_kernel"]
                     + self.sparse_proj[f"{side}_{f.name}_bias"]
-                    for f, v in zip(self.fields[side], values)
+                    for f in self.fields[side]
                 ],
                 1,
             )
@@ -97,9 +139,15 @@ class TorchSRModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (logits [B], regularizer)"""
+        return self.network(batch, self.embed(batch))
+
+    def network(
+        self, batch: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after the lookups (`embed`): -> (logits [B], regularizer)."""
         domain = batch["domain"]
         e_d = self.domain_embedding[domain]
-        x = torch.cat([self._side(s, batch, e_d) for s in SIDES], 1)  # [B, 3d]
+        x = torch.cat([self._side(s, batch, rows, e_d) for s in SIDES], 1)  # [B, 3d]
         every = torch.einsum("bi,kio->bko", x, self.dal_kernel) + self.dal_bias
         z = F.layer_norm(_pick(every, domain), x.shape[1:], eps=1e-6)  # standardised: what L_reg aligns
         x_hat = z * self.norm_scale + self.norm_bias
@@ -120,8 +168,8 @@ class TorchSRModel(nn.Module):
             reg = torch.zeros((), device=x.device)
         return t[:, 0], reg
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, reg = self(batch)
+    def loss(self, batch: dict[str, torch.Tensor], rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        logits, reg = self.network(batch, self.embed(batch) if rows is None else rows)
         return F.binary_cross_entropy_with_logits(logits, batch["label"].float()) + self.cfg.reg_weight * reg
 
 
@@ -146,3 +194,69 @@ def _js(z: torch.Tensor, domain: torch.Tensor, k: int, temperature: float) -> to
     present = counts > 0
     pairs = present[:, None] & present[None, :] & torch.triu(torch.ones(k, k, dtype=torch.bool, device=z.device), 1)
     return torch.where(pairs, js, 0.0).sum() / pairs.sum().clamp(min=1)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """optax.clip_by_global_norm for dense and sparse gradients: g * max_norm / max(norm, max_norm)."""
+    grads = []
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # repeated rows summed, so the norm counts each row once
+            grads.append(p.grad._values())
+        elif p.grad is not None:
+            grads.append(p.grad)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = max_norm / torch.clamp(norm, min=max_norm)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef)
+    return norm
+
+
+def train_step(
+    model: TorchSRModel,
+    update: str,
+    learning_rate: float,
+    grad_clip: float,
+    autocast: torch.dtype | None = None,
+    compile: bool = False,
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """step(batch) -> loss: forward, backward, clipping and the `update`'s optimizers (module docstring)."""
+    if update not in UPDATES:
+        raise ValueError(f"torch update {update!r}: expected one of {UPDATES}")
+    if model.sparse != (update != "dense"):
+        raise ValueError(f"torch update {update!r} needs TorchSRModel(sparse={update != 'dense'})")
+    fused = next(model.parameters()).is_cuda  # torch's fastest Adam where it has one
+    if update == "dense":
+        optimizers = [torch.optim.Adam(model.parameters(), learning_rate, fused=fused)]
+    else:
+        tables = {id(t) for t in model.tables()}
+        rest = [p for p in model.parameters() if id(p) not in tables]
+        table_opt = (
+            torch.optim.SparseAdam(model.tables(), learning_rate)
+            if update == "sparse_adam"
+            else torch.optim.Adagrad(model.tables(), learning_rate, eps=ADAGRAD_EPS)
+        )
+        optimizers = [table_opt, torch.optim.Adam(rest, learning_rate, fused=fused)]
+    params = list(model.parameters())
+    device_type = next(model.parameters()).device.type
+
+    def loss_of(batch, rows):
+        with torch.autocast(device_type, autocast, enabled=autocast is not None):
+            return model.loss(batch, rows)
+
+    if compile:
+        loss_of = torch.compile(loss_of)
+
+    def step(batch):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss = loss_of(batch, model.embed(batch))
+        loss.backward()
+        if grad_clip > 0:
+            clip_grad_norm(params, grad_clip)
+        for opt in optimizers:
+            opt.step()
+        return loss
+
+    return step

@@ -4,6 +4,13 @@ The order is a pure function of (seed, epoch), so the data position of a run is 
 resumed at step s reads exactly the batches an uninterrupted run reads from step s on. A batch is a
 dict of numpy arrays (one fancy-index per column, no per-example Python); `prefetch_to_device` moves
 batches to the mesh in a background thread, a few steps ahead of the train step.
+
+A split up to `window` rows (`data.shuffle_window`) is shuffled whole. A bigger one streams: its rows are
+cut into blocks of window / 64 consecutive rows, the blocks are shuffled, and every 64 blocks in that
+order (a window) are shuffled together, one window at a time. Memory is O(window + blocks), not O(rows):
+no host ever holds a permutation of the split, and a batch reads 64 runs of nearby rows (page-cache and
+disk friendly) rather than rows from anywhere. Every host computes the same windows and reads only its
+`process_slice` of each global batch.
 """
 
 from __future__ import annotations
@@ -14,11 +21,69 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from sr_jax.config import DataConfig
+
+
+BLOCKS_PER_WINDOW = 64
+
+
+class EpochOrder:
+    """The rows of a split of `size` in the shuffled order of each epoch, read by position (module docstring).
+
+    Window w of epoch e is the rows of blocks [64 w, 64 w + 64) of the epoch's block order, permuted by
+    `default_rng([seed, e, w + 1])`; with one window (size <= window), the order is
+    `default_rng([seed, e]).permutation(size)`, as before streaming existed, so earlier runs replay."""
+
+    def __init__(self, size: int, seed: int, window: int = DataConfig.shuffle_window):
+        if window < BLOCKS_PER_WINDOW:
+            raise ValueError(f"data.shuffle_window={window}: at least {BLOCKS_PER_WINDOW} rows")  # as config.validate
+        self.size, self.seed, self.window = size, seed, window
+        self.block = window // BLOCKS_PER_WINDOW
+        self._epoch, self._starts, self._blocks = -1, np.zeros(2, np.int64), np.zeros(0, np.int64)
+        self._cached: tuple[int, int, np.ndarray] | None = None  # (epoch, window, its rows)
+
+    def _plan(self, epoch: int) -> None:
+        """The epoch's block order and where each window starts: [windows + 1] positions."""
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch
+        if self.size <= self.window:
+            self._starts = np.array([0, self.size], np.int64)
+            return
+        num_blocks = -(-self.size // self.block)
+        self._blocks = np.random.default_rng([self.seed, epoch]).permutation(num_blocks)
+        sizes = np.minimum(self.block, self.size - self._blocks * self.block)  # the last block may be short
+        ends = np.cumsum(sizes)[BLOCKS_PER_WINDOW - 1 :: BLOCKS_PER_WINDOW]
+        self._starts = np.unique(np.concatenate([[0], ends, [self.size]]))
+
+    def _window(self, epoch: int, w: int) -> np.ndarray:
+        if self._cached is not None and self._cached[:2] == (epoch, w):
+            return self._cached[2]
+        if self.size <= self.window:
+            rows = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        else:
+            ids = self._blocks[w * BLOCKS_PER_WINDOW : (w + 1) * BLOCKS_PER_WINDOW]
+            ranges = [np.arange(b * self.block, min((b + 1) * self.block, self.size)) for b in ids]
+            rows = np.random.default_rng([self.seed, epoch, w + 1]).permutation(np.concatenate(ranges))
+        self._cached = (epoch, w, rows)
+        return rows
+
+    def rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """The rows at positions [start, stop) of the epoch's order (0 <= start <= stop <= size)."""
+        self._plan(epoch)
+        parts = []
+        while start < stop:
+            w = int(np.searchsorted(self._starts, start, side="right")) - 1
+            lo, hi = self._starts[w], self._starts[w + 1]
+            parts.append(self._window(epoch, w)[start - lo : min(stop, hi) - lo])
+            start = min(stop, int(hi))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
 
 class BatchIterator:
     """Global batches of `batch_size` rows; this process reads `process_slice` of each (multi-host: every
     process its own part of the same global batch, so the data a run sees does not depend on the process
-    count)."""
+    count). `window`: rows shuffled together (`EpochOrder`)."""
 
     def __init__(
         self,
@@ -27,26 +92,22 @@ class BatchIterator:
         seed: int,
         start_step: int = 0,
         process_slice: slice = slice(None),
+        window: int = DataConfig.shuffle_window,
     ):
         self.columns, self.process_slice = columns, process_slice
         self.size = len(next(iter(columns.values())))
         if batch_size > self.size:
             raise ValueError(f"batch size {batch_size} is larger than the split ({self.size} examples)")
-        self.batch_size, self.seed, self.step = batch_size, seed, start_step
+        self.batch_size, self.step = batch_size, start_step
         self.steps_per_epoch = self.size // batch_size  # the remainder of each epoch is dropped
-        self._epoch, self._order = -1, None
-
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        self.order = EpochOrder(self.size, seed, window)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         epoch, k = divmod(self.step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, self.order(epoch)
-        batch = np.sort(self._order[k * self.batch_size : (k + 1) * self.batch_size])  # sorted: sequential reads
+        batch = np.sort(self.order.rows(epoch, k * self.batch_size, (k + 1) * self.batch_size))  # sequential reads
         idx = batch[self.process_slice]
         self.step += 1
         return {name: np.take(col, idx, axis=0) for name, col in self.columns.items()}

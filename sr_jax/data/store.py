@@ -7,8 +7,11 @@
     DIR/text_cache/ENCODER/{pooled,first}.npy   [num_texts, dim] float32 per text encoder
 
 Every write goes to a temporary sibling and is renamed into place only after it validates, so a
-reader never sees a half-written dataset. `open_dataset` validates by default: bad data raises a
-`DatasetError` naming the file, the field and the first bad row.
+reader never sees a half-written dataset. Validation runs once, when the dataset is written (in chunks of
+rows: memory does not grow with the split), and leaves `DIR/.validated`, the fingerprint of the files it
+checked; `open_dataset` then checks only that fingerprint (paths, sizes, modification times), and validates
+in full only a dataset that changed or was never stamped. Bad data raises a `DatasetError` naming the file,
+the field and the first bad row. A split bigger than memory is written chunk by chunk (`Chunks`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,6 +30,7 @@ from sr_jax.io import atomic_dir, atomic_file
 
 
 KEYS = "keys.json"
+CHECK_ROWS = 1 << 22  # rows of a column (or text cache) checked at a time
 
 
 class DatasetError(ValueError):
@@ -44,11 +50,20 @@ def _first(bad: np.ndarray) -> int:
     return int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
 
 
+def column_chunks(a: np.ndarray, rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, the rows from it) of a (memory-mapped) column, `rows` (default CHECK_ROWS) at a time: a pass
+    over a split that needs no memory proportional to it."""
+    step = rows or CHECK_ROWS
+    for start in range(0, len(a), step):
+        yield start, np.asarray(a[start : start + step])
+
+
 def _check_range(file: Path, field: str, a: np.ndarray, lo: int, hi: int, what: str) -> None:
-    bad = (a < lo) | (a >= hi)
-    if bad.any():
-        row = _first(bad)
-        raise DatasetError(file, field, row, f"value {a[row].tolist()} outside {what} [{lo}, {hi})")
+    for start, part in column_chunks(a):
+        bad = (part < lo) | (part >= hi)
+        if bad.any():
+            row = _first(bad)
+            raise DatasetError(file, field, start + row, f"value {part[row].tolist()} outside {what} [{lo}, {hi})")
 
 
 class Dataset:
@@ -250,9 +265,10 @@ def _validate_text_cache(folder: Path, encoder: str, info: TextCache, num_texts:
                 f"{a.dtype} {a.shape}, expected float32 {(num_texts, info.dim)} "
                 f"(a cache with missing rows, or from another text table)",
             )
-        bad = ~np.isfinite(np.asarray(a))
-        if bad.any():
-            raise DatasetError(file, part, _first(bad), "NaN or inf feature")
+        for start, rows in column_chunks(a):
+            bad = ~np.isfinite(rows)
+            if bad.any():
+                raise DatasetError(file, part, start + _first(bad), "NaN or inf feature")
 
 
 VALIDATED = ".validated"  # the files' fingerprint when the dataset last passed `validate`
@@ -274,34 +290,83 @@ def open_dataset(root: str | Path, check: bool = True) -> Dataset:
     it per run; any change to a file (a rewrite, a new cache) brings the full validation back. `check=False`
     skips both (e.g. a dataset just written)."""
     root = Path(root)
-    if not check:
-        return Dataset(root, DatasetMeta.read(root))
-    stamp = root / VALIDATED
-    if stamp.exists() and stamp.read_text() == _fingerprint(root):
+    if not check or _stamped(root):
         return Dataset(root, DatasetMeta.read(root))
     dataset = validate(root)
-    with contextlib.suppress(OSError):  # a read-only dataset is validated in full every time
-        with atomic_file(stamp) as tmp:
-            tmp.write_text(_fingerprint(root))
+    _stamp(root)
     return dataset
+
+
+def _stamped(root: Path) -> bool:
+    """Whether the files are those `validate` last passed."""
+    stamp = root / VALIDATED
+    return stamp.exists() and stamp.read_text() == _fingerprint(root)
+
+
+def _stamp(root: Path) -> None:
+    """Records that the files as they are now passed `validate`."""
+    with contextlib.suppress(OSError):  # a read-only, unstamped dataset is validated in full at every open
+        with atomic_file(root / VALIDATED) as tmp:
+            tmp.write_text(_fingerprint(root))
+
+
+class Chunks(NamedTuple):
+    """A split written chunk by chunk, for one bigger than memory: `size` rows in all, `parts` yields dicts of
+    columns (the store's dtypes, `DatasetMeta.columns`) that add up to them."""
+
+    size: int
+    parts: Iterable[dict[str, np.ndarray]]
+
+
+def _write_split(folder: Path, name: str, columns: dict[str, np.ndarray] | Chunks, meta: DatasetMeta) -> None:
+    folder.mkdir(parents=True)
+    if not isinstance(columns, Chunks):
+        for column, a in columns.items():
+            np.save(folder / f"{column}.npy", np.asarray(a))
+        return
+    declared = meta.columns()
+    out = {
+        c: np.lib.format.open_memmap(folder / f"{c}.npy", "w+", dtype, (columns.size, *shape))
+        for c, (dtype, shape) in declared.items()
+    }
+    position = 0
+    for k, part in enumerate(columns.parts):
+        if set(part) != set(declared):
+            raise ValueError(f"split {name!r}, chunk {k}: columns {sorted(part)}, expected {sorted(declared)}")
+        n = len(part["label"])
+        if position + n > columns.size:
+            raise ValueError(f"split {name!r}, chunk {k}: rows beyond the declared {columns.size}")
+        for c, a in part.items():
+            if a.dtype != declared[c][0] or len(a) != n:
+                raise ValueError(
+                    f"split {name!r}, chunk {k} (rows {position}..{position + n - 1}), column {c!r}: "
+                    f"{a.dtype} x {len(a)}, expected {declared[c][0]} x {n}"
+                )
+            out[c][position : position + n] = a
+        position += n
+    if position != columns.size:
+        raise ValueError(f"split {name!r}: {position} rows written, {columns.size} declared")
+    for a in out.values():
+        a.flush()
 
 
 def write_dataset(
     root: str | Path,
     meta: DatasetMeta,
     texts: list[str],
-    splits: dict[str, dict[str, np.ndarray]],
+    splits: dict[str, dict[str, np.ndarray] | Chunks],
     keys: dict[str, list[str]],
     overwrite: bool = False,
 ) -> Dataset:
-    """Writes, validates, then atomically renames a complete dataset into `root`. `keys`: the raw key of every
-    row but 0 of every id table (`DatasetMeta.tables`)."""
+    """Writes, validates, then atomically renames a complete dataset into `root`, stamped as validated. A split
+    is its columns, or `Chunks` of them. `keys`: the raw key of every row but 0 of every id table
+    (`DatasetMeta.tables`)."""
     root = Path(root)
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists (pass overwrite=True to replace it)")
     if meta.text_caches:
         raise ValueError("write the dataset without caches, then add them with write_text_cache")
-    meta.splits = {name: len(cols["label"]) for name, cols in splits.items()}
+    meta.splits = {name: c.size if isinstance(c, Chunks) else len(c["label"]) for name, c in splits.items()}
     meta.num_texts = len(texts)
     with atomic_dir(root, validate) as tmp:
         (tmp / "meta.json").write_text(meta.to_json())
@@ -310,15 +375,16 @@ def write_dataset(
             for text in texts:
                 f.write(json.dumps(text) + "\n")
         for split, cols in splits.items():
-            (tmp / "splits" / split).mkdir(parents=True)
-            for name, a in cols.items():
-                np.save(tmp / "splits" / split / f"{name}.npy", np.asarray(a))
+            _write_split(tmp / "splits" / split, split, cols, meta)
+    _stamp(root)
     return open_dataset(root, check=False)
 
 
 def write_text_cache(root: str | Path, encoder: str, fingerprint: str, pooled: np.ndarray, first: np.ndarray) -> None:
-    """Adds (or replaces) the text-feature cache of one encoder, atomically."""
+    """Adds (or replaces) the text-feature cache of one encoder, atomically (validated; a dataset validated
+    before stays so)."""
     root = Path(root)
+    validated = _stamped(root)
     meta = DatasetMeta.read(root)
     info = TextCache(encoder=encoder, fingerprint=fingerprint, dim=int(pooled.shape[1]))
     check = lambda folder: _validate_text_cache(folder, encoder, info, meta.num_texts)  # noqa: E731
@@ -328,3 +394,5 @@ def write_text_cache(root: str | Path, encoder: str, fingerprint: str, pooled: n
     meta.text_caches[encoder] = info
     with atomic_file(root / "meta.json") as tmp:
         tmp.write_text(meta.to_json())
+    if validated:
+        _stamp(root)

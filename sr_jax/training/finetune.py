@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sr_jax.config import Config, FinetuneConfig, TrainConfig
-from sr_jax.data.store import Dataset
+from sr_jax.data.store import Dataset, column_chunks
 from sr_jax.data.vocabulary import VOCAB, Vocabulary
 from sr_jax.io import atomic_dir
 from sr_jax.training.alignment import REFERENCE
@@ -204,7 +204,9 @@ def rows_in(columns: dict[str, np.ndarray], vocab: Vocabulary) -> dict[str, np.n
     """table -> [rows] bool: the rows `columns` read (row 0, missing, never)."""
     out = {}
     for table in vocab.keys:
-        rows = np.bincount(np.asarray(columns[table]).reshape(-1), minlength=vocab.rows(table)) > 0
+        rows = np.zeros(vocab.rows(table), bool)
+        for _, ids in column_chunks(columns[table]):  # one pass, in chunks: no copy of the split
+            rows[ids.reshape(-1)] = True
         rows[0] = False
         out[table] = rows
     return out

@@ -35,7 +35,7 @@ from sr_jax.data import synthetic
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.data.schema import ID_FIELDS, DatasetMeta
 from sr_jax.data import history, vocabulary
-from sr_jax.data.store import Dataset, open_dataset
+from sr_jax.data.store import Dataset, column_chunks, open_dataset
 from sr_jax.io import exclusive
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
 from sr_jax import memory
@@ -650,11 +650,13 @@ def validate_step(run: Run, params, step: int) -> float:
 def batches(run: Run, start: int):
     """The run's global batches from step `start` on, this process's rows of each (with the replayed
     pretraining rows after the cold ones when fine-tuning replays)."""
-    seed, size = run.config.train.seed, run.batch_size
+    seed, size, window = run.config.train.seed, run.batch_size, run.config.data.shuffle_window
     if run.replay_columns is None:
-        return BatchIterator(run.train_columns, size, seed, start_step=start, process_slice=run.process_slice(size))
-    main = BatchIterator(run.train_columns, size - run.replay_size, seed, start_step=start)
-    replay = BatchIterator(run.replay_columns, run.replay_size, seed + 1, start_step=start)
+        return BatchIterator(
+            run.train_columns, size, seed, start_step=start, process_slice=run.process_slice(size), window=window
+        )
+    main = BatchIterator(run.train_columns, size - run.replay_size, seed, start_step=start, window=window)
+    replay = BatchIterator(run.replay_columns, run.replay_size, seed + 1, start_step=start, window=window)
     return MixedBatches(main, replay, run.process_slice(size))
 
 
@@ -786,12 +788,18 @@ def _write_text_map(run: Run, params) -> None:
     per item: no map)."""
     if run.config.model.id_buckets:
         return
-    items, first = np.unique(np.asarray(run.train_columns["item_id"]), return_index=True)
-    texts = np.asarray(run.train_columns["item_text"])[first]
+    table = np.asarray(jax.device_get(params["l0"]["id_tables"]["item"]))
+    seen, text_of = np.zeros(len(table), bool), np.full(len(table), -1, np.int64)  # each item's first text row
+    columns = run.train_columns
+    for (_, ids), (_, rows) in zip(column_chunks(columns["item_id"]), column_chunks(columns["item_text"])):
+        items, first = np.unique(ids, return_index=True)
+        new = ~seen[items]
+        seen[items[new]], text_of[items[new]] = True, rows[first[new]]
+    items = np.flatnonzero(seen)
+    texts = text_of[items]
     keep = (items > 0) & (texts >= 0)
     if keep.sum() < 2:
         return
-    table = np.asarray(jax.device_get(params["l0"]["id_tables"]["item"]))
     pooled = run.dataset.text_cache(text_identity(run.config.data.text_encoder)[0])[0]  # memory-mapped
     kernel, bias = finetune.fit_text_map(pooled[texts[keep]], table[items[keep]], run.config.train.seed)
     finetune.write_text_map(run.workdir, kernel, bias)
