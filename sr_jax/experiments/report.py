@@ -125,8 +125,10 @@ def plot_lines(
         ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel or metric)
         ax.grid(alpha=0.3)
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))
+    legend = fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8)
+    fig.canvas.draw()  # the legend's width in inches, so that the panels end where it begins
+    legend_inches = legend.get_window_extent().width / fig.dpi + 0.1
+    fig.tight_layout(rect=(0, 0, 1 - legend_inches / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
