@@ -76,25 +76,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             columns = random_columns(meta, 32 * batch, seed=0)
             common = dict(device=device, batch=batch, vocab=vocab, fields=args.fields)
             for dtype in args.dtype:
+                setting = dataclasses.replace(
+                    base,
+                    data=dataclasses.replace(base.data, batch_size=batch),
+                    model=dataclasses.replace(base.model, dtype=dtype),
+                )
                 for update in args.update:
-                    cfg = dataclasses.replace(
-                        base,
-                        data=dataclasses.replace(base.data, batch_size=batch),
-                        model=dataclasses.replace(base.model, dtype=dtype),
-                        train=dataclasses.replace(base.train, embedding_update=update),
-                    )
+                    cfg = dataclasses.replace(setting, train=dataclasses.replace(base.train, embedding_update=update))
                     log.info("sr-jax %s %s: batch %d, %d rows x %d fields", dtype, update, batch, vocab, args.fields)
                     result = timing.time_jax(cfg, meta, text, columns, args.steps, args.repeats)
                     rows.append(dict(impl=f"sr-jax {dtype} {update}", **common, **result))
                 for mode in args.torch if has_torch else []:
                     for update in args.torch_update:
                         log.info("torch %s %s %s: batch %d, %d rows", dtype, mode, update, batch, vocab)
-                        cfg = dataclasses.replace(
-                            base,
-                            data=dataclasses.replace(base.data, batch_size=batch),
-                            model=dataclasses.replace(base.model, dtype=dtype),
-                        )
-                        result = timing.time_torch(cfg, meta, text, columns, args.steps, args.repeats, mode, update)
+                        result = timing.time_torch(setting, meta, text, columns, args.steps, args.repeats, mode, update)
                         rows.append(dict(impl=f"torch {dtype} {mode} {update}", **common, **result))
     command = "python -m train.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     write_report(rows, Path(args.out), command, has_torch)

@@ -119,7 +119,8 @@ def startup(args, bs: int) -> list[dict]:
                 "seconds": write_synthetic(root, args.rows, args.chunk_rows),
             }
         )
-    assert open_dataset(root).meta.splits["train"] == args.rows, f"{root} holds another split size"
+    if (held := open_dataset(root).meta.splits["train"]) != args.rows:
+        raise SystemExit(f"{root}: its train split has {held} rows, not --rows {args.rows} (pass another --dataset)")
     here = Path(__file__).resolve().parents[1]
     if args.baseline_src:
         (root / VALIDATED).unlink(missing_ok=True)  # as the baseline's writer left it

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,12 +58,20 @@ def column_chunks(a: np.ndarray, rows: int = 0) -> Iterator[tuple[int, np.ndarra
         yield start, np.asarray(a[start : start + step])
 
 
-def _check_range(file: Path, field: str, a: np.ndarray, lo: int, hi: int, what: str) -> None:
+def _check_rows(file: Path, field: str, a: np.ndarray, is_bad: Callable, problem: Callable) -> None:
+    """Raises the DatasetError of `a`'s first row where `is_bad(rows)` holds, `problem(its value)` saying why;
+    in chunks (`column_chunks`)."""
     for start, part in column_chunks(a):
-        bad = (part < lo) | (part >= hi)
+        bad = is_bad(part)
         if bad.any():
             row = _first(bad)
-            raise DatasetError(file, field, start + row, f"value {part[row].tolist()} outside {what} [{lo}, {hi})")
+            raise DatasetError(file, field, start + row, problem(part[row]))
+
+
+def _check_range(file: Path, field: str, a: np.ndarray, lo: int, hi: int, what: str) -> None:
+    _check_rows(
+        file, field, a, lambda v: (v < lo) | (v >= hi), lambda v: f"value {v.tolist()} outside {what} [{lo}, {hi})"
+    )
 
 
 class Dataset:
@@ -197,7 +205,7 @@ def validate(root: str | Path) -> Dataset:
                 raise DatasetError(file, name, None, f"shape {a.shape}, expected {(size, *row_shape)}")
             if name in ranges:
                 lo, hi, what = ranges[name]
-                _check_range(file, name, np.asarray(a), lo, hi, what)
+                _check_range(file, name, a, lo, hi, what)
     return Dataset(root, meta)
 
 
@@ -265,10 +273,7 @@ def _validate_text_cache(folder: Path, encoder: str, info: TextCache, num_texts:
                 f"{a.dtype} {a.shape}, expected float32 {(num_texts, info.dim)} "
                 f"(a cache with missing rows, or from another text table)",
             )
-        for start, rows in column_chunks(a):
-            bad = ~np.isfinite(rows)
-            if bad.any():
-                raise DatasetError(file, part, start + _first(bad), "NaN or inf feature")
+        _check_rows(file, part, a, lambda v: ~np.isfinite(v), lambda _: "NaN or inf feature")
 
 
 VALIDATED = ".validated"  # the files' fingerprint when the dataset last passed `validate`
