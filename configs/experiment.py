@@ -13,7 +13,6 @@ from pathlib import Path
 
 from configs.baselines import BASELINES, overrides
 from sr_jax.config import Config, ConfigError, override
-from sr_jax.experiments.tuning import space_for
 
 NO_TEXT = ["model.use_text=false"]
 SINGLE_DOMAIN = ("single-domain", "single-domain-no-text")  # one Shared-Bottom DNN per domain
@@ -79,6 +78,11 @@ COMPARISONS = (
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
+def space_for(cfg: Config) -> dict:
+    """The search space of a model: SEARCH_SPACE, and REG_SPACE where the model has the JS regularizer."""
+    return {**SEARCH_SPACE, **(REG_SPACE if cfg.model.regularizer == "js" else {})}
+
+
 def tuned(dataset: str, model: str) -> list[str]:
     """The tuned settings (configs/tuned/DATASET/MODEL.json, written by `train.tune`) of `model`, or of the
     model it ablates, limited to the keys of the search space that `model` has."""
@@ -86,5 +90,5 @@ def tuned(dataset: str, model: str) -> list[str]:
     path = TUNED_DIR / dataset / f"{source}.json"
     if source is None or not path.is_file():
         raise ConfigError(f"{model} on {dataset}: no tuned settings ({path}); run python -m train.tune first")
-    keys = space_for(override(Config(), MODELS[model]), SEARCH_SPACE, REG_SPACE)
+    keys = space_for(override(Config(), MODELS[model]))
     return [s for s in json.loads(path.read_text())["settings"] if s.partition("=")[0] in keys]

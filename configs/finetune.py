@@ -1,11 +1,11 @@
 """Fine-tuning a pretrained run for one of the two cold-start protocols of docs/DESIGN.md
-(`sr_jax.training.finetune.PROTOCOLS`): the pretrained run's model and data settings (on its dataset or
+(`sr_jax.protocols.PROTOCOLS`): the pretrained run's model and data settings (on its dataset or
 another one), the protocol's splits (or those named), and
 fine-tuning's own schedule (5 epochs and at least 100 steps, Adam 2e-3 with 20 warm-up steps, batch
 256), with levels L0 and L1 frozen, the paper's best split."""
 
 from sr_jax.config import Config
-from sr_jax.training.finetune import PROTOCOLS, finetune_config
+from sr_jax.protocols import PROTOCOLS, finetune_config
 
 __all__ = ["PROTOCOLS", "get_config"]
 

@@ -52,14 +52,15 @@ def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...]) -> NamedShar
 
 
 def text_sharding(mesh: Mesh) -> NamedSharding:
-    """The text table (pooled and first): by rows over `model` (`rows_over_model` places it so)."""
+    """The text table (pooled and summary): by rows over `model` (`rows_over_model` places it so)."""
     return NamedSharding(mesh, P("model"))
 
 
-def text_table(mesh: Mesh, pooled: np.ndarray, first: np.ndarray, keep_first: bool) -> tuple[jax.Array, jax.Array]:
-    """The text cache's (pooled, first) on the mesh, each by `rows_over_model`; `first` with no real rows
-    unless `keep_first` (only cls gating reads it)."""
-    return rows_over_model(mesh, pooled), rows_over_model(mesh, first if keep_first else first[:0])
+def text_table(mesh: Mesh, pooled: np.ndarray, summary: np.ndarray, keep_summary: bool) -> tuple[jax.Array, jax.Array]:
+    """The text cache's (pooled, summary) on the mesh, each by `rows_over_model`; `summary` with no real rows
+    unless `keep_summary` (only cls gating reads it). The one way a text table is put on devices: training, scoring,
+    embeddings and the benchmarks (on a one-device mesh, `single_device_mesh`) all call it."""
+    return rows_over_model(mesh, pooled), rows_over_model(mesh, summary if keep_summary else summary[:0])
 
 
 def rows_over_model(mesh: Mesh, table: np.ndarray) -> jax.Array:
@@ -160,3 +161,8 @@ def encoder_shardings(mesh: Mesh, params: Any) -> Any:
         return NamedSharding(mesh, P(*spec))
 
     return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    """A 1 x 1 mesh on one device (the default one): where scoring, embeddings and export place what they read."""
+    return make_mesh(MeshConfig(data=1, model=1), [device or jax.devices()[0]])

@@ -13,13 +13,14 @@ from flax import nnx
 from configs import baselines
 from helpers import TINY, config
 from sr_jax import model as sr_model
-from sr_jax.training import trainer
+from sr_jax.training import loop, restore, trainer
 from sr_jax.treeutil import path_str
+from sr_jax.featurized import load_dataset
 
 
 @pytest.fixture(scope="module")
 def data():
-    ds = trainer.load_dataset(config(TINY).data)
+    ds = load_dataset(config(TINY).data)
     pooled, first = ds.text_cache("hashed-bow")
     batch = {k: jnp.asarray(v[:64]) for k, v in ds.split("train").items()}
     return ds, sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), batch
@@ -85,12 +86,12 @@ def test_star_normalises_each_domain_by_its_own_batch_statistics_then_by_moving_
 def test_star_statistics_are_written_by_training_and_not_optimized(tmp_path):
     cfg = config(TINY, model=dataclasses.asdict(baselines.get_config("star").model), train={"checkpoint_every": 1000})
     run = trainer.build_run(cfg, tmp_path)
-    start = trainer.initial_state(run)
-    stats = {path for path, label in _labelled(run.steps.labels) if label == "stats"}
+    start = restore.initial_state(run.spec)
+    stats = {path for path, label in _labelled(run.spec.program.roles) if label == "stats"}
     assert stats == {"l1/backbone/norm/mean", "l1/backbone/norm/var"}
     assert not [p for p, _ in jax.tree_util.tree_leaves_with_path(start.opt_state) if path_str(p).endswith("norm/mean")]
     before = np.asarray(start.params["l1"]["backbone"]["norm"]["mean"])  # the step donates the state
-    end = trainer.train(run, start, until=3)
+    end = loop.train(run, start, until=3)
     assert not np.array_equal(np.asarray(end.params["l1"]["backbone"]["norm"]["mean"]), before)
 
 
@@ -130,6 +131,6 @@ def test_each_baseline_trains_and_beats_a_constant_predictor(tmp_path, name):
     cfg = config(TINY, model=dataclasses.asdict(base.model), train={"epochs": 2.0, "checkpoint_every": 1000})
     result = trainer.fit(cfg, tmp_path)
     assert result["overall"]["auc"] > 0.6, result["overall"]  # a constant predictor scores 0.5
-    params = trainer.build_run(cfg, tmp_path).steps.abstract_state.params
+    params = trainer.build_run(cfg, tmp_path).spec.program.abstract_state.params
     assert ("norm" in params["l1"]["backbone"]) == ("aux" in params["l2"]) == name.startswith("star")
     assert "adapter" not in params["l1"]

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import TINY, config
 from sr_jax.io import FolderLocked, exclusive
-from sr_jax.training import trainer
+from sr_jax.training import loop, restore, trainer
 from sr_jax.training.checkpoint import CheckpointError
 from train import cli
 
@@ -33,16 +33,16 @@ def _assert_trees_equal(a, b):
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
     cfg = _cfg()
     straight = trainer.build_run(cfg, tmp_path / "straight")
-    end = trainer.train(straight, trainer.initial_state(straight))
-    assert int(end.step) == straight.total_steps == 2 * (4096 // 256)
+    end = loop.train(straight, restore.initial_state(straight.spec))
+    assert int(end.step) == straight.spec.total_steps == 2 * (4096 // 256)
 
     interrupted = trainer.build_run(cfg, tmp_path / "resumed")
-    trainer.train(interrupted, trainer.initial_state(interrupted), until=13)  # "killed" after step 13
+    loop.train(interrupted, restore.initial_state(interrupted.spec), until=13)  # "killed" after step 13
     interrupted.checkpointer.close()
     resumed = trainer.build_run(cfg, tmp_path / "resumed")
-    state = trainer.restore_or_init(resumed)
+    state = restore.restore_or_init(resumed)
     assert int(state.step) == 12  # the last periodic checkpoint
-    end_resumed = trainer.train(resumed, state)
+    end_resumed = loop.train(resumed, state)
     _assert_trees_equal(end.params, end_resumed.params)
     _assert_trees_equal(end.opt_state, end_resumed.opt_state)
     assert resumed.checkpointer.manager.all_steps() == [28, 32]  # keep N
@@ -50,17 +50,17 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
 
 def test_save_restore_round_trip_and_position(tmp_path):
     run = trainer.build_run(_cfg(), tmp_path)
-    state = trainer.train(run, trainer.initial_state(run), until=5)
-    run.checkpointer.save(5, state, trainer.position(run, 5), force=True)
+    state = loop.train(run, restore.initial_state(run.spec), until=5)
+    run.checkpointer.save(5, state, loop.position(run, 5), force=True)
     run.checkpointer.wait()
-    restored, position = run.checkpointer.restore(run.steps.abstract_state, step=5)
+    restored, position = run.checkpointer.restore(run.spec.program.abstract_state, step=5)
     _assert_trees_equal(state, restored)
     assert position == {"step": 5, "epoch": 0, "batch": 5, "seed": 0, "validation": []}  # no validation yet
 
 
 def test_mismatched_checkpoint_names_the_parameter_and_both_shapes(tmp_path):
     run = trainer.build_run(_cfg(), tmp_path)
-    trainer.train(run, trainer.initial_state(run), until=4)
+    loop.train(run, restore.initial_state(run.spec), until=4)
     run.checkpointer.close()
     wider = trainer.build_run(_cfg(dim=16), tmp_path)
     with pytest.raises(
@@ -68,22 +68,22 @@ def test_mismatched_checkpoint_names_the_parameter_and_both_shapes(tmp_path):
         match=r"parameter params/l0/id_tables/item has shape \(128, 32\) in the "
         r"checkpoint, \(128, 16\) in the model",
     ):
-        wider.checkpointer.restore(wider.steps.abstract_state)
+        wider.checkpointer.restore(wider.spec.program.abstract_state)
     no_adapter = trainer.build_run(_cfg(use_domain_adapter=False), tmp_path)
     with pytest.raises(
         CheckpointError, match=r"checkpoint has parameter params/l1/adapter/\S+ .* that the model lacks"
     ):
-        no_adapter.checkpointer.restore(no_adapter.steps.abstract_state)
+        no_adapter.checkpointer.restore(no_adapter.spec.program.abstract_state)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     run = trainer.build_run(_cfg(), tmp_path)
-    trainer.train(run, trainer.initial_state(run), until=4)
+    loop.train(run, restore.initial_state(run.spec), until=4)
     run.checkpointer.close()
     shutil.rmtree(tmp_path / "checkpoints" / "4" / "state")
     again = trainer.build_run(_cfg(), tmp_path)
     with pytest.raises(CheckpointError, match="checkpoints/4"):
-        again.checkpointer.restore(again.steps.abstract_state)
+        again.checkpointer.restore(again.spec.program.abstract_state)
 
 
 def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
@@ -98,10 +98,10 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
 def test_a_resumed_runs_metrics_have_every_step_once(tmp_path):
     cfg = config(TINY, train={"epochs": 2.0, "checkpoint_every": 4, "log_every": 2})
     run = trainer.build_run(cfg, tmp_path)
-    trainer.train(run, trainer.initial_state(run), until=6)  # "killed" after step 6: last checkpoint at 4
+    loop.train(run, restore.initial_state(run.spec), until=6)  # "killed" after step 6: last checkpoint at 4
     run.checkpointer.close()
     resumed = trainer.build_run(cfg, tmp_path)
-    trainer.train(resumed, trainer.restore_or_init(resumed), until=8)
+    loop.train(resumed, restore.restore_or_init(resumed), until=8)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
 
@@ -110,7 +110,7 @@ def _checkpointed(folder):
     """A run with checkpoints at steps 1 (orbax saves a run's first step), 4 and 8."""
     cfg = config(TINY, train={"epochs": 1.0, "checkpoint_every": 4, "keep_checkpoints": 3})
     run = trainer.build_run(cfg, folder)
-    trainer.train(run, trainer.initial_state(run), until=8)
+    loop.train(run, restore.initial_state(run.spec), until=8)
     run.checkpointer.close()
     return cfg
 
@@ -126,11 +126,11 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_that_restores(tm
     _truncate_data(tmp_path / "one" / "checkpoints" / "8")
     resumed = trainer.build_run(cfg, tmp_path / "one")
     with pytest.raises(CheckpointError, match=r"checkpoints/8/state/\S+: changed on disk since .* \(checksum\)"):
-        resumed.checkpointer.restore(resumed.steps.abstract_state)
+        resumed.checkpointer.restore(resumed.spec.program.abstract_state)
     (tmp_path / "one" / "checkpoints" / ".checksums" / "8.json").unlink()  # unsealed: orbax meets the damage
     with pytest.raises(CheckpointError, match=r"checkpoints/8: cannot restore"):
-        resumed.checkpointer.restore(resumed.steps.abstract_state)  # wrapped, whatever TensorStore raised
-    state = trainer.restore_or_init(resumed)
+        resumed.checkpointer.restore(resumed.spec.program.abstract_state)  # wrapped, whatever TensorStore raised
+    state = restore.restore_or_init(resumed)
     assert int(state.step) == 4 and "skipped a checkpoint that does not restore" in caplog.text
     # a run whose every checkpoint is broken is an error listing each, never a fresh start
     cfg = _checkpointed(tmp_path / "two")
@@ -141,7 +141,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_that_restores(tm
         CheckpointError,
         match=r"(?s)no checkpoint restores:.*checkpoints/8/.*checksum.*checkpoints/4.*checkpoints/1",
     ):
-        trainer.restore_or_init(trainer.build_run(cfg, tmp_path / "two"))
+        restore.restore_or_init(trainer.build_run(cfg, tmp_path / "two"))
 
 
 def test_a_bit_flipped_checkpoint_is_found_and_skipped(tmp_path, caplog):
@@ -158,20 +158,20 @@ def test_a_bit_flipped_checkpoint_is_found_and_skipped(tmp_path, caplog):
     largest.write_bytes(bytes(data))
     reader = ParamsReader(tmp_path / "checkpoints")
     with pytest.raises(CheckpointError, match=rf"{largest.name}: changed on disk since the checkpoint was saved"):
-        reader.restore(8, trainer.build_run(cfg, tmp_path).steps.abstract_state.params)
+        reader.restore(8, trainer.build_run(cfg, tmp_path).spec.program.abstract_state.params)
     reader.close()
-    state = trainer.restore_or_init(trainer.build_run(cfg, tmp_path))
+    state = restore.restore_or_init(trainer.build_run(cfg, tmp_path))
     assert int(state.step) == 4 and "checksum" in caplog.text
 
 
 def test_restored_parameters_must_be_finite(tmp_path):
     run = trainer.build_run(_cfg(), tmp_path)
-    state = trainer.train(run, trainer.initial_state(run), until=2)
+    state = loop.train(run, restore.initial_state(run.spec), until=2)
     broken = state._replace(params={**state.params, "l2": jax.tree.map(lambda x: x * jnp.nan, state.params["l2"])})
-    run.checkpointer.save(2, broken, trainer.position(run, 2), force=True)
+    run.checkpointer.save(2, broken, loop.position(run, 2), force=True)
     run.checkpointer.wait()
     with pytest.raises(CheckpointError, match=r"checkpoints/2: parameter params/l2/\S+ holds NaN or inf"):
-        run.checkpointer.restore(run.steps.abstract_state)
+        run.checkpointer.restore(run.spec.program.abstract_state)
 
 
 def test_sigterm_finishes_the_step_saves_it_and_stops(tmp_path):
@@ -188,27 +188,27 @@ def test_sigterm_finishes_the_step_saves_it_and_stops(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return compiled(*args)
 
-    run._compiled = step_then_signal
+    run.compiled = step_then_signal
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(trainer.TrainingInterrupted, match=r"stopped by SIGTERM after step 3, which is saved") as e:
-        trainer.train(run, trainer.initial_state(run))
+    with pytest.raises(loop.TrainingInterrupted, match=r"stopped by SIGTERM after step 3, which is saved") as e:
+        loop.train(run, restore.initial_state(run.spec))
     assert e.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before  # handler restored
     assert run.checkpointer.latest_step() == 3
     run.checkpointer.close()
     resumed = trainer.build_run(cfg, tmp_path)
-    assert int(trainer.train(resumed, trainer.restore_or_init(resumed)).step) == resumed.total_steps == 16
+    assert int(loop.train(resumed, restore.restore_or_init(resumed)).step) == resumed.spec.total_steps == 16
 
 
 def test_the_cli_exits_with_one_line_and_a_second_signal_stops_at_once(tmp_path):
     def stopped():
-        raise trainer.TrainingInterrupted("run: stopped by SIGTERM after step 3, which is saved", signal.SIGTERM)
+        raise loop.TrainingInterrupted("run: stopped by SIGTERM after step 3, which is saved", signal.SIGTERM)
 
     with pytest.raises(SystemExit) as e:
         cli.interruptible(stopped)
     assert e.value.code == 128 + signal.SIGTERM
     code = (
         "import os, signal\n"
-        "from sr_jax.training.trainer import stop_requests\n"
+        "from sr_jax.training.loop import stop_requests\n"
         "with stop_requests() as received:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    assert received == [signal.SIGINT]\n"  # the first: recorded, the process goes on

@@ -17,7 +17,7 @@ from train import experiment
 def test_a_run_on_one_domain_sees_only_it(tmp_path):
     cfg = config(TINY, data={"domains": ("search_kitchen",)}, train={"epochs": 1.0})
     run = trainer.build_run(cfg, tmp_path)
-    assert set(np.unique(run.train_columns["domain"])) == {1}
+    assert set(np.unique(run.spec.train_columns["domain"])) == {1}
     assert set(trainer.fit(cfg, tmp_path)["domains"]) == {"search_kitchen"}
     with pytest.raises(ValueError, match=r"unknown domain\(s\) \['nope'\]"):
         trainer.build_run(config(TINY, data={"domains": ("nope",)}), tmp_path / "x")

@@ -20,6 +20,7 @@ from sr_jax import metrics, model as sr_model
 from sr_jax.bench.world import bench_meta
 from sr_jax.config import from_dict, ModelConfig
 from sr_jax.export import embeddings, interop, scoring, serving, trained
+from sr_jax.data.pipeline import map_batches
 from sr_jax.training import evaluation, trainer
 from sr_jax.training.checkpoint import CheckpointError
 from sr_jax.treeutil import flatten, unflatten
@@ -47,8 +48,11 @@ def trainer_scores(run_dir: Path, batch_size: int, split: str = "test"):
     """The trainer's own predictions of the run's result (as eval.json's), at `batch_size`, and the columns."""
     run = trainer.build_run(dataclasses.replace(trained.load(run_dir).config), run_dir)
     params = trained.load(run_dir).params
-    columns = run.split(split)
-    probs = evaluation.predict_split(run.steps.predict, params, columns, batch_size, run.put_eval, run.text)
+    columns = run.spec.split(split)
+    spec = run.spec
+    probs = map_batches(
+        lambda b: spec.program.predict(params, spec.global_eval_batch(b), spec.text), columns, batch_size
+    )
     run.checkpointer.close()
     return probs, columns
 
@@ -107,7 +111,7 @@ def test_a_bfloat16_artifact_is_half_the_size_and_close(run_dir, artifact, tmp_p
     probs, columns = trainer_scores(run_dir, 512)
     scorer = scoring.artifact_scorer(tmp_path / "bf16", 512)
     score = scorer.bind(scoring.text_table(scorer, trained.load(run_dir).dataset()))
-    served = np.concatenate([score(b)[:n] for b, n in evaluation.sequential_batches(columns, 512)])
+    served = map_batches(score, columns, 512)
     assert np.abs(served - probs).max() < 0.02 and not np.array_equal(served, probs)
 
 
@@ -346,8 +350,8 @@ def test_evaluate_export_and_scoring_read_the_run_s_result_not_its_latest_step(r
     assert trained.load(copy).step == 17
     again = evaluate.main(["--workdir", str(copy), "--split", "test"])
     run = trainer.build_run(trained.load(copy).config, copy)
-    assert again["mean_domain_auc"] == trainer.evaluate(run, other, "test")["mean_domain_auc"]
-    assert again["mean_domain_auc"] != trainer.evaluate(run, latest, "test")["mean_domain_auc"]
+    assert again["mean_domain_auc"] == evaluation.evaluate(run.spec, other, "test")["mean_domain_auc"]
+    assert again["mean_domain_auc"] != evaluation.evaluate(run.spec, latest, "test")["mean_domain_auc"]
     run.checkpointer.close()
 
 

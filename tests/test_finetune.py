@@ -14,9 +14,13 @@ from configs import finetune as finetune_config
 from helpers import TINY, config
 from sr_jax import model as sr_model
 from sr_jax.config import load_config
-from sr_jax.training import finetune, trainer
+from sr_jax.training import loop, records, restore, trainer, transfer
+from sr_jax.training.pretrained import domain_map
 from sr_jax.training.checkpoint import CheckpointError
 from sr_jax.treeutil import path_str
+from sr_jax.data import selection
+from sr_jax.featurized import load_dataset
+from sr_jax import protocols
 from train import finetune as finetune_cli
 
 NEW = 7  # search_new_service, held out of pretraining
@@ -41,14 +45,14 @@ def _finetune_cfg(pretrained, protocol="new-domain", **train):
 def _from_edited_copy(cfg, pretrained, copy, **run_info):
     """`cfg` fine-tuning from a copy of the pretrained run whose run_info.json has `run_info` changed."""
     shutil.copytree(pretrained, copy)
-    info = json.loads((copy / finetune.RUN_INFO).read_text())
-    (copy / finetune.RUN_INFO).write_text(json.dumps({**info, **run_info}))
+    info = json.loads((copy / records.RUN_INFO).read_text())
+    (copy / records.RUN_INFO).write_text(json.dumps({**info, **run_info}))
     return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(copy)))
 
 
 def _pretrained_params(pretrained):
     run = trainer.build_run(load_config(pretrained / "config.json"), pretrained)
-    state, _ = run.checkpointer.restore(run.steps.abstract_state)
+    state, _ = run.checkpointer.restore(run.spec.program.abstract_state)
     run.checkpointer.close()
     return state.params
 
@@ -58,7 +62,7 @@ def _leaves(tree):
 
 
 def _new_table_rows(run):
-    return {f"l0/{group}/{name}": mask for (group, name), mask in run.new_rows.new.items()}
+    return {f"l0/{group}/{name}": mask for (group, name), mask in run.spec.start.new_rows.mask.items()}
 
 
 def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
@@ -66,16 +70,18 @@ def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
     run = trainer.build_run(
         dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, new_rows_init="zero")), tmp_path
     )
-    assert run.domain_map.new_domains == (NEW,)
+    assert run.spec.start.domain_map.new_domains == (NEW,)
     new_rows = _new_table_rows(run)
     assert new_rows["l0/id_tables/item"].sum() > 0  # the held-out domain's items: never trained
     assert not any(m[0] for m in new_rows.values())  # row 0 (missing) is never new
-    start = _leaves(trainer.initial_state(run).params)
+    start = _leaves(restore.initial_state(run.spec).params)
     before = _leaves(_pretrained_params(pretrained))
     fresh = _leaves(
-        jax.jit(lambda: sr_model.init_params(run.config.model, run.dataset.meta, run.text.pooled.shape[1], 0))()
+        jax.jit(
+            lambda: sr_model.init_params(run.spec.config.model, run.spec.dataset.meta, run.spec.text.pooled.shape[1], 0)
+        )()
     )
-    per_domain = _leaves(run.steps.per_domain)
+    per_domain = _leaves(run.spec.program.per_domain)
     assert sum(bool(v) for v in per_domain.values()) >= 6  # domain embedding, adapter W_k and b_k, gate, tower
     for path, value in start.items():
         if per_domain[path]:
@@ -94,11 +100,11 @@ def test_frozen_levels_do_not_move_and_have_no_optimizer_state(pretrained, tmp_p
     cfg = _finetune_cfg(pretrained, optimizer="adamw", weight_decay=0.1)
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, freeze=freeze))
     run = trainer.build_run(cfg, tmp_path)
-    start = trainer.initial_state(run)
-    before, per_domain = _leaves(start.params), _leaves(run.steps.per_domain)
+    start = restore.initial_state(run.spec)
+    before, per_domain = _leaves(start.params), _leaves(run.spec.program.per_domain)
     new_rows = _new_table_rows(run)
     state_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(start.opt_state)]
-    after = _leaves(trainer.train(run, start, until=6).params)
+    after = _leaves(loop.train(run, start, until=6).params)
     moved = 0
     for path, value in after.items():
         level = path.split("/")[0]
@@ -126,17 +132,17 @@ def test_rows_pretraining_never_trained_train_in_a_frozen_l0(pretrained, tmp_pat
     cold training data reads move, under a row-sparse rule (lazy Adam when the configured one is dense)."""
     cfg = _finetune_cfg(pretrained, "cold-items", embedding_update=rule)
     run = trainer.build_run(cfg, tmp_path)
-    assert run.steps.embedding_update == ("lazy_adam" if rule == "dense" else rule)
-    new = run.new_rows.new[("id_tables", "item")]
+    assert run.spec.program.embedding_update == ("lazy_adam" if rule == "dense" else rule)
+    new = run.spec.start.new_rows.mask[("id_tables", "item")]
     read = np.zeros_like(new)
-    read[np.unique(run.train_columns["item_id"])] = True
-    assert (new & read).sum() >= 5 and not run.new_rows.new[("id_tables", "user")].any()
-    start = trainer.initial_state(run)
+    read[np.unique(run.spec.train_columns["item_id"])] = True
+    assert (new & read).sum() >= 5 and not run.spec.start.new_rows.mask[("id_tables", "user")].any()
+    start = restore.initial_state(run.spec)
     before = jax.device_get(start.params["l0"]["id_tables"])
-    after = jax.device_get(trainer.train(run, start, until=4).params["l0"]["id_tables"])
+    after = jax.device_get(loop.train(run, start, until=4).params["l0"]["id_tables"])
     moved = np.any(after["item"] != before["item"], axis=1)
     assert moved[new & read].all() and not moved[~(new & read)].any()
-    assert len(np.unique(run.train_columns["user_id"])) >= 5  # users the batches read: trained, so frozen
+    assert len(np.unique(run.spec.train_columns["user_id"])) >= 5  # users the batches read: trained, so frozen
     np.testing.assert_array_equal(after["user"], before["user"])
 
 
@@ -154,7 +160,7 @@ def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path)
         match=r"parameter params/l0/id_tables/item has shape \(128, 32\) in the checkpoint, "
         r"\(128, 16\) in the model",
     ):
-        trainer.initial_state(trainer.build_run(wider, tmp_path / "wider"))
+        restore.initial_state(trainer.build_run(wider, tmp_path / "wider").spec)
     elsewhere = _from_edited_copy(cfg, pretrained, tmp_path / "other-encoder", text_fingerprint="hashed-bow-v1:other")
     with pytest.raises(CheckpointError, match=r"pretrained with text encoder 'hashed-bow'.*but this run uses"):
         trainer.build_run(elsewhere, tmp_path / "elsewhere")
@@ -165,10 +171,10 @@ def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path)
 
 
 def test_domains_map_by_name(pretrained):
-    dataset = trainer.load_dataset(config(TINY).data)
+    dataset = load_dataset(config(TINY).data)
     names = [d.name for d in dataset.meta.domains]
     info = {"domains": names[::-1], "trained_domains": names[2:5]}  # other order, only three trained
-    mapping = finetune.domain_map(dataset, info)
+    mapping = domain_map(dataset, info)
     assert mapping.source == (None, None, 5, 4, 3, None, None, None)
     assert mapping.new_domains == (0, 1, 5, 6, 7)
 
@@ -176,16 +182,16 @@ def test_domains_map_by_name(pretrained):
 def test_finetune_resumes_exactly(pretrained, tmp_path):
     cfg = _finetune_cfg(pretrained, epochs=4.0)
     straight = trainer.build_run(cfg, tmp_path / "straight")
-    end = trainer.train(straight, trainer.initial_state(straight))
-    assert len(straight.train_columns["label"]) == 512 - round(0.1 * 512)  # a tenth carved for validation
-    assert int(end.step) == straight.total_steps == 4 * (461 // 256)
+    end = loop.train(straight, restore.initial_state(straight.spec))
+    assert len(straight.spec.train_columns["label"]) == 512 - round(0.1 * 512)  # a tenth carved for validation
+    assert int(end.step) == straight.spec.total_steps == 4 * (461 // 256)
     interrupted = trainer.build_run(cfg, tmp_path / "resumed")
-    trainer.train(interrupted, trainer.initial_state(interrupted), until=3)
+    loop.train(interrupted, restore.initial_state(interrupted.spec), until=3)
     interrupted.checkpointer.close()
     resumed = trainer.build_run(cfg, tmp_path / "resumed")
-    state = trainer.restore_or_init(resumed)
+    state = restore.restore_or_init(resumed)
     assert int(state.step) == 3
-    end_resumed = trainer.train(resumed, state)
+    end_resumed = loop.train(resumed, state)
     for a, b in zip(jax.tree.leaves(end), jax.tree.leaves(end_resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -196,7 +202,7 @@ def test_cli_finetunes_cold_items_on_a_fraction(pretrained, tmp_path):
     args = ["--pretrained", str(copy), "--workdir", str(workdir), "--protocol", "cold-items"]
     result = finetune_cli.main([*args, "data.train_fraction=0.5", "train.min_steps=7", "finetune.freeze=l0"])
     assert result["split"] == "cold_test" and set(result["domains"]) <= set(
-        finetune.read_run_info(pretrained)["domains"]
+        records.read_run_info(pretrained)["domains"]
     )
     saved = load_config(workdir / "config.json")
     assert saved.finetune.freeze == ("l0",) and saved.finetune.pretrained == str(copy.absolute())
@@ -209,26 +215,26 @@ def test_cli_finetunes_cold_items_on_a_fraction(pretrained, tmp_path):
 
 
 def test_train_fraction_is_a_seeded_subset(tmp_path):
-    columns = trainer.load_dataset(config(TINY).data).split("train")
-    half = trainer.train_subset(columns, 0.25, seed=3)
+    columns = load_dataset(config(TINY).data).split("train")
+    half = selection.train_subset(columns, 0.25, seed=3)
     assert len(half["label"]) == 1024 and np.array_equal(
-        half["user_id"], trainer.train_subset(columns, 0.25, 3)["user_id"]
+        half["user_id"], selection.train_subset(columns, 0.25, 3)["user_id"]
     )
-    assert not np.array_equal(half["user_id"], trainer.train_subset(columns, 0.25, 4)["user_id"])
+    assert not np.array_equal(half["user_id"], selection.train_subset(columns, 0.25, 4)["user_id"])
     with pytest.raises(ValueError, match=r"train_fraction=0.0: expected a fraction"):
-        trainer.train_subset(columns, 0.0, 0)
+        selection.train_subset(columns, 0.0, 0)
     run = trainer.build_run(config(TINY, data={"train_fraction": 0.01}), tmp_path)  # 41 examples: one batch of 41
-    assert run.batch_size == 41 and run.steps_per_epoch == 1
-    assert trainer.clamped_batch_size(256, 41, 8, "x") == 40  # a multiple of the data axis
+    assert run.spec.batch_size == 41 and run.spec.steps_per_epoch == 1
+    assert selection.clamped_batch_size(256, 41, 8, "x") == 40  # a multiple of the data axis
     with pytest.raises(ValueError, match=r"5 examples cannot fill a batch over 8 devices"):
-        trainer.clamped_batch_size(256, 5, 8, "x")
+        selection.clamped_batch_size(256, 5, 8, "x")
 
 
 def test_merge_takes_mapped_rows_and_fresh_rows_for_new_domains():
     """A fine-tune model may have more domains than the pretrained one, in another order."""
     pre = {"rows": jnp.arange(6.0).reshape(2, 3), "shared": jnp.ones(4)}
     fresh = {"rows": -jnp.ones((3, 3)), "shared": jnp.zeros(4)}
-    merged = finetune.merge_pretrained(pre, fresh, {"rows": True, "shared": False}, finetune.DomainMap((1, None, 0)))
+    merged = transfer.merge_pretrained(pre, fresh, {"rows": True, "shared": False}, transfer.DomainMap((1, None, 0)))
     np.testing.assert_array_equal(merged["rows"], [[3, 4, 5], [-1, -1, -1], [0, 1, 2]])
     np.testing.assert_array_equal(merged["shared"], pre["shared"])
 
@@ -239,15 +245,15 @@ def test_cold_items_are_those_pretraining_never_trained(pretrained, tmp_path):
     cfg = _finetune_cfg(pretrained, "cold-items", epochs=1.0)
     result = trainer.fit(cfg, tmp_path)
     run = trainer.build_run(cfg, tmp_path)
-    cold_test = run.dataset.split("cold_test")
-    pretrained_items = np.unique(run.dataset.split("train")["item_id"])
+    cold_test = run.spec.dataset.split("cold_test")
+    pretrained_items = np.unique(run.spec.dataset.split("train")["item_id"])
     expected = int((~np.isin(cold_test["item_id"], pretrained_items)).sum())
     assert expected > 0.9 * len(cold_test["item_id"]) and result["cold_items"]["examples"] == expected
-    with np.load(tmp_path / finetune.TRAINED_ROWS) as saved:  # the record: pretrained rows and its own
-        expected = run.warm_items | np.isin(np.arange(len(run.warm_items)), run.train_columns["item_id"])
+    with np.load(tmp_path / records.TRAINED_ROWS) as saved:  # the record: pretrained rows and its own
+        expected = run.spec.warm_items | np.isin(np.arange(len(run.spec.warm_items)), run.spec.train_columns["item_id"])
         expected[0] = False
         np.testing.assert_array_equal(saved["item_id"], expected)
-        assert set(saved.files) == set(run.model_meta.tables())
+        assert set(saved.files) == set(run.spec.model_meta.tables())
 
 
 def test_held_out_domains_stay_out_of_pretraining(tmp_path):
@@ -255,7 +261,7 @@ def test_held_out_domains_stay_out_of_pretraining(tmp_path):
     run_info records what was really trained; the fine-tune config trains it."""
     from sr_jax.data.store import write_dataset
 
-    base = trainer.load_dataset(config(TINY).data)
+    base = load_dataset(config(TINY).data)
     train = {k: np.asarray(v) for k, v in base.split("train").items()}
     train["domain"] = np.where(np.arange(len(train["domain"])) % 8 == 0, 7, train["domain"]).astype(np.int32)
     test = {k: np.asarray(v) for k, v in base.split("test").items()}
@@ -268,12 +274,12 @@ def test_held_out_domains_stay_out_of_pretraining(tmp_path):
     build_text_cache(root, HashedBagOfWords(), progress=False)
     cfg = config(TINY, data={"path": str(root)}, train={"epochs": 1.0})
     run = trainer.build_run(cfg, tmp_path / "run")
-    assert NEW not in np.unique(run.train_columns["domain"]) and "search_new_service" not in run.domains
+    assert NEW not in np.unique(run.spec.train_columns["domain"]) and "search_new_service" not in run.spec.domains
     result = trainer.fit(cfg, tmp_path / "run")
     assert "search_new_service" not in result["domains"]
-    assert "search_new_service" not in finetune.read_run_info(tmp_path / "run")["trained_domains"]
+    assert "search_new_service" not in records.read_run_info(tmp_path / "run")["trained_domains"]
     ft = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pretrain_domains_only=False))
-    assert NEW in np.unique(trainer.build_run(ft, tmp_path / "ft").train_columns["domain"])
+    assert NEW in np.unique(trainer.build_run(ft, tmp_path / "ft").spec.train_columns["domain"])
     with pytest.raises(ValueError, match=r"held out of pretraining in meta.json"):
         trainer.build_run(config(TINY, data={"path": str(root), "domains": ("search_new_service",)}), tmp_path / "x")
 
@@ -282,9 +288,9 @@ def test_evaluating_a_run_without_checkpoints_is_an_error_not_a_fresh_model(pret
     cfg = load_config(pretrained / "config.json")
     run = trainer.build_run(cfg, tmp_path)  # an empty folder: no checkpoint
     with pytest.raises(CheckpointError, match=r"no checkpoint folder|no checkpoint to restore"):
-        trainer.restore_params(run)
-    params = trainer.restore_params(trainer.build_run(cfg, pretrained))
-    assert jax.tree.structure(params) == jax.tree.structure(run.steps.abstract_state.params)
+        restore.checkpoint_params(run.spec)
+    params = restore.checkpoint_params(trainer.build_run(cfg, pretrained).spec)
+    assert jax.tree.structure(params) == jax.tree.structure(run.spec.program.abstract_state.params)
 
 
 def test_new_domain_fine_tuning_aligns_against_the_pretrained_reference(pretrained, tmp_path):
@@ -306,10 +312,10 @@ def test_replay_mixes_pretraining_examples_into_every_fine_tune_batch(pretrained
     cfg = _finetune_cfg(pretrained)
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, replay_fraction=0.25))
     run = trainer.build_run(cfg, tmp_path / "run")
-    assert (run.batch_size, run.replay_size) == (256, 64)
-    batch = next(trainer.batches(run, 0))
+    assert (run.spec.batch_size, run.spec.replay_size) == (256, 64)
+    batch = next(loop.batches(run.spec, 0))
     assert np.all(batch["domain"][:192] == NEW) and np.all(batch["domain"][192:] != NEW)
-    np.testing.assert_array_equal(batch["item_id"], next(trainer.batches(run, 0))["item_id"])  # (seed, step)
+    np.testing.assert_array_equal(batch["item_id"], next(loop.batches(run.spec, 0))["item_id"])  # (seed, step)
     assert trainer.fit(cfg, tmp_path / "run")["domains"]["search_new_service"]["examples"] > 0
     elsewhere = _from_edited_copy(cfg, pretrained, tmp_path / "other-data", dataset="elsewhere")
     with pytest.raises(ValueError, match=r"trained on dataset 'elsewhere'.*replay needs the pretraining data"):
@@ -340,7 +346,7 @@ def test_finetune_cli_refuses_options_that_disagree_with_the_run_and_trains_scra
     assert scratch.finetune.pretrained == "" and scratch.finetune.freeze == () and scratch.model == cfg.model
     assert scratch.train == cfg.train and scratch.data == cfg.data  # the fine-tune's data and schedule
     with pytest.raises(ValueError, match=r"--train-split and --eval-split"):
-        finetune.protocol_splits(["train", "valid"], "cold-items")
+        protocols.protocol_splits(["train", "valid"], "cold-items")
 
 
 def test_overrides_go_anywhere_on_the_command_line():
@@ -358,15 +364,15 @@ def test_new_rows_start_from_zero_the_mean_or_the_text_estimate():
     params = {"l0": {"id_tables": {"item": table}, "sparse_tables": {}}}
     new = np.array([False, False, True, False, True, False])
     trained = np.array([False, True, False, True, False, False])
-    rows = finetune.NewRows({("id_tables", "item"): new}, {("id_tables", "item"): trained})
-    zero = np.asarray(finetune.init_new_rows(params, rows, "zero")["l0"]["id_tables"]["item"])
+    rows = transfer.NewRows({("id_tables", "item"): new}, {("id_tables", "item"): trained})
+    zero = np.asarray(transfer.init_new_rows(params, rows, "zero")["l0"]["id_tables"]["item"])
     np.testing.assert_array_equal(zero[new], 0.0)
     np.testing.assert_array_equal(zero[~new], np.asarray(table)[~new])
-    mean = np.asarray(finetune.init_new_rows(params, rows, "mean")["l0"]["id_tables"]["item"])
+    mean = np.asarray(transfer.init_new_rows(params, rows, "mean")["l0"]["id_tables"]["item"])
     np.testing.assert_allclose(mean[new], np.broadcast_to(np.asarray(table)[trained].mean(0), (2, 4)))
     estimate = (np.array([4], np.int32), np.full((1, 4), 7.0, np.float32))  # item 4 has text, item 2 none
     text = np.asarray(
-        finetune.init_new_rows(params, dataclasses.replace(rows, text=estimate), "text")["l0"]["id_tables"]["item"]
+        transfer.init_new_rows(params, dataclasses.replace(rows, text=estimate), "text")["l0"]["id_tables"]["item"]
     )
     np.testing.assert_array_equal(text[4], 7.0)
     np.testing.assert_allclose(text[2], mean[2])
@@ -377,5 +383,5 @@ def test_the_text_map_recovers_a_linear_relation():
     texts = rng.normal(size=(400, 8)).astype(np.float32)
     truth = rng.normal(size=(8, 3)).astype(np.float32)
     rows = texts @ truth + 0.5
-    kernel, bias = finetune.fit_text_map(texts, rows, seed=0)
+    kernel, bias = records.fit_text_map(texts, rows, seed=0)
     np.testing.assert_allclose(texts @ kernel + bias, rows, rtol=0.05, atol=0.05)  # ridge: a slight shrinkage

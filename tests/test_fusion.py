@@ -56,11 +56,11 @@ def test_mean_gate_is_uniform_over_present_aspects():
     np.testing.assert_allclose(w[5], [1 / 3] * 3, rtol=1e-6)
 
 
-def test_cls_gate_reads_the_first_token_vector():
+def test_cls_gate_reads_the_summary_token_vector():
     gate = AspectGate("cls", A, D, H, T, rngs=nnx.Rngs(0))
     aspects = _aspects(np.ones((B, A), bool))
     _, w1 = gate(aspects, jnp.zeros((B, H)))
-    _, w2 = gate(aspects._replace(first_token=aspects.first_token + 1.0), jnp.zeros((B, H)))
+    _, w2 = gate(aspects._replace(summary=aspects.summary + 1.0), jnp.zeros((B, H)))
     assert not np.allclose(w1, w2)
 
 

@@ -49,10 +49,10 @@ def test_a_model_with_the_history_aspect_trains_and_evaluates(tmp_path):
     build_text_cache(ds.root, HashedBagOfWords(), progress=False)
     cfg = config(data={"path": str(ds.root), "batch_size": 8}, model={"user_history": 4}, train={"epochs": 2.0})
     run = trainer.build_run(cfg, tmp_path / "run")
-    assert run.train_columns[COLUMN].shape == (len(run.train_columns["label"]), 4)
-    assert (run.train_columns[COLUMN] >= 0).any()
-    test = run.split("test")
-    expected = with_history(test, [run.train_columns, test], 4)[COLUMN]
+    assert run.spec.train_columns[COLUMN].shape == (len(run.spec.train_columns["label"]), 4)
+    assert (run.spec.train_columns[COLUMN] >= 0).any()
+    test = run.spec.split("test")
+    expected = with_history(test, [run.spec.train_columns, test], 4)[COLUMN]
     np.testing.assert_array_equal(test[COLUMN], expected)
     result = trainer.fit(cfg, tmp_path / "run")
     assert 0 <= result["overall"]["auc"] <= 1

@@ -59,3 +59,17 @@ def test_no_import_cycles(level):
     for m in edges:
         if m not in state:
             visit(m, [m])
+
+
+def test_named_configs_are_leaf_data():
+    """configs/ builds on the config system only (sr_jax.config, sr_jax.protocols), never on the library's
+    training, experiment or model modules: a named config is data."""
+    allowed = ("sr_jax.config", "sr_jax.protocols", "configs", "__future__", "dataclasses", "json", "pathlib")
+    offenders = {}
+    for file in (ROOT / "configs").glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if bad := [n for n in names if not n.startswith(allowed)]:
+                offenders[file.name] = bad
+    assert not offenders

@@ -8,26 +8,29 @@ from helpers import TINY, config
 from sr_jax import model as sr_model
 from sr_jax import memory
 from sr_jax.training import trainer
+from sr_jax.training.program import build_program
+from sr_jax import sharding as shd
 
 
 def _run(tmp_path, **mesh):
     cfg = config(TINY, train={"embedding_update": "lazy_adam"}, mesh=mesh or {"data": 1})
     devices = jax.devices() if mesh else jax.devices()[:1]
-    return trainer.build_run(cfg, tmp_path, mesh=trainer.shd.make_mesh(cfg.mesh, devices))
+    return trainer.build_run(cfg, tmp_path, mesh=shd.make_mesh(cfg.mesh, devices))
 
 
 def test_parameters_and_optimizer_state_are_counted_per_device(tmp_path):
     one, split = _run(tmp_path / "one"), _run(tmp_path / "split", data=4, model=2)
-    params = one.steps.abstract_state.params
+    params = one.spec.program.abstract_state.params
     exact = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert memory.per_device_bytes(params) == exact
     tables = jax.tree.leaves((params["l0"]["id_tables"], params["l0"]["sparse_tables"]))
     halved = sum(int(np.prod(t.shape)) * 4 // 2 for t in tables)  # tables are padded: every one splits
     assert halved > 0  # on a model axis of 2, a table costs half per device
-    assert memory.per_device_bytes(split.steps.abstract_state.params) == exact - halved
-    opt_one = memory.per_device_bytes((one.steps.abstract_state.opt_state, one.steps.abstract_state.tables_state))
+    assert memory.per_device_bytes(split.spec.program.abstract_state.params) == exact - halved
+    state = one.spec.program.abstract_state
+    opt_one = memory.per_device_bytes((state.opt_state, state.tables_state))
     assert opt_one >= 2 * exact - 64  # Adam's two moments of everything (lazy Adam's of the tables)
-    estimate = memory.estimate(one.steps.abstract_state, {})
+    estimate = memory.estimate(one.spec.program.abstract_state, {})
     assert estimate.params == exact and estimate.temporaries is None and estimate.capacity > 0
 
 
@@ -51,10 +54,10 @@ def test_frozen_tables_cost_no_gradient_memory(freeze):
     for vocab in (10_000, 400_000):
         meta = bench_meta(fields=3, vocab=vocab, domains=3)
         cfg = config(TINY, finetune={"freeze": freeze}, data={"batch_size": 256})
-        mesh = trainer.shd.make_mesh(cfg.mesh, jax.devices()[:1])
-        steps = trainer.build_steps(cfg, meta, 16, mesh, total_steps=10, new_domains=(2,))
+        mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+        steps = build_program(cfg, meta, 16, mesh, total_steps=10, new_domains=(2,))
         batch = {
-            name: jax.ShapeDtypeStruct((256, *shape), dtype, sharding=trainer.shd.batch_sharding(mesh))
+            name: jax.ShapeDtypeStruct((256, *shape), dtype, sharding=shd.batch_sharding(mesh))
             for name, (dtype, shape) in meta.columns().items()
         }
         text = sr_model.TextTable(*[jax.ShapeDtypeStruct((meta.num_texts, 16), np.float32)] * 2)

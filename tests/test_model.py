@@ -9,7 +9,7 @@ from flax import nnx
 from helpers import TINY, config
 from sr_jax import model as sr_model
 from sr_jax.model.layers import StackedMLP, hash_ids
-from sr_jax.training.trainer import load_dataset
+from sr_jax.featurized import load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from sr_jax.training.optimizer import (
     build_optimizer,
     combine,
     partition,
-    trainable_labels,
+    param_roles,
     zero_frozen_rows,
 )
 from sr_jax.treeutil import shapes
@@ -49,17 +49,17 @@ def _step(tx, labels, state, params, seed, new_domains=(2,)):
 
 
 def test_labels():
-    labels = trainable_labels(PARAMS, ("L0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
+    labels = param_roles(PARAMS, ("L0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
     assert labels == {
         "l0": {"table": FROZEN},
         "l1": {"domain_embedding": NEW_DOMAINS, "shared": FROZEN, "mean": STATS},
         "l2": {"tower": {"kernel": TRAIN, "bias": TRAIN}},
     }
-    assert trainable_labels(PARAMS, ("l1",), PER_DOMAIN, new_domains=())["l1"]["domain_embedding"] == FROZEN
+    assert param_roles(PARAMS, ("l1",), PER_DOMAIN, new_domains=())["l1"]["domain_embedding"] == FROZEN
 
 
 def test_partition_leaves_frozen_leaves_out_of_what_is_differentiated():
-    labels = trainable_labels(PARAMS, ("l0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
+    labels = param_roles(PARAMS, ("l0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
     trainable, fixed = partition(PARAMS, labels)
     assert trainable["l0"]["table"] is None and fixed["l0"]["table"] is not None
     assert trainable["l1"]["mean"] is None and trainable["l1"]["domain_embedding"] is not None
@@ -69,7 +69,7 @@ def test_partition_leaves_frozen_leaves_out_of_what_is_differentiated():
 
 
 def test_frozen_leaves_and_rows_get_exactly_zero_update_and_no_state():
-    labels = trainable_labels(PARAMS, ("l0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
+    labels = param_roles(PARAMS, ("l0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
     tx = build_optimizer(CFG, 100, labels, new_domains=(2,))
     state = tx.init(partition(PARAMS, labels)[0])
     # the optimizer state holds moments for the tower and for row 2 of the domain embedding only
@@ -88,7 +88,7 @@ def test_frozen_leaves_and_rows_get_exactly_zero_update_and_no_state():
 
 def test_trainable_part_moves_exactly_as_the_optimizer_alone_on_it():
     """Clipping and adamw see only what trains: the same as running them on the trainable subtree."""
-    labels = trainable_labels(PARAMS, ("l0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
+    labels = param_roles(PARAMS, ("l0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
     tx = build_optimizer(CFG, 100, labels, new_domains=(2,))
     sub = {"row": PARAMS["l1"]["domain_embedding"][2:], "tower": PARAMS["l2"]["tower"]}
     alone = build_optimizer(CFG, 100, jax.tree.map(lambda _: TRAIN, sub))

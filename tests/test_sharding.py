@@ -6,14 +6,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import TINY, config
-from sr_jax.training import trainer
+from sr_jax.training import evaluation, loop, restore, trainer
 from sr_jax.treeutil import path_str
+from sr_jax import sharding as shd
 
 
 def _train(cfg, workdir, devices, steps=6):
-    mesh = trainer.shd.make_mesh(cfg.mesh, devices)
+    mesh = shd.make_mesh(cfg.mesh, devices)
     run = trainer.build_run(cfg, workdir, mesh=mesh)
-    state = trainer.train(run, trainer.initial_state(run), until=steps)
+    state = loop.train(run, restore.initial_state(run.spec), until=steps)
     return run, state
 
 
@@ -25,7 +26,7 @@ def test_sharded_step_matches_single_device(tmp_path, data, model, rule):
     _, single = _train(cfg, tmp_path / "one", jax.devices()[:1])
     sharded_cfg = config(TINY, train=train, mesh={"data": data, "model": model})
     run, sharded = _train(sharded_cfg, tmp_path / "many", jax.devices())
-    assert dict(run.mesh.shape) == {"data": data, "model": model}
+    assert dict(run.spec.mesh.shape) == {"data": data, "model": model}
     item_table = sharded.params["l0"]["id_tables"]["item"]
     assert item_table.sharding.spec == P("model", None)
     assert item_table.addressable_shards[0].data.shape == (128 // model, cfg.model.dim)  # 120 rows padded to 128
@@ -36,18 +37,22 @@ def test_sharded_step_matches_single_device(tmp_path, data, model, rule):
     ]
     assert mu.sharding.spec == P("model", None)
     assert sharded.params["l1"]["backbone"]["experts"]["layers"][0]["kernel"].sharding.spec == P()
-    texts = run.dataset.meta.num_texts
-    assert run.text.pooled.sharding.spec == P("model") and run.text.pooled.shape[0] == -(-texts // model) * model
-    assert run.text.pooled.addressable_shards[0].data.shape[0] == -(-texts // model)  # rows / model per device
-    np.testing.assert_array_equal(np.asarray(run.text.pooled)[:texts], run.dataset.text_cache("hashed-bow")[0])
-    assert run.text.first.shape[0] == model  # domain gating never reads the summary vectors: none kept
+    texts = run.spec.dataset.meta.num_texts
+    assert (
+        run.spec.text.pooled.sharding.spec == P("model") and run.spec.text.pooled.shape[0] == -(-texts // model) * model
+    )
+    assert run.spec.text.pooled.addressable_shards[0].data.shape[0] == -(-texts // model)  # rows / model per device
+    np.testing.assert_array_equal(
+        np.asarray(run.spec.text.pooled)[:texts], run.spec.dataset.text_cache("hashed-bow")[0]
+    )
+    assert run.spec.text.summary.shape[0] == model  # domain gating never reads the summary vectors: none kept
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
         single.params,
         sharded.params,
     )
-    probs_single = trainer.evaluate(_train(cfg, tmp_path / "one", jax.devices()[:1], 0)[0], single.params)
-    assert abs(probs_single["overall"]["auc"] - trainer.evaluate(run, sharded.params)["overall"]["auc"]) < 1e-3
+    probs_single = evaluation.evaluate(_train(cfg, tmp_path / "one", jax.devices()[:1], 0)[0].spec, single.params)
+    assert abs(probs_single["overall"]["auc"] - evaluation.evaluate(run.spec, sharded.params)["overall"]["auc"]) < 1e-3
 
 
 def test_batch_must_divide_over_the_data_axis(tmp_path):
@@ -60,12 +65,12 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     """Saved from one device, resumed on a 4 x 2 mesh: the same values, in the new mesh's shardings."""
     train = {"checkpoint_every": 3, "embedding_update": "lazy_adam"}
     one_cfg = config(TINY, train=train)
-    one = trainer.build_run(one_cfg, tmp_path, mesh=trainer.shd.make_mesh(one_cfg.mesh, jax.devices()[:1]))
-    saved = trainer.train(one, trainer.initial_state(one), until=3)
+    one = trainer.build_run(one_cfg, tmp_path, mesh=shd.make_mesh(one_cfg.mesh, jax.devices()[:1]))
+    saved = loop.train(one, restore.initial_state(one.spec), until=3)
     one.checkpointer.close()
     many_cfg = config(TINY, train=train, mesh={"data": 4, "model": 2})
-    many = trainer.build_run(many_cfg, tmp_path, mesh=trainer.shd.make_mesh(many_cfg.mesh, jax.devices()))
-    restored = trainer.restore_or_init(many)
+    many = trainer.build_run(many_cfg, tmp_path, mesh=shd.make_mesh(many_cfg.mesh, jax.devices()))
+    restored = restore.restore_or_init(many)
     assert int(restored.step) == 3
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), saved, restored)
     assert restored.params["l0"]["id_tables"]["item"].sharding.spec == P("model", None)
@@ -77,14 +82,16 @@ def test_every_table_is_row_sharded_whatever_its_vocabulary(tmp_path, caplog):
     """Vocabularies such as an importer's len(ids) + 1 rarely divide the model axis: tables are padded to
     model.table_row_multiple rows, so every one is split over `model`, and the start of a run logs the layout."""
     cfg = config(TINY, mesh={"data": 2, "model": 4})
-    run = trainer.build_run(cfg, tmp_path, mesh=trainer.shd.make_mesh(cfg.mesh, jax.devices()))
+    run = trainer.build_run(cfg, tmp_path, mesh=shd.make_mesh(cfg.mesh, jax.devices()))
     tables = {
-        **run.steps.abstract_state.params["l0"]["id_tables"],
-        **run.steps.abstract_state.params["l0"]["sparse_tables"],
+        **run.spec.program.abstract_state.params["l0"]["id_tables"],
+        **run.spec.program.abstract_state.params["l0"]["sparse_tables"],
     }
-    assert run.dataset.meta.vocab["item_id"] % 4 != 0 or any(f.vocab % 4 for f in run.dataset.meta.sparse_fields)
+    assert run.spec.dataset.meta.vocab["item_id"] % 4 != 0 or any(
+        f.vocab % 4 for f in run.spec.dataset.meta.sparse_fields
+    )
     assert all(t.sharding.spec == P("model", None) for t in tables.values())
-    layout = trainer.shd.table_layout(run.mesh, run.steps.abstract_state.params)
+    layout = shd.table_layout(run.spec.mesh, run.spec.program.abstract_state.params)
     assert "l0/sparse_tables/item_price: 64 rows x 32, 16 per device over model=4" in layout
 
 
@@ -107,7 +114,10 @@ def test_a_frozen_l0_fine_tune_with_new_rows_matches_single_device(tmp_path):
     sharded_cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=4, model=2))
     run, sharded = _train(sharded_cfg, tmp_path / "many", jax.devices(), steps=4)
     mask = sharded.tables_state["id_tables"]["item"]["trainable"]
-    assert mask.sharding.spec == P("model") and np.asarray(mask).sum() == run.new_rows.new[("id_tables", "item")].sum()
+    assert (
+        mask.sharding.spec == P("model")
+        and np.asarray(mask).sum() == run.spec.start.new_rows.mask[("id_tables", "item")].sum()
+    )
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
         single.params,

@@ -9,8 +9,8 @@ import pytest
 from helpers import TINY, config
 from sr_jax import model as sr_model
 from sr_jax.data.pipeline import BatchIterator
-from sr_jax.training import sparse_update, trainer
-from sr_jax.training.optimizer import SPARSE, TRAIN, build_optimizer, learning_rate, trainable_labels
+from sr_jax.training import loop, restore, sparse_update, trainer
+from sr_jax.training.optimizer import SPARSE, TRAIN, build_optimizer, learning_rate, param_roles
 from sr_jax.sharding import ROW_SHARDED
 from sr_jax.training.steps import init_state, loss_fn, make_train_step, state_shardings
 from sr_jax.treeutil import path_names
@@ -21,8 +21,8 @@ STEPS = 4
 def _world(tmp_path, rule):
     cfg = config(TINY, train={"embedding_update": rule, "learning_rate": 0.01, "warmup_steps": 2, "grad_clip": 0.5})
     run = trainer.build_run(cfg, tmp_path)
-    params = sr_model.init_params(cfg.model, run.dataset.meta, run.text.pooled.shape[1], seed=0)
-    batches = [jax.device_put(b) for _, b in zip(range(STEPS), BatchIterator(run.train_columns, 256, seed=0))]
+    params = sr_model.init_params(cfg.model, run.spec.dataset.meta, run.spec.text.pooled.shape[1], seed=0)
+    batches = [jax.device_put(b) for _, b in zip(range(STEPS), BatchIterator(run.spec.train_columns, 256, seed=0))]
     return cfg, run, params, batches
 
 
@@ -43,10 +43,13 @@ def _close(a, b, **tol):
 def test_gradient_of_the_gathered_rows_is_the_dense_gradient_of_those_rows(tmp_path):
     cfg, run, params, (batch, *_) = _world(tmp_path, "lazy_adam")
     grad = jax.jit(
-        jax.grad(lambda p, rows: loss_fn(run.steps.graphdef, p, batch, run.text, 0.05, table_rows=rows), has_aux=True)
+        jax.grad(
+            lambda p, rows: loss_fn(run.spec.program.graphdef, p, batch, run.spec.text, 0.05, table_rows=rows),
+            has_aux=True,
+        )
     )
     dense = grad(params, None)[0]
-    gathered = sparse_update.gather(params, sr_model.table_rows(run.steps.graphdef, params, batch))
+    gathered = sparse_update.gather(params, sr_model.table_rows(run.spec.program.graphdef, params, batch))
     small = sparse_update.with_tables(params, gathered.embeddings)
     sparse = grad(small, gathered.inverse)[0]
     touched_any = False
@@ -91,7 +94,7 @@ def test_sparse_step_equals_the_dense_rule(tmp_path, rule):
     total = 100
     schedule = learning_rate(cfg.train, total)
     per_domain = jax.tree.map(lambda _: False, params)
-    sparse_labels = trainable_labels(params, (), per_domain, (), sparse_tables=True)
+    sparse_labels = param_roles(params, (), per_domain, (), sparse_tables=True)
     assert {
         path_names(p)[1] for p, label in jax.tree_util.tree_leaves_with_path(sparse_labels) if label == SPARSE
     } == set(ROW_SHARDED)
@@ -108,8 +111,8 @@ def test_sparse_step_equals_the_dense_rule(tmp_path, rule):
 
     def both(steps):
         fresh = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731  (the steps donate their state)
-        s = _run(sparse_step, init_state(fresh(), sparse_labels, tx_sparse, rule), steps, run.text)
-        d = _run(dense_step, init_state(fresh(), all_train, tx_dense), steps, run.text)
+        s = _run(sparse_step, init_state(fresh(), sparse_labels, tx_sparse, rule), steps, run.spec.text)
+        d = _run(dense_step, init_state(fresh(), all_train, tx_dense), steps, run.spec.text)
         return s, d
 
     if rule == "rowwise_adagrad":
@@ -136,12 +139,12 @@ def test_sparse_step_equals_the_dense_rule(tmp_path, rule):
 
 def _step(run, params, labels, tx, rule, sparse):
     shapes = jax.eval_shape(lambda: init_state(params, labels, tx, rule))
-    shardings = state_shardings(run.mesh, shapes)
-    return make_train_step(run.steps.graphdef, tx, labels, 0.05, run.mesh, shardings, 0, 0.5, sparse=sparse)
+    shardings = state_shardings(run.spec.mesh, shapes)
+    return make_train_step(run.spec.program.graphdef, tx, labels, 0.05, run.spec.mesh, shardings, 0, 0.5, sparse=sparse)
 
 
 def _rows(run, params, batches, key):
-    return [sr_model.table_rows(run.steps.graphdef, params, b)[key] for b in batches]
+    return [sr_model.table_rows(run.spec.program.graphdef, params, b)[key] for b in batches]
 
 
 def test_frozen_tables_take_no_update_under_a_sparse_rule(tmp_path):
@@ -149,10 +152,10 @@ def test_frozen_tables_take_no_update_under_a_sparse_rule(tmp_path):
     assert sparse_update.effective_rule("lazy_adam", ("l1",)) == "lazy_adam"
     cfg = config(TINY, train={"embedding_update": "rowwise_adagrad"}, finetune={"freeze": ("l0",)})
     run = trainer.build_run(cfg, tmp_path)
-    start = trainer.initial_state(run)
+    start = restore.initial_state(run.spec)
     before = jax.tree.map(np.asarray, sparse_update.tables(start.params))
-    state = trainer.train(run, start, until=3)
-    assert run.steps.embedding_update == "dense" and state.tables_state == {}
+    state = loop.train(run, start, until=3)
+    assert run.spec.program.embedding_update == "dense" and state.tables_state == {}
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, sparse_update.tables(state.params)))
 
 

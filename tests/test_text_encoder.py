@@ -16,7 +16,8 @@ from sr_jax.data.store import DatasetError, open_dataset
 from sr_jax.text import build_text_cache, load_encoder, text_identity
 from sr_jax.text.conversion import hf_to_orbax
 from sr_jax.text.encoder import resolve
-from sr_jax.training import trainer
+from sr_jax.training import loop, restore, trainer
+from sr_jax.featurized import load_dataset
 from train import convert, encode_text
 
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.npz"
@@ -250,12 +251,12 @@ def test_encode_text_cli_and_training_refuses_other_encoders(tmp_path, dataset, 
     info = open_dataset(dataset).meta.text_caches["tiny-bert"]
     assert info.fingerprint == text_identity(str(ckpt))[1] and info.dim == 32
     cfg = config(TINY, data={"path": str(dataset), "text_encoder": str(ckpt)})
-    assert trainer.load_dataset(cfg.data).meta.text_caches["tiny-bert"].dim == 32
+    assert load_dataset(cfg.data).meta.text_caches["tiny-bert"].dim == 32
     retrained = _tiny_checkpoint(tmp_path / "other" / "tiny-bert", seed=1)  # same name, other weights
     with pytest.raises(DatasetError, match="rebuild the cache"):
-        trainer.load_dataset(config(TINY, data={"path": str(dataset), "text_encoder": str(retrained)}).data)
+        load_dataset(config(TINY, data={"path": str(dataset), "text_encoder": str(retrained)}).data)
     with pytest.raises(DatasetError, match="no text cache made by encoder 'all-MiniLM-L6-v2'"):
-        trainer.load_dataset(config(TINY, data={"path": str(dataset), "text_encoder": "all-MiniLM-L6-v2"}).data)
+        load_dataset(config(TINY, data={"path": str(dataset), "text_encoder": "all-MiniLM-L6-v2"}).data)
 
 
 def test_hf_to_orbax_round_trip_and_inspect(tmp_path, capsys):
@@ -279,8 +280,8 @@ def test_hf_to_orbax_round_trip_and_inspect(tmp_path, capsys):
 
 def test_inspect_a_training_run(tmp_path, capsys):
     run = trainer.build_run(config(TINY), tmp_path)
-    trainer.train(run, trainer.initial_state(run), until=2)
-    run.checkpointer.save(2, trainer.initial_state(run), trainer.position(run, 2), force=True)
+    loop.train(run, restore.initial_state(run.spec), until=2)
+    run.checkpointer.save(2, restore.initial_state(run.spec), loop.position(run, 2), force=True)
     run.checkpointer.wait()
     convert.main(["inspect", str(tmp_path)])
     out = capsys.readouterr().out

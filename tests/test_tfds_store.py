@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from helpers import TINY, config
 from sr_jax.data.tfds_store import write_tfds
-from sr_jax.training.trainer import load_dataset
+from sr_jax.featurized import load_dataset
 from train import export_tfds
 
 

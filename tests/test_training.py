@@ -13,7 +13,8 @@ from helpers import SMALL, TINY, config
 from sr_jax.config import ConfigError
 from sr_jax.data.store import DatasetError, write_text_cache
 from sr_jax.text import HashedBagOfWords
-from sr_jax.training import evaluation, trainer
+from sr_jax.training import evaluation, loop, restore, trainer
+from sr_jax.featurized import load_dataset
 from train import evaluate, pretrain
 
 
@@ -58,15 +59,15 @@ def test_short_training_run_is_within_005_of_the_oracle(tmp_path):
 
 def test_training_refuses_a_text_cache_from_another_encoder(tmp_path):
     cfg = config(TINY)
-    dataset = trainer.load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data)
     other = HashedBagOfWords(seed=1)  # same name and width, other weights
     root = tmp_path / "copy"
     shutil.copytree(dataset.root, root)
     write_text_cache(root, other.name, other.fingerprint(), *other.featurize(dataset.texts()))
     with pytest.raises(DatasetError, match=r"made by 'hashed-bow-v2:dim=64:buckets=65536:seed=1'.*rebuild"):
-        trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root)))
+        load_dataset(dataclasses.replace(cfg.data, path=str(root)))
     with pytest.raises(FileNotFoundError, match=r"no encoder folder minilm \(and not a packaged name"):
-        trainer.load_dataset(dataclasses.replace(cfg.data, path=str(root), text_encoder="minilm"))
+        load_dataset(dataclasses.replace(cfg.data, path=str(root), text_encoder="minilm"))
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
@@ -76,7 +77,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
     for dtype in ("float32", "bfloat16"):
         cfg = config(TINY, model={"dtype": dtype}, train={"log_every": 4, "checkpoint_every": 1000})
         run = trainer.build_run(cfg, tmp_path / dtype)
-        state = trainer.train(run, trainer.initial_state(run), until=8)
+        state = loop.train(run, restore.initial_state(run.spec), until=8)
         assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim} == {jnp.dtype("float32")}
         lines = (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()
         losses[dtype] = [json.loads(line)["loss"] for line in lines]
@@ -85,7 +86,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
 
 
 def test_a_domain_with_one_class_is_left_out_of_the_mean_and_the_report_says_so():
-    ds = trainer.load_dataset(config(TINY).data)
+    ds = load_dataset(config(TINY).data)
     cols = {k: np.asarray(v) for k, v in ds.split("test").items()}
     cols["label"] = np.where(cols["domain"] == 1, 1, cols["label"]).astype(np.int8)
     probs = np.random.default_rng(0).random(len(cols["label"]))
@@ -105,12 +106,12 @@ def test_a_diverged_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint
     no eval.json."""
     cfg = config(TINY, train={"checkpoint_every": 4, "log_every": 6})
     run = trainer.build_run(cfg, tmp_path)
-    good = trainer.train(run, trainer.initial_state(run), until=4)  # checkpoint at step 4
+    good = loop.train(run, restore.initial_state(run.spec), until=4)  # checkpoint at step 4
     poisoned = good._replace(params={**good.params, "l2": jax.tree.map(lambda x: x * jnp.nan, good.params["l2"])})
-    with pytest.raises(trainer.TrainingDiverged, match=r"loss=nan.* at step 6; .*the last checkpoint is step 4"):
-        trainer.train(run, poisoned)
+    with pytest.raises(loop.TrainingDiverged, match=r"loss=nan.* at step 6; .*the last checkpoint is step 4"):
+        loop.train(run, poisoned)
     assert run.checkpointer.latest_step() == 4 and not (tmp_path / "eval.json").exists()
-    restored, _ = run.checkpointer.restore(run.steps.abstract_state)
+    restored, _ = run.checkpointer.restore(run.spec.program.abstract_state)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
 
 
@@ -140,10 +141,10 @@ def test_resuming_with_an_override_that_changes_the_run_is_refused(tmp_path, mon
 def test_a_stale_synthetic_text_cache_is_rebuilt(tmp_path):
     """The synthetic dataset is a cache: a text cache an older encoder version made is rebuilt, not refused."""
     cfg = config(dataclasses.replace(TINY, seed=7))
-    dataset = trainer.load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data)
     current = dataset.meta.text_caches["hashed-bow"].fingerprint
     old = HashedBagOfWords(seed=1)
     write_text_cache(dataset.root, old.name, "hashed-bow-v1:an-older-version", *old.featurize(dataset.texts()))
-    again = trainer.load_dataset(cfg.data)
+    again = load_dataset(cfg.data)
     assert again.meta.text_caches["hashed-bow"].fingerprint == current
     np.testing.assert_array_equal(again.text_cache("hashed-bow")[0], HashedBagOfWords().featurize(dataset.texts())[0])

@@ -75,12 +75,12 @@ def test_suggestions_are_overrides_of_the_declared_space():
 
 def test_the_full_model_also_tunes_its_regularizer_and_ablations_take_only_what_they_have(tmp_path, monkeypatch):
     full, mmoe = (override(Config(), experiment.MODELS[m]) for m in ("full", "mmoe"))
-    assert set(tuning.space_for(full, experiment.SEARCH_SPACE, experiment.REG_SPACE)) == {
+    assert set(experiment.space_for(full)) == {
         *experiment.SEARCH_SPACE,
         "model.reg_weight",
         "model.reg_temperature",
     }
-    assert set(tuning.space_for(mmoe, experiment.SEARCH_SPACE, experiment.REG_SPACE)) == set(experiment.SEARCH_SPACE)
+    assert set(experiment.space_for(mmoe)) == set(experiment.SEARCH_SPACE)
     settings = ["train.learning_rate=0.002", "model.dim=16", "model.reg_weight=0.3", "model.reg_temperature=2"]
     monkeypatch.setattr(experiment, "TUNED_DIR", tmp_path)
     (tmp_path / "movielens").mkdir()

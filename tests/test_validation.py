@@ -8,14 +8,15 @@ import pytest
 
 from helpers import TINY, config
 from sr_jax.config import ConfigError, validate
-from sr_jax.training import trainer
+from sr_jax.training import evaluation, loop, trainer
+from sr_jax.data import selection
 
 
 def test_early_stopping_counts_validations_without_a_gain():
     history = [[10, 0.60], [20, 0.65], [30, 0.651], [40, 0.64]]
-    assert not trainer.stops_early(history, 3, 0.0)
-    assert trainer.stops_early(history, 2, 0.005)  # 0.651 is not a gain of more than 0.005
-    assert not trainer.stops_early(history, 0, 0.0)  # 0: never
+    assert not loop.stops_early(history, 3, 0.0)
+    assert loop.stops_early(history, 2, 0.005)  # 0.651 is not a gain of more than 0.005
+    assert not loop.stops_early(history, 0, 0.0)  # 0: never
 
 
 def test_the_best_validated_step_is_the_result_and_the_run_stops_early(tmp_path):
@@ -37,8 +38,8 @@ def test_the_best_validated_step_is_the_result_and_the_run_stops_early(tmp_path)
     assert chosen["step"] == max(chosen["history"], key=lambda v: v[1])[0]
     assert [p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()] == [str(chosen["step"])]
     run = trainer.build_run(cfg, tmp_path)
-    best = run.best.restore(run.steps.abstract_state.params)
-    again = trainer.evaluate(run, best)
+    best = run.best.restore(run.spec.program.abstract_state.params)
+    again = evaluation.evaluate(run.spec, best)
     assert again["mean_domain_auc"] == pytest.approx(
         result["mean_domain_auc"], abs=1e-6
     )  # the test figures are the best step's
@@ -72,11 +73,11 @@ def _event_scalars(folder) -> dict[str, list]:
 
 def test_a_validation_part_is_carved_from_the_train_split_and_never_trained():
     columns = {"label": np.arange(100) % 2, "item_id": np.arange(100)}
-    kept, held = trainer.carve_validation(columns, 0.1)
+    kept, held = selection.carve_validation(columns, 0.1)
     assert len(held["label"]) == 10 and not set(held["item_id"]) & set(kept["item_id"])
-    again, held_again = trainer.carve_validation(columns, 0.1)
+    again, held_again = selection.carve_validation(columns, 0.1)
     np.testing.assert_array_equal(held["item_id"], held_again["item_id"])  # fixed whatever the run's seed
-    assert trainer.carve_validation(columns, 0.0)[1] is None
+    assert selection.carve_validation(columns, 0.0)[1] is None
     with pytest.raises(ConfigError, match=r"train.eval_every: validates on data.valid_split or"):
         validate(config(TINY, train={"eval_every": 4}, data={"valid_from_train": 0.1}))
     with pytest.raises(ConfigError, match=r"train.early_stopping_patience: stops on validation scores"):

@@ -12,7 +12,7 @@ from sr_jax.data.importer import import_tables
 from sr_jax.data.schema import SparseField
 from sr_jax.data.store import DatasetError, open_dataset
 from sr_jax.text import HashedBagOfWords, build_text_cache
-from sr_jax.training import finetune, trainer
+from sr_jax.training import records, restore, trainer
 from train import finetune as finetune_cli
 
 
@@ -23,16 +23,16 @@ def _vocab(users, items, fields):
     return vocabulary.Vocabulary(keys, sparse)
 
 
-def test_align_keeps_pretrained_rows_and_appends_new_keys():
+def test_extend_keeps_pretrained_rows_and_appends_new_keys():
     pre = _vocab(["u1", "u2"], ["a", "b", "c"], {"item.brand": ["acme", "zeta"], "user.city": ["oslo"]})
     data = _vocab(["u2", "u9"], ["c", "d", "a"], {"item.brand": ["zeta", "nova"], "item.color": ["red"]})
-    aligned = vocabulary.align(pre, data)
-    assert aligned.vocab.keys["item_id"] == ("a", "b", "c", "d")
-    assert aligned.vocab.keys["user_id"] == ("u1", "u2", "u9")
-    assert aligned.vocab.keys["item.brand"] == ("acme", "zeta", "nova")
-    assert aligned.vocab.keys["user.city"] == ("oslo",)  # kept: the pretrained rows stay readable
-    assert [f.column for f in aligned.vocab.fields] == ["item.brand", "user.city", "item.color"]
-    assert aligned.new_keys() == {
+    row_map = vocabulary.extend(pre, data)
+    assert row_map.vocab.keys["item_id"] == ("a", "b", "c", "d")
+    assert row_map.vocab.keys["user_id"] == ("u1", "u2", "u9")
+    assert row_map.vocab.keys["item.brand"] == ("acme", "zeta", "nova")
+    assert row_map.vocab.keys["user.city"] == ("oslo",)  # kept: the pretrained rows stay readable
+    assert [f.column for f in row_map.vocab.fields] == ["item.brand", "user.city", "item.color"]
+    assert row_map.new_keys() == {
         "user_id": 1, "query_id": 0, "item_id": 1, "item.brand": 1, "user.city": 0, "item.color": 2
     }  # fmt: skip
     # data ids (1-based rows of `data`) -> model rows; 0 stays 0
@@ -44,13 +44,13 @@ def test_align_keeps_pretrained_rows_and_appends_new_keys():
         "item.brand": np.array([1, 2, 0, 1], np.int32),  # zeta, nova
         "item.color": np.array([1, 1, 0, 0], np.int32),
     }
-    out = aligned.remap(columns)
+    out = row_map.remap(columns)
     np.testing.assert_array_equal(out["item_id"], [3, 4, 1, 0])
     np.testing.assert_array_equal(out["user_id"], [2, 3, 0, 3])
     np.testing.assert_array_equal(out["item.brand"], [2, 3, 0, 2])
     np.testing.assert_array_equal(out["item.color"], [1, 1, 0, 0])
     np.testing.assert_array_equal(out["user.city"], [0, 0, 0, 0])  # a field the data lacks reads as missing
-    assert vocabulary.align(data, data).rows == {}  # the same vocabulary: nothing to remap
+    assert vocabulary.extend(data, data).rows == {}  # the same vocabulary: nothing to remap
 
 
 def test_the_store_keeps_raw_keys_and_checks_them(tmp_path):
@@ -139,11 +139,11 @@ def test_a_fine_tune_on_another_dataset_reads_the_pretrained_rows_by_key(two_dat
     # projection gets a gradient only once its rows have moved: after the second step.)
     args_cfg = finetune_cli.resolve(finetune_cli.parser().parse_args(argv))
     run = trainer.build_run(args_cfg, tmp_path / "ft")
-    keys = run.alignment.vocab.keys
+    keys = run.spec.row_map.vocab.keys
     assert keys["item_id"][:6] == tuple(f"i{k}" for k in range(1, 7)) and keys["item_id"][6:] == ("n1", "n2", "n3")
     assert set(keys["user_id"][8:]) == {"v1", "v2"} and "item.color" in keys and "user.city" in keys
-    start = trainer.initial_state(run).params
-    pre_params = trainer.restore_params(trainer.build_run(config(data={"path": str(a)}), pre))
+    start = restore.initial_state(run.spec).params
+    pre_params = restore.checkpoint_params(trainer.build_run(config(data={"path": str(a)}), pre).spec)
     item, pre_item = np.asarray(start["l0"]["id_tables"]["item"]), np.asarray(pre_params["l0"]["id_tables"]["item"])
     np.testing.assert_array_equal(item[[3, 5]], pre_item[[3, 5]])  # i3 and i5: their pretrained rows
     np.testing.assert_array_equal(item[7:10], 0.0)  # n1..n3: new rows, zero-initialised
@@ -151,7 +151,7 @@ def test_a_fine_tune_on_another_dataset_reads_the_pretrained_rows_by_key(two_dat
     np.testing.assert_array_equal(brand[:4], np.asarray(pre_params["l0"]["sparse_tables"]["item_brand"])[:4])
     # L0 and L1 frozen (the default): the new rows, the new field and the new domain still train
     result = finetune_cli.main(argv)
-    after = trainer.restore_params(run)
+    after = restore.checkpoint_params(run.spec)
     moved = np.any(np.asarray(after["l0"]["id_tables"]["item"]) != item, axis=1)
     assert moved[7:10].all() and not moved[:7].any() and not moved[10:].any()
     color = after["l0"]["sparse_proj"]["item_color"]["kernel"]
@@ -160,7 +160,7 @@ def test_a_fine_tune_on_another_dataset_reads_the_pretrained_rows_by_key(two_dat
                                   start["l0"]["sparse_proj"]["item_brand"]["kernel"])  # fmt: skip
     assert 0.0 <= result["mean_domain_auc"] <= 1.0 and "new_shop" in result["domains"]
     assert vocabulary.read(tmp_path / "ft").keys == keys  # the fine-tune's own record, for the next run
-    assert (tmp_path / "ft" / finetune.SNAPSHOT / vocabulary.VOCAB).exists()
+    assert (tmp_path / "ft" / records.SNAPSHOT / vocabulary.VOCAB).exists()
 
 
 def test_a_mismatch_that_cannot_be_aligned_names_every_parameter(two_datasets, tmp_path):
@@ -170,7 +170,7 @@ def test_a_mismatch_that_cannot_be_aligned_names_every_parameter(two_datasets, t
             "finetune.new_rows_init=mean"]  # fmt: skip
     cfg = finetune_cli.resolve(finetune_cli.parser().parse_args(argv))
     with pytest.raises(Exception) as info:
-        trainer.initial_state(trainer.build_run(cfg, tmp_path / "ft"))
+        restore.initial_state(trainer.build_run(cfg, tmp_path / "ft").spec)
     message = str(info.value)
     for path in ("l0/id_tables/item", "l0/sparse_proj/item_brand/kernel", "l1/domain_embedding", "l2/gate/kernel"):
         assert path in message, path

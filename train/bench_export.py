@@ -76,7 +76,7 @@ def measure(
     host = {n: np.asarray(columns[n][:batch]).astype(np.int32) for n in names}
     mesh = shd.make_mesh(dataclasses.replace(model.config.mesh, data=1, model=1))
     params = jax.device_put(model.params)
-    table = jax.device_put(sr_model.TextTable(np.asarray(text.pooled), np.asarray(text.first)))
+    table = scoring.device_text_table(text)
     predict = make_predict_step(model.graphdef, mesh, jax.tree.map(lambda _: shd.replicated(mesh), params))
     device_batch = jax.device_put(host)
     trainer_rate = examples_per_s(lambda: predict(params, device_batch, table), batch, repeats)

@@ -35,7 +35,7 @@ from sr_jax.bench.world import bench_meta, random_columns
 from sr_jax.config import override
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.store import VALIDATED, Chunks, open_dataset, write_dataset
-from sr_jax.training.trainer import load_dataset
+from sr_jax.featurized import load_dataset
 from train import cli
 
 log = logging.getLogger("sr_jax")

@@ -5,9 +5,9 @@
 The full model's train step (configs/bench.py, batch 4096) is compiled, not run, with the text table given as
 shapes only, so a table far larger than the machine's memory can be measured: parameters, optimizer state,
 inputs (batch + text table) and XLA's temporaries per device (`memory.estimate`), for the table split by rows
-over the model axis with `first` (what `cls` gating needs) and without it (every other gating). The layout
-before issue 17, `pooled` and `first` replicated on every device, is given by its table's size per device
-(the step is no longer compiled for it).
+over the model axis with the summary-token vectors (what `cls` gating needs) and without them (every other
+gating). The replicated layout, `pooled` and `summary` whole on every device, is given by its table's size
+per device (the step is not compiled for it).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sr_jax.bench.timing import host_batches
 from sr_jax.bench.world import bench_meta, random_columns
 from sr_jax.config import MeshConfig, override
 from sr_jax.model import TextTable
-from sr_jax.training import trainer
+from sr_jax.training.program import build_program
 from train import cli
 
 
@@ -45,24 +45,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = override(cli.config_from_name("bench"), [f"mesh.model={model}", f"mesh.data={jax.device_count() // model}"])
     mesh = shd.make_mesh(MeshConfig(data=jax.device_count() // model, model=model))
     meta = bench_meta(num_texts=args.texts)
-    steps = trainer.build_steps(cfg, meta, args.text_dim, mesh, total_steps=1_000)
+    program = build_program(cfg, meta, args.text_dim, mesh, total_steps=1_000)
     batch = shd.to_global(host_batches(random_columns(meta, cfg.data.batch_size), cfg.data.batch_size, 1)[0],
                           shd.batch_sharding(mesh))  # fmt: skip
     rows_padded = -(-args.texts // model) * model
     split, none = (rows_padded, args.text_dim), (model, args.text_dim)
     layouts = {
-        "rows over model, with first (cls gating)": TextTable(
+        "rows over model, with summary (cls gating)": TextTable(
             table(split, P("model"), mesh), table(split, P("model"), mesh)
         ),
-        "rows over model, no first (other gatings)": TextTable(
+        "rows over model, no summary (other gatings)": TextTable(
             table(split, P("model"), mesh), table(none, P("model"), mesh)
         ),
     }
     replicated = 2 * args.texts * args.text_dim * 4
-    out = [{"layout": "replicated pooled + first (before)", "text_table_gib": replicated / memory.GiB}]
+    out = [{"layout": "replicated pooled + summary", "text_table_gib": replicated / memory.GiB}]
     for name, text in layouts.items():
-        compiled = steps.train_step.lower(steps.abstract_state, batch, text, None).compile()
-        estimate = memory.estimate(steps.abstract_state, (batch, text, None), compiled)
+        compiled = program.train_step.lower(program.abstract_state, batch, text, None).compile()
+        estimate = memory.estimate(program.abstract_state, (batch, text, None), compiled)
         gib = {
             "text_table_gib": memory.per_device_bytes(text),
             "inputs_gib": estimate.inputs,

@@ -17,7 +17,7 @@ from sr_jax.config import Config, ConfigError, absolute_paths, changed_keys, loa
 from sr_jax.data.store import DatasetError
 from sr_jax.io import FolderLocked
 from sr_jax.training.checkpoint import CheckpointError
-from sr_jax.training.trainer import TrainingDiverged, TrainingInterrupted
+from sr_jax.training.loop import TrainingDiverged, TrainingInterrupted
 
 
 def parser(description: str, named_configs: bool = True) -> argparse.ArgumentParser:
@@ -40,16 +40,21 @@ def parser(description: str, named_configs: bool = True) -> argparse.ArgumentPar
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`p.parse_args`, with `section.field=value` overrides accepted anywhere on the command line: argparse
-    would let an option of several values (`--seeds 0 1 2`) swallow the overrides after it, so every bare
-    `key=value` token is moved to the end (a token that is the value of a one-value option stays)."""
+    """`p.parse_args`, with `section.field=value` overrides accepted anywhere on the command line: every bare
+    `key=value` token (one that is not the value of a one-value option such as `--finetune`) is taken out
+    before argparse reads the rest, so an option of several values (`--seeds 0 1 2`), wherever it stands,
+    never swallows an override."""
     argv = list(sys.argv[1:] if argv is None else argv)
     single = {s for a in p._actions if a.nargs is None and a.option_strings for s in a.option_strings}
     kept, overrides = [], []
     for i, token in enumerate(argv):
         bare = "=" in token and not token.startswith("-") and (i == 0 or argv[i - 1] not in single)
         (overrides if bare else kept).append(token)
-    return p.parse_args(kept + overrides)
+    args = p.parse_args(kept)
+    if getattr(args, "overrides", None):
+        p.error(f"unrecognized arguments: {' '.join(args.overrides)} (overrides are section.field=value)")
+    args.overrides = overrides
+    return args
 
 
 def config_from_name(name: str) -> Config:

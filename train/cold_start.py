@@ -11,17 +11,19 @@ Resumable: a finished cell is not run again. Writes OUT/cold_start.{md,csv,png}.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
 
 from sr_jax.config import override
 from sr_jax.experiments import cold_start
-from sr_jax.training.finetune import PROTOCOLS
+from sr_jax.protocols import PROTOCOLS
 from train import cli
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
+    """The command line (without parsing it): `cli.parse(parser(), argv)`."""
     p = cli.parser(__doc__)
     p.add_argument("--report-dir", required=True, help="where cold_start.md, .csv and .png go")
     p.add_argument("--seeds", type=int, nargs="+", default=list(cold_start.Grid.seeds))
@@ -37,9 +39,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument(
         "--finetune", action="append", default=[], metavar="KEY=VALUE", help="an override of the fine-tune runs"
     )
-    args = cli.parse(p, argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = cli.parse(parser(), argv)
     if bool(args.train_split) != bool(args.eval_split):
-        p.error("--train-split and --eval-split go together")
+        raise SystemExit("error: --train-split and --eval-split go together")
     cli.setup()
     base = override(cli.config_from_name(args.config or "default"), args.overrides)
     grid = cold_start.Grid(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 
 from sr_jax.config import load_config
-from sr_jax.training import evaluation, trainer
+from sr_jax.training import evaluation
+from sr_jax.training.restore import result_params
+from sr_jax.training.spec import build_spec
 from train import cli
 
 
@@ -18,12 +20,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's data.eval_split)")
     args = p.parse_args(argv)
     cli.setup()
-    run = trainer.build_run(load_config(f"{args.workdir}/config.json"), args.workdir)
-    params = trainer.result_params(run)
-    run.checkpointer.close()
-    if run.best is not None:
-        run.best.close()
-    result = trainer.evaluate(run, params, args.split)
+    spec = build_spec(load_config(f"{args.workdir}/config.json"), args.workdir)
+    result = evaluation.evaluate(spec, result_params(spec), args.split)
     evaluation.write_report(args.workdir, result, name=f"eval_{result['split']}" if args.split else "eval")
     print(evaluation.markdown_table(result))
     return result

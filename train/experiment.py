@@ -33,7 +33,8 @@ def sources(args: argparse.Namespace) -> dict[str, Path]:
     return {"movielens": args.movielens_src, "amazon": args.amazon_src}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
+    """The command line (without parsing it): `cli.parse(parser(), argv)`."""
     p = cli.parser(__doc__, named_configs=False)
     p.add_argument("--report-dir", required=True)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tuned", action="store_true", help="run every model at its tuned settings (configs/tuned/)")
     add_dataset_options(p)
-    args = cli.parse(p, argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = cli.parse(parser(), argv)
     cli.setup()
     grid = results.Grid(
         models={m: MODELS[m] for m in args.models},

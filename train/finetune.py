@@ -22,7 +22,8 @@ from configs import finetune as finetune_config
 from sr_jax.config import Config, ConfigError, absolute_paths, load_config, override, validate
 from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.training import evaluation, finetune, trainer
+from sr_jax.protocols import protocol_splits
+from sr_jax.training import evaluation, trainer
 from train import cli
 
 
@@ -43,7 +44,7 @@ def _start(args: argparse.Namespace) -> Config:
     data_path = str(Path(args.data).absolute()) if args.data else pretrained.data.path
     names = DatasetMeta.read(data_path).splits if data_path else synthetic.SPLITS
     protocol = args.protocol or "new-domain"
-    splits = finetune.protocol_splits(names, protocol, args.train_split or "", args.eval_split or "")
+    splits = protocol_splits(names, protocol, args.train_split or "", args.eval_split or "")
     cfg = finetune_config.get_config(pretrained, protocol, splits, data_path)
     if args.scratch:
         return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, freeze=()))

@@ -14,20 +14,22 @@ study are listed in WORKDIR/TUNING.md and WORKDIR/tuning.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from configs.experiment import DATASETS, MODELS, REG_SPACE, SEARCH_SPACE, TUNED, TUNED_DIR
+from configs.experiment import DATASETS, MODELS, TUNED, TUNED_DIR, space_for
 from sr_jax.config import Config, override
 from sr_jax.experiments import results, tuning
 from train import cli
 from train.experiment import add_dataset_options, sources
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line (without parsing it): `cli.parse(parser(), argv)`."""
     p = cli.parser(__doc__, named_configs=False)
     p.add_argument("--models", nargs="+", default=list(TUNED), choices=list(MODELS), metavar="MODEL")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (trials train with train.seed's)")
     p.add_argument("--configs-dir", type=Path, default=TUNED_DIR, help="where the named configs are written")
     add_dataset_options(p)
-    args = cli.parse(p, argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = cli.parse(parser(), argv)
     cli.setup()
     command = "python -m train.tune " + shlex.join(sys.argv[1:] if argv is None else argv)
     encoder = override(Config(), args.overrides).data.text_encoder
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = results.dataset_path(dataset, Path(args.data_dir), sources(args), encoder)
         for model in args.models:
             base = [*DATASETS[dataset], *MODELS[model], f"data.path={path}", *args.overrides]
-            space = tuning.space_for(override(Config(), base), SEARCH_SPACE, REG_SPACE)
+            space = space_for(override(Config(), base))
             started = time.perf_counter()
             chosen = tuning.tune(Path(args.workdir) / dataset / model, base, space, args.trials, args.seed)
             chosen["seconds"] = time.perf_counter() - started  # this invocation's part (a resumed study: less)

@@ -22,7 +22,8 @@ from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.model import TextTable
 from sr_jax import sharding as shd
-from sr_jax.training import trainer
+from sr_jax.training.program import build_program, compile_train_step
+from sr_jax.training.restore import fresh_state
 
 GiB = 1024**3
 
@@ -61,13 +62,13 @@ def time_jax(
     """sr-jax's train step on batches of `columns` (one device batch per step, cycled from 8)."""
     mesh = shd.make_mesh(cfg.mesh)
     bs = cfg.data.batch_size
-    built = trainer.build_steps(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
-    table = TextTable(*shd.text_table(mesh, text, text, keep_first=cfg.model.gating == "cls"))
+    program = build_program(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
+    table = TextTable(*shd.text_table(mesh, text, text, keep_summary=cfg.model.gating == "cls"))
     put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
     batches = [put(b) for b in host_batches(columns, bs)]
     what = f"the benchmark at batch {bs}"
-    compiled, estimate, compile_s = trainer.compile_step(built, batches[0], table, None, what)
-    state = trainer.fresh_state(cfg, meta, text.shape[1], built)
+    compiled, estimate, compile_s = compile_train_step(program, batches[0], table, None, what)
+    state = fresh_state(cfg, meta, text.shape[1], program)
     position = 0
 
     def run(n: int, feed=None) -> None:

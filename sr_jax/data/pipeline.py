@@ -139,6 +139,19 @@ def sequential_batches(columns: dict[str, np.ndarray], batch_size: int) -> Itera
         yield {name: np.asarray(col[idx]) for name, col in columns.items()}, stop - start
 
 
+def map_batches(fn: Callable, columns: dict[str, np.ndarray], batch_size: int):
+    """`fn` over the whole split in order, in padded batches of `batch_size` (`sequential_batches`): each
+    result (an array [batch_size, ...] or a dict of them) cut to the batch's real rows, then concatenated. The
+    one loop that scores a split: evaluation, the alignment reference, embeddings and batch scoring."""
+    parts = []
+    for batch, n in sequential_batches(columns, batch_size):
+        out = fn(batch)
+        parts.append({k: np.asarray(v)[:n] for k, v in out.items()} if isinstance(out, dict) else np.asarray(out)[:n])
+    if parts and isinstance(parts[0], dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return np.concatenate(parts)
+
+
 def prefetch_to_device(batches: Iterator, put: Callable, size: int) -> Iterator:
     """Runs `put` (host batch -> device batch) in a background thread, `size` batches ahead. Close the generator
     (`contextlib.closing`) when leaving early: the thread is then joined, never left mid-transfer at exit."""

@@ -112,7 +112,8 @@ class Dataset:
         return info
 
     def text_cache(self, encoder: str) -> tuple[np.ndarray, np.ndarray]:
-        """(pooled, first) [num_texts, dim] float32 arrays made by `encoder`."""
+        """(pooled, summary) [num_texts, dim] float32 arrays made by `encoder` (the summary token's vectors are
+        stored as first.npy)."""
         self.text_cache_info(encoder)
         folder = self.root / "text_cache" / encoder
         return (_load(folder / "pooled.npy", "pooled"), _load(folder / "first.npy", "first"))

@@ -1,15 +1,15 @@
-"""Vocabularies that travel: the raw keys behind every id table, and a dataset aligned to another run's
+"""Vocabularies that travel: the raw keys behind every id table, and a dataset read through another run's
 tables by key.
 
 A dataset's ids are dense row numbers of its own (`keys.json` says which raw key each row stands for). A
 model's tables have rows of their own too: a fresh run's are its dataset's; a run started from a
 pretrained run (fine-tuning) keeps the pretrained rows, in their order, and appends one row per key the
-pretrained run lacks (`align`). Sparse fields match by name (`item.brand`): a field the pretrained run
+pretrained run lacks (`extend`). Sparse fields match by name (`item.brand`): a field the pretrained run
 lacks gets a table of its own, one the dataset lacks reads as missing (row 0, a zero column). The
-dataset's columns are remapped on the host to the model's rows when a run loads them (`Alignment.remap`).
+dataset's columns are remapped on the host to the model's rows when a run loads them (`RowMap.remap`).
 
 Every run writes its tables' keys (`vocab.json`) beside its checkpoints, so the runs started from it
-align without its dataset.
+read them without its dataset.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def read(folder: str | Path) -> Vocabulary:
 
 
 @dataclasses.dataclass(frozen=True)
-class Alignment:
+class RowMap:
     """A dataset read through a model's tables.
 
     vocab: the model's tables (the pretrained run's rows first, then the new keys' rows);
@@ -106,16 +106,16 @@ class Alignment:
         return tuple(f.column for f in self.vocab.fields if f.column not in self.pretrained_rows)
 
     def new_keys(self) -> dict[str, int]:
-        """table -> how many rows the alignment appended for keys the pretrained run lacks."""
+        """table -> how many rows `extend` appended for keys the pretrained run lacks."""
         return {t: self.vocab.rows(t) - self.pretrained_rows.get(t, 0) for t in self.vocab.keys}
 
 
-def identity(vocab: Vocabulary) -> Alignment:
+def identity(vocab: Vocabulary) -> RowMap:
     """A dataset read through its own tables (a run with no pretrained run)."""
-    return Alignment(vocab, {}, (), {t: vocab.rows(t) for t in vocab.keys})
+    return RowMap(vocab, {}, (), {t: vocab.rows(t) for t in vocab.keys})
 
 
-def align(pretrained: Vocabulary, data: Vocabulary) -> Alignment:
+def extend(pretrained: Vocabulary, data: Vocabulary) -> RowMap:
     """The model tables of a run on `data` started from a run whose tables are `pretrained`: every pretrained
     row stays where it is, each key of `data` it lacks gets a new row after them."""
     keys, rows = {}, {}
@@ -133,13 +133,13 @@ def align(pretrained: Vocabulary, data: Vocabulary) -> Alignment:
         mapping = np.array([0, *(position[k] for k in data.keys[table])], np.int32)
         if not np.array_equal(mapping, np.arange(len(mapping))):
             rows[table] = mapping
-    fields = [dataclasses.replace(f, vocab=len(keys[f.column]) + 1) for f in fields]  # the aligned sizes
+    fields = [dataclasses.replace(f, vocab=len(keys[f.column]) + 1) for f in fields]  # the extended sizes
     missing = tuple(f for f in fields if f.column not in data_fields)
     vocab = Vocabulary(keys, tuple(fields))
-    return Alignment(vocab, rows, missing, {t: len(k) + 1 for t, k in pretrained.keys.items()})
+    return RowMap(vocab, rows, missing, {t: len(k) + 1 for t, k in pretrained.keys.items()})
 
 
-def lookup(model: Vocabulary, data: Vocabulary) -> Alignment:
+def lookup(model: Vocabulary, data: Vocabulary) -> RowMap:
     """A dataset read through a trained model's tables as they are (scoring, embedding): each key maps to the
     model's row for it, a key the model lacks to row 0 (missing: the model has no row to read); the model's
     fields the dataset lacks read as missing, the dataset's fields the model lacks are not read."""
@@ -152,4 +152,4 @@ def lookup(model: Vocabulary, data: Vocabulary) -> Alignment:
         if not np.array_equal(mapping, np.arange(len(mapping))):
             rows[table] = mapping
     missing = tuple(f for f in model.fields if f.column not in data.keys)
-    return Alignment(model, rows, missing, {t: model.rows(t) for t in model.keys})
+    return RowMap(model, rows, missing, {t: model.rows(t) for t in model.keys})

@@ -28,9 +28,11 @@ from sr_jax.config import Config, override
 from sr_jax.experiments import report
 from sr_jax.experiments.cells import run_once
 from sr_jax.training import evaluation, trainer
+from sr_jax.training.restore import checkpoint_params
+from sr_jax.training.spec import build_spec
 from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.training.finetune import PROTOCOLS, finetune_config, protocol_splits
+from sr_jax.protocols import PROTOCOLS, finetune_config, protocol_splits
 
 log = logging.getLogger("sr_jax")
 
@@ -55,7 +57,7 @@ class Grid:
     variants: tuple[str, ...] = ("default",)
     history: tuple[int, ...] = (0,)  # model.user_history settings (0: no history aspect)
     finetune_data: str = ""  # the cold data as a dataset prepared apart (default: the pretraining dataset's splits)
-    splits: tuple[str, str] | None = None  # its (train, eval) splits (default: finetune.protocol_splits)
+    splits: tuple[str, str] | None = None  # its (train, eval) splits (default: protocols.protocol_splits)
 
     def __post_init__(self):
         unknown = (
@@ -201,10 +203,8 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
 
 def _evaluate_pretrained(cfg: Config, workdir: Path, pretrained: Path) -> None:
     """The pretrained run's parameters, evaluated on `cfg`'s eval split; the report goes to `workdir`."""
-    run = trainer.build_run(cfg, pretrained)
-    params = trainer.restore_params(run)
-    run.checkpointer.close()
-    result = trainer.evaluate(run, params)
+    spec = build_spec(cfg, pretrained)
+    result = evaluation.evaluate(spec, checkpoint_params(spec))
     workdir.mkdir(parents=True, exist_ok=True)
     evaluation.write_report(workdir, result)
 

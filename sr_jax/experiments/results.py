@@ -20,6 +20,8 @@ from sr_jax.data.store import open_dataset
 from sr_jax.experiments import report
 from sr_jax.experiments.cells import run_once
 from sr_jax.text import build_text_cache, get_featurizer, text_identity
+from sr_jax.data.selection import run_domains
+from sr_jax.featurized import load_dataset
 from sr_jax.training import trainer
 
 log = logging.getLogger("sr_jax")
@@ -96,9 +98,9 @@ def run_grid(grid: Grid, workdir: str | Path, data_dir: str | Path, sources: dic
 def _single_domain(cfg: Config, cell: Path) -> dict:
     """One model per domain (each trained and evaluated on its domain alone); their per-domain AUCs. There
     is no overall or cold-item AUC: the per-domain models' scores are not on one scale."""
-    dataset = trainer.load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data)
     row = {"auc": None, "overall_auc": None, "cold_auc": None, "seconds": 0.0, "curve": []}
-    for name in trainer.run_domains(cfg.data, dataset.meta):
+    for name in run_domains(cfg.data, dataset.meta):
         one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=(name,)))
         result, seconds = run_once(cell / name, trainer.fit, one)
         row[f"auc:{name}"] = result["domains"][name]["auc"]

@@ -27,11 +27,6 @@ log = logging.getLogger("sr_jax")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def space_for(cfg: Config, space: dict, reg_space: dict) -> dict:
-    """The search space of a model: `space`, and `reg_space` where the model has the JS regularizer."""
-    return {**space, **(reg_space if cfg.model.regularizer == "js" else {})}
-
-
 def suggest(trial: optuna.Trial, space: dict) -> list[str]:
     """The trial's settings as overrides. space: key -> ("log", low, high) | ("choice", values)."""
     out = []

@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from sr_jax import model as sr_model
 from sr_jax.data import history
-from sr_jax.data.pipeline import sequential_batches
+from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
-from sr_jax.export.scoring import model_columns, raw_keys, run_scorer, text_table
+from sr_jax.export.scoring import device_text_table, model_columns, raw_keys, run_scorer, text_table
 from sr_jax.export.trained import TrainedModel
 from sr_jax.io import atomic_dir
 
@@ -81,7 +81,7 @@ class Towers:
 
     def __init__(self, model: TrainedModel, text: sr_model.TextTable, batch_size: int):
         self.model, self.batch_size = model, batch_size
-        table = jax.device_put(sr_model.TextTable(np.asarray(text.pooled), np.asarray(text.first)))
+        table = device_text_table(text)
         params = jax.device_put(model.params)
         g = model.graphdef
         self._sides = jax.jit(lambda b: sr_model.sides(g, params, b, table))
@@ -95,11 +95,7 @@ class Towers:
         self._gradient = jax.jit(gradient)
 
     def sides(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {s: [] for s in ("user", "query", "item")}
-        for batch, n in sequential_batches(columns, self.batch_size):
-            for side, v in self._sides(batch).items():
-                out[side].append(np.asarray(v)[:n])
-        return {s: np.concatenate(v) for s, v in out.items()}
+        return map_batches(self._sides, columns, self.batch_size)
 
     def logits(self, fused: dict[str, np.ndarray], domain: np.ndarray) -> np.ndarray:
         return np.asarray(self._logits({k: jnp.asarray(v) for k, v in fused.items()}, jnp.asarray(domain)))

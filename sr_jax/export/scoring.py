@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from sr_jax import model as sr_model
+from sr_jax import sharding as shd
 from sr_jax.data import history, vocabulary
-from sr_jax.data.pipeline import sequential_batches
+from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.export.trained import TrainedModel, read_text_table
 from sr_jax.io import atomic_file
@@ -55,9 +56,9 @@ def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
     """Scores with the run's parameters under jit (the trainer's prediction: equal scores at equal batch sizes)."""
 
     def bind(text: sr_model.TextTable):
-        table = jax.device_put(sr_model.TextTable(np.asarray(text.pooled), np.asarray(text.first)))
+        table = device_text_table(text)
         params = jax.device_put(model.params)
-        predict = jax.jit(lambda p, b: jax.nn.sigmoid(sr_model.apply(model.graphdef, p, b, table)[0]))
+        predict = jax.jit(lambda p, b: sr_model.predict(model.graphdef, p, b, table)["probability"])
         return lambda batch: np.asarray(predict(params, batch))
 
     info, cfg = model.run_info, model.config
@@ -113,8 +114,7 @@ def model_columns(scorer: Scorer, dataset: Dataset, split: str) -> dict[str, np.
                 f"{dataset.root}: split {split!r} has domain(s) {unknown} that the model {scorer.source} lacks "
                 f"(it has {scorer.domains}); fine-tune it on them first (train.finetune)"
             )
-    aligned = vocabulary.lookup(scorer.vocab, vocabulary.of_dataset(dataset))
-    out = aligned.remap(columns)
+    out = vocabulary.lookup(scorer.vocab, vocabulary.of_dataset(dataset)).remap(columns)
     to_model = np.array([known.get(n, 0) for n in names], np.int32)
     out["domain"] = to_model[np.asarray(columns["domain"])]
     if scorer.history:  # the user's earlier clicks, from the train split and this one (as training saw them)
@@ -123,6 +123,11 @@ def model_columns(scorer: Scorer, dataset: Dataset, split: str) -> dict[str, np.
         )
         out[history.COLUMN] = history.with_history(columns, events, scorer.history)[history.COLUMN]
     return out
+
+
+def device_text_table(text: sr_model.TextTable) -> sr_model.TextTable:
+    """A host text table on this process's default device (`sharding.text_table` on a one-device mesh)."""
+    return sr_model.TextTable(*shd.text_table(shd.single_device_mesh(), text.pooled, text.summary, keep_summary=True))
 
 
 def text_table(scorer: Scorer, dataset: Dataset) -> sr_model.TextTable:
@@ -178,7 +183,7 @@ def predict(
                 bar.update(stop - start)
                 continue
             chunk = {k: v[start:stop] for k, v in columns.items()}
-            probs = np.concatenate([score(batch)[:n] for batch, n in sequential_batches(chunk, scorer.batch_size)])
+            probs = map_batches(score, chunk, scorer.batch_size)
             domain = np.asarray(raw["domain"][start:stop])
             table = pa.table(
                 {

@@ -6,7 +6,7 @@ size, and what it needs beside it, loadable with jax alone (`serve.py`, copied i
                          the training run's folder, step and fingerprint, jax version, platforms
       model.jaxexport    serve(params, text, features) -> {"probability": [B], "logit": [B]}
       params.npz         parameters only (no optimizer state), flat "l0/id_tables/item" names
-      text.npz           the run's dataset's cached text features ("pooled"; "first" for cls gating): rows
+      text.npz           the run's dataset's cached text features ("pooled"; "summary" for cls gating): rows
                          the features' *_text columns index. The function takes the table as an input with
                          a symbolic row count, so another dataset's cache (same encoder) serves as well.
       vocab.json         the raw key of every table row (row r + 1 <-> keys[table][r])
@@ -69,8 +69,8 @@ def _feature(name: str, low: int, high: int | str, meaning: str, trailing: tuple
 
 
 def text_columns(model: TrainedModel) -> list[str]:
-    """The text table's columns the model reads: the pooled features, and the first token's for cls gating."""
-    return ["pooled", "first"] if model.config.model.gating == "cls" else ["pooled"]
+    """The text table's columns the model reads: the pooled features, and the summary token's for cls gating."""
+    return ["pooled", "summary"] if model.config.model.gating == "cls" else ["pooled"]
 
 
 def serving_function(model: TrainedModel, dtype: str):
@@ -81,10 +81,9 @@ def serving_function(model: TrainedModel, dtype: str):
     def serve_fn(params: dict[str, jax.Array], text: dict[str, jax.Array], batch: dict[str, jax.Array]):
         params = unflatten({k: v.astype(jnp.float32) for k, v in params.items()})
         pooled = text["pooled"].astype(jnp.float32)
-        table = sr_model.TextTable(pooled, text["first"].astype(jnp.float32) if "first" in text else pooled)
-        logits, _ = sr_model.apply(graphdef, params, batch, table)
-        logits = logits.astype(jnp.float32)
-        return {"probability": jax.nn.sigmoid(logits), "logit": logits}
+        table = sr_model.TextTable(pooled, text["summary"].astype(jnp.float32) if "summary" in text else pooled)
+        out = sr_model.predict(graphdef, params, batch, table)
+        return {"probability": out["probability"], "logit": out["logit"]}
 
     return serve_fn
 

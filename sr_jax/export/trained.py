@@ -24,8 +24,9 @@ from sr_jax.config import Config, load_config
 from sr_jax.data.schema import DatasetMeta, Domain
 from sr_jax.data.store import Dataset
 from sr_jax.data.vocabulary import Vocabulary, read as read_vocab
+from sr_jax.featurized import load_dataset
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, ParamsReader
-from sr_jax.training.finetune import read_run_info
+from sr_jax.training.records import read_run_info
 from sr_jax.treeutil import path_str
 
 
@@ -61,8 +62,6 @@ class TrainedModel:
         return read_text_table(self.dataset(), self.run_info)
 
     def dataset(self) -> Dataset:
-        from sr_jax.training.trainer import load_dataset
-
         return load_dataset(self.config.data)
 
 
@@ -99,31 +98,22 @@ def load(workdir: str | Path, step: int | None = None) -> TrainedModel:
         raise CheckpointError(f"{workdir / 'config.json'}: missing; is {workdir} a run folder?")
     cfg, info, vocab = load_config(workdir / "config.json"), read_run_info(workdir), read_vocab(workdir)
     meta = model_meta(vocab, info["domains"])
-    reader = ParamsReader(workdir / "checkpoints")
-    try:
+    with ParamsReader(workdir / "checkpoints") as reader:
         latest = reader.step(-1 if step is None else step)
         saved = reader.metadata(latest)
-    finally:
-        reader.close()
     text_dim = _text_dim(saved)
     graphdef, abstract = sr_model.abstract(cfg.model, meta, text_dim)
     device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     best_dir = workdir / "best"
     if step is None and best_dir.is_dir():
-        best = BestCheckpoint(best_dir)
-        try:
+        with BestCheckpoint(best_dir) as best:
             chosen = best.best()
             params = best.restore(target) if chosen else None
-        finally:
-            best.close()
         if chosen:
             return _trained(workdir, cfg, info, vocab, graphdef, params, chosen[0], "validation", meta, text_dim)
-    reader = ParamsReader(workdir / "checkpoints")
-    try:
+    with ParamsReader(workdir / "checkpoints") as reader:
         params = reader.restore(latest, target)
-    finally:
-        reader.close()
     return _trained(workdir, cfg, info, vocab, graphdef, params, latest, "latest", meta, text_dim)
 
 

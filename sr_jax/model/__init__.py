@@ -2,6 +2,7 @@
 
     graphdef, params = sr_jax.model.init(config.model, meta, text_dim, seed=0)   # or abstract(): shapes only
     logits, aux = sr_jax.model.apply(graphdef, params, batch, text)    # pure, jit-able
+    out = sr_jax.model.predict(graphdef, params, batch, text)          # {"logit", "probability", ...}
 
 `params` is a plain nested dict of arrays (levels `l0`, `l1`, `l2` at the top): it is what optax
 updates, orbax saves and sharding rules annotate. It also holds STAR's batch statistics (`stats_mask`),
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
@@ -70,7 +73,8 @@ def apply(
     key: jax.Array | None = None,
     reference: AlignmentReference | None = None,
 ):
-    """(logits [B] float32, aux) where aux = {"reg": scalar, "aligned": [B, 3d] (what L_reg aligns),
+    """(logits [B] float32, aux) where aux = {"reg": scalar, "adapted": [B, 3d] (z, the Domain Adaptive Layer's
+    output: what L_reg aligns),
     "aspect_weights": {side: [B, A]}, "expert_weights": [B, E]}, and with `train=True` also "stats": the
     batch statistics after this batch (STAR's partitioned normalisation; {} for other models), a
     params-shaped subtree to write back with `with_stats`. `table_rows` (optional) are the embedding rows
@@ -78,9 +82,20 @@ def apply(
     pretrained domains' distributions that fine-tuning aligns against."""
     model = nnx.merge(graphdef, params)
     logits, aux = model(batch, text, table_rows, train=train, key=key, reference=reference)
+    chex.assert_shape(logits, batch["label"].shape if "label" in batch else (batch["domain"].shape[0],))
     if train:
         aux["stats"] = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return logits, aux
+
+
+def predict(
+    graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable
+) -> dict[str, jax.Array]:
+    """Inference: {"logit": [B] float32, "probability": [B], the click probability} and `apply`'s aux. The one
+    place a score is made from the model: evaluation, batch scoring and the serving artifact all call it."""
+    logits, aux = apply(graphdef, params, batch, text)
+    logits = logits.astype(jnp.float32)
+    return {**aux, "logit": logits, "probability": jax.nn.sigmoid(logits)}
 
 
 def sides(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable) -> dict[str, jax.Array]:
@@ -130,6 +145,7 @@ __all__ = [
     "level_labels",
     "level_of",
     "per_domain",
+    "predict",
     "sides",
     "stats_mask",
     "table_rows",

@@ -21,16 +21,17 @@ SIDES = ("user", "query", "item")
 
 class TextTable(NamedTuple):
     """The frozen encoder's cached output for the dataset's text table, on device (in training: split by rows
-    over the mesh's model axis, padded with zero rows; `first` has no real rows unless cls gating reads it)."""
+    over the mesh's model axis, padded with zero rows; `summary` has no real rows unless cls gating reads it)."""
 
     pooled: Array  # [num_texts (padded), text_dim]
-    first: Array  # [num_texts (padded), text_dim], or [model axis, text_dim] of zeros where unused
+    summary: Array  # the summary token's vectors (BERT's first, a decoder's last): like pooled, or [model axis,
+    # text_dim] of zeros where unused
 
 
 class Aspects(NamedTuple):
     vectors: Array  # [B, A, d]
     mask: Array  # [B, A] bool
-    first_token: Array  # [B, text_dim]: the side's first-token text vector (zeros without text)
+    summary: Array  # [B, text_dim]: the side's summary-token text vector (zeros without text)
 
 
 def side_aspects(cfg: ModelConfig, meta: DatasetMeta) -> dict[str, tuple[str, ...]]:
@@ -99,7 +100,7 @@ class FeatureEncoder(nnx.Module):
         for side in SIDES:
             vectors, masks = [], []
             ids = batch[f"{side}_id"]
-            first = jnp.zeros((ids.shape[0], self.text_dim), jnp.float32)
+            summary = jnp.zeros((ids.shape[0], self.text_dim), jnp.float32)
             for aspect in self.aspects[side]:
                 if aspect == "id":
                     # a plain gather: the store validated every id against its vocab
@@ -109,7 +110,7 @@ class FeatureEncoder(nnx.Module):
                     row = batch[f"{side}_text"]
                     has = row >= 0
                     pooled = jnp.where(has[:, None], text.pooled[jnp.maximum(row, 0)], 0.0)
-                    first = jnp.where(has[:, None], text.first[jnp.maximum(row, 0)], 0.0)
+                    summary = jnp.where(has[:, None], text.summary[jnp.maximum(row, 0)], 0.0)
                     vectors.append(self.text_proj[side](pooled))
                     masks.append(has)
                 elif aspect == "history":  # [B, N] text rows of earlier clicks: their mean, projected
@@ -123,7 +124,7 @@ class FeatureEncoder(nnx.Module):
                     vec, has = self._sparse(side, batch, rows)
                     vectors.append(vec)
                     masks.append(has)
-            out[side] = Aspects(jnp.stack(vectors, 1), jnp.stack(masks, 1), first)
+            out[side] = Aspects(jnp.stack(vectors, 1), jnp.stack(masks, 1), summary)
         return out
 
     def _sparse(self, side: str, batch: dict[str, Array], rows) -> tuple[Array, Array]:

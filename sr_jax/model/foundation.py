@@ -64,7 +64,7 @@ class SharedAdaptation(nnx.Module):
         else:
             reg = jnp.zeros((), jnp.float32)
         experts, gate_input = self.backbone(x_hat, domain, dtype, train)
-        return x_hat, experts, gate_input, {"reg": reg, "aligned": z}
+        return x_hat, experts, gate_input, {"reg": reg, "adapted": z}
 
 
 class DomainHeads(nnx.Module):

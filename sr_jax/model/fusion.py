@@ -41,7 +41,7 @@ class AspectGate(nnx.Module):
         if self.strategy == "mean":
             logits = jnp.zeros(aspects.mask.shape, jnp.float32)
         elif self.strategy == "cls":
-            logits = self.cls_gate(aspects.first_token)
+            logits = self.cls_gate(aspects.summary)
         else:
             logits = domain_embedding @ self.aspect_embedding[...].T
         w = masked_softmax(logits, aspects.mask)

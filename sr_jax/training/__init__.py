@@ -1,1 +1,1 @@
-"""Training pieces: mesh and sharding rules, optimizer, steps, checkpoints, evaluation, the trainer."""
+"""Training: a run's spec, program, loop, state restore, records and evaluation; `trainer.fit` joins them."""

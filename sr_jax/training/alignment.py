@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax.config import ModelConfig
-from sr_jax.data.pipeline import sequential_batches
+from sr_jax.data.pipeline import map_batches
 from sr_jax.model.domain_adaptation import REFERENCE_ROWS, AlignmentReference, make_reference
 from sr_jax.training.checkpoint import CheckpointError, read_record, write_record
 
@@ -35,7 +35,7 @@ def sample_rows(domain: np.ndarray, num_domains: int, seed: int, per_domain: int
 
 def write_reference(
     workdir: Path,
-    aligned: Callable,
+    adapted: Callable,
     columns: dict[str, np.ndarray],
     num_domains: int,
     seed: int,
@@ -43,12 +43,12 @@ def write_reference(
     put: Callable,
     write: bool = True,
 ) -> None:
-    """Samples each domain's training rows and saves their z: `aligned(batch)` -> [B, D]. Every process
+    """Samples each domain's training rows and saves their z: `adapted(batch)` -> [B, D]. Every process
     computes (multi-host); the one with `write` saves."""
     domain = np.asarray(columns["domain"])
     rows = sample_rows(domain, num_domains, seed)
     picked = {name: np.asarray(col[rows]) for name, col in columns.items()}
-    z = np.concatenate([np.asarray(aligned(put(b)))[:n] for b, n in sequential_batches(picked, batch_size)])
+    z = map_batches(lambda batch: adapted(put(batch)), picked, batch_size)
     count = np.bincount(domain[rows], minlength=num_domains)
     out = np.zeros((num_domains, REFERENCE_ROWS, z.shape[1]), np.float32)
     for k, start in enumerate(np.concatenate([[0], np.cumsum(count)[:-1]])):

@@ -10,8 +10,10 @@ that restores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,29 @@ class CheckpointError(ValueError):
     pass
 
 
-class Checkpointer:
+@contextlib.contextmanager
+def storage_errors(where: Path, what: str) -> Iterator[None]:
+    """Any failure of the storage layer inside (TensorStore and orbax raise many types for broken or unreadable
+    files) as one CheckpointError naming `where` and saying what could not be done."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where}: {what}: {type(e).__name__}: {e}") from e
+
+
+class _Closing:
+    """`with X(...) as x:` closes the orbax manager on the way out."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Checkpointer(_Closing):
     def __init__(self, directory: str | Path, keep: int = 3, every: int = 1):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True)
@@ -59,10 +83,8 @@ class Checkpointer:
         verify(self.directory, step)
         check_compatible(self.directory / str(step) / "state", self.item_metadata(step), target)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore())
-        try:
+        with storage_errors(self.directory / str(step), "cannot restore"):
             restored = self.manager.restore(step, args=args)
-        except Exception as e:  # the storage layer (TensorStore) raises many types for broken files
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore: {type(e).__name__}: {e}") from e
         state = TrainState(**restored.state)
         check_finite(self.directory / str(step), state.params)
         return state, dict(restored.position)
@@ -89,7 +111,7 @@ class Checkpointer:
         self.manager.close()
 
 
-class BestCheckpoint:
+class BestCheckpoint(_Closing):
     """The parameters of the step with the best validation score, kept by orbax's best-checkpoint policy
     (`best_fn`, max_to_keep=1) in its own folder, beside the latest-steps checkpoints that resume needs."""
 
@@ -123,10 +145,8 @@ class BestCheckpoint:
             raise CheckpointError(f"{self.directory}: no validated checkpoint")
         verify(self.directory, step)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
-        try:
+        with storage_errors(self.directory / str(step), "cannot restore"):
             params = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
-        except Exception as e:  # the storage layer (TensorStore) raises many types for broken files
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore: {type(e).__name__}: {e}") from e
         check_finite(self.directory / str(step), params)
         return params
 
@@ -134,7 +154,7 @@ class BestCheckpoint:
         self.manager.close()
 
 
-class ParamsReader:
+class ParamsReader(_Closing):
     """Reads only the parameters of another run's train-state checkpoints (no optimizer state is read):
     the fine-tuning side of a checkpoint."""
 
@@ -172,12 +192,8 @@ class ParamsReader:
         verify(self.directory, step)
         restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
         args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, partial_restore=True)
-        try:
+        with storage_errors(self.directory / str(step), "cannot restore the parameters"):
             params = self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
-        except Exception as e:  # the storage layer (TensorStore) raises many types for broken files
-            raise CheckpointError(
-                f"{self.directory / str(step)}: cannot restore the parameters: {type(e).__name__}: {e}"
-            ) from e
         check_finite(self.directory / str(step), params)
         return params
 
@@ -234,10 +250,8 @@ def verify(directory: Path, step: int) -> None:
 
 def _state_metadata(manager: ocp.CheckpointManager, directory: Path, step: int) -> Any:
     """The saved train state's metadata (shapes and dtypes); a CheckpointError when it cannot be read."""
-    try:
+    with storage_errors(directory / str(step), "unreadable checkpoint metadata"):
         metadata = manager.item_metadata(step).state
-    except Exception as e:  # orbax raises several types for unreadable metadata
-        raise CheckpointError(f"{directory / str(step)}: unreadable checkpoint metadata: {e}") from e
     if metadata is None:
         raise CheckpointError(f"{directory / str(step)}: no train state in this checkpoint")
     return metadata

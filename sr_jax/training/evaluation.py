@@ -15,16 +15,25 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax import metrics
-from sr_jax.data.pipeline import sequential_batches
+from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
+from sr_jax.training.spec import RunSpec
 
 
-def predict_split(predict, params, columns: dict[str, np.ndarray], batch_size: int, put, text) -> np.ndarray:
-    """Click probabilities for every row of a split, in order."""
-    out = []
-    for batch, n in sequential_batches(columns, batch_size):
-        out.append(np.asarray(predict(params, put(batch), text))[:n])
-    return np.concatenate(out)
+def evaluate(spec: RunSpec, params, split: str | None = None) -> dict:
+    """Metrics of `params` on a split of the run's domains (default: data.eval_split)."""
+    split = split or spec.config.data.eval_split
+    return evaluate_columns(spec, params, spec.split(split), split)
+
+
+def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name: str) -> dict:
+    """Metrics of `params` on `columns` (rows in the model's tables), reported under `name`."""
+
+    def predict(batch):
+        return spec.program.predict(params, spec.global_eval_batch(batch), spec.text)
+
+    probs = map_batches(predict, columns, spec.config.data.eval_batch_size)
+    return compute_metrics(spec.dataset, name, probs, columns, spec.warm_items)
 
 
 def compute_metrics(

@@ -1,6 +1,6 @@
 """The optimizer and learning-rate schedule a TrainConfig describes, and freezing by level.
 
-Every parameter leaf carries a label (`trainable_labels`):
+Every parameter leaf carries a role (`param_roles`):
 
     TRAIN        updated by the optimizer
     NEW_DOMAINS  a per-domain leaf of a frozen level: only the rows of the new domains are updated (and have
@@ -13,7 +13,7 @@ Every parameter leaf carries a label (`trainable_labels`):
     STATS        batch statistics (STAR's partitioned normalisation): not differentiated or optimized; the
                  forward pass in training writes them
 
-The train step splits the params by label *before* differentiating (`partition`): the loss is a
+The train step splits the params by role *before* differentiating (`partition`): the loss is a
 function of the trainable part only, the rest is a constant, so XLA never builds the gradient of a
 frozen table (a dense [rows, d] array per table). The optimizer works on the trainable part alone.
 `optax.masked` would not do for freezing: it passes masked-out gradients through unchanged, so
@@ -55,42 +55,42 @@ def check_levels(freeze: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(level.lower() for level in freeze))
 
 
-def trainable_labels(
+def param_roles(
     params: Any,
     freeze: Sequence[str],
     per_domain: Any,
     new_domains: Sequence[int],
     sparse_tables: bool = False,
     stats: Any = None,
-    new_rows: bool = False,
+    has_new_rows: bool = False,
     new_leaves: frozenset[str] = frozenset(),
 ) -> Any:
-    """A tree like `params` of labels. `per_domain` is a tree of bools: True where the leaf's first axis
+    """A tree like `params` of roles. `per_domain` is a tree of bools: True where the leaf's first axis
     indexes domains; `new_domains` are the domains that stay trainable in frozen levels; `sparse_tables`:
     trainable embedding tables are updated row-sparsely; `stats`: a tree of bools, True for batch
-    statistics (`sr_jax.model.stats_mask`); `new_rows`: the tables have rows that stay trainable in a frozen
+    statistics (`sr_jax.model.stats_mask`); `has_new_rows`: the tables have rows that stay trainable in a frozen
     L0 (row-sparsely); `new_leaves`: paths of leaves the pretrained run lacks (a new sparse field's table
     and projection), trainable whatever is frozen."""
     frozen = check_levels(freeze)
     stats = jax.tree.map(lambda _: False, params) if stats is None else stats
 
-    def label(path, _, is_per_domain, is_stats):
+    def role(path, _, is_per_domain, is_stats):
         if is_stats:
             return STATS
         table = path_names(path)[1] in ROW_SHARDED
         if level_of(path) not in frozen or path_str(path) in new_leaves:
             return SPARSE if sparse_tables and table else TRAIN
-        if table and new_rows:
+        if table and has_new_rows:
             return SPARSE
         return NEW_DOMAINS if is_per_domain and new_domains else FROZEN
 
-    return jax.tree_util.tree_map_with_path(label, params, per_domain, stats)
+    return jax.tree_util.tree_map_with_path(role, params, per_domain, stats)
 
 
-def partition(tree: Any, labels: Any) -> tuple[Any, Any]:
+def partition(tree: Any, roles: Any) -> tuple[Any, Any]:
     """(trainable, fixed): two trees shaped like `tree`, each with None where the other has the leaf."""
-    trainable = jax.tree.map(lambda label, x: x if label in TRAINABLE else None, labels, tree)
-    fixed = jax.tree.map(lambda label, x: None if label in TRAINABLE else x, labels, tree)
+    trainable = jax.tree.map(lambda role, x: x if role in TRAINABLE else None, roles, tree)
+    fixed = jax.tree.map(lambda role, x: None if role in TRAINABLE else x, roles, tree)
     return trainable, fixed
 
 
@@ -99,16 +99,16 @@ def combine(trainable: Any, fixed: Any) -> Any:
     return jax.tree.map(lambda a, b: b if a is None else a, trainable, fixed, is_leaf=lambda x: x is None)
 
 
-def zero_frozen_rows(grads: Any, labels: Any, new_domains: Sequence[int]) -> Any:
+def zero_frozen_rows(grads: Any, roles: Any, new_domains: Sequence[int]) -> Any:
     """The gradient of the trainable part with the frozen rows of NEW_DOMAINS leaves set to zero."""
     if not new_domains:
         return grads
     rows = jnp.asarray(new_domains, jnp.int32)
 
-    def keep(label, g):
-        return jnp.zeros_like(g).at[rows].set(g[rows]) if label == NEW_DOMAINS else g
+    def keep(role, g):
+        return jnp.zeros_like(g).at[rows].set(g[rows]) if role == NEW_DOMAINS else g
 
-    return jax.tree.map(keep, partition(labels, labels)[0], grads)
+    return jax.tree.map(keep, partition(roles, roles)[0], grads)
 
 
 def on_rows(inner: optax.GradientTransformation, rows: Sequence[int]) -> optax.GradientTransformation:
@@ -131,9 +131,9 @@ def decays(path: tuple) -> bool:
 
 
 def build_optimizer(
-    cfg: TrainConfig, total_steps: int, labels: Any, new_domains: Sequence[int] = ()
+    cfg: TrainConfig, total_steps: int, roles: Any, new_domains: Sequence[int] = ()
 ) -> optax.GradientTransformation:
-    """For the trainable part (`partition(params, labels)[0]`) of the params, its gradient already passed
+    """For the trainable part (`partition(params, roles)[0]`) of the params, its gradient already passed
     through `zero_frozen_rows`: clip -> the configured optimizer on TRAIN leaves and on the NEW_DOMAINS rows."""
     lr = learning_rate(cfg, total_steps)
 
@@ -152,6 +152,6 @@ def build_optimizer(
     return optax.chain(
         *clip,
         optax.multi_transform(
-            {TRAIN: opt, NEW_DOMAINS: on_rows(opt, rows), SPARSE: optax.identity()}, partition(labels, labels)[0]
+            {TRAIN: opt, NEW_DOMAINS: on_rows(opt, rows), SPARSE: optax.identity()}, partition(roles, roles)[0]
         ),
     )

@@ -44,12 +44,12 @@ ADAGRAD_EPS = 1e-8
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults
 
 
-def effective_rule(rule: str, freeze: tuple[str, ...], new_rows: bool = False) -> str:
+def effective_rule(rule: str, freeze: tuple[str, ...], has_new_rows: bool = False) -> str:
     """The configured rule; with L0 (the tables' level) frozen: dense (no table takes an update) unless the
-    tables have `new_rows`, which a row-sparse rule trains (lazy Adam when the configured one is dense)."""
+    tables have `has_new_rows`, which a row-sparse rule trains (lazy Adam when the configured one is dense)."""
     if "l0" not in check_levels(freeze):
         return rule
-    if not new_rows:
+    if not has_new_rows:
         return "dense"
     return "lazy_adam" if rule == "dense" else rule
 

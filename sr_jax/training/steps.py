@@ -34,13 +34,13 @@ def loss_fn(graphdef: nnx.GraphDef, params, batch, text: sr_model.TextTable, reg
 
 
 def init_state(
-    params, labels, tx: optax.GradientTransformation, embedding_update: str = "dense", trainable_rows=None
+    params, roles, tx: optax.GradientTransformation, embedding_update: str = "dense", trainable_rows=None
 ) -> TrainState:
     """`trainable_rows`: see sparse_update.init_state (a frozen L0's new rows)."""
     return TrainState(
         jnp.zeros((), jnp.int32),
         params,
-        tx.init(partition(params, labels)[0]),
+        tx.init(partition(params, roles)[0]),
         sparse_update.init_state(embedding_update, params, trainable_rows),
     )
 
@@ -52,7 +52,7 @@ def state_shardings(mesh: Mesh, state: TrainState) -> TrainState:
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
-    labels: Any,
+    roles: Any,
     reg_weight: float,
     mesh: Mesh,
     state_sharding: TrainState,
@@ -63,26 +63,26 @@ def make_train_step(
 ):
     """jit(step)(state, batch, text, reference) -> (state, metrics); the state's buffers are donated.
 
-    Only the trainable part of the params (`labels`, see optimizer.py) is differentiated. `sparse`: (rule,
-    learning-rate schedule) to update the embedding tables row-sparsely (`sparse_update`); `labels` must then
+    Only the trainable part of the params (`roles`, see optimizer.py) is differentiated. `sparse`: (rule,
+    learning-rate schedule) to update the embedding tables row-sparsely (`sparse_update`); `roles` must then
     mark the tables SPARSE. `reference`: the pretrained domains' distributions to align against, or None.
     Metrics: loss, bce, reg, and the trainable gradient's global norm before and after clipping."""
 
     def step(state: TrainState, batch, text, reference):
         key = jax.random.fold_in(jax.random.key(seed), state.step)  # the MMD subsample of this step
         if sparse is None:
-            view, table_rows = state.params, None
-        else:
+            read, table_rows = state.params, None
+        else:  # the params as this step reads them: each table replaced by the rows the batch gathers
             gathered = sparse_update.gather(state.params, sr_model.table_rows(graphdef, state.params, batch))
-            view, table_rows = sparse_update.with_tables(state.params, gathered.embeddings), gathered.inverse
-        trainable, fixed = partition(view, labels)
+            read, table_rows = sparse_update.with_tables(state.params, gathered.embeddings), gathered.inverse
+        trainable, fixed = partition(read, roles)
 
         def loss_of(trainable):
             kwargs = dict(table_rows=table_rows, train=True, key=key, reference=reference)
             return loss_fn(graphdef, combine(trainable, fixed), batch, text, reg_weight, **kwargs)
 
         (_, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-        grads = zero_frozen_rows(grads, labels, new_domains)
+        grads = zero_frozen_rows(grads, roles, new_domains)
         if sparse is not None:  # rows a frozen L0 keeps (all but its new rows) get no gradient
             num_rows = {k: t.shape[0] for k, t in sparse_update.tables(state.params).items()}
             rows = sparse_update.writable(state.tables_state, gathered)
@@ -122,16 +122,12 @@ def make_train_step(
     )
 
 
-def click_probability(logits, aux):
-    return jax.nn.sigmoid(logits)
-
-
-def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, output=click_probability):
-    """jit(predict)(params, batch, text) -> output(logits, aux) of the model in inference mode, replicated
-    (every process can read it): click probabilities [B] by default."""
+def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, output: str = "probability"):
+    """jit(predict)(params, batch, text) -> `sr_model.predict`'s `output` of the model in inference mode,
+    replicated (every process can read it): click probabilities [B] by default, "adapted" for z [B, 3d]."""
 
     def predict(params, batch, text):
-        return output(*sr_model.apply(graphdef, params, batch, text))
+        return sr_model.predict(graphdef, params, batch, text)[output]
 
     return jax.jit(
         predict,

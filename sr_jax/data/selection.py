@@ -1,0 +1,88 @@
+"""Which rows a run reads: its domains, the validation rows carved from its train split, the fraction of
+the train split it keeps, and the batch that fits them. Pure functions of a dataset's columns and seeds, so
+every cell of a grid selects the same rows."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from sr_jax.config import DataConfig
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.data.store import Dataset
+
+log = logging.getLogger("sr_jax")
+
+Columns = dict[str, np.ndarray]  # column name -> [rows, ...], every column the same number of rows
+
+
+def run_domains(cfg: DataConfig, meta: DatasetMeta) -> tuple[str, ...]:
+    """The domains a run trains and evaluates on: `data.domains` (all when empty), without those meta.json
+    holds out of pretraining (`pretrain: false`) when `data.pretrain_domains_only`."""
+    known = [d.name for d in meta.domains]
+    if unknown := [n for n in cfg.domains if n not in known]:
+        raise ValueError(f"data.domains: unknown domain(s) {unknown}; the dataset has {known}")
+    chosen = list(cfg.domains) or known
+    if not cfg.pretrain_domains_only:
+        return tuple(chosen)
+    held_out = {d.name for d in meta.domains if not d.pretrain}
+    if cfg.domains and (asked := [n for n in cfg.domains if n in held_out]):
+        raise ValueError(
+            f"data.domains: {asked} are held out of pretraining in meta.json (pretrain: false); "
+            "train on them by fine-tuning, or set data.pretrain_domains_only=false"
+        )
+    return tuple(n for n in chosen if n not in held_out)
+
+
+def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> Columns:
+    """The split's rows of the named domains (all rows when they are all the dataset's)."""
+    columns = dataset.split(split)
+    known = [d.name for d in dataset.meta.domains]
+    if set(names) == set(known):
+        return columns
+    keep = np.isin(columns["domain"], [known.index(n) for n in names])
+    if not keep.any():
+        raise ValueError(f"domains {list(names)}: no examples in split {split!r}")
+    return {name: np.asarray(col[keep]) for name, col in columns.items()}
+
+
+def carve_validation(columns: Columns, fraction: float) -> tuple[Columns, Columns | None]:
+    """(the rest, a fixed seeded `fraction` of the rows) of a split, each in the original order; the same
+    rows whatever train.seed, so every cell of a grid validates on the same data (fraction 0: no carving)."""
+    if not fraction:
+        return columns, None
+    size = len(columns["label"])
+    held = np.zeros(size, bool)
+    held[np.random.default_rng(0x7A11D).permutation(size)[: max(1, round(fraction * size))]] = True
+    return ({k: np.asarray(v)[~held] for k, v in columns.items()}, {k: np.asarray(v)[held] for k, v in columns.items()})
+
+
+def subset_size(size: int, fraction: float) -> int:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.train_fraction={fraction}: expected a fraction in (0, 1]")
+    return max(1, round(fraction * size))
+
+
+def train_subset(columns: Columns, fraction: float, seed: int) -> Columns:
+    """A seeded random `fraction` of a split's rows (in their original order); the whole split at 1."""
+    size = len(columns["label"])
+    keep = subset_size(size, fraction)
+    if keep == size:
+        return columns
+    rows = np.sort(np.random.default_rng([seed, 0x5EED]).permutation(size)[:keep])
+    return {name: np.asarray(col[rows]) for name, col in columns.items()}
+
+
+def clamped_batch_size(configured: int, examples: int, data_axis: int, what: str) -> int:
+    """The configured batch, or, when the data are fewer, the largest multiple of the data axis that fits
+    (tiny cold-start fractions): the one place a batch is clamped."""
+    if examples >= configured:
+        return configured
+    clamped = examples // data_axis * data_axis
+    if clamped == 0:
+        raise ValueError(f"{what}: {examples} examples cannot fill a batch over {data_axis} devices of the data axis")
+    log.warning(
+        "data.batch_size=%d is larger than the %d examples of %s: using %d", configured, examples, what, clamped
+    )
+    return clamped

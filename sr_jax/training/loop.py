@@ -1,0 +1,236 @@
+"""What running is: the train loop over a `RunSpec`, with its stop signals, finiteness checks, validation and
+early stopping, and the `Run` that holds what running changes (checkpoints, the best validated step, the
+validation record, the compiled step)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from sr_jax import distributed
+from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
+from sr_jax.training import evaluation
+from sr_jax.training.checkpoint import BestCheckpoint, Checkpointer
+from sr_jax.training.metrics_log import MetricsLog
+from sr_jax.training.program import compile_train_step
+from sr_jax.training.spec import RunSpec
+from sr_jax.training.steps import TrainState
+
+log = logging.getLogger("sr_jax")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the gradient norm became NaN or inf: training stops before anything is saved from it."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop was asked for (SIGTERM, SIGINT): the run finished its step, saved it and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclasses.dataclass
+class Run:
+    """A run in progress: its spec, and what running changes."""
+
+    spec: RunSpec
+    checkpointer: Checkpointer
+    best: BestCheckpoint | None = None  # the best validated parameters (train.eval_every)
+    validation: list = dataclasses.field(default_factory=list)  # [step, score] of every validation so far
+    # Called with (step, score) after every validation; True stops the run there (a tuner's pruner).
+    on_validation: Callable[[int, float], bool] | None = None
+    compile_seconds: float = 0.0  # the train step's ahead-of-time compilation (0 until compiled)
+    compiled: Callable | None = None  # the train step compiled for this run's shapes (`compiled_train_step`)
+
+    def compiled_train_step(self) -> Callable:
+        """The train step compiled ahead for this run's shapes (once), after its memory per device is logged
+        and checked: a run that cannot fit fails here, before anything is allocated."""
+        if self.compiled is None:
+            spec = self.spec
+            what = f"training with a batch of {spec.batch_size} on mesh {dict(spec.mesh.shape)}"
+            self.compiled, _, self.compile_seconds = compile_train_step(
+                spec.program, spec.batch_shapes(), spec.text, spec.reference, what
+            )
+        return self.compiled
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        if self.best is not None:
+            self.best.close()
+
+
+def open_run(spec: RunSpec) -> Run:
+    """A run of `spec`, with its checkpoint folders opened (`checkpoints/`, and `best/` when it validates)."""
+    cfg = spec.config
+    return Run(
+        spec=spec,
+        checkpointer=Checkpointer(spec.workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every),
+        best=BestCheckpoint(spec.workdir / "best") if cfg.train.eval_every else None,
+    )
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While training: a SIGTERM or SIGINT is recorded in the yielded list (the loop finishes its step, saves and
+    stops: a pre-empted VM loses nothing); a second one exits at once. Installed from the main thread only."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signum)
+        log.warning("%s: finishing this step, saving, then stopping (again: stop at once)", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stop_agreed(received: list[int], at_sync_point: bool) -> bool:
+    """Whether to stop now: at once on one process; several processes agree at logs and checkpoints (a
+    collective), so that they all stop after the same step."""
+    if jax.process_count() == 1:
+        return bool(received)
+    return at_sync_point and distributed.any_process(bool(received))
+
+
+def position(run: Run, step: int) -> dict:
+    """Where the data stand after `step`, and the validation scores so far (what early stopping decides on)."""
+    epoch, batch = divmod(step, run.spec.steps_per_epoch)
+    seed = run.spec.config.train.seed
+    return {"step": step, "epoch": epoch, "batch": batch, "seed": seed, "validation": run.validation}
+
+
+def stops_early(history: list, patience: int, min_delta: float) -> bool:
+    """Whether the last `patience` validations (of [step, score] pairs) brought no gain of more than `min_delta`
+    over the best score before them."""
+    if not patience:
+        return False
+    best, since = -np.inf, 0
+    for _, score in history:
+        best, since = (score, 0) if score > best + min_delta else (best, since + 1)
+    return since >= patience
+
+
+def validate_step(run: Run, params, step: int) -> float:
+    """Scores `params` on the validation data, offers them to the best checkpoint, records the score."""
+    cfg = run.spec.config
+    result = evaluation.evaluate_columns(run.spec, params, run.spec.valid_columns, "validation")
+    score = (
+        result["mean_domain_auc"] if cfg.train.early_stopping_metric == "mean_domain_auc" else result["overall"]["auc"]
+    )
+    run.best.save(step, params, score)
+    run.validation = [*[v for v in run.validation if v[0] < step], [step, score]]
+    return score
+
+
+def batches(spec: RunSpec, start: int):
+    """The run's global batches from step `start` on, this process's rows of each (with the replayed
+    pretraining rows after the cold ones when fine-tuning replays)."""
+    seed, size, window = spec.config.train.seed, spec.batch_size, spec.config.data.shuffle_window
+    replay = spec.start.replay if spec.start else None
+    if replay is None:
+        return BatchIterator(
+            spec.train_columns, size, seed, start_step=start, process_slice=spec.process_slice(size), window=window
+        )
+    main = BatchIterator(spec.train_columns, size - spec.replay_size, seed, start_step=start, window=window)
+    replayed = BatchIterator(replay, spec.replay_size, seed + 1, start_step=start, window=window)
+    return MixedBatches(main, replayed, spec.process_slice(size))
+
+
+def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
+    """Trains from the state's step to `until` (default: the end), checkpointing and logging on the way. The
+    loss and gradient norm are checked at every log and every checkpoint: a NaN or inf stops the run with
+    `TrainingDiverged` before that state is saved (the update that made NaN parameters had a NaN gradient).
+    A SIGTERM or SIGINT finishes the step, saves it and raises `TrainingInterrupted`."""
+    spec = run.spec
+    cfg = spec.config
+    start, stop = int(state.step), min(until or spec.total_steps, spec.total_steps)
+    if stops_early(run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta):
+        return state  # a resumed run that had stopped early: done
+    feed = prefetch_to_device(batches(spec, start), spec.global_batch, cfg.data.prefetch)
+    desc, primary = "finetune" if cfg.finetune.pretrained else "train", distributed.is_primary()
+    step_fn = run.compiled_train_step()
+    window_start, window_steps = time.perf_counter(), 0
+    with (
+        contextlib.closing(feed),
+        stop_requests() as received,
+        contextlib.closing(MetricsLog(spec.workdir, start, write=primary)) as metrics_log,
+        tqdm(total=stop, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=not primary) as bar,
+    ):
+        for step, batch in zip(range(start, stop), feed):
+            state, metrics = step_fn(state, batch, spec.text, spec.reference)
+            window_steps += 1
+            done = step + 1
+            logged = done % cfg.train.log_every == 0 or done == stop
+            stopping = _stop_agreed(received, logged or run.checkpointer.due(done))
+            if logged or stopping or run.checkpointer.due(done):  # a state is saved only after its loss is checked
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(run, metrics, done)
+            if logged:
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps * spec.batch_size / elapsed
+                metrics.update(epoch=done / spec.steps_per_epoch, examples_per_s=rate)
+                metrics_log.write(done, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            early = pruned = False
+            if run.best is not None and (done % cfg.train.eval_every == 0 or done == stop):
+                score = validate_step(run, state.params, done)
+                metrics_log.write(done, {f"valid_{cfg.train.early_stopping_metric}": score})
+                early = stops_early(
+                    run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
+                )
+                pruned = run.on_validation is not None and bool(run.on_validation(done, score))
+            final = done == spec.total_steps or early or pruned
+            run.checkpointer.save(done, state, position(run, done), force=final or stopping)
+            bar.update(1)
+            if early or pruned:
+                log.info(
+                    "stopping after step %d: %s",
+                    done,
+                    f"{cfg.train.early_stopping_patience} validations without a gain" if early else "pruned",
+                )
+                break
+            if stopping:
+                run.checkpointer.wait()
+                signum = received[0] if received else signal.SIGTERM
+                raise TrainingInterrupted(
+                    f"{spec.workdir}: stopped by {signal.Signals(signum).name} after step {done}, which is saved; "
+                    "run the same command to resume",
+                    signum,
+                )
+    run.checkpointer.wait()
+    return state
+
+
+def check_finite(run: Run, metrics: dict, step: int) -> None:
+    """Stops a run whose loss or gradient norm is NaN or inf, before that state is saved or evaluated."""
+    bad = {k: metrics[k] for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])}
+    if bad:
+        run.checkpointer.wait()
+        kept = run.checkpointer.latest_step()
+        raise TrainingDiverged(
+            f"{run.spec.workdir}: {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; nothing from "
+            f"this state was saved, the last checkpoint is step {kept}. Lower train.learning_rate, or check the "
+            "data and the restored parameters."
+        )

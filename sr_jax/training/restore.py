@@ -1,0 +1,111 @@
+"""Where a run's train state comes from: fresh parameters, its pretrained run's, or its own newest checkpoint
+that restores; and the parameters evaluation reads (a checkpoint's, or the run's result)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+
+from sr_jax import model as sr_model
+from sr_jax.config import Config
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, ParamsReader
+from sr_jax.training.loop import Run
+from sr_jax.training.program import Program
+from sr_jax.training.spec import RunSpec
+from sr_jax.training.steps import TrainState, init_state
+from sr_jax.training.transfer import init_new_rows, merge_pretrained, restore_pretrained
+
+log = logging.getLogger("sr_jax")
+
+
+def fresh_state(cfg: Config, meta: DatasetMeta, text_dim: int, program: Program) -> TrainState:
+    """Fresh parameters (train.seed) and optimizer state, made by one compiled function in their shardings."""
+
+    def make():
+        params = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
+        return init_state(params, program.roles, program.tx, program.embedding_update)
+
+    return jax.jit(make, out_shardings=program.state_shardings)()
+
+
+def initial_state(spec: RunSpec) -> TrainState:
+    """Step 0: fresh parameters, or the pretrained run's (with fresh rows for new domains), and a fresh
+    optimizer state, made by one compiled function straight into their shardings."""
+    cfg, meta, program, start = spec.config, spec.model_meta, spec.program, spec.start
+    text_dim = spec.text.pooled.shape[1]
+    if start is None:
+        return fresh_state(cfg, meta, text_dim, program)
+    pretrained = restore_pretrained(
+        cfg.finetune.pretrained,
+        cfg.finetune.pretrained_step,
+        program.abstract_state.params,
+        program.per_domain,
+        len(start.run_info["domains"]),
+        start.new_leaves,
+    )
+    counts = {t: int(m.sum()) for t, m in start.new_rows.mask.items() if m.any()}
+    log.info(
+        "restored %s; new domains (fresh rows): %s; new keys per table: %s; rows never trained (start from %s, "
+        "trainable whatever is frozen): %s; new fields: %s",
+        cfg.finetune.pretrained,
+        [spec.dataset.meta.domains[k].name for k in start.domain_map.new_domains] or "none",
+        {t: n for t, n in spec.row_map.new_keys().items() if n} or "none",
+        cfg.finetune.new_rows_init,
+        {"/".join(k): n for k, n in counts.items()} or "none",
+        list(spec.row_map.new_fields) or "none",
+    )
+
+    def make(pre) -> TrainState:
+        fresh = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
+        params = merge_pretrained(pre, fresh, program.per_domain, start.domain_map)
+        params = init_new_rows(params, start.new_rows, cfg.finetune.new_rows_init)
+        return init_state(params, program.roles, program.tx, program.embedding_update, program.trainable_rows)
+
+    return jax.jit(make, out_shardings=program.state_shardings)(pretrained)
+
+
+def restore_or_init(run: Run) -> TrainState:
+    """The newest checkpoint that restores (a broken newer one is skipped, and said so), or step 0 when the
+    run has none. A restored run takes back its validation record."""
+    if run.checkpointer.latest_step() is None:
+        return initial_state(run.spec)
+    state, position, skipped = run.checkpointer.restore_newest(run.spec.program.abstract_state)
+    for problem in skipped:
+        log.warning("skipped a checkpoint that does not restore: %s", problem)
+    if position["step"] != int(state.step):
+        raise CheckpointError(
+            f"{run.checkpointer.directory / str(int(state.step))}: the saved data position is step "
+            f"{position['step']}, the train state's is {int(state.step)}"
+        )
+    if (position["epoch"], position["batch"]) != divmod(position["step"], run.spec.steps_per_epoch):
+        log.warning(  # --allow-changes with another batch size or data: the position follows the step
+            "the saved data position (epoch %d, batch %d) was made with other batches; resuming at step %d of this "
+            "run's (%d steps per epoch)",
+            position["epoch"],
+            position["batch"],
+            position["step"],
+            run.spec.steps_per_epoch,
+        )
+    log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), position["epoch"], position["batch"])
+    run.validation = [list(v) for v in position.get("validation", [])]
+    return state
+
+
+def checkpoint_params(spec: RunSpec, step: int = -1) -> Any:
+    """The parameters of one of the run's own checkpoints (the latest by default), without its optimizer
+    state: what evaluation needs. A run with no checkpoint is an error, never a fresh model."""
+    with ParamsReader(spec.workdir / "checkpoints") as reader:
+        return reader.restore(reader.step(step), spec.program.abstract_state.params)
+
+
+def result_params(spec: RunSpec) -> Any:
+    """The run's result: its best validated parameters when it validated (what its eval.json reports), else its
+    latest checkpoint's."""
+    if spec.config.train.eval_every:
+        with BestCheckpoint(spec.workdir / "best") as best:
+            if best.best() is not None:
+                return best.restore(spec.program.abstract_state.params)
+    return checkpoint_params(spec)

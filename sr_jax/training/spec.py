@@ -1,0 +1,182 @@
+"""What a run is, fixed before it trains (`RunSpec`, built by `build_spec`): its config and folder, the data it
+reads in the model's table rows, the text table on the mesh, its schedule, its program, and, when it
+fine-tunes, its pretrained start. Nothing in it changes while the run trains (`sr_jax.training.loop.Run`
+holds what does)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from sr_jax import model as sr_model
+from sr_jax import sharding as shd
+from sr_jax.config import Config, validate
+from sr_jax.data import history, vocabulary
+from sr_jax.data.schema import DatasetMeta
+from sr_jax.data.selection import (
+    Columns,
+    carve_validation,
+    clamped_batch_size,
+    run_domains,
+    select_domains,
+    train_subset,
+)
+from sr_jax.data.store import Dataset
+from sr_jax.featurized import load_dataset
+from sr_jax.text import text_identity
+from sr_jax.training import records
+from sr_jax.training.pretrained import PretrainedStart, read_start
+from sr_jax.training.program import Program, build_program
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    config: Config
+    workdir: Path
+    dataset: Dataset
+    mesh: Mesh
+    text: sr_model.TextTable  # the dataset's text features on the mesh
+    domains: tuple[str, ...]  # the domains this run trains and evaluates on
+    row_map: vocabulary.RowMap  # the model's tables, and the dataset's ids as their rows
+    model_meta: DatasetMeta  # the dataset's metadata with the model's table sizes and fields: what shapes follow
+    train_columns: Columns  # the train split's rows it trains on (in the model's rows)
+    valid_columns: Columns | None  # what train.eval_every scores (in the model's rows)
+    trained_rows: dict[str, np.ndarray]  # table -> [rows] bool: trained before this run (pretraining: by it)
+    start: PretrainedStart | None  # fine-tuning: what it takes from its pretrained run
+    batch_size: int  # the global batch: data.batch_size, or less when the training data are fewer
+    replay_size: int  # rows of every batch that replay pretraining examples (after batch_size - replay_size)
+    steps_per_epoch: int
+    total_steps: int
+    program: Program  # model, optimizer, train and predict steps
+
+    @property
+    def reference(self) -> sr_model.AlignmentReference | None:
+        """What fine-tuning aligns against, on the mesh (None: the run aligns its own domains only)."""
+        return None if self.start is None else self.start.reference
+
+    @property
+    def warm_items(self) -> np.ndarray:
+        """[item rows] bool: the items whose id rows were trained before this run (the others are cold)."""
+        return self.trained_rows["item_id"]
+
+    def split(self, name: str) -> Columns:
+        """A split's rows of the run's domains, in the model's table rows (with the user history aspect's
+        column, from the run's training examples and this split's, when the model reads it)."""
+        columns = self.row_map.remap(select_domains(self.dataset, name, self.domains))
+        n = self.config.model.user_history
+        return history.with_history(columns, [self.train_columns, columns], n) if n else columns
+
+    def process_slice(self, batch_size: int) -> slice:
+        """The rows of every global batch of this size that this process reads."""
+        return shd.process_slice(shd.batch_sharding(self.mesh), batch_size)
+
+    def global_batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a batch -> the global batch on the mesh."""
+        return shd.to_global(rows, shd.batch_sharding(self.mesh))
+
+    def global_eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A whole evaluation batch, which every process reads, -> the global batch (each brings its rows)."""
+        rows = self.process_slice(self.config.data.eval_batch_size)
+        return self.global_batch({name: col[rows] for name, col in batch.items()})
+
+    def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes, dtypes and sharding of one global train batch: what the train step is compiled for."""
+        return {
+            name: jax.ShapeDtypeStruct(
+                (self.batch_size, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(self.mesh)
+            )
+            for name, col in self.train_columns.items()
+        }
+
+
+def _check_splits(cfg: Config, dataset: Dataset, data_axis: int) -> None:
+    """Before any training: an unknown split would fail only at its end."""
+    if cfg.data.eval_batch_size % data_axis:
+        raise ValueError(
+            f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the mesh's data axis ({data_axis})"
+        )
+    splits = sorted(dataset.meta.splits)
+    named = ("train_split", "eval_split", *(("valid_split",) if cfg.train.eval_every and cfg.data.valid_split else ()))
+    for key in named:
+        if (split := getattr(cfg.data, key)) not in splits:
+            raise ValueError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
+
+
+def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> RunSpec:
+    """Everything a run is, from its config: the dataset opened, its rows selected and remapped to the model's
+    tables, the pretrained start read (fine-tuning), the schedule sized and the program built."""
+    validate(cfg)
+    workdir = Path(workdir)
+    dataset = load_dataset(cfg.data)
+    mesh = mesh or shd.make_mesh(cfg.mesh)
+    data_axis = mesh.shape["data"]
+    _check_splits(cfg, dataset, data_axis)
+    pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
+    text = sr_model.TextTable(*shd.text_table(mesh, pooled, summary, keep_summary=cfg.model.gating == "cls"))
+    domains = run_domains(cfg.data, dataset.meta)
+    folder = records.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
+    run_info = records.read_run_info(folder) if folder else None  # first: it says whether this is a run folder
+    own = vocabulary.of_dataset(dataset)
+    row_map = vocabulary.extend(vocabulary.read(folder), own) if folder else vocabulary.identity(own)
+    model_meta = row_map.vocab.model_meta(dataset.meta)
+    kept, carved = carve_validation(select_domains(dataset, cfg.data.train_split, domains), cfg.data.valid_from_train)
+    columns = row_map.remap(train_subset(kept, cfg.data.train_fraction, cfg.train.seed))
+    valid = None
+    if cfg.train.eval_every:
+        valid = row_map.remap(carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains))
+    if cfg.model.user_history:
+        if not dataset.meta.has_timestamp:
+            raise ValueError(
+                f"model.user_history={cfg.model.user_history}: the dataset {dataset.root} has no timestamps"
+            )
+        if cfg.finetune.replay_fraction:
+            raise ValueError("model.user_history with finetune.replay_fraction: the replayed data has no history")
+        columns = history.with_history(columns, [columns], cfg.model.user_history)
+        if valid is not None:
+            valid = history.with_history(valid, [columns, valid], cfg.model.user_history)
+    what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
+    batch = clamped_batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
+    replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
+    if replay_size >= batch:
+        raise ValueError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
+    if batch % data_axis:
+        raise ValueError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
+    steps_per_epoch = len(columns["label"]) // (batch - replay_size)
+    total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
+    start = None
+    if folder is not None:
+        _, abstract_params = sr_model.abstract(cfg.model, model_meta, pooled.shape[1])
+        start = read_start(cfg, folder, run_info, dataset, row_map, abstract_params, pooled, replay_size, mesh)
+    program = build_program(
+        cfg,
+        model_meta,
+        pooled.shape[1],
+        mesh,
+        total_steps,
+        start.domain_map.new_domains if start else (),
+        start.new_rows if start else None,
+        start.new_leaves if start else frozenset(),
+    )
+    return RunSpec(
+        config=cfg,
+        workdir=workdir,
+        dataset=dataset,
+        mesh=mesh,
+        text=text,
+        domains=domains,
+        row_map=row_map,
+        model_meta=model_meta,
+        train_columns=columns,
+        valid_columns=valid,
+        trained_rows=start.trained_rows if start else records.rows_in(columns, row_map.vocab),
+        start=start,
+        batch_size=batch,
+        replay_size=replay_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        program=program,
+    )
