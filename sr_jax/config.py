@@ -354,6 +354,35 @@ def absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, finetune=dataclasses.replace(tune, pretrained=pretrained))
 
 
+MAX_EPOCHS = 10_000  # a bound that keeps the step count a 32-bit integer for any split this library reads
+SYNTHETIC_TOPICS = 12  # the embedded dataset's topics, named in its texts (sr_jax.data.synthetic.TOPICS)
+
+
+def validate_synthetic(cfg: SyntheticConfig) -> list[str]:
+    """The embedded dataset's settings: counts that can make a world (two users, items and queries per topic at
+    least), examples in every split, a fraction of cold items in [0, 1), a non-negative seed."""
+    problems: list[str] = []
+    minimum = 2 * SYNTHETIC_TOPICS + 1
+    for name in ("num_users", "num_items", "num_queries"):
+        value = getattr(cfg, name)
+        _check(problems, value >= minimum, f"data.synthetic.{name}", f"{value!r}: at least {minimum} (two per topic)")
+    _positive(
+        problems, cfg, "data.synthetic", "train_examples", "valid_examples", "test_examples", "heldout_examples",
+        "cold_examples",
+    )  # fmt: skip
+    _positive(problems, cfg, "data.synthetic", "seed", allow_zero=True)
+    fraction = cfg.cold_item_fraction
+    _check(
+        problems, math.isfinite(fraction) and 0 <= fraction < 1, "data.synthetic.cold_item_fraction",
+        f"{fraction!r} must be in [0, 1)",
+    )  # fmt: skip
+    _check(
+        problems, cfg.num_topics == SYNTHETIC_TOPICS, "data.synthetic.num_topics",
+        f"{cfg.num_topics!r}: the generator has {SYNTHETIC_TOPICS} topics, named in its texts",
+    )  # fmt: skip
+    return problems
+
+
 def validate(cfg: Config) -> Config:
     """Every rule a config must meet, checked before anything is written or trained. All problems are
     reported at once, each naming its key; returns the config unchanged."""
@@ -364,6 +393,9 @@ def validate(cfg: Config) -> Config:
     _check(problems, data.train_fraction <= 1, "data.train_fraction", f"{data.train_fraction} must be in (0, 1]")
     _check(problems, data.shuffle_window >= 64, "data.shuffle_window", f"{data.shuffle_window}: at least 64 rows")
     _positive(problems, train, "train", "epochs", "learning_rate", "log_every", "checkpoint_every", "keep_checkpoints")
+    _check(problems, not train.epochs > MAX_EPOCHS, "train.epochs", f"{train.epochs!r}: at most {MAX_EPOCHS}")
+    _check(problems, bool(data.text_encoder.strip()), "data.text_encoder", "empty: name an encoder or hashed-bow")
+    problems += validate_synthetic(data.synthetic)
     _positive(
         problems, train, "train", "seed", "min_steps", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True
     )

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from sr_jax.config import MeshConfig
+from sr_jax.config import ConfigError, MeshConfig
 from sr_jax.treeutil import path_names
 
 ROW_SHARDED = ("id_tables", "sparse_tables")  # params under these keys are embedding tables
@@ -25,7 +25,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     model = cfg.model
     data = cfg.data if cfg.data > 0 else len(devices) // model
     if data * model > len(devices) or data * model == 0:
-        raise ValueError(f"mesh data={cfg.data} x model={cfg.model} does not fit {len(devices)} devices")
+        raise ConfigError(f"mesh.data={cfg.data} x mesh.model={cfg.model} does not fit the {len(devices)} devices")
     grid = np.asarray(devices[: data * model]).reshape(data, model)
     return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
 

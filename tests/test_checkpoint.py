@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from helpers import TINY, config
@@ -27,7 +27,7 @@ def _cfg(**model):
 
 
 def _assert_trees_equal(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    chex.assert_trees_all_equal(a, b)  # the same structure, and every leaf equal bit for bit
 
 
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
@@ -242,3 +242,84 @@ def test_a_waiting_writer_of_a_shared_cache_waits_for_the_holder(tmp_path):
         order.append("second in")
     thread.join()
     assert order == ["first done", "second in"]
+
+
+def test_a_signal_during_the_last_save_stops_the_run_saved_and_resumable(tmp_path):
+    """A SIGTERM that arrives while the last step is being saved is not lost: the run stops with the one
+    interrupted line (not an evaluation and exit 0), and the same command then finishes it."""
+    cfg = config(TINY, train={"epochs": 1.0, "checkpoint_every": 100, "log_every": 100})
+    run = trainer.build_run(cfg, tmp_path)
+    real_wait, outside = run.checkpointer.wait, []
+
+    def wait_then_signal():
+        real_wait()
+        if run.checkpointer.latest_step() == run.spec.total_steps and not outside:
+            outside.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run.checkpointer.wait = wait_then_signal
+    before = signal.signal(signal.SIGTERM, lambda *a: outside.append("outer handler"))  # as the CLI installs one
+    try:
+        with pytest.raises(loop.TrainingInterrupted, match=r"stopped by SIGTERM after step 16, which is saved"):
+            loop.train(run, restore.initial_state(run.spec))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert outside == [1]  # the loop took the signal, not the handler outside it
+    run.close()
+    resumed = trainer.build_run(cfg, tmp_path)
+    assert int(loop.train(resumed, restore.restore_or_init(resumed)).step) == 16  # done: nothing trained again
+    resumed.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_outside_the_loop_says_what_was_interrupted_and_exits_128_plus_it(signum):
+    code = (
+        "import os, time\n"
+        "from train import cli\n"
+        f"cli.interruptible(lambda: os.kill(os.getpid(), {int(signum)}) or time.sleep(30))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signum and "Traceback" not in proc.stderr, proc.stderr
+    assert f"interrupted by {signal.Signals(signum).name}" in proc.stderr and "run the same command" in proc.stderr
+
+
+def test_an_unsealed_step_is_not_trusted_by_other_readers(tmp_path):
+    """16 flipped bytes in the pretrained step and its checksum record deleted: reading it for fine-tuning,
+    evaluation or export is refused (it used to restore the damaged parameters without a word)."""
+    from sr_jax.training.checkpoint import ParamsReader
+
+    cfg = _checkpointed(tmp_path)
+    step8 = tmp_path / "checkpoints" / "8"
+    largest = max((p for p in step8.rglob("*") if p.is_file() and p.parent.name == "d"), key=os.path.getsize)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 16])
+    largest.write_bytes(bytes(data))
+    (tmp_path / "checkpoints" / ".checksums" / "8.json").unlink()
+    with ParamsReader(tmp_path / "checkpoints") as reader, pytest.raises(CheckpointError, match=r"no checksum record"):
+        reader.restore(8, trainer.build_run(cfg, tmp_path).spec.program.abstract_state.params)
+
+
+@pytest.mark.parametrize("damage", ["{", "", "[]", b"\xff\xfe"])
+def test_a_damaged_checksum_record_falls_back_like_a_damaged_step(tmp_path, caplog, damage):
+    from sr_jax.training.checkpoint import ParamsReader
+
+    cfg = _checkpointed(tmp_path)
+    record = tmp_path / "checkpoints" / ".checksums" / "8.json"
+    record.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    run = trainer.build_run(cfg, tmp_path)
+    with ParamsReader(tmp_path / "checkpoints") as reader, pytest.raises(CheckpointError, match=r"8.json: damaged"):
+        reader.restore(8, run.spec.program.abstract_state.params)
+    assert int(restore.restore_or_init(run).step) == 4 and "8.json: damaged checksum record" in caplog.text
+
+
+def test_a_killed_run_s_unsealed_newest_step_resumes_and_is_sealed(tmp_path):
+    """A kill between orbax's save and the seal leaves the newest step without a record: the run's own resume
+    trusts it (it restores whole and finite) and seals it; an older unsealed step would not be trusted."""
+    cfg = _checkpointed(tmp_path)
+    (tmp_path / "checkpoints" / ".checksums" / "8.json").unlink()
+    run = trainer.build_run(cfg, tmp_path)
+    assert int(restore.restore_or_init(run).step) == 8
+    assert json.loads((tmp_path / "checkpoints" / ".checksums" / "8.json").read_text())
+    (tmp_path / "checkpoints" / ".checksums" / "4.json").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoints/4: no checksum record"):
+        run.checkpointer.restore(run.spec.program.abstract_state, step=4)

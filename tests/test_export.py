@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pyarrow.parquet as pq
@@ -270,14 +271,14 @@ def test_safetensors_and_torch_names_round_trip_exactly(run_dir, tmp_path):
     flat = load_file(str(tmp_path / "p.safetensors"))
     assert "l1.backbone.experts.layers.0.kernel" in flat
     back = unflatten({k.replace(".", "/"): v for k, v in flat.items()})
-    jax.tree.map(np.testing.assert_array_equal, back, model.params)
+    chex.assert_trees_all_equal(back, model.params)
     convert.main(["to-torch", str(run_dir), str(tmp_path / "t.safetensors")])
     state = load_file(str(tmp_path / "t.safetensors"))
     assert {"dal_kernel", "experts.1", "id_tables.item", "sparse_proj.item_brand_kernel"} <= set(state)
     convert.main(
         ["from-torch", str(tmp_path / "t.safetensors"), "--like", str(run_dir), "--out", str(tmp_path / "back")]
     )
-    jax.tree.map(np.testing.assert_array_equal, trained.load(tmp_path / "back").params, model.params)
+    chex.assert_trees_all_equal(trained.load(tmp_path / "back").params, model.params)
     broken = {k: v for k, v in state.items() if k != "gate_bias"} | {
         "dal_bias": np.zeros(3, np.float32),
         "extra": state["gate_bias"],
@@ -317,7 +318,7 @@ def test_a_bfloat16_params_only_folder_fine_tunes_and_inspects(run_dir, tmp_path
     convert.main(["params", str(run_dir), str(tmp_path / "small"), "--dtype", "bfloat16"])
     model, small = trained.load(run_dir), trained.load(tmp_path / "small")
     expected = jax.tree.map(lambda v: np.asarray(v.astype(jax.numpy.bfloat16), np.float32), model.params)
-    jax.tree.map(np.testing.assert_array_equal, small.params, expected)
+    chex.assert_trees_all_equal(small.params, expected)
 
     def size(folder):
         return sum(p.stat().st_size for p in (folder / "checkpoints").rglob("*") if p.is_file())
@@ -372,3 +373,57 @@ def test_bench_export_writes_its_report(run_dir, tmp_path):
     assert rows[1]["params_mib"] < 0.55 * rows[0]["params_mib"]
     assert "| bench 300 rows/field | bfloat16 |" in (tmp_path / "bench_export.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # the artifacts were scratch
+
+
+def _tampered(artifact: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+
+    copy = tmp_path / how
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if how == "params":  # another export's parameters: one value changed
+        with np.load(copy / "params.npz") as saved:
+            arrays = {k: saved[k].copy() for k in saved.files}
+        first = sorted(arrays)[0]
+        arrays[first].reshape(-1)[0] += 1
+        with open(copy / "params.npz", "wb") as f:
+            np.savez(f, **arrays)
+    elif how == "domains":  # two domain names swapped in the manifest
+        manifest["domains"][0], manifest["domains"][1] = manifest["domains"][1], manifest["domains"][0]
+        (copy / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    elif how == "range":  # an id range raised
+        manifest["features"][1]["high"] = int(manifest["features"][1]["high"]) + 100
+        (copy / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    elif how == "vocab":  # two keys swapped
+        vocab = json.loads((copy / "vocab.json").read_text())
+        keys = vocab["keys"]["item_id"]
+        keys[0], keys[1] = keys[1], keys[0]
+        (copy / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    return copy
+
+
+@pytest.mark.parametrize("how, named", [
+    ("params", "params.npz"), ("domains", "manifest.json"), ("range", "manifest.json"), ("vocab", "vocab.json"),
+])  # fmt: skip
+def test_a_tampered_artifact_is_refused_at_load_naming_the_file(artifact, tmp_path, how, named):
+    """Every file is checked against the manifest's sha256 list, the manifest against its own digest: a swapped
+    or edited file used to load and score wrong without an error (through serve.py and train.predict)."""
+    from sr_jax.export import serve
+
+    copy = _tampered(artifact, tmp_path, how)
+    with pytest.raises(serve.ArtifactError, match=rf"{copy / named}: "):
+        serve.load(copy)
+    with pytest.raises(ValueError, match=rf"{copy / named}: .*exported"):  # the artifact's own serve.py's error
+        scoring.artifact_scorer(copy)
+    assert serve.load(copy, check_files=False).domains  # the documented way to skip the check
+
+
+def test_a_supplied_text_table_with_nan_rows_is_refused(artifact):
+    from sr_jax.export import serve
+
+    model = serve.load(artifact)
+    pooled = np.asarray(model.text["pooled"], np.float32).copy()
+    pooled[3, 0] = np.nan
+    batch = {n: np.zeros((2, *f["shape"][1:]), np.int32) for n, f in model.features.items()}
+    with pytest.raises(serve.InputError, match=r"text\['pooled'\], row 3: NaN or inf"):
+        model(batch, {c: (pooled if c == "pooled" else np.asarray(model.text[c], np.float32)) for c in model.text})

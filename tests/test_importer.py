@@ -190,3 +190,82 @@ def test_a_killed_prepare_resumes_when_run_again(tmp_path, monkeypatch):
     ds = prepare.main(command)
     assert not converted and "hashed-bow" in ds.meta.text_caches
     assert prepare.main(command).meta.text_caches == ds.meta.text_caches  # done: a rerun changes nothing
+
+
+BOM = "\ufeff"
+
+
+def _move_first(table: str, column: str) -> str:
+    """The CSV text with `column` moved to the first position (every row)."""
+    rows = [line.split(",") for line in table.splitlines()]
+    at = rows[0].index(column)
+    return "\n".join(",".join([r[at], *r[:at], *r[at + 1 :]]) for r in rows) + "\n"
+
+
+@pytest.mark.parametrize("table", ["domains", "impressions", "items", "users", "queries"])
+@pytest.mark.parametrize("first", ["id", "other"])
+def test_a_byte_order_mark_changes_nothing(tmp_path, table, first):
+    """A UTF-8 BOM before the header (as Excel writes it), with the id column first or another one first: the
+    same dataset as without it. Every key looks like a number, so a column whose name kept the BOM would be
+    type-inferred and `007` and `7` would merge."""
+    tables = {
+        "domains": "name,task,pretrain\n01,search,true\n1,rec,true\n",
+        "users": "user_id,user.city\n007,1\n7,2\n3,\n",
+        "items": "item_id,text,item.brand\n007,red shoes,1\n7,blue kettle,2\n3,,1\n",
+        "queries": "query_id,text\n01,shoes\n1,kettle\n",
+        "impressions": "split,domain,user_id,query_id,item_id,label\n"
+        + "".join(
+            f"{s},{d},{u},{q},{item},{i % 2}\n"
+            for i, (s, d, u, q, item) in enumerate(
+                [("train", "01", "007", "01", "007"), ("train", "1", "7", "", "7"), ("test", "01", "3", "1", "3")] * 4
+            )
+        ),
+    }
+    plain = import_tables(_write(tmp_path / "plain", **tables), tmp_path / "plain-out")
+    key = {"domains": "name", "impressions": "user_id", "items": "item_id", "users": "user_id", "queries": "query_id"}
+    text = tables[table]
+    other = [c for c in text.splitlines()[0].split(",") if c != key[table]][-1]
+    tables[table] = BOM + _move_first(text, key[table] if first == "id" else other)
+    marked = import_tables(_write(tmp_path / "bom", **tables), tmp_path / "bom-out")
+    assert marked.keys() == plain.keys() and {"007", "7"} <= set(marked.keys()["user_id"])
+    assert [d.name for d in marked.meta.domains] == ["01", "1"] and marked.texts() == plain.texts()
+    for split in ("train", "test"):
+        for name, column in plain.split(split).items():
+            np.testing.assert_array_equal(marked.split(split)[name], column, err_msg=f"{table}: {split}/{name}")
+
+
+def test_na_and_null_are_texts_and_ids_only_an_empty_cell_is_missing(tmp_path):
+    items = "item_id,text\nNA,null\nnull,NA\nA7,\n"
+    impressions = "split,domain,user_id,item_id,label\n" + "".join(
+        f"{s},feed,None,{item},{i % 2}\n" for i, (s, item) in enumerate([("train", "NA"), ("train", "null")] * 2)
+    )
+    impressions += "test,feed,None,A7,1\ntest,feed,None,NA,0\n"
+    src = _write(tmp_path / "src", domains="name,task\nfeed,rec\n", impressions=impressions, items=items)
+    ds = import_tables(src, tmp_path / "out")
+    assert set(ds.keys()["item_id"]) == {"NA", "null", "A7"} and ds.keys()["user_id"] == ["None"]
+    texts, train = ds.texts(), ds.split("train")
+    by_key = dict(zip(ds.keys()["item_id"], range(1, 4)))
+    text_of = {int(i): texts[t] for i, t in zip(train["item_id"], train["item_text"])}
+    assert text_of[by_key["NA"]] == "null" and text_of[by_key["null"]] == "NA"
+    assert (ds.split("test")["item_text"][ds.split("test")["item_id"] == by_key["A7"]] == -1).all()  # empty: none
+
+
+def test_a_prepare_killed_after_writing_its_dataset_resumes(tmp_path, monkeypatch):
+    """Killed as the converter returns (the dataset written, its record not yet): the same command again
+    finishes, where it used to refuse with 'not prepared by this command'."""
+    from train import prepare
+
+    command = ["tables", "--src", str(_source(tmp_path)), "--out", str(tmp_path / "out"), "--encoder", "none"]
+    real = prepare.CONVERTERS["tables"]
+
+    def killed(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(prepare.CONVERTERS, "tables", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(command)
+    monkeypatch.setitem(prepare.CONVERTERS, "tables", real)
+    ds = prepare.main(command)
+    assert (ds.root / prepare.PREPARED).exists() and ds.meta.splits
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging folder left behind

@@ -30,7 +30,7 @@ def test_functional_api_is_pure_and_levelled(data):
     ds, text, batch = data
     graphdef, params = _build(data)
     assert set(params) == set(sr_model.LEVELS)
-    labels = jax.tree.leaves(sr_model.level_labels(params))
+    labels = jax.tree.leaves(sr_model.leaf_levels(params))
     assert set(labels) == {"l0", "l1", "l2"}
     assert "id_tables" in params["l0"] and "experts" in params["l1"]["backbone"] and "tower" in params["l2"]
     logits, aux = jax.jit(lambda p, b: sr_model.apply(graphdef, p, b, text))(params, batch)
@@ -157,7 +157,7 @@ def test_the_regularizer_does_not_depend_on_the_adapters_gain(data):
 
 @pytest.mark.parametrize("n, sizes", [(1, [37]), (7, [0, 1, 31, 32, 33, 100, 3]), (100, None)])
 def test_grouped_domain_layers_equal_computing_every_domain(n, sizes):
-    """`select` runs each example through its own domain's layers by grouping (work independent of K); it equals
+    """`own_layer` runs each example through its own domain's layers by grouping (work independent of K); it equals
     computing all K layers on every example and keeping the example's own, forward and gradient."""
     rng = np.random.default_rng(n)
     domain = np.repeat(np.arange(n), sizes) if sizes else rng.integers(0, n, 257)
@@ -167,10 +167,10 @@ def test_grouped_domain_layers_equal_computing_every_domain(n, sizes):
     graphdef, params = nnx.split(mlp)
 
     def grouped(params, x):
-        return nnx.merge(graphdef, params).select(x, domain, jnp.float32)
+        return nnx.merge(graphdef, params).own_layer(x, domain, jnp.float32)
 
     def every(params, x):
-        out = nnx.merge(graphdef, params).every(x, jnp.float32)  # [B, n, 1]
+        out = nnx.merge(graphdef, params).all_layers(x, jnp.float32)  # [B, n, 1]
         return jnp.take_along_axis(out, domain[:, None, None], axis=1)[:, 0]
 
     np.testing.assert_allclose(grouped(params, x), every(params, x), rtol=1e-5, atol=1e-6)

@@ -4,13 +4,17 @@ and JAX's persistent compilation cache."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+from safetensors import SafetensorError
 
 from sr_jax import distributed
 from sr_jax.config import Config, ConfigError, absolute_paths, changed_keys, load_config, override, validate
@@ -123,18 +127,71 @@ def setup() -> None:
 
 
 # Errors about the user's input or state, whose message names the file, key, row or step: one line, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FolderLocked, TrainingDiverged)
+# OSError covers a missing or existing file or folder and a full disk; ValueError a value the input gave (a
+# damaged JSON file is a JSONDecodeError, a ValueError); SafetensorError a damaged weights file.
+USER_ERRORS = (
+    ConfigError,
+    DatasetError,
+    CheckpointError,
+    FolderLocked,
+    TrainingDiverged,
+    OSError,
+    ValueError,
+    SafetensorError,
+)
+
+
+def one_line(e: BaseException) -> str:
+    """The error as the one line a user reads: its message, and for a full disk the path and its free space."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = Path(e.filename or ".")
+        folder = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+        free = shutil.disk_usage(folder).free / 2**20
+        return f"no space left on the device writing {where} ({free:.0f} MiB free in {folder}): free some, then rerun"
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(text.split()) if "\n" not in text else text.strip()
+
+
+class Interrupted(BaseException):
+    """A SIGTERM or SIGINT outside the training loop (which saves and stops by itself): while restoring,
+    evaluating, writing reports or preparing data."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 def interruptible(main: Callable[[], object]) -> object:
-    """Runs an entry point's main: a training stopped by a signal (after saving) ends with one clear line and
-    the exit status 128 + the signal, as a process killed by it would; an error in the input (USER_ERRORS)
-    ends with its message and status 1, instead of a traceback."""
+    """Runs an entry point's main with one behaviour for a stop: a SIGTERM or SIGINT ends the command with one
+    line saying what was interrupted and the exit status 128 + the signal, as a process killed by it would; a
+    training (which saves its step first) and every command resume when run again. An error in the input
+    (USER_ERRORS) ends with `error: ` and its message and status 1, instead of a traceback (`SR_JAX_TRACEBACK=1`
+    shows it)."""
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return main()
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(
+            f"{Path(sys.argv[0]).stem or 'command'}: interrupted by {signal.Signals(signum).name} outside the training "
+            "loop; what was saved stays (checkpoints, finished files): run the same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("SR_JAX_TRACEBACK"):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

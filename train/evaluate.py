@@ -1,4 +1,5 @@
-"""Re-evaluate a run's result, parameters only: `python -m train.evaluate --workdir DIR [--split NAME]`.
+"""Re-evaluate a run's result, parameters only: `python -m train.evaluate --workdir DIR [--split NAME]`, written
+to DIR/reevaluation_SPLIT.json and .md (the run's own eval.json is never touched).
 
 The result is the best validated step when the run validated (the parameters its eval.json reports), else the
 latest checkpoint."""
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> dict:
     cli.setup()
     spec = build_spec(load_config(f"{args.workdir}/config.json"), args.workdir)
     result = evaluation.evaluate(spec, result_params(spec), args.split)
-    evaluation.write_report(args.workdir, result, name=f"eval_{result['split']}" if args.split else "eval")
+    # A reader never writes the run's own report (eval.json: what training chose and measured, which a run still
+    # training would also replace): a re-evaluation goes beside it, named by its split.
+    evaluation.write_report(args.workdir, result, name=f"reevaluation_{result['split']}")
     print(evaluation.markdown_table(result))
     return result
 

@@ -72,8 +72,16 @@ def main(argv: list[str] | None = None):
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(out, previous)  # kept until the new cache is built: its texts are not encoded again
             reuse.append(str(previous))
-        dataset = CONVERTERS[args.name](args.src, out, overwrite=args.overwrite, **options)
-        (out / PREPARED).write_text(json.dumps(made_by, indent=2) + "\n")
+        # The dataset is written under a staging name and gets its record before its final name: a kill
+        # anywhere leaves either no `out` (the rerun starts over, replacing the staging folder) or a complete
+        # one that says which command made it (the rerun resumes).
+        staging = out.with_name(f".{out.name}.preparing")
+        CONVERTERS[args.name](args.src, staging, overwrite=True, **options)
+        (staging / PREPARED).write_text(json.dumps(made_by, indent=2) + "\n")
+        if out.exists():  # --overwrite of a dataset kept nowhere (no text cache to reuse)
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        dataset = open_dataset(out, check=False)
     if args.encoder != "none" and text_identity(args.encoder) not in _caches(dataset):
         build_text_cache(dataset.root, get_featurizer(args.encoder), reuse=reuse)
         dataset = open_dataset(dataset.root)

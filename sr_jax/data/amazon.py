@@ -55,7 +55,7 @@ def _lines(file: Path, fields: int, header: bool = True) -> list[list[str]]:
     if not file.exists():
         raise DatasetError(file, None, None, "missing (is --src a folder of RecBole atomic files?)")
     rows = []
-    with open(file, encoding="utf-8") as f:
+    with open(file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first field
         if header:
             next(f, None)
         for row, line in enumerate(f):

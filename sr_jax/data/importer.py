@@ -97,11 +97,13 @@ def _read(src: Path, name: str, required: bool) -> _Table | None:
 
 def _read_csv_as_text(file: Path) -> pa.Table:
     """Every column as strings, exactly as written: inferring types would turn ids like 007 and 7, 1.0 and 1,
-    or large integers differing past float precision into one value. One pass over the bytes first checks
+    or large integers differing past float precision into one value; only an empty cell is missing (`NA`,
+    `null` and `None` are strings like any other), and a UTF-8 byte-order mark before the header is not part
+    of the first column's name. One pass over the bytes first checks
     UTF-8 (naming the row of a bad byte) and sizes pyarrow's blocks to the longest line (a cell of several
     MiB does not fit the default block); a row with another number of cells is named too."""
     longest = _check_utf8(file)
-    with open(file, newline="", encoding="utf-8") as f:
+    with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not in the header
         header = next(csv.reader(f), [])
     bad: list[int | None] = []
 
@@ -115,7 +117,7 @@ def _read_csv_as_text(file: Path) -> pa.Table:
             read_options=pa_csv.ReadOptions(block_size=max(1 << 20, 2 * longest), use_threads=False),
             parse_options=pa_csv.ParseOptions(invalid_row_handler=invalid),
             convert_options=pa_csv.ConvertOptions(
-                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=True
+                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=True, null_values=[""]
             ),
         )
     except pa.ArrowInvalid as e:

@@ -32,7 +32,8 @@ class EpochOrder:
 
     Window w of epoch e is the rows of blocks [64 w, 64 w + 64) of the epoch's block order, permuted by
     `default_rng([seed, e, w + 1])`; with one window (size <= window), the order is
-    `default_rng([seed, e]).permutation(size)`, as before streaming existed, so earlier runs replay."""
+    `default_rng([seed, e]).permutation(size)`: a split within one window keeps one full permutation per epoch,
+    the order its earlier runs were trained in, so they replay."""
 
     def __init__(self, size: int, seed: int, window: int = DataConfig.shuffle_window):
         if window < BLOCKS_PER_WINDOW:

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from sr_jax.config import DataConfig
+from sr_jax.config import ConfigError, DataConfig
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.data.store import Dataset
 
@@ -22,13 +22,13 @@ def run_domains(cfg: DataConfig, meta: DatasetMeta) -> tuple[str, ...]:
     holds out of pretraining (`pretrain: false`) when `data.pretrain_domains_only`."""
     known = [d.name for d in meta.domains]
     if unknown := [n for n in cfg.domains if n not in known]:
-        raise ValueError(f"data.domains: unknown domain(s) {unknown}; the dataset has {known}")
+        raise ConfigError(f"data.domains: unknown domain(s) {unknown}; the dataset has {known}")
     chosen = list(cfg.domains) or known
     if not cfg.pretrain_domains_only:
         return tuple(chosen)
     held_out = {d.name for d in meta.domains if not d.pretrain}
     if cfg.domains and (asked := [n for n in cfg.domains if n in held_out]):
-        raise ValueError(
+        raise ConfigError(
             f"data.domains: {asked} are held out of pretraining in meta.json (pretrain: false); "
             "train on them by fine-tuning, or set data.pretrain_domains_only=false"
         )
@@ -43,7 +43,7 @@ def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> Colu
         return columns
     keep = np.isin(columns["domain"], [known.index(n) for n in names])
     if not keep.any():
-        raise ValueError(f"domains {list(names)}: no examples in split {split!r}")
+        raise ConfigError(f"domains {list(names)}: no examples in split {split!r}")
     return {name: np.asarray(col[keep]) for name, col in columns.items()}
 
 
@@ -60,7 +60,7 @@ def carve_validation(columns: Columns, fraction: float) -> tuple[Columns, Column
 
 def subset_size(size: int, fraction: float) -> int:
     if not 0 < fraction <= 1:
-        raise ValueError(f"data.train_fraction={fraction}: expected a fraction in (0, 1]")
+        raise ConfigError(f"data.train_fraction={fraction}: expected a fraction in (0, 1]")
     return max(1, round(fraction * size))
 
 
@@ -81,7 +81,7 @@ def clamped_batch_size(configured: int, examples: int, data_axis: int, what: str
         return configured
     clamped = examples // data_axis * data_axis
     if clamped == 0:
-        raise ValueError(f"{what}: {examples} examples cannot fill a batch over {data_axis} devices of the data axis")
+        raise ConfigError(f"{what}: {examples} examples cannot fill a batch over {data_axis} devices of the data axis")
     log.warning(
         "data.batch_size=%d is larger than the %d examples of %s: using %d", configured, examples, what, clamped
     )

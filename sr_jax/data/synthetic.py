@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax import metrics
-from sr_jax.config import SyntheticConfig
+from sr_jax.config import ConfigError, SyntheticConfig, validate_synthetic
 from sr_jax.data.schema import DatasetMeta, Domain, SparseField, numbered_keys
 from sr_jax.data.store import Dataset, open_dataset, write_dataset
 
@@ -275,10 +275,8 @@ def _columns(
 
 def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) -> Dataset:
     """Generates the dataset into `root` (atomically) and returns it opened."""
-    minimum = 2 * len(TOPICS) + 1
-    for field in ("num_users", "num_items", "num_queries"):
-        if getattr(cfg, field) < minimum:
-            raise ValueError(f"synthetic.{field}={getattr(cfg, field)}: at least {minimum} (two per topic) needed")
+    if problems := validate_synthetic(cfg):
+        raise ConfigError("invalid synthetic dataset config:\n  " + "\n  ".join(problems))
     rng = np.random.default_rng(cfg.seed)
     world = _make_world(cfg, rng)
     texts, item_row, query_row = _texts(world, rng)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.export.trained import TrainedModel, read_text_table
 from sr_jax.io import atomic_file
+
+log = logging.getLogger("sr_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,8 +220,8 @@ def _part_name(i: int) -> str:
 def _start_parts(parts: Path, job: dict, overwrite: bool) -> None:
     """The parts folder of this job: kept when it holds a killed run of the same job, else started empty."""
     record = parts / "job.json"
-    if record.exists() and not overwrite:
-        before = json.loads(record.read_text())
+    before = _read_job(record) if not overwrite else None
+    if before is not None:
         if before != job:
             changed = sorted(k for k in job if before.get(k) != job[k])
             raise ValueError(
@@ -229,4 +232,17 @@ def _start_parts(parts: Path, job: dict, overwrite: bool) -> None:
     if parts.exists():
         shutil.rmtree(parts)
     parts.mkdir(parents=True)
-    record.write_text(json.dumps(job, indent=2) + "\n")
+    with atomic_file(record) as tmp:  # a job file is whole or absent: a kill while writing it loses nothing
+        tmp.write_text(json.dumps(job, indent=2) + "\n")
+
+
+def _read_job(record: Path) -> dict | None:
+    """The job a parts folder holds; None when there is none, or it was never completed (a job file is written
+    atomically, so only a foreign file can be unreadable: it is started anew, with a warning)."""
+    if not record.exists():
+        return None
+    try:
+        return json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s: unreadable job record; starting the job again", record)
+        return None

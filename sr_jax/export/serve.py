@@ -9,12 +9,15 @@
 
 `model.features` lists every input with its shape and valid range; anything else (a missing feature, a
 float or string where ids are due, an id outside its table, an unknown domain) raises `InputError` naming the
-feature and the first bad row, before anything is computed. Row 0 of every table means "missing" (an unknown
-key, a recommendation example's query); text rows index the artifact's text table (-1: no text).
+feature and the first bad row, before anything is computed. `load` first checks every file against the
+manifest's sha256 list and the manifest against its own digest (`ArtifactError`). Row 0 of every table means
+"missing" (an unknown key, a recommendation example's query); text rows index the artifact's text table (-1: no
+text).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -29,10 +32,44 @@ class InputError(ValueError):
     """A batch the model cannot score as given."""
 
 
+class ArtifactError(ValueError):
+    """An artifact whose files are not the ones its manifest lists (damaged, swapped or edited)."""
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest without its own digest: what `verify` compares, so an edited manifest (two domain
+    names swapped, an id range raised) is found like a changed file."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(folder: Path, manifest: dict) -> None:
+    """An ArtifactError naming the first file that differs from the manifest's sha256 list, or the manifest
+    itself when it was edited."""
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise ArtifactError(f"{folder / MANIFEST}: edited since it was exported (its digest differs)")
+    for name, digest in manifest.get("sha256", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (the manifest lists it)")
+        if sha256(path) != digest:
+            raise ArtifactError(f"{path}: not the file exported with this manifest (sha256 differs)")
+
+
 class ServedModel:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, check_files: bool = True):
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        if check_files:
+            verify(self.folder, self.manifest)
         self.exported = jax.export.deserialize(bytearray((self.folder / self.manifest["function"]).read_bytes()))
         self.params = _load_arrays(self.folder / self.manifest["params"]["file"], self.manifest["params"]["dtype"])
         self.text = _load_arrays(self.folder / self.manifest["text"]["file"], self.manifest["params"]["dtype"])
@@ -120,6 +157,9 @@ class ServedModel:
                 raise InputError(
                     f"text[{column!r}]: {value.dtype} {list(value.shape)}; expected float [T, {spec['dim']}]"
                 )
+            if not np.isfinite(value).all():
+                row = int(np.argwhere(~np.isfinite(value))[0][0])
+                raise InputError(f"text[{column!r}], row {row}: NaN or inf")
             out[column] = value.astype(self.text[column].dtype)
         return out
 
@@ -133,5 +173,7 @@ def _load_arrays(path: Path, dtype: str) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in arrays.items()}
 
 
-def load(folder: str | Path) -> ServedModel:
-    return ServedModel(folder)
+def load(folder: str | Path, check_files: bool = True) -> ServedModel:
+    """The artifact in `folder`, every file first checked against the manifest's sha256 list (an ArtifactError
+    names the one that differs); `check_files=False` skips that (a large artifact on a trusted store)."""
+    return ServedModel(folder, check_files)

@@ -19,7 +19,6 @@ and expert layers in bfloat16 (`model.dtype`); float32 scores equal the trainer'
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -154,8 +153,9 @@ def export(
         _save_arrays(tmp / TEXT, table)
         shutil.copyfile(model.workdir / VOCAB, tmp / VOCAB)
         shutil.copyfile(serve.__file__, tmp / "serve.py")
-        manifest["sha256"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        manifest["sha256"] = {p.name: serve.sha256(p) for p in sorted(tmp.iterdir())}
         manifest["export_seconds"] = round(time.perf_counter() - started, 3)
+        manifest["manifest_sha256"] = serve.manifest_digest(manifest)
         (tmp / serve.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -164,14 +164,6 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """An .npz that numpy alone reads (bfloat16 as its uint16 bits; the manifest names the dtype)."""
     with open(path, "wb") as f:
         np.savez(f, **{k: v.view(np.uint16) if v.dtype == jnp.bfloat16 else v for k, v in arrays.items()})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def size_bytes(folder: str | Path) -> int:

@@ -23,7 +23,7 @@ from sr_jax.data.schema import DatasetMeta
 from sr_jax.model.domain_adaptation import AlignmentReference
 from sr_jax.model.encoding import TextTable
 from sr_jax.model.foundation import SRFoundationModel
-from sr_jax.model.levels import LEVELS, level_labels, level_of
+from sr_jax.model.levels import LEVELS, leaf_levels, level_of
 
 Params = dict[str, Any]
 
@@ -142,7 +142,7 @@ __all__ = [
     "from_sides",
     "init",
     "init_params",
-    "level_labels",
+    "leaf_levels",
     "level_of",
     "per_domain",
     "predict",

@@ -37,7 +37,7 @@ class SharedExperts(nnx.Module):
         self.experts = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
 
     def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        return self.experts.every(x_hat, dtype), x_hat
+        return self.experts.all_layers(x_hat, dtype), x_hat
 
 
 class ExtractionLevel(nnx.Module):
@@ -55,16 +55,16 @@ class ExtractionLevel(nnx.Module):
 
     def __call__(self, h_domain: Array, h_shared: Array, domain: Array, dtype: jnp.dtype):
         """-> experts [B, E, h], and the next level's (domain input, shared input) [B, h] (None at the last)"""
-        own = [stack.select(h_domain, domain, dtype) for stack in self.own]
-        experts = jnp.concatenate([self.shared.every(h_shared, dtype), jnp.stack(own, axis=1)], axis=1)
+        own = [stack.own_layer(h_domain, domain, dtype) for stack in self.own]
+        experts = jnp.concatenate([self.shared.all_layers(h_shared, dtype), jnp.stack(own, axis=1)], axis=1)
         if self.domain_gate is None:
             return experts, None
 
         def mix(logits):
             return jnp.einsum("be,beh->bh", jax.nn.softmax(logits.astype(jnp.float32), -1).astype(dtype), experts)
 
-        next_domain = mix(self.domain_gate.select(h_domain, domain, dtype))
-        next_shared = mix(self.shared_gate.every(h_shared, dtype)[:, 0])
+        next_domain = mix(self.domain_gate.own_layer(h_domain, domain, dtype))
+        next_shared = mix(self.shared_gate.all_layers(h_shared, dtype)[:, 0])
         return experts, (next_domain, next_shared)
 
 
@@ -164,7 +164,7 @@ class StarAuxiliary(nnx.Module):
     def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype) -> Array:
         """-> [B] logits (float32)"""
         x = jnp.concatenate([x_hat, self.indicator[...][domain]], axis=1)
-        return self.mlp.every(x, dtype)[:, 0, 0]
+        return self.mlp.all_layers(x, dtype)[:, 0, 0]
 
 
 def make_backbone(cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -51,7 +51,7 @@ class DomainAdaptiveLayer(nnx.Module):
 
     def __call__(self, x: Array, domain: Array, dtype: jnp.dtype) -> tuple[Array, Array]:
         """x [B, W], domain [B] -> (x_hat [B, W], z [B, W]: what the regularizer aligns)"""
-        z = standardise(self.proj.select(x, domain, dtype))
+        z = standardise(self.proj.own_layer(x, domain, dtype))
         return z * self.scale[...] + self.shift[...], z
 
 

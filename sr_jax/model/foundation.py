@@ -84,9 +84,9 @@ class DomainHeads(nnx.Module):
         if self.gate is None:
             g, mixed = jnp.ones(experts.shape[:2], jnp.float32), experts[:, 0]
         else:
-            g = jax.nn.softmax(self.gate.select(gate_input, domain, self.dtype).astype(jnp.float32), axis=-1)
+            g = jax.nn.softmax(self.gate.own_layer(gate_input, domain, self.dtype).astype(jnp.float32), axis=-1)
             mixed = jnp.einsum("be,beh->bh", g.astype(self.dtype), experts)
-        logits = self.tower.select(mixed, domain, self.dtype)[:, 0]
+        logits = self.tower.own_layer(mixed, domain, self.dtype)[:, 0]
         if self.aux is not None:
             logits = logits + self.aux(x_hat, domain, self.dtype)
         return logits, g

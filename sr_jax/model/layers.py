@@ -1,8 +1,8 @@
 """Building blocks shared by every model: id hashing, stacked (per-domain / per-expert) dense layers.
 
 Per-domain and per-expert parameters are stacked on a leading axis. Every expert sees every example
-(`every`: one matmul). A per-domain layer runs each example through its own domain's weights only
-(`select`, through `by_group`): examples are sorted into tiles of one domain each, so the work grows with
+(`all_layers`: one matmul). A per-domain layer runs each example through its own domain's weights only
+(`own_layer`, through `by_group`): examples are sorted into tiles of one domain each, so the work grows with
 the batch, not with the number of domains K (computing all K and keeping one grew linearly: docs/PERFORMANCE.md,
 "Many domains"), with static shapes under jit.
 """
@@ -84,23 +84,23 @@ class StackedDense(nnx.Module):
         self.kernel = normal(rngs, (n, d_in, d_out), (1.0 / d_in) ** 0.5)
         self.bias = zeros((n, d_out))
 
-    def every(self, x: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
+    def all_layers(self, x: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
         """Every layer on x: [B, in] or [B, n, in] -> [B, n, out]."""
         out_dtype = out_dtype or dtype
         spec = "bi,nio->bno" if x.ndim == 2 else "bni,nio->bno"
         y = jnp.einsum(spec, x.astype(dtype), self.kernel[...].astype(dtype), preferred_element_type=out_dtype)
         return y + self.bias[...].astype(out_dtype)
 
-    def tiles(self, x: Array, group: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
+    def per_tile(self, x: Array, group: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
         """Layer group[t] on tile t: [T, rows, in] -> [T, rows, out] (by_group's `apply`)."""
         out_dtype = out_dtype or dtype
         kernel = self.kernel[...][group].astype(dtype)
         y = jnp.einsum("tri,tio->tro", x.astype(dtype), kernel, preferred_element_type=out_dtype)
         return y + self.bias[...][group][:, None].astype(out_dtype)
 
-    def select(self, x: Array, index: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
+    def own_layer(self, x: Array, index: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
         """Layer index[b] on x[b]: [B, in] -> [B, out], each example through its own layer only."""
-        return by_group(x, index, self.kernel.shape[0], lambda t, g: self.tiles(t, g, dtype, out_dtype))
+        return by_group(x, index, self.kernel.shape[0], lambda t, g: self.per_tile(t, g, dtype, out_dtype))
 
 
 class StackedMLP(nnx.Module):
@@ -112,14 +112,14 @@ class StackedMLP(nnx.Module):
         self.layers = nnx.List([StackedDense(n, a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
         self.linear_out = linear_out
 
-    def every(self, x: Array, dtype: jnp.dtype) -> Array:
+    def all_layers(self, x: Array, dtype: jnp.dtype) -> Array:
         """[B, in] -> [B, n, out]"""
-        return self._run(x, lambda layer, h, out: layer.every(h, dtype, out))
+        return self._run(x, lambda layer, h, out: layer.all_layers(h, dtype, out))
 
-    def select(self, x: Array, index: Array, dtype: jnp.dtype) -> Array:
+    def own_layer(self, x: Array, index: Array, dtype: jnp.dtype) -> Array:
         """MLP index[b] on x[b]: [B, in] -> [B, out] (grouped once for all its layers)."""
         n = self.layers[0].kernel.shape[0]
-        return by_group(x, index, n, lambda t, g: self._run(t, lambda layer, h, out: layer.tiles(h, g, dtype, out)))
+        return by_group(x, index, n, lambda t, g: self._run(t, lambda layer, h, out: layer.per_tile(h, g, dtype, out)))
 
     def _run(self, x: Array, apply_layer) -> Array:
         last = len(self.layers) - 1

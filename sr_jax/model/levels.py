@@ -18,6 +18,6 @@ def level_of(path: tuple) -> str:
     return name
 
 
-def level_labels(params: Any) -> Any:
+def leaf_levels(params: Any) -> Any:
     """A tree like `params` whose leaves are the level names (for optax.multi_transform and reports)."""
     return jax.tree_util.tree_map_with_path(lambda path, _: level_of(path), params)

@@ -191,8 +191,8 @@ class EncoderSpec:
 
     @property
     def fingerprint(self) -> str:
-        """Name, weights and every feature setting; the settings a BERT mean-pooled encoder always had are
-        written as before, so caches made before decoders existed keep their fingerprint."""
+        """Name, weights and every feature setting that differs from the architecture's defaults (a default is
+        left out, so a default encoder's fingerprint does not change when an option is added)."""
         p = self.pooling
         extra = "" if p.method == self.architecture.poolings[0] else f":pooling={p.method}"
         extra += f":dim={p.dim}" if p.dim else ""

@@ -80,13 +80,15 @@ class Checkpointer(_Closing):
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         target = jax.tree.map(lambda a: ocp.utils.to_shape_dtype_struct(a), abstract_state._asdict())
-        verify(self.directory, step)
+        sealed = verify(self.directory, step, trust_unsealed=step == max(self.manager.all_steps(), default=step))
         check_compatible(self.directory / str(step) / "state", self.item_metadata(step), target)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore())
         with storage_errors(self.directory / str(step), "cannot restore"):
             restored = self.manager.restore(step, args=args)
         state = TrainState(**restored.state)
         check_finite(self.directory / str(step), state.params)
+        if not sealed:  # the newest step of a killed run, restored whole and finite: sealed from now on
+            seal(self.directory, [step])
         return state, dict(restored.position)
 
     def restore_newest(self, abstract_state: TrainState) -> tuple[TrainState, dict, list[str]]:
@@ -139,15 +141,19 @@ class BestCheckpoint(_Closing):
         step = self.manager.best_step()
         return None if step is None else (step, float(self.manager.metrics(step)["score"]))
 
-    def restore(self, abstract_params: Any) -> Any:
+    def restore(self, abstract_params: Any, own: bool = False) -> Any:
+        """The best step's parameters. `own`: the run that keeps this folder reads it (at its end), and trusts
+        a step a kill left unsealed (then seals it); any other reader refuses an unsealed step."""
         step = self.manager.best_step()
         if step is None:
             raise CheckpointError(f"{self.directory}: no validated checkpoint")
-        verify(self.directory, step)
+        sealed = verify(self.directory, step, trust_unsealed=own)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
         with storage_errors(self.directory / str(step), "cannot restore"):
             params = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
         check_finite(self.directory / str(step), params)
+        if not sealed:
+            seal(self.directory, [step])
         return params
 
     def close(self) -> None:
@@ -233,19 +239,34 @@ def seal(directory: Path, steps) -> None:
             record.unlink()
 
 
-def verify(directory: Path, step: int) -> None:
+def verify(directory: Path, step: int, trust_unsealed: bool = False) -> bool:
     """A CheckpointError naming the first file of `step` that changed, went missing or appeared since it was
-    sealed (a step saved before sealing, or by a run killed before it, is not checked)."""
+    sealed, or its checksum record when that is damaged (not JSON, empty). A step without a record cannot be
+    checked, so it is not trusted (a CheckpointError), unless `trust_unsealed`: a run resuming its own newest
+    step, which a kill between orbax's save and the seal leaves unsealed. -> whether the step was sealed."""
     record = directory / CHECKSUMS / f"{step}.json"
     if not record.exists():
-        return
-    saved, now = json.loads(record.read_text()), _files(directory / str(step))
+        if trust_unsealed:
+            return False
+        raise CheckpointError(
+            f"{directory / str(step)}: no checksum record ({record.name} in {record.parent}), so whether its files "
+            "changed since it was saved cannot be checked; resume the run that wrote it (which seals it), or use "
+            "another step"
+        )
+    try:
+        saved = json.loads(record.read_text())
+        if not isinstance(saved, dict) or not saved:
+            raise ValueError("not a record of the step's files")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{record}: damaged checksum record ({e}); step {step} cannot be verified") from e
+    now = _files(directory / str(step))
     for name in sorted(saved.keys() | now.keys()):
         if saved.get(name) != now.get(name):
             problem = "is missing" if name not in now else "is new" if name not in saved else "changed on disk"
             raise CheckpointError(
                 f"{directory / str(step) / name}: {problem} since the checkpoint was saved (checksum)"
             )
+    return True
 
 
 def _state_metadata(manager: ocp.CheckpointManager, directory: Path, step: int) -> Any:

@@ -212,15 +212,21 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 )
                 break
             if stopping:
-                run.checkpointer.wait()
-                signum = received[0] if received else signal.SIGTERM
-                raise TrainingInterrupted(
-                    f"{spec.workdir}: stopped by {signal.Signals(signum).name} after step {done}, which is saved; "
-                    "run the same command to resume",
-                    signum,
-                )
-    run.checkpointer.wait()
+                _interrupted(run, received, done)
+        run.checkpointer.wait()
+        if _stop_agreed(received, at_sync_point=True):  # asked for during the last step or its save: stop here
+            _interrupted(run, received, int(state.step))
     return state
+
+
+def _interrupted(run: Run, received: list[int], step: int) -> None:
+    run.checkpointer.wait()
+    signum = received[0] if received else signal.SIGTERM
+    raise TrainingInterrupted(
+        f"{run.spec.workdir}: stopped by {signal.Signals(signum).name} after step {step}, which is saved; "
+        "run the same command to resume",
+        signum,
+    )
 
 
 def check_finite(run: Run, metrics: dict, step: int) -> None:

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
-from sr_jax.config import Config, validate
+from sr_jax.config import Config, ConfigError, validate
 from sr_jax.data import history, vocabulary
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.data.selection import (
@@ -96,14 +96,14 @@ class RunSpec:
 def _check_splits(cfg: Config, dataset: Dataset, data_axis: int) -> None:
     """Before any training: an unknown split would fail only at its end."""
     if cfg.data.eval_batch_size % data_axis:
-        raise ValueError(
+        raise ConfigError(
             f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the mesh's data axis ({data_axis})"
         )
     splits = sorted(dataset.meta.splits)
     named = ("train_split", "eval_split", *(("valid_split",) if cfg.train.eval_every and cfg.data.valid_split else ()))
     for key in named:
         if (split := getattr(cfg.data, key)) not in splits:
-            raise ValueError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
+            raise ConfigError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
 
 
 def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> RunSpec:
@@ -130,11 +130,11 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         valid = row_map.remap(carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains))
     if cfg.model.user_history:
         if not dataset.meta.has_timestamp:
-            raise ValueError(
+            raise ConfigError(
                 f"model.user_history={cfg.model.user_history}: the dataset {dataset.root} has no timestamps"
             )
         if cfg.finetune.replay_fraction:
-            raise ValueError("model.user_history with finetune.replay_fraction: the replayed data has no history")
+            raise ConfigError("model.user_history with finetune.replay_fraction: the replayed data has no history")
         columns = history.with_history(columns, [columns], cfg.model.user_history)
         if valid is not None:
             valid = history.with_history(valid, [columns, valid], cfg.model.user_history)
@@ -142,9 +142,9 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     batch = clamped_batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
     replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
     if replay_size >= batch:
-        raise ValueError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
+        raise ConfigError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
     if batch % data_axis:
-        raise ValueError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
+        raise ConfigError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
     steps_per_epoch = len(columns["label"]) // (batch - replay_size)
     total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
     start = None

@@ -76,14 +76,16 @@ def _describe(run: Run) -> None:
 
 
 def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool] | None) -> dict:
+    # The run is built, and so checked against its dataset, its pretrained run and the devices, before its
+    # config is written: a config that cannot run never replaces the saved one (which resuming reads).
+    run = build_run(cfg, workdir)
+    run.on_validation = on_validation
+    spec = run.spec
     if distributed.is_primary():
         save_config(cfg, workdir / "config.json")
         if cfg.finetune.pretrained:
             records.snapshot_pretrained(workdir, cfg.finetune.pretrained)
     distributed.barrier("run folder")
-    run = build_run(cfg, workdir)
-    run.on_validation = on_validation
-    spec = run.spec
     if distributed.is_primary():
         vocabulary.write(workdir, spec.row_map.vocab)
         text_id = text_identity(cfg.data.text_encoder)
@@ -98,7 +100,7 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     train_seconds = time.perf_counter() - started
     params, chosen = state.params, None
     if run.best is not None:  # the validation-chosen step is the run's result
-        params, (step, score) = run.best.restore(spec.program.abstract_state.params), run.best.best()
+        params, (step, score) = run.best.restore(spec.program.abstract_state.params, own=True), run.best.best()
         chosen = {"step": step, "metric": cfg.train.early_stopping_metric, "score": score, "history": run.validation}
     write_handover(spec, params)
     started = time.perf_counter()
