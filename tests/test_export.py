@@ -427,3 +427,21 @@ def test_a_supplied_text_table_with_nan_rows_is_refused(artifact):
     batch = {n: np.zeros((2, *f["shape"][1:]), np.int32) for n, f in model.features.items()}
     with pytest.raises(serve.InputError, match=r"text\['pooled'\], row 3: NaN or inf"):
         model(batch, {c: (pooled if c == "pooled" else np.asarray(model.text[c], np.float32)) for c in model.text})
+
+
+def test_from_torch_refuses_a_flipped_byte_and_non_finite_values(run_dir, tmp_path):
+    """A state_dict whose data changed after `to_torch` wrote it (one byte flipped) is refused naming the file,
+    where it used to convert into a wrong parameter with exit 0; a NaN value is refused naming the tensor."""
+    model = trained.load(run_dir)
+    saved = tmp_path / "t.safetensors"
+    convert.main(["to-torch", str(run_dir), str(saved)])
+    data = bytearray(saved.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor's bytes: the header still parses
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"flipped.safetensors: the tensors differ from the digest"):
+        interop.read_torch(tmp_path / "flipped.safetensors")
+    state = interop.read_torch(saved)
+    state["gate_bias"] = state["gate_bias"].copy()
+    state["gate_bias"][0] = np.nan
+    with pytest.raises(CheckpointError, match=r"gate_bias \(params/l2/gate/bias\) holds NaN or inf"):
+        interop.from_torch_state_dict(state, model.params)

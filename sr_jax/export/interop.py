@@ -14,6 +14,7 @@ Name schemes (docs/EXPORT.md):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from sr_jax.export.trained import TrainedModel
@@ -84,14 +86,28 @@ def from_torch_state_dict(state: dict[str, Any], like: Any) -> Any:
             value = np.asarray(state[name].detach().cpu().numpy() if hasattr(state[name], "detach") else state[name])
             if value.shape != shape:
                 problems.append(f"{name} (params/{path}) has shape {value.shape}, the model wants {shape}")
+            elif not np.isfinite(value).all():
+                problems.append(f"{name} (params/{path}) holds NaN or inf values")
             arrays[path] = value.astype(np.float32)
     if problems:
         raise CheckpointError("the state_dict does not match the model:\n  " + "\n  ".join(problems))
     return unflatten(arrays)
 
 
-def metadata(model: TrainedModel) -> dict[str, str]:
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: written into a safetensors file's
+    metadata, checked when it is read back (`read_torch`), so a flipped byte is found."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def metadata(model: TrainedModel, tensors: dict[str, np.ndarray]) -> dict[str, str]:
     return {
+        "tensors_sha256": tensors_digest(tensors),
         "format": "sr-jax params",
         "model": json.dumps(dataclasses.asdict(model.config.model)),
         "domains": json.dumps(model.domains),
@@ -103,7 +119,7 @@ def metadata(model: TrainedModel) -> dict[str, str]:
 def to_safetensors(model: TrainedModel, out: str | Path) -> Path:
     """The run's parameters as one flat safetensors file (names: the paths joined by dots)."""
     flat = {path.replace("/", "."): np.ascontiguousarray(v) for path, v in flatten(model.params).items()}
-    save_file(flat, str(out), metadata=metadata(model))
+    save_file(flat, str(out), metadata=metadata(model, flat))
     return Path(out)
 
 
@@ -117,18 +133,25 @@ def to_torch(model: TrainedModel, out: str | Path) -> Path:
 
         torch.save({k: torch.from_numpy(v) for k, v in state.items()}, out)
     else:
-        save_file(state, str(out), metadata=metadata(model))
+        save_file(state, str(out), metadata=metadata(model, state))
     return out
 
 
 def read_torch(path: str | Path) -> dict[str, Any]:
-    """A state_dict saved by `to_torch` or by PyTorch (.pt needs torch; safetensors does not)."""
+    """A state_dict saved by `to_torch` or by PyTorch (.pt needs torch; safetensors does not). A safetensors file
+    that carries `tensors_sha256` (every one `to_torch` writes) is checked against it: a CheckpointError names
+    the file when a byte changed. (.pt files carry no digest; `from_torch_state_dict` still refuses NaN or inf.)"""
     path = Path(path)
     if path.suffix == ".pt":
         import torch
 
         return torch.load(path, map_location="cpu", weights_only=True)
-    return load_file(str(path))
+    state = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        digest = (f.metadata() or {}).get("tensors_sha256")
+    if digest is not None and tensors_digest(state) != digest:
+        raise CheckpointError(f"{path}: the tensors differ from the digest written with them (a damaged file)")
+    return state
 
 
 RECORDS = ("config.json", "run_info.json", "vocab.json", "trained_rows.npz", "item_text_map.npz", "reference.npz")
