@@ -1,7 +1,7 @@
 """Convert a dataset into the store once: `python -m train.prepare NAME --src DIR --out DIR [--encoder NAME]
 [--reuse-text DATASET ...] [converter options]`.
 
-`tables`: your own CSV / Parquet tables (format: sr_jax/data/importer.py and the README; `--negatives N`
+`tables`: your own CSV / Parquet tables (format: sr_jax/data/importer.py and docs/DATA.md; `--negatives N`
 samples non-clicks for unlabelled impressions); `movielens`: MovieLens ml-latest-small
 (sr_jax/data/movielens.py; `--domains` / `--exclude-domains` prepare a genre group apart); `amazon`: an
 Amazon category in RecBole's atomic files (sr_jax/data/amazon.py; `--categories` /
