@@ -1,7 +1,9 @@
 """Ranking and calibration metrics, exact and vectorised (numpy): AUC, GAUC, log loss.
 
 AUC is the Mann-Whitney statistic with tied scores given their average rank, i.e. the probability
-that a random positive outscores a random negative, ties counting one half.
+that a random positive outscores a random negative, ties counting one half. Rank logits, not probabilities:
+float32's sigmoid rounds every logit above ~16.6 to 1.0 and is coarse above ~9, which makes ties that the
+model never made. Scores that are not finite are an error (`check_finite`), never a number near 0.5.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> float:
     _, aucs, counts = grouped_auc(labels, scores, users)
     ok = ~np.isnan(aucs)
     return float(np.sum(aucs[ok] * counts[ok]) / np.sum(counts[ok])) if ok.any() else float("nan")
+
+
+def check_finite(scores: np.ndarray, what: str) -> None:
+    """A ValueError naming `what` and the first row whose score is NaN or inf."""
+    bad = ~np.isfinite(np.asarray(scores, np.float64))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{what}: {int(bad.sum())} score(s) are NaN or inf (first: row {row}, {scores[row]})")
+
+
+def log_loss_from_logits(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Binary cross-entropy of the click probabilities sigmoid(logits), computed from the logits (exact where a
+    probability would round to 0 or 1)."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.float64)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

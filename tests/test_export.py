@@ -53,7 +53,7 @@ def trainer_scores(run_dir: Path, batch_size: int, split: str = "test"):
     spec = run.spec
     probs = map_batches(
         lambda b: spec.program.predict(params, spec.global_eval_batch(b), spec.text), columns, batch_size
-    )
+    )["probability"]
     run.checkpointer.close()
     return probs, columns
 
@@ -112,7 +112,7 @@ def test_a_bfloat16_artifact_is_half_the_size_and_close(run_dir, artifact, tmp_p
     probs, columns = trainer_scores(run_dir, 512)
     scorer = scoring.artifact_scorer(tmp_path / "bf16", 512)
     score = scorer.bind(scoring.text_table(scorer, trained.load(run_dir).dataset()))
-    served = map_batches(score, columns, 512)
+    served = map_batches(score, columns, 512)["probability"]
     assert np.abs(served - probs).max() < 0.02 and not np.array_equal(served, probs)
 
 
@@ -157,10 +157,10 @@ def test_predict_writes_eval_s_scores_to_parquet_and_resumes_after_a_kill(run_di
     out = tmp_path / "scores.parquet"
     predict.main(["--workdir", str(run_dir), "--out", str(out), "--part-rows", "512"])
     table = pq.read_table(out)
-    assert table.column_names == ["row", "domain", "user_key", "query_key", "item_key", "score", "label"]
+    assert table.column_names == ["row", "domain", "user_key", "query_key", "item_key", "score", "logit", "label"]
     np.testing.assert_array_equal(table["score"].to_numpy(), probs.astype(np.float32))
     result = json.loads((run_dir / "eval.json").read_text())
-    domains, labels, scores = (table[c].to_numpy() for c in ("domain", "label", "score"))
+    domains, labels, scores = (table[c].to_numpy() for c in ("domain", "label", "logit"))  # AUC ranks logits
     domains = np.asarray(table["domain"].to_pylist())
     for name, m in result["domains"].items():
         assert metrics.auc(labels[domains == name], scores[domains == name]) == pytest.approx(m["auc"], abs=1e-12)

@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from sr_jax import metrics
 
@@ -44,3 +45,25 @@ def test_auc_edge_cases_and_log_loss():
     assert np.isnan(metrics.auc(np.array([1, 1]), np.array([0.1, 0.9])))
     y, p = np.array([1, 0, 1]), np.array([0.8, 0.3, 0.6])
     assert abs(metrics.log_loss(y, p) - (-np.log([0.8, 0.7, 0.6]).mean())) < 1e-12
+
+
+def test_auc_ranks_logits_that_float32_probabilities_would_tie():
+    """Logits 20 and 25 of different labels: both sigmoid to 1.0 in float32 (a tie, AUC 0.5); ranked as
+    logits the positive is above the negative (AUC 1)."""
+    labels, logits = np.array([0, 1]), np.array([20.0, 25.0], np.float32)
+    probs = 1 / (1 + np.exp(-logits.astype(np.float32)))
+    assert probs[0] == probs[1] == np.float32(1.0) and metrics.auc(labels, probs) == 0.5
+    assert metrics.auc(labels, logits) == 1.0
+    expected = (20.0 + np.log1p(np.exp(-20.0)) + np.log1p(np.exp(-25.0))) / 2  # -log(1 - p(20)), -log p(25)
+    assert metrics.log_loss_from_logits(labels, logits) == pytest.approx(expected)
+
+
+def test_log_loss_from_logits_equals_the_probabilities_where_they_are_exact():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(0, 3, 1000), rng.random(1000) < 0.4
+    assert metrics.log_loss_from_logits(y, z) == pytest.approx(metrics.log_loss(y, 1 / (1 + np.exp(-z))), rel=1e-9)
+
+
+def test_a_metric_over_non_finite_scores_is_an_error():
+    with pytest.raises(ValueError, match=r"validation: 1 score\(s\) are NaN or inf \(first: row 2"):
+        metrics.check_finite(np.array([0.1, 0.2, np.nan]), "validation")

@@ -151,3 +151,16 @@ def test_a_stale_synthetic_text_cache_is_rebuilt(tmp_path):
     again = load_dataset(cfg.data)
     assert again.meta.text_caches["hashed-bow"].fingerprint == current
     np.testing.assert_array_equal(again.text_cache("hashed-bow")[0], HashedBagOfWords().featurize(dataset.texts())[0])
+
+
+def test_evaluation_ranks_logits_and_refuses_non_finite_scores():
+    """Every positive 5 logits above every negative, all of them above 16.6 where float32's sigmoid is 1.0:
+    AUC 1 in every domain (ranking probabilities would tie them all at 0.5); NaN scores are an error."""
+    ds = load_dataset(config(TINY).data)
+    cols = {k: np.asarray(v) for k, v in ds.split("test").items()}
+    logits = 20.0 + 5.0 * cols["label"].astype(np.float32)
+    result = evaluation.compute_metrics(ds, "test", logits, cols, np.ones(ds.meta.vocab["item_id"], bool))
+    assert result["overall"]["auc"] == 1.0 and all(m["auc"] == 1.0 for m in result["domains"].values())
+    logits[7] = np.nan
+    with pytest.raises(ValueError, match=r"the model's scores on 'test': 1 score\(s\) are NaN or inf"):
+        evaluation.compute_metrics(ds, "test", logits, cols, np.ones(ds.meta.vocab["item_id"], bool))

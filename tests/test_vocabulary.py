@@ -1,12 +1,14 @@
 """Vocabularies that travel: a dataset's raw keys, their alignment to a pretrained run's tables, and a
 fine-tune on a separately prepared dataset with ids, fields and texts of its own."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from helpers import config
+from sr_jax.config import ConfigError
 from sr_jax.data import vocabulary
 from sr_jax.data.importer import import_tables
 from sr_jax.data.schema import SparseField
@@ -174,3 +176,30 @@ def test_a_mismatch_that_cannot_be_aligned_names_every_parameter(two_datasets, t
     message = str(info.value)
     for path in ("l0/id_tables/item", "l0/sparse_proj/item_brand/kernel", "l1/domain_embedding", "l2/gate/kernel"):
         assert path in message, path
+
+
+def test_a_table_that_would_switch_from_a_row_per_id_to_hashing_is_named():
+    """Pretrained with 4 item rows (3 keys + missing) under model.id_buckets=4, a row per id; the fine-tune
+    data's new keys make 6 rows, which 4 buckets would hash: known keys would read other keys' rows."""
+    pre = _vocab(["u1"], ["a", "b", "c"], {})
+    data = _vocab(["u1"], ["a", "d", "e"], {})
+    row_map = vocabulary.extend(pre, data)
+    assert row_map.hashing_switches(4) == [("item_id", 4, 6)]
+    assert row_map.hashing_switches(0) == [] and row_map.hashing_switches(6) == []  # no hashing / still a row each
+    assert row_map.hashing_switches(3) == []  # hashed before and after: lookups hash the same ids the same way
+
+
+def test_fine_tuning_refuses_a_switch_to_hashing(two_datasets, tmp_path):
+    """Pretrained on dataset a with model.id_buckets equal to its item rows (a row per id); b's new items n1..n3
+    would make the fine-tune hash them: refused, naming the table and both sizes, before anything is trained."""
+    a, b, _ = two_datasets
+    rows = vocabulary.of_dataset(open_dataset(a)).rows("item_id")
+    base = config(data={"path": str(a)}, train={"epochs": 1.0, "checkpoint_every": 1000}, model={"id_buckets": rows})
+    trainer.fit(base, tmp_path / "pre")
+    cfg = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, path=str(b), train_split="cold", eval_split="later"),
+        finetune=dataclasses.replace(base.finetune, pretrained=str(tmp_path / "pre")),
+    )
+    with pytest.raises(ConfigError, match=rf"model.id_buckets={rows}: table item_id had {rows} rows .* has {rows + 3}"):
+        trainer.build_run(cfg, tmp_path / "ft")

@@ -105,6 +105,18 @@ class RowMap:
         """The columns of the sparse fields the pretrained run lacks (their tables and projections are new)."""
         return tuple(f.column for f in self.vocab.fields if f.column not in self.pretrained_rows)
 
+    def hashing_switches(self, id_buckets: int) -> list[tuple[str, int, int]]:
+        """(table, pretrained rows, rows now) of every id table that the pretrained run read a row per id (its
+        rows fit `id_buckets`) and that these tables hash (they outgrow it): its lookups would switch from
+        identity to a hash while the rows are copied by position, so every known key would read another's row."""
+        if not id_buckets:
+            return []
+        return [
+            (t, self.pretrained_rows[t], self.vocab.rows(t))
+            for t in ID_FIELDS
+            if t in self.pretrained_rows and self.pretrained_rows[t] <= id_buckets < self.vocab.rows(t)
+        ]
+
     def new_keys(self) -> dict[str, int]:
         """table -> how many rows `extend` appended for keys the pretrained run lacks."""
         return {t: self.vocab.rows(t) - self.pretrained_rows.get(t, 0) for t in self.vocab.keys}

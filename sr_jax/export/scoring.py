@@ -37,6 +37,7 @@ from sr_jax.export.trained import TrainedModel, read_text_table
 from sr_jax.io import atomic_file
 
 log = logging.getLogger("sr_jax")
+SCORES = ("logit", "probability")  # what a scorer returns per example: rank by the logit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +52,8 @@ class Scorer:
     uses_text: bool
     history: int  # model.user_history
     batch_size: int
-    # text table -> (batch of the model's features [batch_size, ...] -> click probabilities [batch_size])
-    bind: Callable[[sr_model.TextTable], Callable[[dict[str, np.ndarray]], np.ndarray]]
+    # text table -> (batch of the model's features [batch_size, ...] -> {"logit", "probability"} [batch_size])
+    bind: Callable[[sr_model.TextTable], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]
 
 
 def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
@@ -61,8 +62,8 @@ def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
     def bind(text: sr_model.TextTable):
         table = device_text_table(text)
         params = jax.device_put(model.params)
-        predict = jax.jit(lambda p, b: sr_model.predict(model.graphdef, p, b, table)["probability"])
-        return lambda batch: np.asarray(predict(params, batch))
+        predict = jax.jit(lambda p, b: {k: sr_model.predict(model.graphdef, p, b, table)[k] for k in SCORES})
+        return lambda batch: {k: np.asarray(v) for k, v in predict(params, batch).items()}
 
     info, cfg = model.run_info, model.config
     return Scorer(
@@ -90,7 +91,7 @@ def artifact_scorer(folder: str | Path, batch_size: int = 4096) -> Scorer:
 
     def bind(text: sr_model.TextTable):
         table = {c: np.asarray(getattr(text, c)) for c in manifest["text"]["columns"]}
-        return lambda batch: served({k: v for k, v in batch.items() if k in names}, table)["probability"]
+        return lambda batch: served({k: v for k, v in batch.items() if k in names}, table)
 
     return Scorer(
         source=str(folder),
@@ -186,7 +187,7 @@ def predict(
                 bar.update(stop - start)
                 continue
             chunk = {k: v[start:stop] for k, v in columns.items()}
-            probs = map_batches(score, chunk, scorer.batch_size)
+            scores = map_batches(score, chunk, scorer.batch_size)
             domain = np.asarray(raw["domain"][start:stop])
             table = pa.table(
                 {
@@ -195,7 +196,8 @@ def predict(
                     "user_key": raw_keys(keys, "user_id", np.asarray(raw["user_id"][start:stop])),
                     "query_key": raw_keys(keys, "query_id", np.asarray(raw["query_id"][start:stop])),
                     "item_key": raw_keys(keys, "item_id", np.asarray(raw["item_id"][start:stop])),
-                    "score": pa.array(probs.astype(np.float32)),
+                    "score": pa.array(scores["probability"].astype(np.float32)),
+                    "logit": pa.array(scores["logit"].astype(np.float32)),  # what to rank by
                     "label": pa.array(np.asarray(raw["label"][start:stop]).astype(np.int8)),
                 }
             )

@@ -32,27 +32,29 @@ def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name
     def predict(batch):
         return spec.program.predict(params, spec.global_eval_batch(batch), spec.text)
 
-    probs = map_batches(predict, columns, spec.config.data.eval_batch_size)
-    return compute_metrics(spec.dataset, name, probs, columns, spec.warm_items)
+    logits = map_batches(predict, columns, spec.config.data.eval_batch_size)["logit"]
+    return compute_metrics(spec.dataset, name, logits, columns, spec.warm_items)
 
 
 def compute_metrics(
-    dataset: Dataset, split: str, probs: np.ndarray, columns: dict[str, np.ndarray], warm_items: np.ndarray
+    dataset: Dataset, split: str, logits: np.ndarray, columns: dict[str, np.ndarray], warm_items: np.ndarray
 ) -> dict:
-    """Metrics of `probs` on `columns` (rows of the split); `warm_items` [item vocab] bool: the items whose
-    id rows were trained before this evaluation (the others are the cold items)."""
+    """Metrics of the model's `logits` on `columns` (rows of the split): AUC and GAUC rank the logits, log loss
+    is the cross-entropy of their probabilities; `warm_items` [item vocab] bool: the items whose id rows were
+    trained before this evaluation (the others are the cold items). Non-finite logits are a ValueError."""
+    metrics.check_finite(logits, f"the model's scores on {split!r}")
     cols = columns
     labels, domain, users = np.asarray(cols["label"]), np.asarray(cols["domain"]), np.asarray(cols["user_id"])
     oracle = dataset.meta.oracle_auc.get(split, {})
 
     def block(mask: np.ndarray, oracle_key: str) -> dict:
-        y, p = labels[mask], probs[mask]
+        y, z = labels[mask], logits[mask]
         return {
             "examples": int(mask.sum()),
             "ctr": float(y.mean()),
-            "auc": metrics.auc(y, p),
-            "gauc": metrics.gauc(y, p, users[mask]),
-            "log_loss": metrics.log_loss(y, p),
+            "auc": metrics.auc(y, z),
+            "gauc": metrics.gauc(y, z, users[mask]),
+            "log_loss": metrics.log_loss_from_logits(y, z),
             "oracle_auc": oracle.get(oracle_key),
         }
 

@@ -182,8 +182,10 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             window_steps += 1
             done = step + 1
             logged = done % cfg.train.log_every == 0 or done == stop
+            validating = run.best is not None and (done % cfg.train.eval_every == 0 or done == stop)
             stopping = _stop_agreed(received, logged or run.checkpointer.due(done))
-            if logged or stopping or run.checkpointer.due(done):  # a state is saved only after its loss is checked
+            if logged or stopping or validating or run.checkpointer.due(done):
+                # a state is validated or saved only after its loss and gradient norm are checked
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(run, metrics, done)
             if logged:
@@ -194,7 +196,7 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_s']:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             early = pruned = False
-            if run.best is not None and (done % cfg.train.eval_every == 0 or done == stop):
+            if validating:
                 score = validate_step(run, state.params, done)
                 metrics_log.write(done, {f"valid_{cfg.train.early_stopping_metric}": score})
                 early = stops_early(

@@ -39,7 +39,7 @@ class Program:
     tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
     train_step: Callable  # (state, batch, text, reference) -> (state, metrics)
-    predict: Callable  # (params, batch, text) -> click probabilities [B]
+    predict: Callable  # (params, batch, text) -> {"logit": [B], "probability": [B]}
     adapted: Callable  # (params, batch, text) -> z [B, 3d], the Domain Adaptive Layer's output (L_reg aligns it)
 
     @property

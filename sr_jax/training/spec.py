@@ -122,6 +122,13 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     run_info = records.read_run_info(folder) if folder else None  # first: it says whether this is a run folder
     own = vocabulary.of_dataset(dataset)
     row_map = vocabulary.extend(vocabulary.read(folder), own) if folder else vocabulary.identity(own)
+    if switches := row_map.hashing_switches(cfg.model.id_buckets):
+        table, before, after = switches[0]
+        raise ConfigError(
+            f"model.id_buckets={cfg.model.id_buckets}: table {table} had {before} rows in the pretrained run (a row "
+            f"per id) and has {after} with this dataset's new keys, which would be hashed: every known key would "
+            f"read another key's row. Pretrain with model.id_buckets below {before}, or fine-tune on fewer new keys"
+        )
     model_meta = row_map.vocab.model_meta(dataset.meta)
     kept, carved = carve_validation(select_domains(dataset, cfg.data.train_split, domains), cfg.data.valid_from_train)
     columns = row_map.remap(train_subset(kept, cfg.data.train_fraction, cfg.train.seed))

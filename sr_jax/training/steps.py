@@ -122,12 +122,16 @@ def make_train_step(
     )
 
 
-def make_predict_step(graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, output: str = "probability"):
+def make_predict_step(
+    graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, output: str | tuple[str, ...] = ("logit", "probability")
+):
     """jit(predict)(params, batch, text) -> `sr_model.predict`'s `output` of the model in inference mode,
-    replicated (every process can read it): click probabilities [B] by default, "adapted" for z [B, 3d]."""
+    replicated (every process can read it): by default {"logit": [B], "probability": [B]} (rank the logits);
+    one name, e.g. "adapted" for z [B, 3d], gives that array alone."""
 
     def predict(params, batch, text):
-        return sr_model.predict(graphdef, params, batch, text)[output]
+        out = sr_model.predict(graphdef, params, batch, text)
+        return out[output] if isinstance(output, str) else {name: out[name] for name in output}
 
     return jax.jit(
         predict,
