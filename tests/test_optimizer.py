@@ -117,3 +117,29 @@ def test_weight_decay_applies_to_kernels_only(optimizer):
     assert np.all(np.asarray(moved["l1"]["layer"]["kernel"]) < 1.0)
     np.testing.assert_array_equal(moved["l1"]["layer"]["bias"], params["l1"]["layer"]["bias"])
     np.testing.assert_array_equal(moved["l1"]["domain_embedding"], params["l1"]["domain_embedding"])
+
+
+@pytest.mark.parametrize("backbone", ["mmoe", "star"])
+def test_identity_and_one_initialised_factors_are_not_decayed(backbone):
+    """The DAL's W_k starts at the identity and STAR's per-domain kernels at one: adamw with zero gradients
+    leaves them where they are (decay toward zero would switch a domain's input or layer off); the other kernels
+    of the same model decay."""
+    from helpers import TINY, config
+    from sr_jax import model as sr_model
+    from sr_jax.featurized import load_dataset
+    from sr_jax.treeutil import flatten
+
+    cfg = config(TINY, model={"backbone": backbone})
+    meta = load_dataset(cfg.data).meta
+    _, params = sr_model.init(cfg.model, meta, 32, seed=0)
+    roles = jax.tree.map(lambda _: TRAIN, params)
+    tx = build_optimizer(TrainConfig(optimizer="adamw", weight_decay=0.5, learning_rate=0.1, warmup_steps=0), 10, roles)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    before, after = flatten(params), flatten(optax.apply_updates(params, updates))
+    factors = [p for p in before if "adapter/proj/kernel" in p or "domain_kernels" in p]
+    assert factors and any("adapter/proj/kernel" in p for p in factors)
+    assert backbone != "star" or any("domain_kernels" in p for p in factors)
+    for path in factors:
+        np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    decayed = [p for p in before if p.endswith("kernel") and p not in factors]
+    assert decayed and all(np.abs(after[p]).sum() < np.abs(before[p]).sum() for p in decayed)

@@ -125,9 +125,17 @@ def on_rows(inner: optax.GradientTransformation, rows: Sequence[int]) -> optax.G
     return optax.GradientTransformation(lambda params: inner.init(take(params)), update)
 
 
+# Factors that start at the identity or at one, as multipliers of another weight: the Domain Adaptive Layer's
+# W_k (identity) and STAR's per-domain W_k (ones, multiplying the shared kernel). Decay pulls toward zero, which
+# for them is not a simpler model but another one (W_k -> 0 switches the domain's input or layer off): not decayed.
+NOT_DECAYED = ("adapter/proj/kernel", "domain_kernels")
+
+
 def decays(path: tuple) -> bool:
-    """Weight decay applies to weight matrices (kernels) only: never to biases, norms or embeddings."""
-    return any("kernel" in name for name in path_names(path))
+    """Weight decay applies to weight matrices (kernels) only: never to biases, norms or embeddings, nor to the
+    identity- and one-initialised factors (NOT_DECAYED)."""
+    name = "/".join(path_names(path))
+    return "kernel" in name and not any(factor in name for factor in NOT_DECAYED)
 
 
 def build_optimizer(
