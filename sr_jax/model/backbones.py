@@ -94,7 +94,11 @@ class PartitionedNorm(nnx.Module):
     """STAR's partitioned normalisation: every example is normalised by its own domain's statistics (the
     batch's rows of that domain in training, the domain's moving averages at inference), then scaled by
     gamma * gamma_k and shifted by beta + beta_k. `per_example=True` normalises each example by its own
-    features instead (a LayerNorm; the `star_norm=layer` variant, which needs no statistics)."""
+    features instead (a LayerNorm; the `star_norm=layer` variant, which needs no statistics).
+
+    The moving averages start at (0, 1) and count the batches that held each domain (`updates`): inference
+    removes the starting values' remaining weight m^n (as Adam debiases its moments), so a domain seen for
+    20 batches is normalised by its data's statistics, not by 82% of (0, 1)."""
 
     def __init__(self, num_domains: int, width: int, per_example: bool, momentum: float = 0.99):
         self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
@@ -105,6 +109,7 @@ class PartitionedNorm(nnx.Module):
         if not per_example:
             self.mean = nnx.BatchStat(jnp.zeros((num_domains, width), jnp.float32))
             self.var = nnx.BatchStat(jnp.ones((num_domains, width), jnp.float32))
+            self.updates = nnx.BatchStat(jnp.zeros((num_domains,), jnp.float32))  # batches that held the domain
 
     def __call__(self, x: Array, domain: Array, train: bool) -> Array:
         x = x.astype(jnp.float32)
@@ -119,11 +124,22 @@ class PartitionedNorm(nnx.Module):
                 m = self.momentum
                 self.mean[...] = jnp.where(count > 0, m * self.mean[...] + (1 - m) * mean, self.mean[...])
                 self.var[...] = jnp.where(count > 0, m * self.var[...] + (1 - m) * var, self.var[...])
+                self.updates[...] = self.updates[...] + (count[:, 0] > 0)
             else:
-                mean, var = self.mean[...], self.var[...]
+                mean, var = self.debiased()
             z = (x - mean[domain]) * jax.lax.rsqrt(var[domain] + 1e-5)
         gamma = self.scale[...] * self.domain_scale[...][domain]
         return z * gamma + self.shift[...] + self.domain_shift[...][domain]
+
+    def debiased(self) -> tuple[Array, Array]:
+        """Each domain's moving mean and variance [K, width] without the starting (0, 1)'s remaining weight
+        m^n; a domain never seen keeps (0, 1)."""
+        left = (self.momentum ** self.updates[...])[:, None]  # [K, 1]: the starting values' weight
+        seen = left < 1.0
+        denominator = jnp.where(seen, 1.0 - left, 1.0)
+        mean = jnp.where(seen, self.mean[...] / denominator, 0.0)
+        var = jnp.where(seen, (self.var[...] - left) / denominator, 1.0)
+        return mean, jnp.maximum(var, 0.0)
 
 
 class StarNetwork(nnx.Module):
