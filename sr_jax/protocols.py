@@ -45,9 +45,9 @@ def finetune_config(
     """A fine-tune run of `protocol` from a pretrained run's config: its model (so the architecture matches),
     its data settings on `data_path` (default: its dataset), the (train, eval) `splits` (default: the
     protocol's in the embedded dataset), and fine-tuning's own schedule, with levels L0 and L1 frozen (the
-    paper's best split). It validates on a fixed tenth of the cold train split that it never trains on
-    (the cold data have no validation split of their own) every 20 steps, stops after 3 validations without
-    a gain and keeps the best step."""
+    paper's best split). It validates every 20 steps on a tenth of the labelled rows it is given
+    (`data.train_fraction` of the cold train split; at least 16 rows, at most half), which it never trains on,
+    stops after 3 validations without a gain and keeps the best step."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown cold-start protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     train_split, eval_split = splits or PROTOCOLS[protocol]

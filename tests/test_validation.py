@@ -72,9 +72,9 @@ def _event_scalars(folder) -> dict[str, list]:
 
 
 def test_a_validation_part_is_carved_from_the_train_split_and_never_trained():
-    columns = {"label": np.arange(100) % 2, "item_id": np.arange(100)}
+    columns = {"label": np.arange(1000) % 2, "item_id": np.arange(1000)}  # a tenth is above the floor
     kept, held = selection.carve_validation(columns, 0.1)
-    assert len(held["label"]) == 10 and not set(held["item_id"]) & set(kept["item_id"])
+    assert len(held["label"]) == 100 and not set(held["item_id"]) & set(kept["item_id"])
     again, held_again = selection.carve_validation(columns, 0.1)
     np.testing.assert_array_equal(held["item_id"], held_again["item_id"])  # fixed whatever the run's seed
     assert selection.carve_validation(columns, 0.0)[1] is None
@@ -82,3 +82,23 @@ def test_a_validation_part_is_carved_from_the_train_split_and_never_trained():
         validate(config(TINY, train={"eval_every": 4}, data={"valid_from_train": 0.1}))
     with pytest.raises(ConfigError, match=r"train.early_stopping_patience: stops on validation scores"):
         validate(config(TINY, train={"early_stopping_patience": 2}))
+
+
+def test_validation_is_carved_from_the_labelled_budget_and_recorded(tmp_path):
+    """5% of a 4,096-row split is 205 labelled rows: a tenth of them (20) choose the step and 185 train (it used
+    to carve a tenth of the whole split, 410 rows, ten times the labels it trained on); eval.json and eval.md
+    say so."""
+    cfg = config(
+        TINY,
+        data={"train_fraction": 0.05, "valid_split": "", "valid_from_train": 0.1},
+        train={"epochs": 1.0, "eval_every": 4, "checkpoint_every": 1000, "min_steps": 4},
+    )
+    result = trainer.fit(cfg, tmp_path)
+    assert result["budget"] == {"train_examples": 185, "valid_examples": 20}
+    assert json.loads((tmp_path / "eval.json").read_text())["budget"] == result["budget"]
+    assert "Labels used: 185 to train, 20 to choose the step." in (tmp_path / "eval.md").read_text()
+    tiny = config(
+        TINY, data={"train_fraction": 0.003, "valid_split": "", "valid_from_train": 0.1}, train={"eval_every": 4}
+    )
+    spec = trainer.build_run(tiny, tmp_path / "tiny").spec  # 12 labelled rows: half validate, never more
+    assert spec.budget == {"train_examples": 6, "valid_examples": 6}

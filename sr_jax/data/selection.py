@@ -47,14 +47,22 @@ def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> Colu
     return {name: np.asarray(col[keep]) for name, col in columns.items()}
 
 
+VALID_FLOOR = 16  # the fewest rows a carved validation set has (at most half of the labelled rows)
+
+
 def carve_validation(columns: Columns, fraction: float) -> tuple[Columns, Columns | None]:
-    """(the rest, a fixed seeded `fraction` of the rows) of a split, each in the original order; the same
-    rows whatever train.seed, so every cell of a grid validates on the same data (fraction 0: no carving)."""
+    """(the rest, a fixed seeded `fraction` of the rows, at least VALID_FLOOR and at most half) of the labelled
+    rows a run has, each in the original order: carved from the rows `train_subset` kept, so a run's selection
+    never sees more labels than its budget (fraction 0: no carving). The same rows for the same labelled rows,
+    whatever train.seed."""
     if not fraction:
         return columns, None
     size = len(columns["label"])
+    count = min(max(VALID_FLOOR, round(fraction * size)), size // 2)
+    if count < 1:
+        raise ConfigError(f"data.valid_from_train={fraction}: {size} labelled row(s) cannot also validate")
     held = np.zeros(size, bool)
-    held[np.random.default_rng(0x7A11D).permutation(size)[: max(1, round(fraction * size))]] = True
+    held[np.random.default_rng(0x7A11D).permutation(size)[:count]] = True
     return ({k: np.asarray(v)[~held] for k, v in columns.items()}, {k: np.asarray(v)[held] for k, v in columns.items()})
 
 

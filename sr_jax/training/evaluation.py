@@ -102,6 +102,10 @@ def markdown_table(result: dict) -> str:
             f"Parameters of step {chosen['step']}, the best {chosen['metric']} on the validation data "
             f"({chosen['score']:.4f}), of {result['trained_steps']} steps trained."
         )
+    if budget := result.get("budget"):
+        lines.append(
+            f"Labels used: {budget['train_examples']} to train, {budget['valid_examples']} to choose the step."
+        )
     if skipped := result.get("domains_without_auc"):
         lines.append(
             f"Left out of the mean: {len(skipped)} domain(s) whose labels in this split are one class, so they have "

@@ -59,6 +59,12 @@ class RunSpec:
         return None if self.start is None else self.start.reference
 
     @property
+    def budget(self) -> dict[str, int]:
+        """The labels the run used: those it trains on, and those that choose its step (validation)."""
+        valid = 0 if self.valid_columns is None else len(self.valid_columns["label"])
+        return {"train_examples": len(self.train_columns["label"]), "valid_examples": valid}
+
+    @property
     def warm_items(self) -> np.ndarray:
         """[item rows] bool: the items whose id rows were trained before this run (the others are cold)."""
         return self.trained_rows["item_id"]
@@ -130,8 +136,11 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
             f"read another key's row. Pretrain with model.id_buckets below {before}, or fine-tune on fewer new keys"
         )
     model_meta = row_map.vocab.model_meta(dataset.meta)
-    kept, carved = carve_validation(select_domains(dataset, cfg.data.train_split, domains), cfg.data.valid_from_train)
-    columns = row_map.remap(train_subset(kept, cfg.data.train_fraction, cfg.train.seed))
+    # the labelled budget is the fraction of the split; a carved validation set comes out of it
+    split = select_domains(dataset, cfg.data.train_split, domains)
+    labelled = train_subset(split, cfg.data.train_fraction, cfg.train.seed)
+    kept, carved = carve_validation(labelled, cfg.data.valid_from_train)
+    columns = row_map.remap(kept)
     valid = None
     if cfg.train.eval_every:
         valid = row_map.remap(carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains))

@@ -111,6 +111,7 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
         "train_s": train_seconds,  # with its validations
         "evaluate_s": time.perf_counter() - started,
     }
+    result["budget"] = spec.budget
     if chosen is not None:
         result["validation"] = chosen
         result["trained_steps"] = int(state.step)
