@@ -79,3 +79,49 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
     y = np.asarray(labels, np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def ranking(labels: np.ndarray, scores: np.ndarray, lists: np.ndarray, k: int = 10) -> dict[str, float]:
+    """NDCG@k, HR@k and MRR over candidate lists (`lists`: the list id of each example, e.g. a user's
+    impressions for one query in one domain; binary relevance), averaged over the lists that hold at least one
+    positive and one negative, whose count is `lists`. Ties are broken against the positives (a negative of
+    the same score ranks first), so equal scores never look like a good ranking."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, np.float64)
+    ids, inverse = np.unique(np.asarray(lists), return_inverse=True)
+    order = np.lexsort((labels, -scores, inverse))  # by list, score descending, negatives first on ties
+    g, y = inverse[order], labels[order]
+    start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    rank = np.arange(len(g)) - np.repeat(start, np.diff(np.r_[start, len(g)])) + 1  # 1-based rank in its list
+    positives = np.bincount(g, weights=y, minlength=len(ids))
+    sizes = np.bincount(g, minlength=len(ids))
+    usable = (positives > 0) & (positives < sizes)
+    if not usable.any():
+        return {f"ndcg@{k}": float("nan"), f"hr@{k}": float("nan"), "mrr": float("nan"), "lists": 0}
+    gain = np.where(y & (rank <= k), 1.0 / np.log2(rank + 1), 0.0)
+    dcg = np.bincount(g, weights=gain, minlength=len(ids))
+    ideal_hits = np.minimum(positives, k).astype(int)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))[np.maximum(ideal_hits - 1, 0)]
+    hits = np.bincount(g, weights=y & (rank <= k), minlength=len(ids))
+    first = np.full(len(ids), np.inf)
+    np.minimum.at(first, g[y], rank[y])
+    return {
+        f"ndcg@{k}": float(np.mean(dcg[usable] / ideal[usable])),
+        f"hr@{k}": float(np.mean(hits[usable] > 0)),
+        "mrr": float(np.mean(1.0 / first[usable])),
+        "lists": int(usable.sum()),
+    }
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """PCOC (the mean predicted click probability over the observed CTR: 1 is calibrated) and ECE (the
+    examples-weighted mean |mean prediction - CTR| over `bins` equal-width probability bins)."""
+    y = np.asarray(labels, np.float64)
+    p = np.asarray(probs, np.float64)
+    bin_of = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(bin_of, minlength=bins)
+    gap = np.abs(np.bincount(bin_of, weights=p, minlength=bins) - np.bincount(bin_of, weights=y, minlength=bins))
+    return {
+        "pcoc": float(p.mean() / y.mean()) if y.mean() > 0 else float("nan"),
+        "ece": float(gap.sum() / max(count.sum(), 1)),
+    }

@@ -67,3 +67,25 @@ def test_log_loss_from_logits_equals_the_probabilities_where_they_are_exact():
 def test_a_metric_over_non_finite_scores_is_an_error():
     with pytest.raises(ValueError, match=r"validation: 1 score\(s\) are NaN or inf \(first: row 2"):
         metrics.check_finite(np.array([0.1, 0.2, np.nan]), "validation")
+
+
+def test_ranking_metrics_over_candidate_lists():
+    """List 0: the positive ranks 3rd of 5 (NDCG 1/log2(4), HR@10 1, MRR 1/3); list 1: the positive ties the top
+    negative and ranks below it (ties count against positives: MRR 1/2); list 2 holds one class and is left out."""
+    labels = np.array([0, 0, 1, 0, 0, 1, 0, 1, 1])
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 7.0, 7.0, 0.3, 0.2])
+    lists = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2])
+    out = metrics.ranking(labels, scores, lists, k=10)
+    assert out["lists"] == 2
+    assert out["ndcg@10"] == pytest.approx((1 / np.log2(4) + 1 / np.log2(3)) / 2)
+    assert out["hr@10"] == 1.0 and out["mrr"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert metrics.ranking(labels, scores, lists, k=2)["hr@2"] == 0.5  # list 0's positive is 3rd
+    assert metrics.ranking(labels[7:], scores[7:], lists[7:])["lists"] == 0
+
+
+def test_calibration_pcoc_and_ece():
+    y = np.array([1, 0, 0, 0, 1, 1, 1, 0, 0, 1])
+    calibrated = np.array([0.25] * 4 + [0.75] * 4 + [0.5] * 2)  # each bin's mean prediction is its CTR
+    out = metrics.calibration(y, calibrated)
+    assert out["ece"] == pytest.approx(0.0) and out["pcoc"] == pytest.approx(calibrated.mean() / y.mean())
+    assert metrics.calibration(y, np.full(10, 0.9))["ece"] == pytest.approx(abs(0.9 - y.mean()))

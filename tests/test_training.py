@@ -164,3 +164,17 @@ def test_evaluation_ranks_logits_and_refuses_non_finite_scores():
     logits[7] = np.nan
     with pytest.raises(ValueError, match=r"the model's scores on 'test': 1 score\(s\) are NaN or inf"):
         evaluation.compute_metrics(ds, "test", logits, cols, np.ones(ds.meta.vocab["item_id"], bool))
+
+
+def test_eval_reports_ranking_and_calibration_metrics_where_the_data_allow():
+    ds = load_dataset(config(TINY).data)
+    cols = {k: np.asarray(v) for k, v in ds.split("test").items()}
+    logits = np.random.default_rng(0).normal(size=len(cols["label"])) + 2.0 * cols["label"]
+    result = evaluation.compute_metrics(ds, "test", logits, cols, np.ones(ds.meta.vocab["item_id"], bool))
+    for name, m in [*result["domains"].items(), ("overall", result["overall"])]:
+        assert {"ndcg@10", "hr@10", "mrr", "pcoc", "ece", "lists"} <= set(m), name
+        assert m["lists"] > 0 and 0 < m["ndcg@10"] <= 1 and m["mrr"] <= m["hr@10"] <= 1
+    search = {d.name for d in ds.meta.domains if d.task == "search"}
+    assert all(("qauc" in m) == (name in search) for name, m in result["domains"].items())
+    assert all(m["qauc"] > 0.7 for name, m in result["domains"].items() if name in search)  # the labels lead
+    assert "| domain | query AUC | NDCG@10 |" in evaluation.markdown_table(result)

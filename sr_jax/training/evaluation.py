@@ -39,26 +39,46 @@ def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name
 def compute_metrics(
     dataset: Dataset, split: str, logits: np.ndarray, columns: dict[str, np.ndarray], warm_items: np.ndarray
 ) -> dict:
-    """Metrics of the model's `logits` on `columns` (rows of the split): AUC and GAUC rank the logits, log loss
-    is the cross-entropy of their probabilities; `warm_items` [item vocab] bool: the items whose id rows were
-    trained before this evaluation (the others are the cold items). Non-finite logits are a ValueError."""
+    """Metrics of the model's `logits` on `columns` (rows of the split), per domain and overall:
+    - ranking: AUC and GAUC (by user) rank the logits; search domains add `qauc`, AUC grouped by query (the unit
+      a search ranks); `ndcg@10`, `hr@10` and `mrr` rank each candidate list, a user's examples for one query
+      in one domain (one positive among sampled negatives, where the data were made so), over `lists` lists
+      with both labels;
+    - calibration: `log_loss` (the cross-entropy of the probabilities), `pcoc` (mean prediction / CTR), `ece`.
+    `warm_items` [item vocab] bool: the items whose id rows were trained before this evaluation (the others are
+    the cold items). Non-finite logits are a ValueError."""
     metrics.check_finite(logits, f"the model's scores on {split!r}")
     cols = columns
     labels, domain, users = np.asarray(cols["label"]), np.asarray(cols["domain"]), np.asarray(cols["user_id"])
+    queries = np.asarray(cols["query_id"])
+    _, candidate_list = np.unique(np.stack([domain, users, queries], 1), axis=0, return_inverse=True)
+    candidate_list = candidate_list.reshape(-1)
+    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     oracle = dataset.meta.oracle_auc.get(split, {})
 
-    def block(mask: np.ndarray, oracle_key: str) -> dict:
+    def block(mask: np.ndarray, oracle_key: str, search: bool = False) -> dict:
         y, z = labels[mask], logits[mask]
-        return {
+        ranked = metrics.ranking(y, z, candidate_list[mask])
+        out = {
             "examples": int(mask.sum()),
             "ctr": float(y.mean()),
             "auc": metrics.auc(y, z),
             "gauc": metrics.gauc(y, z, users[mask]),
             "log_loss": metrics.log_loss_from_logits(y, z),
             "oracle_auc": oracle.get(oracle_key),
+            **metrics.calibration(y, probs[mask]),
+            **{key: ranked[key] for key in ("ndcg@10", "hr@10", "mrr")},
+            "lists": ranked["lists"],
         }
+        if search:
+            out["qauc"] = metrics.gauc(y, z, queries[mask])
+        return out
 
-    per_domain = {d.name: block(domain == k, d.name) for k, d in enumerate(dataset.meta.domains) if (domain == k).any()}
+    per_domain = {
+        d.name: block(domain == k, d.name, d.task == "search")
+        for k, d in enumerate(dataset.meta.domains)
+        if (domain == k).any()
+    }
     scored = {name: m for name, m in per_domain.items() if not np.isnan(m["auc"])}
     result = {
         "split": split,
@@ -96,6 +116,17 @@ def markdown_table(result: dict) -> str:
         "",
         f"Mean per-domain AUC: {result['mean_domain_auc']:.4f}"
         + (f" (oracle {result['mean_domain_oracle_auc']:.4f})" if "mean_domain_oracle_auc" in result else ""),
+        "",
+        "| domain | query AUC | NDCG@10 | HR@10 | MRR | lists | PCOC | ECE |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {fmt(m.get('qauc'))} | {fmt(m['ndcg@10'])} | {fmt(m['hr@10'])} | {fmt(m['mrr'])} "
+            f"| {m['lists']} | {fmt(m['pcoc'])} | {fmt(m['ece'])} |"
+            for name, m in rows
+        ),
+        "",
+        "Query AUC: AUC within each query (search domains). NDCG@10, HR@10, MRR: over candidate lists, a user's "
+        "examples for one query in one domain, with both labels. PCOC: mean prediction / CTR (1: calibrated).",
     ]
     if chosen := result.get("validation"):
         lines.append(
