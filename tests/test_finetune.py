@@ -14,6 +14,7 @@ from configs import finetune as finetune_config
 from helpers import TINY, config
 from sr_jax import model as sr_model
 from sr_jax.config import load_config
+from sr_jax.data.pipeline import rows_read
 from sr_jax.training import loop, records, restore, trainer, transfer
 from sr_jax.training.pretrained import domain_map
 from sr_jax.training.checkpoint import CheckpointError
@@ -249,8 +250,11 @@ def test_cold_items_are_those_pretraining_never_trained(pretrained, tmp_path):
     pretrained_items = np.unique(run.spec.dataset.split("train")["item_id"])
     expected = int((~np.isin(cold_test["item_id"], pretrained_items)).sum())
     assert expected > 0.9 * len(cold_test["item_id"]) and result["cold_items"]["examples"] == expected
-    with np.load(tmp_path / records.TRAINED_ROWS) as saved:  # the record: pretrained rows and its own
-        expected = run.spec.warm_items | np.isin(np.arange(len(run.spec.warm_items)), run.spec.train_columns["item_id"])
+    with np.load(tmp_path / records.TRAINED_ROWS) as saved:  # the record: pretrained rows and those its result read
+        step = result["validation"]["step"]
+        read = rows_read(len(run.spec.train_columns["label"]), run.spec.batch_size, cfg.train.seed, step)
+        items = np.asarray(run.spec.train_columns["item_id"])[read]
+        expected = run.spec.warm_items | np.isin(np.arange(len(run.spec.warm_items)), items)
         expected[0] = False
         np.testing.assert_array_equal(saved["item_id"], expected)
         assert set(saved.files) == set(run.spec.model_meta.tables())

@@ -178,3 +178,26 @@ def test_eval_reports_ranking_and_calibration_metrics_where_the_data_allow():
     assert all(("qauc" in m) == (name in search) for name, m in result["domains"].items())
     assert all(m["qauc"] > 0.7 for name, m in result["domains"].items() if name in search)  # the labels lead
     assert "| domain | query AUC | NDCG@10 |" in evaluation.markdown_table(result)
+
+
+def test_trained_rows_are_those_the_result_read(tmp_path):
+    """One step reads one batch of rows: the record the runs started from this one read (`trained_rows.npz`),
+    and the cold items of its report, count only items of rows it read (it used to count every row of the
+    split as trained, so a fine-tune froze never-trained rows at their random start)."""
+    from sr_jax.data.pipeline import rows_read
+    from sr_jax.training import records
+
+    cfg = config(TINY, train={"epochs": 0.05, "checkpoint_every": 1000})  # one step of 256 rows
+    result = trainer.fit(cfg, tmp_path)
+    run = trainer.build_run(cfg, tmp_path)
+    columns = run.spec.train_columns
+    read = rows_read(len(columns["label"]), run.spec.batch_size, cfg.train.seed, 1)
+    assert read.sum() == run.spec.batch_size
+    items = np.zeros(run.spec.model_meta.vocab["item_id"], bool)
+    items[np.asarray(columns["item_id"])[read]] = True
+    items[0] = False
+    with np.load(tmp_path / records.TRAINED_ROWS) as saved:
+        np.testing.assert_array_equal(saved["item_id"], items)
+        assert saved["item_id"].sum() < (np.bincount(np.asarray(columns["item_id"])) > 0)[1:].sum()  # not all
+    test_items = np.asarray(run.spec.split("test")["item_id"])
+    assert result["cold_items"]["examples"] == int((~items[test_items]).sum())

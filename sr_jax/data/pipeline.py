@@ -81,6 +81,19 @@ class EpochOrder:
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
+def rows_read(size: int, batch_size: int, seed: int, steps: int, window: int = DataConfig.shuffle_window) -> np.ndarray:
+    """[size] bool: the rows the first `steps` batches of a `BatchIterator` over `size` rows read (the epoch order
+    is a function of the seed and the epoch, so this is known without the data)."""
+    order, per_epoch = EpochOrder(size, seed, window), size // batch_size
+    read = np.zeros(size, bool)
+    epochs, rest = divmod(steps, per_epoch)
+    for epoch in range(epochs + 1):
+        read[order.rows(epoch, 0, (per_epoch if epoch < epochs else rest) * batch_size)] = True
+        if read.all():
+            break
+    return read
+
+
 class BatchIterator:
     """Global batches of `batch_size` rows; this process reads `process_slice` of each (multi-host: every
     process its own part of the same global batch, so the data a run sees does not depend on the process

@@ -17,23 +17,38 @@ import numpy as np
 from sr_jax import metrics
 from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
+from sr_jax.training import records
 from sr_jax.training.spec import RunSpec
 
 
-def evaluate(spec: RunSpec, params, split: str | None = None) -> dict:
-    """Metrics of `params` on a split of the run's domains (default: data.eval_split)."""
+def warm_items(spec: RunSpec, trained: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """[item rows] bool: the items that are not cold in the run's report. A fine-tune's are those its pretrained
+    run trained (its own cold split does not make them warm: the question is what pretraining brings them); a
+    pretraining run's are those its result read: `trained` (`handover.trained_so_far`), else the run's record of
+    them (`trained_rows.npz`, once written), else none."""
+    if spec.start is not None:
+        return spec.warm_items
+    if trained is None and (spec.workdir / records.TRAINED_ROWS).exists():
+        trained = records.read_trained_rows(spec.workdir, spec.row_map.vocab)
+    return (trained or spec.trained_rows)["item_id"]
+
+
+def evaluate(spec: RunSpec, params, split: str | None = None, warm: np.ndarray | None = None) -> dict:
+    """Metrics of `params` on a split of the run's domains (default: data.eval_split); `warm`: see `warm_items`
+    (its default)."""
     split = split or spec.config.data.eval_split
-    return evaluate_columns(spec, params, spec.split(split), split)
+    return evaluate_columns(spec, params, spec.split(split), split, warm_items(spec) if warm is None else warm)
 
 
-def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name: str) -> dict:
-    """Metrics of `params` on `columns` (rows in the model's tables), reported under `name`."""
+def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name: str, warm: np.ndarray) -> dict:
+    """Metrics of `params` on `columns` (rows in the model's tables), reported under `name`; `warm`: [item rows]
+    bool, the items that are not cold."""
 
     def predict(batch):
         return spec.program.predict(params, spec.global_eval_batch(batch), spec.text)
 
     logits = map_batches(predict, columns, spec.config.data.eval_batch_size)["logit"]
-    return compute_metrics(spec.dataset, name, logits, columns, spec.warm_items)
+    return compute_metrics(spec.dataset, name, logits, columns, warm)
 
 
 def compute_metrics(

@@ -14,18 +14,18 @@ from sr_jax.training import alignment, records
 from sr_jax.training.spec import RunSpec
 
 
-def trained_so_far(spec: RunSpec) -> dict[str, np.ndarray]:
-    """table -> [rows] bool: the rows trained by this run or before it (its pretrained run's)."""
-    now = records.rows_in(spec.train_columns, spec.row_map.vocab)
-    return {table: spec.trained_rows[table] | rows for table, rows in now.items()}
+def trained_so_far(spec: RunSpec, steps: int) -> dict[str, np.ndarray]:
+    """table -> [rows] bool: the rows trained before this run (its pretrained run's) or by its first `steps`
+    steps (those of its result: its best validated step, or its last)."""
+    return {table: spec.trained_rows[table] | rows for table, rows in spec.rows_read(steps).items()}
 
 
-def write_handover(spec: RunSpec, params) -> None:
-    """Writes the trained rows, the text map (process 0) and the alignment reference (every process computes
-    it: multi-host) of `params`, the run's result."""
+def write_handover(spec: RunSpec, params, trained: dict[str, np.ndarray]) -> None:
+    """Writes the trained rows (`trained_so_far` at the result's step), the text map (process 0) and the
+    alignment reference (every process computes it: multi-host) of `params`, the run's result."""
     cfg = spec.config
     if distributed.is_primary():
-        records.write_trained_rows(spec.workdir, trained_so_far(spec))
+        records.write_trained_rows(spec.workdir, trained)
         if cfg.model.use_text:
             _write_text_map(spec, params)
     alignment.write_reference(

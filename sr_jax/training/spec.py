@@ -17,6 +17,7 @@ from sr_jax import sharding as shd
 from sr_jax.config import Config, ConfigError, validate
 from sr_jax.data import history, vocabulary
 from sr_jax.data.schema import DatasetMeta
+from sr_jax.data.pipeline import rows_read
 from sr_jax.data.selection import (
     Columns,
     carve_validation,
@@ -45,7 +46,7 @@ class RunSpec:
     model_meta: DatasetMeta  # the dataset's metadata with the model's table sizes and fields: what shapes follow
     train_columns: Columns  # the train split's rows it trains on (in the model's rows)
     valid_columns: Columns | None  # what train.eval_every scores (in the model's rows)
-    trained_rows: dict[str, np.ndarray]  # table -> [rows] bool: trained before this run (pretraining: by it)
+    trained_rows: dict[str, np.ndarray]  # table -> [rows] bool: trained before this run (pretraining: none)
     start: PretrainedStart | None  # fine-tuning: what it takes from its pretrained run
     batch_size: int  # the global batch: data.batch_size, or less when the training data are fewer
     replay_size: int  # rows of every batch that replay pretraining examples (after batch_size - replay_size)
@@ -68,6 +69,18 @@ class RunSpec:
     def warm_items(self) -> np.ndarray:
         """[item rows] bool: the items whose id rows were trained before this run (the others are cold)."""
         return self.trained_rows["item_id"]
+
+    def rows_read(self, steps: int) -> dict[str, np.ndarray]:
+        """table -> [rows] bool: the table rows that the run's first `steps` batches read (row 0, missing, never):
+        what a run trained up to a step, however few epochs it ran or however early its best step was."""
+        cfg = self.config
+        read = rows_read(
+            len(self.train_columns["label"]), self.batch_size - self.replay_size, cfg.train.seed, steps,
+            cfg.data.shuffle_window,
+        )  # fmt: skip
+        return records.rows_in(
+            {name: np.asarray(col)[read] for name, col in self.train_columns.items()}, self.row_map.vocab
+        )
 
     def split(self, name: str) -> Columns:
         """A split's rows of the run's domains, in the model's table rows (with the user history aspect's
@@ -188,7 +201,9 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         model_meta=model_meta,
         train_columns=columns,
         valid_columns=valid,
-        trained_rows=start.trained_rows if start else records.rows_in(columns, row_map.vocab),
+        trained_rows=start.trained_rows
+        if start
+        else {t: np.zeros(row_map.vocab.rows(t), bool) for t in row_map.vocab.keys},
         start=start,
         batch_size=batch,
         replay_size=replay_size,

@@ -31,7 +31,7 @@ from sr_jax.data import vocabulary
 from sr_jax.io import exclusive
 from sr_jax.text import text_identity
 from sr_jax.training import evaluation, records
-from sr_jax.training.handover import write_handover
+from sr_jax.training.handover import trained_so_far, write_handover
 from sr_jax.training.loop import Run, open_run, train
 from sr_jax.training.restore import restore_or_init
 from sr_jax.training.spec import build_spec
@@ -98,13 +98,15 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     started = time.perf_counter()
     state = train(run, restore_or_init(run))
     train_seconds = time.perf_counter() - started
-    params, chosen = state.params, None
+    params, chosen, result_step = state.params, None, int(state.step)
     if run.best is not None:  # the validation-chosen step is the run's result
         params, (step, score) = run.best.restore(spec.program.abstract_state.params, own=True), run.best.best()
         chosen = {"step": step, "metric": cfg.train.early_stopping_metric, "score": score, "history": run.validation}
-    write_handover(spec, params)
+        result_step = step
+    trained = trained_so_far(spec, result_step)  # what the result's parameters were trained on
+    write_handover(spec, params, trained)
     started = time.perf_counter()
-    result = evaluation.evaluate(spec, params)
+    result = evaluation.evaluate(spec, params, warm=evaluation.warm_items(spec, trained))
     # where a run's time goes (this process; a resumed run counts its own part only)
     result["timing"] = {
         "compile_s": run.compile_seconds,
