@@ -59,10 +59,10 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     # every cell validated (steps 8 and 16) and reports its best step; seed 0's curves are drawn
     assert "| valid | step |" in md and full["step_mean"] in (8, 16) and 0 < full["valid_auc_mean"] < 1
     assert (tmp_path / "docs" / "results" / "synthetic-validation.png").read_bytes()[:4] == b"\x89PNG"
-    # the claims, paired by seed and domain; the tuned settings listed
+    # the claims, paired by seed (one run, one pair), the per-domain wins as description; the tuned settings listed
     line = next(x for x in md.splitlines() if x.startswith("| domain gating − mean gating |"))
     domains = [k for k, v in full.items() if k.startswith("auc:") and k.endswith("_mean") and v is not None]
-    assert line.split("|")[3].strip().endswith(f"/{len(domains)}")  # one pair per domain of the one seed
+    assert line.split("|")[3].strip().endswith("/1") and line.split("|")[6].strip().endswith(f"/{len(domains)}")
     assert "| full | `model.dim=8 model.reg_weight=0.5` |" in md
     # each row's command, every override included: run again, it gives the row's cell
     command = next(x for x in md.splitlines() if x.startswith("python -m train.pretrain --workdir runs/full-mean"))

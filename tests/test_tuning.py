@@ -110,21 +110,22 @@ def test_a_named_config_of_the_tuner_is_a_starting_point_of_the_command_line(tmp
         cli.config_from_name("broken")
 
 
-def test_paired_tests_match_scipy_and_pair_by_seed_and_domain():
+def test_paired_tests_match_scipy_and_pair_by_seed_with_domain_wins_as_description():
     rows = [
         {"dataset": "d", "model": m, "seed": s, "auc:x": base + 0.01 * s + dx, "auc:y": base + 0.02 + dy}
         for s in range(3)
         for m, base, dx, dy in (("a", 0.70, 0.002 * s, 0.001), ("b", 0.69, 0.0, -0.004 * s))
     ]
     r = results.paired(rows, "d", "a", "b")
-    a = np.array([[0.70 + 0.01 * s + 0.002 * s, 0.72 + 0.001] for s in range(3)]).ravel()
-    b = np.array([[0.69 + 0.01 * s, 0.71 - 0.004 * s] for s in range(3)]).ravel()
-    assert r["pairs"] == 6 and r["wins"] == 6 and r["diff"] == pytest.approx((a - b).mean())
+    a = np.array([[0.70 + 0.01 * s + 0.002 * s, 0.72 + 0.001] for s in range(3)]).mean(1)  # one run per seed
+    b = np.array([[0.69 + 0.01 * s, 0.71 - 0.004 * s] for s in range(3)]).mean(1)
+    assert r["pairs"] == 3 and r["wins"] == 3 and r["diff"] == pytest.approx((a - b).mean())
     assert r["p_t"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
     assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(a - b).pvalue)
+    assert r["domain_wins"] == "6/6"  # (seed, domain) pairs: a description, never a test's pairs
     assert results.paired(rows, "d", "a", "missing") is None
     table = report.paired_markdown([("a − b", r)])
-    assert "| a − b | +0.0" in table and "6/6" in table
+    assert "| a − b | +0.0" in table and "| 3/3 |" in table and "domains won (description)" in table
 
 
 def test_the_tune_command_writes_named_configs_and_a_summary(tmp_path):

@@ -178,10 +178,10 @@ def plot_bars(path: str | Path, rows: Sequence[dict], key: str, metric: str, tit
 
 
 def paired_test(a: dict, b: dict) -> dict | None:
-    """a − b over the keys both have (e.g. (seed, domain): the same seed gives both the same initialisation
-    and data order): the mean difference, its pairs, how many favour a, and two-sided p-values of the paired
-    t-test and of Wilcoxon's signed-rank test (scipy; None below 2 pairs or when every difference is 0).
-    The pairs of one seed share its run, so the p-values are optimistic where domains move together."""
+    """a − b over the keys both have, each key an independent pair of runs (a seed, or a (fraction, seed) cell:
+    the same seed gives both the same initialisation and data order): the mean difference, its pairs, how many
+    favour a, and two-sided p-values of the paired t-test and of Wilcoxon's signed-rank test (scipy; None below 2
+    pairs or when every difference is 0). Never pair the domains of one run: they are not independent."""
     from scipy import stats
 
     keys = sorted(set(a) & set(b))
@@ -204,11 +204,16 @@ def paired_markdown(comparisons: Sequence[tuple[str, dict | None]]) -> str:
     def p(value):
         return "" if value is None else f"{value:.3f}" if value >= 0.001 else "<0.001"
 
-    out = ["| comparison | mean difference | pairs won | p (paired t) | p (Wilcoxon) |", "|---|---|---|---|---|"]
+    domains = any(r is not None and "domain_wins" in r for _, r in comparisons)
+    head = "| comparison | mean difference | pairs won | p (paired t) | p (Wilcoxon) |" + (
+        " domains won (description) |" if domains else ""
+    )
+    out = [head, "|---|---|---|---|---|" + ("---|" if domains else "")]
     for label, r in comparisons:
         if r is not None:
             won = f"{r['wins']}/{r['pairs']}"
-            out.append(f"| {label} | {r['diff']:+.4f} | {won} | {p(r['p_t'])} | {p(r['p_wilcoxon'])} |")
+            extra = f" {r.get('domain_wins', '')} |" if domains else ""
+            out.append(f"| {label} | {r['diff']:+.4f} | {won} | {p(r['p_t'])} | {p(r['p_wilcoxon'])} |{extra}")
     return "\n".join(out) + "\n"
 
 
