@@ -254,7 +254,8 @@ def test_cold_items_are_those_pretraining_never_trained(pretrained, tmp_path):
         step = result["validation"]["step"]
         read = rows_read(len(run.spec.train_columns["label"]), run.spec.batch_size, cfg.train.seed, step)
         items = np.asarray(run.spec.train_columns["item_id"])[read]
-        expected = run.spec.warm_items | np.isin(np.arange(len(run.spec.warm_items)), items)
+        before = run.spec.trained_rows["item_id"]
+        expected = before | np.isin(np.arange(len(before)), items)
         expected[0] = False
         np.testing.assert_array_equal(saved["item_id"], expected)
         assert set(saved.files) == set(run.spec.model_meta.tables())

@@ -62,7 +62,12 @@ def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
     def bind(text: sr_model.TextTable):
         table = device_text_table(text)
         params = jax.device_put(model.params)
-        predict = jax.jit(lambda p, b: {k: sr_model.predict(model.graphdef, p, b, table)[k] for k in SCORES})
+
+        def predict(p, b):
+            out = sr_model.predict(model.graphdef, p, b, table)  # one forward pass for both scores
+            return {k: out[k] for k in SCORES}
+
+        predict = jax.jit(predict)
         return lambda batch: {k: np.asarray(v) for k, v in predict(params, batch).items()}
 
     info, cfg = model.run_info, model.config

@@ -27,7 +27,7 @@ def warm_items(spec: RunSpec, trained: dict[str, np.ndarray] | None = None) -> n
     pretraining run's are those its result read: `trained` (`handover.trained_so_far`), else the run's record of
     them (`trained_rows.npz`, once written), else none."""
     if spec.start is not None:
-        return spec.warm_items
+        return spec.trained_rows["item_id"]
     if trained is None and (spec.workdir / records.TRAINED_ROWS).exists():
         trained = records.read_trained_rows(spec.workdir, spec.row_map.vocab)
     return (trained or spec.trained_rows)["item_id"]
@@ -40,9 +40,9 @@ def evaluate(spec: RunSpec, params, split: str | None = None, warm: np.ndarray |
     return evaluate_columns(spec, params, spec.split(split), split, warm_items(spec) if warm is None else warm)
 
 
-def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name: str, warm: np.ndarray) -> dict:
+def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name: str, warm: np.ndarray | None) -> dict:
     """Metrics of `params` on `columns` (rows in the model's tables), reported under `name`; `warm`: [item rows]
-    bool, the items that are not cold."""
+    bool, the items that are not cold (None: no cold-item block, as validation needs none)."""
 
     def predict(batch):
         return spec.program.predict(params, spec.global_eval_batch(batch), spec.text)
@@ -52,7 +52,7 @@ def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name
 
 
 def compute_metrics(
-    dataset: Dataset, split: str, logits: np.ndarray, columns: dict[str, np.ndarray], warm_items: np.ndarray
+    dataset: Dataset, split: str, logits: np.ndarray, columns: dict[str, np.ndarray], warm: np.ndarray | None
 ) -> dict:
     """Metrics of the model's `logits` on `columns` (rows of the split), per domain and overall:
     - ranking: AUC and GAUC (by user) rank the logits; search domains add `qauc`, AUC grouped by query (the unit
@@ -60,15 +60,15 @@ def compute_metrics(
       in one domain (one positive among sampled negatives, where the data were made so), over `lists` lists
       with both labels;
     - calibration: `log_loss` (the cross-entropy of the probabilities), `pcoc` (mean prediction / CTR), `ece`.
-    `warm_items` [item vocab] bool: the items whose id rows were trained before this evaluation (the others are
-    the cold items). Non-finite logits are a ValueError."""
+    `warm` [item vocab] bool: the items whose id rows were trained before this evaluation (the others are the
+    cold items; None: no cold-item block). Non-finite logits are a ValueError."""
     metrics.check_finite(logits, f"the model's scores on {split!r}")
     cols = columns
     labels, domain, users = np.asarray(cols["label"]), np.asarray(cols["domain"]), np.asarray(cols["user_id"])
     queries = np.asarray(cols["query_id"])
     _, candidate_list = np.unique(np.stack([domain, users, queries], 1), axis=0, return_inverse=True)
     candidate_list = candidate_list.reshape(-1)
-    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    probs = np.exp(-np.logaddexp(0.0, -np.asarray(logits, np.float64)))  # sigmoid, without overflow
     oracle = dataset.meta.oracle_auc.get(split, {})
 
     def block(mask: np.ndarray, oracle_key: str, search: bool = False) -> dict:
@@ -105,7 +105,7 @@ def compute_metrics(
     oracle_means = [m["oracle_auc"] for m in scored.values() if m["oracle_auc"] is not None]
     if scored and len(oracle_means) == len(scored):
         result["mean_domain_oracle_auc"] = float(np.mean(oracle_means))
-    cold = ~warm_items[np.asarray(cols["item_id"])]
+    cold = np.zeros(len(labels), bool) if warm is None else ~warm[np.asarray(cols["item_id"])]
     if cold.any():
         result["cold_items"] = block(cold, "cold_items")
     return result

@@ -65,11 +65,6 @@ class RunSpec:
         valid = 0 if self.valid_columns is None else len(self.valid_columns["label"])
         return {"train_examples": len(self.train_columns["label"]), "valid_examples": valid}
 
-    @property
-    def warm_items(self) -> np.ndarray:
-        """[item rows] bool: the items whose id rows were trained before this run (the others are cold)."""
-        return self.trained_rows["item_id"]
-
     def rows_read(self, steps: int) -> dict[str, np.ndarray]:
         """table -> [rows] bool: the table rows that the run's first `steps` batches read (row 0, missing, never):
         what a run trained up to a step, however few epochs it ran or however early its best step was."""
@@ -78,9 +73,8 @@ class RunSpec:
             len(self.train_columns["label"]), self.batch_size - self.replay_size, cfg.train.seed, steps,
             cfg.data.shuffle_window,
         )  # fmt: skip
-        return records.rows_in(
-            {name: np.asarray(col)[read] for name, col in self.train_columns.items()}, self.row_map.vocab
-        )
+        tables = self.row_map.vocab.keys  # only the id and field columns: what `rows_in` reads
+        return records.rows_in({t: np.asarray(self.train_columns[t])[read] for t in tables}, self.row_map.vocab)
 
     def split(self, name: str) -> Columns:
         """A split's rows of the run's domains, in the model's table rows (with the user history aspect's
