@@ -3,7 +3,10 @@ time, so that nothing leaks from the future (the way text-based transferable rec
 and Recformer represent users: by what they engaged with, not by an id a new dataset does not share).
 
 `user_history` gives each example the text rows of its user's last N clicked items among a set of
-events (a run uses its own training examples, plus the split it evaluates), most recent last, -1 padding.
+events, most recent last, -1 padding. Which events: one definition for training, evaluation and scoring
+(`selection.history_events`): the behaviour log (the train split's events in the domains the model was trained
+on) plus the scored split's own events in those domains when it is not the log. The history is an input read
+from the log, as a deployed model reads it, whatever share of its labels a run trains on.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 COLUMN = "user.history"
+EVENT_KEYS = ("user_id", "timestamp", "item_text", "label")  # what an event of the log holds
 
 
 def user_history(examples: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int) -> np.ndarray:
@@ -31,8 +35,7 @@ def user_history(examples: dict[str, np.ndarray], events: dict[str, np.ndarray],
     return np.where(valid, text[np.clip(index, 0, max(len(text) - 1, 0))] if len(text) else -1, -1).astype(np.int32)
 
 
-def with_history(columns: dict[str, np.ndarray], events: list[dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
-    """`columns` with the `user.history` column, from the concatenated `events`."""
-    keys = ("user_id", "timestamp", "item_text", "label")
-    merged = {k: np.concatenate([np.asarray(e[k]) for e in events]) for k in keys}
-    return {**columns, COLUMN: user_history(columns, merged, n)}
+def with_history(columns: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """`columns` (in the dataset's own ids) with the `user.history` column, read from `events`
+    (`selection.history_events`)."""
+    return {**columns, COLUMN: user_history(columns, events, n)}

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 
 from sr_jax.config import ConfigError, DataConfig
+from sr_jax.data import history
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.data.store import Dataset
 
@@ -45,6 +46,19 @@ def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> Colu
     if not keep.any():
         raise ConfigError(f"domains {list(names)}: no examples in split {split!r}")
     return {name: np.asarray(col[keep]) for name, col in columns.items()}
+
+
+def history_events(dataset: Dataset, split: str, log_split: str, trained: tuple[str, ...]) -> Columns:
+    """The events that `split`'s user histories are read from (`history.with_history`): the behaviour log (the
+    `log_split`'s events) and, unless `split` is the log, its own earlier events; only in the `trained` domains
+    (those the model was trained on, counting the run that reads it), so a domain held out of pretraining never
+    reaches a pretraining history."""
+    names = tuple(d.name for d in dataset.meta.domains if d.name in trained)
+    parts = [s for s in dict.fromkeys((log_split, split)) if s in dataset.meta.splits] if names else []
+    columns = [select_domains(dataset, s, names) for s in parts]
+    return {
+        k: np.concatenate([np.asarray(c[k]) for c in columns] or [np.zeros(0, np.int64)]) for k in history.EVENT_KEYS
+    }
 
 
 VALID_FLOOR = 16  # the fewest rows a carved validation set has (at most half of the labelled rows)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
 from sr_jax.data import history, vocabulary
+from sr_jax.data.selection import history_events
 from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.export.trained import TrainedModel, read_text_table
@@ -48,6 +49,8 @@ class Scorer:
     fingerprint: str  # the training run's (and, for a run, its chosen step)
     vocab: vocabulary.Vocabulary
     domains: list[str]
+    trained_domains: tuple[str, ...]  # those it was trained on, and
+    log_split: str  # its train split: the user history's log (`selection.history_events`)
     text_encoder: tuple[str, str]  # (name, fingerprint) of the encoder its text features came from
     uses_text: bool
     history: int  # model.user_history
@@ -76,6 +79,8 @@ def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
         fingerprint=model.fingerprint,
         vocab=model.vocab,
         domains=model.domains,
+        trained_domains=tuple(info["trained_domains"]),
+        log_split=info["train_split"],
         text_encoder=(info["text_encoder"], info["text_fingerprint"]),
         uses_text=cfg.model.use_text,
         history=cfg.model.user_history,
@@ -103,6 +108,8 @@ def artifact_scorer(folder: str | Path, batch_size: int = 4096) -> Scorer:
         fingerprint=manifest["run"]["fingerprint"],
         vocab=vocabulary.read(folder),
         domains=served.domains,
+        trained_domains=tuple(manifest["run"].get("trained_domains", served.domains)),  # older artifacts: all
+        log_split=manifest["run"].get("train_split", "train"),
         text_encoder=(manifest["text"]["encoder"], manifest["text"]["fingerprint"]),
         uses_text=manifest["run"]["model"]["use_text"],
         history=manifest["run"]["model"]["user_history"],
@@ -126,10 +133,8 @@ def model_columns(scorer: Scorer, dataset: Dataset, split: str) -> dict[str, np.
     out = vocabulary.lookup(scorer.vocab, vocabulary.of_dataset(dataset)).remap(columns)
     to_model = np.array([known.get(n, 0) for n in names], np.int32)
     out["domain"] = to_model[np.asarray(columns["domain"])]
-    if scorer.history:  # the user's earlier clicks, from the train split and this one (as training saw them)
-        events = (
-            [columns] if split == "train" or "train" not in dataset.meta.splits else [dataset.split("train"), columns]
-        )
+    if scorer.history:  # the user's earlier clicks, read as training and evaluation read them
+        events = history_events(dataset, split, scorer.log_split, scorer.trained_domains)
         out[history.COLUMN] = history.with_history(columns, events, scorer.history)[history.COLUMN]
     return out
 

@@ -138,6 +138,8 @@ def export(
         "run": {
             "workdir": str(model.workdir),
             "dataset": model.run_info["dataset"],
+            "trained_domains": model.run_info["trained_domains"],
+            "train_split": model.run_info["train_split"],
             "step": model.step,
             "chosen_by": model.chosen_by,
             "fingerprint": model.fingerprint,

@@ -22,6 +22,7 @@ from sr_jax.data.selection import (
     Columns,
     carve_validation,
     clamped_batch_size,
+    history_events,
     run_domains,
     select_domains,
     train_subset,
@@ -46,6 +47,7 @@ class RunSpec:
     model_meta: DatasetMeta  # the dataset's metadata with the model's table sizes and fields: what shapes follow
     train_columns: Columns  # the train split's rows it trains on (in the model's rows)
     valid_columns: Columns | None  # what train.eval_every scores (in the model's rows)
+    history_domains: tuple[str, ...]  # model.user_history: the domains its events come from (`history_events`)
     trained_rows: dict[str, np.ndarray]  # table -> [rows] bool: trained before this run (pretraining: none)
     start: PretrainedStart | None  # fine-tuning: what it takes from its pretrained run
     batch_size: int  # the global batch: data.batch_size, or less when the training data are fewer
@@ -79,9 +81,11 @@ class RunSpec:
     def split(self, name: str) -> Columns:
         """A split's rows of the run's domains, in the model's table rows (with the user history aspect's
         column, from the run's training examples and this split's, when the model reads it)."""
-        columns = self.row_map.remap(select_domains(self.dataset, name, self.domains))
-        n = self.config.model.user_history
-        return history.with_history(columns, [self.train_columns, columns], n) if n else columns
+        columns = select_domains(self.dataset, name, self.domains)
+        if n := self.config.model.user_history:
+            events = history_events(self.dataset, name, self.config.data.train_split, self.history_domains)
+            columns = history.with_history(columns, events, n)
+        return self.row_map.remap(columns)
 
     def process_slice(self, batch_size: int) -> slice:
         """The rows of every global batch of this size that this process reads."""
@@ -147,20 +151,22 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     split = select_domains(dataset, cfg.data.train_split, domains)
     labelled = train_subset(split, cfg.data.train_fraction, cfg.train.seed)
     kept, carved = carve_validation(labelled, cfg.data.valid_from_train)
-    columns = row_map.remap(kept)
     valid = None
     if cfg.train.eval_every:
-        valid = row_map.remap(carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains))
-    if cfg.model.user_history:
+        valid = carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains)
+    trained = tuple(sorted(set(domains) | set(run_info["trained_domains"] if run_info else ())))
+    if n := cfg.model.user_history:
         if not dataset.meta.has_timestamp:
-            raise ConfigError(
-                f"model.user_history={cfg.model.user_history}: the dataset {dataset.root} has no timestamps"
-            )
+            raise ConfigError(f"model.user_history={n}: the dataset {dataset.root} has no timestamps")
         if cfg.finetune.replay_fraction:
             raise ConfigError("model.user_history with finetune.replay_fraction: the replayed data has no history")
-        columns = history.with_history(columns, [columns], cfg.model.user_history)
+        log = history_events(dataset, cfg.data.train_split, cfg.data.train_split, trained)
+        kept = history.with_history(kept, log, n)
         if valid is not None:
-            valid = history.with_history(valid, [columns, valid], cfg.model.user_history)
+            own = cfg.data.train_split if carved is not None else cfg.data.valid_split
+            valid = history.with_history(valid, history_events(dataset, own, cfg.data.train_split, trained), n)
+    columns = row_map.remap(kept)
+    valid = None if valid is None else row_map.remap(valid)
     what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
     batch = clamped_batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
     replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
@@ -195,6 +201,7 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         model_meta=model_meta,
         train_columns=columns,
         valid_columns=valid,
+        history_domains=trained,
         trained_rows=start.trained_rows
         if start
         else {t: np.zeros(row_map.vocab.rows(t), bool) for t in row_map.vocab.keys},
