@@ -52,6 +52,20 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(grouped_auc(labels, scores, np.zeros(len(labels), np.int64))[1][0])
 
 
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[R] ROC AUC of each row of `weights` [R, n] (an example counted that many times: a bootstrap replicate);
+    ties count half, as in `auc`; nan where a replicate has one class."""
+    order = np.argsort(scores, kind="stable")
+    s, y = np.asarray(scores)[order], np.asarray(labels)[order].astype(bool)
+    w = np.asarray(weights, np.float64)[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0, np.int64)
+    pos = np.add.reduceat(np.where(y, w, 0.0), starts, axis=1)
+    neg = np.add.reduceat(np.where(y, 0.0, w), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(pos * (below + 0.5 * neg), axis=1) / (pos.sum(1) * neg.sum(1))
+
+
 def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> float:
     """Group AUC: per-user AUC averaged with impression weights, over users with both classes."""
     _, aucs, counts = grouped_auc(labels, scores, users)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from helpers import SMALL, TINY, config
+from sr_jax import metrics
 from sr_jax.config import ConfigError
 from sr_jax.data.store import DatasetError, write_text_cache
+from sr_jax.experiments import bootstrap
 from sr_jax.text import HashedBagOfWords
 from sr_jax.training import evaluation, loop, restore, trainer
 from sr_jax.featurized import load_dataset
@@ -45,6 +47,11 @@ def test_cli_pretrain_writes_reports_and_evaluate_reproduces_them(tmp_path, caps
     assert json.loads((workdir / "reevaluation_test.json").read_text()) == again
     trained_report = json.loads(report)  # what training measured: the re-evaluation agrees on every metric
     assert {k: trained_report[k] for k in again} == again and "timing" in trained_report
+    scores = bootstrap.read_scores(workdir)  # the per-example scores beside the report, for intervals over users
+    names = list(result["domains"])
+    for k, name in enumerate(names):
+        mask = scores["domain"] == k
+        assert metrics.auc(scores["label"][mask], scores["logit"][mask]) == result["domains"][name]["auc"]
 
 
 def test_short_training_run_is_within_005_of_the_oracle(tmp_path):

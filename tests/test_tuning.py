@@ -116,6 +116,8 @@ def test_paired_tests_match_scipy_and_pair_by_seed_with_domain_wins_as_descripti
         for s in range(3)
         for m, base, dx, dy in (("a", 0.70, 0.002 * s, 0.001), ("b", 0.69, 0.0, -0.004 * s))
     ]
+    for r in rows:  # the run's mean per-domain AUC
+        r["auc"] = (r["auc:x"] + r["auc:y"]) / 2
     r = results.paired(rows, "d", "a", "b")
     a = np.array([[0.70 + 0.01 * s + 0.002 * s, 0.72 + 0.001] for s in range(3)]).mean(1)  # one run per seed
     b = np.array([[0.69 + 0.01 * s, 0.71 - 0.004 * s] for s in range(3)]).mean(1)

@@ -124,6 +124,7 @@ def _cached(workdir: Path, run, cfg: Config) -> dict:
         "oracle_auc": result.get("mean_domain_oracle_auc"),
         "seconds": seconds,
         "curve": result.get("validation", {}).get("history", []),  # [step, validation score]: plotted
+        "cell": str(workdir),  # its scores: bootstrap intervals
     }
 
 
@@ -204,8 +205,8 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
 def _evaluate_pretrained(cfg: Config, workdir: Path, pretrained: Path) -> None:
     """The pretrained run's parameters, evaluated on `cfg`'s eval split; the report goes to `workdir`."""
     spec = build_spec(cfg, pretrained)
-    result = evaluation.evaluate(spec, checkpoint_params(spec))
     workdir.mkdir(parents=True, exist_ok=True)
+    result = evaluation.evaluate(spec, checkpoint_params(spec), scores_to=workdir)
     evaluation.write_report(workdir, result)
 
 
@@ -231,7 +232,7 @@ def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | N
 
     def auc(setting, variant, text):
         return {
-            (r["fraction"], r["seed"]): r["auc"]
+            (r["fraction"], r["seed"]): r
             for r in rows
             if r["protocol"] == protocol and (r["setting"], r["variant"], r["text"]) == (setting, variant, text)
         }
@@ -241,14 +242,14 @@ def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | N
     for setting, variant, text in cells:
         if setting != "scratch":
             label = f"{setting} ({variant}, text {text}) − scratch"
-            out.append((label, report.paired_test(auc(setting, variant, text), auc("scratch", "-", text))))
+            out.append((label, report.paired_runs(auc(setting, variant, text), auc("scratch", "-", text))))
     for setting, variant, text in cells:
         if setting == "freeze-l0-l1" and (zero := auc(ZERO_SHOT, "-", text)):
-            test = report.paired_test(auc(setting, variant, text), zero)
+            test = report.paired_runs(auc(setting, variant, text), zero)
             out.append((f"freeze-l0-l1 ({variant}, text {text}) − zero-shot", test))
     for setting, variant, text in cells:
         if setting not in ("scratch", ZERO_SHOT, "freeze-l0-l1"):
-            test = report.paired_test(auc("freeze-l0-l1", variant, text), auc(setting, variant, text))
+            test = report.paired_runs(auc("freeze-l0-l1", variant, text), auc(setting, variant, text))
             out.append((f"freeze-l0-l1 − {setting} ({variant}, text {text})", test))
     return out
 

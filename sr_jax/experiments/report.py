@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sr_jax.experiments import bootstrap
+
 
 def header(title: str, command: str) -> list[str]:
     """A report's first lines: its title and the command that made it."""
@@ -198,22 +200,40 @@ def paired_test(a: dict, b: dict) -> dict | None:
     }
 
 
+def paired_runs(a: dict, b: dict, metric: str = "auc") -> dict | None:
+    """`paired_test` of the rows' `metric` (a, b: pair key -> a cell's row), with `ci`, the 95% bootstrap interval
+    of the same difference over the test split's users (`bootstrap.interval`, from the paired cells' scores;
+    None where a cell wrote none)."""
+    result = paired_test({k: r[metric] for k, r in a.items()}, {k: r[metric] for k, r in b.items()})
+    if result is not None:
+        keys = sorted(set(a) & set(b))
+        cells = [[side[k].get("cell") for k in keys] for side in (a, b)]
+        result["ci"] = None if None in cells[0] + cells[1] else bootstrap.interval(*cells)
+    return result
+
+
 def paired_markdown(comparisons: Sequence[tuple[str, dict | None]]) -> str:
-    """One line per (label, paired_test result): difference, wins of pairs, p-values."""
+    """One line per (label, paired_test result): difference, its interval over test users, wins of pairs,
+    p-values."""
 
     def p(value):
         return "" if value is None else f"{value:.3f}" if value >= 0.001 else "<0.001"
 
+    def ci(r):
+        return "" if r.get("ci") is None else f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"
+
     domains = any(r is not None and "domain_wins" in r for _, r in comparisons)
-    head = "| comparison | mean difference | pairs won | p (paired t) | p (Wilcoxon) |" + (
+    head = "| comparison | mean difference | 95% CI (users) | pairs won | p (paired t) | p (Wilcoxon) |" + (
         " domains won (description) |" if domains else ""
     )
-    out = [head, "|---|---|---|---|---|" + ("---|" if domains else "")]
+    out = [head, "|---|---|---|---|---|---|" + ("---|" if domains else "")]
     for label, r in comparisons:
         if r is not None:
             won = f"{r['wins']}/{r['pairs']}"
             extra = f" {r.get('domain_wins', '')} |" if domains else ""
-            out.append(f"| {label} | {r['diff']:+.4f} | {won} | {p(r['p_t'])} | {p(r['p_wilcoxon'])} |{extra}")
+            out.append(
+                f"| {label} | {r['diff']:+.4f} | {ci(r)} | {won} | {p(r['p_t'])} | {p(r['p_wilcoxon'])} |{extra}"
+            )
     return "\n".join(out) + "\n"
 
 

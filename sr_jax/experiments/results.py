@@ -88,7 +88,7 @@ def run_grid(grid: Grid, workdir: str | Path, data_dir: str | Path, sources: dic
                 if model in grid.single_domain:
                     row = _single_domain(cfg, cell)
                 else:
-                    row = _row(*run_once(cell, trainer.fit, cfg))
+                    row = {**_row(*run_once(cell, trainer.fit, cfg)), "cell": str(cell)}
                 log.info("%s / %s / seed %d: mean per-domain AUC %.4f", dataset, model, seed, row["auc"])
                 command = [*cell_overrides, *overrides]  # the row's command, every override but the seed
                 rows.append(dict(dataset=dataset, model=model, seed=seed, **row, overrides=command))
@@ -112,26 +112,22 @@ def _single_domain(cfg: Config, cell: Path) -> dict:
 
 
 def paired(rows: list[dict], dataset: str, a: str, b: str) -> dict | None:
-    """Model a − model b on a dataset, paired by seed over each run's mean per-domain test AUC: the runs are the
-    independent units (the domains of one run share its initialisation and data order, so they are not). The
-    per-domain wins over (seed, domain) pairs come along as description (`domain_wins`), never as a test."""
+    """Model a − model b on a dataset, paired by seed over each run's mean per-domain test AUC (the runs are the
+    independent units: the domains of one run share its initialisation and data order, so they are not), with
+    the bootstrap interval over test users (`report.paired_runs`). The per-domain wins over (seed, domain) pairs
+    come along as description (`domain_wins`), never as a test."""
+
+    def by_seed(model):
+        return {r["seed"]: r for r in rows if r["dataset"] == dataset and r["model"] == model}
 
     def per_domain(model):
         return {
-            (r["seed"], k): v
-            for r in rows
-            if r["dataset"] == dataset and r["model"] == model
-            for k, v in r.items()
-            if k.startswith("auc:") and v is not None
+            (s, k): v for s, r in by_seed(model).items() for k, v in r.items() if k.startswith("auc:") and v is not None
         }
 
-    def by_seed(pairs):
-        seeds = sorted({seed for seed, _ in pairs})
-        return {s: float(np.mean([v for (seed, _), v in pairs.items() if seed == s])) for s in seeds}
-
-    domains_a, domains_b = per_domain(a), per_domain(b)
-    result = report.paired_test(by_seed(domains_a), by_seed(domains_b))
+    result = report.paired_runs(by_seed(a), by_seed(b))
     if result is not None:
+        domains_a, domains_b = per_domain(a), per_domain(b)
         shared = set(domains_a) & set(domains_b)
         result["domain_wins"] = f"{sum(domains_a[k] > domains_b[k] for k in shared)}/{len(shared)}"
     return result
@@ -162,7 +158,7 @@ def write_report(
     regenerating the tables never loses the reading of them."""
     out = Path(out)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    skip = ("dataset", "model", "seed", "curve", "overrides")
+    skip = ("dataset", "model", "seed", "curve", "overrides", "cell")
     metrics = list(dict.fromkeys(k for r in rows for k in r if k not in skip))
     table = report.aggregate(rows, ("dataset", "model"), metrics)
     report.write_csv(out / "results" / "results.csv", table)

@@ -17,8 +17,11 @@ import numpy as np
 from sr_jax import metrics
 from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
+from sr_jax.io import atomic_file
 from sr_jax.training import records
 from sr_jax.training.spec import RunSpec
+
+SCORES = "scores_{split}.npz"  # a run's per-example test scores, beside eval.json (for bootstrap intervals)
 
 
 def warm_items(spec: RunSpec, trained: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -33,22 +36,37 @@ def warm_items(spec: RunSpec, trained: dict[str, np.ndarray] | None = None) -> n
     return (trained or spec.trained_rows)["item_id"]
 
 
-def evaluate(spec: RunSpec, params, split: str | None = None, warm: np.ndarray | None = None) -> dict:
+def evaluate(
+    spec: RunSpec,
+    params,
+    split: str | None = None,
+    warm: np.ndarray | None = None,
+    scores_to: Path | None = None,
+) -> dict:
     """Metrics of `params` on a split of the run's domains (default: data.eval_split); `warm`: see `warm_items`
-    (its default)."""
+    (its default); `scores_to`: a folder to write the per-example scores to (`SCORES`)."""
     split = split or spec.config.data.eval_split
-    return evaluate_columns(spec, params, spec.split(split), split, warm_items(spec) if warm is None else warm)
+    columns = spec.split(split)
+    logits = predict_logits(spec, params, columns)
+    if scores_to is not None:
+        write_scores(Path(scores_to), split, logits, columns)
+    return compute_metrics(spec.dataset, split, logits, columns, warm_items(spec) if warm is None else warm)
 
 
-def evaluate_columns(spec: RunSpec, params, columns: dict[str, np.ndarray], name: str, warm: np.ndarray | None) -> dict:
-    """Metrics of `params` on `columns` (rows in the model's tables), reported under `name`; `warm`: [item rows]
-    bool, the items that are not cold (None: no cold-item block, as validation needs none)."""
+def predict_logits(spec: RunSpec, params, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """[rows] float32: the model's logits on `columns` (rows in the model's tables)."""
 
     def predict(batch):
         return spec.program.predict(params, spec.global_eval_batch(batch), spec.text)
 
-    logits = map_batches(predict, columns, spec.config.data.eval_batch_size)["logit"]
-    return compute_metrics(spec.dataset, name, logits, columns, warm)
+    return map_batches(predict, columns, spec.config.data.eval_batch_size)["logit"]
+
+
+def write_scores(workdir: Path, split: str, logits: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    """The logits with what a bootstrap over users needs: label, domain and user of every row."""
+    keep = {k: np.asarray(columns[k]) for k in ("label", "domain", "user_id")}
+    with atomic_file(workdir / SCORES.format(split=split)) as tmp:
+        np.savez(tmp, logit=np.asarray(logits, np.float32), **keep)
 
 
 def compute_metrics(

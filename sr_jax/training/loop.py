@@ -134,7 +134,9 @@ def stops_early(history: list, patience: int, min_delta: float) -> bool:
 def validate_step(run: Run, params, step: int) -> float:
     """Scores `params` on the validation data, offers them to the best checkpoint, records the score."""
     cfg = run.spec.config
-    result = evaluation.evaluate_columns(run.spec, params, run.spec.valid_columns, "validation", warm=None)
+    columns = run.spec.valid_columns
+    logits = evaluation.predict_logits(run.spec, params, columns)
+    result = evaluation.compute_metrics(run.spec.dataset, "validation", logits, columns, warm=None)
     score = (
         result["mean_domain_auc"] if cfg.train.early_stopping_metric == "mean_domain_auc" else result["overall"]["auc"]
     )
