@@ -36,10 +36,17 @@ MODELS = {
     "single-domain-no-text": overrides("shared-bottom") + NO_TEXT,
 }
 
+EVERY = ["train.evals_per_epoch=0"]  # the grid validates a fixed number of steps apart (its tuning did too)
 DATASETS = {
-    "synthetic": ["train.eval_every=250", "train.early_stopping_patience=3"],
-    "movielens": ["train.epochs=8", "data.batch_size=512", "train.eval_every=50", "train.early_stopping_patience=3"],
-    "amazon": ["train.epochs=5", "train.eval_every=50", "train.early_stopping_patience=3"],
+    "synthetic": ["train.eval_every=250", "train.early_stopping_patience=3", *EVERY],
+    "movielens": [
+        "train.epochs=8",
+        "data.batch_size=512",
+        "train.eval_every=50",
+        "train.early_stopping_patience=3",
+        *EVERY,
+    ],
+    "amazon": ["train.epochs=5", "train.eval_every=50", "train.early_stopping_patience=3", *EVERY],
 }
 
 # What `train.tune` tunes, each with its own trials, and the model whose tuned settings each ablation takes.

@@ -47,10 +47,11 @@ class DataConfig:
     # config turns it off: fine-tuning (and training from scratch on the cold data) is what they are for.
     pretrain_domains_only: bool = True
     eval_split: str = "test"
-    valid_split: str = "valid"  # the validation split of train.eval_every ("" when data.valid_from_train carves it)
-    # A fixed, seeded part of the train split held out for validation and never trained on (0: none); the
-    # cold-start protocols use it, since their cold data has no validation split of its own.
-    valid_from_train: float = 0.0
+    # What train.eval_every validates on: the dataset's own validation split when it has this one (""
+    # : never), else a part of the labelled train rows carved out and never trained on (`valid_from_train`
+    # of them, at least 16, at most half; each user's latest interactions where the data have timestamps).
+    valid_split: str = "valid"
+    valid_from_train: float = 0.1
     batch_size: int = 1024
     eval_batch_size: int = 8192
     prefetch: int = 2  # batches placed on device ahead of the step
@@ -77,6 +78,12 @@ class ModelConfig:
     # The user's history aspect: the mean text features of the last N items the user clicked strictly
     # before the example (sr_jax.data.history); 0: off. Needs timestamps and use_text.
     user_history: int = 0
+    # How the history's items become one vector: mean (their mean text features) | attention (the candidate
+    # item's text attends over them, DIN's target attention: the user vector depends on the candidate).
+    history_pooling: str = "mean"
+    # In training, each example's user, query and item id is read as missing with this probability, so the
+    # model learns to score from text, fields and history, as it must for a new user or item (DropoutNet).
+    id_dropout: float = 0.0
     use_domain_adapter: bool = True  # Domain Adaptive Layer on (ablation: identity)
     regularizer: str = "js"  # js | mmd | none
     reg_weight: float = 0.05  # lambda
@@ -111,14 +118,16 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    # Validation during training: every `eval_every` steps (0: never) the model is scored on the validation
-    # data (data.valid_split, or data.valid_from_train's part of the train split); the step with the best
+    # Validation during training (0: never), on data.valid_split or a carved part of the train split: every
+    # `eval_every` steps, or `evals_per_epoch` times an epoch when that is longer (so a large run validates,
+    # and stops, on the scale of epochs; eval_every is the floor). The step with the best
     # `early_stopping_metric` is kept in best/ (orbax's best-checkpoint policy) and evaluated on the test split
-    # at the end. `early_stopping_patience` evaluations without a gain of `early_stopping_min_delta` stop the
-    # run (0: never stop early).
-    eval_every: int = 0
+    # at the end. `early_stopping_patience` validations without a gain of `early_stopping_min_delta` stop the
+    # run (0: never stop early), never before `min_steps`.
+    eval_every: int = 50
+    evals_per_epoch: float = 2.0
     early_stopping_metric: str = "mean_domain_auc"  # mean_domain_auc | overall_auc (higher is better)
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = 4
     early_stopping_min_delta: float = 0.0
 
 
@@ -162,6 +171,7 @@ class ConfigError(ValueError):
 
 # The values a choice field may take: the one list every module and the validation read.
 LEVELS = ("l0", "l1", "l2")  # the network's levels (docs/DESIGN.md): encoding, shared adaptation, per-domain heads
+HISTORY_POOLINGS = ("mean", "attention")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
 BACKBONES = ("mmoe", "ple", "star")
@@ -303,6 +313,8 @@ def validate_model(cfg: ModelConfig) -> list[str]:
         "model.user_history",
         "reads text features: needs model.use_text",
     )
+    _check(problems, 0 <= cfg.id_dropout < 1, "model.id_dropout", f"{cfg.id_dropout} must be in [0, 1)")
+    _choice(problems, cfg.history_pooling, "model.history_pooling", HISTORY_POOLINGS)
     _check(
         problems, cfg.id_buckets != 1, "model.id_buckets", "1 leaves no row for ids (row 0 is 'missing'): use 0 or >= 2"
     )
@@ -406,22 +418,11 @@ def validate(cfg: Config) -> Config:
     _choice(problems, train.early_stopping_metric, "train.early_stopping_metric", VALIDATION_METRICS)
     _check(
         problems,
-        train.early_stopping_patience == 0 or train.eval_every > 0,
-        "train.early_stopping_patience",
-        "stops on validation scores: needs train.eval_every > 0",
-    )
-    _check(
-        problems,
         0 <= data.valid_from_train < 1,
         "data.valid_from_train",
         f"{data.valid_from_train} must be in [0, 1)",
     )
-    _check(
-        problems,
-        train.eval_every == 0 or bool(data.valid_split) != (data.valid_from_train > 0),
-        "train.eval_every",
-        "validates on data.valid_split or on data.valid_from_train's part of the train split: set exactly one",
-    )
+    _positive(problems, train, "train", "evals_per_epoch", allow_zero=True)
     _choice(problems, train.optimizer, "train.optimizer", OPTIMIZERS)
     _choice(problems, train.schedule, "train.schedule", SCHEDULES)
     _choice(problems, train.embedding_update, "train.embedding_update", EMBEDDING_UPDATES)

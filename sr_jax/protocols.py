@@ -15,6 +15,7 @@ PROTOCOLS = {
     "cold-items": ("cold_train", "cold_test"),  # new items in the known domains
 }
 OWN_SPLITS = ("train", "test")  # a separately prepared dataset's splits, when it has no protocol's names
+OWN_VALID = "valid"  # ... and its validation split, used when it has one
 
 
 def protocol_splits(splits: Sequence[str], protocol: str, train: str = "", evaluate: str = "") -> tuple[str, str]:
@@ -45,9 +46,11 @@ def finetune_config(
     """A fine-tune run of `protocol` from a pretrained run's config: its model (so the architecture matches),
     its data settings on `data_path` (default: its dataset), the (train, eval) `splits` (default: the
     protocol's in the embedded dataset), and fine-tuning's own schedule, with levels L0 and L1 frozen (the
-    paper's best split). It validates every 20 steps on a tenth of the labelled rows it is given
-    (`data.train_fraction` of the cold train split; at least 16 rows, at most half), which it never trains on,
-    stops after 3 validations without a gain and keeps the best step."""
+    paper's best split). It validates on the dataset's own `valid` split when it is a dataset prepared apart
+    that has one, else on a tenth of the labelled rows it is given (`data.train_fraction` of the cold train
+    split; at least 16 rows, at most half; each user's latest where there are timestamps), which it never
+    trains on: four times an epoch, at least 20 steps apart; it stops after 4 validations without a gain (an
+    epoch), never before step 100, and keeps the best step."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown cold-start protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     train_split, eval_split = splits or PROTOCOLS[protocol]
@@ -59,7 +62,7 @@ def finetune_config(
         batch_size=256,
         pretrain_domains_only=False,
         domains=(),
-        valid_split="",
+        valid_split=OWN_VALID if train_split == OWN_SPLITS[0] else "",  # not the pretraining domains' split
         valid_from_train=0.1,
     )
     return dataclasses.replace(
@@ -74,7 +77,8 @@ def finetune_config(
             log_every=20,
             checkpoint_every=100,
             eval_every=20,
-            early_stopping_patience=3,
+            evals_per_epoch=4.0,
+            early_stopping_patience=4,
         ),
         finetune=FinetuneConfig(freeze=("l0", "l1"), protocol=protocol),
     )

@@ -28,8 +28,8 @@ TINY = SyntheticConfig(
 
 
 def config(synthetic: SyntheticConfig = TINY, **sections) -> Config:
-    """A Config on one device, with the fast hashed-bow text features, and `sections` (e.g.
-    train={"epochs": 1}) replaced."""
+    """A Config on one device, with the fast hashed-bow text features, no validation (the tests of validation
+    turn it on; the default config validates), and `sections` (e.g. train={"epochs": 1}) replaced."""
     cfg = Config()
     cfg = dataclasses.replace(
         cfg,
@@ -37,6 +37,7 @@ def config(synthetic: SyntheticConfig = TINY, **sections) -> Config:
             cfg.data, synthetic=synthetic, batch_size=256, eval_batch_size=512, text_encoder="hashed-bow"
         ),
         mesh=dataclasses.replace(cfg.mesh, data=1),
+        train=dataclasses.replace(cfg.train, eval_every=0, evals_per_epoch=0.0),
     )
     for name, fields in sections.items():
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})

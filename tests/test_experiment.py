@@ -62,7 +62,8 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     # the claims, paired by seed (one run, one pair), the per-domain wins as description; the tuned settings listed
     line = next(x for x in md.splitlines() if x.startswith("| domain gating − mean gating |"))
     domains = [k for k, v in full.items() if k.startswith("auc:") and k.endswith("_mean") and v is not None]
-    assert line.split("|")[3].strip().endswith("/1") and line.split("|")[6].strip().endswith(f"/{len(domains)}")
+    assert line.split("|")[4].strip().endswith("/1") and line.split("|")[7].strip().endswith(f"/{len(domains)}")
+    assert line.split("|")[3].strip().startswith("[")  # the interval over test users
     assert "| full | `model.dim=8 model.reg_weight=0.5` |" in md
     # each row's command, every override included: run again, it gives the row's cell
     command = next(x for x in md.splitlines() if x.startswith("python -m train.pretrain --workdir runs/full-mean"))

@@ -6,7 +6,8 @@ from flax import nnx
 
 from sr_jax.model.encoding import Aspects
 from sr_jax.config import GATINGS
-from sr_jax.model.fusion import AspectGate, masked_softmax
+from sr_jax.model.fusion import AspectGate
+from sr_jax.model.layers import masked_softmax
 
 B, A, D, H, T = 16, 3, 8, 4, 10
 

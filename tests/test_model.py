@@ -178,3 +178,49 @@ def test_grouped_domain_layers_equal_computing_every_domain(n, sizes):
     g_every = jax.grad(lambda p, x: every(p, x).sum(), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(g_grouped), jax.tree.leaves(g_every)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_id_dropout_reads_ids_as_missing_in_training_only(data):
+    ds, text, batch = data
+    graphdef, params = _build(data, id_dropout=0.5)
+    item_id = sr_model.encoding.side_aspects(config(TINY).model, ds.meta)["item"].index("id")
+
+    def id_weight(train, key):
+        _, aux = sr_model.apply(graphdef, params, batch, text, train=train, key=key)
+        return np.asarray(aux["aspect_weights"]["item"])[:, item_id]
+
+    dropped = id_weight(True, jax.random.key(3)) == 0
+    assert 0.3 < dropped.mean() < 0.7  # about half of 64 examples
+    assert not np.array_equal(dropped, id_weight(True, jax.random.key(4)) == 0)  # a new draw every step
+    assert (id_weight(False, jax.random.key(3)) > 0).all()  # never at inference
+    graphdef0, params0 = _build(data)
+    _, aux = sr_model.apply(graphdef0, params0, batch, text, train=True, key=jax.random.key(3))
+    assert (np.asarray(aux["aspect_weights"]["item"])[:, item_id] > 0).all()  # rate 0: never dropped
+
+
+def test_history_attention_makes_the_user_depend_on_the_candidate(data):
+    """DIN's target attention: the same user and history with another candidate item gives another user
+    vector; the mean pooling does not look at the candidate."""
+    from sr_jax.data.history import COLUMN
+
+    ds, text, batch = data
+    rows = np.random.default_rng(0).integers(-1, ds.meta.num_texts, (64, 3)).astype(np.int32)
+    with_history = {**batch, COLUMN: jnp.asarray(rows)}
+    other = {**with_history, "item_text": jnp.roll(with_history["item_text"], 1)}
+    for pooling, depends in (("attention", True), ("mean", False)):
+        graphdef, params = _build(data, user_history=3, history_pooling=pooling)
+        users = [np.asarray(sr_model.sides(graphdef, params, b, text)["user"]) for b in (with_history, other)]
+        has = (rows >= 0).any(1) & (np.asarray(other["item_text"]) != np.asarray(batch["item_text"]))
+        assert has.any()
+        assert (not np.allclose(users[0][has], users[1][has], atol=1e-6)) == depends, pooling
+
+
+def test_retrieval_embeddings_refuse_a_user_vector_that_depends_on_the_candidate(tmp_path):
+    from types import SimpleNamespace
+
+    from sr_jax.export import embeddings
+
+    cfg = dataclasses.replace(config(TINY), model=dataclasses.replace(config(TINY).model, user_history=3,
+                                                                      history_pooling="attention"))  # fmt: skip
+    with pytest.raises(ValueError, match="depend on the candidate item"):
+        embeddings.embed(SimpleNamespace(config=cfg, workdir=tmp_path), None, "test", tmp_path / "out")

@@ -36,6 +36,7 @@ def _overrides() -> list[str]:
         f"data.text_encoder={cfg.data.text_encoder}",
         f"data.batch_size={cfg.data.batch_size}",
         f"data.eval_batch_size={cfg.data.eval_batch_size}",
+        f"train.eval_every={cfg.train.eval_every}",
         *[f"train.{k}={v}" for k, v in TRAIN.items()],
         "mesh.data=2",
         "mesh.model=2",  # tables row-sharded inside each process, the batch split across them

@@ -1,6 +1,7 @@
 """Negative sampling for implicit feedback (seeded, never a positive), the importer's unlabelled tables, and
 text caches that reuse another dataset's vectors by text content."""
 
+import logging
 import numpy as np
 import pytest
 
@@ -87,9 +88,10 @@ class CountingBagOfWords(HashedBagOfWords):
         return super().featurize(texts)
 
 
-def test_text_caches_reuse_known_texts_by_content(tmp_path):
+def test_text_caches_reuse_known_texts_by_content(tmp_path, caplog):
     from test_importer import ITEMS, _source
 
+    caplog.set_level(logging.INFO)
     first = import_tables(_source(tmp_path / "a"), tmp_path / "a/out")
     build_text_cache(first.root, HashedBagOfWords(), progress=False)
     more = ITEMS + "E1,green tea pot,nova,home\n"
@@ -97,6 +99,11 @@ def test_text_caches_reuse_known_texts_by_content(tmp_path):
     counting = CountingBagOfWords()
     build_text_cache(second.root, counting, progress=False, reuse=[first.root])
     assert counting.seen == ["green tea pot"]  # only the text the first dataset lacks is encoded
+    assert "4 of 5 texts reused" in caplog.text and "1 to encode" in caplog.text
+    caplog.clear()  # a reuse that finds nothing says so too
+    other = HashedBagOfWords(seed=3)
+    build_text_cache(tmp_path / "a/out", other, progress=False, reuse=[second.root])
+    assert "no hashed-bow cache of this fingerprint" in caplog.text and "0 of" in caplog.text
     fresh = tmp_path / "c"
     import_tables(_source(tmp_path / "c", items=more), fresh / "out")
     build_text_cache(fresh / "out", HashedBagOfWords(), progress=False)

@@ -133,6 +133,14 @@ def test_amazon_any_category_folder_and_a_sub_category_tree_apart(tmp_path):
     assert set(apart.keys()["user_id"]) & set(rest.keys()["user_id"])  # partly shared users
     with pytest.raises(ValueError, match=r"unknown top-level categories \['labs'\]"):
         amazon.convert(src, tmp_path / "y", root=root, categories=("labs",))
+    # other categories and other users: nothing shared but texts and field values
+    new = amazon.convert(src, tmp_path / "new", root=root, categories=("lab",), users="1/2")
+    old = amazon.convert(src, tmp_path / "old", root=root, exclude_categories=("lab",), users="0/2")
+    assert not set(new.keys()["user_id"]) & set(old.keys()["user_id"])
+    assert not set(new.keys()["item_id"]) & set(old.keys()["item_id"])
+    assert all(int(u) % 2 == 1 for u in new.keys()["user_id"]) and new.meta.splits["train"] > 0
+    with pytest.raises(ValueError, match=r"--users '2/2': expected K/N"):
+        amazon.convert(src, tmp_path / "z", root=root, users="2/2")
 
 
 @needs_amazon

@@ -35,7 +35,9 @@ def test_cli_pretrain_writes_reports_and_evaluate_reproduces_them(tmp_path, caps
     for name in ("config.json", "metrics.jsonl", "eval.json", "eval.md"):
         assert (workdir / name).exists(), name
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 4096 // 256 and lines[-1]["examples_per_s"] > 0
+    logged = [line for line in lines if "examples_per_s" in line]
+    assert logged[-1]["step"] == 4096 // 256 and logged[-1]["examples_per_s"] > 0
+    assert result["validation"]["data"] == "the dataset's split 'valid' (512 rows)"  # the default validates
     assert "search_shop" in result["domains"] and "cold_items" in result and "oracle_auc" in result["overall"]
     table = (workdir / "eval.md").read_text()
     assert "| **cold items** |" in table and "oracle AUC" in table

@@ -1,15 +1,17 @@
 """Validation during training: the best validated step is kept by orbax's best policy and is the run's
 result, early stopping, and a validation part carved from the train split."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from helpers import TINY, config
-from sr_jax.config import ConfigError, validate
+from sr_jax.config import Config, ConfigError, validate
 from sr_jax.training import evaluation, loop, trainer
 from sr_jax.data import selection
+from sr_jax.training.spec import CARVED
 
 
 def test_early_stopping_counts_validations_without_a_gain():
@@ -78,10 +80,57 @@ def test_a_validation_part_is_carved_from_the_train_split_and_never_trained():
     again, held_again = selection.carve_validation(columns, 0.1)
     np.testing.assert_array_equal(held["item_id"], held_again["item_id"])  # fixed whatever the run's seed
     assert selection.carve_validation(columns, 0.0)[1] is None
-    with pytest.raises(ConfigError, match=r"train.eval_every: validates on data.valid_split or"):
-        validate(config(TINY, train={"eval_every": 4}, data={"valid_from_train": 0.1}))
-    with pytest.raises(ConfigError, match=r"train.early_stopping_patience: stops on validation scores"):
-        validate(config(TINY, train={"early_stopping_patience": 2}))
+
+
+def test_with_timestamps_the_carve_takes_each_user_s_latest_interactions():
+    user = np.repeat(np.arange(50), 8)
+    time = np.random.default_rng(0).permutation(400)  # each user's interactions at shuffled times
+    columns = {"label": np.arange(400) % 2, "user_id": user, "timestamp": time, "row": np.arange(400)}
+    kept, held = selection.carve_validation(columns, 0.125)  # 50 rows: one per user, their latest
+    assert sorted(held["user_id"]) == list(range(50))
+    latest = {u: time[user == u].max() for u in range(50)}
+    assert all(t == latest[u] for u, t in zip(held["user_id"], held["timestamp"], strict=True))
+    _, more = selection.carve_validation(columns, 0.25)  # 100 rows: every user's two latest
+    assert np.bincount(more["user_id"]).tolist() == [2] * 50
+
+
+def test_the_dataset_s_own_validation_split_is_used_and_carving_is_the_fallback(tmp_path):
+    own = config(TINY, train={"eval_every": 4})  # data.valid_split="valid", valid_from_train=0.1: both defaults
+    spec = trainer.build_run(own, tmp_path / "own").spec
+    assert spec.valid_source == "valid" and spec.budget["train_examples"] == TINY.train_examples
+    assert spec.validation_data == f"the dataset's split 'valid' ({TINY.valid_examples} rows)"
+    fallback = config(TINY, train={"eval_every": 4}, data={"valid_split": "nope"})
+    spec = trainer.build_run(fallback, tmp_path / "carved").spec
+    assert spec.valid_source == CARVED and spec.budget == {
+        "train_examples": TINY.train_examples - 410,
+        "valid_examples": 410,
+    }
+    with pytest.raises(ConfigError, match=r"train.eval_every=4: .* no split data.valid_split='nope'"):
+        trainer.build_run(
+            config(TINY, train={"eval_every": 4}, data={"valid_split": "nope", "valid_from_train": 0}), tmp_path / "x"
+        )
+    validate(config(TINY, train={"eval_every": 0, "early_stopping_patience": 4}))  # the default patience: no error
+
+
+def test_validation_runs_on_the_scale_of_epochs_and_never_stops_before_min_steps(tmp_path):
+    """16 steps an epoch: one validation an epoch is 16 steps apart (eval_every 4 is the floor); no validation
+    can gain (min_delta 1), yet the run trains to min_steps before it stops."""
+    spec = trainer.build_run(config(TINY, train={"eval_every": 4, "evals_per_epoch": 1.0}), tmp_path / "a").spec
+    assert spec.steps_per_epoch == 16 and spec.eval_interval == 16
+    cfg = config(
+        TINY,
+        train={"epochs": 4.0, "eval_every": 4, "early_stopping_patience": 2, "early_stopping_min_delta": 1.0,
+               "min_steps": 28, "checkpoint_every": 1000},
+    )  # fmt: skip
+    result = trainer.fit(cfg, tmp_path / "b")
+    assert [s for s, _ in result["validation"]["history"]] == [4, 8, 12, 16, 20, 24, 28]
+    assert result["trained_steps"] == 28
+
+
+def test_the_default_config_validates_on_the_dataset_s_split(tmp_path):
+    cfg = dataclasses.replace(config(TINY), train=Config().train)
+    spec = trainer.build_run(cfg, tmp_path).spec
+    assert spec.valid_source == "valid" and spec.eval_interval == max(Config().train.eval_every, 8)
 
 
 def test_validation_is_carved_from_the_labelled_budget_and_recorded(tmp_path):

@@ -119,6 +119,8 @@ def setup() -> None:
     (`sr_jax.distributed`: a no-op unless its environment variables are set)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # jax logs at INFO every backend it probes and lacks ("Unable to initialize backend 'tpu'"): not an error
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     cache = os.environ.get("SR_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "sr_jax" / "jax"))
     if cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache)

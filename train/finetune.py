@@ -1,21 +1,26 @@
 """Fine-tune a pretrained run for cold start:
 `python -m train.finetune --pretrained RUN --workdir DIR [--data DATASET] [--protocol new-domain|cold-items]
-[--train-split S --eval-split S] [--scratch] [overrides]`.
+[--train-split S --eval-split S] [--strategy all|frozen|scratch|auto] [overrides]`.
 
 Starts from RUN's saved config (model and data settings) with configs/finetune.py's schedule, on RUN's
 dataset or `--data` (a dataset prepared apart, with ids, fields and texts of its own: its tables are read
 through RUN's by raw key). The splits are the protocol's in the embedded dataset, else the dataset's
 `train` and `test`, else those named. Restores RUN's parameters (fresh rows for new domains, keys and
-fields, trainable whatever is frozen) and freezes `finetune.freeze` (default l0,l1). `--scratch` trains
-the same architecture from a fresh init on the same data and schedule: the baseline a fine-tune must
-beat. Resumes from DIR's latest checkpoint when there is one (the options must then agree with DIR's
-saved config, or be left out); writes DIR/eval.json and DIR/eval.md.
+fields, trainable whatever is frozen). `--strategy`: `all` (the recommended default, docs/COLD_START.md)
+trains every level; `frozen` freezes L0 and L1 (the paper's best split); `scratch` trains the same
+architecture from a fresh init on the same data and schedule (the baseline a fine-tune must beat); `auto`
+trains those three under the same budget in DIR/candidates/ and keeps the one the validation data prefer
+(DIR/strategy.json says which and by how much; DIR/eval.json is its report). Resumes from DIR's latest
+checkpoint when there is one (the options must then agree with DIR's saved config, or be left out); writes
+DIR/eval.json and DIR/eval.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 from configs import finetune as finetune_config
@@ -26,6 +31,8 @@ from sr_jax.protocols import protocol_splits
 from sr_jax.training import evaluation, trainer
 from train import cli
 
+log = logging.getLogger("sr_jax")
+
 
 def parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, named_configs=False)
@@ -34,8 +41,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=sorted(finetune_config.PROTOCOLS), help="default: new-domain")
     p.add_argument("--train-split", help="the cold training split (default: see above)")
     p.add_argument("--eval-split", help="the split to evaluate on (default: see above)")
-    p.add_argument("--scratch", action="store_true", help="a fresh model of the pretrained run's architecture")
+    p.add_argument("--strategy", choices=[*STRATEGIES, AUTO], help=f"default: {RECOMMENDED} (see above)")
     return p
+
+
+# strategy -> the levels it freezes (None: no pretrained start); RECOMMENDED is what the evidence supports
+STRATEGIES = {"all": (), "frozen": ("l0", "l1"), "scratch": None}
+AUTO = "auto"  # every strategy above, the one the validation data prefer kept
+RECOMMENDED = "all"
 
 
 def _start(args: argparse.Namespace) -> Config:
@@ -46,9 +59,14 @@ def _start(args: argparse.Namespace) -> Config:
     protocol = args.protocol or "new-domain"
     splits = protocol_splits(names, protocol, args.train_split or "", args.eval_split or "")
     cfg = finetune_config.get_config(pretrained, protocol, splits, data_path)
-    if args.scratch:
-        return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, freeze=()))
-    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(Path(args.pretrained))))
+    return with_strategy(cfg, args.strategy or RECOMMENDED, args.pretrained)
+
+
+def with_strategy(cfg: Config, strategy: str, pretrained: str | None) -> Config:
+    """The fine-tune config under one of STRATEGIES."""
+    freeze = STRATEGIES[strategy]
+    start = "" if freeze is None else str(Path(pretrained))
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=start, freeze=freeze or ()))
 
 
 def _disagreements(args: argparse.Namespace, saved: Config) -> list[str]:
@@ -61,9 +79,15 @@ def _disagreements(args: argparse.Namespace, saved: Config) -> list[str]:
         "--eval-split": (args.eval_split, saved.data.eval_split),
     }
     out = [f"{flag} {new} (the run has {old or 'none'})" for flag, (new, old) in given.items() if new and new != old]
-    if args.scratch and saved.finetune.pretrained:
-        out.append(f"--scratch (the run fine-tunes {saved.finetune.pretrained})")
+    if args.strategy and args.strategy != AUTO and _strategy_of(saved) != args.strategy:
+        out.append(f"--strategy {args.strategy} (the run's is {_strategy_of(saved)})")
     return out
+
+
+def _strategy_of(cfg: Config) -> str:
+    if not cfg.finetune.pretrained:
+        return "scratch"
+    return next((s for s, f in STRATEGIES.items() if f == cfg.finetune.freeze), "custom freeze")
 
 
 def resolve(args: argparse.Namespace) -> Config:
@@ -78,8 +102,8 @@ def resolve(args: argparse.Namespace) -> Config:
             )
         cfg = absolute_paths(validate(override(load_config(saved), args.overrides)))
         return cli.check_resume(saved, cfg, args.allow_changes)
-    if not args.pretrained and not args.scratch:
-        raise ConfigError("--pretrained is required to start a fine-tune run (or --scratch for a fresh model)")
+    if not args.pretrained:
+        raise ConfigError("--pretrained is required to start a fine-tune run (scratch too: its architecture)")
     return absolute_paths(validate(override(_start(args), args.overrides)))
 
 
@@ -87,11 +111,46 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser()
     args = p.parse_args(argv)
     cli.setup()
+    if args.strategy == AUTO:
+        return auto(args)
     try:
         cfg = resolve(args)
     except (ConfigError, ValueError) as e:
         p.error(str(e))
     result = trainer.fit(cfg, args.workdir)
+    print(evaluation.markdown_table(result))
+    return result
+
+
+def auto(args: argparse.Namespace) -> dict:
+    """Trains every strategy on the same labelled budget in DIR/candidates/NAME (each resumable), keeps the one
+    whose chosen step scored best on the validation data, and writes DIR/strategy.json and its report as
+    DIR/eval.json and eval.md (with a `strategy` block)."""
+    workdir = Path(args.workdir)
+    scores, results = {}, {}
+    for name in STRATEGIES:
+        one = argparse.Namespace(**{**vars(args), "strategy": name, "workdir": str(workdir / "candidates" / name)})
+        cfg = resolve(one)
+        if not cfg.train.eval_every:
+            raise ConfigError("--strategy auto chooses on validation scores: train.eval_every must be > 0")
+        results[name] = trainer.fit(cfg, one.workdir)
+        scores[name] = results[name]["validation"]["score"]
+        log.info("strategy %s: validation %.4f", name, scores[name])
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    chosen = {
+        "chosen": ranked[0],
+        "run": str((workdir / "candidates" / ranked[0]).absolute()),
+        "margin": scores[ranked[0]] - scores[ranked[1]],  # over the runner-up, on validation
+        "validation": scores,
+        "metric": results[ranked[0]]["validation"]["metric"],
+    }
+    (workdir / "strategy.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    result = {**results[ranked[0]], "strategy": chosen}
+    evaluation.write_report(workdir, result)
+    log.info(
+        "kept %s (validation %.4f, +%.4f over %s): its run is %s",
+        ranked[0], scores[ranked[0]], chosen["margin"], ranked[1], chosen["run"],
+    )  # fmt: skip
     print(evaluation.markdown_table(result))
     return result
 

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--exclude-domains", nargs="+", default=[], help="movielens: leave out these domains")
     p.add_argument("--categories", nargs="+", default=[], help="amazon: keep these top-level categories")
     p.add_argument("--exclude-categories", nargs="+", default=[], help="amazon: leave out these categories")
+    p.add_argument("--users", default="", metavar="K/N", help="amazon: keep the users whose index is K modulo N")
     p.add_argument("--root", help="amazon: the category path's root in the item texts (known for RecBole's names)")
     args = p.parse_args(argv)
     cli.setup()
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None):
         "tables": dict(negatives=args.negatives, sampler=args.sampler, seed=args.seed),
         "movielens": dict(domains=tuple(args.domains), exclude_domains=tuple(args.exclude_domains), seed=args.seed),
         "amazon": dict(categories=tuple(args.categories), exclude_categories=tuple(args.exclude_categories),
-                       root=args.root, seed=args.seed),
+                       root=args.root, seed=args.seed, users=args.users),
     }[args.name]  # fmt: skip
     out, reuse = Path(args.out), list(args.reuse_text)
     previous = out.with_name(f".{out.name}.previous")

@@ -17,6 +17,8 @@ store: a recommendation domain and a product-search domain (`python -m train.pre
 - `--categories` / `--exclude-categories` keep the items of some top-level categories (the first word of
   their path) or all but them, before sampling: a sub-category tree prepared apart from the rest is a new
   domain with items (and partly users) of its own.
+- `--users K/N` keeps the users whose index is K modulo N: two datasets of other categories *and* other users
+  share nothing but texts and field values (the nothing-shared cold-start case, docs/COLD_START.md).
 - Splits follow the files (train, valid, test: RecBole's leave-one-out); items of test never shown in
   train are the cold items. Items text is the file's text (title. category path. brand);
   `item.brand` is a sparse field.
@@ -97,6 +99,7 @@ def convert(
     root: str | None = None,
     categories: tuple[str, ...] = (),
     exclude_categories: tuple[str, ...] = (),
+    users: str = "",
 ) -> Dataset:
     src = Path(src)
     name = dataset_name(src)
@@ -117,6 +120,8 @@ def convert(
     if unknown := sorted((set(categories) | set(exclude_categories)) - known):
         raise ValueError(f"unknown top-level categories {unknown}; the data has {sorted(known)}")
 
+    group, groups = _user_group(users)
+
     def kept(asin: str) -> bool:
         if categories:
             return top_of.get(asin) in categories
@@ -133,7 +138,7 @@ def convert(
             asin = item_asin[int(target)]
             query = query_of.get(asin)
             search = query is not None and rng.random() < SEARCH_SHARE
-            if not kept(asin):
+            if not kept(asin) or int(user) % groups != group:
                 continue
             positives["split"].append(split)
             positives["domain"].append(f"search_{name.lower()}" if search else f"rec_{name.lower()}")
@@ -165,12 +170,27 @@ def convert(
         f", top-level categories {list(categories)}" if categories
         else f", without top-level categories {list(exclude_categories)}" if exclude_categories else ""
     )  # fmt: skip
+    selection += f", users {group} modulo {groups}" if users else ""
     description = (
         f"Amazon {root} from {src.absolute()}{selection}: {SEARCH_SHARE} of interactions as category-path "
         f"searches, {NEGATIVES} sampled negatives per positive (seed {seed})"
     )
     suffix = "".join(f"-{c}" for c in categories) + "".join(f"-no-{c}" for c in exclude_categories)
+    suffix += f"-users-{group}-of-{groups}" if users else ""
     return from_arrow(tables, out, f"amazon-{name.lower()}{suffix}", description, overwrite=overwrite)
+
+
+def _user_group(users: str) -> tuple[int, int]:
+    """ "K/N" -> (K, N), the users kept ("" -> all: (0, 1))."""
+    if not users:
+        return 0, 1
+    try:
+        group, groups = (int(x) for x in users.split("/"))
+    except ValueError:
+        group, groups = -1, 0
+    if not 0 <= group < groups:
+        raise ValueError(f"--users {users!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    return group, groups
 
 
 def _with_negatives(columns: dict, asins: list[str], query_of: dict, top_of: dict, seed: int) -> dict:

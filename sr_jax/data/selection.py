@@ -65,19 +65,35 @@ VALID_FLOOR = 16  # the fewest rows a carved validation set has (at most half of
 
 
 def carve_validation(columns: Columns, fraction: float) -> tuple[Columns, Columns | None]:
-    """(the rest, a fixed seeded `fraction` of the rows, at least VALID_FLOOR and at most half) of the labelled
-    rows a run has, each in the original order: carved from the rows `train_subset` kept, so a run's selection
-    never sees more labels than its budget (fraction 0: no carving). The same rows for the same labelled rows,
-    whatever train.seed."""
+    """(the rest, a `fraction` of the rows, at least VALID_FLOOR and at most half) of the labelled rows a run
+    has, each in the original order: carved from the rows `train_subset` kept, so a run's selection never sees
+    more labels than its budget (fraction 0: no carving). Where the rows have timestamps, the carve takes each
+    user's latest interactions first (every user's latest, then their second latest, ...), as a test split of
+    later interactions is; otherwise a seeded random part. The same rows for the same labelled rows, whatever
+    train.seed."""
     if not fraction:
         return columns, None
     size = len(columns["label"])
     count = min(max(VALID_FLOOR, round(fraction * size)), size // 2)
     if count < 1:
         raise ConfigError(f"data.valid_from_train={fraction}: {size} labelled row(s) cannot also validate")
+    order = np.random.default_rng(0x7A11D).permutation(size)  # ties (and rows without time) in a seeded order
+    if "timestamp" in columns:
+        order = order[np.argsort(_recency(columns)[order], kind="stable")]
     held = np.zeros(size, bool)
-    held[np.random.default_rng(0x7A11D).permutation(size)[:count]] = True
+    held[order[:count]] = True
     return ({k: np.asarray(v)[~held] for k, v in columns.items()}, {k: np.asarray(v)[held] for k, v in columns.items()})
+
+
+def _recency(columns: Columns) -> np.ndarray:
+    """[rows] int: 0 for each user's latest interaction, 1 for the one before, ... (equal times: any order)."""
+    user, time = np.asarray(columns["user_id"]), np.asarray(columns["timestamp"])
+    by = np.lexsort((-time, user))  # per user, latest first
+    starts = np.r_[0, np.flatnonzero(user[by][1:] != user[by][:-1]) + 1]
+    rank = np.arange(len(by)) - np.repeat(starts, np.diff(np.r_[starts, len(by)]))
+    out = np.empty(len(by), np.int64)
+    out[by] = rank
+    return out
 
 
 def subset_size(size: int, fraction: float) -> int:

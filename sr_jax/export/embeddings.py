@@ -120,6 +120,11 @@ def embed(
 ) -> dict:
     """Writes items.parquet (every item of each domain, from all splits), queries.parquet (each distinct user and
     query of `split`, per domain), embeddings.json and retrieval.json (`recall_at_k` on them) to `out`."""
+    if model.config.model.user_history and model.config.model.history_pooling == "attention":
+        raise ValueError(
+            f"{model.workdir}: model.history_pooling=attention makes the user's vector depend on the candidate "
+            "item (target attention), so there is no user vector to embed apart; score pairs with train.predict"
+        )
     started = time.perf_counter()
     scorer = run_scorer(model, batch_size)
     text = text_table(scorer, dataset)

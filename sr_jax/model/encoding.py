@@ -1,20 +1,24 @@
 """L0, the feature layer: id embeddings, sparse-field embeddings and the projection of frozen text features.
 
 Its output is, for each side (user, query, item), a stack of aspect vectors [B, A, d] and a mask
-[B, A] saying which aspects the example has (id 0, text row -1 and all-zero sparse fields are missing).
+[B, A] saying which aspects the example has (id 0, text row -1 and all-zero sparse fields are missing; in
+training, `model.id_dropout` of the ids too). The user's history aspect pools the texts of their earlier
+clicks: their mean, or (`model.history_pooling=attention`) DIN's target attention, weighted by how each
+relates to the candidate item's text.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
-from sr_jax.model.layers import Array, hash_ids, normal
+from sr_jax.model.layers import Array, hash_ids, masked_softmax, normal
 
 SIDES = ("user", "query", "item")
 
@@ -61,6 +65,22 @@ def padded_rows(rows: int, multiple: int) -> int:
     return -(-rows // multiple) * multiple
 
 
+class HistoryAttention(nnx.Module):
+    """DIN's activation unit: a score per history item from [h, c, h * c, h - c] (h the item's projected
+    text, c the candidate's), softmax over the items present -> the weighted sum of h."""
+
+    def __init__(self, dim: int, hidden: int = 16, *, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(4 * dim, hidden, rngs=rngs)
+        self.score = nnx.Linear(hidden, 1, rngs=rngs)
+
+    def __call__(self, items: Array, present: Array, candidate: Array) -> Array:
+        """items [B, N, d], present [B, N] bool, candidate [B, d] -> [B, d]."""
+        c = jnp.broadcast_to(candidate[:, None, :], items.shape)
+        scores = self.score(jax.nn.sigmoid(self.hidden(jnp.concatenate([items, c, items * c, items - c], -1))))
+        w = masked_softmax(scores[..., 0], present)
+        return jnp.einsum("bn,bnd->bd", w, items)
+
+
 class FeatureEncoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, meta: DatasetMeta, text_dim: int, *, rngs: nnx.Rngs):
         self.vocab = {s: meta.vocab[f"{s}_id"] for s in SIDES}
@@ -81,6 +101,9 @@ class FeatureEncoder(nnx.Module):
         text_sides = ("query", "item", *(("history",) if cfg.user_history else ())) if cfg.use_text else ()
         self.text_proj = nnx.Dict({s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in text_sides})
         self.text_dim = text_dim
+        self.id_dropout = cfg.id_dropout
+        attend = cfg.user_history and cfg.history_pooling == "attention"
+        self.history_attention = HistoryAttention(cfg.dim, rngs=rngs) if attend else None
 
     def table_rows(self, batch: dict[str, Array]) -> dict[tuple[str, str], Array]:
         """The rows every embedding lookup of `batch` reads, per table (key: the table's path under l0, e.g.
@@ -91,13 +114,20 @@ class FeatureEncoder(nnx.Module):
         return rows
 
     def __call__(
-        self, batch: dict[str, Array], text: TextTable, table_rows: dict[tuple[str, str], Array] | None = None
+        self,
+        batch: dict[str, Array],
+        text: TextTable,
+        table_rows: dict[tuple[str, str], Array] | None = None,
+        *,
+        train: bool = False,
+        key: Array | None = None,
     ) -> dict[str, Aspects]:
         """`table_rows` replaces `self.table_rows(batch)`: the row-sparse update passes the gathered tables'
-        rows."""
+        rows. `train` with `key`: ids dropped at the rate `model.id_dropout`."""
         rows = self.table_rows(batch) if table_rows is None else table_rows
+        dropping = train and self.id_dropout > 0 and key is not None
         out = {}
-        for side in SIDES:
+        for k, side in enumerate(SIDES):
             vectors, masks = [], []
             ids = batch[f"{side}_id"]
             summary = jnp.zeros((ids.shape[0], self.text_dim), jnp.float32)
@@ -105,7 +135,10 @@ class FeatureEncoder(nnx.Module):
                 if aspect == "id":
                     # a plain gather: the store validated every id against its vocab
                     vectors.append(self.id_tables[side][...][rows[("id_tables", side)]])
-                    masks.append(ids != 0)
+                    present = ids != 0
+                    if dropping:
+                        present &= jax.random.bernoulli(jax.random.fold_in(key, k), 1 - self.id_dropout, ids.shape)
+                    masks.append(present)
                 elif aspect == "text":
                     row = batch[f"{side}_text"]
                     has = row >= 0
@@ -113,19 +146,28 @@ class FeatureEncoder(nnx.Module):
                     summary = jnp.where(has[:, None], text.summary[jnp.maximum(row, 0)], 0.0)
                     vectors.append(self.text_proj[side](pooled))
                     masks.append(has)
-                elif aspect == "history":  # [B, N] text rows of earlier clicks: their mean, projected
-                    rows_h = batch[HISTORY]
-                    present = (rows_h >= 0).astype(jnp.float32)
-                    pooled_h = jnp.einsum("bn,bnt->bt", present, text.pooled[jnp.maximum(rows_h, 0)])
-                    count = present.sum(1, keepdims=True)
-                    vectors.append(self.text_proj["history"](pooled_h / jnp.maximum(count, 1.0)))
-                    masks.append(count[:, 0] > 0)
+                elif aspect == "history":  # [B, N] text rows of earlier clicks
+                    vectors.append(self._history(batch, text))
+                    masks.append((batch[HISTORY] >= 0).any(1))
                 else:
                     vec, has = self._sparse(side, batch, rows)
                     vectors.append(vec)
                     masks.append(has)
             out[side] = Aspects(jnp.stack(vectors, 1), jnp.stack(masks, 1), summary)
         return out
+
+    def _history(self, batch: dict[str, Array], text: TextTable) -> Array:
+        """[B, d]: the projected mean of the history items' texts, or their attention-weighted sum."""
+        rows = batch[HISTORY]
+        present = rows >= 0
+        texts = text.pooled[jnp.maximum(rows, 0)]  # [B, N, text_dim]
+        if self.history_attention is None:
+            weight = present.astype(jnp.float32)
+            mean = jnp.einsum("bn,bnt->bt", weight, texts) / jnp.maximum(weight.sum(1, keepdims=True), 1.0)
+            return self.text_proj["history"](mean)
+        item = batch["item_text"]
+        candidate = jnp.where((item >= 0)[:, None], text.pooled[jnp.maximum(item, 0)], 0.0)
+        return self.history_attention(self.text_proj["history"](texts), present, self.text_proj["history"](candidate))
 
     def _sparse(self, side: str, batch: dict[str, Array], rows) -> tuple[Array, Array]:
         """Each field's embedding (a multi-valued field's mean over its non-zero values) through the field's

@@ -119,7 +119,9 @@ class SRFoundationModel(nnx.Module):
         """`table_rows`: the embedding rows to read per table (default: the batch's; see FeatureEncoder).
         `train`: STAR's partitioned normalisation uses (and updates) batch statistics; `key`: the MMD
         regularizer's subsample; `reference`: the pretrained domains' distributions to align against."""
-        fused, weights = self.l1.fuse(self.l0(batch, text, table_rows), batch["domain"])
+        key = jax.random.key(0) if key is None else key
+        aspects = self.l0(batch, text, table_rows, train=train, key=jax.random.fold_in(key, 1))
+        fused, weights = self.l1.fuse(aspects, batch["domain"])
         logits, aux = self.from_sides(fused, batch["domain"], train=train, key=key, reference=reference)
         aux["aspect_weights"] = weights
         return logits, aux

@@ -10,19 +10,11 @@ recommendation example) is a learned "missing" vector instead.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.model.encoding import Aspects
-from sr_jax.model.layers import Array, normal
-
-
-def masked_softmax(logits: Array, mask: Array) -> Array:
-    """Softmax over the last axis where mask is True; 0 elsewhere, and all-0 where nothing is present."""
-    logits = jnp.where(mask, logits, -jnp.inf)
-    safe = jnp.where(mask.any(-1, keepdims=True), logits, 0.0)
-    return jnp.where(mask, jax.nn.softmax(safe, axis=-1), 0.0)
+from sr_jax.model.layers import Array, masked_softmax, normal
 
 
 class AspectGate(nnx.Module):

@@ -42,6 +42,13 @@ def hash_ids(ids: Array, vocab: int, rows: int) -> Array:
     return jnp.where(ids == 0, 0, h.astype(jnp.int32) + 1)
 
 
+def masked_softmax(logits: Array, mask: Array) -> Array:
+    """Softmax over the last axis where mask is True; 0 elsewhere, and all-0 where nothing is present."""
+    logits = jnp.where(mask, logits, -jnp.inf)
+    safe = jnp.where(mask.any(-1, keepdims=True), logits, 0.0)
+    return jnp.where(mask, jax.nn.softmax(safe, axis=-1), 0.0)
+
+
 def normal(rngs: nnx.Rngs, shape: tuple[int, ...], stddev: float) -> nnx.Param:
     return nnx.Param(stddev * jax.random.normal(rngs.params(), shape, jnp.float32))
 

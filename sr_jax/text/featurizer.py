@@ -132,8 +132,12 @@ def build_text_cache(
         shutil.rmtree(work)  # left by another encoder, text table or reuse: not reusable
     work.mkdir(parents=True, exist_ok=True)
     (work / "manifest.json").write_text(json.dumps(manifest))
-    if known.any():
-        log.info("text cache %s: %d of %d texts reused from %s", featurizer.name, known.sum(), len(texts), list(reuse))
+    if reuse:  # say what reusing gave, nothing included
+        log.log(
+            logging.INFO if known.any() else logging.WARNING,
+            "text cache %s: %d of %d texts reused from %s; %d to encode",
+            featurizer.name, known.sum(), len(texts), [str(r) for r in reuse], len(texts) - known.sum(),
+        )  # fmt: skip
     with tqdm(total=len(order), desc=f"encode {featurizer.name}", unit="text", disable=not progress) as bar:
         for start in range(0, len(order), chunk_size):
             rows = order[start : start + chunk_size]

@@ -1,11 +1,10 @@
 """Evaluation on a held-out split: per-domain AUC, GAUC and log loss, overall AUC, cold-item AUC, and
 the dataset's oracle AUCs beside them; written as `eval.json` and `eval.md`.
 
-Cold items are the items whose id rows were never trained before the run was evaluated: for a
-pretraining run, items absent from its training data (the fraction and domains it really trained on);
-for a fine-tune run, items its pretrained run never trained (the fine-tune's own cold split does not
-make them warm: the question is what pretraining brings to them). A domain whose labels in the split
-are all one class has no AUC: it is left out of the mean per-domain AUC, and the report says so."""
+Cold items are the items whose id rows the model never trained: neither its pretrained run (if any) nor this
+run, up to its result's step (the fraction and domains it really read). One meaning for a pretraining run, a
+fine-tune and its scratch baseline, so their cold-item rows compare. A domain whose labels in the split are
+all one class has no AUC: it is left out of the mean per-domain AUC, and the report says so."""
 
 from __future__ import annotations
 
@@ -25,12 +24,9 @@ SCORES = "scores_{split}.npz"  # a run's per-example test scores, beside eval.js
 
 
 def warm_items(spec: RunSpec, trained: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """[item rows] bool: the items that are not cold in the run's report. A fine-tune's are those its pretrained
-    run trained (its own cold split does not make them warm: the question is what pretraining brings them); a
-    pretraining run's are those its result read: `trained` (`handover.trained_so_far`), else the run's record of
-    them (`trained_rows.npz`, once written), else none."""
-    if spec.start is not None:
-        return spec.trained_rows["item_id"]
+    """[item rows] bool: the items the model trained, the others being the report's cold items: `trained`
+    (`handover.trained_so_far`: its pretrained run's and this run's up to its result), else the run's record of
+    them (`trained_rows.npz`, once written), else those its pretrained run trained (none for a fresh run)."""
     if trained is None and (spec.workdir / records.TRAINED_ROWS).exists():
         trained = records.read_trained_rows(spec.workdir, spec.row_map.vocab)
     return (trained or spec.trained_rows)["item_id"]
@@ -164,7 +160,14 @@ def markdown_table(result: dict) -> str:
     if chosen := result.get("validation"):
         lines.append(
             f"Parameters of step {chosen['step']}, the best {chosen['metric']} on the validation data "
-            f"({chosen['score']:.4f}), of {result['trained_steps']} steps trained."
+            f"({chosen['score']:.4f}; {chosen.get('data', 'validation data')}), of {result['trained_steps']} steps "
+            "trained."
+        )
+    if strategy := result.get("strategy"):
+        lines.append(
+            f"Strategy {strategy['chosen']} (train.finetune --strategy auto), kept for its validation "
+            f"{strategy['metric']} ({', '.join(f'{k} {v:.4f}' for k, v in strategy['validation'].items())}; "
+            f"+{strategy['margin']:.4f} over the runner-up): its run is {strategy['run']}."
         )
     if budget := result.get("budget"):
         lines.append(

@@ -77,7 +77,7 @@ def open_run(spec: RunSpec) -> Run:
     return Run(
         spec=spec,
         checkpointer=Checkpointer(spec.workdir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.checkpoint_every),
-        best=BestCheckpoint(spec.workdir / "best") if cfg.train.eval_every else None,
+        best=BestCheckpoint(spec.workdir / "best") if spec.valid_source else None,
     )
 
 
@@ -167,7 +167,8 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     spec = run.spec
     cfg = spec.config
     start, stop = int(state.step), min(until or spec.total_steps, spec.total_steps)
-    if stops_early(run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta):
+    patience, min_delta = cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
+    if start >= cfg.train.min_steps and stops_early(run.validation, patience, min_delta):
         return state  # a resumed run that had stopped early: done
     feed = prefetch_to_device(batches(spec, start), spec.global_batch, cfg.data.prefetch)
     desc, primary = "finetune" if cfg.finetune.pretrained else "train", distributed.is_primary()
@@ -184,7 +185,7 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             window_steps += 1
             done = step + 1
             logged = done % cfg.train.log_every == 0 or done == stop
-            validating = run.best is not None and (done % cfg.train.eval_every == 0 or done == stop)
+            validating = run.best is not None and (done % spec.eval_interval == 0 or done == stop)
             stopping = _stop_agreed(received, logged or run.checkpointer.due(done))
             if logged or stopping or validating or run.checkpointer.due(done):
                 # a state is validated or saved only after its loss and gradient norm are checked
@@ -201,9 +202,7 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
             if validating:
                 score = validate_step(run, state.params, done)
                 metrics_log.write(done, {f"valid_{cfg.train.early_stopping_metric}": score})
-                early = stops_early(
-                    run.validation, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
-                )
+                early = done >= cfg.train.min_steps and stops_early(run.validation, patience, min_delta)
                 pruned = run.on_validation is not None and bool(run.on_validation(done, score))
             final = done == spec.total_steps or early or pruned
             run.checkpointer.save(done, state, position(run, done), force=final or stopping)

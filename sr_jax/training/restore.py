@@ -104,7 +104,7 @@ def checkpoint_params(spec: RunSpec, step: int = -1) -> Any:
 def result_params(spec: RunSpec) -> Any:
     """The run's result: its best validated parameters when it validated (what its eval.json reports), else its
     latest checkpoint's."""
-    if spec.config.train.eval_every:
+    if spec.valid_source:
         with BestCheckpoint(spec.workdir / "best") as best:
             if best.best() is not None:
                 return best.restore(spec.program.abstract_state.params)

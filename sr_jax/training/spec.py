@@ -6,6 +6,7 @@ holds what does)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax
@@ -47,6 +48,7 @@ class RunSpec:
     model_meta: DatasetMeta  # the dataset's metadata with the model's table sizes and fields: what shapes follow
     train_columns: Columns  # the train split's rows it trains on (in the model's rows)
     valid_columns: Columns | None  # what train.eval_every scores (in the model's rows)
+    valid_source: str  # `validation_source`: "", a split's name, or CARVED
     history_domains: tuple[str, ...]  # model.user_history: the domains its events come from (`history_events`)
     trained_rows: dict[str, np.ndarray]  # table -> [rows] bool: trained before this run (pretraining: none)
     start: PretrainedStart | None  # fine-tuning: what it takes from its pretrained run
@@ -66,6 +68,26 @@ class RunSpec:
         """The labels the run used: those it trains on, and those that choose its step (validation)."""
         valid = 0 if self.valid_columns is None else len(self.valid_columns["label"])
         return {"train_examples": len(self.train_columns["label"]), "valid_examples": valid}
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between validations (0: none): train.eval_every, or an epoch / train.evals_per_epoch if longer."""
+        train = self.config.train
+        if not self.valid_source:
+            return 0
+        per_epoch = math.ceil(self.steps_per_epoch / train.evals_per_epoch) if train.evals_per_epoch else 0
+        return max(train.eval_every, per_epoch)
+
+    @property
+    def validation_data(self) -> str:
+        """What the run validates on, in words (the log and the report say it)."""
+        if not self.valid_source:
+            return ""
+        rows = len(self.valid_columns["label"])
+        if self.valid_source == CARVED:
+            how = "its users' latest" if "timestamp" in self.valid_columns else "a seeded random part of"
+            return f"{rows} rows carved from the labelled rows of split {self.config.data.train_split!r} ({how})"
+        return f"the dataset's split {self.valid_source!r} ({rows} rows)"
 
     def rows_read(self, steps: int) -> dict[str, np.ndarray]:
         """table -> [rows] bool: the table rows that the run's first `steps` batches read (row 0, missing, never):
@@ -117,10 +139,28 @@ def _check_splits(cfg: Config, dataset: Dataset, data_axis: int) -> None:
             f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the mesh's data axis ({data_axis})"
         )
     splits = sorted(dataset.meta.splits)
-    named = ("train_split", "eval_split", *(("valid_split",) if cfg.train.eval_every and cfg.data.valid_split else ()))
-    for key in named:
+    for key in ("train_split", "eval_split"):
         if (split := getattr(cfg.data, key)) not in splits:
             raise ConfigError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
+
+
+CARVED = "carved"  # `validation_source`: a part of the labelled train rows
+
+
+def validation_source(cfg: Config, dataset: Dataset) -> str:
+    """What the run validates on: "" (it does not), the dataset's own `data.valid_split` when it has it, else
+    CARVED (data.valid_from_train's part of the labelled rows); a ConfigError when it has neither."""
+    if not cfg.train.eval_every:
+        return ""
+    if cfg.data.valid_split and cfg.data.valid_split in dataset.meta.splits:
+        return cfg.data.valid_split
+    if cfg.data.valid_from_train:
+        return CARVED
+    raise ConfigError(
+        f"train.eval_every={cfg.train.eval_every}: the dataset {dataset.root} has no split "
+        f"data.valid_split={cfg.data.valid_split!r} (it has {sorted(dataset.meta.splits)}) and "
+        "data.valid_from_train=0 carves none; name a split, set a fraction to carve, or train.eval_every=0"
+    )
 
 
 def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> RunSpec:
@@ -150,9 +190,10 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     # the labelled budget is the fraction of the split; a carved validation set comes out of it
     split = select_domains(dataset, cfg.data.train_split, domains)
     labelled = train_subset(split, cfg.data.train_fraction, cfg.train.seed)
-    kept, carved = carve_validation(labelled, cfg.data.valid_from_train)
+    valid_source = validation_source(cfg, dataset)
+    kept, carved = carve_validation(labelled, cfg.data.valid_from_train if valid_source == CARVED else 0)
     valid = None
-    if cfg.train.eval_every:
+    if valid_source:
         valid = carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains)
     trained = tuple(sorted(set(domains) | set(run_info["trained_domains"] if run_info else ())))
     if n := cfg.model.user_history:
@@ -163,7 +204,7 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         log = history_events(dataset, cfg.data.train_split, cfg.data.train_split, trained)
         kept = history.with_history(kept, log, n)
         if valid is not None:
-            own = cfg.data.train_split if carved is not None else cfg.data.valid_split
+            own = cfg.data.train_split if valid_source == CARVED else cfg.data.valid_split
             valid = history.with_history(valid, history_events(dataset, own, cfg.data.train_split, trained), n)
     columns = row_map.remap(kept)
     valid = None if valid is None else row_map.remap(valid)
@@ -201,6 +242,7 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         model_meta=model_meta,
         train_columns=columns,
         valid_columns=valid,
+        valid_source=valid_source,
         history_domains=trained,
         trained_rows=start.trained_rows
         if start

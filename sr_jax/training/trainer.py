@@ -72,6 +72,18 @@ def _describe(run: Run) -> None:
         dict(spec.mesh.shape),
         list(cfg.finetune.freeze) or "none",
     )
+    if spec.valid_source:
+        patience = cfg.train.early_stopping_patience
+        log.info(
+            "validating every %d steps on %s; %s",
+            spec.eval_interval,
+            spec.validation_data,
+            f"stopping after {patience} validations without a gain (not before step {cfg.train.min_steps})"
+            if patience
+            else "never stopping early",
+        )
+    else:
+        log.info("not validating (train.eval_every=0): the result is the last step")
     log.info("embedding tables:\n%s", shd.table_layout(spec.mesh, spec.program.abstract_state.params))
 
 
@@ -101,7 +113,14 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     params, chosen, result_step = state.params, None, int(state.step)
     if run.best is not None:  # the validation-chosen step is the run's result
         params, (step, score) = run.best.restore(spec.program.abstract_state.params, own=True), run.best.best()
-        chosen = {"step": step, "metric": cfg.train.early_stopping_metric, "score": score, "history": run.validation}
+        chosen = {
+            "step": step,
+            "metric": cfg.train.early_stopping_metric,
+            "score": score,
+            "data": spec.validation_data,
+            "every": spec.eval_interval,
+            "history": run.validation,
+        }
         result_step = step
     trained = trained_so_far(spec, result_step)  # what the result's parameters were trained on
     write_handover(spec, params, trained)
