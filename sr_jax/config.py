@@ -84,6 +84,9 @@ class ModelConfig:
     # In training, each example's user, query and item id is read as missing with this probability, so the
     # model learns to score from text, fields and history, as it must for a new user or item (DropoutNet).
     id_dropout: float = 0.0
+    # An id or field value whose row the model never trained (a new user or item, a cold item): read as its row
+    # (row: a random or fresh vector) or as a missing aspect (missing: the gate weighs text, fields and history).
+    untrained_ids: str = "row"
     use_domain_adapter: bool = True  # Domain Adaptive Layer on (ablation: identity)
     regularizer: str = "js"  # js | mmd | none
     reg_weight: float = 0.05  # lambda
@@ -172,6 +175,7 @@ class ConfigError(ValueError):
 # The values a choice field may take: the one list every module and the validation read.
 LEVELS = ("l0", "l1", "l2")  # the network's levels (docs/DESIGN.md): encoding, shared adaptation, per-domain heads
 HISTORY_POOLINGS = ("mean", "attention")
+UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
 BACKBONES = ("mmoe", "ple", "star")
@@ -315,6 +319,7 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     )
     _check(problems, 0 <= cfg.id_dropout < 1, "model.id_dropout", f"{cfg.id_dropout} must be in [0, 1)")
     _choice(problems, cfg.history_pooling, "model.history_pooling", HISTORY_POOLINGS)
+    _choice(problems, cfg.untrained_ids, "model.untrained_ids", UNTRAINED_IDS)
     _check(
         problems, cfg.id_buckets != 1, "model.id_buckets", "1 leaves no row for ids (row 0 is 'missing'): use 0 or >= 2"
     )

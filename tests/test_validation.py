@@ -105,6 +105,12 @@ def test_the_dataset_s_own_validation_split_is_used_and_carving_is_the_fallback(
         "train_examples": TINY.train_examples - 410,
         "valid_examples": 410,
     }
+    # a fraction of the labels: as much of the dataset's validation split (at least 16 rows)
+    spec = trainer.build_run(config(TINY, train={"eval_every": 4}, data={"train_fraction": 0.1}), tmp_path / "f").spec
+    assert spec.budget == {"train_examples": 410, "valid_examples": 51}
+    assert spec.validation_data == "the dataset's split 'valid' (51 rows, data.train_fraction=0.1 of it)"
+    spec = trainer.build_run(config(TINY, train={"eval_every": 4}, data={"train_fraction": 0.01}), tmp_path / "g").spec
+    assert spec.budget["valid_examples"] == selection.VALID_FLOOR
     with pytest.raises(ConfigError, match=r"train.eval_every=4: .* no split data.valid_split='nope'"):
         trainer.build_run(
             config(TINY, train={"eval_every": 4}, data={"valid_split": "nope", "valid_from_train": 0}), tmp_path / "x"

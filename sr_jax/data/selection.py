@@ -112,6 +112,16 @@ def train_subset(columns: Columns, fraction: float, seed: int) -> Columns:
     return {name: np.asarray(col[rows]) for name, col in columns.items()}
 
 
+def valid_subset(columns: Columns, fraction: float, seed: int) -> Columns:
+    """The same `fraction` of a dataset's own validation split as `train_subset` keeps of its train split (at
+    least VALID_FLOOR rows), so a run trained on a fraction of the labels never chooses its step on more than
+    that fraction of the validation labels; the whole split at 1."""
+    size = len(columns["label"])
+    if fraction >= 1 or size <= VALID_FLOOR:
+        return columns
+    return train_subset(columns, max(subset_size(size, fraction), VALID_FLOOR) / size, seed)
+
+
 def clamped_batch_size(configured: int, examples: int, data_axis: int, what: str) -> int:
     """The configured batch, or, when the data are fewer, the largest multiple of the data axis that fits
     (tiny cold-start fractions): the one place a batch is clamped."""

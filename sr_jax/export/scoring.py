@@ -65,13 +65,14 @@ def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
     def bind(text: sr_model.TextTable):
         table = device_text_table(text)
         params = jax.device_put(model.params)
+        trained = jax.device_put(model.trained_mask())
 
-        def predict(p, b):
-            out = sr_model.predict(model.graphdef, p, b, table)  # one forward pass for both scores
+        def predict(p, b, t):
+            out = sr_model.predict(model.graphdef, p, b, table, t)  # one forward pass for both scores
             return {k: out[k] for k in SCORES}
 
         predict = jax.jit(predict)
-        return lambda batch: {k: np.asarray(v) for k, v in predict(params, batch).items()}
+        return lambda batch: {k: np.asarray(v) for k, v in predict(params, batch, trained).items()}
 
     info, cfg = model.run_info, model.config
     return Scorer(

@@ -76,12 +76,13 @@ def serving_function(model: TrainedModel, dtype: str):
     """serve(params {name: array}, text {column: [T, dim]}, features {name: [B, ...] int32}) -> outputs."""
     cfg = dataclasses.replace(model.config.model, dtype=dtype)
     graphdef, _ = sr_model.abstract(cfg, model.model_meta, model.text_dim)
+    trained = model.trained_mask()  # constants of the exported function (model.untrained_ids=missing)
 
     def serve_fn(params: dict[str, jax.Array], text: dict[str, jax.Array], batch: dict[str, jax.Array]):
         params = unflatten({k: v.astype(jnp.float32) for k, v in params.items()})
         pooled = text["pooled"].astype(jnp.float32)
         table = sr_model.TextTable(pooled, text["summary"].astype(jnp.float32) if "summary" in text else pooled)
-        out = sr_model.predict(graphdef, params, batch, table)
+        out = sr_model.predict(graphdef, params, batch, table, trained)
         return {"probability": out["probability"], "logit": out["logit"]}
 
     return serve_fn

@@ -26,7 +26,7 @@ from sr_jax.data.store import Dataset
 from sr_jax.data.vocabulary import Vocabulary, read as read_vocab
 from sr_jax.featurized import load_dataset
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, ParamsReader
-from sr_jax.training.records import read_run_info
+from sr_jax.training.records import read_run_info, read_trained_rows
 from sr_jax.treeutil import path_str
 
 
@@ -55,6 +55,13 @@ class TrainedModel:
             h.update((self.workdir / name).read_bytes())
         h.update(f"{self.chosen_by}:{self.step}".encode())
         return h.hexdigest()
+
+    def trained_mask(self) -> dict[str, np.ndarray] | None:
+        """table -> [rows] bool, the rows the run trained (its record), when `model.untrained_ids=missing` reads
+        the others as missing (`sr_model.predict`'s `trained`); None otherwise."""
+        if self.config.model.untrained_ids != "missing":
+            return None
+        return read_trained_rows(self.workdir, self.vocab)
 
     def text_table(self) -> sr_model.TextTable:
         """The run's dataset's cached text features (host arrays, memory-mapped), checked against the encoder

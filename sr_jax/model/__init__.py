@@ -89,10 +89,21 @@ def apply(
 
 
 def predict(
-    graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable
+    graphdef: nnx.GraphDef,
+    params: Params,
+    batch: dict[str, jax.Array],
+    text: TextTable,
+    trained: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """Inference: {"logit": [B] float32, "probability": [B], the click probability} and `apply`'s aux. The one
-    place a score is made from the model: evaluation, batch scoring and the serving artifact all call it."""
+    place a score is made from the model: evaluation, batch scoring and the serving artifact all call it.
+    `trained` (`model.untrained_ids=missing`): table column -> [rows] bool, the rows the model trained; an id or
+    field value of another row is read as missing (row 0), so the gate weighs the aspects the model knows."""
+    if trained:
+        batch = {
+            **batch,
+            **{c: jnp.where(jnp.asarray(m)[batch[c]], batch[c], 0) for c, m in trained.items() if c in batch},
+        }
     logits, aux = apply(graphdef, params, batch, text)
     logits = logits.astype(jnp.float32)
     return {**aux, "logit": logits, "probability": jax.nn.sigmoid(logits)}

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from sr_jax import metrics
+from sr_jax import sharding as shd
 from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
 from sr_jax.io import atomic_file
@@ -23,37 +25,43 @@ from sr_jax.training.spec import RunSpec
 SCORES = "scores_{split}.npz"  # a run's per-example test scores, beside eval.json (for bootstrap intervals)
 
 
-def warm_items(spec: RunSpec, trained: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """[item rows] bool: the items the model trained, the others being the report's cold items: `trained`
-    (`handover.trained_so_far`: its pretrained run's and this run's up to its result), else the run's record of
-    them (`trained_rows.npz`, once written), else those its pretrained run trained (none for a fresh run)."""
+def trained_rows(spec: RunSpec, trained: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """table -> [rows] bool, the rows the model trained (the items among them are warm, the others the report's
+    cold items): `trained` (`handover.trained_so_far`: its pretrained run's and this run's up to its result),
+    else the run's record of them (`trained_rows.npz`, once written), else its pretrained run's (none for a
+    fresh run)."""
     if trained is None and (spec.workdir / records.TRAINED_ROWS).exists():
         trained = records.read_trained_rows(spec.workdir, spec.row_map.vocab)
-    return (trained or spec.trained_rows)["item_id"]
+    return trained or spec.trained_rows
 
 
 def evaluate(
     spec: RunSpec,
     params,
     split: str | None = None,
-    warm: np.ndarray | None = None,
+    trained: dict[str, np.ndarray] | None = None,
     scores_to: Path | None = None,
 ) -> dict:
-    """Metrics of `params` on a split of the run's domains (default: data.eval_split); `warm`: see `warm_items`
-    (its default); `scores_to`: a folder to write the per-example scores to (`SCORES`)."""
+    """Metrics of `params` on a split of the run's domains (default: data.eval_split); `trained`: see
+    `trained_rows` (its default); `scores_to`: a folder to write the per-example scores to (`SCORES`)."""
     split = split or spec.config.data.eval_split
     columns = spec.split(split)
-    logits = predict_logits(spec, params, columns)
+    rows = trained_rows(spec, trained)
+    logits = predict_logits(spec, params, columns, rows)
     if scores_to is not None:
         write_scores(Path(scores_to), split, logits, columns)
-    return compute_metrics(spec.dataset, split, logits, columns, warm_items(spec) if warm is None else warm)
+    return compute_metrics(spec.dataset, split, logits, columns, rows["item_id"])
 
 
-def predict_logits(spec: RunSpec, params, columns: dict[str, np.ndarray]) -> np.ndarray:
-    """[rows] float32: the model's logits on `columns` (rows in the model's tables)."""
+def predict_logits(spec: RunSpec, params, columns: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> np.ndarray:
+    """[rows] float32: the model's logits on `columns` (rows in the model's tables); `trained`: the rows the model
+    trained, whose complement reads as missing under `model.untrained_ids=missing`."""
+    mask = None
+    if spec.config.model.untrained_ids == "missing":
+        mask = jax.device_put({t: np.asarray(r) for t, r in trained.items()}, shd.replicated(spec.mesh))
 
     def predict(batch):
-        return spec.program.predict(params, spec.global_eval_batch(batch), spec.text)
+        return spec.program.predict(params, spec.global_eval_batch(batch), spec.text, mask)
 
     return map_batches(predict, columns, spec.config.data.eval_batch_size)["logit"]
 

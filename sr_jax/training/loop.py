@@ -21,6 +21,7 @@ from sr_jax import distributed
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.training import evaluation
 from sr_jax.training.checkpoint import BestCheckpoint, Checkpointer
+from sr_jax.training.handover import trained_so_far
 from sr_jax.training.metrics_log import MetricsLog
 from sr_jax.training.program import compile_train_step
 from sr_jax.training.spec import RunSpec
@@ -135,7 +136,9 @@ def validate_step(run: Run, params, step: int) -> float:
     """Scores `params` on the validation data, offers them to the best checkpoint, records the score."""
     cfg = run.spec.config
     columns = run.spec.valid_columns
-    logits = evaluation.predict_logits(run.spec, params, columns)
+    missing = cfg.model.untrained_ids == "missing"  # then the rows read so far are known, the others missing
+    trained = trained_so_far(run.spec, step) if missing else run.spec.trained_rows
+    logits = evaluation.predict_logits(run.spec, params, columns, trained)
     result = evaluation.compute_metrics(run.spec.dataset, "validation", logits, columns, warm=None)
     score = (
         result["mean_domain_auc"] if cfg.train.early_stopping_metric == "mean_domain_auc" else result["overall"]["auc"]

@@ -27,6 +27,7 @@ from sr_jax.data.selection import (
     run_domains,
     select_domains,
     train_subset,
+    valid_subset,
 )
 from sr_jax.data.store import Dataset
 from sr_jax.featurized import load_dataset
@@ -87,7 +88,12 @@ class RunSpec:
         if self.valid_source == CARVED:
             how = "its users' latest" if "timestamp" in self.valid_columns else "a seeded random part of"
             return f"{rows} rows carved from the labelled rows of split {self.config.data.train_split!r} ({how})"
-        return f"the dataset's split {self.valid_source!r} ({rows} rows)"
+        share = (
+            f", data.train_fraction={self.config.data.train_fraction} of it"
+            if self.config.data.train_fraction < 1
+            else ""
+        )
+        return f"the dataset's split {self.valid_source!r} ({rows} rows{share})"
 
     def rows_read(self, steps: int) -> dict[str, np.ndarray]:
         """table -> [rows] bool: the table rows that the run's first `steps` batches read (row 0, missing, never):
@@ -194,7 +200,11 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     kept, carved = carve_validation(labelled, cfg.data.valid_from_train if valid_source == CARVED else 0)
     valid = None
     if valid_source:
-        valid = carved if carved is not None else select_domains(dataset, cfg.data.valid_split, domains)
+        if carved is not None:
+            valid = carved
+        else:  # the dataset's own split, as much of it as of the train split
+            own = select_domains(dataset, cfg.data.valid_split, domains)
+            valid = valid_subset(own, cfg.data.train_fraction, cfg.train.seed)
     trained = tuple(sorted(set(domains) | set(run_info["trained_domains"] if run_info else ())))
     if n := cfg.model.user_history:
         if not dataset.meta.has_timestamp:

@@ -125,16 +125,17 @@ def make_train_step(
 def make_predict_step(
     graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, output: str | tuple[str, ...] = ("logit", "probability")
 ):
-    """jit(predict)(params, batch, text) -> `sr_model.predict`'s `output` of the model in inference mode,
-    replicated (every process can read it): by default {"logit": [B], "probability": [B]} (rank the logits);
-    one name, e.g. "adapted" for z [B, 3d], gives that array alone."""
+    """jit(predict)(params, batch, text, trained=None) -> `sr_model.predict`'s `output` of the model in inference
+    mode, replicated (every process can read it): by default {"logit": [B], "probability": [B]} (rank the
+    logits); one name, e.g. "adapted" for z [B, 3d], gives that array alone. `trained`: see sr_model.predict."""
 
-    def predict(params, batch, text):
-        out = sr_model.predict(graphdef, params, batch, text)
+    def predict(params, batch, text, trained):
+        out = sr_model.predict(graphdef, params, batch, text, trained)
         return out[output] if isinstance(output, str) else {name: out[name] for name in output}
 
-    return jax.jit(
+    jitted = jax.jit(
         predict,
-        in_shardings=(params_sharding, shd.batch_sharding(mesh), shd.text_sharding(mesh)),
+        in_shardings=(params_sharding, shd.batch_sharding(mesh), shd.text_sharding(mesh), shd.replicated(mesh)),
         out_shardings=shd.replicated(mesh),
     )
+    return lambda params, batch, text, trained=None: jitted(params, batch, text, trained)

@@ -126,7 +126,7 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     write_handover(spec, params, trained)
     started = time.perf_counter()
     scores_to = workdir if distributed.is_primary() else None
-    result = evaluation.evaluate(spec, params, warm=evaluation.warm_items(spec, trained), scores_to=scores_to)
+    result = evaluation.evaluate(spec, params, trained=trained, scores_to=scores_to)
     # where a run's time goes (this process; a resumed run counts its own part only)
     result["timing"] = {
         "compile_s": run.compile_seconds,
