@@ -445,3 +445,45 @@ def test_from_torch_refuses_a_flipped_byte_and_non_finite_values(run_dir, tmp_pa
     state["gate_bias"][0] = np.nan
     with pytest.raises(CheckpointError, match=r"gate_bias \(params/l2/gate/bias\) holds NaN or inf"):
         interop.from_torch_state_dict(state, model.params)
+
+
+def test_the_artifact_scores_an_item_never_seen_from_its_raw_text(tmp_path):
+    """The artifact carries the run's text encoder: the features it makes of a text equal the dataset's cached
+    ones, and an example scored through them equals the same example scored through the cached row."""
+    from sr_jax.data import synthetic
+    from sr_jax.export import serve as served_module
+    from test_text_encoder import _tiny_checkpoint
+    from train import encode_text
+
+    from helpers import TINY
+
+    root = tmp_path / "ds"
+    synthetic.generate(TINY, root)
+    ckpt = _tiny_checkpoint(tmp_path / "tiny-bert")
+    encode_text.main(["--data", str(root), "--encoder", str(ckpt)])
+    cfg = config(TINY, data={"path": str(root), "text_encoder": str(ckpt)}, train={"epochs": 1})
+    trainer.fit(cfg, tmp_path / "run")
+    export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "served")])
+    model = served_module.load(tmp_path / "served")
+    assert model.manifest["encoder"]["name"] == "tiny-bert"
+    dataset = trained.load(tmp_path / "run").dataset()
+    scorer = scoring.artifact_scorer(tmp_path / "served")
+    columns = scoring.model_columns(scorer, dataset, "test")
+    has_text = np.flatnonzero(np.asarray(columns["item_text"]) >= 0)[:16]
+    batch = {name: np.asarray(columns[name])[has_text] for name in model.features}
+    texts = [dataset.texts()[r] for r in batch["item_text"]]
+    cached = dataset.text_cache("tiny-bert")[0][batch["item_text"]]
+    np.testing.assert_allclose(model.encode(texts)["pooled"], cached, atol=1e-5)
+    table, rows = model.with_texts(texts)  # as if these items were new: rows after the table's
+    assert rows.min() == len(model.text["pooled"])
+    fresh = model({**batch, "item_text": rows}, text=table)["logit"]
+    np.testing.assert_allclose(fresh, model(batch)["logit"], atol=1e-5)
+
+
+def test_an_artifact_of_hashed_features_says_it_cannot_featurize(artifact):
+    from sr_jax.export import serve as served_module
+
+    model = served_module.load(artifact)
+    assert model.manifest["encoder"] is None
+    with pytest.raises(served_module.InputError, match="carries no text encoder"):
+        model.encode(["a new item"])

@@ -6,6 +6,8 @@
     rows = model.rows("item_id", ["B00123", "B00456"])          # raw keys -> the model's rows (unknown: 0)
     out = model({"domain": ["search-a", "rec-b"], "user_id": ..., "item_id": rows, ...})
     out["probability"], out["logit"]                            # [B] float32 numpy arrays
+    table, rows = model.with_texts(["Bench vise. Industrial & Scientific ..."])  # a new item, from its text
+    out = model({..., "item_text": rows}, text=table)         # (needs the `tokenizers` package)
 
 `model.features` lists every input with its shape and valid range; anything else (a missing feature, a
 float or string where ids are due, an id outside its table, an unknown domain) raises `InputError` naming the
@@ -76,6 +78,7 @@ class ServedModel:
         self.features = {f["name"]: f for f in self.manifest["features"]}
         self.domains = list(self.manifest["domains"])
         self._vocab = None
+        self._encoder = None  # (tokenizer, encoder function, weights), loaded on the first `encode`
         self._call = jax.jit(self.exported.call)  # compiled once per batch size
 
     def __call__(self, features: dict, text: dict | None = None) -> dict[str, np.ndarray]:
@@ -145,6 +148,48 @@ class ServedModel:
             row = int(np.argmax(out == 0))
             raise InputError(f"table {table!r}, row {row}: unknown key {list(keys)[row]!r}")
         return out
+
+    def encode(self, texts: list[str], queries: bool = False) -> dict[str, np.ndarray]:
+        """Raw texts -> their features {"pooled", "summary"} [n, dim], made by the artifact's copy of the
+        training run's text encoder as the dataset's cache was (`queries`: with the encoder's query prefix)."""
+        spec = self.manifest.get("encoder")
+        if not spec:
+            made_by = self.manifest["text"]["encoder"]
+            raise InputError(
+                f"this artifact carries no text encoder (its text features came from {made_by!r}): featurize new "
+                "texts with that encoder and pass the table as `text`"
+            )
+        if self._encoder is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(self.folder / spec["tokenizer"]))
+            tokenizer.no_padding()
+            tokenizer.enable_truncation(spec["max_length"] - (spec["eos_id"] is not None))
+            function = jax.export.deserialize(bytearray((self.folder / spec["function"]).read_bytes()))
+            weights = _load_arrays(self.folder / spec["params"], "float32")
+            self._encoder = (tokenizer, jax.jit(function.call), weights)
+        tokenizer, call, weights = self._encoder
+        prefix = spec["query_prefix"] if queries else ""
+        ids = [e.ids + ([spec["eos_id"]] if spec["eos_id"] is not None else []) for e in
+               tokenizer.encode_batch([prefix + t for t in texts])]  # fmt: skip
+        width = max((len(x) for x in ids), default=1)
+        tokens = np.full((len(ids), width), spec["pad_id"], np.int32)
+        mask = np.zeros((len(ids), width), np.int32)
+        for r, row in enumerate(ids):
+            span = slice(width - len(row), width) if spec["padding_side"] == "left" else slice(0, len(row))
+            tokens[r, span], mask[r, span] = row, 1
+        out = call(weights, tokens, mask)
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+    def with_texts(self, texts: list[str], queries: bool = False) -> tuple[dict, np.ndarray]:
+        """(the artifact's text table with `texts`' features appended, their rows [n] int32): score an item or a
+        query never seen in training from its text, `model({..., "item_text": rows}, text=table)`."""
+        new = self.encode(texts, queries)
+        table = {
+            c: np.concatenate([np.asarray(self.text[c], np.float32), new[c]]) for c in self.manifest["text"]["columns"]
+        }
+        start = len(self.text["pooled"])
+        return table, np.arange(start, start + len(texts), dtype=np.int32)
 
     def _check_text(self, text: dict) -> dict:
         spec = self.manifest["text"]

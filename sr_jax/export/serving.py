@@ -10,6 +10,9 @@ size, and what it needs beside it, loadable with jax alone (`serve.py`, copied i
                          the features' *_text columns index. The function takes the table as an input with
                          a symbolic row count, so another dataset's cache (same encoder) serves as well.
       vocab.json         the raw key of every table row (row r + 1 <-> keys[table][r])
+      encoder.jaxexport  the text encoder (a language model's, not hashed-bow's): (params, ids, mask) ->
+      encoder_params.npz {"pooled", "summary"}, with its weights and tokenizer, so `serve.py` featurizes a
+      tokenizer.json     text never seen in training (a new item) as the dataset's cache was made
       serve.py           the loader
 
 `dtype="bfloat16"` stores parameters and text features in bfloat16 (half the size) and runs the per-domain
@@ -39,6 +42,7 @@ from sr_jax.model.encoding import SIDES, side_aspects
 from sr_jax.treeutil import flatten, unflatten
 
 FUNCTION, PARAMS, TEXT = "model.jaxexport", "params.npz", "text.npz"
+ENCODER_FUNCTION, ENCODER_PARAMS, TOKENIZER = "encoder.jaxexport", "encoder_params.npz", "tokenizer.json"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -149,8 +153,15 @@ def export(
         "jax_version": jax.__version__,
         "platforms": list(platforms),
     }
+    encoder = export_encoder(model, platforms)
+    manifest["encoder"] = encoder[0] if encoder else None
     with atomic_dir(Path(out)) as tmp:
         tmp.chmod(0o755)
+        if encoder:
+            described, function, weights, tokenizer = encoder
+            (tmp / described["function"]).write_bytes(function)
+            _save_arrays(tmp / described["params"], weights)
+            shutil.copyfile(tokenizer, tmp / described["tokenizer"])
         (tmp / FUNCTION).write_bytes(serialized)
         _save_arrays(tmp / PARAMS, params)
         _save_arrays(tmp / TEXT, table)
@@ -161,6 +172,49 @@ def export(
         manifest["manifest_sha256"] = serve.manifest_digest(manifest)
         (tmp / serve.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def export_encoder(model: TrainedModel, platforms: tuple[str, ...]) -> tuple[dict, bytes, dict, Path] | None:
+    """The run's text encoder as the artifact carries it, so that `serve.py` featurizes a text it never saw
+    (a new item, a new query) as the training data's were: (its manifest entry, the serialized function
+    (params, ids [b, l], mask [b, l]) -> {"pooled", "summary"} [b, dim], its weights, its tokenizer file).
+    None for hashed-bow, which has no language model to carry."""
+    spec_text = model.config.data.text_encoder
+    if spec_text.startswith("hashed-bow"):
+        return None
+    from sr_jax.text.encoder import features_fn, load_encoder
+
+    encoder = load_encoder(spec_text)
+    if encoder.fingerprint() != model.run_info["text_fingerprint"]:
+        raise ValueError(
+            f"{spec_text}: its fingerprint {encoder.fingerprint()} is not the one the run's text features were made "
+            f"with ({model.run_info['text_fingerprint']}): the artifact would featurize new texts differently"
+        )
+    forward = features_fn(encoder.spec)
+
+    def encode(params, ids, mask):
+        pooled, summary = forward(unflatten(params), ids, mask)
+        return {"pooled": pooled.astype(jnp.float32), "summary": summary.astype(jnp.float32)}
+
+    weights = {k: np.asarray(v) for k, v in flatten(jax.device_get(encoder.params)).items()}
+    b, length = jax.export.symbolic_shape("b, l")
+    tokens = jax.ShapeDtypeStruct((b, length), jnp.int32)
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+    function = jax.export.export(jax.jit(encode), platforms=platforms)(specs, tokens, tokens).serialize()
+    spec = encoder.spec
+    described = {
+        "function": ENCODER_FUNCTION,
+        "params": ENCODER_PARAMS,
+        "tokenizer": TOKENIZER,
+        "name": encoder.name,
+        "fingerprint": encoder.fingerprint(),
+        "max_length": int(encoder.max_length),
+        "pad_id": int(encoder.pad_id),
+        "eos_id": int(spec.config.eos_token_id) if spec.pooling.eos else None,  # appended to every text
+        "padding_side": spec.padding_side,
+        "query_prefix": encoder.query_prefix,
+    }
+    return described, function, weights, spec.folder / "tokenizer.json"
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
