@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 TILE = 32  # rows per tile of by_group: a multiple of the vector width; fastest of 8..64 on CPU at K = 7..100
@@ -65,7 +66,37 @@ def by_group(x: Array, index: Array, n: int, apply: Callable[[Array, Array], Arr
     group [T]) -> [T, tile, out]` computes each tile with its group's parameters (e.g. `kernel[group]`), and
     every example's output row is read back in the original order; padding rows are never read, so they get
     no gradient. Equal to computing every group on every example and keeping the example's own, in a cost
-    that does not grow with n."""
+    that does not grow with n.
+
+    Under a mesh whose `data` axis splits the batch (the context mesh, `jax.sharding.use_abstract_mesh`, which
+    the train and predict steps set), the batch is grouped shard by shard: [D, B / D] with D on `data`, each
+    shard into its own tiles (at most B / D + n * (tile - 1) rows), so that the sort, the scatter and the
+    layers stay on the device that holds the rows. Sorting the global batch instead would gather it onto
+    every device, each then computing every tile of the global batch."""
+    b, d = x.shape[0], data_shards(x.shape[0])
+    shard = lambda a: constrain(a.reshape(d, b // d, *a.shape[1:]))  # noqa: E731
+    rows, tiles, group = jax.vmap(lambda x, i: _tiles(x, i, n, tile))(shard(x), shard(index))
+    out = apply(tiles.reshape(-1, tile, x.shape[1]), group.reshape(-1))  # every shard's tiles, on its device
+    out = constrain(out.reshape(d, -1, out.shape[-1]))
+    return jax.vmap(lambda o, r: o[r])(out, rows).reshape(b, -1)
+
+
+def data_shards(batch: int) -> int:
+    """How many shards of the `data` axis split a batch of this size under the context mesh (1: none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    d = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+    return d if batch % d == 0 else 1
+
+
+def constrain(a: Array) -> Array:
+    """`a` [D, ...] with its first axis on the mesh's `data` axis (nothing without a context mesh)."""
+    if jax.sharding.get_abstract_mesh().empty or a.shape[0] == 1:
+        return a
+    return jax.lax.with_sharding_constraint(a, P("data"))
+
+
+def _tiles(x: Array, index: Array, n: int, tile: int) -> tuple[Array, Array, Array]:
+    """One shard's grouping: (each row's place in the tiles [B], the tiles [T, tile, in], each tile's group [T])."""
     b = x.shape[0]
     num_tiles = -(-(b + n * (tile - 1)) // tile)
     sizes = jnp.bincount(index, length=n)
@@ -77,8 +108,7 @@ def by_group(x: Array, index: Array, n: int, apply: Callable[[Array, Array], Arr
     tiles = jnp.zeros((num_tiles * tile, x.shape[1]), x.dtype).at[row].set(x).reshape(num_tiles, tile, -1)
     starts = jnp.arange(num_tiles) * tile
     group = jnp.minimum(jnp.searchsorted(ends, starts, side="right"), n - 1)  # [T]; spare tiles: any group
-    out = apply(tiles, group)
-    return out.reshape(num_tiles * tile, -1)[row]
+    return row, tiles, group
 
 
 class StackedDense(nnx.Module):

@@ -69,6 +69,10 @@ def make_train_step(
     Metrics: loss, bce, reg, and the trainable gradient's global norm before and after clipping."""
 
     def step(state: TrainState, batch, text, reference):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # per-device grouping (layers.by_group)
+            return _step(state, batch, text, reference)
+
+    def _step(state: TrainState, batch, text, reference):
         key = jax.random.fold_in(jax.random.key(seed), state.step)  # the MMD subsample of this step
         if sparse is None:
             read, table_rows = state.params, None
@@ -130,7 +134,8 @@ def make_predict_step(
     logits); one name, e.g. "adapted" for z [B, 3d], gives that array alone. `trained`: see sr_model.predict."""
 
     def predict(params, batch, text, trained):
-        out = sr_model.predict(graphdef, params, batch, text, trained)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # per-device grouping (layers.by_group)
+            out = sr_model.predict(graphdef, params, batch, text, trained)
         return out[output] if isinstance(output, str) else {name: out[name] for name in output}
 
     jitted = jax.jit(
