@@ -114,6 +114,9 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | constant
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global-norm clipping; 0: off
+    # Gradients of N micro-batches of data.batch_size / N rows each, averaged into one update: the same global
+    # batch on fewer devices (or in less memory). L_reg and STAR's batch statistics see one micro-batch at a time.
+    grad_accum: int = 1
     # How embedding tables are updated: dense (by the optimizer above, every row every step) | rowwise_adagrad |
     # lazy_adam (row-sparse: only the rows a batch reads are read and written; see training/sparse_update.py)
     embedding_update: str = "dense"
@@ -121,6 +124,9 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # "A:B": a jax.profiler trace of steps A+1..B (A steps done first, so compilation is not in it) written to
+    # RUN/profile (TensorBoard's profile plugin reads it: `tensorboard --logdir RUN/profile`); "": none.
+    profile_steps: str = ""
     # Validation during training (0: never), on data.valid_split or a carved part of the train split: every
     # `eval_every` steps, or `evals_per_epoch` times an epoch when that is longer (so a large run validates,
     # and stops, on the scale of epochs; eval_every is the floor). The step with the best
@@ -400,6 +406,17 @@ def validate_synthetic(cfg: SyntheticConfig) -> list[str]:
     return problems
 
 
+def profile_window(text: str) -> tuple[int, int] | None:
+    """ "A:B" -> (A, B) with 0 <= A < B; "" -> (0, 0), no profile; None when malformed."""
+    if not text:
+        return 0, 0
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        return None
+    return (a, b) if 0 <= a < b else None
+
+
 def validate(cfg: Config) -> Config:
     """Every rule a config must meet, checked before anything is written or trained. All problems are
     reported at once, each naming its key; returns the config unchanged."""
@@ -417,9 +434,12 @@ def validate(cfg: Config) -> Config:
         problems, train, "train", "seed", "min_steps", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True
     )
     _positive(problems, train, "train", "embedding_learning_rate", allow_zero=True)
+    _positive(problems, train, "train", "grad_accum")
     _positive(
         problems, train, "train", "eval_every", "early_stopping_patience", "early_stopping_min_delta", allow_zero=True
     )
+    _check(problems, profile_window(train.profile_steps) is not None, "train.profile_steps",
+           f"{train.profile_steps!r}: expected A:B with 0 <= A < B, or empty")  # fmt: skip
     _choice(problems, train.early_stopping_metric, "train.early_stopping_metric", VALIDATION_METRICS)
     _check(
         problems,

@@ -210,3 +210,29 @@ def test_trained_rows_are_those_the_result_read(tmp_path):
         assert saved["item_id"].sum() < (np.bincount(np.asarray(columns["item_id"])) > 0)[1:].sum()  # not all
     test_items = np.asarray(run.spec.split("test")["item_id"])
     assert result["cold_items"]["examples"] == int((~items[test_items]).sum())
+
+
+def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path):
+    cfg = config(TINY, train={"epochs": 1.0, "profile_steps": "2:4", "checkpoint_every": 1000})
+    trainer.fit(cfg, tmp_path)
+    traces = list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    with pytest.raises(ConfigError, match=r"train.profile_steps: '4:2': expected A:B"):
+        trainer.fit(config(TINY, train={"profile_steps": "4:2"}), tmp_path / "bad")
+
+
+@pytest.mark.parametrize("rule", ["dense", "lazy_adam"])
+def test_gradient_accumulation_equals_one_batch_n_times_larger(tmp_path, rule):
+    """4 micro-batches of 64 rows and one batch of 256 give the same parameters after two steps (a model whose loss
+    is a mean over its rows: no L_reg, no batch statistics; SGD without clipping, which a wrong scale would move)."""
+    model = {"regularizer": "none"}
+    train = {"embedding_update": rule, "checkpoint_every": 100, "optimizer": "sgd", "grad_clip": 0.0}
+    params = []
+    for accum in (1, 4):
+        cfg = config(TINY, model=model, train={**train, "grad_accum": accum})
+        run = trainer.build_run(cfg, tmp_path / f"{rule}-{accum}")
+        params.append(loop.train(run, restore.initial_state(run.spec), until=2).params)
+        run.close()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), *params)
+    with pytest.raises(ConfigError, match=r"train.grad_accum=3: the batch of 256 rows does not split"):
+        trainer.build_run(config(TINY, train={"grad_accum": 3}), tmp_path / "bad")

@@ -12,12 +12,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from sr_jax import distributed
+from sr_jax.config import profile_window
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.training import evaluation
 from sr_jax.training.checkpoint import BestCheckpoint, Checkpointer
@@ -114,6 +116,30 @@ def _stop_agreed(received: list[int], at_sync_point: bool) -> bool:
     return at_sync_point and distributed.any_process(bool(received))
 
 
+class Profile:
+    """`train.profile_steps=A:B`: a jax.profiler trace from after step A to after step B, in `folder`."""
+
+    def __init__(self, folder: Path, steps: str, write: bool):
+        self.folder, self.window, self.on = folder, profile_window(steps), False
+        self.write = write and self.window != (0, 0)
+
+    def before(self, step: int) -> None:
+        if self.write and step == self.window[0] and not self.on:
+            jax.profiler.start_trace(str(self.folder))
+            self.on = True
+            log.info("profiling steps %d to %d into %s", step + 1, self.window[1], self.folder)
+
+    def after(self, done: int, state) -> None:
+        if self.on and done == self.window[1]:
+            jax.block_until_ready(state)  # the traced steps' work, not only their dispatch
+            self.close()
+
+    def close(self) -> None:
+        if self.on:
+            jax.profiler.stop_trace()
+            self.on = False
+
+
 def position(run: Run, step: int) -> dict:
     """Where the data stand after `step`, and the validation scores so far (what early stopping decides on)."""
     epoch, batch = divmod(step, run.spec.steps_per_epoch)
@@ -182,9 +208,12 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
         stop_requests() as received,
         contextlib.closing(MetricsLog(spec.workdir, start, write=primary)) as metrics_log,
         tqdm(total=stop, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=not primary) as bar,
+        contextlib.closing(Profile(spec.workdir / "profile", cfg.train.profile_steps, primary)) as profile,
     ):
         for step, batch in zip(range(start, stop), feed):
+            profile.before(step)
             state, metrics = step_fn(state, batch, spec.text, spec.reference)
+            profile.after(step + 1, state)
             window_steps += 1
             done = step + 1
             logged = done % cfg.train.log_every == 0 or done == stop

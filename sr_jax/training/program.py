@@ -83,8 +83,9 @@ def build_program(
     if rule != "dense":
         sparse = (rule, learning_rate(train, total_steps, peak=train.embedding_learning_rate or train.learning_rate))
     step = make_train_step(
-        graphdef, tx, roles, cfg.model.reg_weight, mesh, shardings, train.seed, train.grad_clip, new_domains, sparse
-    )
+        graphdef, tx, roles, cfg.model.reg_weight, mesh, shardings, train.seed, train.grad_clip, new_domains, sparse,
+        train.grad_accum,
+    )  # fmt: skip
     return Program(
         graphdef=graphdef,
         per_domain=per_domain,

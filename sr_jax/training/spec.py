@@ -225,6 +225,11 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         raise ConfigError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
     if batch % data_axis:
         raise ConfigError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
+    if (batch - replay_size) % cfg.train.grad_accum or batch % (cfg.train.grad_accum * data_axis):
+        raise ConfigError(
+            f"train.grad_accum={cfg.train.grad_accum}: the batch of {batch} rows does not split into that many "
+            f"micro-batches over the mesh's data axis ({data_axis} devices)"
+        )
     steps_per_epoch = len(columns["label"]) // (batch - replay_size)
     total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
     start = None

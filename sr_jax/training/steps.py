@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
@@ -60,8 +61,15 @@ def make_train_step(
     grad_clip: float,
     new_domains: Sequence[int] = (),
     sparse: tuple[str, optax.Schedule] | None = None,
+    grad_accum: int = 1,
 ):
     """jit(step)(state, batch, text, reference) -> (state, metrics); the state's buffers are donated.
+
+    `grad_accum=N` splits the batch into N micro-batches (every N-th row, so each stays spread over the data
+    axis), takes their gradients in turn (a scan: one micro-batch's activations live at a time) and averages
+    them: the mean loss over N equal micro-batches is the batch's, so one update equals the update of the whole
+    batch, but for the terms that depend on the batch's composition (L_reg between the domains of a batch, STAR's
+    batch statistics), computed per micro-batch.
 
     Only the trainable part of the params (`roles`, see optimizer.py) is differentiated. `sparse`: (rule,
     learning-rate schedule) to update the embedding tables row-sparsely (`sparse_update`); `roles` must then
@@ -81,11 +89,18 @@ def make_train_step(
             read, table_rows = sparse_update.with_tables(state.params, gathered.embeddings), gathered.inverse
         trainable, fixed = partition(read, roles)
 
-        def loss_of(trainable):
-            kwargs = dict(table_rows=table_rows, train=True, key=key, reference=reference)
-            return loss_fn(graphdef, combine(trainable, fixed), batch, text, reg_weight, **kwargs)
+        def micro_grads(fixed, micro, rows, key):
+            def loss_of(trainable):
+                kwargs = dict(table_rows=rows, train=True, key=key, reference=reference)
+                return loss_fn(graphdef, combine(trainable, fixed), micro, text, reg_weight, **kwargs)
 
-        (_, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+            (_, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+            return grads, metrics, stats
+
+        if grad_accum == 1:
+            grads, metrics, stats = micro_grads(fixed, batch, table_rows, key)
+        else:
+            grads, metrics, stats = accumulate(micro_grads, fixed, batch, table_rows, key, grad_accum, mesh)
         grads = zero_frozen_rows(grads, roles, new_domains)
         if sparse is not None:  # rows a frozen L0 keeps (all but its new rows) get no gradient
             num_rows = {k: t.shape[0] for k, t in sparse_update.tables(state.params).items()}
@@ -124,6 +139,31 @@ def make_train_step(
         out_shardings=(state_sharding, shd.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def accumulate(micro_grads, fixed, batch, table_rows, key, n: int, mesh: Mesh):
+    """`micro_grads` over n micro-batches (rows r, r + n, r + 2n, ... form micro-batch r) in a scan: the mean of
+    their gradients and metrics, and the batch statistics after the last (each micro-batch reads the statistics
+    the one before it left)."""
+
+    def split(a):
+        a = a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, "data")))
+
+    micro = jax.tree.map(split, (batch, table_rows))
+
+    def body(carry, xs):
+        fixed, total, metrics_sum, k = carry
+        grads, metrics, stats = micro_grads(fixed, *xs, jax.random.fold_in(key, k))
+        add = lambda a, b: a + b  # noqa: E731
+        return (sr_model.with_stats(fixed, stats), jax.tree.map(add, total, grads),
+                jax.tree.map(add, metrics_sum, metrics), k + 1), stats  # fmt: skip
+
+    shapes = jax.eval_shape(lambda: micro_grads(fixed, *jax.tree.map(lambda a: a[0], micro), key))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[:2])
+    (_, total, metrics_sum, _), stats = jax.lax.scan(body, (fixed, *zeros, 0), micro)
+    mean = lambda a: a / n  # noqa: E731
+    return jax.tree.map(mean, total), jax.tree.map(mean, metrics_sum), jax.tree.map(lambda a: a[-1], stats)
 
 
 def make_predict_step(
