@@ -323,3 +323,31 @@ def test_a_killed_run_s_unsealed_newest_step_resumes_and_is_sealed(tmp_path):
     (tmp_path / "checkpoints" / ".checksums" / "4.json").unlink()
     with pytest.raises(CheckpointError, match=r"checkpoints/4: no checksum record"):
         run.checkpointer.restore(run.spec.program.abstract_state, step=4)
+
+
+def test_sealing_a_step_runs_off_the_training_loop(tmp_path, monkeypatch):
+    """The CRC32 seal of the previous step re-reads every file it wrote: a background thread does it, so a save
+    returns at once however slow that is; wait() and restore() wait for it, and the record is complete."""
+    import time
+
+    from sr_jax.training import checkpoint
+    from sr_jax.training.steps import TrainState
+
+    slow_seal = checkpoint.seal
+
+    def slow(*args):
+        time.sleep(1.0)
+        slow_seal(*args)
+
+    monkeypatch.setattr(checkpoint, "seal", slow)
+    state = TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones((64, 8))}, {}, {})
+    with checkpoint.Checkpointer(tmp_path / "ckpt", keep=3) as saver:
+        saver.save(1, state, {"step": 1}, force=True)
+        saver.manager.wait_until_finished()
+        started = time.perf_counter()
+        saver.save(2, state, {"step": 2}, force=True)  # seals step 1, in the background
+        assert time.perf_counter() - started < 0.5
+        saver.wait()
+        assert {p.name for p in (tmp_path / "ckpt" / checkpoint.CHECKSUMS).iterdir()} == {"1.json", "2.json"}
+        restored, position = saver.restore(jax.eval_shape(lambda: state), 1)
+        assert position == {"step": 1}

@@ -10,6 +10,7 @@ that restores.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import zlib
@@ -54,11 +55,26 @@ class _Closing:
 
 
 class Checkpointer(_Closing):
+    """The train state every `every` steps (orbax, the newest `keep`), each finished step sealed with its
+    files' CRC32s on a background thread: re-reading a large checkpoint never stalls the loop."""
+
     def __init__(self, directory: str | Path, keep: int = 3, every: int = 1):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.sealer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seal")  # one seal at a time
+        self.sealing: concurrent.futures.Future | None = None
+
+    def _seal_later(self, steps: list[int]) -> None:
+        if steps:
+            self.sealing = self.sealer.submit(seal, self.directory, steps)
+
+    def _sealed(self) -> None:
+        """Waits for the background seal (and raises what it raised)."""
+        if self.sealing is not None:
+            self.sealing.result()
+            self.sealing = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -69,9 +85,10 @@ class Checkpointer(_Closing):
 
     def save(self, step: int, state: TrainState, position: dict, force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position))
+        self._sealed()  # the last seal is done (it reads files that orbax's retention may delete next)
         saved = self.manager.save(step, args=args, force=force)
-        if saved:  # orbax finished the previous save before starting this one: seal it
-            seal(self.directory, [s for s in self.manager.all_steps() if s != step])
+        if saved:  # orbax finished the previous save before starting this one: seal it, off the loop
+            self._seal_later([s for s in self.manager.all_steps() if s != step])
         return saved
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
@@ -80,6 +97,7 @@ class Checkpointer(_Closing):
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         target = jax.tree.map(lambda a: ocp.utils.to_shape_dtype_struct(a), abstract_state._asdict())
+        self._sealed()
         sealed = verify(self.directory, step, trust_unsealed=step == max(self.manager.all_steps(), default=step))
         check_compatible(self.directory / str(step) / "state", self.item_metadata(step), target)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore())
@@ -107,10 +125,15 @@ class Checkpointer(_Closing):
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._sealed()
         seal(self.directory, self.manager.all_steps())
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self._sealed()
+        finally:
+            self.sealer.shutdown()
+            self.manager.close()
 
 
 class BestCheckpoint(_Closing):
