@@ -4,13 +4,15 @@ per folder (`exclusive`)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -80,30 +82,76 @@ class FolderLocked(RuntimeError):
     """Another process holds the folder's writer lock."""
 
 
+LOCK = ".lock"  # folder/.lock: {"host", "pid"} of the writer, its mtime the writer's heartbeat
+HEARTBEAT_S = 10.0  # how often a holder touches its lock
+STALE_S = 60.0  # a lock not touched for this long belongs to a writer that died (on any host)
+
+
 @contextlib.contextmanager
 def exclusive(folder: Path, what: str = "run", wait: bool = False) -> Iterator[None]:
-    """Holds an exclusive lock on `folder` (an flock on `folder/.lock`, which records the holder's pid) while
-    the block runs; a second writer fails at once with FolderLocked naming that pid (or, with `wait`, waits
-    for it: a shared cache that the first one fills). Readers take no lock. The lock goes with the process:
-    a killed writer leaves nothing that blocks the next one."""
+    """Holds the writer lock of `folder` while the block runs; a second writer fails at once with FolderLocked
+    naming the holder's host and pid (or, with `wait`, waits for it: a shared cache that the first one fills).
+    Readers take no lock.
+
+    The lock is a file created exclusively (`O_CREAT | O_EXCL`), which works where `flock` does not (NFS,
+    object-store mounts such as gcsfuse that create with a precondition), holding the writer's host and pid; a
+    thread touches it every HEARTBEAT_S. A lock is stale, and taken over, when its writer is a dead process of
+    this host, or when it was not touched for STALE_S (a writer killed on another host): a killed writer never
+    blocks the next one for long."""
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / ".lock", "a+")
+    path = folder / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    while not _create(path, me):
+        holder = _holder(path)
+        if _stale(path, holder):
+            path.unlink(missing_ok=True)
+            continue
+        if not wait:
+            raise FolderLocked(
+                f"{folder}: another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing "
+                f"this {what}; wait for it to finish, or use another folder"
+            )
+        time.sleep(0.2)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True, name="lock-heartbeat")
+    beat.start()
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise FolderLocked(
-            f"{folder}: another process (pid {holder}) is writing this {what}; wait for it to finish, or use "
-            "another folder"
-        ) from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        stop.set()
+        beat.join()
+        if _holder(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def _create(path: Path, me: dict) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(me) + "\n")
+    return True
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # released, or being written this instant
+        return {}
+
+
+def _stale(path: Path, holder: dict) -> bool:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False  # released meanwhile: try again
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        return not _alive(holder["pid"])
+    return age > STALE_S or (not holder and age > 5.0)  # a lock left empty by a writer killed mid-create
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)

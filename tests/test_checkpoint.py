@@ -88,7 +88,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
     with exclusive(tmp_path):
-        with pytest.raises(FolderLocked, match=rf"another process \(pid {os.getpid()}\) is writing this run"):
+        with pytest.raises(FolderLocked, match=rf"another process \(pid {os.getpid()} on .*\) is writing this run"):
             trainer.fit(_cfg(), tmp_path)
     assert not (tmp_path / "config.json").exists()  # refused before anything was written
     with exclusive(tmp_path):  # released: the next writer takes it
@@ -351,3 +351,34 @@ def test_sealing_a_step_runs_off_the_training_loop(tmp_path, monkeypatch):
         assert {p.name for p in (tmp_path / "ckpt" / checkpoint.CHECKSUMS).iterdir()} == {"1.json", "2.json"}
         restored, position = saver.restore(jax.eval_shape(lambda: state), 1)
         assert position == {"step": 1}
+
+
+def test_a_lock_works_without_flock_and_a_dead_writer_s_lock_is_taken_over(tmp_path, monkeypatch):
+    """The writer lock is a file created exclusively (object-store mounts and NFS lack flock), with the holder's
+    host and pid: a dead process of this host, or a lock not touched for STALE_S (a writer killed elsewhere),
+    no longer blocks; a live writer elsewhere does, named."""
+    import json
+    import socket
+    import time
+
+    from sr_jax import io
+
+    lock = tmp_path / io.LOCK
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with exclusive(tmp_path):  # the dead writer's lock is taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()  # released
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(FolderLocked, match=r"pid 1 on elsewhere"):
+        with exclusive(tmp_path):
+            pass
+    old = time.time() - io.STALE_S - 1
+    os.utime(lock, (old, old))  # its heartbeat stopped: that writer died
+    with exclusive(tmp_path):
+        pass
+    monkeypatch.setattr(io, "HEARTBEAT_S", 0.05)
+    with exclusive(tmp_path):
+        os.utime(tmp_path / io.LOCK, (old, old))
+        time.sleep(0.3)
+        assert time.time() - (tmp_path / io.LOCK).stat().st_mtime < 1  # the holder's heartbeat touched it
