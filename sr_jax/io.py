@@ -136,9 +136,10 @@ def _create(path: Path, me: dict) -> bool:
 
 def _holder(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):  # released, or being written this instant
         return {}
+    return holder if isinstance(holder, dict) else {"legacy": holder}  # an flock-era file: a bare pid
 
 
 def _stale(path: Path, holder: dict) -> bool:
@@ -146,6 +147,8 @@ def _stale(path: Path, holder: dict) -> bool:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False  # released meanwhile: try again
+    if "legacy" in holder:
+        return True  # left by the flock version, which never removed its lock file
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         return not _alive(holder["pid"])
     return age > STALE_S or (not holder and age > 5.0)  # a lock left empty by a writer killed mid-create

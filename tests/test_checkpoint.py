@@ -364,6 +364,9 @@ def test_a_lock_works_without_flock_and_a_dead_writer_s_lock_is_taken_over(tmp_p
     from sr_jax import io
 
     lock = tmp_path / io.LOCK
+    lock.write_text("12345\n")  # what the flock version left behind (it never removed its file)
+    with exclusive(tmp_path):
+        pass
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
     with exclusive(tmp_path):  # the dead writer's lock is taken over
