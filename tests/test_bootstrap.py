@@ -66,6 +66,9 @@ def test_the_interval_needs_the_same_test_rows_and_every_run_s_scores(tmp_path):
     with pytest.raises(ValueError, match="other"):
         bootstrap.interval([a], [other])
     assert bootstrap.interval([a], [tmp_path / "no-scores"]) is None
+    run = bootstrap.read_scores(b)  # the same users numbered otherwise (a fine-tune's rows against scratch's)
+    renumbered = _cell(tmp_path / "renumbered", run["user_id"] * 7 + 3, run["label"], run["domain"], run["logit"])
+    assert bootstrap.interval([a], [renumbered], replicates=50) == bootstrap.interval([a], [b], replicates=50)
 
 
 def test_paired_runs_carry_the_interval_of_their_cells(tmp_path):

@@ -30,11 +30,22 @@ def read_scores(cell: str | Path, split: str = "test") -> dict[str, np.ndarray] 
 
 
 def _same_rows(runs: list[dict[str, np.ndarray]], names: list[str]) -> None:
-    first = runs[0]
+    """Every run scored the same rows: the same labels and domains, and the same users (by which rows share a
+    user: a fine-tune numbers users in its pretrained run's rows, a scratch run in its dataset's)."""
+    first = {**runs[0], "user_id": _first_seen(runs[0]["user_id"])}
     for run, name in zip(runs[1:], names[1:], strict=True):
         for key in ("label", "domain", "user_id"):
-            if run[key].shape != first[key].shape or not np.array_equal(run[key], first[key]):
+            value = _first_seen(run[key]) if key == "user_id" else run[key]
+            if value.shape != first[key].shape or not np.array_equal(value, first[key]):
                 raise ValueError(f"{name}: its test rows ({key}) differ from {names[0]}'s: not one test sample")
+
+
+def _first_seen(ids: np.ndarray) -> np.ndarray:
+    """ids relabelled 0, 1, ... in order of first appearance: equal for two numberings of one grouping."""
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
 
 
 def mean_domain_auc(run: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
