@@ -51,8 +51,9 @@ def trainer_scores(run_dir: Path, batch_size: int, split: str = "test"):
     params = trained.load(run_dir).params
     columns = run.spec.split(split)
     spec = run.spec
+    mask = evaluation.device_mask(spec, evaluation.trained_rows(spec))  # as evaluation reads untrained ids
     probs = map_batches(
-        lambda b: spec.program.predict(params, spec.global_eval_batch(b), spec.text), columns, batch_size
+        lambda b: spec.program.predict(params, spec.global_eval_batch(b), spec.text, mask), columns, batch_size
     )["probability"]
     run.checkpointer.close()
     return probs, columns

@@ -193,7 +193,7 @@ def test_id_dropout_reads_ids_as_missing_in_training_only(data):
     assert 0.3 < dropped.mean() < 0.7  # about half of 64 examples
     assert not np.array_equal(dropped, id_weight(True, jax.random.key(4)) == 0)  # a new draw every step
     assert (id_weight(False, jax.random.key(3)) > 0).all()  # never at inference
-    graphdef0, params0 = _build(data)
+    graphdef0, params0 = _build(data, id_dropout=0.0)
     _, aux = sr_model.apply(graphdef0, params0, batch, text, train=True, key=jax.random.key(3))
     assert (np.asarray(aux["aspect_weights"]["item"])[:, item_id] > 0).all()  # rate 0: never dropped
 

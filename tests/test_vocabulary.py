@@ -136,7 +136,8 @@ def two_datasets(tmp_path_factory):
 def test_a_fine_tune_on_another_dataset_reads_the_pretrained_rows_by_key(two_datasets, tmp_path):
     a, b, pre = two_datasets
     argv = ["--pretrained", str(pre), "--workdir", str(tmp_path / "ft"), "--data", str(b), "--train-split", "cold",
-            "--eval-split", "later", "finetune.new_rows_init=zero", "train.min_steps=0", "train.epochs=2"]  # fmt: skip
+            "--eval-split", "later", "finetune.new_rows_init=zero", "train.min_steps=0", "train.epochs=2",
+            "--strategy", "frozen"]  # fmt: skip
     # (2 epochs: 4 steps. The new field's rows start at zero and the first step's rate is 0 (warm-up), so its
     # projection gets a gradient only once its rows have moved: after the second step.)
     args_cfg = finetune_cli.resolve(finetune_cli.parser().parse_args(argv))
@@ -151,7 +152,7 @@ def test_a_fine_tune_on_another_dataset_reads_the_pretrained_rows_by_key(two_dat
     np.testing.assert_array_equal(item[7:10], 0.0)  # n1..n3: new rows, zero-initialised
     brand = np.asarray(start["l0"]["sparse_tables"]["item_brand"])
     np.testing.assert_array_equal(brand[:4], np.asarray(pre_params["l0"]["sparse_tables"]["item_brand"])[:4])
-    # L0 and L1 frozen (the default): the new rows, the new field and the new domain still train
+    # L0 and L1 frozen (--strategy frozen): the new rows, the new field and the new domain still train
     result = finetune_cli.main(argv)
     after = restore.checkpoint_params(run.spec)
     moved = np.any(np.asarray(after["l0"]["id_tables"]["item"]) != item, axis=1)

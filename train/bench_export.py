@@ -27,6 +27,7 @@ from sr_jax.config import save_config
 from sr_jax.data import vocabulary
 from sr_jax.export import scoring, serving, trained
 from sr_jax import sharding as shd
+from sr_jax.training import records
 from sr_jax.training.steps import make_predict_step
 from train import cli
 
@@ -34,6 +35,8 @@ from train import cli
 def bench_model(vocab: int, folder: Path, text_dim: int) -> tuple[trained.TrainedModel, sr_model.TextTable]:
     """A bench-world model with random parameters, written as a run folder's records (config, run_info, vocab)."""
     cfg = cli.config_from_name("bench")
+    # random text features: no language model for the artifact to carry
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_encoder="hashed-bow"))
     meta = bench_meta(fields=15, vocab=vocab, domains=7, num_texts=10_000)
     keys = {t: tuple(str(i) for i in range(1, rows)) for t, rows in meta.tables().items()}
     vocab_ = vocabulary.Vocabulary(keys, tuple(meta.sparse_fields))
@@ -50,6 +53,7 @@ def bench_model(vocab: int, folder: Path, text_dim: int) -> tuple[trained.Traine
     }
     (folder / "run_info.json").write_text(json.dumps(info))
     vocabulary.write(folder, vocab_)
+    records.write_trained_rows(folder, {t: np.ones(vocab_.rows(t), bool) for t in vocab_.keys})  # every row "trained"
     model_meta = vocab_.model_meta(meta)
     graphdef, params = sr_model.init(cfg.model, model_meta, text_dim)
     text = np.random.default_rng(0).standard_normal((meta.num_texts, text_dim)).astype(np.float32)

@@ -56,14 +56,20 @@ def evaluate(
 def predict_logits(spec: RunSpec, params, columns: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> np.ndarray:
     """[rows] float32: the model's logits on `columns` (rows in the model's tables); `trained`: the rows the model
     trained, whose complement reads as missing under `model.untrained_ids=missing`."""
-    mask = None
-    if spec.config.model.untrained_ids == "missing":
-        mask = jax.device_put({t: np.asarray(r) for t, r in trained.items()}, shd.replicated(spec.mesh))
+    mask = device_mask(spec, trained)
 
     def predict(batch):
         return spec.program.predict(params, spec.global_eval_batch(batch), spec.text, mask)
 
     return map_batches(predict, columns, spec.config.data.eval_batch_size)["logit"]
+
+
+def device_mask(spec: RunSpec, trained: dict[str, np.ndarray]) -> dict | None:
+    """The trained rows on the mesh, for the predict step to read the others as missing
+    (`model.untrained_ids=missing`); None when the model reads every row."""
+    if spec.config.model.untrained_ids != "missing":
+        return None
+    return jax.device_put({t: np.asarray(r) for t, r in trained.items()}, shd.replicated(spec.mesh))
 
 
 def write_scores(workdir: Path, split: str, logits: np.ndarray, columns: dict[str, np.ndarray]) -> None:
