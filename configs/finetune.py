@@ -2,7 +2,7 @@
 (`sr_jax.protocols.PROTOCOLS`): the pretrained run's model and data settings (on its dataset or
 another one), the protocol's splits (or those named), and
 fine-tuning's own schedule (5 epochs and at least 100 steps, Adam 2e-3 with 20 warm-up steps, batch
-256), with levels L0 and L1 frozen, the paper's best split."""
+256), every level trained (`finetune.freeze=l0,l1` is the paper's best split; docs/COLD_START.md)."""
 
 from sr_jax.config import Config
 from sr_jax.protocols import PROTOCOLS, finetune_config

@@ -45,12 +45,13 @@ def finetune_config(
 ) -> Config:
     """A fine-tune run of `protocol` from a pretrained run's config: its model (so the architecture matches),
     its data settings on `data_path` (default: its dataset), the (train, eval) `splits` (default: the
-    protocol's in the embedded dataset), and fine-tuning's own schedule, with levels L0 and L1 frozen (the
-    paper's best split). It validates on the dataset's own `valid` split when it is a dataset prepared apart
-    that has one, else on a tenth of the labelled rows it is given (`data.train_fraction` of the cold train
-    split; at least 16 rows, at most half; each user's latest where there are timestamps), which it never
-    trains on: four times an epoch, at least 20 steps apart; it stops after 4 validations without a gain (an
-    epoch), never before step 100, and keeps the best step."""
+    protocol's in the embedded dataset), and fine-tuning's own schedule, every level trained
+    (docs/COLD_START.md: freezing L0 and L1, the paper's best split, fell below it on real data;
+    `finetune.freeze=l0,l1` keeps it). It validates on the dataset's own `valid` split when it is a dataset
+    prepared apart that has one, else on a tenth of the labelled rows it is given (`data.train_fraction` of the
+    cold train split; at least 16 rows, at most half; each user's latest where there are timestamps), which it
+    never trains on: four times an epoch, at least 20 steps apart; it stops after 4 validations without a gain
+    (an epoch), never before step 100, and keeps the best step."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown cold-start protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     train_split, eval_split = splits or PROTOCOLS[protocol]
@@ -80,5 +81,5 @@ def finetune_config(
             evals_per_epoch=4.0,
             early_stopping_patience=4,
         ),
-        finetune=FinetuneConfig(freeze=("l0", "l1"), protocol=protocol),
+        finetune=FinetuneConfig(freeze=(), protocol=protocol),  # every level: docs/COLD_START.md's evidence
     )

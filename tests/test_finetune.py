@@ -38,7 +38,7 @@ def _finetune_cfg(pretrained, protocol="new-domain", **train):
     cfg = finetune_config.get_config(load_config(pretrained / "config.json"), protocol)
     return dataclasses.replace(
         cfg,
-        finetune=dataclasses.replace(cfg.finetune, pretrained=str(pretrained)),
+        finetune=dataclasses.replace(cfg.finetune, pretrained=str(pretrained), freeze=("l0", "l1")),  # what these test
         train=dataclasses.replace(cfg.train, **{"min_steps": 0, "epochs": 2.0, "checkpoint_every": 3, **train}),
     )
 

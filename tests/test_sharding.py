@@ -107,7 +107,7 @@ def test_a_frozen_l0_fine_tune_with_new_rows_matches_single_device(tmp_path):
     cfg = finetune_config.get_config(load_config(tmp_path / "pre" / "config.json"), "cold-items")
     cfg = dataclasses.replace(
         cfg,
-        finetune=dataclasses.replace(cfg.finetune, pretrained=str(tmp_path / "pre")),
+        finetune=dataclasses.replace(cfg.finetune, pretrained=str(tmp_path / "pre"), freeze=("l0", "l1")),
         train=dataclasses.replace(cfg.train, min_steps=0, epochs=2.0, checkpoint_every=1000),
     )
     _, single = _train(cfg, tmp_path / "one", jax.devices()[:1], steps=4)
