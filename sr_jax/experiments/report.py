@@ -136,8 +136,8 @@ def plot_lines(
 
 
 def wide_markdown(rows: Sequence[dict], key: str, columns: Sequence[tuple[str, str]], digits: int = 4) -> str:
-    """One line per row (named by `key`), one column per (label, metric): "mean ± std", the best mean of
-    each AUC column in bold; empty where a row has no value."""
+    """One line per row (named by `key`), one column per (label, metric): "mean ± std" (steps and seconds: the
+    mean alone), the best mean of each AUC column in bold; empty where a row has no value."""
     best = {
         m: max((r[f"{m}_mean"] for r in rows if r.get(f"{m}_mean") is not None), default=None)
         for _, m in columns
@@ -151,7 +151,8 @@ def wide_markdown(rows: Sequence[dict], key: str, columns: Sequence[tuple[str, s
             if mean is None:
                 cells.append("")
                 continue
-            text = f"{mean:.{digits}f} ± {std:.{digits}f}" if "auc" in m else f"{mean:.0f}"
+            whole = m == "step" or m == "seconds" or m.endswith("_s")  # steps and seconds: no decimals
+            text = f"{mean:.0f}" if whole else f"{mean:.{digits}f} ± {std:.{digits}f}"
             cells.append(f"**{text}**" if best.get(m) is not None and mean == best[m] else text)
         out.append("| " + " | ".join([str(r[key]), *cells]) + " |")
     return "\n".join(out) + "\n"

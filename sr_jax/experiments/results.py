@@ -54,7 +54,14 @@ def dataset_path(name: str, data_dir: Path, sources: dict[str, Path], encoder: s
     return str(out)
 
 
-TIMES = ("compile_s", "train_s", "evaluate_s")  # eval.json's timing: compilation, training, test evaluation
+TIMES = ("compile_s", "train_s", "evaluate_s")
+OVERALL = (
+    "log_loss",
+    "ndcg@10",
+    "mrr",
+    "pcoc",
+    "ece",
+)  # eval.json's overall ranking and calibration metrics  # eval.json's timing: compilation, training, test evaluation
 
 
 def _row(result: dict, seconds: float) -> dict:
@@ -64,6 +71,7 @@ def _row(result: dict, seconds: float) -> dict:
         "auc": result["mean_domain_auc"],
         "overall_auc": result["overall"]["auc"],
         "cold_auc": result.get("cold_items", {}).get("auc"),
+        **{key: result["overall"].get(key) for key in OVERALL},
         "valid_auc": chosen.get("score"),
         "step": chosen.get("step"),
         "seconds": seconds,
@@ -179,6 +187,7 @@ def write_report(
         domains = [m[len("auc:") :] for m in metrics if m.startswith("auc:") and any(r.get(f"{m}_mean") for r in part)]
         columns = [("mean per-domain AUC", "auc"), ("overall AUC", "overall_auc"), ("cold-item AUC", "cold_auc")]
         columns += [(d, f"auc:{d}") for d in domains]
+        columns += [("log loss", "log_loss"), ("NDCG@10", "ndcg@10"), ("MRR", "mrr"), ("PCOC", "pcoc"), ("ECE", "ece")]
         columns += [("valid", "valid_auc"), ("step", "step")]
         columns += [("compile s", "compile_s"), ("train s", "train_s"), ("eval s", "evaluate_s"), ("cell s", "seconds")]
         lines += ["", f"## {dataset}", "", f"![mean per-domain AUC](results/{dataset}.png)", ""]
