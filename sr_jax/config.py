@@ -278,10 +278,20 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
 
+# Keys added after configs were saved, whose default differs from what a config without them meant: a saved
+# config that lacks one reads it as this value, so an older run resumes, re-evaluates and exports as it trained.
+BEFORE_KEY = {"model": {"id_dropout": 0.0, "untrained_ids": "row"}, "train": {"evals_per_epoch": 0.0}}
+
+
 def load_config(path: str | Path) -> Config:
-    """A saved config; a ConfigError naming the file when it is not one."""
+    """A saved config; a ConfigError naming the file when it is not one. Keys it lacks take their defaults, but
+    those of BEFORE_KEY, which take what the config meant when it was saved."""
     try:
-        return from_dict(Config, json.loads(Path(path).read_text(encoding="utf-8")))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        for section, keys in BEFORE_KEY.items():
+            if isinstance(data.get(section), dict):
+                data[section] = {**keys, **data[section]}
+        return from_dict(Config, data)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a saved config ({type(e).__name__}: {e})") from e
     except ConfigError as e:

@@ -87,3 +87,19 @@ def test_a_bad_override_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="train.log_every: 0 must be > 0"):
         pretrain.main(["--workdir", str(workdir), "train.log_every=0"])
     assert not (workdir / "config.json").exists()
+
+
+def test_a_config_saved_before_a_new_default_keeps_its_meaning(tmp_path):
+    """A run folder saved before `model.id_dropout`, `model.untrained_ids` and `train.evals_per_epoch` existed
+    resumes and re-evaluates as it trained (no id dropout, untrained ids as rows, a fixed validation interval)."""
+    import json
+
+    from sr_jax.config import Config, load_config, save_config
+
+    save_config(Config(), tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert load_config(tmp_path / "config.json") == Config()  # keys present: as saved
+    del saved["model"]["id_dropout"], saved["model"]["untrained_ids"], saved["train"]["evals_per_epoch"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    old = load_config(tmp_path / "old.json")
+    assert (old.model.id_dropout, old.model.untrained_ids, old.train.evals_per_epoch) == (0.0, "row", 0.0)
