@@ -165,6 +165,11 @@ class FinetuneConfig:
 class MeshConfig:
     data: int = -1  # devices on the batch axis; -1: all that the model axis leaves
     model: int = 1  # devices on the embedding-row axis
+    slices: int = 1  # multi-slice (DCN): the data axis spans this many slices, the model axis stays in one
+    # logical axis -> mesh axes (`sharding.LOGICAL_AXES`; "a+b" both, "none" replicated); rules not given keep these
+    rules: tuple[str, ...] = (
+        "batch=data", "table_rows=model", "text_rows=model", "heads=model", "mlp=model", "vocab=model",
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -484,6 +489,13 @@ def validate(cfg: Config) -> Config:
     )
     _check(problems, mesh.model >= 1, "mesh.model", f"{mesh.model} must be >= 1")
     _check(problems, mesh.data == -1 or mesh.data >= 1, "mesh.data", f"{mesh.data} must be -1 (all) or >= 1")
+    _check(problems, mesh.slices >= 1, "mesh.slices", f"{mesh.slices} must be >= 1")
+    try:
+        from sr_jax.sharding import parse_rules  # the partitioner reads the config: imported here, not above
+
+        parse_rules(mesh.rules)
+    except ConfigError as e:
+        problems.append(str(e))
     _check(
         problems,
         mesh.model < 1 or cfg.model.table_row_multiple % mesh.model == 0,

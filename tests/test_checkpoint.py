@@ -351,6 +351,14 @@ def test_sealing_a_step_runs_off_the_training_loop(tmp_path, monkeypatch):
         assert {p.name for p in (tmp_path / "ckpt" / checkpoint.CHECKSUMS).iterdir()} == {"1.json", "2.json"}
         restored, position = saver.restore(jax.eval_shape(lambda: state), 1)
         assert position == {"step": 1}
+    with checkpoint.BestCheckpoint(tmp_path / "best") as best:  # the validated parameters: the same, off the loop
+        started = time.perf_counter()
+        best.save(5, state.params, 0.7)
+        assert time.perf_counter() - started < 0.5
+        best.save(6, state.params, 0.6)  # waits for step 5's seal, kept, then lets step 6 go
+        assert best.best() == (5, 0.7)
+        assert jnp.array_equal(best.restore(jax.eval_shape(lambda: state.params))["w"], state.params["w"])
+        assert {p.name for p in (tmp_path / "best" / checkpoint.CHECKSUMS).iterdir()} == {"5.json"}
 
 
 def test_a_lock_works_without_flock_and_a_dead_writer_s_lock_is_taken_over(tmp_path, monkeypatch):

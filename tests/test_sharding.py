@@ -123,3 +123,27 @@ def test_a_frozen_l0_fine_tune_with_new_rows_matches_single_device(tmp_path):
         single.params,
         sharded.params,
     )
+
+
+def test_the_mesh_uses_every_device_or_says_why_and_rules_are_checked():
+    from sr_jax.config import ConfigError, MeshConfig, validate
+
+    with pytest.raises(ConfigError, match="does not divide the 8 devices"):
+        shd.make_mesh(MeshConfig(data=3, model=1), jax.devices())
+    with pytest.raises(ConfigError, match="does not divide the 8 devices"):
+        shd.make_mesh(MeshConfig(data=-1, model=3), jax.devices())
+    mesh = shd.make_mesh(MeshConfig(data=-1, model=2, slices=1), jax.devices())
+    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    with pytest.raises(ConfigError, match="mesh.slices=3 does not divide"):
+        shd.make_mesh(MeshConfig(data=4, model=2, slices=3), jax.devices())
+    rules = shd.parse_rules(("batch=data+model", "heads=none"))
+    assert dict(rules)["batch"] == ("data", "model") and dict(rules)["heads"] is None
+    assert dict(rules)["table_rows"] == ("model",)  # not named: the default
+    assert shd.batch_sharding(mesh, rules).spec == P(("data", "model"))
+    for bad, why in [("batch=pipe", "distinct names"), ("rows=model", "LOGICAL=AXES"), ("batch", "LOGICAL=AXES")]:
+        with pytest.raises(ConfigError, match=why):
+            shd.parse_rules((bad,))
+    with pytest.raises(ConfigError, match="given twice"):
+        shd.parse_rules(("batch=data", "batch=model"))
+    with pytest.raises(ConfigError, match="mesh.rules"):
+        validate(config(TINY, mesh={"rules": ("batch=pipe",)}))

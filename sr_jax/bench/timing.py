@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from sr_jax import model as sr_model
+from sr_jax.bench.compiled import step_cost
 from sr_jax.config import Config
 from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
@@ -47,13 +48,6 @@ def median_step_seconds(run: Callable[[int], None], steps: int, repeats: int, wa
 def peak_device_bytes() -> int | None:
     stats = jax.local_devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-def step_cost(compiled) -> tuple[float, float]:
-    """XLA's count of the compiled step's floating-point operations and bytes accessed (per device)."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def time_jax(

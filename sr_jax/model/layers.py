@@ -9,11 +9,13 @@ the batch, not with the number of domains K (computing all K and keeping one gre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
@@ -68,11 +70,12 @@ def by_group(x: Array, index: Array, n: int, apply: Callable[[Array, Array], Arr
     no gradient. Equal to computing every group on every example and keeping the example's own, in a cost
     that does not grow with n.
 
-    Under a mesh whose `data` axis splits the batch (the context mesh, `jax.sharding.use_abstract_mesh`, which
-    the train and predict steps set), the batch is grouped shard by shard: [D, B / D] with D on `data`, each
-    shard into its own tiles (at most B / D + n * (tile - 1) rows), so that the sort, the scatter and the
-    layers stay on the device that holds the rows. Sorting the global batch instead would gather it onto
-    every device, each then computing every tile of the global batch."""
+    Under a mesh that splits the batch (the context mesh, `jax.sharding.use_abstract_mesh`, and the logical
+    `batch` rule, which the train and predict steps set: `sharding.model_context`), the batch is grouped shard
+    by shard: [D, B / D] with D on the batch's mesh axes, each shard into its own tiles (at most B / D + n *
+    (tile - 1) rows), so that the sort, the scatter and the layers stay on the device that holds the rows.
+    Sorting the global batch instead would gather it onto every device, each then computing every tile of the
+    global batch."""
     b, d = x.shape[0], data_shards(x.shape[0])
     shard = lambda a: constrain(a.reshape(d, b // d, *a.shape[1:]))  # noqa: E731
     rows, tiles, group = jax.vmap(lambda x, i: _tiles(x, i, n, tile))(shard(x), shard(index))
@@ -81,18 +84,25 @@ def by_group(x: Array, index: Array, n: int, apply: Callable[[Array, Array], Arr
     return jax.vmap(lambda o, r: o[r])(out, rows).reshape(b, -1)
 
 
+def _batch_axes() -> tuple[str, ...]:
+    """The mesh axes the batch lies on: the logical `batch` rule in context (`data` when none is set)."""
+    axes = dict(spmd.get_logical_axis_rules()).get("batch", "data")
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def data_shards(batch: int) -> int:
-    """How many shards of the `data` axis split a batch of this size under the context mesh (1: none)."""
+    """How many shards of the batch's mesh axes split a batch of this size under the context mesh (1: none)."""
     mesh = jax.sharding.get_abstract_mesh()
-    d = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+    shape = {} if mesh.empty else dict(mesh.shape)
+    d = math.prod(shape.get(a, 1) for a in _batch_axes())
     return d if batch % d == 0 else 1
 
 
 def constrain(a: Array) -> Array:
-    """`a` [D, ...] with its first axis on the mesh's `data` axis (nothing without a context mesh)."""
+    """`a` [D, ...] with its first axis on the batch's mesh axes (nothing without a context mesh)."""
     if jax.sharding.get_abstract_mesh().empty or a.shape[0] == 1:
         return a
-    return jax.lax.with_sharding_constraint(a, P("data"))
+    return jax.lax.with_sharding_constraint(a, P(_batch_axes()))
 
 
 def _tiles(x: Array, index: Array, n: int, tile: int) -> tuple[Array, Array, Array]:

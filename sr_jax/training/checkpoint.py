@@ -54,27 +54,41 @@ class _Closing:
         self.close()
 
 
-class Checkpointer(_Closing):
-    """The train state every `every` steps (orbax, the newest `keep`), each finished step sealed with its
-    files' CRC32s on a background thread: re-reading a large checkpoint never stalls the loop."""
+class _Sealing(_Closing):
+    """Seals finished steps on one background thread: re-reading a large checkpoint never stalls the loop.
+    Whatever reads or deletes those files next (a save, whose retention may delete a step; a restore; close)
+    first waits for the seal, and raises what it raised."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, every: int = 1):
+    def __init__(self, directory: str | Path):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True)
-        handlers = {"state": ocp.StandardCheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.sealer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seal")  # one seal at a time
         self.sealing: concurrent.futures.Future | None = None
 
-    def _seal_later(self, steps: list[int]) -> None:
-        if steps:
-            self.sealing = self.sealer.submit(seal, self.directory, steps)
+    def _seal_later(self, job) -> None:
+        self.sealing = self.sealer.submit(job)
 
     def _sealed(self) -> None:
-        """Waits for the background seal (and raises what it raised)."""
         if self.sealing is not None:
             self.sealing.result()
             self.sealing = None
+
+    def close(self) -> None:
+        try:
+            self._sealed()
+        finally:
+            self.sealer.shutdown()
+            self.manager.close()
+
+
+class Checkpointer(_Sealing):
+    """The train state every `every` steps (orbax, the newest `keep`), each finished step sealed with its
+    files' CRC32s off the loop (`_Sealing`)."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, every: int = 1):
+        super().__init__(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -87,8 +101,9 @@ class Checkpointer(_Closing):
         args = ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position))
         self._sealed()  # the last seal is done (it reads files that orbax's retention may delete next)
         saved = self.manager.save(step, args=args, force=force)
-        if saved:  # orbax finished the previous save before starting this one: seal it, off the loop
-            self._seal_later([s for s in self.manager.all_steps() if s != step])
+        finished = [s for s in self.manager.all_steps() if s != step]
+        if saved and finished:  # orbax finished the previous save before starting this one: seal it
+            self._seal_later(lambda: seal(self.directory, finished))
         return saved
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
@@ -128,20 +143,14 @@ class Checkpointer(_Closing):
         self._sealed()
         seal(self.directory, self.manager.all_steps())
 
-    def close(self) -> None:
-        try:
-            self._sealed()
-        finally:
-            self.sealer.shutdown()
-            self.manager.close()
 
-
-class BestCheckpoint(_Closing):
+class BestCheckpoint(_Sealing):
     """The parameters of the step with the best validation score, kept by orbax's best-checkpoint policy
-    (`best_fn`, max_to_keep=1) in its own folder, beside the latest-steps checkpoints that resume needs."""
+    (`best_fn`, max_to_keep=1) in its own folder, beside the latest-steps checkpoints that resume needs; each
+    kept step is written and sealed off the loop (`_Sealing`)."""
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory).absolute()
+        super().__init__(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: metrics["score"], best_mode="max", create=True
         )
@@ -151,13 +160,18 @@ class BestCheckpoint(_Closing):
 
     def save(self, step: int, params: Any, score: float) -> None:
         """Offers `step`'s parameters with their score; orbax keeps them only if they are the best so far."""
+        self._sealed()  # the last kept step is written and sealed (this save may delete it)
         if step in self.manager.all_steps():
             return  # a resumed run re-validating the step it resumed from
         self.manager.save(
             step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), metrics={"score": score}, force=True
         )
-        self.manager.wait_until_finished()
-        seal(self.directory, self.manager.all_steps())
+
+        def finish() -> None:
+            self.manager.wait_until_finished()
+            seal(self.directory, self.manager.all_steps())
+
+        self._seal_later(finish)
 
     def best(self) -> tuple[int, float] | None:
         """(step, score) of the best step kept, or None before the first validation."""
@@ -167,6 +181,7 @@ class BestCheckpoint(_Closing):
     def restore(self, abstract_params: Any, own: bool = False) -> Any:
         """The best step's parameters. `own`: the run that keeps this folder reads it (at its end), and trusts
         a step a kill left unsealed (then seals it); any other reader refuses an unsealed step."""
+        self._sealed()
         step = self.manager.best_step()
         if step is None:
             raise CheckpointError(f"{self.directory}: no validated checkpoint")
@@ -178,9 +193,6 @@ class BestCheckpoint(_Closing):
         if not sealed:
             seal(self.directory, [step])
         return params
-
-    def close(self) -> None:
-        self.manager.close()
 
 
 class ParamsReader(_Closing):

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from sr_jax import memory
 from sr_jax import model as sr_model
+from sr_jax import sharding as shd
 from sr_jax.config import Config, validate
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.training import sparse_update
@@ -77,14 +78,15 @@ def build_program(
     )
     tx = build_optimizer(cfg.train, total_steps, roles, new_domains)
     shapes = jax.eval_shape(lambda p: init_state(p, roles, tx, rule, trainable_rows), params)
-    shardings = state_shardings(mesh, shapes)
+    rules = shd.parse_rules(cfg.mesh.rules)
+    shardings = state_shardings(mesh, shapes, rules)
     train = cfg.train
     sparse = None
     if rule != "dense":
         sparse = (rule, learning_rate(train, total_steps, peak=train.embedding_learning_rate or train.learning_rate))
     step = make_train_step(
         graphdef, tx, roles, cfg.model.reg_weight, mesh, shardings, train.seed, train.grad_clip, new_domains, sparse,
-        train.grad_accum,
+        train.grad_accum, rules,
     )  # fmt: skip
     return Program(
         graphdef=graphdef,
@@ -97,8 +99,8 @@ def build_program(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
         ),
         train_step=step,
-        predict=make_predict_step(graphdef, mesh, shardings.params),
-        adapted=make_predict_step(graphdef, mesh, shardings.params, output="adapted"),
+        predict=make_predict_step(graphdef, mesh, shardings.params, rules=rules),
+        adapted=make_predict_step(graphdef, mesh, shardings.params, output="adapted", rules=rules),
     )
 
 

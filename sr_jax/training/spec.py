@@ -65,6 +65,11 @@ class RunSpec:
         return None if self.start is None else self.start.reference
 
     @property
+    def rules(self) -> shd.Rules:
+        """The logical axis rules its arrays are laid out by (mesh.rules)."""
+        return shd.parse_rules(self.config.mesh.rules)
+
+    @property
     def budget(self) -> dict[str, int]:
         """The labels the run used: those it trains on, and those that choose its step (validation)."""
         valid = 0 if self.valid_columns is None else len(self.valid_columns["label"])
@@ -117,11 +122,11 @@ class RunSpec:
 
     def process_slice(self, batch_size: int) -> slice:
         """The rows of every global batch of this size that this process reads."""
-        return shd.process_slice(shd.batch_sharding(self.mesh), batch_size)
+        return shd.process_slice(shd.batch_sharding(self.mesh, self.rules), batch_size)
 
     def global_batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a batch -> the global batch on the mesh."""
-        return shd.to_global(rows, shd.batch_sharding(self.mesh))
+        return shd.to_global(rows, shd.batch_sharding(self.mesh, self.rules))
 
     def global_eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A whole evaluation batch, which every process reads, -> the global batch (each brings its rows)."""
@@ -132,7 +137,7 @@ class RunSpec:
         """The shapes, dtypes and sharding of one global train batch: what the train step is compiled for."""
         return {
             name: jax.ShapeDtypeStruct(
-                (self.batch_size, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(self.mesh)
+                (self.batch_size, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(self.mesh, self.rules)
             )
             for name, col in self.train_columns.items()
         }
@@ -176,10 +181,14 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     workdir = Path(workdir)
     dataset = load_dataset(cfg.data)
     mesh = mesh or shd.make_mesh(cfg.mesh)
-    data_axis = mesh.shape["data"]
+    data_axis = shd.batch_shards(mesh, shd.parse_rules(cfg.mesh.rules))  # devices a batch is split over
     _check_splits(cfg, dataset, data_axis)
     pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
-    text = sr_model.TextTable(*shd.text_table(mesh, pooled, summary, keep_summary=cfg.model.gating == "cls"))
+    text = sr_model.TextTable(
+        *shd.text_table(
+            mesh, pooled, summary, keep_summary=cfg.model.gating == "cls", rules=shd.parse_rules(cfg.mesh.rules)
+        )
+    )
     domains = run_domains(cfg.data, dataset.meta)
     folder = records.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
     run_info = records.read_run_info(folder) if folder else None  # first: it says whether this is a run folder

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
@@ -46,8 +45,8 @@ def init_state(
     )
 
 
-def state_shardings(mesh: Mesh, state: TrainState) -> TrainState:
-    return shd.tree_shardings(mesh, state.params, state)
+def state_shardings(mesh: Mesh, state: TrainState, rules: shd.Rules = shd.DEFAULT_RULES) -> TrainState:
+    return shd.tree_shardings(mesh, state.params, state, rules)
 
 
 def make_train_step(
@@ -62,6 +61,7 @@ def make_train_step(
     new_domains: Sequence[int] = (),
     sparse: tuple[str, optax.Schedule] | None = None,
     grad_accum: int = 1,
+    rules: shd.Rules = shd.DEFAULT_RULES,
 ):
     """jit(step)(state, batch, text, reference) -> (state, metrics); the state's buffers are donated.
 
@@ -77,7 +77,7 @@ def make_train_step(
     Metrics: loss, bce, reg, and the trainable gradient's global norm before and after clipping."""
 
     def step(state: TrainState, batch, text, reference):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # per-device grouping (layers.by_group)
+        with shd.model_context(mesh, rules):  # per-device grouping (layers.by_group)
             return _step(state, batch, text, reference)
 
     def _step(state: TrainState, batch, text, reference):
@@ -100,7 +100,7 @@ def make_train_step(
         if grad_accum == 1:
             grads, metrics, stats = micro_grads(fixed, batch, table_rows, key)
         else:
-            grads, metrics, stats = accumulate(micro_grads, fixed, batch, table_rows, key, grad_accum, mesh)
+            grads, metrics, stats = accumulate(micro_grads, fixed, batch, table_rows, key, grad_accum, mesh, rules)
         grads = zero_frozen_rows(grads, roles, new_domains)
         if sparse is not None:  # rows a frozen L0 keeps (all but its new rows) get no gradient
             num_rows = {k: t.shape[0] for k, t in sparse_update.tables(state.params).items()}
@@ -135,20 +135,25 @@ def make_train_step(
 
     return jax.jit(
         step,
-        in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.text_sharding(mesh), shd.replicated(mesh)),
+        in_shardings=(
+            state_sharding,
+            shd.batch_sharding(mesh, rules),
+            shd.text_sharding(mesh, rules),
+            shd.replicated(mesh),
+        ),
         out_shardings=(state_sharding, shd.replicated(mesh)),
         donate_argnums=0,
     )
 
 
-def accumulate(micro_grads, fixed, batch, table_rows, key, n: int, mesh: Mesh):
+def accumulate(micro_grads, fixed, batch, table_rows, key, n: int, mesh: Mesh, rules: shd.Rules):
     """`micro_grads` over n micro-batches (rows r, r + n, r + 2n, ... form micro-batch r) in a scan: the mean of
     their gradients and metrics, and the batch statistics after the last (each micro-batch reads the statistics
     the one before it left)."""
 
     def split(a):
         a = a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, "data")))
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, shd.spec(rules, None, "batch")))
 
     micro = jax.tree.map(split, (batch, table_rows))
 
@@ -167,20 +172,29 @@ def accumulate(micro_grads, fixed, batch, table_rows, key, n: int, mesh: Mesh):
 
 
 def make_predict_step(
-    graphdef: nnx.GraphDef, mesh: Mesh, params_sharding, output: str | tuple[str, ...] = ("logit", "probability")
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    params_sharding,
+    output: str | tuple[str, ...] = ("logit", "probability"),
+    rules: shd.Rules = shd.DEFAULT_RULES,
 ):
     """jit(predict)(params, batch, text, trained=None) -> `sr_model.predict`'s `output` of the model in inference
     mode, replicated (every process can read it): by default {"logit": [B], "probability": [B]} (rank the
     logits); one name, e.g. "adapted" for z [B, 3d], gives that array alone. `trained`: see sr_model.predict."""
 
     def predict(params, batch, text, trained):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # per-device grouping (layers.by_group)
+        with shd.model_context(mesh, rules):  # per-device grouping (layers.by_group)
             out = sr_model.predict(graphdef, params, batch, text, trained)
         return out[output] if isinstance(output, str) else {name: out[name] for name in output}
 
     jitted = jax.jit(
         predict,
-        in_shardings=(params_sharding, shd.batch_sharding(mesh), shd.text_sharding(mesh), shd.replicated(mesh)),
+        in_shardings=(
+            params_sharding,
+            shd.batch_sharding(mesh, rules),
+            shd.text_sharding(mesh, rules),
+            shd.replicated(mesh),
+        ),
         out_shardings=shd.replicated(mesh),
     )
     return lambda params, batch, text, trained=None: jitted(params, batch, text, trained)

@@ -84,7 +84,7 @@ def _describe(run: Run) -> None:
         )
     else:
         log.info("not validating (train.eval_every=0): the result is the last step")
-    log.info("embedding tables:\n%s", shd.table_layout(spec.mesh, spec.program.abstract_state.params))
+    log.info("embedding tables:\n%s", shd.table_layout(spec.mesh, spec.program.abstract_state.params, spec.rules))
 
 
 def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool] | None) -> dict:

@@ -1,0 +1,210 @@
+"""Scaling read from the compiled program: `python -m train.bench_scaling [--devices 1 2 4 8 ..] [--models default
+star ..] [--modes weak strong] [--meshes data data-model] [--updates dense rowwise_adagrad] [--out DIR]
+[--compiled-on cpu|gpu] [overrides of configs/bench.py]`.
+
+Compiles the real train step (configs/bench.py's network on a world of --fields id fields of --rows rows) for
+each device count D on a mesh of D devices: `data` (D x 1: the batch over data) or `data-model` (D/2 x 2, the
+tables split by rows over `model`, the batch over both axes: `mesh.rules=batch=data+model`), at a fixed
+per-device batch (weak scaling, --batch rows a device) and at a fixed global batch (strong, --global-batch).
+Nothing runs: each program is compiled for abstract inputs, so D = 64 and 100M-row tables cost only compile
+time. From each compiled program it reads the per-device FLOPs, bytes accessed and every collective (kind,
+group, bytes; `sr_jax.bench.compiled`) and projects a step time on H100 SXM, TPU v5e and TPU v5p
+(`sr_jax.bench.roofline`), hence examples/s and the scaling efficiency against D = 1 (examples/s at D over
+D x examples/s at 1). `--compiled-on cpu` (default) compiles for D virtual CPU devices; `gpu` for the local
+GPUs (D up to their count). Writes DIR/scaling.json, scaling.md and scaling.png; prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("sr_jax")
+
+MODELS = {
+    "default": {},
+    "ple": {"backbone": "ple"},
+    "star": {"backbone": "star", "num_experts": 4},
+}  # star has no shared experts: the default count
+MESHES = ("data", "data-model", "tables")  # model axis: 1, 2, all D (the batch over both axes when > 1)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--models", nargs="+", default=["default", "star"], choices=list(MODELS))
+    p.add_argument("--modes", nargs="+", default=["weak", "strong"], choices=["weak", "strong"])
+    p.add_argument("--meshes", nargs="+", default=list(MESHES), choices=MESHES)
+    p.add_argument("--updates", nargs="+", default=["dense"], choices=["dense", "rowwise_adagrad", "lazy_adam"])
+    p.add_argument("--batch", type=int, default=4096, help="rows a device (weak scaling)")
+    p.add_argument("--global-batch", type=int, default=65536, help="rows of the global batch (strong scaling)")
+    p.add_argument("--rows", type=int, default=100_000, help="rows per id field")
+    p.add_argument("--fields", type=int, default=15)
+    p.add_argument("--domains", type=int, default=7)
+    p.add_argument("--text-dim", type=int, default=384)
+    p.add_argument("--compiled-on", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--out", default="runs/bench_scaling")
+    p.add_argument("overrides", nargs="*", help="section.field=value on configs/bench.py")
+    args = p.parse_args(argv)
+    if args.compiled_on == "cpu":  # before the backend starts: D virtual devices (XLA reads this once)
+        flag = f"--xla_force_host_platform_device_count={max(args.devices)}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    from train import cli
+
+    cli.setup()
+    import jax
+
+    devices = jax.devices()
+    if max(args.devices) > len(devices):
+        raise SystemExit(f"--devices {max(args.devices)}: only {len(devices)} {devices[0].platform} devices here")
+    from sr_jax.config import override
+
+    base = override(cli.config_from_name("bench"), args.overrides)
+    rows = []
+    for model in args.models:
+        for update in args.updates:
+            for mode in args.modes:
+                rows.append(measure(base, args, model, update, mode, "data", 1, devices[:1]))  # the baseline
+                for mesh in args.meshes:
+                    for d in args.devices:
+                        if d > 1 and (mesh == "data" or d % 2 == 0):
+                            rows.append(measure(base, args, model, update, mode, mesh, d, devices[:d]))
+    with_efficiency(rows)
+    command = "python -m train.bench_scaling " + shlex.join(sys.argv[1:] if argv is None else argv)
+    write_report(rows, Path(args.out), command, f"{devices[0].device_kind} ({devices[0].platform})")
+    return rows
+
+
+def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: int, devices) -> dict:
+    """One compiled train step's per-device work and its projections."""
+    import jax
+    import numpy as np
+
+    from sr_jax import model as sr_model
+    from sr_jax import sharding as shd
+    from sr_jax.bench import compiled as reader
+    from sr_jax.bench import roofline
+    from sr_jax.bench.world import bench_meta
+    from sr_jax.config import MeshConfig
+    from sr_jax.training.program import build_program
+
+    batch = args.batch * d if mode == "weak" else args.global_batch
+    model_axis = {"data": 1, "data-model": 2, "tables": d}[mesh_kind]
+    rules = ("batch=data+model",) if model_axis > 1 else ()
+    cfg = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, batch_size=batch),
+        model=dataclasses.replace(base.model, **MODELS[model]),
+        train=dataclasses.replace(base.train, embedding_update=update),
+        mesh=MeshConfig(data=d // model_axis, model=model_axis, rules=rules),
+    )
+    meta = bench_meta(args.fields, args.rows, args.domains)
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    parsed = shd.parse_rules(cfg.mesh.rules)
+    started = time.perf_counter()
+    program = build_program(cfg, meta, args.text_dim, mesh, total_steps=1_000_000)
+    inputs = {
+        name: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=shd.batch_sharding(mesh, parsed))
+        for name, (dtype, shape) in meta.columns().items()
+    }
+    texts = -(-meta.num_texts // model_axis) * model_axis
+    table = jax.ShapeDtypeStruct((texts, args.text_dim), np.float32, sharding=shd.text_sharding(mesh, parsed))
+    text = sr_model.TextTable(table, table)
+    compiled = program.train_step.lower(program.abstract_state, inputs, text, None).compile()
+    compile_s = time.perf_counter() - started
+    flops, accessed = reader.step_cost(compiled)
+    found = reader.collectives(compiled.as_text(), d)
+    row = dict(
+        model=model, mode=mode, mesh=mesh_kind, update=update, devices=d, global_batch=batch, rows=args.rows,
+        flops_per_device=flops, bytes_per_device=accessed,
+        collective_bytes_per_device=sum(c.wire_bytes for c in found),
+        collectives=reader.summary(found), compile_s=round(compile_s, 1),
+        step_seconds={}, projected_examples_per_s={}, costliest_collective={},
+    )  # fmt: skip
+    for name, acc in roofline.ACCELERATORS.items():
+        times = roofline.step_seconds(acc, flops, accessed, found)
+        row["step_seconds"][name] = times
+        row["projected_examples_per_s"][name] = batch / times["step"]
+        row["costliest_collective"][name] = roofline.costliest(acc, found)
+    log.info(
+        "%s %s %s %s D=%d: %.3g GFLOP, %.3g GB, %.3g MB on the wire a device; H100 %.3g ex/s (%.0f s to compile)",
+        model, update, mode, mesh_kind, d, flops / 1e9, accessed / 1e9, row["collective_bytes_per_device"] / 1e6,
+        row["projected_examples_per_s"]["h100"], compile_s,
+    )  # fmt: skip
+    return row
+
+
+def with_efficiency(rows: list[dict]) -> None:
+    """Each row's efficiency per accelerator: examples/s at D over D x examples/s of the same model, update and
+    mode at D = 1 (the 1-device `data` mesh: a data-model mesh needs 2)."""
+    ones = {(r["model"], r["update"], r["mode"]): r for r in rows if r["devices"] == 1}
+    for r in rows:
+        one = ones.get((r["model"], r["update"], r["mode"]))
+        r["efficiency"] = {
+            acc: (None if one is None else v / (r["devices"] * one["projected_examples_per_s"][acc]))
+            for acc, v in r["projected_examples_per_s"].items()
+        }
+
+
+def write_report(rows: list[dict], out: Path, command: str, compiled_on: str) -> None:
+    from sr_jax.bench import roofline
+    from sr_jax.experiments import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
+    names = list(roofline.ACCELERATORS)
+    lines = [
+        *report.header("Scaling of the train step, read from the compiled program", command),
+        f"Compiled on: {compiled_on}. Per device: XLA's FLOPs and bytes accessed, and the bytes its collectives "
+        "send (ring algorithms). Projected examples/s and efficiency (examples/s at D over D x at 1) on "
+        + ", ".join(roofline.ACCELERATORS[n].name for n in names)
+        + " (`sr_jax/bench/roofline.py`; docs/PERFORMANCE.md). `costliest` names the collective kind that costs "
+        "the H100 projection the most.",
+        "",
+        "| model | update | mode | mesh | D | global batch | GFLOP/dev | GB accessed/dev | MB sent/dev | "
+        + " | ".join(f"{roofline.ACCELERATORS[n].name} ex/s | eff." for n in names)
+        + " | costliest (H100) |",
+        "|" + "---|" * (10 + 2 * len(names)),
+    ]
+    for r in rows:
+        cells = []
+        for n in names:
+            eff = r["efficiency"][n]
+            cells += [f"{r['projected_examples_per_s'][n]:,.0f}", "" if eff is None else f"{eff:.0%}"]
+        lines.append(
+            f"| {r['model']} | {r['update']} | {r['mode']} | {r['mesh']} | {r['devices']} | {r['global_batch']:,} | "
+            f"{r['flops_per_device'] / 1e9:.2f} | {r['bytes_per_device'] / 1e9:.3f} | "
+            f"{r['collective_bytes_per_device'] / 1e6:.2f} | "
+            + " | ".join(cells)
+            + f" | {r['costliest_collective']['h100']} |"
+        )
+    table = "\n".join(lines)
+    (out / "scaling.md").write_text(table + "\n\n![scaling efficiency against devices](scaling.png)\n")
+    panels = {
+        f"{mode} scaling, {roofline.ACCELERATORS[n].name}": [
+            dict(r, efficiency_mean=r["efficiency"][n], efficiency_std=0.0, series=f"{r['model']} {r['mesh']}")
+            for r in rows
+            if r["mode"] == mode and r["efficiency"][n] is not None
+        ]
+        for mode in dict.fromkeys(r["mode"] for r in rows)
+        for n in ("h100", "tpu-v5p")
+    }
+    report.plot_lines(
+        out / "scaling.png", panels, "devices", "efficiency", ("series",), style_key="update",
+        xlabel="devices", ylabel="projected scaling efficiency", logx=True,
+    )  # fmt: skip
+    print(table)
+
+
+if __name__ == "__main__":
+    from train import cli
+
+    cli.interruptible(main)
