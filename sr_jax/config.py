@@ -68,6 +68,11 @@ class ModelConfig:
     # Embedding tables get a multiple of this many rows (padding no id reaches), so that any mesh.model
     # dividing it shards them evenly, and a checkpoint's shapes do not depend on the mesh.
     table_row_multiple: int = 64
+    # How a table split by rows over several devices is read: gspmd (XLA's masked gather and collectives, whose
+    # bytes grow with the global batch) | all_to_all (each id routed to its row's owner and the vector back:
+    # bytes grow with a device's own batch; sr_jax/model/lookup.py). The same on one device or unsplit tables.
+    lookup: str = "gspmd"
+    lookup_capacity: float = 2.0  # all_to_all: unique ids a device may send each owner, x its fair share
     # The std of the embedding tables' initial rows. 1e-4, so that a row no example trains stays near zero,
     # cost 0.016 AUC on MovieLens against 0.05 (docs/COLD_START.md); in a fine-tune, never-trained rows start
     # from finetune.new_rows_init instead.
@@ -188,6 +193,7 @@ class ConfigError(ValueError):
 # The values a choice field may take: the one list every module and the validation read.
 LEVELS = ("l0", "l1", "l2")  # the network's levels (docs/DESIGN.md): encoding, shared adaptation, per-domain heads
 HISTORY_POOLINGS = ("mean", "attention")
+LOOKUPS = ("gspmd", "all_to_all")
 UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
@@ -342,6 +348,8 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     )
     _check(problems, 0 <= cfg.id_dropout < 1, "model.id_dropout", f"{cfg.id_dropout} must be in [0, 1)")
     _choice(problems, cfg.history_pooling, "model.history_pooling", HISTORY_POOLINGS)
+    _choice(problems, cfg.lookup, "model.lookup", LOOKUPS)
+    _check(problems, cfg.lookup_capacity > 0, "model.lookup_capacity", f"{cfg.lookup_capacity} must be > 0")
     _choice(problems, cfg.untrained_ids, "model.untrained_ids", UNTRAINED_IDS)
     _check(
         problems, cfg.id_buckets != 1, "model.id_buckets", "1 leaves no row for ids (row 0 is 'missing'): use 0 or >= 2"
@@ -468,6 +476,12 @@ def validate(cfg: Config) -> Config:
     _choice(problems, train.optimizer, "train.optimizer", OPTIMIZERS)
     _choice(problems, train.schedule, "train.schedule", SCHEDULES)
     _choice(problems, train.embedding_update, "train.embedding_update", EMBEDDING_UPDATES)
+    _check(
+        problems,
+        cfg.model.lookup == "gspmd" or train.embedding_update == "dense",
+        "model.lookup",
+        "all_to_all reads whole row-split tables; a row-sparse train.embedding_update reads gathered rows: use gspmd",
+    )
     _check(
         problems,
         train.weight_decay == 0 or train.optimizer == "adamw",

@@ -33,7 +33,8 @@ MODELS = {
     "ple": {"backbone": "ple"},
     "star": {"backbone": "star", "num_experts": 4},
 }  # star has no shared experts: the default count
-MESHES = ("data", "data-model", "tables")  # model axis: 1, 2, all D (the batch over both axes when > 1)
+# the model axis: 1, 2, all D (the batch over both axes when > 1); routed: tables read by all-to-all (model.lookup)
+MESHES = ("data", "data-model", "tables", "tables-routed")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--domains", type=int, default=7)
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--compiled-on", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument(
+        "--lookups", type=int, nargs="*", default=None, metavar="ROWS",
+        help="instead: one table's lookup and gradient at these rows per field (default 1M and 100M), replicated, "
+        "GSPMD row-sharded and routed by all-to-all (sr_jax/model/lookup.py), for each of --devices",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/bench_scaling")
     p.add_argument("overrides", nargs="*", help="section.field=value on configs/bench.py")
     args = p.parse_args(argv)
@@ -67,6 +73,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--devices {max(args.devices)}: only {len(devices)} {devices[0].platform} devices here")
     from sr_jax.config import override
 
+    command = "python -m train.bench_scaling " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.lookups is not None:
+        rows = [
+            measure_lookup(layout, table_rows, d, args.batch, args.fields, devices[:d])
+            for table_rows in args.lookups or [1_000_000, 100_000_000]
+            for d in args.devices
+            if d > 1
+            for layout in LOOKUPS
+        ]
+        write_lookups(rows, Path(args.out), command, args)
+        return rows
     base = override(cli.config_from_name("bench"), args.overrides)
     rows = []
     for model in args.models:
@@ -75,10 +92,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(measure(base, args, model, update, mode, "data", 1, devices[:1]))  # the baseline
                 for mesh in args.meshes:
                     for d in args.devices:
-                        if d > 1 and (mesh == "data" or d % 2 == 0):
+                        routed_sparse = mesh == "tables-routed" and update != "dense"  # config.validate refuses
+                        if d > 1 and (mesh == "data" or d % 2 == 0) and not routed_sparse:
                             rows.append(measure(base, args, model, update, mode, mesh, d, devices[:d]))
     with_efficiency(rows)
-    command = "python -m train.bench_scaling " + shlex.join(sys.argv[1:] if argv is None else argv)
     write_report(rows, Path(args.out), command, f"{devices[0].device_kind} ({devices[0].platform})")
     return rows
 
@@ -97,12 +114,13 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
     from sr_jax.training.program import build_program
 
     batch = args.batch * d if mode == "weak" else args.global_batch
-    model_axis = {"data": 1, "data-model": 2, "tables": d}[mesh_kind]
+    model_axis = {"data": 1, "data-model": 2, "tables": d, "tables-routed": d}[mesh_kind]
+    lookup = "all_to_all" if mesh_kind == "tables-routed" else "gspmd"
     rules = ("batch=data+model",) if model_axis > 1 else ()
     cfg = dataclasses.replace(
         base,
         data=dataclasses.replace(base.data, batch_size=batch),
-        model=dataclasses.replace(base.model, **MODELS[model]),
+        model=dataclasses.replace(base.model, lookup=lookup, **MODELS[model]),
         train=dataclasses.replace(base.train, embedding_update=update),
         mesh=MeshConfig(data=d // model_axis, model=model_axis, rules=rules),
     )
@@ -140,6 +158,82 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
         row["projected_examples_per_s"]["h100"], compile_s,
     )  # fmt: skip
     return row
+
+
+LOOKUPS = {
+    "replicated": "the table on every device (batch over data): no lookup collective, the table's dense gradient "
+    "all-reduced",
+    "gspmd": "rows split over all devices, batch over all (`mesh.rules=batch=data+model`): XLA's masked gather and "
+    "its collectives",
+    "all-to-all": "rows split over all devices, ids routed to their rows' owner and vectors back "
+    "(sr_jax/model/lookup.py, capacity factor 2)",
+}
+
+
+def measure_lookup(layout: str, table_rows: int, d: int, batch: int, fields: int, devices) -> dict:
+    """`fields` tables' lookups and their gradient (dim 32), `batch` ids a device each, compiled for D devices:
+    the bytes a device sends per step."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sr_jax import sharding as shd
+    from sr_jax.bench import compiled as reader
+    from sr_jax.config import MeshConfig
+    from sr_jax.model.lookup import routed_lookup
+
+    split = layout != "replicated"
+    mesh = shd.make_mesh(MeshConfig(data=1 if split else d, model=d if split else 1), devices)
+    rows = -(-table_rows // d) * d
+    table = jax.ShapeDtypeStruct((rows, 32), jnp.float32, sharding=NamedSharding(mesh, P("model" if split else None)))
+    ids = jax.ShapeDtypeStruct((batch * d,), jnp.int32, sharding=NamedSharding(mesh, P(("data", "model"))))
+    cotangent = jax.ShapeDtypeStruct((batch * d, 32), jnp.float32, sharding=NamedSharding(mesh, P(("data", "model"))))
+    if layout == "all-to-all":
+        gather = lambda t, i: routed_lookup(t, i, mesh)[0]  # noqa: E731
+    else:
+        gather = lambda t, i: [a[b] for a, b in zip(t, i)]  # noqa: E731
+
+    def step(t, i, c):
+        return jax.grad(lambda t: sum(jnp.sum(v * g) for v, g in zip(gather(t, i), c)))(t)
+
+    tables, ids, cotangents = [table] * fields, [ids] * fields, [cotangent] * fields  # each its own argument
+    program = jax.jit(step, out_shardings=[table.sharding] * fields).lower(tables, ids, cotangents).compile()
+    found = reader.collectives(program.as_text(), d)
+    kinds = reader.summary(found)
+    flops, accessed = reader.step_cost(program)
+    return dict(
+        layout=layout, devices=d, table_rows=table_rows, ids_per_device=batch, fields=fields,
+        flops_per_device=flops, bytes_per_device=accessed,
+        collective_bytes_per_device=sum(c.wire_bytes for c in found),
+        collectives={k: v["count"] for k, v in kinds.items()},
+    )  # fmt: skip
+
+
+def write_lookups(rows: list[dict], out: Path, command: str, args) -> None:
+    from sr_jax.experiments import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lookups.json").write_text(json.dumps(rows, indent=2) + "\n")
+    layouts = list(LOOKUPS)
+    lines = [
+        *report.header("Embedding lookups at pod scale: bytes each device sends per step", command),
+        f"{args.fields} tables of 32-wide rows, {args.batch:,} ids a device per table, the lookup and its gradient, "
+        "compiled for D virtual devices; MB sent per device per step for all tables (ring algorithms; "
+        "`sr_jax/bench/compiled.py`). Layouts:",
+        "",
+        *[f"- `{k}`: {v}" for k, v in LOOKUPS.items()],
+        "",
+        "| rows per table | D | " + " | ".join(f"{k} MB" for k in layouts) + " | fewest |",
+        "|---|---|" + "---|" * (len(layouts) + 1),
+    ]
+    for table_rows, d in dict.fromkeys((r["table_rows"], r["devices"]) for r in rows):
+        by = {r["layout"]: r for r in rows if (r["table_rows"], r["devices"]) == (table_rows, d)}
+        sent = {k: by[k]["collective_bytes_per_device"] / 1e6 for k in layouts if k in by}
+        cells = " | ".join(f"{sent[k]:,.1f}" if k in sent else "" for k in layouts)
+        lines.append(f"| {table_rows:,} | {d} | {cells} | {min(sent, key=sent.get)} |")
+    table = "\n".join(lines)
+    (out / "lookups.md").write_text(table + "\n")
+    print(table)
 
 
 def with_efficiency(rows: list[dict]) -> None:

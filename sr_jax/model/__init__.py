@@ -82,6 +82,8 @@ def apply(
     pretrained domains' distributions that fine-tuning aligns against."""
     model = nnx.merge(graphdef, params)
     logits, aux = model(batch, text, table_rows, train=train, key=key, reference=reference)
+    if dropped := jax.tree.leaves(nnx.pop(model, nnx.Intermediate)):  # routed lookups (model.lookup=all_to_all)
+        aux["lookup_dropped"] = sum(dropped)
     chex.assert_shape(logits, batch["label"].shape if "label" in batch else (batch["domain"].shape[0],))
     if train:
         aux["stats"] = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))

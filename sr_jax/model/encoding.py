@@ -19,6 +19,7 @@ from sr_jax.config import ModelConfig
 from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
 from sr_jax.model.layers import Array, hash_ids, masked_softmax, normal
+from sr_jax.model.lookup import routed_axes, routed_lookup
 
 SIDES = ("user", "query", "item")
 
@@ -102,6 +103,7 @@ class FeatureEncoder(nnx.Module):
         self.text_proj = nnx.Dict({s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in text_sides})
         self.text_dim = text_dim
         self.id_dropout = cfg.id_dropout
+        self.lookup, self.lookup_capacity = cfg.lookup, cfg.lookup_capacity
         attend = cfg.user_history and cfg.history_pooling == "attention"
         self.history_attention = HistoryAttention(cfg.dim, rngs=rngs) if attend else None
 
@@ -125,6 +127,7 @@ class FeatureEncoder(nnx.Module):
         """`table_rows` replaces `self.table_rows(batch)`: the row-sparse update passes the gathered tables'
         rows. `train` with `key`: ids dropped at the rate `model.id_dropout`."""
         rows = self.table_rows(batch) if table_rows is None else table_rows
+        looked_up = self._lookups(rows)
         dropping = train and self.id_dropout > 0 and key is not None
         out = {}
         for k, side in enumerate(SIDES):
@@ -134,7 +137,7 @@ class FeatureEncoder(nnx.Module):
             for aspect in self.aspects[side]:
                 if aspect == "id":
                     # a plain gather: the store validated every id against its vocab
-                    vectors.append(self.id_tables[side][...][rows[("id_tables", side)]])
+                    vectors.append(looked_up[("id_tables", side)])
                     present = ids != 0
                     if dropping:
                         present &= jax.random.bernoulli(jax.random.fold_in(key, k), 1 - self.id_dropout, ids.shape)
@@ -150,11 +153,28 @@ class FeatureEncoder(nnx.Module):
                     vectors.append(self._history(batch, text))
                     masks.append((batch[HISTORY] >= 0).any(1))
                 else:
-                    vec, has = self._sparse(side, batch, rows)
+                    vec, has = self._sparse(side, batch, looked_up)
                     vectors.append(vec)
                     masks.append(has)
             out[side] = Aspects(jnp.stack(vectors, 1), jnp.stack(masks, 1), summary)
         return out
+
+    def _lookups(self, rows: dict[tuple[str, str], Array]) -> dict[tuple[str, str], Array]:
+        """Every table's rows [B] or [B, L] -> their vectors [..., d]: plain gathers (XLA partitions each over a
+        row-split table), or with `model.lookup=all_to_all` on a mesh that splits the tables, one routed exchange
+        for all of them (`lookup.routed_lookup`; the ids it drops for want of capacity are sown as
+        `lookup_dropped`, which the train step reports)."""
+        tables = {k: (self.id_tables if k[0] == "id_tables" else self.sparse_tables)[k[1]][...] for k in rows}
+        batch = next(iter(rows.values())).shape[0]
+        axes = routed_axes(batch) if self.lookup == "all_to_all" else None
+        if axes is None:
+            return {k: tables[k][r] for k, r in rows.items()}
+        keys = list(rows)
+        mesh = jax.sharding.get_abstract_mesh()
+        flat = [rows[k].reshape(-1) for k in keys]
+        vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, self.lookup_capacity)
+        self.sow(nnx.Intermediate, "lookup_dropped", dropped)
+        return {k: v.reshape(*rows[k].shape, v.shape[-1]) for k, v in zip(keys, vectors)}
 
     def _history(self, batch: dict[str, Array], text: TextTable) -> Array:
         """[B, d]: the projected mean of the history items' texts, or their attention-weighted sum."""
@@ -169,20 +189,20 @@ class FeatureEncoder(nnx.Module):
         candidate = jnp.where((item >= 0)[:, None], text.pooled[jnp.maximum(item, 0)], 0.0)
         return self.history_attention(self.text_proj["history"](texts), present, self.text_proj["history"](candidate))
 
-    def _sparse(self, side: str, batch: dict[str, Array], rows) -> tuple[Array, Array]:
+    def _sparse(self, side: str, batch: dict[str, Array], looked_up) -> tuple[Array, Array]:
         """Each field's embedding (a multi-valued field's mean over its non-zero values) through the field's
         projection, then the mean over the fields the example has."""
         projected, present = [], []
         for f in self.fields[side]:
             key = table_key(f.column)
             values = batch[f.column]
-            looked_up = self.sparse_tables[key[1]][...][rows[key]]
+            vectors = looked_up[key]
             if values.ndim == 1:
-                embedded, has = looked_up, values != 0
+                embedded, has = vectors, values != 0
             else:
                 nonzero = (values != 0).astype(jnp.float32)
                 count = nonzero.sum(1, keepdims=True)
-                embedded, has = jnp.einsum("bl,bld->bd", nonzero, looked_up) / jnp.maximum(count, 1.0), count[:, 0] > 0
+                embedded, has = jnp.einsum("bl,bld->bd", nonzero, vectors) / jnp.maximum(count, 1.0), count[:, 0] > 0
             projected.append(self.sparse_proj[key[1]](embedded))
             present.append(has)
         weight = jnp.stack(present, 1).astype(jnp.float32)  # [B, F]

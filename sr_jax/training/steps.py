@@ -30,7 +30,10 @@ def loss_fn(graphdef: nnx.GraphDef, params, batch, text: sr_model.TextTable, reg
     logits, aux = sr_model.apply(graphdef, params, batch, text, **apply_kwargs)
     bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"].astype(jnp.float32)).mean()
     loss = bce + reg_weight * aux["reg"]
-    return loss, ({"loss": loss, "bce": bce, "reg": aux["reg"]}, aux.get("stats", {}))
+    metrics = {"loss": loss, "bce": bce, "reg": aux["reg"]}
+    if "lookup_dropped" in aux:  # ids a routed lookup dropped for want of capacity (model.lookup_capacity)
+        metrics["lookup_dropped"] = aux["lookup_dropped"].astype(jnp.float32)
+    return loss, (metrics, aux.get("stats", {}))
 
 
 def init_state(
