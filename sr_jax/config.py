@@ -100,11 +100,13 @@ class ModelConfig:
     reg_temperature: float = 1.0  # tau of softmax(z / tau) for JS
     mmd_bandwidth: float = 0.0  # Gaussian kernel sigma; 0: sqrt(feature width)
     mmd_max_examples: int = 1024  # the MMD kernel is [n, n]: a subsample of n examples, stratified by domain
-    backbone: str = "mmoe"  # mmoe | ple | star; Shared-Bottom is mmoe with num_experts=1
+    backbone: str = "mmoe"  # mmoe | ple | star | epnet | ppnet | hamur; Shared-Bottom is mmoe with num_experts=1
     num_experts: int = 4  # shared experts (mmoe, ple)
     domain_experts: int = 1  # each domain's own experts (ple)
     ple_levels: int = 1  # PLE's extraction levels (ple; 1 is CGC)
     star_norm: str = "partitioned"  # STAR's normalisation: partitioned (the paper's) | layer (a LayerNorm variant)
+    gate_hidden: int = 64  # the hidden width of a gate NU (epnet, ppnet) or of the hyper-network (hamur)
+    adapter_rank: int = 8  # the bottleneck r of each HAMUR adapter (hamur)
     expert_hidden: tuple[int, ...] = (64, 32)  # every expert's layers (star: the star network's)
     tower_hidden: tuple[int, ...] = (32,)
     dtype: str = "float32"  # compute dtype; parameters stay float32
@@ -197,7 +199,7 @@ LOOKUPS = ("gspmd", "all_to_all")
 UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
-BACKBONES = ("mmoe", "ple", "star")
+BACKBONES = ("mmoe", "ple", "star", "epnet", "ppnet", "hamur")
 STAR_NORMS = ("partitioned", "layer")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
@@ -337,6 +339,7 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     """The model section's problems (see `validate`)."""
     problems: list[str] = []
     _positive(problems, cfg, "model", "dim", "gate_dim", "num_experts", "ple_levels", "table_row_multiple")
+    _positive(problems, cfg, "model", "gate_hidden", "adapter_rank")
     _positive(problems, cfg, "model", "id_buckets", "domain_experts", "reg_weight", "mmd_bandwidth", allow_zero=True)
     _positive(problems, cfg, "model", "reg_temperature", "embedding_init_std")
     _positive(problems, cfg, "model", "user_history", allow_zero=True)
@@ -372,7 +375,12 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     _check(problems, cfg.backbone != "ple" or cfg.domain_experts >= 1, "model.domain_experts", "ple needs >= 1")
     _only_for(problems, cfg, "model", ("domain_experts", "ple_levels"), cfg.backbone == "ple", "to model.backbone=ple")
     _only_for(problems, cfg, "model", ("star_norm",), cfg.backbone == "star", "to model.backbone=star")
-    _only_for(problems, cfg, "model", ("num_experts",), cfg.backbone != "star", "to model.backbone=mmoe|ple")
+    _only_for(problems, cfg, "model", ("num_experts",), cfg.backbone in ("mmoe", "ple"), "to model.backbone=mmoe|ple")
+    _only_for(
+        problems, cfg, "model", ("gate_hidden",), cfg.backbone in ("epnet", "ppnet", "hamur"),
+        "to model.backbone=epnet|ppnet|hamur",
+    )  # fmt: skip
+    _only_for(problems, cfg, "model", ("adapter_rank",), cfg.backbone == "hamur", "to model.backbone=hamur")
     _only_for(problems, cfg, "model", ("reg_weight",), cfg.regularizer != "none", "with a regularizer (js or mmd)")
     _only_for(problems, cfg, "model", ("reg_temperature",), cfg.regularizer == "js", "to model.regularizer=js")
     _only_for(

@@ -6,6 +6,7 @@
     star   the star-topology network (Sheng et al., CIKM 2021): partitioned normalisation, then layers whose
            weights are a shared matrix times the domain's matrix, element-wise; its auxiliary network
            (`StarAuxiliary`) adds a logit from the domain indicator in L2
+    epnet, ppnet, hamur   a shared network scaled by gate NUs or adapted by a hyper-network (`gated.py`)
 
 Each is called as backbone(x_hat, domain, dtype, train) -> (experts [B, E, h], gate input [B, g]): E expert
 outputs per example, which L2 mixes with its domain's softmax gate (read from the gate input), or takes
@@ -22,12 +23,13 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.model.domain_adaptation import standardise
+from sr_jax.model.gated import HAMUR, EPNet, PPNet
 from sr_jax.model.layers import Array, StackedDense, StackedMLP, by_group, normal, zeros
 
 
 def num_outputs(cfg: ModelConfig) -> int:
     """E: how many expert outputs the backbone gives each example."""
-    return {"mmoe": cfg.num_experts, "ple": cfg.num_experts + cfg.domain_experts, "star": 1}[cfg.backbone]
+    return {"mmoe": cfg.num_experts, "ple": cfg.num_experts + cfg.domain_experts}.get(cfg.backbone, 1)
 
 
 class SharedExperts(nnx.Module):
@@ -184,7 +186,8 @@ class StarAuxiliary(nnx.Module):
 
 
 def make_backbone(cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs) -> nnx.Module:
-    kinds = {"mmoe": SharedExperts, "ple": ProgressiveExperts, "star": StarNetwork}
+    kinds = {"mmoe": SharedExperts, "ple": ProgressiveExperts, "star": StarNetwork, "epnet": EPNet, "ppnet": PPNet,
+             "hamur": HAMUR}  # fmt: skip
     return kinds[cfg.backbone](cfg, num_domains, width, rngs=rngs)
 
 

@@ -1,0 +1,65 @@
+"""`train.bench_scaling` and `train.bench_gpu` end to end on small sizes: the rows, the files, and what the
+compiled programs say (work per device falls as 1/D in strong scaling and stays put in weak scaling)."""
+
+import json
+import os
+
+import pytest
+
+from train import bench_gpu, bench_scaling
+
+
+@pytest.fixture(autouse=True)
+def _keep_environment(monkeypatch):
+    """The entry points set XLA_FLAGS and JAX_PLATFORMS for a fresh process: restore them after."""
+    for name in ("XLA_FLAGS", "JAX_PLATFORMS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+
+
+SMALL = ["--rows", "1000", "--fields", "5", "--domains", "3", "--text-dim", "16"]
+
+
+def test_scaling_rows_files_and_work_per_device(tmp_path):
+    rows = bench_scaling.main(
+        ["--devices", "1", "4", "--models", "default", "--modes", "weak", "strong", "--meshes", "data",
+         "tables-routed", "--batch", "512", "--global-batch", "2048", *SMALL, "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert {"scaling.json", "scaling.md", "scaling.png"} <= {p.name for p in tmp_path.iterdir()}
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    assert len(saved) == len(rows) == 2 * 3  # per mode: the 1-device baseline, data x4, routed x4
+    for row in saved:
+        assert {"model", "mode", "devices", "flops_per_device", "bytes_per_device", "collective_bytes_per_device",
+                "projected_examples_per_s", "efficiency"} <= row.keys()  # fmt: skip
+        assert set(row["projected_examples_per_s"]) == {"h100", "tpu-v5e", "tpu-v5p"}
+    by = {(r["mode"], r["mesh"], r["devices"]): r for r in saved}
+    one = by[("strong", "data", 1)]
+    assert one["efficiency"]["h100"] == pytest.approx(1.0) and one["collective_bytes_per_device"] == 0
+    strong = by[("strong", "data", 4)]
+    assert strong["flops_per_device"] == pytest.approx(one["flops_per_device"] / 4, rel=0.15)
+    weak = by[("weak", "data", 4)]
+    assert weak["flops_per_device"] == pytest.approx(by[("weak", "data", 1)]["flops_per_device"], rel=0.15)
+    assert weak["collectives"]["all-reduce"]["groups"] == [4]  # the gradients, over the data axis
+    routed = by[("weak", "tables-routed", 4)]
+    assert routed["collectives"]["all-to-all"]["count"] == 3  # every table in one exchange
+    assert "| default | dense | weak | tables-routed | 4 |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_lookups_compare_three_layouts(tmp_path):
+    rows = bench_scaling.main(["--lookups", "4096", "--devices", "4", "--batch", "256", "--fields", "3",
+                               "--out", str(tmp_path)])  # fmt: skip
+    sent = {r["layout"]: r["collective_bytes_per_device"] for r in rows}
+    assert set(sent) == {"replicated", "gspmd", "all-to-all"}
+    assert sent["replicated"] > 3 * 4096 * 32 * 4  # the tables' dense gradients, all-reduced
+    assert "| 4,096 | 4 |" in (tmp_path / "lookups.md").read_text()
+
+
+def test_the_gpu_script_runs_its_parts_and_prints_one_table(tmp_path):
+    """The parts that time steps are `train.bench`'s and `train.bench_text`'s (their own tests); here the script
+    runs one part through and reports a failing one in its table."""
+    lines = bench_gpu.main(["--quick", "--parts", "scaling", "--out", str(tmp_path)])
+    # default and STAR: 1 device, and all 8 (the test's virtual devices) data-parallel and with routed tables
+    assert [part for part, _, _ in lines] == ["scaling"] * 6 and sum("D=8" in line[1] for line in lines) == 4
+    assert not [line for line in lines if line[1].startswith("failed")]
+    assert "ex/s projected (H100)" in (tmp_path / "gpu.md").read_text()
+    parts = bench_gpu.parts(tmp_path, quick=True, gpus=8)
+    assert parts["scaling"][parts["scaling"].index("--devices") + 1 :][:2] == ["1", "8"]  # 1 GPU and all

@@ -1,0 +1,141 @@
+"""The gate-NU and hyper-network backbones (`sr_jax/model/gated.py`): each one's defining behaviour, not only
+its shapes. EPNet and PPNet gates scale by 2 x sigmoid and start at exactly 1 (the network starts as the plain
+shared MLP); HAMUR's adapter weights are a function of the hyper-network's input (the domain and the example)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import TINY, config
+from sr_jax import model as sr_model
+from sr_jax.featurized import load_dataset
+from sr_jax.model.gated import HAMUR, EPNet, GateNU, PPNet
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = load_dataset(config(TINY).data)
+    pooled, first = ds.text_cache("hashed-bow")
+    batch = {k: jnp.asarray(v[:64]) for k, v in ds.split("train").items()}
+    return ds, sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), batch
+
+
+def _cfg(**fields):
+    return dataclasses.replace(config(TINY).model, **fields)
+
+
+def _plain_mlp(layers, x):
+    for layer in layers:
+        x = jax.nn.relu(layer.all_layers(x, jnp.float32)[:, 0])
+    return x
+
+
+def test_a_gate_nu_scales_by_two_sigmoid_and_starts_at_one():
+    gate = GateNU(5, 3, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (16, 5))
+    np.testing.assert_array_equal(np.asarray(gate(x)), 1.0)
+    gate.out_bias[...] = jnp.array([-2.0, 0.0, 3.0])
+    np.testing.assert_allclose(np.asarray(gate(x))[0], 2 * jax.nn.sigmoid(jnp.array([-2.0, 0.0, 3.0])), rtol=1e-6)
+    gate.out_kernel[...] = jnp.full((8, 3), 50.0)
+    assert float(gate(x).max()) <= 2.0 and float(gate(x).min()) >= 0.0
+
+
+@pytest.mark.parametrize("kind", [EPNet, PPNet])
+def test_epnet_and_ppnet_start_as_the_shared_mlp_then_scale_by_their_gates(kind):
+    cfg = _cfg(backbone=kind.__name__.lower(), dim=4)
+    net = kind(cfg, 3, 12, rngs=nnx.Rngs(0))
+    x, domain = jax.random.normal(jax.random.key(2), (10, 12)), jnp.arange(10) % 3
+    experts, gate_input = net(x, domain, jnp.float32, False)
+    assert experts.shape == (10, 1, cfg.expert_hidden[-1]) and gate_input is x
+    np.testing.assert_allclose(np.asarray(experts[:, 0]), np.asarray(_plain_mlp(net.layers, x)), rtol=1e-6)
+    if kind is EPNet:  # the input scaled by the domain's gate: another domain, another scale
+        net.gate.out_kernel[...] = jax.random.normal(jax.random.key(3), net.gate.out_kernel.shape)
+        scaled = net(x, domain, jnp.float32, False)[0]
+        other = net(x, (domain + 1) % 3, jnp.float32, False)[0]
+        assert not np.allclose(np.asarray(scaled), np.asarray(other))
+    else:  # the first layer's output scaled by 2 sigmoid(b) where its gate's bias is b
+        net.gates[0].out_bias[...] = jnp.full(net.gates[0].out_bias.shape, 1.5)
+        first = jax.nn.relu(net.layers[0].all_layers(x, jnp.float32)[:, 0]) * 2 * jax.nn.sigmoid(1.5)
+        np.testing.assert_allclose(
+            np.asarray(net(x, domain, jnp.float32, False)[0][:, 0]),
+            np.asarray(_plain_mlp(net.layers[1:], first)),
+            rtol=1e-5,
+        )
+
+
+def test_hamur_adapter_weights_are_made_from_the_domain_and_the_example():
+    cfg = _cfg(backbone="hamur", adapter_rank=4)
+    net = HAMUR(cfg, 3, 12, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (6, 12))
+    same = net.adapters(jnp.concatenate([x[:1]] * 2), jnp.array([0, 0]))
+    other_domain = net.adapters(x[:1], jnp.array([1]))
+    other_example = net.adapters(x[1:2], jnp.array([0]))
+    (down, up), (down_k, _), (down_x, _) = same[0], other_domain[0], other_example[0]
+    assert down.shape == (2, cfg.expert_hidden[0], 4) and up.shape == (2, 4, cfg.expert_hidden[0])
+    np.testing.assert_array_equal(np.asarray(down[0]), np.asarray(down[1]))  # the same input: the same adapter
+    assert not np.allclose(np.asarray(down[0]), np.asarray(down_k[0]))
+    assert not np.allclose(np.asarray(down[0]), np.asarray(down_x[0]))
+    net.domain_embedding[...] = net.domain_embedding[...].at[0].add(1.0)  # the hyper-network's input moved
+    assert not np.allclose(np.asarray(net.adapters(x[:1], jnp.array([0]))[0][0]), np.asarray(down[:1]))
+    # the adapters start near the identity: the output is the shared MLP's, up to a small residual
+    out = net(x, jnp.zeros(6, jnp.int32), jnp.float32, False)[0][:, 0]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_plain_mlp(net.layers, x)), atol=1e-2)
+
+
+@pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur"])
+def test_each_runs_in_the_model_learns_and_keeps_its_levels(data, backbone):
+    ds, text, batch = data
+    graphdef, params = sr_model.init(_cfg(backbone=backbone), ds.meta, text.pooled.shape[1], seed=0)
+    assert "backbone" in params["l1"] and "tower" in params["l2"]
+    levels = sr_model.leaf_levels(params)
+    assert set(jax.tree.leaves(levels["l1"]["backbone"])) == {"l1"}  # frozen with L1, like the other backbones
+
+    def loss(p):
+        logits, _ = sr_model.apply(graphdef, p, batch, text)
+        return jnp.mean(jnp.maximum(logits, 0) - logits * batch["label"] + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+    before = float(loss(params))
+    step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(loss)(p)))
+    for _ in range(20):
+        params = step(params)
+    assert float(loss(params)) < before
+
+
+def test_a_gated_backbone_trains_exports_and_converts(tmp_path):
+    """PPNet through the whole product: a run, the serving artifact (scoring test rows with the artifact's own
+    loader), a safetensors round trip of its parameters."""
+    import sys
+
+    import chex
+
+    from sr_jax.export import trained
+    from sr_jax.training import trainer
+    from train import convert, export
+
+    cfg = config(TINY, model={"backbone": "ppnet"}, train={"epochs": 1})
+    trainer.fit(cfg, tmp_path / "run")
+    export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "served")])
+    sys.path.insert(0, str(tmp_path / "served"))
+    try:
+        import serve
+
+        served = serve.load(str(tmp_path / "served"))
+    finally:
+        sys.path.remove(str(tmp_path / "served"))
+    model = trained.load(tmp_path / "run")
+    columns = model.dataset().split("test")
+    batch = {name: np.asarray(columns[name])[:64] for name in served.features}
+    probability = served(batch)["probability"]
+    assert probability.shape == (64,) and np.isfinite(probability).all() and probability.std() > 0
+    convert.main(["to-safetensors", str(tmp_path / "run"), str(tmp_path / "p.safetensors")])
+    from safetensors.numpy import load_file
+
+    from sr_jax.treeutil import unflatten
+
+    flat = load_file(str(tmp_path / "p.safetensors"))
+    assert "l1.backbone.gates.0.out_kernel" in flat
+    chex.assert_trees_all_equal(unflatten({k.replace(".", "/"): v for k, v in flat.items()}), model.params)
