@@ -100,13 +100,15 @@ class ModelConfig:
     reg_temperature: float = 1.0  # tau of softmax(z / tau) for JS
     mmd_bandwidth: float = 0.0  # Gaussian kernel sigma; 0: sqrt(feature width)
     mmd_max_examples: int = 1024  # the MMD kernel is [n, n]: a subsample of n examples, stratified by domain
-    backbone: str = "mmoe"  # mmoe | ple | star | epnet | ppnet | hamur; Shared-Bottom is mmoe with num_experts=1
-    num_experts: int = 4  # shared experts (mmoe, ple)
-    domain_experts: int = 1  # each domain's own experts (ple)
+    # mmoe | ple | star | m3oe | epnet | ppnet | hamur | m2m; Shared-Bottom is mmoe with num_experts=1
+    backbone: str = "mmoe"
+    num_experts: int = 4  # shared experts (mmoe, ple, m3oe, m2m)
+    domain_experts: int = 1  # each domain's own experts (ple, m3oe)
     ple_levels: int = 1  # PLE's extraction levels (ple; 1 is CGC)
     star_norm: str = "partitioned"  # STAR's normalisation: partitioned (the paper's) | layer (a LayerNorm variant)
     gate_hidden: int = 64  # the hidden width of a gate NU (epnet, ppnet) or of the hyper-network (hamur)
     adapter_rank: int = 8  # the bottleneck r of each HAMUR adapter (hamur)
+    meta_layers: int = 2  # the residual meta layers of M2M's meta tower (m2m)
     expert_hidden: tuple[int, ...] = (64, 32)  # every expert's layers (star: the star network's)
     tower_hidden: tuple[int, ...] = (32,)
     dtype: str = "float32"  # compute dtype; parameters stay float32
@@ -199,7 +201,7 @@ LOOKUPS = ("gspmd", "all_to_all")
 UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
-BACKBONES = ("mmoe", "ple", "star", "epnet", "ppnet", "hamur")
+BACKBONES = ("mmoe", "ple", "star", "m3oe", "epnet", "ppnet", "hamur", "m2m")
 STAR_NORMS = ("partitioned", "layer")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
@@ -340,6 +342,7 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     problems: list[str] = []
     _positive(problems, cfg, "model", "dim", "gate_dim", "num_experts", "ple_levels", "table_row_multiple")
     _positive(problems, cfg, "model", "gate_hidden", "adapter_rank")
+    _positive(problems, cfg, "model", "meta_layers", allow_zero=True)
     _positive(problems, cfg, "model", "id_buckets", "domain_experts", "reg_weight", "mmd_bandwidth", allow_zero=True)
     _positive(problems, cfg, "model", "reg_temperature", "embedding_init_std")
     _positive(problems, cfg, "model", "user_history", allow_zero=True)
@@ -372,10 +375,20 @@ def validate_model(cfg: ModelConfig) -> list[str]:
         "model.gating",
         "cls gating reads text features: set model.use_text=true",
     )
-    _check(problems, cfg.backbone != "ple" or cfg.domain_experts >= 1, "model.domain_experts", "ple needs >= 1")
-    _only_for(problems, cfg, "model", ("domain_experts", "ple_levels"), cfg.backbone == "ple", "to model.backbone=ple")
+    _check(
+        problems, cfg.backbone not in ("ple", "m3oe") or cfg.domain_experts >= 1, "model.domain_experts",
+        "ple and m3oe need >= 1",
+    )  # fmt: skip
+    _only_for(
+        problems, cfg, "model", ("domain_experts",), cfg.backbone in ("ple", "m3oe"), "to model.backbone=ple|m3oe"
+    )
+    _only_for(problems, cfg, "model", ("ple_levels",), cfg.backbone == "ple", "to model.backbone=ple")
     _only_for(problems, cfg, "model", ("star_norm",), cfg.backbone == "star", "to model.backbone=star")
-    _only_for(problems, cfg, "model", ("num_experts",), cfg.backbone in ("mmoe", "ple"), "to model.backbone=mmoe|ple")
+    _only_for(
+        problems, cfg, "model", ("num_experts",), cfg.backbone in ("mmoe", "ple", "m3oe", "m2m"),
+        "to model.backbone=mmoe|ple|m3oe|m2m",
+    )  # fmt: skip
+    _only_for(problems, cfg, "model", ("meta_layers",), cfg.backbone == "m2m", "to model.backbone=m2m")
     _only_for(
         problems, cfg, "model", ("gate_hidden",), cfg.backbone in ("epnet", "ppnet", "hamur"),
         "to model.backbone=epnet|ppnet|hamur",

@@ -1,6 +1,8 @@
-"""The gate-NU and hyper-network backbones (`sr_jax/model/gated.py`): each one's defining behaviour, not only
-its shapes. EPNet and PPNet gates scale by 2 x sigmoid and start at exactly 1 (the network starts as the plain
-shared MLP); HAMUR's adapter weights are a function of the hyper-network's input (the domain and the example)."""
+"""The field's other multi-domain backbones (`sr_jax/model/gated.py`, M3oE in `backbones.py`): each one's defining
+behaviour, not only its shapes. EPNet and PPNet gates scale by 2 x sigmoid and start at exactly 1 (the network
+starts as the plain shared MLP); HAMUR's adapter weights are a function of the hyper-network's input (the domain
+and the example); M2M's weights are generated from the domain's embedding; M3oE fuses a shared and a domain
+mixture by the domain's weights."""
 
 import dataclasses
 
@@ -86,7 +88,7 @@ def test_hamur_adapter_weights_are_made_from_the_domain_and_the_example():
     np.testing.assert_allclose(np.asarray(out), np.asarray(_plain_mlp(net.layers, x)), atol=1e-2)
 
 
-@pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur"])
+@pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur", "m2m", "m3oe"])
 def test_each_runs_in_the_model_learns_and_keeps_its_levels(data, backbone):
     ds, text, batch = data
     graphdef, params = sr_model.init(_cfg(backbone=backbone), ds.meta, text.pooled.shape[1], seed=0)
@@ -139,3 +141,39 @@ def test_a_gated_backbone_trains_exports_and_converts(tmp_path):
     flat = load_file(str(tmp_path / "p.safetensors"))
     assert "l1.backbone.gates.0.out_kernel" in flat
     chex.assert_trees_all_equal(unflatten({k.replace(".", "/"): v for k, v in flat.items()}), model.params)
+
+
+def test_m2m_weights_are_generated_from_the_domain_embedding():
+    """M2M's meta units: kernels and biases are a function of the scenario's embedding, so another domain (or a
+    moved embedding) gives other weights and another output; one domain's examples share theirs."""
+    from sr_jax.model.gated import M2M
+
+    cfg = _cfg(backbone="m2m")
+    net = M2M(cfg, 3, 12, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(5), (6, 12))
+    s = net.domain_embedding[...][jnp.array([0, 0, 1])]
+    kernel, _ = net.attention.weights(s)
+    np.testing.assert_array_equal(np.asarray(kernel[0]), np.asarray(kernel[1]))
+    assert not np.allclose(np.asarray(kernel[0]), np.asarray(kernel[2]))
+    out = net(x, jnp.zeros(6, jnp.int32), jnp.float32, False)[0]
+    assert out.shape == (6, 1, cfg.expert_hidden[-1])
+    assert not np.allclose(np.asarray(out), np.asarray(net(x, jnp.ones(6, jnp.int32), jnp.float32, False)[0]))
+    net.domain_embedding[...] = net.domain_embedding[...].at[0].multiply(2.0)
+    assert not np.allclose(np.asarray(out), np.asarray(net(x, jnp.zeros(6, jnp.int32), jnp.float32, False)[0]))
+
+
+def test_m3oe_fuses_the_shared_and_the_domain_mixture_by_the_domain_s_weights():
+    """At the start the two mixtures weigh 1/2 each; moving one domain's fusion weights all onto the shared
+    mixture gives exactly the shared experts' gated mix for that domain's examples, and leaves the others."""
+    from sr_jax.model.backbones import DomainMixtures
+
+    net = DomainMixtures(_cfg(backbone="m3oe"), 3, 12, rngs=nnx.Rngs(0))
+    x, domain = jax.random.normal(jax.random.key(6), (9, 12)), jnp.arange(9) % 3
+    before = net(x, domain, jnp.float32, False)[0][:, 0]
+    net.fusion[...] = net.fusion[...].at[1].set(jnp.array([50.0, -50.0]))
+    after = net(x, domain, jnp.float32, False)[0][:, 0]
+    gate = jax.nn.softmax(net.shared_gate.own_layer(x, domain, jnp.float32), -1)
+    shared = jnp.einsum("be,beh->bh", gate, net.shared.all_layers(x, jnp.float32))
+    ones = np.asarray(domain) == 1
+    np.testing.assert_allclose(np.asarray(after)[ones], np.asarray(shared)[ones], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(after)[~ones], np.asarray(before)[~ones])

@@ -6,7 +6,9 @@
     star   the star-topology network (Sheng et al., CIKM 2021): partitioned normalisation, then layers whose
            weights are a shared matrix times the domain's matrix, element-wise; its auxiliary network
            (`StarAuxiliary`) adds a logit from the domain indicator in L2
-    epnet, ppnet, hamur   a shared network scaled by gate NUs or adapted by a hyper-network (`gated.py`)
+    m3oe   M3oE (Zhang et al., SIGIR 2024) with one task: a mixture of shared experts and a mixture of the
+           domain's own experts, each under the domain's softmax gate, fused by the domain's learned weights
+    epnet, ppnet, hamur, m2m   a shared network scaled by gate NUs or given generated weights (`gated.py`)
 
 Each is called as backbone(x_hat, domain, dtype, train) -> (experts [B, E, h], gate input [B, g]): E expert
 outputs per example, which L2 mixes with its domain's softmax gate (read from the gate input), or takes
@@ -23,7 +25,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.model.domain_adaptation import standardise
-from sr_jax.model.gated import HAMUR, EPNet, PPNet
+from sr_jax.model.gated import HAMUR, M2M, EPNet, PPNet
 from sr_jax.model.layers import Array, StackedDense, StackedMLP, by_group, normal, zeros
 
 
@@ -90,6 +92,31 @@ class ProgressiveExperts(nnx.Module):
             if inputs is not None:
                 h_domain, h_shared = inputs
         return experts, h_domain
+
+
+class DomainMixtures(nnx.Module):
+    """M3oE with one task: the shared experts mixed by the domain's gate over them, the domain's own experts mixed
+    by its gate over those, and the two mixtures fused by the domain's softmax weights (its second fusion level
+    has one task to fuse, so it is the identity). -> [B, 1, h]."""
+
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
+        self.shared = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
+        self.own = nnx.List(
+            [StackedMLP(num_domains, width, cfg.expert_hidden, rngs=rngs) for _ in range(cfg.domain_experts)]
+        )
+        self.shared_gate = StackedDense(num_domains, width, cfg.num_experts, rngs=rngs)
+        self.own_gate = StackedDense(num_domains, width, cfg.domain_experts, rngs=rngs)
+        self.fusion = zeros((num_domains, 2))  # each domain's weights of (shared, own): equal at the start
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        def mix(gate: StackedDense, experts: Array) -> Array:
+            weights = jax.nn.softmax(gate.own_layer(x_hat, domain, dtype).astype(jnp.float32), -1)
+            return jnp.einsum("be,beh->bh", weights.astype(dtype), experts)
+
+        shared = mix(self.shared_gate, self.shared.all_layers(x_hat, dtype))
+        own = mix(self.own_gate, jnp.stack([stack.own_layer(x_hat, domain, dtype) for stack in self.own], axis=1))
+        fusion = jax.nn.softmax(self.fusion[...][domain], -1).astype(dtype)  # [B, 2]
+        return (fusion[:, :1] * shared + fusion[:, 1:] * own)[:, None], x_hat
 
 
 class PartitionedNorm(nnx.Module):
@@ -186,8 +213,8 @@ class StarAuxiliary(nnx.Module):
 
 
 def make_backbone(cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs) -> nnx.Module:
-    kinds = {"mmoe": SharedExperts, "ple": ProgressiveExperts, "star": StarNetwork, "epnet": EPNet, "ppnet": PPNet,
-             "hamur": HAMUR}  # fmt: skip
+    kinds = {"mmoe": SharedExperts, "ple": ProgressiveExperts, "star": StarNetwork, "m3oe": DomainMixtures,
+             "epnet": EPNet, "ppnet": PPNet, "hamur": HAMUR, "m2m": M2M}  # fmt: skip
     return kinds[cfg.backbone](cfg, num_domains, width, rngs=rngs)
 
 

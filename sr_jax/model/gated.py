@@ -1,4 +1,4 @@
-"""Backbones that personalise a shared network by scaling or adapting it, rather than by mixing experts:
+"""Backbones that personalise a shared network by scaling it or generating its weights:
 
     epnet  PEPNet's EPNet (Chang et al., KDD 2023): a gate NU on the input, from the domain's embedding and the
            input itself (stop-gradient), scales x_hat element-wise before one shared MLP
@@ -6,6 +6,9 @@
            vectors, x_hat's first and last thirds) and the input (stop-gradient), scales that layer's output
     hamur  HAMUR (Li et al., CIKM 2023): a shared MLP with an adapter after each layer, h + U relu(D h), whose D
            and U a shared hyper-network makes from the domain's embedding and the example (stop-gradient)
+    m2m    M2M (Zhang et al., CIKM 2022): shared experts, then meta units, layers whose kernels and biases are
+           generated from the scenario's representation (its embedding): a meta attention scores each expert
+           (softmax over experts), and a meta tower of residual meta layers maps their mix
 
 A gate NU is 2 x sigmoid(MLP(...)) with its last layer zero at the start, so every gate starts at exactly 1 and
 the network starts as the plain shared MLP; a hyper-network's last layer starts small, so each adapter starts
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.layers import Array, StackedDense, normal, zeros
+from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal, zeros
 
 
 class GateNU(nnx.Module):
@@ -111,3 +114,43 @@ class HAMUR(nnx.Module):
             r = jax.nn.relu(jnp.einsum("bh,bhr->br", h, down.astype(dtype)))
             h = h + jnp.einsum("br,brh->bh", r, up.astype(dtype))
         return h[:, None], x_hat
+
+
+class MetaUnit(nnx.Module):
+    """M2M's meta unit: a dense layer whose kernel [in, out] and bias [out] are generated, per example, from the
+    scenario's representation s [B, g] by a linear map (the meta learner)."""
+
+    def __init__(self, g: int, d_in: int, d_out: int, *, rngs: nnx.Rngs):
+        self.d_in, self.d_out = d_in, d_out
+        self.kernel_map = normal(rngs, (g, d_in * d_out), (g * d_in) ** -0.5)
+        self.bias_map = zeros((g, d_out))
+
+    def weights(self, s: Array) -> tuple[Array, Array]:
+        """-> (kernels [B, in, out], biases [B, out])"""
+        return (s @ self.kernel_map[...]).reshape(-1, self.d_in, self.d_out), s @ self.bias_map[...]
+
+    def __call__(self, h: Array, s: Array) -> Array:
+        """h [B, in] or [B, E, in] -> [B, out] or [B, E, out]"""
+        kernel, bias = self.weights(s)
+        if h.ndim == 2:
+            return jnp.einsum("bi,bio->bo", h, kernel) + bias
+        return jnp.einsum("bei,bio->beo", h, kernel) + bias[:, None]
+
+
+class M2M(nnx.Module):
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
+        h, g = cfg.expert_hidden[-1], cfg.gate_dim
+        self.domain_embedding = normal(rngs, (num_domains, g), g**-0.5)
+        self.experts = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
+        self.attention = MetaUnit(g, h, h, rngs=rngs)
+        self.score = normal(rngs, (h,), h**-0.5)
+        self.tower = nnx.List([MetaUnit(g, h, h, rngs=rngs) for _ in range(cfg.meta_layers)])
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        s = self.domain_embedding[...][domain]
+        experts = self.experts.all_layers(x_hat, dtype).astype(jnp.float32)  # [B, E, h]
+        scores = jnp.einsum("beh,h->be", jnp.tanh(self.attention(experts, s)), self.score[...])
+        mixed = jnp.einsum("be,beh->bh", jax.nn.softmax(scores, axis=-1), experts)
+        for unit in self.tower:  # residual meta layers
+            mixed = jax.nn.relu(unit(mixed, s)) + mixed
+        return mixed[:, None].astype(dtype), x_hat
