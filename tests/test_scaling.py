@@ -32,8 +32,9 @@ def _compiled(tmp_path, backbone: str, data: int, model: int, rules: tuple[str, 
 
 
 @pytest.mark.parametrize(
-    "backbone, meshes", [("mmoe", [(8, 1), (4, 2)]), ("ple", [(8, 1)]), ("star", [(8, 1)]), ("hamur", [(8, 1)]), ("m3oe", [(8, 1)])]
-)  # fmt: skip
+    "backbone, meshes",
+    [("mmoe", [(8, 1), (4, 2)]), ("ple", [(8, 1)]), ("star", [(8, 1)]), ("hamur", [(8, 1)]), ("m3oe", [(8, 1)])],
+)
 def test_each_device_computes_its_share_of_the_batch(tmp_path, backbone, meshes):
     one, _ = _compiled(tmp_path, backbone, 1, 1)
     for data, model in meshes:
