@@ -100,7 +100,7 @@ class ModelConfig:
     reg_temperature: float = 1.0  # tau of softmax(z / tau) for JS
     mmd_bandwidth: float = 0.0  # Gaussian kernel sigma; 0: sqrt(feature width)
     mmd_max_examples: int = 1024  # the MMD kernel is [n, n]: a subsample of n examples, stratified by domain
-    # mmoe | ple | star | m3oe | epnet | ppnet | hamur | m2m; Shared-Bottom is mmoe with num_experts=1
+    # mmoe | ple | star | m3oe | epnet | ppnet | hamur | m2m | adasparse; Shared-Bottom is mmoe, num_experts=1
     backbone: str = "mmoe"
     num_experts: int = 4  # shared experts (mmoe, ple, m3oe, m2m)
     domain_experts: int = 1  # each domain's own experts (ple, m3oe)
@@ -109,6 +109,9 @@ class ModelConfig:
     gate_hidden: int = 64  # the hidden width of a gate NU (epnet, ppnet) or of the hyper-network (hamur)
     adapter_rank: int = 8  # the bottleneck r of each HAMUR adapter (hamur)
     meta_layers: int = 2  # the residual meta layers of M2M's meta tower (m2m)
+    adasparse_sparsity: float = 0.2  # the share of pruned neurons each layer's regularizer aims at (adasparse)
+    adasparse_weight: float = 0.05  # that regularizer's weight in the loss (adasparse)
+    adasparse_alpha_step: float = 1e-4  # how much the pruner's sharpness alpha grows each train step (adasparse)
     expert_hidden: tuple[int, ...] = (64, 32)  # every expert's layers (star: the star network's)
     tower_hidden: tuple[int, ...] = (32,)
     dtype: str = "float32"  # compute dtype; parameters stay float32
@@ -201,7 +204,7 @@ LOOKUPS = ("gspmd", "all_to_all")
 UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
-BACKBONES = ("mmoe", "ple", "star", "m3oe", "epnet", "ppnet", "hamur", "m2m")
+BACKBONES = ("mmoe", "ple", "star", "m3oe", "epnet", "ppnet", "hamur", "m2m", "adasparse")
 STAR_NORMS = ("partitioned", "layer")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
@@ -389,6 +392,12 @@ def validate_model(cfg: ModelConfig) -> list[str]:
         "to model.backbone=mmoe|ple|m3oe|m2m",
     )  # fmt: skip
     _only_for(problems, cfg, "model", ("meta_layers",), cfg.backbone == "m2m", "to model.backbone=m2m")
+    _only_for(
+        problems, cfg, "model", ("adasparse_sparsity", "adasparse_weight", "adasparse_alpha_step"),
+        cfg.backbone == "adasparse", "to model.backbone=adasparse",
+    )  # fmt: skip
+    _check(problems, 0 <= cfg.adasparse_sparsity < 1, "model.adasparse_sparsity", "must be in [0, 1)")
+    _positive(problems, cfg, "model", "adasparse_weight", "adasparse_alpha_step", allow_zero=True)
     _only_for(
         problems, cfg, "model", ("gate_hidden",), cfg.backbone in ("epnet", "ppnet", "hamur"),
         "to model.backbone=epnet|ppnet|hamur",

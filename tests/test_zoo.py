@@ -88,7 +88,7 @@ def test_hamur_adapter_weights_are_made_from_the_domain_and_the_example():
     np.testing.assert_allclose(np.asarray(out), np.asarray(_plain_mlp(net.layers, x)), atol=1e-2)
 
 
-@pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur", "m2m", "m3oe"])
+@pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur", "m2m", "m3oe", "adasparse"])
 def test_each_runs_in_the_model_learns_and_keeps_its_levels(data, backbone):
     ds, text, batch = data
     graphdef, params = sr_model.init(_cfg(backbone=backbone), ds.meta, text.pooled.shape[1], seed=0)
@@ -100,6 +100,10 @@ def test_each_runs_in_the_model_learns_and_keeps_its_levels(data, backbone):
         logits, _ = sr_model.apply(graphdef, p, batch, text)
         return jnp.mean(jnp.maximum(logits, 0) - logits * batch["label"] + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
+    if backbone == "adasparse":  # in training: its sparsity term beside L_reg, and alpha's schedule in the stats
+        _, aux = sr_model.apply(graphdef, params, batch, text, train=True)
+        assert float(aux["backbone_reg"]) > 0
+        assert float(aux["stats"]["l1"]["backbone"]["alpha"]) > float(params["l1"]["backbone"]["alpha"])
     before = float(loss(params))
     step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(loss)(p)))
     for _ in range(20):
@@ -177,3 +181,47 @@ def test_m3oe_fuses_the_shared_and_the_domain_mixture_by_the_domain_s_weights():
     ones = np.asarray(domain) == 1
     np.testing.assert_allclose(np.asarray(after)[ones], np.asarray(shared)[ones], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(after)[~ones], np.asarray(before)[~ones])
+
+
+def test_adasparse_prunes_by_domain_and_its_regularizer_shrinks_the_weights():
+    """The pruner's weights differ by domain; a weight at or below epsilon prunes its neuron (exactly 0); a train
+    call sharpens alpha by its step and sows the sparsity term; gradient steps on that term alone lower the
+    share of kept weight towards a high target."""
+    from sr_jax.model.gated import AdaSparse
+
+    cfg = _cfg(backbone="adasparse", adasparse_sparsity=0.9, adasparse_weight=1.0, adasparse_alpha_step=0.5)
+    net = AdaSparse(cfg, 3, 12, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(7), (32, 12))
+    e = net.domain_embedding[...]
+    pi_0, _ = net.weights(x, jnp.broadcast_to(e[0], (32, e.shape[1])), net.pruners[0])
+    pi_1, _ = net.weights(x, jnp.broadcast_to(e[1], (32, e.shape[1])), net.pruners[0])
+    assert not np.allclose(np.asarray(pi_0), np.asarray(pi_1))
+    net.pruners[0].bias[...] = net.pruners[0].bias[...].at[0, :4].set(-20.0)  # 2 sigmoid(-20) < epsilon
+    domain = jnp.zeros(32, jnp.int32)
+    first = jax.nn.relu(net.layers[0].all_layers(x, jnp.float32)[:, 0])
+    pi, _ = net.weights(x, e[domain], net.pruners[0])
+    assert (np.asarray(pi)[:, :4] == 0).all() and (np.asarray(pi)[:, 4:] > 0).all()
+    np.testing.assert_array_equal(np.asarray((first * pi)[:, :4]), 0.0)
+
+    graphdef, state = nnx.split(net)
+    params = nnx.to_pure_dict(state)  # as sr_model.apply: a pure tree, the model made inside the trace
+
+    def penalty(params):
+        _, sown = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(x, domain, jnp.float32, True)
+        return sum(jax.tree.leaves(sown))
+
+    def kept(params):
+        model = nnx.merge(graphdef, params)
+        return float(1 - model.weights(x, e[domain], model.pruners[0])[1])  # the first layer's soft kept share
+
+    before, start = kept(params), float(penalty(params))
+    for _ in range(30):
+        grads = jax.grad(penalty)(params)
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, p, g: p if "alpha" in str(path) else p - 0.5 * g, params, grads
+        )  # alpha follows its schedule, not the gradient
+    assert float(penalty(params)) < start and kept(params) < before
+    _, sown = nnx.capture(net, nnx.Intermediate)(x, domain, jnp.float32, True)
+    assert float(net.alpha[...]) == pytest.approx(1.5) and float(sum(jax.tree.leaves(sown))) > 0  # alpha + step
+    _, sown = nnx.capture(net, nnx.Intermediate)(x, domain, jnp.float32, False)
+    assert float(net.alpha[...]) == pytest.approx(1.5) and not jax.tree.leaves(sown)  # inference: no change

@@ -81,13 +81,25 @@ def apply(
     to read per table, as `table_rows` gives them; `key` draws the MMD subsample; `reference`: the
     pretrained domains' distributions that fine-tuning aligns against."""
     model = nnx.merge(graphdef, params)
-    logits, aux = model(batch, text, table_rows, train=train, key=key, reference=reference)
-    if dropped := jax.tree.leaves(nnx.pop(model, nnx.Intermediate)):  # routed lookups (model.lookup=all_to_all)
-        aux["lookup_dropped"] = sum(dropped)
+    run = nnx.capture(model, nnx.Intermediate)
+    (logits, aux), sown = run(batch, text, table_rows, train=train, key=key, reference=reference)
+    aux.update(sown_totals(sown))
     chex.assert_shape(logits, batch["label"].shape if "label" in batch else (batch["domain"].shape[0],))
     if train:
         aux["stats"] = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return logits, aux
+
+
+SOWN = ("lookup_dropped", "backbone_reg")  # what layers sow: routed lookups' drops, a backbone's own loss term
+
+
+def sown_totals(sown) -> dict[str, jax.Array]:
+    """name -> the sum of every value sown under it (by any layer, any number of times)."""
+    totals: dict[str, jax.Array] = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(sown)):
+        name = next(k.key for k in path if getattr(k, "key", None) in SOWN)
+        totals[name] = totals.get(name, 0) + value
+    return totals
 
 
 def predict(

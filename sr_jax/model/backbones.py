@@ -8,7 +8,7 @@
            (`StarAuxiliary`) adds a logit from the domain indicator in L2
     m3oe   M3oE (Zhang et al., SIGIR 2024) with one task: a mixture of shared experts and a mixture of the
            domain's own experts, each under the domain's softmax gate, fused by the domain's learned weights
-    epnet, ppnet, hamur, m2m   a shared network scaled by gate NUs or given generated weights (`gated.py`)
+    epnet, ppnet, hamur, m2m, adasparse   a shared network scaled, pruned or given generated weights (`gated.py`)
 
 Each is called as backbone(x_hat, domain, dtype, train) -> (experts [B, E, h], gate input [B, g]): E expert
 outputs per example, which L2 mixes with its domain's softmax gate (read from the gate input), or takes
@@ -25,7 +25,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.model.domain_adaptation import standardise
-from sr_jax.model.gated import HAMUR, M2M, EPNet, PPNet
+from sr_jax.model.gated import HAMUR, M2M, AdaSparse, EPNet, PPNet
 from sr_jax.model.layers import Array, StackedDense, StackedMLP, by_group, normal, zeros
 
 
@@ -214,7 +214,7 @@ class StarAuxiliary(nnx.Module):
 
 def make_backbone(cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs) -> nnx.Module:
     kinds = {"mmoe": SharedExperts, "ple": ProgressiveExperts, "star": StarNetwork, "m3oe": DomainMixtures,
-             "epnet": EPNet, "ppnet": PPNet, "hamur": HAMUR, "m2m": M2M}  # fmt: skip
+             "epnet": EPNet, "ppnet": PPNet, "hamur": HAMUR, "m2m": M2M, "adasparse": AdaSparse}  # fmt: skip
     return kinds[cfg.backbone](cfg, num_domains, width, rngs=rngs)
 
 

@@ -6,6 +6,11 @@
            vectors, x_hat's first and last thirds) and the input (stop-gradient), scales that layer's output
     hamur  HAMUR (Li et al., CIKM 2023): a shared MLP with an adapter after each layer, h + U relu(D h), whose D
            and U a shared hyper-network makes from the domain's embedding and the example (stop-gradient)
+    adasparse  AdaSparse (Yang et al., CIKM 2022): a shared MLP whose every hidden layer's neurons are weighted by
+           a domain-aware pruner, pi = beta x sigmoid(alpha x pruner([h; e_domain])), pi <= epsilon set to 0 (the
+           pruned neurons); alpha grows by `adasparse_alpha_step` each train step (the schedule that hardens the
+           weights towards 0 / beta), and a sparsity regularizer pulls each layer's soft share of pruned neurons
+           towards `adasparse_sparsity` (the Fusion form of the paper)
     m2m    M2M (Zhang et al., CIKM 2022): shared experts, then meta units, layers whose kernels and biases are
            generated from the scenario's representation (its embedding): a meta attention scores each expert
            (softmax over experts), and a meta tower of residual meta layers maps their mix
@@ -154,3 +159,32 @@ class M2M(nnx.Module):
         for unit in self.tower:  # residual meta layers
             mixed = jax.nn.relu(unit(mixed, s)) + mixed
         return mixed[:, None].astype(dtype), x_hat
+
+
+class AdaSparse(nnx.Module):
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
+        dims = (width, *cfg.expert_hidden)
+        self.domain_embedding = normal(rngs, (num_domains, cfg.gate_dim), cfg.gate_dim**-0.5)
+        self.layers = _dense(rngs, dims)
+        self.pruners = nnx.List([StackedDense(1, a + cfg.gate_dim, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.alpha = nnx.BatchStat(jnp.ones((), jnp.float32))  # follows training (train steps), not the optimizer
+        self.alpha_step, self.beta, self.epsilon = cfg.adasparse_alpha_step, 2.0, 1e-2
+        self.target, self.weight = cfg.adasparse_sparsity, cfg.adasparse_weight
+
+    def weights(self, h: Array, e: Array, pruner: StackedDense) -> tuple[Array, Array]:
+        """-> (the neurons' weighting factors pi [B, out], their soft share of pruned neurons [])"""
+        soft = jax.nn.sigmoid(self.alpha[...] * pruner.all_layers(jnp.concatenate([h, e], axis=1), jnp.float32)[:, 0])
+        pi = self.beta * soft
+        return jnp.where(pi > self.epsilon, pi, 0.0), 1.0 - soft.mean()
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        e = self.domain_embedding[...][domain]
+        h, penalty = x_hat, jnp.zeros((), jnp.float32)
+        for layer, pruner in zip(self.layers, self.pruners):
+            pi, pruned = self.weights(h.astype(jnp.float32), e, pruner)
+            h = _layer(layer, h, dtype) * pi.astype(dtype)
+            penalty = penalty + jnp.abs(pruned - self.target)
+        if train:
+            self.alpha[...] = self.alpha[...] + self.alpha_step
+            self.sow(nnx.Intermediate, "backbone_reg", self.weight * penalty)
+        return h[:, None], x_hat

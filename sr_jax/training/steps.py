@@ -25,12 +25,16 @@ class TrainState(NamedTuple):
 
 
 def loss_fn(graphdef: nnx.GraphDef, params, batch, text: sr_model.TextTable, reg_weight: float, **apply_kwargs):
-    """mean binary cross-entropy + lambda * L_reg -> (loss, (metrics, batch statistics)). `apply_kwargs`:
+    """mean binary cross-entropy + lambda * L_reg (+ the backbone's own term) -> (loss, (metrics, batch
+    statistics)). `apply_kwargs`:
     see sr_model.apply (the step passes train=True)."""
     logits, aux = sr_model.apply(graphdef, params, batch, text, **apply_kwargs)
     bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"].astype(jnp.float32)).mean()
     loss = bce + reg_weight * aux["reg"]
     metrics = {"loss": loss, "bce": bce, "reg": aux["reg"]}
+    if "backbone_reg" in aux:  # a backbone's own term, weighted by its options (AdaSparse's sparsity)
+        loss = loss + aux["backbone_reg"]
+        metrics.update(loss=loss, backbone_reg=aux["backbone_reg"])
     if "lookup_dropped" in aux:  # ids a routed lookup dropped for want of capacity (model.lookup_capacity)
         metrics["lookup_dropped"] = aux["lookup_dropped"].astype(jnp.float32)
     return loss, (metrics, aux.get("stats", {}))
