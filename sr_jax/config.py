@@ -100,7 +100,8 @@ class ModelConfig:
     reg_temperature: float = 1.0  # tau of softmax(z / tau) for JS
     mmd_bandwidth: float = 0.0  # Gaussian kernel sigma; 0: sqrt(feature width)
     mmd_max_examples: int = 1024  # the MMD kernel is [n, n]: a subsample of n examples, stratified by domain
-    # mmoe | ple | star | m3oe | epnet | ppnet | hamur | m2m | adasparse; Shared-Bottom is mmoe, num_experts=1
+    # mmoe | ple | star | m3oe | sarnet | adaptdhm | epnet | ppnet | hamur | m2m | adasparse (`BACKBONES`);
+    # Shared-Bottom is mmoe with num_experts=1
     backbone: str = "mmoe"
     num_experts: int = 4  # shared experts (mmoe, ple, m3oe, m2m)
     domain_experts: int = 1  # each domain's own experts (ple, m3oe)
@@ -111,6 +112,7 @@ class ModelConfig:
     meta_layers: int = 2  # the residual meta layers of M2M's meta tower (m2m)
     adasparse_sparsity: float = 0.2  # the share of pruned neurons each layer's regularizer aims at (adasparse)
     adasparse_weight: float = 0.05  # that regularizer's weight in the loss (adasparse)
+    adaptdhm_clusters: int = 4  # the clusters (and cluster layers) examples are routed to (adaptdhm)
     adasparse_alpha_step: float = 1e-4  # how much the pruner's sharpness alpha grows each train step (adasparse)
     expert_hidden: tuple[int, ...] = (64, 32)  # every expert's layers (star: the star network's)
     tower_hidden: tuple[int, ...] = (32,)
@@ -204,7 +206,7 @@ LOOKUPS = ("gspmd", "all_to_all")
 UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
-BACKBONES = ("mmoe", "ple", "star", "m3oe", "epnet", "ppnet", "hamur", "m2m", "adasparse")
+BACKBONES = ("mmoe", "ple", "star", "m3oe", "sarnet", "adaptdhm", "epnet", "ppnet", "hamur", "m2m", "adasparse")
 STAR_NORMS = ("partitioned", "layer")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
@@ -344,7 +346,7 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     """The model section's problems (see `validate`)."""
     problems: list[str] = []
     _positive(problems, cfg, "model", "dim", "gate_dim", "num_experts", "ple_levels", "table_row_multiple")
-    _positive(problems, cfg, "model", "gate_hidden", "adapter_rank")
+    _positive(problems, cfg, "model", "gate_hidden", "adapter_rank", "adaptdhm_clusters")
     _positive(problems, cfg, "model", "meta_layers", allow_zero=True)
     _positive(problems, cfg, "model", "id_buckets", "domain_experts", "reg_weight", "mmd_bandwidth", allow_zero=True)
     _positive(problems, cfg, "model", "reg_temperature", "embedding_init_std")
@@ -379,19 +381,25 @@ def validate_model(cfg: ModelConfig) -> list[str]:
         "cls gating reads text features: set model.use_text=true",
     )
     _check(
-        problems, cfg.backbone not in ("ple", "m3oe") or cfg.domain_experts >= 1, "model.domain_experts",
-        "ple and m3oe need >= 1",
+        problems, cfg.backbone not in ("ple", "m3oe", "sarnet") or cfg.domain_experts >= 1, "model.domain_experts",
+        "ple, m3oe and sarnet need >= 1",
     )  # fmt: skip
     _only_for(
-        problems, cfg, "model", ("domain_experts",), cfg.backbone in ("ple", "m3oe"), "to model.backbone=ple|m3oe"
+        problems,
+        cfg,
+        "model",
+        ("domain_experts",),
+        cfg.backbone in ("ple", "m3oe", "sarnet"),
+        "to model.backbone=ple|m3oe|sarnet",
     )
     _only_for(problems, cfg, "model", ("ple_levels",), cfg.backbone == "ple", "to model.backbone=ple")
     _only_for(problems, cfg, "model", ("star_norm",), cfg.backbone == "star", "to model.backbone=star")
     _only_for(
-        problems, cfg, "model", ("num_experts",), cfg.backbone in ("mmoe", "ple", "m3oe", "m2m"),
-        "to model.backbone=mmoe|ple|m3oe|m2m",
+        problems, cfg, "model", ("num_experts",), cfg.backbone in ("mmoe", "ple", "m3oe", "m2m", "sarnet"),
+        "to model.backbone=mmoe|ple|m3oe|m2m|sarnet",
     )  # fmt: skip
     _only_for(problems, cfg, "model", ("meta_layers",), cfg.backbone == "m2m", "to model.backbone=m2m")
+    _only_for(problems, cfg, "model", ("adaptdhm_clusters",), cfg.backbone == "adaptdhm", "to model.backbone=adaptdhm")
     _only_for(
         problems, cfg, "model", ("adasparse_sparsity", "adasparse_weight", "adasparse_alpha_step"),
         cfg.backbone == "adasparse", "to model.backbone=adasparse",

@@ -2,7 +2,8 @@
 behaviour, not only its shapes. EPNet and PPNet gates scale by 2 x sigmoid and start at exactly 1 (the network
 starts as the plain shared MLP); HAMUR's adapter weights are a function of the hyper-network's input (the domain
 and the example); M2M's weights are generated from the domain's embedding; M3oE fuses a shared and a domain
-mixture by the domain's weights."""
+mixture by the domain's weights; AdaSparse prunes by domain under its regularizer; AdaptDHM routes by the
+nearest centroid; SAR-Net transfers by domain and adds a debias expert."""
 
 import dataclasses
 
@@ -88,7 +89,7 @@ def test_hamur_adapter_weights_are_made_from_the_domain_and_the_example():
     np.testing.assert_allclose(np.asarray(out), np.asarray(_plain_mlp(net.layers, x)), atol=1e-2)
 
 
-@pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur", "m2m", "m3oe", "adasparse"])
+@pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur", "m2m", "m3oe", "adasparse", "sarnet", "adaptdhm"])
 def test_each_runs_in_the_model_learns_and_keeps_its_levels(data, backbone):
     ds, text, batch = data
     graphdef, params = sr_model.init(_cfg(backbone=backbone), ds.meta, text.pooled.shape[1], seed=0)
@@ -225,3 +226,53 @@ def test_adasparse_prunes_by_domain_and_its_regularizer_shrinks_the_weights():
     assert float(net.alpha[...]) == pytest.approx(1.5) and float(sum(jax.tree.leaves(sown))) > 0  # alpha + step
     _, sown = nnx.capture(net, nnx.Intermediate)(x, domain, jnp.float32, False)
     assert float(net.alpha[...]) == pytest.approx(1.5) and not jax.tree.leaves(sown)  # inference: no change
+
+
+def test_adaptdhm_routes_by_nearest_centroid_and_the_centroids_follow_their_examples():
+    from sr_jax.model.backbones import ClusterRouting
+
+    net = ClusterRouting(_cfg(backbone="adaptdhm", adaptdhm_clusters=3), 2, 12, rngs=nnx.Rngs(0))
+    h = jnp.eye(3, 32)  # three orthogonal directions
+    net.centroids[...] = jnp.eye(3, 32) * 5.0 + 0.01
+    np.testing.assert_array_equal(np.asarray(net.route(h)), [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(net.route(-h[:1] + 2 * h[2:3])), [2])  # cosine, whatever the norm
+    x, domain = jax.random.normal(jax.random.key(8), (16, 12)), jnp.zeros(16, jnp.int32)
+    before = np.asarray(net.centroids[...])
+    net(x, domain, jnp.float32, False)
+    np.testing.assert_array_equal(np.asarray(net.centroids[...]), before)  # inference: no move
+    shared = net.shared.all_layers(x, jnp.float32)[:, 0]
+    chosen = np.asarray(net.route(shared))
+    net(x, domain, jnp.float32, True)
+    moved = np.asarray(net.centroids[...])
+    for c in range(3):
+        if (chosen == c).any():  # towards the mean of its examples
+            target = np.asarray(shared)[chosen == c].mean(0)
+            assert np.linalg.norm(moved[c] - target) < np.linalg.norm(before[c] - target)
+        else:
+            np.testing.assert_array_equal(moved[c], before[c])
+    out = np.asarray(net(x, domain, jnp.float32, False)[0][:, 0])
+    layer = net.clusters.all_layers(shared, jnp.float32)  # [B, C, h]: every cluster's layer on every example
+    routed = np.asarray(net.route(shared))
+    expected = np.asarray(shared) + np.maximum(np.asarray(layer)[np.arange(16), routed], 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)  # each example through its cluster's layer
+
+
+def test_sarnet_transfers_by_domain_and_adds_a_debias_expert_of_the_domain_alone():
+    from sr_jax.model.backbones import ScenarioExperts
+
+    net = ScenarioExperts(_cfg(backbone="sarnet"), 3, 12, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(9), (6, 12))
+    out = net(x, jnp.array([0, 0, 0, 1, 1, 1]), jnp.float32, False)[0][:, 0]
+    bumped = net.transfer.bias[...].at[1].add(1.0)  # domain 1's feature transfer only
+    net.transfer.bias[...] = bumped
+    after = net(x, jnp.array([0, 0, 0, 1, 1, 1]), jnp.float32, False)[0][:, 0]
+    np.testing.assert_array_equal(np.asarray(after[:3]), np.asarray(out[:3]))
+    assert not np.allclose(np.asarray(after[3:]), np.asarray(out[3:]))
+    e = net.domain_embedding[...]
+    debias = np.asarray(net.debias.all_layers(e, jnp.float32)[:, 0])  # one vector per domain
+    net.debias.layers[-1].bias[...] = net.debias.layers[-1].bias[...] + 0.5  # moves every domain's bias term
+    shifted = net(x, jnp.array([0, 0, 0, 1, 1, 1]), jnp.float32, False)[0][:, 0]
+    new = np.asarray(net.debias.all_layers(e, jnp.float32)[:, 0])
+    np.testing.assert_allclose(
+        np.asarray(shifted - after), (new - debias)[[0, 0, 0, 1, 1, 1]], rtol=1e-5, atol=1e-6
+    )  # the debias expert adds to the mix, read from the domain alone

@@ -6,6 +6,13 @@
     star   the star-topology network (Sheng et al., CIKM 2021): partitioned normalisation, then layers whose
            weights are a shared matrix times the domain's matrix, element-wise; its auxiliary network
            (`StarAuxiliary`) adds a logit from the domain indicator in L2
+    sarnet SAR-Net (Shen et al., CIKM 2021): each domain's feature transfer (x W_k + b_k), then shared and the
+           domain's own experts mixed by a gate on [x, domain embedding], plus a debias expert on the domain
+           embedding alone (its bias features) added to the mix; its attention over cross-scenario behaviour
+           sequences has no input here (the history aspect is pooled in L0)
+    adaptdhm AdaptDHM (Li et al., 2022): a shared MLP, then each example routed to the cluster whose centroid is
+           nearest (cosine), whatever its domain, and through that cluster's layer (h + relu(W_c h + b_c)); the
+           centroids follow their examples as moving averages in training (batch statistics, like STAR's)
     m3oe   M3oE (Zhang et al., SIGIR 2024) with one task: a mixture of shared experts and a mixture of the
            domain's own experts, each under the domain's softmax gate, fused by the domain's learned weights
     epnet, ppnet, hamur, m2m, adasparse   a shared network scaled, pruned or given generated weights (`gated.py`)
@@ -119,6 +126,59 @@ class DomainMixtures(nnx.Module):
         return (fusion[:, :1] * shared + fusion[:, 1:] * own)[:, None], x_hat
 
 
+class ScenarioExperts(nnx.Module):
+    """SAR-Net without its behaviour attention: feature transfer per domain, shared and own experts under a gate
+    on [transferred x, domain embedding], and a debias expert on the domain embedding. -> [B, 1, h]."""
+
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
+        self.domain_embedding = normal(rngs, (num_domains, cfg.gate_dim), cfg.gate_dim**-0.5)
+        self.transfer = StackedDense(num_domains, width, width, rngs=rngs)
+        self.shared = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
+        self.own = nnx.List(
+            [StackedMLP(num_domains, width, cfg.expert_hidden, rngs=rngs) for _ in range(cfg.domain_experts)]
+        )
+        self.gate = StackedDense(1, width + cfg.gate_dim, cfg.num_experts + cfg.domain_experts, rngs=rngs)
+        self.debias = StackedMLP(1, cfg.gate_dim, cfg.expert_hidden, rngs=rngs)
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        e = self.domain_embedding[...][domain]
+        x = self.transfer.own_layer(x_hat, domain, dtype)
+        own = [stack.own_layer(x, domain, dtype) for stack in self.own]
+        experts = jnp.concatenate([self.shared.all_layers(x, dtype), jnp.stack(own, axis=1)], axis=1)
+        weights = jax.nn.softmax(self.gate.all_layers(jnp.concatenate([x, e.astype(x.dtype)], 1), dtype)[:, 0], -1)
+        mixed = jnp.einsum("be,beh->bh", weights.astype(dtype), experts) + self.debias.all_layers(e, dtype)[:, 0]
+        return mixed[:, None], x_hat
+
+
+class ClusterRouting(nnx.Module):
+    """AdaptDHM: a shared MLP, then each example through the layer of the cluster whose centroid is nearest
+    (cosine similarity), the centroids moving averages of their examples in training. -> [B, 1, h]."""
+
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs, momentum: float = 0.99):
+        h = cfg.expert_hidden[-1]
+        self.shared = StackedMLP(1, width, cfg.expert_hidden, rngs=rngs)
+        self.clusters = StackedDense(cfg.adaptdhm_clusters, h, h, rngs=rngs)
+        self.centroids = nnx.BatchStat(jax.random.normal(rngs.params(), (cfg.adaptdhm_clusters, h)))
+        self.momentum = momentum
+
+    def route(self, h: Array) -> Array:
+        """[B, h] -> the nearest centroid's index [B]"""
+        unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-6)  # noqa: E731
+        return jnp.argmax(unit(h) @ unit(self.centroids[...]).T, axis=1)
+
+    def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        h = self.shared.all_layers(x_hat, dtype)[:, 0]
+        cluster = self.route(jax.lax.stop_gradient(h.astype(jnp.float32)))
+        if train:
+            onehot = jax.nn.one_hot(cluster, self.centroids.shape[0], dtype=jnp.float32)  # [B, C]
+            count = onehot.sum(0)[:, None]
+            mean = onehot.T @ jax.lax.stop_gradient(h.astype(jnp.float32)) / jnp.maximum(count, 1.0)
+            moved = self.momentum * self.centroids[...] + (1 - self.momentum) * mean
+            self.centroids[...] = jnp.where(count > 0, moved, self.centroids[...])
+        out = h + jax.nn.relu(self.clusters.own_layer(h, cluster, dtype))
+        return out[:, None], x_hat
+
+
 class PartitionedNorm(nnx.Module):
     """STAR's partitioned normalisation: every example is normalised by its own domain's statistics (the
     batch's rows of that domain in training, the domain's moving averages at inference), then scaled by
@@ -214,7 +274,8 @@ class StarAuxiliary(nnx.Module):
 
 def make_backbone(cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs) -> nnx.Module:
     kinds = {"mmoe": SharedExperts, "ple": ProgressiveExperts, "star": StarNetwork, "m3oe": DomainMixtures,
-             "epnet": EPNet, "ppnet": PPNet, "hamur": HAMUR, "m2m": M2M, "adasparse": AdaSparse}  # fmt: skip
+             "epnet": EPNet, "ppnet": PPNet, "hamur": HAMUR, "m2m": M2M, "adasparse": AdaSparse,
+             "sarnet": ScenarioExperts, "adaptdhm": ClusterRouting}  # fmt: skip
     return kinds[cfg.backbone](cfg, num_domains, width, rngs=rngs)
 
 
