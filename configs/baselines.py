@@ -11,6 +11,8 @@ Domain Adaptive Layer, no alignment regularizer) and another backbone.
 
 from sr_jax.config import Config, override
 
+ZOO = ("m3oe", "sarnet", "adaptdhm", "epnet", "ppnet", "hamur", "m2m", "adasparse")
+
 BASELINES = {
     "shared-bottom": ["model.backbone=mmoe", "model.num_experts=1"],
     "mmoe": ["model.backbone=mmoe"],
@@ -18,6 +20,8 @@ BASELINES = {
     "ple": ["model.backbone=ple", "model.ple_levels=2"],  # PLE with two progressive levels
     "star": ["model.backbone=star"],  # partitioned normalisation, as Sheng et al.
     "star-ln": ["model.backbone=star", "model.star_norm=layer"],  # STAR with a LayerNorm in place of it
+    # the field's other multi-domain models (Scenario-Wise Rec's list; README: what is ours)
+    **{name: [f"model.backbone={name}"] for name in ZOO},
 }
 PLAIN = ["model.gating=mean", "model.use_domain_adapter=false", "model.regularizer=none"]
 

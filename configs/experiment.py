@@ -11,7 +11,7 @@ settings tuned for the model it ablates (ABLATES), so that it differs from it in
 import json
 from pathlib import Path
 
-from configs.baselines import BASELINES, overrides
+from configs.baselines import BASELINES, ZOO, overrides
 from sr_jax.config import Config, ConfigError, override
 
 NO_TEXT = ["model.use_text=false"]
@@ -30,6 +30,7 @@ MODELS = {
     "full-mmd": ["model.regularizer=mmd"],
     "full-mean-gating": ["model.gating=mean"],
     "full-cls-gating": ["model.gating=cls"],
+    **{f"full-{name}": [f"model.backbone={name}"] for name in ZOO},  # the paper's additions on each backbone
     **{name: overrides(name) for name in BASELINES},
     **{f"{name}-no-text": overrides(name) + NO_TEXT for name in BASELINES},
     "single-domain": overrides("shared-bottom"),
