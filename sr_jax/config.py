@@ -180,10 +180,41 @@ class MeshConfig:
     data: int = -1  # devices on the batch axis; -1: all that the model axis leaves
     model: int = 1  # devices on the embedding-row axis
     slices: int = 1  # multi-slice (DCN): the data axis spans this many slices, the model axis stays in one
-    # logical axis -> mesh axes (`sharding.LOGICAL_AXES`; "a+b" both, "none" replicated); rules not given keep these
+    # logical axis -> mesh axes (`LOGICAL_AXES` below; "a+b" both, "none" replicated); rules not given keep these
     rules: tuple[str, ...] = (
         "batch=data", "table_rows=model", "text_rows=model", "heads=model", "mlp=model", "vocab=model",
     )  # fmt: skip
+
+
+MESH_AXES = ("data", "model")
+LOGICAL_AXES = ("batch", "table_rows", "text_rows", "heads", "mlp", "vocab")
+Rules = tuple[tuple[str, tuple[str, ...] | None], ...]  # (logical axis, its mesh axes or None: replicated)
+
+
+def parse_rules(rules: tuple[str, ...]) -> Rules:
+    """`("batch=data+model", "heads=none", ...)` -> rules; every logical axis not named keeps its default
+    (`MeshConfig.rules`). A ConfigError names a rule that does not parse, an unknown axis, a repeated one."""
+    table = dict(_parse_rule(r) for r in MeshConfig.rules)
+    named = set()
+    for rule in rules:
+        logical, axes = _parse_rule(rule)
+        if logical in named:
+            raise ConfigError(f"mesh.rules: {logical!r} is given twice")
+        named.add(logical)
+        table[logical] = axes
+    return tuple(table.items())
+
+
+def _parse_rule(rule: str) -> tuple[str, tuple[str, ...] | None]:
+    logical, sep, axes = (part.strip() for part in rule.partition("="))
+    if not sep or logical not in LOGICAL_AXES:
+        raise ConfigError(f"mesh.rules: {rule!r} is not LOGICAL=AXES with LOGICAL one of {LOGICAL_AXES}")
+    if axes.lower() in ("", "none"):
+        return logical, None
+    names = tuple(a.strip() for a in axes.split("+"))
+    if any(a not in MESH_AXES for a in names) or len(set(names)) != len(names):
+        raise ConfigError(f"mesh.rules: {rule!r}: the axes must be distinct names of {MESH_AXES} joined by '+'")
+    return logical, names
 
 
 @dataclasses.dataclass
@@ -543,8 +574,6 @@ def validate(cfg: Config) -> Config:
     _check(problems, mesh.data == -1 or mesh.data >= 1, "mesh.data", f"{mesh.data} must be -1 (all) or >= 1")
     _check(problems, mesh.slices >= 1, "mesh.slices", f"{mesh.slices} must be >= 1")
     try:
-        from sr_jax.sharding import parse_rules  # the partitioner reads the config: imported here, not above
-
         parse_rules(mesh.rules)
     except ConfigError as e:
         problems.append(str(e))

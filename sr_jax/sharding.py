@@ -1,7 +1,7 @@
 """The partitioner: the mesh, and every sharding rule, in one place.
 
 Mesh axes: `data` (the batch is split over it) and `model` (large embedding tables are split by rows
-over it; a big text encoder's layers by heads and MLP columns). Arrays name *logical* axes (`LOGICAL_AXES`:
+over it; a big text encoder's layers by heads and MLP columns). Arrays name *logical* axes (`config.LOGICAL_AXES`:
 batch, table_rows, text_rows, heads, mlp, vocab) and `mesh.rules` maps each onto mesh axes (as MaxText's
 logical axis rules), so a layout changes from the command line: `mesh.rules=batch=data+model` splits the batch
 over both axes (every layer data-parallel on all devices, the tables still by rows over `model`). Axis types
@@ -22,43 +22,12 @@ from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from sr_jax.config import ConfigError, MeshConfig
+from sr_jax.config import MESH_AXES, ConfigError, MeshConfig, Rules, parse_rules
 from sr_jax.treeutil import path_names
 
 log = logging.getLogger("sr_jax")
 
 ROW_SHARDED = ("id_tables", "sparse_tables")  # params under these keys are embedding tables
-MESH_AXES = ("data", "model")
-LOGICAL_AXES = ("batch", "table_rows", "text_rows", "heads", "mlp", "vocab")
-Rules = tuple[tuple[str, tuple[str, ...] | None], ...]  # (logical axis, its mesh axes or None: replicated)
-
-
-def parse_rules(rules: tuple[str, ...]) -> Rules:
-    """`("batch=data+model", "heads=none", ...)` -> rules; every logical axis not named keeps its default
-    (`MeshConfig.rules`). A ConfigError names a rule that does not parse, an unknown axis, a repeated one."""
-    table = dict(_parse_rule(r) for r in MeshConfig.rules)
-    named = set()
-    for rule in rules:
-        logical, axes = _parse_rule(rule)
-        if logical in named:
-            raise ConfigError(f"mesh.rules: {logical!r} is given twice")
-        named.add(logical)
-        table[logical] = axes
-    return tuple(table.items())
-
-
-def _parse_rule(rule: str) -> tuple[str, tuple[str, ...] | None]:
-    logical, sep, axes = (part.strip() for part in rule.partition("="))
-    if not sep or logical not in LOGICAL_AXES:
-        raise ConfigError(f"mesh.rules: {rule!r} is not LOGICAL=AXES with LOGICAL one of {LOGICAL_AXES}")
-    if axes.lower() in ("", "none"):
-        return logical, None
-    names = tuple(a.strip() for a in axes.split("+"))
-    if any(a not in MESH_AXES for a in names) or len(set(names)) != len(names):
-        raise ConfigError(f"mesh.rules: {rule!r}: the axes must be distinct names of {MESH_AXES} joined by '+'")
-    return logical, names
-
-
 DEFAULT_RULES = parse_rules(())
 
 
