@@ -54,11 +54,11 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     model = cfg.model
     data = cfg.data if cfg.data > 0 else len(devices) // max(model, 1)
-    if data * model == 0 or len(devices) % (data * model):
-        raise ConfigError(
-            f"mesh.data={cfg.data} x mesh.model={cfg.model} = {data * model} devices does not divide the "
-            f"{len(devices)} devices"
-        )
+    axes = f"mesh.data={cfg.data} x mesh.model={cfg.model}"
+    if data * model > len(devices) or data * model == 0:
+        raise ConfigError(f"{axes} needs {data * model} devices; there are {len(devices)}")
+    if len(devices) % (data * model):
+        raise ConfigError(f"{axes} = {data * model} devices does not divide the {len(devices)} devices")
     if data * model < len(devices):
         log.warning("mesh.data=%d x mesh.model=%d: %d of %d devices idle", data, model, len(devices) - data * model,
                     len(devices))  # fmt: skip

@@ -132,6 +132,8 @@ def test_the_mesh_uses_every_device_or_says_why_and_rules_are_checked():
         shd.make_mesh(MeshConfig(data=3, model=1), jax.devices())
     with pytest.raises(ConfigError, match="does not divide the 8 devices"):
         shd.make_mesh(MeshConfig(data=-1, model=3), jax.devices())
+    with pytest.raises(ConfigError, match="needs 16 devices; there are 8"):
+        shd.make_mesh(MeshConfig(data=16, model=1), jax.devices())
     mesh = shd.make_mesh(MeshConfig(data=-1, model=2, slices=1), jax.devices())
     assert dict(mesh.shape) == {"data": 4, "model": 2}
     with pytest.raises(ConfigError, match="mesh.slices=3 does not divide"):

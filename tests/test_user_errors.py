@@ -21,7 +21,7 @@ from sr_jax.training import trainer
     [
         ({"data": {"eval_split": "tset"}}, r"data.eval_split='tset'"),
         ({"data": {"train_split": "trian"}}, r"data.train_split='trian'"),
-        ({"mesh": {"data": 16}}, r"mesh.data=16 x mesh.model=1 does not fit the 8 devices"),
+        ({"mesh": {"data": 16}}, r"mesh.data=16 x mesh.model=1 needs 16 devices; there are 8"),
     ],
 )
 def test_a_config_that_cannot_run_never_replaces_the_saved_one(tmp_path, change, match):
@@ -47,7 +47,7 @@ def test_the_cli_says_a_bad_mesh_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     done = subprocess.run([sys.executable, "-m", "train.pretrain", *args], capture_output=True, text=True, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: mesh.data=3 x mesh.model=1 does not fit")
+    assert done.stderr.strip().splitlines()[-1].startswith("error: mesh.data=3 x mesh.model=1 needs 3 devices")
     assert not (tmp_path / "run" / "config.json").exists()
 
 
