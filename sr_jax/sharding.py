@@ -106,7 +106,8 @@ def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...], rules: Rules
 
 
 def text_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """The text table (pooled and summary): by rows (`text_rows`: over `model`; `rows_over_model` places it)."""
+    """The text table (pooled and summary): by rows as the `text_rows` rule says (over `model`); `text_rows()`
+    places it."""
     return NamedSharding(mesh, spec(rules, "text_rows"))
 
 

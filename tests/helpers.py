@@ -1,4 +1,4 @@
-"""Configs shared by the tests."""
+"""Configs and inputs shared by the tests."""
 
 import dataclasses
 
@@ -42,3 +42,17 @@ def config(synthetic: SyntheticConfig = TINY, **sections) -> Config:
     for name, fields in sections.items():
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
     return cfg
+
+
+def model_inputs(rows: int = 64):
+    """(the TINY dataset, its hashed-bow text table on the default device, its first `rows` train rows): what a
+    test applies a model to directly."""
+    import jax.numpy as jnp
+
+    from sr_jax import model as sr_model
+    from sr_jax.featurized import load_dataset
+
+    ds = load_dataset(config(TINY).data)
+    pooled, first = ds.text_cache("hashed-bow")
+    batch = {k: jnp.asarray(v[:rows]) for k, v in ds.split("train").items()}
+    return ds, sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), batch

@@ -13,18 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import TINY, config
+from helpers import TINY, config, model_inputs
 from sr_jax import model as sr_model
-from sr_jax.featurized import load_dataset
 from sr_jax.model.gated import HAMUR, EPNet, GateNU, PPNet
 
 
 @pytest.fixture(scope="module")
 def data():
-    ds = load_dataset(config(TINY).data)
-    pooled, first = ds.text_cache("hashed-bow")
-    batch = {k: jnp.asarray(v[:64]) for k, v in ds.split("train").items()}
-    return ds, sr_model.TextTable(jnp.asarray(pooled), jnp.asarray(first)), batch
+    return model_inputs()
 
 
 def _cfg(**fields):

@@ -84,10 +84,16 @@ def by_group(x: Array, index: Array, n: int, apply: Callable[[Array, Array], Arr
     return jax.vmap(lambda o, r: o[r])(out, rows).reshape(b, -1)
 
 
-def _batch_axes() -> tuple[str, ...]:
-    """The mesh axes the batch lies on: the logical `batch` rule in context (`data` when none is set)."""
-    axes = dict(spmd.get_logical_axis_rules()).get("batch", "data")
+def context_axes(logical: str, default: str) -> tuple[str, ...]:
+    """The mesh axes a logical axis lies on under the logical rules in context (`sharding.model_context`;
+    `default` when none is set)."""
+    axes = dict(spmd.get_logical_axis_rules()).get(logical, default)
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def _batch_axes() -> tuple[str, ...]:
+    """The mesh axes the batch lies on (`data` when no rule says)."""
+    return context_axes("batch", "data")
 
 
 def data_shards(batch: int) -> int:

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
+
+from sr_jax.model.layers import context_axes
 
 
 def routed_lookup(
@@ -100,10 +101,7 @@ def routed_axes(ids: int) -> tuple[str, tuple[str, ...]] | None:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
-    rules = dict(spmd.get_logical_axis_rules())
-    rows, batch = rules.get("table_rows", "model"), rules.get("batch", "data")
-    rows = (rows,) if isinstance(rows, str) else tuple(rows or ())
-    batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    rows, batch = context_axes("table_rows", "model"), context_axes("batch", "data")
     shape = dict(mesh.shape)
     if len(rows) != 1 or shape.get(rows[0], 1) == 1 or rows[0] not in batch:
         return None

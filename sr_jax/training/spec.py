@@ -6,12 +6,13 @@ holds what does)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
@@ -64,10 +65,15 @@ class RunSpec:
         """What fine-tuning aligns against, on the mesh (None: the run aligns its own domains only)."""
         return None if self.start is None else self.start.reference
 
-    @property
+    @functools.cached_property
     def rules(self) -> shd.Rules:
         """The logical axis rules its arrays are laid out by (mesh.rules)."""
         return shd.parse_rules(self.config.mesh.rules)
+
+    @functools.cached_property
+    def batch_sharding(self) -> NamedSharding:
+        """Where every global batch lies (the `batch` rule): read once, not at every step."""
+        return shd.batch_sharding(self.mesh, self.rules)
 
     @property
     def budget(self) -> dict[str, int]:
@@ -122,11 +128,11 @@ class RunSpec:
 
     def process_slice(self, batch_size: int) -> slice:
         """The rows of every global batch of this size that this process reads."""
-        return shd.process_slice(shd.batch_sharding(self.mesh, self.rules), batch_size)
+        return shd.process_slice(self.batch_sharding, batch_size)
 
     def global_batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a batch -> the global batch on the mesh."""
-        return shd.to_global(rows, shd.batch_sharding(self.mesh, self.rules))
+        return shd.to_global(rows, self.batch_sharding)
 
     def global_eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A whole evaluation batch, which every process reads, -> the global batch (each brings its rows)."""
@@ -136,9 +142,7 @@ class RunSpec:
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The shapes, dtypes and sharding of one global train batch: what the train step is compiled for."""
         return {
-            name: jax.ShapeDtypeStruct(
-                (self.batch_size, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(self.mesh, self.rules)
-            )
+            name: jax.ShapeDtypeStruct((self.batch_size, *col.shape[1:]), col.dtype, sharding=self.batch_sharding)
             for name, col in self.train_columns.items()
         }
 
@@ -181,14 +185,11 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     workdir = Path(workdir)
     dataset = load_dataset(cfg.data)
     mesh = mesh or shd.make_mesh(cfg.mesh)
-    data_axis = shd.batch_shards(mesh, shd.parse_rules(cfg.mesh.rules))  # devices a batch is split over
+    rules = shd.parse_rules(cfg.mesh.rules)
+    data_axis = shd.batch_shards(mesh, rules)  # devices a batch is split over
     _check_splits(cfg, dataset, data_axis)
     pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
-    text = sr_model.TextTable(
-        *shd.text_table(
-            mesh, pooled, summary, keep_summary=cfg.model.gating == "cls", rules=shd.parse_rules(cfg.mesh.rules)
-        )
-    )
+    text = sr_model.TextTable(*shd.text_table(mesh, pooled, summary, cfg.model.gating == "cls", rules))
     domains = run_domains(cfg.data, dataset.meta)
     folder = records.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
     run_info = records.read_run_info(folder) if folder else None  # first: it says whether this is a run folder

@@ -26,8 +26,7 @@ class TrainState(NamedTuple):
 
 def loss_fn(graphdef: nnx.GraphDef, params, batch, text: sr_model.TextTable, reg_weight: float, **apply_kwargs):
     """mean binary cross-entropy + lambda * L_reg (+ the backbone's own term) -> (loss, (metrics, batch
-    statistics)). `apply_kwargs`:
-    see sr_model.apply (the step passes train=True)."""
+    statistics)). `apply_kwargs`: see sr_model.apply (the step passes train=True)."""
     logits, aux = sr_model.apply(graphdef, params, batch, text, **apply_kwargs)
     bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"].astype(jnp.float32)).mean()
     loss = bce + reg_weight * aux["reg"]
