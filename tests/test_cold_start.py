@@ -126,6 +126,17 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
     # a fine-tune validates on a tenth of its cold train split and reports its best validated step
     assert '"valid_from_train": 0.1' in tuned.read_text() and '"eval_every": 20' in tuned.read_text()
     assert "validation" in json.loads((tuned.parent / "eval.json").read_text())
+    # every cell's log loss, calibration and labelled budget, as its eval.json has them
+    budget = json.loads((tuned.parent / "eval.json").read_text())["budget"]
+    assert "| setting / variant / text / fraction | AUC | log loss | NDCG@10 | MRR | PCOC | ECE | train labels |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| freeze-l0-l1 / default / on / 1 |"))
+    assert line.endswith(f"| {budget['train_examples']} | {budget['valid_examples']} |")
+    cell = next(
+        r
+        for r in table
+        if (r["protocol"], r["setting"], r["variant"], r["fraction"]) == ("new-domain", "freeze-l0-l1", "default", 1.0)
+    )
+    assert cell["train_examples_mean"] == budget["train_examples"] > 0 and 0 < cell["ece_mean"] < 1
     # finished cells are not run again
     monkeypatch.setattr(trainer, "fit", lambda *a: pytest.fail("a finished cell ran again"))
     monkeypatch.setattr(trainer, "build_run", lambda *a: pytest.fail("a finished cell ran again"))

@@ -76,7 +76,7 @@ def test_variants_build_and_run(data, fields):
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
     if fields.get("use_text") is False:
         assert "text_proj" not in params["l0"] or not params["l0"]["text_proj"]
-        assert aux["aspect_weights"]["item"].shape[1] == 2  # id, sparse
+        assert aux["aspect_weights"]["item"].shape[1] == 3  # id, sparse, dense
     if "id_buckets" in fields:
         assert params["l0"]["id_tables"]["item"].shape[0] == 64  # 50 buckets, padded to the row multiple
     if fields.get("regularizer") == "none":

@@ -76,8 +76,7 @@ def measure(
     name: str, model: trained.TrainedModel, text, columns: dict, batch: int, repeats: int, out: Path
 ) -> list[dict]:
     rows = []
-    names = [f["name"] for f in serving.features(model)]
-    host = {n: np.asarray(columns[n][:batch]).astype(np.int32) for n in names}
+    host = {f["name"]: np.asarray(columns[f["name"]][:batch]).astype(f["dtype"]) for f in serving.features(model)}
     mesh = shd.make_mesh(dataclasses.replace(model.config.mesh, data=1, model=1))
     params = jax.device_put(model.params)
     table = scoring.device_text_table(text)

@@ -75,6 +75,8 @@ class TorchSRModel(nn.Module):
             raise NotImplementedError("the torch reference covers single-valued sparse fields")
         self.sparse_tables = nn.ParameterDict(group("sparse_tables"))
         self.sparse_proj = nn.ParameterDict(group("sparse_proj"))
+        self.dense_fields = {s: [f for f in meta.dense_fields if f.side == s] for s in ("user", "item")}
+        self.dense = nn.ParameterDict(group("dense"))  # per field [2, d]: w_f, b_f
         self.text_proj = nn.ParameterDict(group("text_proj"))
         self.register_buffer("text", torch.from_numpy(np.asarray(text, np.float32)), persistent=False)  # data
         self.domain_embedding = _param(state["domain_embedding"])
@@ -125,6 +127,13 @@ class TorchSRModel(nn.Module):
             )
             present = torch.stack([v != 0 for v in values], 1).float()
             vectors.append(torch.einsum("bf,bfd->bd", present, projected) / present.sum(1, keepdim=True).clamp(min=1))
+            masks.append(present.sum(1) > 0)
+        if side != "query" and self.dense_fields[side]:
+            xs = [batch[f.column].float() for f in self.dense_fields[side]]
+            wb = [self.dense[f"{side}_{f.name}"] for f in self.dense_fields[side]]
+            each = torch.stack([torch.nan_to_num(x, 0.0)[:, None] * p[0] + p[1] for x, p in zip(xs, wb)], 1)
+            present = torch.stack([~torch.isnan(x) for x in xs], 1).float()
+            vectors.append(torch.einsum("bf,bfd->bd", present, each) / present.sum(1, keepdim=True).clamp(min=1))
             masks.append(present.sum(1) > 0)
         vectors, mask = torch.stack(vectors, 1), torch.stack(masks, 1)  # [B, A, d], [B, A]
         if self.cfg.gating == "mean":

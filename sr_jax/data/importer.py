@@ -5,15 +5,18 @@
                                    query_id (optional; empty for recommendation examples), timestamp (optional, integer)
                                    Without `label` the rows are clicks (implicit feedback): `negatives` sampled
                                    non-clicks follow each (`sr_jax.data.negatives`)
-    SRC/items.{csv,parquet}        optional: item_id, text (optional), item.FIELD ... (categorical features)
-    SRC/users.{csv,parquet}        optional: user_id, user.FIELD ...
+    SRC/items.{csv,parquet}        optional: item_id, text (optional), item.FIELD ... (categorical features),
+                                   item.dense.FIELD ... (numbers: dense features)
+    SRC/users.{csv,parquet}        optional: user_id, user.FIELD ..., user.dense.FIELD ...
     SRC/queries.{csv,parquet}      optional: query_id, text
 
 Ids are any strings or integers, read as written: every CSV column is read as text, so `007` and `7`, or
 `1.0` and `1`, are different ids (pyarrow's type inference would merge them); they become rows 1..n in
 sorted order (0 = missing), and the store keeps every row's key (`keys.json`). A FIELD value
 may hold several values separated by "|" (a multi-valued field). Texts are stored once each; an
-item or query without text has none (-1). Every problem is a `DatasetError` naming the file, the
+item or query without text has none (-1). A dense FIELD holds a number (empty: missing); the store keeps it
+standardised with the statistics of the `train` split's impressions (their mean and std, in meta.json), so
+validation and test rows never shape it. Every problem is a `DatasetError` naming the file, the
 column and the row (data rows counted from 0, the header excluded). Reading uses pyarrow (vectorised:
 no Python loop over rows), which tensorflow-datasets already brings.
 """
@@ -21,6 +24,7 @@ no Python loop over rows), which tensorflow-datasets already brings.
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +34,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sr_jax.data import negatives
-from sr_jax.data.schema import TASKS, DatasetMeta, Domain, SparseField
+from sr_jax.data.schema import TASKS, DatasetMeta, DenseField, Domain, SparseField, dense_statistics
 from sr_jax.data.store import Dataset, DatasetError, write_dataset
 
 MULTI_SEPARATOR = "|"
@@ -164,7 +168,7 @@ def _sparse(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab:
     rows = _index(key, vocab)  # entity row in the table -> id
     out = []
     for column in table.table.column_names:
-        if not column.startswith(f"{side}."):
+        if not column.startswith(f"{side}.") or column.startswith(f"{side}.dense."):
             continue
         values = table.strings(column, required=False)
         parts = pc.split_pattern(pc.fill_null(values, ""), MULTI_SEPARATOR)
@@ -180,6 +184,32 @@ def _sparse(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab:
         per_id[rows] = per_row
         field = SparseField(column.split(".", 1)[1], side, len(tokens) + 1, max_len)
         out.append((field, per_id if max_len > 1 else per_id[:, 0], tokens.to_pylist()))
+    return out
+
+
+def _dense(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: pa.Array):
+    """Each `side.dense.FIELD` column: (its name, [len(vocab) + 1] raw values per entity id, NaN where missing). A
+    value that is not a finite number is a DatasetError naming the row."""
+    if table is None:
+        return []
+    out = []
+    for column in table.table.column_names:
+        if not column.startswith(f"{side}.dense."):
+            continue
+        values = table.strings(column, required=False)
+        text = pc.utf8_trim_whitespace(values)
+        number = pc.match_substring_regex(text, r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$")
+        bad = pc.and_(pc.invert(pc.is_null(values)), pc.invert(pc.fill_null(number, False)))
+        if pc.any(bad).as_py():
+            row = _first(bad)
+            raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a number (empty: missing)")
+        raw = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+        if not np.isfinite(raw[~np.isnan(raw)]).all():
+            row = int(np.flatnonzero(np.isinf(raw))[0])
+            raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a finite number")
+        per_id = np.full(len(vocab) + 1, np.nan)
+        per_id[_index(key, vocab)] = raw
+        out.append((DenseField(column[len(f"{side}.dense.") :], side), per_id))
     return out
 
 
@@ -323,6 +353,10 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
         tables["items"], "item", keys["item"], vocab["item"]
     )
 
+    dense = _dense(tables["users"], "user", keys["user"], vocab["user"]) + _dense(
+        tables["items"], "item", keys["item"], vocab["item"]
+    )
+
     columns = {
         "domain": domain.to_numpy().astype(np.int32),
         "user_id": _index(ids["user"], vocab["user"]),
@@ -338,12 +372,24 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
         columns["timestamp"] = timestamp
 
     split = np.asarray(imp.strings("split").to_numpy(zero_copy_only=False))
+    dense_fields = []
+    if dense and "train" not in split:
+        column = f"{dense[0][0].side}.dense.{dense[0][0].name}"
+        raise DatasetError(imp.file, "split", None, f"{column} is standardised with the train split's statistics, "
+                           f"but no impression is in a split named train (splits: {sorted(set(split))})")  # fmt: skip
+    for field, per_id in dense:
+        raw = per_id[columns[f"{field.side}_id"]]
+        mean, std = dense_statistics(raw[split == "train"])
+        field = dataclasses.replace(field, mean=mean, std=std)
+        columns[field.column] = field.standardise(raw)
+        dense_fields.append(field)
     splits = {s: {c: np.ascontiguousarray(a[split == s]) for c, a in columns.items()} for s in sorted(set(split))}
     meta = DatasetMeta(
         name=name,
         domains=domains,
         vocab={f"{side}_id": len(vocab[side]) + 1 for side in ("user", "query", "item")},
         sparse_fields=[field for field, _, _ in sparse],
+        dense_fields=dense_fields,
         splits={},
         num_texts=0,
         has_timestamp=timestamp is not None,

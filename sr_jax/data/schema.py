@@ -3,7 +3,9 @@
 One example is one impression (docs/DESIGN.md, "Data model"). Ids are integers in [0, vocab) with 0 meaning
 "missing"; text columns hold a row of the dataset's text table, or -1 for "no text". Every id table (the
 three id fields and each sparse field) keeps the raw key of each row (`keys.json`, `sr_jax.data.vocabulary`),
-so that runs started from another dataset's model read its rows by key.
+so that runs started from another dataset's model read its rows by key. A dense field holds a number per
+example, float32, standardised with the train split's statistics (kept in the metadata, so that a raw value can
+be standardised the same way later), NaN where it is missing.
 """
 
 from __future__ import annotations
@@ -43,6 +45,37 @@ class SparseField:
 
 
 @dataclasses.dataclass(frozen=True)
+class DenseField:
+    """A continuous feature of the user or item side (an age, a price, an average rating): stored standardised,
+    (raw - mean) / std with the train split's mean and std, NaN where missing."""
+
+    name: str
+    side: str
+    mean: float = 0.0
+    std: float = 1.0
+
+    @property
+    def column(self) -> str:
+        return f"{self.side}.dense.{self.name}"
+
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        return ((np.asarray(raw, np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def raw(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, np.float64) * self.std + self.mean
+
+
+def dense_statistics(values: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of the present (non-NaN) values; std 1 where they do not vary (or none is present)."""
+    present = np.asarray(values, np.float64)
+    present = present[~np.isnan(present)]
+    if not len(present):
+        return 0.0, 1.0
+    std = float(present.std())
+    return float(present.mean()), std if std > 0 else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TextCache:
     """Which text encoder produced a cache: training refuses a cache from another encoder."""
 
@@ -65,6 +98,7 @@ class DatasetMeta:
     has_timestamp: bool = False
     description: str = ""
     format_version: int = FORMAT_VERSION
+    dense_fields: list[DenseField] = dataclasses.field(default_factory=list)
 
     @property
     def num_domains(self) -> int:
@@ -85,6 +119,8 @@ class DatasetMeta:
             cols[name] = (np.dtype(np.int32), ())
         for f in self.sparse_fields:
             cols[f.column] = (np.dtype(np.int32), (f.max_len,) if f.max_len > 1 else ())
+        for f in self.dense_fields:
+            cols[f.column] = (np.dtype(np.float32), ())
         cols["label"] = (np.dtype(np.int8), ())
         if self.has_timestamp:
             cols["timestamp"] = (np.dtype(np.int64), ())
@@ -98,6 +134,7 @@ class DatasetMeta:
         d = json.loads(text)
         d["domains"] = [Domain(**x) for x in d["domains"]]
         d["sparse_fields"] = [SparseField(**x) for x in d["sparse_fields"]]
+        d["dense_fields"] = [DenseField(**x) for x in d.get("dense_fields", [])]
         d["text_caches"] = {k: TextCache(**v) for k, v in d.get("text_caches", {}).items()}
         return cls(**d)
 

@@ -165,9 +165,15 @@ def validate(root: str | Path) -> Dataset:
     for k, d in enumerate(meta.domains):
         if d.task not in TASKS:
             raise DatasetError(meta_file, "domains", k, f"task {d.task!r} is not one of {TASKS}")
-    for k, f in enumerate(meta.sparse_fields):
-        if f.side not in SPARSE_SIDES:
-            raise DatasetError(meta_file, "sparse_fields", k, f"side {f.side!r} is not one of {SPARSE_SIDES}")
+    for kind, fields in (("sparse_fields", meta.sparse_fields), ("dense_fields", meta.dense_fields)):
+        for k, f in enumerate(fields):
+            if f.side not in SPARSE_SIDES:
+                raise DatasetError(meta_file, kind, k, f"side {f.side!r} is not one of {SPARSE_SIDES}")
+    for k, f in enumerate(meta.dense_fields):
+        if not (np.isfinite(f.mean) and np.isfinite(f.std) and f.std > 0):
+            raise DatasetError(
+                meta_file, "dense_fields", k, f"{f.column}: mean {f.mean}, std {f.std} (std must be > 0)"
+            )
 
     _validate_keys(root / KEYS, meta)
     texts = read_texts(root / "texts.jsonl")
@@ -207,6 +213,8 @@ def validate(root: str | Path) -> Dataset:
             if name in ranges:
                 lo, hi, what = ranges[name]
                 _check_range(file, name, a, lo, hi, what)
+            elif dtype == np.float32:  # a dense field: a number, or NaN for missing
+                _check_rows(file, name, a, np.isinf, lambda v: f"value {v} is infinite (NaN is missing)")
     return Dataset(root, meta)
 
 
@@ -228,6 +236,9 @@ def _check_types(file: Path, meta: DatasetMeta) -> None:
         "has_timestamp": isinstance(meta.has_timestamp, bool),
         "sparse_fields": all(
             type(f.vocab) is int and type(f.max_len) is int and f.max_len >= 1 for f in meta.sparse_fields
+        ),
+        "dense_fields": all(
+            isinstance(f.name, str) and all(type(x) in (int, float) for x in (f.mean, f.std)) for f in meta.dense_fields
         ),
     }
     for field, ok in checks.items():

@@ -2,7 +2,8 @@
 
 Items belong to one of 12 fine topics (grouped into 4 coarse categories) and one of 4 styles; both are
 named in the item's English text ("Voltaro compact espresso grinder"), while the item's sparse fields
-carry only the coarse category, the brand and a price tier. Users prefer two topics and a style;
+carry only the coarse category, the brand and a price tier, and its dense field `rating` (a 1-5 star average,
+missing for a fifth of the items) a noisy reading of its quality. Users prefer two topics and a style;
 queries name a topic and often a style. The click probability of an impression in domain k is
 
     p = sigmoid(b_k + alpha_k <u, v> + beta_k <q, v> + gamma_k quality(v) - delta_k price(v) + r_k[region])
@@ -10,7 +11,9 @@ queries name a topic and often a style. The click probability of an impression i
 with u, q, v latent vectors of user, query (zero in recommendation domains) and item. The domains
 differ in catalogue (which topics they sell), base rate b_k, and how much personalisation (alpha) vs
 query relevance (beta) matters: that is the domain shift. A fraction of items are "cold": they never
-appear in train or valid examples, only in test, where only text and sparse fields describe them.
+appear in train or valid examples, only in test, where only text, sparse and dense fields describe them: the
+rating is what tells a new item's quality beyond its brand's, so its effect on clicks is gamma_k x (the
+quality it reads).
 
 The two cold-start protocols (docs/DESIGN.md) get their own splits: `cold_train` / `cold_test` hold
 impressions of cold items in the known domains (the first traffic of new items), and the last domain
@@ -32,7 +35,7 @@ import numpy as np
 
 from sr_jax import metrics
 from sr_jax.config import ConfigError, SyntheticConfig, validate_synthetic
-from sr_jax.data.schema import DatasetMeta, Domain, SparseField, numbered_keys
+from sr_jax.data.schema import DatasetMeta, DenseField, Domain, SparseField, dense_statistics, numbered_keys
 from sr_jax.data.store import Dataset, open_dataset, write_dataset
 
 # Fine topics, three per coarse category, each with nouns a shopper would type.
@@ -58,11 +61,13 @@ STYLES = {
     "professional": ["professional", "pro", "heavy duty", "studio grade"],
 }
 SYLLABLES = ["vol", "ta", "ro", "zen", "ka", "mi", "lux", "or", "vin", "sa", "tek", "no", "ar", "bel"]
+RATING = DenseField("rating", "item")
 SPLITS = ("train", "valid", "test", "heldout_train", "heldout_test", "cold_train", "cold_test")
-GENERATOR_VERSION = 5  # bump whenever the generated data would change: it keys the cache
+GENERATOR_VERSION = 6  # bump whenever the generated data would change: it keys the cache
 NUM_BRANDS = 24
 NUM_REGIONS = 6
 LATENT = 12
+RATING_NOISE, RATING_MISSING = 0.25, 0.2  # the rating: 3.5 + 0.8 (quality + noise), clipped to [1, 5]; missing share
 
 # name, task, catalogue topics (indices into TOPICS), base rate, alpha, beta, gamma, delta, traffic share
 DOMAINS = [
@@ -162,6 +167,15 @@ def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     )
 
 
+def item_ratings(world: _World, seed: int) -> np.ndarray:
+    """[I] an item's average star rating, a noisy reading of its quality (NaN for missing ones): drawn from a
+    generator of its own, so that adding it changed no other column or label of the data."""
+    rng = np.random.default_rng([seed, 31])
+    n = len(world.item_quality)
+    rating = np.clip(3.5 + 0.8 * (world.item_quality + rng.normal(0, RATING_NOISE, n)), 1.0, 5.0)
+    return np.where(rng.random(n) < RATING_MISSING, np.nan, rating)
+
+
 def _texts(world: _World, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The text table: one text per item, then one per query. Returns (texts, item row, query row)."""
     topics, styles = list(TOPICS.values()), list(STYLES.values())
@@ -253,8 +267,14 @@ def _impressions(
 
 
 def _columns(
-    imp: dict[str, np.ndarray], world: _World, item_row: np.ndarray, query_row: np.ndarray, interests: np.ndarray
+    imp: dict[str, np.ndarray],
+    world: _World,
+    item_row: np.ndarray,
+    query_row: np.ndarray,
+    interests: np.ndarray,
+    rating: np.ndarray,
 ) -> dict[str, np.ndarray]:
+    """A split's columns; the dense rating raw (`generate` standardises it with the train split's statistics)."""
     u, q, i = imp["user"], imp["query"], imp["item"]
     i32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)  # noqa: E731
     return {
@@ -269,6 +289,7 @@ def _columns(
         "item.category": i32(world.item_topic[i] // 3 + 1),
         "item.brand": i32(world.item_brand[i] + 1),
         "item.price": i32(world.item_price[i] + 1),
+        RATING.column: rating[i],
         "label": imp["label"],
     }
 
@@ -283,6 +304,7 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
     # user.interests: the user's two topics and, half the time, a third; 0 pads (multi-valued field)
     extra = np.where(rng.random(cfg.num_users) < 0.5, rng.integers(0, len(TOPICS), cfg.num_users) + 1, 0)
     interests = np.concatenate([world.user_topics + 1, extra[:, None]], 1)
+    rating = item_ratings(world, cfg.seed)
 
     pretrain = [k for k, d in enumerate(DOMAINS) if d[8] > 0]
     heldout = [k for k, d in enumerate(DOMAINS) if d[8] == 0]
@@ -301,10 +323,13 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
     splits, oracle = {}, {}
     for name, (n, domains, sh, cold_share) in specs.items():
         imp = _impressions(world, cfg, rng, n, domains, sh[domains], cold_share)
-        splits[name] = _columns(imp, world, item_row, query_row, interests)
+        splits[name] = _columns(imp, world, item_row, query_row, interests, rating)
         if name.endswith("test"):
             oracle[name] = oracle_aucs(imp, world.item_cold[imp["item"]])
 
+    rated = dataclasses.replace(RATING, **dict(zip(("mean", "std"), dense_statistics(splits["train"][RATING.column]))))
+    for columns in splits.values():
+        columns[RATING.column] = rated.standardise(columns[RATING.column])
     meta = DatasetMeta(
         name="synthetic",
         domains=[Domain(d[0], d[1], pretrain=d[8] > 0) for d in DOMAINS],
@@ -316,6 +341,7 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
             SparseField("brand", "item", NUM_BRANDS + 1),
             SparseField("price", "item", 6),
         ],
+        dense_fields=[rated],
         splits={},
         num_texts=0,
         oracle_auc=oracle,

@@ -5,8 +5,11 @@ A dataset's ids are dense row numbers of its own (`keys.json` says which raw key
 model's tables have rows of their own too: a fresh run's are its dataset's; a run started from a
 pretrained run (fine-tuning) keeps the pretrained rows, in their order, and appends one row per key the
 pretrained run lacks (`extend`). Sparse fields match by name (`item.brand`): a field the pretrained run
-lacks gets a table of its own, one the dataset lacks reads as missing (row 0, a zero column). The
-dataset's columns are remapped on the host to the model's rows when a run loads them (`RowMap.remap`).
+lacks gets a table of its own, one the dataset lacks reads as missing (row 0, a zero column). Dense fields match
+by name too: the model keeps the statistics it was trained with, and a dataset standardised with its own is
+re-standardised with the model's (the same raw number reads the same); one the dataset lacks reads as missing
+(NaN). The dataset's columns are remapped on the host to the model's rows when a run loads them
+(`RowMap.remap`).
 
 Every run writes its tables' keys (`vocab.json`) beside its checkpoints, so the runs started from it
 read them without its dataset.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sr_jax.data.schema import ID_FIELDS, DatasetMeta, SparseField
+from sr_jax.data.schema import ID_FIELDS, DatasetMeta, DenseField, SparseField
 from sr_jax.data.store import Dataset
 from sr_jax.io import atomic_file
 
@@ -34,14 +37,19 @@ class Vocabulary:
 
     keys: dict[str, tuple[str, ...]]
     fields: tuple[SparseField, ...]  # the sparse fields, in table order (vocab = rows of the table)
+    dense: tuple[DenseField, ...] = ()  # the dense fields, with the statistics the model's inputs are standardised by
 
     def rows(self, table: str) -> int:
         return len(self.keys[table]) + 1
 
     def model_meta(self, meta: DatasetMeta) -> DatasetMeta:
-        """`meta` with this vocabulary's table sizes and sparse fields: what the model's shapes follow."""
+        """`meta` with this vocabulary's table sizes and fields: what the model's shapes follow."""
         return dataclasses.replace(
-            meta, vocab={f: self.rows(f) for f in ID_FIELDS}, sparse_fields=list(self.fields), text_caches={}
+            meta,
+            vocab={f: self.rows(f) for f in ID_FIELDS},
+            sparse_fields=list(self.fields),
+            dense_fields=list(self.dense),
+            text_caches={},
         )
 
     def to_json(self) -> str:
@@ -49,6 +57,7 @@ class Vocabulary:
             {
                 "keys": {t: list(k) for t, k in self.keys.items()},
                 "fields": [dataclasses.asdict(f) for f in self.fields],
+                "dense": [dataclasses.asdict(f) for f in self.dense],
             },
             ensure_ascii=False,
         )
@@ -56,12 +65,16 @@ class Vocabulary:
     @classmethod
     def from_json(cls, text: str) -> Vocabulary:
         d = json.loads(text)
-        return cls({t: tuple(k) for t, k in d["keys"].items()}, tuple(SparseField(**f) for f in d["fields"]))
+        return cls(
+            {t: tuple(k) for t, k in d["keys"].items()},
+            tuple(SparseField(**f) for f in d["fields"]),
+            tuple(DenseField(**f) for f in d.get("dense", [])),
+        )
 
 
 def of_dataset(dataset: Dataset) -> Vocabulary:
-    keys = dataset.keys()
-    return Vocabulary({t: tuple(keys[t]) for t in dataset.meta.tables()}, tuple(dataset.meta.sparse_fields))
+    keys, meta = dataset.keys(), dataset.meta
+    return Vocabulary({t: tuple(keys[t]) for t in meta.tables()}, tuple(meta.sparse_fields), tuple(meta.dense_fields))
 
 
 def write(folder: Path, vocab: Vocabulary) -> None:
@@ -82,28 +95,39 @@ class RowMap:
 
     vocab: the model's tables (the pretrained run's rows first, then the new keys' rows);
     rows: column -> [dataset rows] int32, the model row of each dataset id (absent: the same row);
-    missing: the model's sparse fields the dataset lacks (their columns read as 0, missing);
-    pretrained_rows: table -> rows the pretrained run had (rows past it are new); absent tables are new."""
+    missing: the model's fields the dataset lacks (sparse columns read as 0, dense as NaN: missing);
+    pretrained_rows: table -> rows the pretrained run had (rows past it are new); absent tables are new;
+    rescale: dense column -> (a, b), the dataset's standardised value x reads as a x + b in the model's;
+    new_dense: the dense fields' columns the pretrained run lacks."""
 
     vocab: Vocabulary
     rows: dict[str, np.ndarray]
-    missing: tuple[SparseField, ...]
+    missing: tuple[SparseField | DenseField, ...]
     pretrained_rows: dict[str, int]
+    rescale: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    new_dense: tuple[str, ...] = ()
 
     def remap(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A split's columns in the model's rows (the unchanged ones stay memory-mapped)."""
         out = dict(columns)
         for column, rows in self.rows.items():
             out[column] = rows[np.asarray(columns[column])]
+        for column, (a, b) in self.rescale.items():
+            out[column] = (a * np.asarray(columns[column], np.float64) + b).astype(np.float32)
         n = len(columns["label"])
         for f in self.missing:
-            out[f.column] = np.zeros((n, f.max_len) if f.max_len > 1 else (n,), np.int32)
+            if isinstance(f, DenseField):
+                out[f.column] = np.full(n, np.nan, np.float32)
+            else:
+                out[f.column] = np.zeros((n, f.max_len) if f.max_len > 1 else (n,), np.int32)
         return out
 
     @property
     def new_fields(self) -> tuple[str, ...]:
-        """The columns of the sparse fields the pretrained run lacks (their tables and projections are new)."""
-        return tuple(f.column for f in self.vocab.fields if f.column not in self.pretrained_rows)
+        """The columns of the fields the pretrained run lacks (their tables, projections or dense vectors are
+        new)."""
+        sparse = tuple(f.column for f in self.vocab.fields if f.column not in self.pretrained_rows)
+        return sparse + self.new_dense
 
     def hashing_switches(self, id_buckets: int) -> list[tuple[str, int, int]]:
         """(table, pretrained rows, rows now) of every id table that the pretrained run read a row per id (its
@@ -147,8 +171,25 @@ def extend(pretrained: Vocabulary, data: Vocabulary) -> RowMap:
             rows[table] = mapping
     fields = [dataclasses.replace(f, vocab=len(keys[f.column]) + 1) for f in fields]  # the extended sizes
     missing = tuple(f for f in fields if f.column not in data_fields)
-    vocab = Vocabulary(keys, tuple(fields))
-    return RowMap(vocab, rows, missing, {t: len(k) + 1 for t, k in pretrained.keys.items()})
+    known = {f.column for f in pretrained.dense}
+    dense = (*pretrained.dense, *(f for f in data.dense if f.column not in known))
+    vocab = Vocabulary(keys, tuple(fields), dense)
+    missing_dense, rescale = _dense_map(dense, data.dense)
+    new_dense = tuple(f.column for f in data.dense if f.column not in known)
+    pretrained_rows = {t: len(k) + 1 for t, k in pretrained.keys.items()}
+    return RowMap(vocab, rows, missing + missing_dense, pretrained_rows, rescale, new_dense)
+
+
+def _dense_map(model: tuple[DenseField, ...], data: tuple[DenseField, ...]) -> tuple[tuple, dict]:
+    """(the model's dense fields the dataset lacks, column -> (a, b) re-standardising the dataset's values with
+    the model's statistics where they differ)."""
+    mine = {f.column: f for f in data}
+    missing = tuple(f for f in model if f.column not in mine)
+    rescale = {}
+    for f in model:
+        if (d := mine.get(f.column)) is not None and (d.mean, d.std) != (f.mean, f.std):
+            rescale[f.column] = (d.std / f.std, (d.mean - f.mean) / f.std)
+    return missing, rescale
 
 
 def lookup(model: Vocabulary, data: Vocabulary) -> RowMap:
@@ -164,4 +205,5 @@ def lookup(model: Vocabulary, data: Vocabulary) -> RowMap:
         if not np.array_equal(mapping, np.arange(len(mapping))):
             rows[table] = mapping
     missing = tuple(f for f in model.fields if f.column not in data.keys)
-    return RowMap(model, rows, missing, {t: model.rows(t) for t in model.keys})
+    missing_dense, rescale = _dense_map(model.dense, data.dense)
+    return RowMap(model, rows, missing + missing_dense, {t: model.rows(t) for t in model.keys}, rescale)

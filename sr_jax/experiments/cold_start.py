@@ -44,7 +44,7 @@ VARIANTS = {  # fine-tuned settings only; scratch and zero-shot have nothing to 
     "replay": ["finetune.replay_fraction=0.25"],
 }
 KEYS = ("protocol", "text", "setting", "variant", "fraction")
-METRICS = ("auc", "overall_auc", "oracle_auc", "seconds")
+METRICS = ("auc", "overall_auc", "oracle_auc", *report.RANKING, *report.BUDGET, "seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +119,7 @@ def cell_config(
 def _cached(workdir: Path, run, cfg: Config) -> dict:
     result, seconds = run_once(workdir, run, cfg)
     return {
-        "auc": result["mean_domain_auc"],
-        "overall_auc": result["overall"]["auc"],
+        **report.eval_figures(result),
         "oracle_auc": result.get("mean_domain_oracle_auc"),
         "seconds": seconds,
         "curve": result.get("validation", {}).get("history", []),  # [step, validation score]: plotted
@@ -311,6 +310,7 @@ def write_report(
                     gains, ("setting", "variant", "text"), "fraction", "gain", column_label=lambda f: f"{f:g}"
                 ),
             ]
+        lines += ["", *_ranking_table([r for r in table if r["protocol"] == protocol])]
         if curves := _curves(rows, protocol):
             report.plot_curves(out / f"{protocol}-validation.png", curves, protocol, "validation AUC")
             title = "Validation curves of the first seed with the largest fraction (a star at the chosen step):"
@@ -333,6 +333,35 @@ def write_report(
         references={p: ("oracle", v) for p, v in oracle.items() if v},
     )
     return table
+
+
+def _ranking_table(table: list[dict]) -> list[str]:
+    """Every cell's log loss, ranking over candidate lists and calibration (overall, mean ± std over seeds), with
+    the labels it trained on and chose its step on (its budget; the zero-shot model's are pretraining's)."""
+    columns = [("AUC", "auc"), ("log loss", "log_loss")]
+    columns += [(label, m) for label, m in (("NDCG@10", "ndcg@10"), ("MRR", "mrr")) if _any(table, m)]
+    columns += [
+        ("PCOC", "pcoc"),
+        ("ECE", "ece"),
+        ("train labels", "train_examples"),
+        ("valid labels", "valid_examples"),
+    ]
+    key = "setting / variant / text / fraction"
+    named = [
+        {key: " / ".join(str(r[k]) for k in ("setting", "variant", "text")) + f" / {r['fraction']:g}", **r}
+        for r in sorted(table, key=lambda r: (r["fraction"], r["text"], r["setting"], r["variant"]))
+    ]
+    return [
+        "Ranking over the candidate lists (NDCG@10, MRR: one positive among sampled negatives, where the data have "
+        "them), calibration (PCOC: predicted over observed click rate; ECE: expected calibration error) and the labels "
+        "each cell trained and chose its step on, overall on the test split:",
+        "",
+        report.wide_markdown(named, key, columns, bold=False),
+    ]
+
+
+def _any(table: list[dict], metric: str) -> bool:
+    return any(r.get(f"{metric}_mean") is not None for r in table)
 
 
 def _oracle(rows: list[dict]) -> float | None:

@@ -15,6 +15,20 @@ import numpy as np
 
 from sr_jax.experiments import bootstrap
 
+RANKING = ("log_loss", "ndcg@10", "hr@10", "mrr", "pcoc", "ece")  # eval.json's overall ranking and calibration
+BUDGET = ("train_examples", "valid_examples")  # the labels a run trained on and chose its step on
+
+
+def eval_figures(result: dict) -> dict:
+    """What every grid reads from a run's eval.json: the mean per-domain and overall AUC, the overall ranking and
+    calibration metrics (None where the data have no candidate lists), and the labelled budget."""
+    return {
+        "auc": result["mean_domain_auc"],
+        "overall_auc": result["overall"]["auc"],
+        **{key: result["overall"].get(key) for key in RANKING},
+        **{key: result.get("budget", {}).get(key) for key in BUDGET},
+    }
+
 
 def header(title: str, command: str) -> list[str]:
     """A report's first lines: its title and the command that made it."""
@@ -135,13 +149,16 @@ def plot_lines(
     plt.close(fig)
 
 
-def wide_markdown(rows: Sequence[dict], key: str, columns: Sequence[tuple[str, str]], digits: int = 4) -> str:
-    """One line per row (named by `key`), one column per (label, metric): "mean ± std" (steps and seconds: the
-    mean alone), the best mean of each AUC column in bold; empty where a row has no value."""
+def wide_markdown(
+    rows: Sequence[dict], key: str, columns: Sequence[tuple[str, str]], digits: int = 4, bold: bool = True
+) -> str:
+    """One line per row (named by `key`), one column per (label, metric): "mean ± std" (steps, seconds and example
+    counts: the mean alone), the best mean of each AUC column in bold (unless not `bold`: rows that are not
+    rivals); empty where a row has no value."""
     best = {
         m: max((r[f"{m}_mean"] for r in rows if r.get(f"{m}_mean") is not None), default=None)
         for _, m in columns
-        if "auc" in m
+        if "auc" in m and bold
     }
     out = ["| " + " | ".join([key, *(label for label, _ in columns)]) + " |", "|" + "---|" * (len(columns) + 1)]
     for r in rows:
@@ -151,7 +168,7 @@ def wide_markdown(rows: Sequence[dict], key: str, columns: Sequence[tuple[str, s
             if mean is None:
                 cells.append("")
                 continue
-            whole = m == "step" or m == "seconds" or m.endswith("_s")  # steps and seconds: no decimals
+            whole = m in ("step", "seconds") or m.endswith(("_s", "_examples"))  # counts and seconds: no decimals
             text = f"{mean:.0f}" if whole else f"{mean:.{digits}f} ± {std:.{digits}f}"
             cells.append(f"**{text}**" if best.get(m) is not None and mean == best[m] else text)
         out.append("| " + " | ".join([str(r[key]), *cells]) + " |")

@@ -54,24 +54,15 @@ def dataset_path(name: str, data_dir: Path, sources: dict[str, Path], encoder: s
     return str(out)
 
 
-TIMES = ("compile_s", "train_s", "evaluate_s")
-OVERALL = (
-    "log_loss",
-    "ndcg@10",
-    "mrr",
-    "pcoc",
-    "ece",
-)  # eval.json's overall ranking and calibration metrics  # eval.json's timing: compilation, training, test evaluation
+TIMES = ("compile_s", "train_s", "evaluate_s")  # eval.json's timing: compilation, training, test evaluation
 
 
 def _row(result: dict, seconds: float) -> dict:
     """A cell's figures; `curve` ([step, validation score] pairs) is plotted, not tabulated."""
     chosen = result.get("validation", {})
     return {
-        "auc": result["mean_domain_auc"],
-        "overall_auc": result["overall"]["auc"],
+        **report.eval_figures(result),
         "cold_auc": result.get("cold_items", {}).get("auc"),
-        **{key: result["overall"].get(key) for key in OVERALL},
         "valid_auc": chosen.get("score"),
         "step": chosen.get("step"),
         "seconds": seconds,

@@ -49,11 +49,13 @@ QUERY_SIDE = ("user_id", "query_id", "query_text", history.COLUMN)
 
 def _side_columns(model: TrainedModel, side: str) -> list[str]:
     fixed = ITEM_SIDE if side == "item" else QUERY_SIDE
-    return [*fixed, *(f.column for f in model.model_meta.sparse_fields if (f.side == "item") == (side == "item"))]
+    meta = model.model_meta
+    fields = [*meta.sparse_fields, *meta.dense_fields]
+    return [*fixed, *(f.column for f in fields if (f.side == "item") == (side == "item"))]
 
 
 def _blank(model: TrainedModel, columns: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """A batch of n examples with every feature missing (ids 0, text rows -1), then `columns`."""
+    """A batch of n examples with every feature missing (ids 0, text rows -1, dense NaN), then `columns`."""
     out = {"domain": np.zeros(n, np.int32)}
     for name in ("user_id", "query_id", "item_id"):
         out[name] = np.zeros(n, np.int32)
@@ -61,6 +63,8 @@ def _blank(model: TrainedModel, columns: dict[str, np.ndarray], n: int) -> dict[
         out[name] = np.full(n, -1, np.int32)
     for f in model.model_meta.sparse_fields:
         out[f.column] = np.zeros((n, f.max_len) if f.max_len > 1 else (n,), np.int32)
+    for f in model.model_meta.dense_fields:
+        out[f.column] = np.full(n, np.nan, np.float32)
     if model.config.model.user_history:
         out[history.COLUMN] = np.full((n, model.config.model.user_history), -1, np.int32)
     out.update(columns)

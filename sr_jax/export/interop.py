@@ -38,6 +38,7 @@ _TORCH_NAMES = [
     (r"l0/id_tables/(\w+)", "id_tables.{0}"),
     (r"l0/sparse_tables/(\w+)", "sparse_tables.{0}"),
     (r"l0/sparse_proj/(\w+)/(kernel|bias)", "sparse_proj.{0}_{1}"),
+    (r"l0/dense/(\w+)", "dense.{0}"),
     (r"l0/text_proj/(\w+)/(kernel|bias)", "text_proj.{0}_{1}"),
     (r"l1/domain_embedding", "domain_embedding"),
     (r"l1/gates/(\w+)/missing", "missing.{0}"),

@@ -8,13 +8,14 @@
     out["probability"], out["logit"]                            # [B] float32 numpy arrays
     table, rows = model.with_texts(["Bench vise. Industrial & Scientific ..."])  # a new item, from its text
     out = model({..., "item_text": rows}, text=table)         # (needs the `tokenizers` package)
+    rating = model.standardise("item.dense.rating", [4.5, None])  # a dense feature's raw numbers (None: missing)
 
 `model.features` lists every input with its shape and valid range; anything else (a missing feature, a
 float or string where ids are due, an id outside its table, an unknown domain) raises `InputError` naming the
 feature and the first bad row, before anything is computed. `load` first checks every file against the
 manifest's sha256 list and the manifest against its own digest (`ArtifactError`). Row 0 of every table means
 "missing" (an unknown key, a recommendation example's query); text rows index the artifact's text table (-1: no
-text).
+text); a dense feature is a float32 number standardised as in training (NaN: missing).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class ServedModel:
         return {k: np.asarray(v) for k, v in out.items()}
 
     def check(self, features: dict, num_texts: int | None = None) -> dict[str, np.ndarray]:
-        """The batch as the function takes it (int32 arrays), or an InputError naming what is wrong."""
+        """The batch as the function takes it (int32 arrays; dense features float32), or an InputError naming what
+        is wrong."""
         if not hasattr(features, "keys"):
             raise InputError(f"features: expected a dict of arrays, got {type(features).__name__}")
         if missing := [n for n in self.features if n not in features]:
@@ -102,6 +104,9 @@ class ServedModel:
             value = np.asarray(features[name])
             if name == "domain" and value.dtype.kind in "USO":
                 value = self.domain_ids(value)
+            if spec.get("dtype") == "float32":  # a dense field: standardised numbers, NaN for missing
+                batch[name], size = self._dense(name, value, size), len(value)
+                continue
             if value.dtype.kind not in "iu":
                 raise InputError(f"feature {name!r}: dtype {value.dtype}; expected integer row ids (int32)")
             trailing = spec["shape"][1:]
@@ -124,6 +129,28 @@ class ServedModel:
         if not size:
             raise InputError("an empty batch: nothing to score")
         return batch
+
+    def _dense(self, name: str, value: np.ndarray, size: int | None) -> np.ndarray:
+        if value.dtype.kind not in "iuf" or value.ndim != 1:
+            raise InputError(
+                f"feature {name!r}: {value.dtype} {list(value.shape)}; expected float32 [B] (NaN: missing)"
+            )
+        if size is not None and len(value) != size:
+            raise InputError(f"feature {name!r}: {len(value)} rows; the other features have {size}")
+        if np.isinf(value).any():
+            row = int(np.argmax(np.isinf(value)))
+            raise InputError(f"feature {name!r}, row {row}: {value[row]} is infinite (NaN is missing)")
+        return value.astype(np.float32)
+
+    def standardise(self, name: str, raw) -> np.ndarray:
+        """A dense feature's raw numbers (None or NaN: missing) -> the standardised values the model reads, with the
+        training data's statistics (the manifest's mean and std)."""
+        spec = self.features.get(name)
+        if spec is None or spec.get("dtype") != "float32":
+            dense = [n for n, f in self.features.items() if f.get("dtype") == "float32"]
+            raise InputError(f"{name!r} is not a dense feature of this model; it has {dense}")
+        values = np.array([np.nan if v is None else v for v in raw], np.float64)
+        return ((values - spec["mean"]) / spec["std"]).astype(np.float32)
 
     def domain_ids(self, names) -> np.ndarray:
         """Domain names -> their rows; an InputError naming an unknown one."""

@@ -61,13 +61,16 @@ def features(model: TrainedModel) -> list[dict]:
                 f.column, 0, f.vocab, f"row in vocab.json of {f.column} (0: missing)", (f.max_len,) * (f.max_len > 1)
             )
         )
+    for f in meta.dense_fields:
+        meaning = f"(raw - {f.mean:.6g}) / {f.std:.6g}, the standardised number (NaN: missing)"
+        out.append({**_feature(f.column, None, None, meaning), "dtype": "float32", "mean": f.mean, "std": f.std})
     if cfg.user_history:
         meaning = "text rows of the items the user clicked before the example, latest last (-1: none)"
         out.append(_feature(HISTORY, -1, "num_texts", meaning, (cfg.user_history,)))
     return out
 
 
-def _feature(name: str, low: int, high: int | str, meaning: str, trailing: tuple[int, ...] = ()) -> dict:
+def _feature(name: str, low: int | None, high: int | str | None, meaning: str, trailing: tuple[int, ...] = ()) -> dict:
     return {"name": name, "shape": ["batch", *trailing], "dtype": "int32", "low": low, "high": high, "meaning": meaning}
 
 
@@ -77,7 +80,8 @@ def text_columns(model: TrainedModel) -> list[str]:
 
 
 def serving_function(model: TrainedModel, dtype: str):
-    """serve(params {name: array}, text {column: [T, dim]}, features {name: [B, ...] int32}) -> outputs."""
+    """serve(params {name: array}, text {column: [T, dim]}, features {name: [B, ...] int32 (dense: float32)})
+    -> outputs."""
     cfg = dataclasses.replace(model.config.model, dtype=dtype)
     graphdef, _ = sr_model.abstract(cfg, model.model_meta, model.text_dim)
     trained = model.trained_mask()  # constants of the exported function (model.untrained_ids=missing)
@@ -116,7 +120,7 @@ def export(
     table = {c: np.asarray(getattr(text, c), dtype=jnp.dtype(dtype)) for c in columns}
     spec = features(model)
     batch, rows = jax.export.symbolic_shape("batch, texts")
-    feature_specs = {f["name"]: jax.ShapeDtypeStruct((batch, *f["shape"][1:]), jnp.int32) for f in spec}
+    feature_specs = {f["name"]: jax.ShapeDtypeStruct((batch, *f["shape"][1:]), jnp.dtype(f["dtype"])) for f in spec}
     text_specs = {c: jax.ShapeDtypeStruct((rows, model.text_dim), table[c].dtype) for c in columns}
     param_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
     exported = jax.export.export(jax.jit(serving_function(model, dtype)), platforms=platforms)(

@@ -1,10 +1,12 @@
-"""L0, the feature layer: id embeddings, sparse-field embeddings and the projection of frozen text features.
+"""L0, the feature layer: id and sparse-field embeddings, dense-field vectors, the projection of text features.
 
 Its output is, for each side (user, query, item), a stack of aspect vectors [B, A, d] and a mask
-[B, A] saying which aspects the example has (id 0, text row -1 and all-zero sparse fields are missing; in
-training, `model.id_dropout` of the ids too). The user's history aspect pools the texts of their earlier
-clicks: their mean, or (`model.history_pooling=attention`) DIN's target attention, weighted by how each
-relates to the candidate item's text.
+[B, A] saying which aspects the example has (id 0, text row -1, all-zero sparse fields and all-NaN dense fields
+are missing; in training, `model.id_dropout` of the ids too). A dense field's value x (standardised at prepare
+time) is the vector x w_f + b_f, the mean over the side's present dense fields its `dense` aspect, so every
+backbone reads the numbers through the fusion, as the sparse fields. The user's history aspect pools the texts
+of their earlier clicks: their mean, or (`model.history_pooling=attention`) DIN's target attention, weighted by
+how each relates to the candidate item's text.
 """
 
 from __future__ import annotations
@@ -41,22 +43,25 @@ class Aspects(NamedTuple):
 
 def side_aspects(cfg: ModelConfig, meta: DatasetMeta) -> dict[str, tuple[str, ...]]:
     """The aspects each side fuses, in order."""
-    has_sparse = {s: any(f.side == s for f in meta.sparse_fields) for s in SIDES}
+    sparse = {s: ("sparse",) if any(f.side == s for f in meta.sparse_fields) else () for s in SIDES}
+    dense = {s: ("dense",) if any(f.side == s for f in meta.dense_fields) else () for s in SIDES}
     text = ("text",) if cfg.use_text else ()
     history = ("history",) if cfg.user_history else ()
     return {
-        "user": ("id",) + (("sparse",) if has_sparse["user"] else ()) + history,
+        "user": ("id",) + sparse["user"] + dense["user"] + history,
         "query": ("id",) + text,
-        "item": ("id",) + text + (("sparse",) if has_sparse["item"] else ()),
+        "item": ("id",) + text + sparse["item"] + dense["item"],
     }
 
 
 def table_key(column: str) -> tuple[str, str]:
-    """The path under params["l0"] of the table an id column reads: user_id -> ("id_tables", "user"),
-    item.brand -> ("sparse_tables", "item_brand")."""
+    """The path under params["l0"] of the parameters a feature column reads: user_id -> ("id_tables", "user"),
+    item.brand -> ("sparse_tables", "item_brand"), item.dense.rating -> ("dense", "item_rating")."""
     if column.endswith("_id") and "." not in column:
         return ("id_tables", column[: -len("_id")])
     side, name = column.split(".", 1)
+    if name.startswith("dense."):
+        return ("dense", f"{side}_{name[len('dense.') :]}")
     return ("sparse_tables", f"{side}_{name}")
 
 
@@ -98,6 +103,11 @@ class FeatureEncoder(nnx.Module):
         # fields a dataset has: a model meets a dataset with other fields by adding or dropping some
         self.sparse_proj = nnx.Dict(
             {table_key(f.column)[1]: nnx.Linear(cfg.dim, cfg.dim, rngs=rngs) for f in meta.sparse_fields}
+        )
+        self.dense_fields = {s: [f for f in meta.dense_fields if f.side == s] for s in SPARSE_SIDES}
+        # per dense field [2, d]: its value's direction w_f and its offset b_f
+        self.dense = nnx.Dict(
+            {table_key(f.column)[1]: normal(rngs, (2, cfg.dim), cfg.embedding_init_std) for f in meta.dense_fields}
         )
         text_sides = ("query", "item", *(("history",) if cfg.user_history else ())) if cfg.use_text else ()
         self.text_proj = nnx.Dict({s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in text_sides})
@@ -152,6 +162,10 @@ class FeatureEncoder(nnx.Module):
                 elif aspect == "history":  # [B, N] text rows of earlier clicks
                     vectors.append(self._history(batch, text))
                     masks.append((batch[HISTORY] >= 0).any(1))
+                elif aspect == "dense":
+                    vec, has = self._dense(side, batch)
+                    vectors.append(vec)
+                    masks.append(has)
                 else:
                     vec, has = self._sparse(side, batch, looked_up)
                     vectors.append(vec)
@@ -188,6 +202,19 @@ class FeatureEncoder(nnx.Module):
         item = batch["item_text"]
         candidate = jnp.where((item >= 0)[:, None], text.pooled[jnp.maximum(item, 0)], 0.0)
         return self.history_attention(self.text_proj["history"](texts), present, self.text_proj["history"](candidate))
+
+    def _dense(self, side: str, batch: dict[str, Array]) -> tuple[Array, Array]:
+        """[B, d]: the mean over the side's present dense fields of x w_f + b_f; [B]: whether any is present."""
+        vectors, present = [], []
+        for f in self.dense_fields[side]:
+            x = batch[f.column].astype(jnp.float32)
+            has = ~jnp.isnan(x)
+            wb = self.dense[table_key(f.column)[1]][...]
+            vectors.append(jnp.where(has, x, 0.0)[:, None] * wb[0] + wb[1])
+            present.append(has)
+        weight = jnp.stack(present, 1).astype(jnp.float32)  # [B, F]
+        pooled = jnp.einsum("bf,bfd->bd", weight, jnp.stack(vectors, 1)) / jnp.maximum(weight.sum(1, keepdims=True), 1)
+        return pooled, weight.sum(1) > 0
 
     def _sparse(self, side: str, batch: dict[str, Array], looked_up) -> tuple[Array, Array]:
         """Each field's embedding (a multi-valued field's mean over its non-zero values) through the field's

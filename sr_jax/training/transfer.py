@@ -7,7 +7,7 @@ What the pretrained run never trained is *new*, and stays trainable when its lev
   expert gate and tower start from a fresh init;
 - a table row (a new key, or an id the pretrained data never held): it starts from
   `finetune.new_rows_init` (zero, the table's mean trained row, or for items the text map's estimate);
-- a sparse field: its table and projection start fresh.
+- a sparse or dense field: its table and projection (a dense field's vectors) start fresh.
 Every other parameter is restored exactly; structure or shape differences are one `CheckpointError`
 naming every offending parameter path with both shapes.
 """
@@ -51,14 +51,17 @@ def table_paths(params: Any) -> frozenset[str]:
 
 
 def new_leaf_paths(abstract_params: Any, new_fields: tuple[str, ...]) -> frozenset[str]:
-    """The leaves of the sparse fields the pretrained run lacks (columns `new_fields`): their tables and
-    projections ("l0/sparse_tables/item_color", ...)."""
-    names = {table_key(column)[1] for column in new_fields}
-    return frozenset(
-        path_str(p)
-        for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params)
-        if path_names(p)[:2] in (("l0", "sparse_tables"), ("l0", "sparse_proj")) and path_names(p)[2] in names
-    )
+    """The leaves of the fields the pretrained run lacks (columns `new_fields`): a sparse field's table and
+    projection ("l0/sparse_tables/item_color", ...), a dense field's vectors ("l0/dense/item_rating")."""
+    sparse = {table_key(c)[1] for c in new_fields if table_key(c)[0] == "sparse_tables"}
+    dense = {table_key(c)[1] for c in new_fields if table_key(c)[0] == "dense"}
+
+    def new(names: tuple[str, ...]) -> bool:
+        if names[:2] in (("l0", "sparse_tables"), ("l0", "sparse_proj")):
+            return names[2] in sparse
+        return names[:2] == ("l0", "dense") and names[2] in dense
+
+    return frozenset(path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params) if new(path_names(p)))
 
 
 def restore_pretrained(
