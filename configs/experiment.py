@@ -83,6 +83,7 @@ COMPARISONS = (
     ("full on STAR − STAR", "full-star", "star"),
     ("full on PLE − PLE", "full-ple", "ple"),
     ("STAR − full", "star", "full"),
+    *((f"full on {name} − {name}", f"full-{name}", name) for name in ZOO),  # the additions on each other backbone
 )
 
 TUNED_DIR = Path(__file__).parent / "tuned"
