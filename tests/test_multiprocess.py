@@ -87,7 +87,10 @@ def test_two_processes_train_like_one_and_resume_to_the_same_bits(tmp_path):
     assert "process 1 of 2: 2 local devices, 4 in all" in outputs[1]
     assert "mesh {'data': 2, 'model': 2}" in outputs[0]
     two = json.loads((workdir / "eval.json").read_text())
-    assert abs(two["mean_domain_auc"] - single["mean_domain_auc"]) < 2e-4
+    # the same model to float32 reduction order (a 2 x 2 mesh sums gradients in another order than one device):
+    # 32 steps drift the AUC by about 2e-4 and the log loss by 4e-5; a wrong split of the batch or the tables moves
+    # them by orders more
+    assert abs(two["mean_domain_auc"] - single["mean_domain_auc"]) < 5e-4
     assert abs(two["overall"]["log_loss"] - single["overall"]["log_loss"]) < 2e-4
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 32 // 4  # written by process 0 only: one line per log interval
