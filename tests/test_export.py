@@ -147,6 +147,18 @@ def test_bad_input_to_the_served_model_is_named(artifact):
     np.testing.assert_array_equal(model.rows("item_id", [keys[4], "never-seen"]), [5, 0])
     with pytest.raises(serve.InputError, match="row 1: unknown key 'never-seen'"):
         model.rows("item_id", [keys[4], "never-seen"], unknown="error")
+    # the dense rating: float32, NaN missing, an infinite value named by its row; raw stars standardised as in training
+    spec = model.features["item.dense.rating"]
+    assert spec["dtype"] == "float32" and spec["std"] > 0
+    np.testing.assert_allclose(
+        model.standardise("item.dense.rating", [spec["mean"] + spec["std"], None]), [1.0, np.nan], rtol=1e-6
+    )
+    with pytest.raises(serve.InputError, match="'user_id' is not a dense feature"):
+        model.standardise("user_id", [1])
+    rated = {**batch, "item.dense.rating": np.array([np.nan, 0.5, -1.0, np.nan], np.float32)}
+    assert np.isfinite(model(rated)["logit"]).all()
+    with pytest.raises(serve.InputError, match=r"feature 'item.dense.rating', row 2: inf is infinite"):
+        model({**batch, "item.dense.rating": np.array([0, 0, np.inf, 0], np.float32)})
     names = model.domains[:2]
     by_name = model({**batch, "domain": np.array(names * 2)})["logit"]
     by_row = model({**batch, "domain": np.array([0, 1, 0, 1], np.int32)})["logit"]
