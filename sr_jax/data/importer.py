@@ -24,7 +24,6 @@ no Python loop over rows), which tensorflow-datasets already brings.
 from __future__ import annotations
 
 import csv
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sr_jax.data import negatives
-from sr_jax.data.schema import TASKS, DatasetMeta, DenseField, Domain, SparseField, dense_statistics
+from sr_jax.data.schema import TASKS, DatasetMeta, DenseField, Domain, SparseField
 from sr_jax.data.store import Dataset, DatasetError, write_dataset
 
 MULTI_SEPARATOR = "|"
@@ -204,7 +203,7 @@ def _dense(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: 
             row = _first(bad)
             raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a number (empty: missing)")
         raw = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
-        if not np.isfinite(raw[~np.isnan(raw)]).all():
+        if np.isinf(raw).any():  # a number past float64's range
             row = int(np.flatnonzero(np.isinf(raw))[0])
             raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a finite number")
         per_id = np.full(len(vocab) + 1, np.nan)
@@ -374,13 +373,14 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
     split = np.asarray(imp.strings("split").to_numpy(zero_copy_only=False))
     dense_fields = []
     if dense and "train" not in split:
-        column = f"{dense[0][0].side}.dense.{dense[0][0].name}"
-        raise DatasetError(imp.file, "split", None, f"{column} is standardised with the train split's statistics, "
-                           f"but no impression is in a split named train (splits: {sorted(set(split))})")  # fmt: skip
+        problem = (
+            f"{dense[0][0].column} is standardised with the train split's statistics, but no impression is in a "
+            f"split named train (splits: {sorted(set(split))})"
+        )
+        raise DatasetError(imp.file, "split", None, problem)
     for field, per_id in dense:
         raw = per_id[columns[f"{field.side}_id"]]
-        mean, std = dense_statistics(raw[split == "train"])
-        field = dataclasses.replace(field, mean=mean, std=std)
+        field = field.fitted(raw[split == "train"])
         columns[field.column] = field.standardise(raw)
         dense_fields.append(field)
     splits = {s: {c: np.ascontiguousarray(a[split == s]) for c, a in columns.items()} for s in sorted(set(split))}

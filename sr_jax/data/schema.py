@@ -64,15 +64,15 @@ class DenseField:
     def raw(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(values, np.float64) * self.std + self.mean
 
-
-def dense_statistics(values: np.ndarray) -> tuple[float, float]:
-    """(mean, std) of the present (non-NaN) values; std 1 where they do not vary (or none is present)."""
-    present = np.asarray(values, np.float64)
-    present = present[~np.isnan(present)]
-    if not len(present):
-        return 0.0, 1.0
-    std = float(present.std())
-    return float(present.mean()), std if std > 0 else 1.0
+    def fitted(self, train: np.ndarray) -> DenseField:
+        """The field with the mean and std of the present (non-NaN) raw `train` values; std 1 where they do not vary
+        (or none is present)."""
+        present = np.asarray(train, np.float64)
+        present = present[~np.isnan(present)]
+        if not len(present):
+            return dataclasses.replace(self, mean=0.0, std=1.0)
+        std = float(present.std())
+        return dataclasses.replace(self, mean=float(present.mean()), std=std if std > 0 else 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 
 from sr_jax import metrics
 from sr_jax.config import ConfigError, SyntheticConfig, validate_synthetic
-from sr_jax.data.schema import DatasetMeta, DenseField, Domain, SparseField, dense_statistics, numbered_keys
+from sr_jax.data.schema import DatasetMeta, DenseField, Domain, SparseField, numbered_keys
 from sr_jax.data.store import Dataset, open_dataset, write_dataset
 
 # Fine topics, three per coarse category, each with nouns a shopper would type.
@@ -327,7 +327,7 @@ def generate(cfg: SyntheticConfig, root: str | Path, overwrite: bool = False) ->
         if name.endswith("test"):
             oracle[name] = oracle_aucs(imp, world.item_cold[imp["item"]])
 
-    rated = dataclasses.replace(RATING, **dict(zip(("mean", "std"), dense_statistics(splits["train"][RATING.column]))))
+    rated = RATING.fitted(splits["train"][RATING.column])
     for columns in splits.values():
         columns[RATING.column] = rated.standardise(columns[RATING.column])
     meta = DatasetMeta(

@@ -97,14 +97,15 @@ class RowMap:
     rows: column -> [dataset rows] int32, the model row of each dataset id (absent: the same row);
     missing: the model's fields the dataset lacks (sparse columns read as 0, dense as NaN: missing);
     pretrained_rows: table -> rows the pretrained run had (rows past it are new); absent tables are new;
-    rescale: dense column -> (a, b), the dataset's standardised value x reads as a x + b in the model's;
+    rescale: dense column -> (the dataset's field, the model's): the dataset's values back to raw numbers, then
+    standardised with the model's statistics;
     new_dense: the dense fields' columns the pretrained run lacks."""
 
     vocab: Vocabulary
     rows: dict[str, np.ndarray]
     missing: tuple[SparseField | DenseField, ...]
     pretrained_rows: dict[str, int]
-    rescale: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    rescale: dict[str, tuple[DenseField, DenseField]] = dataclasses.field(default_factory=dict)
     new_dense: tuple[str, ...] = ()
 
     def remap(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -112,8 +113,8 @@ class RowMap:
         out = dict(columns)
         for column, rows in self.rows.items():
             out[column] = rows[np.asarray(columns[column])]
-        for column, (a, b) in self.rescale.items():
-            out[column] = (a * np.asarray(columns[column], np.float64) + b).astype(np.float32)
+        for column, (data, model) in self.rescale.items():
+            out[column] = model.standardise(data.raw(columns[column]))
         n = len(columns["label"])
         for f in self.missing:
             if isinstance(f, DenseField):
@@ -181,14 +182,14 @@ def extend(pretrained: Vocabulary, data: Vocabulary) -> RowMap:
 
 
 def _dense_map(model: tuple[DenseField, ...], data: tuple[DenseField, ...]) -> tuple[tuple, dict]:
-    """(the model's dense fields the dataset lacks, column -> (a, b) re-standardising the dataset's values with
-    the model's statistics where they differ)."""
+    """(the model's dense fields the dataset lacks, column -> (the dataset's field, the model's) where their
+    statistics differ)."""
     mine = {f.column: f for f in data}
     missing = tuple(f for f in model if f.column not in mine)
     rescale = {}
     for f in model:
         if (d := mine.get(f.column)) is not None and (d.mean, d.std) != (f.mean, f.std):
-            rescale[f.column] = (d.std / f.std, (d.mean - f.mean) / f.std)
+            rescale[f.column] = (d, f)
     return missing, rescale
 
 

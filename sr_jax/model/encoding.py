@@ -212,9 +212,7 @@ class FeatureEncoder(nnx.Module):
             wb = self.dense[table_key(f.column)[1]][...]
             vectors.append(jnp.where(has, x, 0.0)[:, None] * wb[0] + wb[1])
             present.append(has)
-        weight = jnp.stack(present, 1).astype(jnp.float32)  # [B, F]
-        pooled = jnp.einsum("bf,bfd->bd", weight, jnp.stack(vectors, 1)) / jnp.maximum(weight.sum(1, keepdims=True), 1)
-        return pooled, weight.sum(1) > 0
+        return _present_mean(vectors, present)
 
     def _sparse(self, side: str, batch: dict[str, Array], looked_up) -> tuple[Array, Array]:
         """Each field's embedding (a multi-valued field's mean over its non-zero values) through the field's
@@ -232,8 +230,12 @@ class FeatureEncoder(nnx.Module):
                 embedded, has = jnp.einsum("bl,bld->bd", nonzero, vectors) / jnp.maximum(count, 1.0), count[:, 0] > 0
             projected.append(self.sparse_proj[key[1]](embedded))
             present.append(has)
-        weight = jnp.stack(present, 1).astype(jnp.float32)  # [B, F]
-        pooled = jnp.einsum("bf,bfd->bd", weight, jnp.stack(projected, 1)) / jnp.maximum(
-            weight.sum(1, keepdims=True), 1
-        )
-        return pooled, weight.sum(1) > 0
+        return _present_mean(projected, present)
+
+
+def _present_mean(vectors: list[Array], present: list[Array]) -> tuple[Array, Array]:
+    """Fields' vectors F x [B, d] and whether each is present F x [B] -> (their mean over the present ones [B, d],
+    whether any is [B])."""
+    weight = jnp.stack(present, 1).astype(jnp.float32)  # [B, F]
+    pooled = jnp.einsum("bf,bfd->bd", weight, jnp.stack(vectors, 1)) / jnp.maximum(weight.sum(1, keepdims=True), 1)
+    return pooled, weight.sum(1) > 0
