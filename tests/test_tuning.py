@@ -10,8 +10,9 @@ import pytest
 from scipy import stats
 
 from configs import experiment
+from configs.baselines import ZOO
 from helpers import TINY, config
-from sr_jax.config import Config, override
+from sr_jax.config import Config, ConfigError, override, validate
 from sr_jax.experiments import report, results, tuning
 from sr_jax.training import trainer
 from train import cli
@@ -95,6 +96,21 @@ def test_the_full_model_also_tunes_its_regularizer_and_ablations_take_only_what_
             assert cfg.model.dim == 16
     with pytest.raises(ValueError, match="run python -m train.tune"):
         experiment.tuned("amazon", "full")
+
+
+def test_every_zoo_backbone_tunes_its_own_options_and_every_choice_is_valid_for_it():
+    for name in ZOO:
+        cfg = override(Config(), experiment.MODELS[name])
+        space = experiment.space_for(cfg)
+        own = experiment.BACKBONE_SPACE[name]
+        assert set(space) == {*experiment.SEARCH_SPACE, *own}, name
+        for key, (kind, *args) in own.items():  # each end of each option: a config the backbone accepts
+            ends = (args[0], args[1]) if kind == "log" else (min(args[0]), max(args[0]))
+            for value in ends:
+                validate(override(cfg, [f"{key}={value}"]))
+    # an option of one backbone is refused by another, so a space cannot leak across backbones
+    with pytest.raises(ConfigError, match="meta_layers"):
+        validate(override(Config(), [*experiment.MODELS["hamur"], "model.meta_layers=3"]))
 
 
 def test_a_named_config_of_the_tuner_is_a_starting_point_of_the_command_line(tmp_path, monkeypatch):
