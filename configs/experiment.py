@@ -4,8 +4,10 @@ configs/default.py), the datasets with their own overrides, and the search space
 Every dataset validates during training (its `valid` split, `train.eval_every` steps apart), stops after
 three validations without a gain and reports its best validated step on the test split; `train.epochs` is
 the most a run may train. `train.tune` gives every model of TUNED the same number of trials over SEARCH_SPACE
-(and REG_SPACE for the models with an alignment regularizer) on the validation split; an ablation reuses the
-settings tuned for the model it ablates (ABLATES), so that it differs from it in its one component only.
+(REG_SPACE for the models with an alignment regularizer, BACKBONE_SPACE for a zoo backbone's own options) on
+the validation split; an ablation reuses the settings tuned for the models it ablates (ABLATES), so that it
+differs from them in its one component only: the paper's additions on a zoo backbone take that backbone's
+tuned settings and the full model's tuned regularizer.
 """
 
 import json
@@ -52,13 +54,15 @@ DATASETS = {
     "amazon": ["train.epochs=5", "train.eval_every=50", "train.early_stopping_patience=3", *EVERY],
 }
 
-# What `train.tune` tunes, each with its own trials, and the model whose tuned settings each ablation takes.
+# What `train.tune` tunes, each with its own trials, and the models whose tuned settings each ablation takes
+# (a key from the first that has it).
 TUNED = ("full", "full-star", "full-ple", "shared-bottom", "mmoe", "ple", "star", *ZOO)
 ABLATES = {
-    **{m: "full" for m in MODELS if m.startswith("full-") and m not in TUNED},
-    **{f"{name}-no-text": name for name in BASELINES if name in TUNED},
-    "single-domain": "shared-bottom",
-    "single-domain-no-text": "shared-bottom",
+    **{m: ("full",) for m in MODELS if m.startswith("full-") and m not in TUNED},
+    **{f"full-{name}": (name, "full") for name in ZOO},
+    **{f"{name}-no-text": (name,) for name in BASELINES if name in TUNED},
+    "single-domain": ("shared-bottom",),
+    "single-domain-no-text": ("shared-bottom",),
 }
 
 # key -> ("log", low, high) | ("choice", values): the same space for every model.
@@ -114,10 +118,15 @@ def space_for(cfg: Config) -> dict:
 
 def tuned(dataset: str, model: str) -> list[str]:
     """The tuned settings (configs/tuned/DATASET/MODEL.json, written by `train.tune`) of `model`, or of the
-    model it ablates, limited to the keys of the search space that `model` has."""
-    source = model if model in TUNED else ABLATES.get(model)
-    path = TUNED_DIR / dataset / f"{source}.json"
-    if source is None or not path.is_file():
-        raise ConfigError(f"{model} on {dataset}: no tuned settings ({path}); run python -m train.tune first")
+    models it ablates, limited to the keys of the search space that `model` has."""
     keys = space_for(override(Config(), MODELS[model]))
-    return [s for s in json.loads(path.read_text())["settings"] if s.partition("=")[0] in keys]
+    chosen = {}
+    for source in (model,) if model in TUNED else ABLATES.get(model, (None,)):
+        path = TUNED_DIR / dataset / f"{source}.json"
+        if source is None or not path.is_file():
+            raise ConfigError(f"{model} on {dataset}: no tuned settings ({path}); run python -m train.tune first")
+        for setting in json.loads(path.read_text())["settings"]:
+            key = setting.partition("=")[0]
+            if key in keys:
+                chosen.setdefault(key, setting)
+    return list(chosen.values())

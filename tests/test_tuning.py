@@ -91,11 +91,18 @@ def test_the_full_model_also_tunes_its_regularizer_and_ablations_take_only_what_
     assert experiment.tuned("movielens", "full-no-reg") == settings[:2]  # no regularizer, no reg settings
     assert experiment.tuned("movielens", "full-mmd") == settings[:2]  # reg_weight was tuned for JS, not MMD
     for model, _ in experiment.ABLATES.items():  # every ablation's settings are valid for it
-        if experiment.ABLATES[model] == "full":
+        if experiment.ABLATES[model] == ("full",):
             cfg = override(Config(), [*experiment.tuned("movielens", model), *experiment.MODELS[model]])
             assert cfg.model.dim == 16
     with pytest.raises(ValueError, match="run python -m train.tune"):
         experiment.tuned("amazon", "full")
+    # the additions on a zoo backbone: the backbone's tuned settings (its own options too), the full model's
+    # regularizer, so that the pair differs in the additions alone
+    own = ["train.learning_rate=0.005", "model.dim=64", "model.gate_hidden=128"]
+    (tmp_path / "movielens" / "hamur.json").write_text(json.dumps({"settings": own}))
+    assert experiment.tuned("movielens", "full-hamur") == [*own, *settings[2:]]
+    with pytest.raises(ValueError, match="no tuned settings"):
+        experiment.tuned("movielens", "full-epnet")  # epnet was not tuned
 
 
 def test_every_zoo_backbone_tunes_its_own_options_and_every_choice_is_valid_for_it():
