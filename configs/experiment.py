@@ -78,14 +78,16 @@ REG_SPACE = {  # the models with the JS alignment regularizer, in addition
 
 # Each zoo backbone's own options, in addition (the models tuned before issue 31 searched SEARCH_SPACE and
 # REG_SPACE only, their own options at the defaults: docs/RESULTS.md says so where it compares them).
+EXPERTS = {"model.num_experts": ("choice", (2, 4, 8))}
+GATE = {"model.gate_hidden": ("choice", (32, 64, 128))}  # a gate NU's hidden width, or HAMUR's hyper-network's
 BACKBONE_SPACE = {
-    "m3oe": {"model.num_experts": ("choice", (2, 4, 8)), "model.domain_experts": ("choice", (1, 2))},
-    "sarnet": {"model.num_experts": ("choice", (2, 4, 8)), "model.domain_experts": ("choice", (1, 2))},
+    "m3oe": {**EXPERTS, "model.domain_experts": ("choice", (1, 2))},
+    "sarnet": {**EXPERTS, "model.domain_experts": ("choice", (1, 2))},
     "adaptdhm": {"model.adaptdhm_clusters": ("choice", (2, 4, 8))},
-    "epnet": {"model.gate_hidden": ("choice", (32, 64, 128))},
-    "ppnet": {"model.gate_hidden": ("choice", (32, 64, 128))},
-    "hamur": {"model.gate_hidden": ("choice", (32, 64, 128)), "model.adapter_rank": ("choice", (4, 8, 16))},
-    "m2m": {"model.num_experts": ("choice", (2, 4, 8)), "model.meta_layers": ("choice", (1, 2, 3))},
+    "epnet": GATE,
+    "ppnet": GATE,
+    "hamur": {**GATE, "model.adapter_rank": ("choice", (4, 8, 16))},
+    "m2m": {**EXPERTS, "model.meta_layers": ("choice", (1, 2, 3))},
     "adasparse": {
         "model.adasparse_weight": ("log", 0.005, 0.5),
         "model.adasparse_sparsity": ("choice", (0.1, 0.2, 0.4)),
@@ -121,9 +123,9 @@ def tuned(dataset: str, model: str) -> list[str]:
     models it ablates, limited to the keys of the search space that `model` has."""
     keys = space_for(override(Config(), MODELS[model]))
     chosen = {}
-    for source in (model,) if model in TUNED else ABLATES.get(model, (None,)):
+    for source in (model,) if model in TUNED else ABLATES.get(model, (model,)):
         path = TUNED_DIR / dataset / f"{source}.json"
-        if source is None or not path.is_file():
+        if not path.is_file():
             raise ConfigError(f"{model} on {dataset}: no tuned settings ({path}); run python -m train.tune first")
         for setting in json.loads(path.read_text())["settings"]:
             key = setting.partition("=")[0]

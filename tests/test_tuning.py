@@ -90,8 +90,8 @@ def test_the_full_model_also_tunes_its_regularizer_and_ablations_take_only_what_
     assert experiment.tuned("movielens", "full-mean-gating") == settings  # an ablation: the full model's
     assert experiment.tuned("movielens", "full-no-reg") == settings[:2]  # no regularizer, no reg settings
     assert experiment.tuned("movielens", "full-mmd") == settings[:2]  # reg_weight was tuned for JS, not MMD
-    for model, _ in experiment.ABLATES.items():  # every ablation's settings are valid for it
-        if experiment.ABLATES[model] == ("full",):
+    for model, sources in experiment.ABLATES.items():  # every ablation's settings are valid for it
+        if sources == ("full",):
             cfg = override(Config(), [*experiment.tuned("movielens", model), *experiment.MODELS[model]])
             assert cfg.model.dim == 16
     with pytest.raises(ValueError, match="run python -m train.tune"):

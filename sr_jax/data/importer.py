@@ -203,8 +203,8 @@ def _dense(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: 
             row = _first(bad)
             raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a number (empty: missing)")
         raw = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
-        if np.isinf(raw).any():  # a number past float64's range
-            row = int(np.flatnonzero(np.isinf(raw))[0])
+        if (infinite := np.isinf(raw)).any():  # a number past float64's range
+            row = int(np.flatnonzero(infinite)[0])
             raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a finite number")
         per_id = np.full(len(vocab) + 1, np.nan)
         per_id[_index(key, vocab)] = raw
