@@ -209,7 +209,9 @@ def _parse_rule(rule: str) -> tuple[str, tuple[str, ...] | None]:
     logical, sep, axes = (part.strip() for part in rule.partition("="))
     if not sep or logical not in LOGICAL_AXES:
         raise ConfigError(f"mesh.rules: {rule!r} is not LOGICAL=AXES with LOGICAL one of {LOGICAL_AXES}")
-    if axes.lower() in ("", "none"):
+    if not axes:
+        raise ConfigError(f"mesh.rules: {rule!r} names no axes (write {logical}=none to replicate it)")
+    if axes.lower() == "none":
         return logical, None
     names = tuple(a.strip() for a in axes.split("+"))
     if any(a not in MESH_AXES for a in names) or len(set(names)) != len(names):
@@ -312,8 +314,8 @@ def from_dict(cls: type, data: dict) -> Any:
     return cls(**kwargs)
 
 
-def changed_keys(before: Any, after: Any) -> list[str]:
-    """The `section.field` keys whose values differ between two configs."""
+def config_changes(before: Any, after: Any) -> dict[str, list]:
+    """`section.field` -> [before, after], for the keys whose values differ between two configs."""
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -322,7 +324,7 @@ def changed_keys(before: Any, after: Any) -> list[str]:
         return out
 
     a, b = flat(to_dict(before)), flat(to_dict(after))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -358,7 +360,8 @@ def _positive(problems: list[str], cfg: Any, section: str, *names: str, allow_ze
     for name in names:
         value = getattr(cfg, name)
         good = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-        _check(problems, good, f"{section}.{name}", f"{value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        bound = ">= 0" if allow_zero else "> 0"
+        _check(problems, good, f"{section}.{name}", f"{value!r} must be a finite number {bound}")
 
 
 def _choice(problems: list[str], value: str, key: str, choices: tuple[str, ...]) -> None:
@@ -391,7 +394,7 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     _check(problems, 0 <= cfg.id_dropout < 1, "model.id_dropout", f"{cfg.id_dropout} must be in [0, 1)")
     _choice(problems, cfg.history_pooling, "model.history_pooling", HISTORY_POOLINGS)
     _choice(problems, cfg.lookup, "model.lookup", LOOKUPS)
-    _check(problems, cfg.lookup_capacity > 0, "model.lookup_capacity", f"{cfg.lookup_capacity} must be > 0")
+    _positive(problems, cfg, "model", "lookup_capacity")  # finite: it sizes a buffer
     _choice(problems, cfg.untrained_ids, "model.untrained_ids", UNTRAINED_IDS)
     _check(
         problems, cfg.id_buckets != 1, "model.id_buckets", "1 leaves no row for ids (row 0 is 'missing'): use 0 or >= 2"

@@ -44,6 +44,19 @@ def initialize() -> None:
     )
 
 
+# What a collective raises on the processes left when another process of the run dies mid-step (its TCP
+# connections close) or stops sending heartbeats to the coordinator.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout", "unhealthy")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is this process learning that another process of the run stopped (killed, preempted, crashed):
+    nothing to fix here, the whole run is restarted and resumes from its newest checkpoint."""
+    return jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError) and any(
+        s in str(e) for s in _PEER_LOST
+    )
+
+
 def is_primary() -> bool:
     """True on the process that writes the run's files (process 0)."""
     return jax.process_index() == 0

@@ -1,9 +1,11 @@
-"""Atomic writes (a file or folder appears complete under its final name, or not at all), and one writer
-per folder (`exclusive`)."""
+"""Atomic writes (a file or folder appears complete under its final name, or not at all), one writer per
+folder (`exclusive`), and the output rule: a command replaces only what it can recognise as its own earlier
+output (`claim`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -45,23 +47,136 @@ def remove_stale(folder: Path, prefix: str) -> list[Path]:
     return removed
 
 
+MARK = ".sr-jax.json"  # in every folder a command writes: {"kind": ...}, so that a later command knows its own
+IGNORED = (MARK, ".lock")  # what an otherwise empty folder may hold
+KIND_KEY = "sr_jax_kind"  # a file's kind, in its format's metadata
+
+# The kinds of output, each with the file that only it holds: how a folder written before marks is recognised.
+RUN, SELECTION, DATASET = "run", "strategy selection", "dataset"
+ARTIFACT, EMBEDDINGS, ENCODER = "serving artifact", "embeddings", "encoder"
+PARAMS_RUN, SCORE_PARTS = "params-only run", "scoring job's parts"
+SNAPSHOT, TEXT_CACHE = "pretrained run's records", "text cache"  # parts of a run folder and of a dataset
+LEGACY = {RUN: "config.json", SELECTION: "strategy.json", DATASET: "meta.json", ARTIFACT: "manifest.json",
+          EMBEDDINGS: "embeddings.json", ENCODER: "sr_jax_encoder.json", SCORE_PARTS: "job.json"}  # fmt: skip
+
+
+class OutputExists(FileExistsError):
+    """An output path holds something this command did not write (a user's folder, another kind of output)."""
+
+
+def kind_of(path: Path) -> str | None:
+    """What sr-jax wrote at `path`: a folder's MARK kind, or a file's kind in its format's metadata (Parquet
+    schema metadata, safetensors metadata, a JSON object's KIND_KEY); for a folder written before marks, the
+    kind whose file it holds (LEGACY). None: not recognised."""
+    path = Path(path)
+    if path.is_dir():
+        if isinstance(found := _read_json(path / MARK), dict) and isinstance(found.get("kind"), str):
+            return found["kind"]
+        return next((kind for kind, name in LEGACY.items() if (path / name).exists()), None)
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            kind = (pq.read_schema(path).metadata or {}).get(KIND_KEY.encode())
+            return kind.decode() if kind else None
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "np") as f:
+                return (f.metadata() or {}).get(KIND_KEY)
+        if path.suffix == ".json":
+            found = _read_json(path)
+            return found.get(KIND_KEY) if isinstance(found, dict) else None
+    except Exception:  # unreadable or not of its suffix's format: not ours  # noqa: BLE001
+        return None
+    return None
+
+
+def claim(
+    path: str | Path,
+    kind: str,
+    overwrite: bool = False,
+    inputs: tuple[str | Path, ...] = (),
+    remedy: str = "choose another path, or pass --overwrite to replace it",
+) -> Path:
+    """Checks that a command may write its output `path` (a file or a folder) before it starts: `path` is
+    missing, an empty folder, or `kind` output of an earlier command (`kind_of`); anything else (a user's
+    files, a training run, another kind of output) is refused with OutputExists naming `path` and the
+    `remedy`. `overwrite` lifts the refusal, but never for a path that is, or holds, one of the command's
+    `inputs` (the run it exports, the dataset it reads)."""
+    path = Path(path)
+    for source in inputs:
+        source = Path(source).absolute()
+        if path.absolute() == source or path.absolute() in source.parents:
+            raise OutputExists(f"{path}: the output would replace {source}, which this command reads; choose another")
+    if not path.exists() and not path.is_symlink():
+        return path
+    if path.is_dir() and all(p.name in IGNORED for p in path.iterdir()):
+        return path
+    found = kind_of(path)
+    if found == kind or overwrite:
+        return path
+    what = f"a {found}" if found else "files this command did not write" if path.is_dir() else "a file it did not write"
+    raise OutputExists(
+        f"{path}: holds {what}, not the {kind} this command writes; nothing was changed: {remedy}"
+    )
+
+
+def mark(folder: Path, kind: str) -> None:
+    """Says in `folder` (created if missing) that sr-jax wrote it as `kind` (what `claim` recognises)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if _read_json(folder / MARK) != {"kind": kind}:
+        with atomic_file(folder / MARK) as tmp:
+            tmp.write_text(json.dumps({"kind": kind}) + "\n")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path, check: Callable[[Path], object] | None = None) -> Iterator[Path]:
-    """Yields a temporary sibling of `final` to fill; once filled it is checked and renamed to `final`
-    (replacing it); on any error it is removed and `final` is left as it was. A killed writer's temporary is
-    removed by the next writer of the same folder."""
+def atomic_dir(
+    final: Path,
+    kind: str,
+    check: Callable[[Path], object] | None = None,
+    overwrite: bool = False,
+    inputs: tuple[str | Path, ...] = (),
+) -> Iterator[Path]:
+    """Yields a temporary sibling of `final` to fill, marked as `kind`; once filled it is checked and renamed
+    to `final`. `final` may be replaced only where `claim` allows it (checked before and again just before the
+    rename); on any error the temporary is removed and `final` is left as it was. A killed writer's temporary
+    is removed by the next writer of the same folder."""
+    final = Path(final)
+    claim(final, kind, overwrite, inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final.parent, f".{final.name}.tmp-")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_writer()}~", dir=final.parent))
     try:
-        yield tmp
-        if check is not None:
-            check(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        with writing(final):
+            (tmp / MARK).write_text(json.dumps({"kind": kind}) + "\n")
+            yield tmp
+            if check is not None:
+                check(tmp)
+        if final.exists() or final.is_symlink():
+            claim(final, kind, overwrite, inputs)
+            shutil.rmtree(final) if final.is_dir() and not final.is_symlink() else final.unlink()
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A full disk inside names `path` (numpy, pyarrow and file objects raise ENOSPC without a file name)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not e.filename:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise
 
 
@@ -72,7 +187,8 @@ def atomic_file(final: Path) -> Iterator[Path]:
     remove_stale(final.parent, f".{final.stem}.tmp-")
     tmp = final.with_name(f".{final.stem}.tmp-{_writer()}{final.suffix}")
     try:
-        yield tmp
+        with writing(final):
+            yield tmp
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -135,9 +251,8 @@ def _create(path: Path, me: dict) -> bool:
 
 
 def _holder(path: Path) -> dict:
-    try:
-        holder = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # released, or being written this instant
+    holder = _read_json(path)  # None: released, or being written this instant
+    if holder is None:
         return {}
     return holder if isinstance(holder, dict) else {"legacy": holder}  # an flock-era file: a bare pid
 

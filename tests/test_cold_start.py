@@ -2,6 +2,10 @@
 
 import csv
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -67,7 +71,7 @@ def test_the_claims_are_tested_paired_by_fraction_and_seed():
     assert tests["freeze-l0 (default, text on) − scratch"]["diff"] == pytest.approx(0.705 - 0.655)
 
 
-def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
+def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, capfd):
     tiny = [f"data.synthetic.{k}={v}" for k, v in TINY.__dict__.items()]
     args = [
         "--workdir",
@@ -97,7 +101,25 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch):
         "mesh.data=1",
         "train.epochs=1",
     ]  # fmt: skip  (overrides anywhere: between and after the grid options)
-    table = cold_start.main(args)
+    # killed (SIGKILL) in its first fine-tune cell, then run again (issue 38): the finished pretraining cell is
+    # read back, the killed cell resumes from its checkpoint, the rest runs
+    proc = subprocess.Popen([sys.executable, "-m", "train.cold_start", *args], stderr=subprocess.PIPE)
+    pretrain_done = tmp_path / "grid" / "pretrain" / "text-on" / "seed-0" / "cell.json"
+
+    def started() -> list[Path]:  # a fine-tune cell with a saved step and no report yet
+        steps = (tmp_path / "grid").glob("new-domain/*/*/*/seed-0/checkpoints/*")
+        return [p for p in steps if p.name.isdigit() and not (p.parents[1] / "eval.json").exists()]
+
+    deadline = time.monotonic() + 240
+    while not started() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    assert pretrain_done.exists() and started(), "the grid was not killed in a fine-tune cell"
+    finished = pretrain_done.read_bytes()
+    table = cold_start.main(args)  # (its log goes to stderr: cli.setup)
+    assert pretrain_done.read_bytes() == finished  # not run again
+    assert "resumed from step" in capfd.readouterr().err
     # 2 protocols x (scratch + freeze-l0-l1 in 2 variants) x 2 fractions, and the zero-shot line of new items
     assert len(table) == 2 * 3 * 2 + 2
     assert {r["variant"] for r in table if r["setting"] == "freeze-l0-l1"} == {"default", "replay"}

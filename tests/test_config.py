@@ -51,13 +51,13 @@ def test_saved_config_round_trips(tmp_path):
     [
         (["train.weight_decay=0.1"], "train.weight_decay: 0.1 needs train.optimizer=adamw"),
         (["model.gating=cls", "model.use_text=false"], "model.gating: cls gating reads text features"),
-        (["model.reg_temperature=0"], "model.reg_temperature: 0.0 must be > 0"),
-        (["model.reg_temperature=-1"], "model.reg_temperature: -1.0 must be > 0"),
-        (["data.batch_size=0"], "data.batch_size: 0 must be > 0"),
-        (["train.epochs=nan"], "train.epochs: nan must be > 0"),
-        (["train.log_every=0"], "train.log_every: 0 must be > 0"),
-        (["train.keep_checkpoints=0"], "train.keep_checkpoints: 0 must be > 0"),
-        (["model.num_experts=0"], "model.num_experts: 0 must be > 0"),
+        (["model.reg_temperature=0"], "model.reg_temperature: 0.0 must be a finite number > 0"),
+        (["model.reg_temperature=-1"], "model.reg_temperature: -1.0 must be a finite number > 0"),
+        (["data.batch_size=0"], "data.batch_size: 0 must be a finite number > 0"),
+        (["train.epochs=nan"], "train.epochs: nan must be a finite number > 0"),
+        (["train.log_every=0"], "train.log_every: 0 must be a finite number > 0"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints: 0 must be a finite number > 0"),
+        (["model.num_experts=0"], "model.num_experts: 0 must be a finite number > 0"),
         (["model.dtype=float16"], "model.dtype: 'float16' is not one of"),
         (["model.ple_levels=2"], "model.ple_levels=2 is set, but it applies only to model.backbone=ple"),
         (["model.star_norm=layer"], "model.star_norm='layer' is set, but it applies only to model.backbone=star"),
@@ -67,6 +67,9 @@ def test_saved_config_round_trips(tmp_path):
         (["finetune.replay_fraction=0.3"], "finetune.replay_fraction: replays the pretraining data"),
         (["mesh.model=3"], "mesh.model: 3 must divide model.table_row_multiple=64"),
         (["train.embedding_update=sparse"], "train.embedding_update: 'sparse' is not one of"),
+        # issue 38: accepted unvalidated (inf: an OverflowError after config.json; an empty rule: replicated)
+        (["model.lookup_capacity=inf"], "model.lookup_capacity: inf must be a finite number > 0"),
+        (["mesh.rules=batch="], "mesh.rules: 'batch=' names no axes (write batch=none to replicate it)"),
     ],
 )
 def test_validate_names_the_key_of_every_problem(overrides, words):
@@ -84,7 +87,7 @@ def test_validate_reports_all_problems_at_once_and_accepts_the_named_configs():
 
 def test_a_bad_override_is_refused_before_anything_is_written(tmp_path):
     workdir = tmp_path / "run"
-    with pytest.raises(ConfigError, match="train.log_every: 0 must be > 0"):
+    with pytest.raises(ConfigError, match="train.log_every: 0 must be a finite number > 0"):
         pretrain.main(["--workdir", str(workdir), "train.log_every=0"])
     assert not (workdir / "config.json").exists()
 
@@ -103,3 +106,18 @@ def test_a_config_saved_before_a_new_default_keeps_its_meaning(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(saved))
     old = load_config(tmp_path / "old.json")
     assert (old.model.id_dropout, old.model.untrained_ids, old.train.evals_per_epoch) == (0.0, "row", 0.0)
+
+
+def test_the_docs_count_the_backbones_the_config_lists():
+    """One list (`config.BACKBONES`), the docs from it (issue 38: 11 names, docs saying twelve backbones)."""
+    import re
+    from pathlib import Path
+
+    from sr_jax.config import BACKBONES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    words = {11: "eleven", 12: "twelve", 13: "thirteen"}
+    assert f"the {words[len(BACKBONES)]} backbones of `config.BACKBONES`" in readme
+    assert f"{words[len(BACKBONES) + 1]} backbones" not in readme.lower()
+    for name in BACKBONES:
+        assert re.search(rf"[`=]{name}\b", readme), name  # `name` or model.backbone=name

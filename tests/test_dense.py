@@ -28,13 +28,14 @@ ITEMS = "item_id,text,item.brand,item.dense.price\nA,red shoes,acme,10\nB,kettle
 USERS = "user_id,user.dense.age\nu1,20\nu2,40\nu3,1e2\n"
 
 
-def _impressions() -> str:
-    rows = ["split,domain,user_id,query_id,item_id,label"]
+def _impressions(extra: str = "") -> str:
+    """`extra`: the name of one more column, valued 1.5 in every row."""
+    rows = ["split,domain,user_id,query_id,item_id,label" + (f",{extra}" if extra else "")]
     for i in range(30):  # train: items A and B and users u1, u2; test: item C and user u3 only
         test = i >= 24
         item, user = ("C", "u3") if test else ("AB"[i % 2], ("u1", "u2")[i // 2 % 2])
         rows.append(f"{'test' if test else 'train'},{('shop', 'feed')[i % 2]},{user},{'q' if i % 2 == 0 else ''},"
-                    f"{item},{i % 3 == 0:d}")  # fmt: skip
+                    f"{item},{i % 3 == 0:d}" + (",1.5" if extra else ""))  # fmt: skip
     return "\n".join(rows) + "\n"
 
 
@@ -83,8 +84,16 @@ def test_parquet_dense_columns_import_as_csv_ones(tmp_path):
     "replace, match",
     [
         ({"items": ITEMS.replace("30.5", "lots")}, r"items.csv, field 'item.dense.price', row 2: 'lots' is not a"),
-        ({"users": USERS.replace("1e2", "1e999")}, r"users.csv, field 'user.dense.age', row 2: .* not a finite number"),
+        ({"users": USERS.replace("1e2", "1e999")}, r"users.csv, field 'user.dense.age', row 2: .* beyond float32"),
         ({"impressions": _impressions().replace("train,", "fit,")}, r"field 'split'.*no impression is in a split"),
+        # issue 38: finite in float64 but not in float32 (was a NaN probability), beyond it once standardised
+        # with the train split's tiny spread (was named by a staging temp file), an empty field name (was stored
+        # as item.dense..npy), a per-impression dense column (was silently ignored)
+        ({"items": ITEMS.replace("30.5", "1e39")}, r"items.csv, field 'item.dense.price', row 2: '1e39' is beyond"),
+        ({"users": "user_id,user.dense.age\nu1,1e-30\nu2,2e-30\nu3,1e10\n"},
+         r"users.csv, field 'user.dense.age', row 2: user.dense.age: 1e\+10 standardised .* beyond float32"),
+        ({"items": ITEMS.replace("item.dense.price", "item.dense.")}, r"field 'item.dense.'.*field name '' is empty"),
+        ({"impressions": _impressions(extra="item.dense.bid")}, r"impressions.csv, field 'item.dense.bid'.*per user"),
     ],
 )  # fmt: skip
 def test_bad_dense_values_name_the_file_field_and_row(tmp_path, replace, match):

@@ -159,6 +159,13 @@ def test_bad_input_to_the_served_model_is_named(artifact):
     assert np.isfinite(model(rated)["logit"]).all()
     with pytest.raises(serve.InputError, match=r"feature 'item.dense.rating', row 2: inf is infinite"):
         model({**batch, "item.dense.rating": np.array([0, 0, np.inf, 0], np.float32)})
+    # issue 38: finite float64 past float32 gave a NaN probability; a text to standardise, a raw ValueError
+    with pytest.raises(serve.InputError, match=r"feature 'item.dense.rating', row 1: 1e\+308 is beyond float32's"):
+        model({**batch, "item.dense.rating": np.array([0, 1e308, 0, 0], np.float64)})
+    with pytest.raises(serve.InputError, match=r"'item.dense.rating', row 1: 'four' is not a number"):
+        model.standardise("item.dense.rating", [4.5, "four"])
+    with pytest.raises(serve.InputError, match=r"'item.dense.rating', row 0: 1e\+300 standardised is beyond float32"):
+        model.standardise("item.dense.rating", [1e300])
     names = model.domains[:2]
     by_name = model({**batch, "domain": np.array(names * 2)})["logit"]
     by_row = model({**batch, "domain": np.array([0, 1, 0, 1], np.int32)})["logit"]
@@ -429,6 +436,24 @@ def test_a_tampered_artifact_is_refused_at_load_naming_the_file(artifact, tmp_pa
     with pytest.raises(ValueError, match=rf"{copy / named}: .*exported"):  # the artifact's own serve.py's error
         scoring.artifact_scorer(copy)
     assert serve.load(copy, check_files=False).domains  # the documented way to skip the check
+
+
+@pytest.mark.parametrize("manifest", [None, "{not json", b"\xff\xfe", "[1, 2]"])
+def test_an_artifact_without_a_readable_manifest_is_named(artifact, tmp_path, manifest):
+    """Issue 38: `serve.load` of an artifact whose manifest.json was missing or damaged raised raw tracebacks."""
+    import shutil
+
+    from sr_jax.export import serve
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    if manifest is None:
+        (copy / "manifest.json").unlink()
+    else:
+        (copy / "manifest.json").write_bytes(manifest if isinstance(manifest, bytes) else manifest.encode())
+    for check_files in (True, False):
+        with pytest.raises(serve.ArtifactError, match=rf"{re.escape(str(copy / 'manifest.json'))}: (missing|damaged)"):
+            serve.load(copy, check_files=check_files)
 
 
 def test_a_supplied_text_table_with_nan_rows_is_refused(artifact):

@@ -402,9 +402,25 @@ def test_the_text_map_recovers_a_linear_relation():
 
 
 def test_strategy_auto_keeps_the_candidate_the_validation_data_prefer(pretrained, tmp_path):
+    """Also a signal during the selection (issue 38): SIGTERM while the second candidate trains stops the command
+    in one line, exit 143; the same command then resumes that candidate and finishes the selection."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
     workdir = tmp_path / "auto"
     argv = ["--pretrained", str(pretrained), "--workdir", str(workdir), "--strategy", "auto",
             "train.epochs=1", "train.min_steps=0", "train.eval_every=2"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "train.finetune", *argv], stderr=subprocess.PIPE, text=True)
+    second = workdir / "candidates" / list(finetune_cli.STRATEGIES)[1] / "config.json"
+    deadline = time.monotonic() + 240
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert not (workdir / "strategy.json").exists() and "interrupted by SIGTERM" in err.strip().splitlines()[-1]
     result = finetune_cli.main(argv)
     chosen = json.loads((workdir / "strategy.json").read_text())
     assert set(chosen["validation"]) == set(finetune_cli.STRATEGIES)

@@ -50,6 +50,9 @@ def test_ids_beyond_the_capacity_are_counted_and_get_zeros(mesh):
     assert (got[lost] == 0).all()  # a dropped id reads zeros, never another row
     _, none = jax.jit(lambda t, i: _routed(t, i, mesh, capacity_factor=4.0))(table, ids)
     assert int(none) == 0  # capacity for every id in one shard
+    exact, none = jax.jit(lambda t, i: _routed(t, i, mesh, capacity_factor=None))(table, ids)  # inference's
+    assert int(none) == 0
+    np.testing.assert_array_equal(np.asarray(exact), want)
 
 
 def test_routing_sends_fewer_bytes_than_gspmd_s_lookup():

@@ -32,16 +32,36 @@ SPACE = {"train.learning_rate": ("log", 1e-3, 1e-2), "model.dim": ("choice", (8,
 
 
 def test_a_study_chooses_on_validation_only_and_resumes_its_interrupted_trial(tmp_path):
-    # a tuner killed mid-trial leaves it RUNNING: the next tuner runs its settings again, then the rest
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="study", direction="maximize")
-    interrupted = study.ask({"train.learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
-                             "model.dim": optuna.distributions.CategoricalDistribution((8, 16))})  # fmt: skip
+    """A tuner killed (SIGKILL) mid-trial leaves it RUNNING with a checkpoint: the next tuner runs its settings
+    again, in the same folder, from that checkpoint, then the rest."""
+    import subprocess
+    import sys
+    import time
+
+    code = f"from sr_jax.experiments import tuning; tuning.tune({str(tmp_path)!r}, {BASE!r}, {SPACE!r}, trials=2)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if [p for p in tmp_path.glob("trials/*/checkpoints/*") if p.name.isdigit()]:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    (killed,) = [p.parents[1] for p in tmp_path.glob("trials/*/checkpoints/*") if p.name.isdigit()]
+    assert not (killed / "eval.json").exists(), "the trial finished before the tuner was killed"
+    def logged() -> list[int]:  # the training log's steps (validation lines share theirs)
+        lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+        return [line["step"] for line in lines if "loss" in line]
+
+    steps = logged()[-1]
     chosen = tuning.tune(tmp_path, BASE, SPACE, trials=2)
     trials = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials()
     assert trials[0].state == optuna.trial.TrialState.FAIL
     finished = [t for t in trials if t.state in tuning.FINISHED]
     assert len(finished) == 2 == chosen["trials"]
-    assert finished[0].params == interrupted.params  # queued again with its settings
+    assert finished[0].params == trials[0].params  # queued again with its settings
+    assert finished[0].user_attrs["folder"] == str(killed)  # and resumed there: its metrics go on, not restart
+    assert logged() == sorted(set(logged())) and logged()[0] <= steps < logged()[-1]
     assert chosen["validation"] == max(t.user_attrs["score"] for t in finished)
     for t in finished:  # every trial validated on valid and evaluated on valid: no test figure exists
         folder = tmp_path / "trials" / tuning.folder_name(t.user_attrs["settings"])

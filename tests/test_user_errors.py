@@ -78,6 +78,83 @@ def test_a_full_disk_names_the_path_and_the_free_space(tmp_path):
     assert f"MiB free in {tmp_path})" in line
 
 
+def test_a_full_disk_in_a_storage_layer_or_a_file_object_names_the_path_written(tmp_path):
+    """Issue 38: TensorStore's full disk is a ValueError naming the file in quotes; numpy and pyarrow raise ENOSPC
+    without a file name, which named `.` and the free space of the wrong folder (predict, export)."""
+    import errno
+
+    from sr_jax import io
+    from train import cli
+
+    message = (
+        'RESOURCE_EXHAUSTED: Error writing "params.l0/0" in OCDBT database at local file "/x/ckpt/1/": Failed writing:'
+        f' "{tmp_path}/run/checkpoints/1/d/abc": Failed to write 16286 bytes to file 9: No space left on device '
+        "[os_error_code='28']"
+    )
+    line = cli.one_line(ValueError(message))
+    assert line.startswith(f"no space left on the device writing {tmp_path}/run/checkpoints/1/d/abc (")
+    assert f"MiB free in {tmp_path})" in line
+    assert cli.one_line(ValueError("RESOURCE_EXHAUSTED: too many")) == "RESOURCE_EXHAUSTED: too many"
+    folder, file = tmp_path / "out", tmp_path / "out.npz"
+    for final, writer in ((folder, lambda final: io.atomic_dir(final, "a test's output")), (file, io.atomic_file)):
+        with pytest.raises(OSError) as raised, writer(final):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as np.savez to a file object raises it
+        assert raised.value.filename == str(final)
+
+
+def test_errors_of_background_threads_are_one_line_while_a_command_runs(capfd, caplog):
+    """A failed checkpoint write made orbax's threads print 4 to 104 tracebacks before the command's own error."""
+    import asyncio
+    import logging
+    import threading
+
+    from train import cli
+
+    def fail():
+        raise RuntimeError("Event loop is closed")
+
+    def callback():  # a C++ callback into Python prints its error through sys.excepthook
+        try:
+            fail()
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+
+    with caplog.at_level(logging.DEBUG), cli.background_errors_in_one_line():
+        for target in (fail, callback):
+            thread = threading.Thread(target=target, name="writer")
+            thread.start()
+            thread.join()
+        try:
+            fail()
+        except RuntimeError:
+            logging.getLogger("absl").exception("_SignalingThread.run() raised an exception")
+            logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+        loop = asyncio.new_event_loop()
+        loop.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Traceback" not in caplog.text, err + caplog.text
+    assert "in thread writer: Event loop is closed" in caplog.text
+    assert "_SignalingThread.run() raised an exception (Event loop is closed)" in caplog.text
+    assert threading.excepthook is not None and sys.excepthook is sys.__excepthook__  # restored
+
+
+def test_a_full_disk_during_training_ends_in_one_line(tmp_path):
+    """The real thing, on a 600 KiB tmpfs (where this machine lets the test mount one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        args = ["--workdir", str(disk / "run"), "data.text_encoder=hashed-bow", "mesh.data=1", "train.epochs=2"]
+        args += [f"data.synthetic.{k}={v}" for k, v in TINY.__dict__.items()]
+        done = subprocess.run([sys.executable, "-m", "train.pretrain", *args], capture_output=True, text=True)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no space left on the device writing {disk}/run") and "MiB free in" in last
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -124,7 +201,7 @@ def test_a_killed_writer_s_temporaries_are_removed_by_the_next_writer(tmp_path):
     stale_file.write_text("{")
     kept[0].mkdir()
     kept[1].write_text("{")
-    with io.atomic_dir(tmp_path / "data") as tmp:
+    with io.atomic_dir(tmp_path / "data", io.DATASET) as tmp:
         (tmp / "x").write_text("1")
     with io.atomic_file(tmp_path / "job.json") as tmp:
         tmp.write_text("{}")

@@ -4,12 +4,16 @@ and JAX's persistent compilation cache."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +21,13 @@ import jax
 from safetensors import SafetensorError
 
 from sr_jax import distributed
-from sr_jax.config import Config, ConfigError, absolute_paths, changed_keys, load_config, override, validate
+from sr_jax.config import Config, ConfigError, absolute_paths, config_changes, load_config, override, validate
 from sr_jax.data.store import DatasetError
 from sr_jax.io import FolderLocked
 from sr_jax.training.checkpoint import CheckpointError
 from sr_jax.training.loop import TrainingDiverged, TrainingInterrupted
+
+log = logging.getLogger("sr_jax")
 
 
 def parser(description: str, named_configs: bool = True) -> argparse.ArgumentParser:
@@ -41,6 +47,15 @@ def parser(description: str, named_configs: bool = True) -> argparse.ArgumentPar
     )
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. model.gating=cls train.epochs=2")
     return p
+
+
+def add_overwrite(p: argparse.ArgumentParser, what: str = "OUT") -> None:
+    """`--overwrite`: the one way past the output rule (`io.claim`): replace what the output holds though this
+    command did not write it; never one of its inputs."""
+    p.add_argument(
+        "--overwrite", action="store_true", help=f"replace what {what} holds though this command did not write it "
+        "(a user's folder, a run, another kind of output; never an input)"
+    )
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -92,11 +107,12 @@ RESUMABLE = ("data.eval_split", "data.eval_batch_size", "data.prefetch", "train.
 def check_resume(saved: Path, cfg: Config, allow_changes: bool) -> Config:
     """`cfg`, for a run folder whose saved config is `saved`: refused (ConfigError naming the keys) when it
     changes what the run trains, unless `allow_changes`."""
-    changed = [k for k in changed_keys(load_config(saved), cfg) if not k.startswith(RESUMABLE)]
+    changed = [k for k in config_changes(load_config(saved), cfg) if not k.startswith(RESUMABLE)]
     if changed and not allow_changes:
         raise ConfigError(
             f"{saved}: resuming with {changed} changed would alter what this run trains (its data position, "
-            "schedule or shapes); pass --allow-changes to resume anyway, or start another --workdir"
+            "schedule or shapes); pass --allow-changes to resume anyway (the folder's changes.jsonl then records "
+            "each change), or start another --workdir"
         )
     return cfg
 
@@ -143,10 +159,22 @@ USER_ERRORS = (
 )
 
 
+def full_disk(e: BaseException) -> Path | None:
+    """The path whose write found the disk full: an OSError's (ENOSPC), or the first absolute path quoted in a
+    storage layer's message (TensorStore reports `No space left on device [os_error_code='28']` inside a
+    ValueError); None when `e` is not a full disk."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return Path(e.filename or ".")
+    text = str(e)
+    if "No space left on device" not in text and "os_error_code='28'" not in text:
+        return None
+    quoted = re.findall(r"[\"'](/[^\"']+)[\"']", text)
+    return Path(quoted[-1]) if quoted else Path(".")
+
+
 def one_line(e: BaseException) -> str:
     """The error as the one line a user reads: its message, and for a full disk the path and its free space."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        where = Path(e.filename or ".")
+    if (where := full_disk(e)) is not None:
         folder = next((p for p in (where, *where.parents) if p.exists()), Path("."))
         free = shutil.disk_usage(folder).free / 2**20
         return f"no space left on the device writing {where} ({free:.0f} MiB free in {folder}): free some, then rerun"
@@ -154,6 +182,53 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
         text = f"{e.filename}: {text}"
     return " ".join(text.split()) if "\n" not in text else text.strip()
+
+
+@contextlib.contextmanager
+def background_errors_in_one_line():
+    """While the block runs, an exception outside the main thread is logged as one line: a thread's
+    (`threading.excepthook`), a C++ callback's (TensorStore calls back into asyncio after orbax closed its
+    event loop; Python prints those through `sys.excepthook`), an unraisable one, and a traceback that orbax's
+    threads log through absl or its asyncio tasks through asyncio. A failed checkpoint write otherwise prints up
+    to a hundred tracebacks before the command's own error line. When the block raises, the hooks stay until
+    the process exits, and absl's and asyncio's logs and never-awaited coroutines are silenced: a failed save's
+    threads and futures would echo its error after the command's error line, as they finish or are collected at
+    exit."""
+    hooks = (threading.excepthook, sys.excepthook, sys.unraisablehook)
+
+    def thread_hook(args):
+        if args.exc_type is not SystemExit:
+            log.warning("in thread %s: %s", getattr(args.thread, "name", "?"), one_line(args.exc_value))
+
+    def except_hook(kind, value, tb):
+        if threading.current_thread() is threading.main_thread():
+            hooks[1](kind, value, tb)
+        else:  # the echo of an error the main thread reports (a callback into a closed event loop)
+            log.debug("in a background callback: %s", one_line(value))
+
+    def unraisable_hook(unraisable):
+        log.debug("ignored in %r: %s", unraisable.object, one_line(unraisable.exc_value))
+
+    def no_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{record.getMessage()} ({one_line(record.exc_info[1])})", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]  # orbax's, and its tasks' leftovers
+    threading.excepthook, sys.excepthook, sys.unraisablehook = thread_hook, except_hook, unraisable_hook
+    for logger in loggers:
+        logger.addFilter(no_traceback)
+    try:
+        yield
+    except BaseException:  # left installed; what orbax's threads and futures still say only echoes this error
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        raise
+    threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
+    for logger in loggers:
+        logger.removeFilter(no_traceback)
 
 
 class Interrupted(BaseException):
@@ -174,10 +249,13 @@ def interruptible(main: Callable[[], object]) -> object:
     line saying what was interrupted and the exit status 128 + the signal, as a process killed by it would; a
     training (which saves its step first) and every command resume when run again. An error in the input
     (USER_ERRORS) ends with `error: ` and its message and status 1, instead of a traceback (`SR_JAX_TRACEBACK=1`
-    shows it)."""
+    shows it). Meanwhile an error in a background thread (orbax's writers after a failed save) is one log line,
+    not a traceback: the error the command itself then raises says what went wrong."""
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    quiet = contextlib.nullcontext() if os.environ.get("SR_JAX_TRACEBACK") else background_errors_in_one_line()
     try:
-        return main()
+        with quiet:
+            return main()
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
@@ -194,6 +272,18 @@ def interruptible(main: Callable[[], object]) -> object:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        if not distributed.peer_lost(e) or os.environ.get("SR_JAX_TRACEBACK"):
+            raise
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()}: another process of this run stopped "
+            f"({one_line(e)[:200]}); start the same command in every process to resume from the newest checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        # not sys.exit: JAX's exit handler would wait for the lost process at its shutdown barrier (100 s), then
+        # abort with a C++ stack trace
+        os._exit(1)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import safe_open
 
+from sr_jax import io
 from sr_jax.export import interop, trained
 from sr_jax.model.levels import LEVELS
 from sr_jax.text.encoder import ORBAX_MARKER
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("--src", required=True, help="folder or packaged name (all-MiniLM-L6-v2), [?feature options]")
     conv.add_argument("--dst", required=True)
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="a decoder's weight dtype")
+    cli.add_overwrite(conv, "--dst")
     for name, what in [
         ("params", "a params-only run folder (float32 or bfloat16), for fine-tuning, evaluation and export"),
         ("to-safetensors", "the parameters as one flat safetensors file"),
@@ -131,33 +133,38 @@ def main(argv: list[str] | None = None) -> None:
         conv.add_argument("run", help="a run folder")
         conv.add_argument("out")
         conv.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the run's result)")
+        cli.add_overwrite(conv)
         if name == "params":
             conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     back = sub.add_parser("from-torch", help="a reference state_dict -> a params-only run folder")
     back.add_argument("state", help="a .safetensors or .pt state_dict (to-torch's format)")
     back.add_argument("--like", required=True, help="the run folder it was converted from (config, vocabulary)")
     back.add_argument("--out", required=True)
+    cli.add_overwrite(back)
     insp = sub.add_parser("inspect", help="print a checkpoint's tree: paths, shapes, dtypes, levels")
     insp.add_argument("path")
     args = p.parse_args(argv)
     if args.command == "hf-to-orbax":
         from sr_jax.text.conversion import hf_to_orbax
 
-        print(f"wrote {hf_to_orbax(args.src, args.dst, args.dtype)}")
+        print(f"wrote {hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite)}")
     elif args.command == "inspect":
         print(inspect(args.path))
     elif args.command == "from-torch":
+        io.claim(args.out, io.PARAMS_RUN, args.overwrite, inputs=(args.like, args.state))
         model = trained.load(args.like)
         params = interop.from_torch_state_dict(interop.read_torch(args.state), model.params)
-        print(f"wrote {interop.write_params_run(model, params, args.out)}")
+        print(f"wrote {interop.write_params_run(model, params, args.out, overwrite=args.overwrite)}")
     else:
+        kind = {"params": io.PARAMS_RUN, "to-safetensors": interop.SAFETENSORS, "to-torch": interop.TORCH}
+        io.claim(args.out, kind[args.command], args.overwrite, inputs=(args.run,))  # before the model is loaded
         model = trained.load(args.run, args.step)
         if args.command == "params":
-            out = interop.write_params_run(model, model.params, args.out, args.dtype)
+            out = interop.write_params_run(model, model.params, args.out, args.dtype, args.overwrite)
         elif args.command == "to-safetensors":
-            out = interop.to_safetensors(model, args.out)
+            out = interop.to_safetensors(model, args.out, args.overwrite)
         else:
-            out = interop.to_torch(model, args.out)
+            out = interop.to_torch(model, args.out, args.overwrite)
         print(f"wrote {out} (step {model.step}, {model.chosen_by})")
 
 

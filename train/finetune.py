@@ -12,7 +12,8 @@ architecture from a fresh init on the same data and schedule (the baseline a fin
 trains those three under the same budget in DIR/candidates/ and keeps the one the validation data prefer
 (DIR/strategy.json says which and by how much; DIR/eval.json is its report). Resumes from DIR's latest
 checkpoint when there is one (the options must then agree with DIR's saved config, or be left out); writes
-DIR/eval.json and DIR/eval.md.
+DIR/eval.json and DIR/eval.md. A folder holds one run: a plain run's folder refuses `--strategy auto`, and a
+selection's folder every other strategy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 from pathlib import Path
 
 from configs import finetune as finetune_config
+from sr_jax import io
 from sr_jax.config import Config, ConfigError, absolute_paths, load_config, override, validate
 from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
@@ -127,6 +129,13 @@ def auto(args: argparse.Namespace) -> dict:
     whose chosen step scored best on the validation data, and writes DIR/strategy.json and its report as
     DIR/eval.json and eval.md (with a `strategy` block)."""
     workdir = Path(args.workdir)
+    with io.exclusive(workdir, "strategy selection"):
+        io.claim(workdir, io.SELECTION, remedy="choose another --workdir (a folder holds one run)")
+        io.mark(workdir, io.SELECTION)
+        return _select(args, workdir)
+
+
+def _select(args: argparse.Namespace, workdir: Path) -> dict:
     scores, results = {}, {}
     for name in STRATEGIES:
         one = argparse.Namespace(**{**vars(args), "strategy": name, "workdir": str(workdir / "candidates" / name)})
@@ -144,7 +153,8 @@ def auto(args: argparse.Namespace) -> dict:
         "validation": scores,
         "metric": results[ranked[0]]["validation"]["metric"],
     }
-    (workdir / "strategy.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    with io.atomic_file(workdir / "strategy.json") as tmp:
+        tmp.write_text(json.dumps(chosen, indent=2) + "\n")
     result = {**results[ranked[0]], "strategy": chosen}
     evaluation.write_report(workdir, result)
     log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from sr_jax import io
 from sr_jax.export import scoring, trained
 from train import cli
 
@@ -24,9 +25,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="the Parquet file to write")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size, or 4096")
     p.add_argument("--part-rows", type=int, default=262_144, help="examples per resumable part")
-    p.add_argument("--overwrite", action="store_true", help="discard the parts of another job at OUT.parts")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an OUT this command did not write, and discard the parts "
+        "of another job at OUT.parts"
+    )
     args = p.parse_args(argv)
     cli.setup()
+    io.claim(args.out, scoring.PREDICTIONS, args.overwrite, inputs=tuple(filter(None, [args.workdir, args.artifact])))
     if args.artifact:
         if args.data is None:
             p.error("--artifact needs --data (an artifact does not carry its dataset)")

@@ -10,7 +10,8 @@ default config's, all-MiniLM-L6-v2; `none` to skip) is built right after, copyin
 `--reuse-text` dataset (or the dataset `--overwrite` replaces) already encoded, so that
 `python -m train.pretrain --workdir RUN data.path=OUT` can train on it. A killed run of the command
 resumes when run again (the dataset is kept, the cache build continues from its last finished chunk); a
-different command on an existing folder is refused unless `--overwrite`.
+different command on an existing dataset is refused unless `--overwrite`, and so is a folder that is not a
+dataset (a user's files, a training run): nothing is replaced that this command did not write.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+from sr_jax import io
 from sr_jax.config import Config
 from sr_jax.data import amazon, movielens, negatives
 from sr_jax.data.importer import import_tables
@@ -38,7 +40,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--src", required=True, help="the source folder")
     p.add_argument("--out", required=True, help="the dataset folder to write")
     p.add_argument("--encoder", default=Config().data.text_encoder, help="text encoder of the cache, or none")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what OUT holds: another command's dataset, or files this "
+        "command did not write (never the source)"
+    )
     p.add_argument("--reuse-text", nargs="+", default=[], metavar="DATASET", help="datasets whose cached texts to copy")
     p.add_argument("--seed", type=int, default=0, help="the negative sampler's seed")
     p.add_argument("--negatives", type=int, default=0, help="tables: non-clicks sampled per unlabelled impression")
@@ -58,6 +63,9 @@ def main(argv: list[str] | None = None):
                        root=args.root, seed=args.seed, users=args.users),
     }[args.name]  # fmt: skip
     out, reuse = Path(args.out), list(args.reuse_text)
+    # a folder that is not a dataset (a user's files, a run) is never replaced without --overwrite, and no input
+    # ever: the source and the datasets whose texts are reused
+    io.claim(out, io.DATASET, args.overwrite, inputs=(args.src, *reuse))
     previous = out.with_name(f".{out.name}.previous")
     made_by = {"converter": args.name, "src": str(Path(args.src).absolute()), **options}
     if (out / "meta.json").exists() and not args.overwrite:
@@ -79,8 +87,9 @@ def main(argv: list[str] | None = None):
         staging = out.with_name(f".{out.name}.preparing")
         CONVERTERS[args.name](args.src, staging, overwrite=True, **options)
         (staging / PREPARED).write_text(json.dumps(made_by, indent=2) + "\n")
-        if out.exists():  # --overwrite of a dataset kept nowhere (no text cache to reuse)
-            shutil.rmtree(out)
+        if out.exists():  # an empty folder, or --overwrite of what is not kept as `previous`
+            io.claim(out, io.DATASET, args.overwrite, inputs=(args.src, *reuse))
+            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
         os.replace(staging, out)
         dataset = open_dataset(out, check=False)
     if args.encoder != "none" and text_identity(args.encoder) not in _caches(dataset):

@@ -33,7 +33,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sr_jax.data import negatives
-from sr_jax.data.schema import TASKS, DatasetMeta, DenseField, Domain, SparseField
+from sr_jax.data.schema import FLOAT32_MAX, TASKS, DatasetMeta, DenseField, DenseOverflow, Domain, SparseField
 from sr_jax.data.store import Dataset, DatasetError, write_dataset
 
 MULTI_SEPARATOR = "|"
@@ -160,15 +160,27 @@ def _index(values: pa.ChunkedArray, vocab: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.add(found, 1), 0).to_numpy().astype(np.int32)
 
 
+def _fields(table: _Table, side: str, dense: bool) -> list[tuple[str, str]]:
+    """(column, field name) of the table's `side.FIELD` (or, `dense`, `side.dense.FIELD`) columns; a name that
+    cannot be a field (empty, or a path: it names the column's file in the store) is a DatasetError."""
+    out = []
+    for column in table.table.column_names:
+        if not column.startswith(f"{side}.") or column.startswith(f"{side}.dense.") != dense:
+            continue
+        name = column[len(f"{side}.dense." if dense else f"{side}.") :]
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise DatasetError(table.file, column, None, f"the field name {name!r} is empty, or a path")
+        out.append((column, name))
+    return out
+
+
 def _sparse(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: pa.Array):
     """Each `side.FIELD` column: (SparseField, [len(vocab) + 1, ...] value rows per entity id, its values' keys)."""
     if table is None:
         return []
     rows = _index(key, vocab)  # entity row in the table -> id
     out = []
-    for column in table.table.column_names:
-        if not column.startswith(f"{side}.") or column.startswith(f"{side}.dense."):
-            continue
+    for column, name in _fields(table, side, dense=False):
         values = table.strings(column, required=False)
         parts = pc.split_pattern(pc.fill_null(values, ""), MULTI_SEPARATOR)
         lengths = pc.list_value_length(parts).to_numpy()
@@ -181,20 +193,19 @@ def _sparse(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab:
         per_row[np.repeat(np.arange(table.rows), lengths), positions] = codes
         per_id = np.zeros((len(vocab) + 1, max_len), np.int32)
         per_id[rows] = per_row
-        field = SparseField(column.split(".", 1)[1], side, len(tokens) + 1, max_len)
+        field = SparseField(name, side, len(tokens) + 1, max_len)
         out.append((field, per_id if max_len > 1 else per_id[:, 0], tokens.to_pylist()))
     return out
 
 
 def _dense(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: pa.Array):
-    """Each `side.dense.FIELD` column: (its name, [len(vocab) + 1] raw values per entity id, NaN where missing). A
-    value that is not a finite number is a DatasetError naming the row."""
+    """Each `side.dense.FIELD` column: (its name, [len(vocab) + 1] raw values per entity id, NaN where missing,
+    and a function naming the table row of an entity id in a DatasetError). A value that is not a number within
+    float32's range is a DatasetError naming the row; so is one beyond it once standardised (`_standardised`)."""
     if table is None:
         return []
     out = []
-    for column in table.table.column_names:
-        if not column.startswith(f"{side}.dense."):
-            continue
+    for column, name in _fields(table, side, dense=True):
         values = table.strings(column, required=False)
         text = pc.utf8_trim_whitespace(values)
         number = pc.match_substring_regex(text, r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$")
@@ -203,12 +214,19 @@ def _dense(table: _Table | None, side: str, key: pa.ChunkedArray | None, vocab: 
             row = _first(bad)
             raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a number (empty: missing)")
         raw = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
-        if (infinite := np.isinf(raw)).any():  # a number past float64's range
-            row = int(np.flatnonzero(infinite)[0])
-            raise DatasetError(table.file, column, row, f"{values[row].as_py()!r} is not a finite number")
+        if (beyond := np.abs(raw) > FLOAT32_MAX).any():  # past float32's range (or float64's: infinite)
+            row = int(np.flatnonzero(beyond)[0])
+            raise DatasetError(
+                table.file, column, row, f"{values[row].as_py()!r} is beyond float32's range (+-{FLOAT32_MAX:.3g})"
+            )
+        index = _index(key, vocab)
         per_id = np.full(len(vocab) + 1, np.nan)
-        per_id[_index(key, vocab)] = raw
-        out.append((DenseField(column[len(f"{side}.dense.") :], side), per_id))
+        per_id[index] = raw
+
+        def error(entity: int, problem: str, file=table.file, column=column, index=index) -> DatasetError:
+            return DatasetError(file, column, int(np.flatnonzero(index == entity)[0]), problem)
+
+        out.append((DenseField(name, side), per_id, error))
     return out
 
 
@@ -311,6 +329,11 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
         if table.rows == 0:
             raise DatasetError(table.file, None, None, "no rows (only a header): nothing to import")
     domains = _domains(domain_table)
+    if features := [c for c in imp.table.column_names if c.startswith(("user.", "item.", "query."))]:
+        raise DatasetError(
+            imp.file, features[0], None, "a feature column in impressions: features are per user or item, in the "
+            "users and items tables (an impression carries split, domain, ids, label and timestamp only)"
+        )
     keys = {
         "item": tables["items"].unique_ids("item_id") if tables["items"] else None,
         "user": tables["users"].unique_ids("user_id") if tables["users"] else None,
@@ -378,10 +401,13 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
             f"split named train (splits: {sorted(set(split))})"
         )
         raise DatasetError(imp.file, "split", None, problem)
-    for field, per_id in dense:
-        raw = per_id[columns[f"{field.side}_id"]]
-        field = field.fitted(raw[split == "train"])
-        columns[field.column] = field.standardise(raw)
+    for field, per_id, error in dense:
+        ids = columns[f"{field.side}_id"]
+        field = field.fitted(per_id[ids][split == "train"])
+        try:  # per entity, so that a value too far from the train split's names its row of the table
+            columns[field.column] = field.standardise(per_id)[ids]
+        except DenseOverflow as e:
+            raise error(e.position, str(e)) from None
         dense_fields.append(field)
     splits = {s: {c: np.ascontiguousarray(a[split == s]) for c, a in columns.items()} for s in sorted(set(split))}
     meta = DatasetMeta(

@@ -21,6 +21,15 @@ TASKS = ("search", "rec")
 SPARSE_SIDES = ("user", "item")  # the sides that carry sparse fields
 ID_FIELDS = ("user_id", "query_id", "item_id")
 TEXT_FIELDS = ("query_text", "item_text")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a dense field's raw and standardised values lie within +-this
+
+
+class DenseOverflow(ValueError):
+    """A dense value whose standardised float32 is infinite; `position` is its index in the values given."""
+
+    def __init__(self, position: int, message: str):
+        super().__init__(message)
+        self.position = position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +68,18 @@ class DenseField:
         return f"{self.side}.dense.{self.name}"
 
     def standardise(self, raw: np.ndarray) -> np.ndarray:
-        return ((np.asarray(raw, np.float64) - self.mean) / self.std).astype(np.float32)
+        """Raw numbers (NaN: missing) -> float32 standardised values; DenseOverflow for the first one beyond
+        float32's range once standardised (checked after the cast, where an overflow shows)."""
+        raw = np.asarray(raw, np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = ((raw - self.mean) / self.std).astype(np.float32)
+        if (beyond := np.isinf(out)).any():
+            k = int(np.flatnonzero(beyond)[0])
+            raise DenseOverflow(
+                k, f"{self.column}: {raw[k]:g} standardised (mean {self.mean:g}, std {self.std:g}) is beyond float32's "
+                f"range (+-{FLOAT32_MAX:.3g})"
+            )
+        return out
 
     def raw(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(values, np.float64) * self.std + self.mean

@@ -26,7 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from sr_jax.data.schema import FORMAT_VERSION, ID_FIELDS, SPARSE_SIDES, TASKS, TEXT_FIELDS, DatasetMeta, TextCache
-from sr_jax.io import atomic_dir, atomic_file
+from sr_jax import io
+from sr_jax.io import atomic_file
 
 
 KEYS = "keys.json"
@@ -377,15 +378,17 @@ def write_dataset(
 ) -> Dataset:
     """Writes, validates, then atomically renames a complete dataset into `root`, stamped as validated. A split
     is its columns, or `Chunks` of them. `keys`: the raw key of every row but 0 of every id table
-    (`DatasetMeta.tables`)."""
+    (`DatasetMeta.tables`). An existing dataset at `root` is replaced only with `overwrite`, and a folder that is
+    not a dataset never (`io.claim`)."""
     root = Path(root)
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists (pass overwrite=True to replace it)")
+    io.claim(root, io.DATASET, remedy="choose another folder")
     if meta.text_caches:
         raise ValueError("write the dataset without caches, then add them with write_text_cache")
     meta.splits = {name: c.size if isinstance(c, Chunks) else len(c["label"]) for name, c in splits.items()}
     meta.num_texts = len(texts)
-    with atomic_dir(root, validate) as tmp:
+    with io.atomic_dir(root, io.DATASET, validate) as tmp:
         (tmp / "meta.json").write_text(meta.to_json())
         (tmp / KEYS).write_text(json.dumps(keys, ensure_ascii=False), encoding="utf-8")
         with open(tmp / "texts.jsonl", "w", encoding="utf-8") as f:
@@ -405,7 +408,7 @@ def write_text_cache(root: str | Path, encoder: str, fingerprint: str, pooled: n
     meta = DatasetMeta.read(root)
     info = TextCache(encoder=encoder, fingerprint=fingerprint, dim=int(pooled.shape[1]))
     check = lambda folder: _validate_text_cache(folder, encoder, info, meta.num_texts)  # noqa: E731
-    with atomic_dir(root / "text_cache" / encoder, check) as tmp:
+    with io.atomic_dir(root / "text_cache" / encoder, io.TEXT_CACHE, check, overwrite=True) as tmp:  # the dataset's
         np.save(tmp / "pooled.npy", np.asarray(pooled, np.float32))
         np.save(tmp / "first.npy", np.asarray(first, np.float32))
     meta.text_caches[encoder] = info

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sr_jax.data.schema import ID_FIELDS, DatasetMeta, DenseField, SparseField
+from sr_jax.data.schema import ID_FIELDS, DatasetMeta, DenseField, DenseOverflow, SparseField
 from sr_jax.data.store import Dataset
 from sr_jax.io import atomic_file
 
@@ -114,7 +114,10 @@ class RowMap:
         for column, rows in self.rows.items():
             out[column] = rows[np.asarray(columns[column])]
         for column, (data, model) in self.rescale.items():
-            out[column] = model.standardise(data.raw(columns[column]))
+            try:
+                out[column] = model.standardise(data.raw(columns[column]))
+            except DenseOverflow as e:  # the model's statistics are not the dataset's: a value may lie beyond
+                raise DenseOverflow(e.position, f"{e}, row {e.position} of the split") from None
         n = len(columns["label"])
         for f in self.missing:
             if isinstance(f, DenseField):

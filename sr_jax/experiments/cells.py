@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 
 from sr_jax.config import Config
+from sr_jax.io import atomic_file
 
 
 def run_once(workdir: Path, run: Callable[[Config, Path], object], cfg: Config) -> tuple[dict, float]:
@@ -20,6 +21,7 @@ def run_once(workdir: Path, run: Callable[[Config, Path], object], cfg: Config) 
         start = time.perf_counter()
         run(cfg, workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
+        with atomic_file(done) as tmp:  # whole or absent: a kill here runs the (finished) cell's command again
+            tmp.write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
         jax.clear_caches()  # every run compiles its own closures: drop them, keep memory flat over the grid
     return json.loads((workdir / "eval.json").read_text()), json.loads(done.read_text())["seconds"]

@@ -41,7 +41,7 @@ from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
 from sr_jax.export.scoring import device_text_table, model_columns, raw_keys, run_scorer, text_table
 from sr_jax.export.trained import TrainedModel
-from sr_jax.io import atomic_dir
+from sr_jax import io
 
 ITEM_SIDE = ("item_id", "item_text")
 QUERY_SIDE = ("user_id", "query_id", "query_text", history.COLUMN)
@@ -121,9 +121,12 @@ def embed(
     batch_size: int = 4096,
     recall_k: int = 10,
     recall_queries: int = 200,
+    overwrite: bool = False,
 ) -> dict:
     """Writes items.parquet (every item of each domain, from all splits), queries.parquet (each distinct user and
-    query of `split`, per domain), embeddings.json and retrieval.json (`recall_at_k` on them) to `out`."""
+    query of `split`, per domain), embeddings.json and retrieval.json (`recall_at_k` on them) to `out`,
+    atomically; an existing folder is replaced only if it holds embeddings, or with `overwrite` (`io.claim`)."""
+    io.claim(out, io.EMBEDDINGS, overwrite, inputs=(model.workdir, dataset.root))
     if model.config.model.user_history and model.config.model.history_pooling == "attention":
         raise ValueError(
             f"{model.workdir}: model.history_pooling=attention makes the user's vector depend on the candidate "
@@ -221,7 +224,7 @@ def embed(
         "seconds": round(time.perf_counter() - started, 2),
         "meaning": __doc__.split("What the vectors mean, and what they do not:")[1].split("Files")[0].strip(),
     }
-    with atomic_dir(Path(out)) as tmp:
+    with io.atomic_dir(Path(out), io.EMBEDDINGS, overwrite=overwrite, inputs=(model.workdir, dataset.root)) as tmp:
         tmp.chmod(0o755)
         pq.write_table(items, tmp / "items.parquet")
         pq.write_table(queries, tmp / "queries.parquet")

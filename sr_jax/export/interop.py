@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from sr_jax.export.trained import TrainedModel
-from sr_jax.io import atomic_dir
+from sr_jax import io
 from sr_jax.training.checkpoint import CheckpointError, seal
 from sr_jax.treeutil import flatten, unflatten
 
@@ -106,8 +106,12 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def metadata(model: TrainedModel, tensors: dict[str, np.ndarray]) -> dict[str, str]:
+SAFETENSORS, TORCH = "parameters (safetensors)", "torch state_dict"  # the kinds of file written here (io.claim)
+
+
+def metadata(model: TrainedModel, tensors: dict[str, np.ndarray], kind: str) -> dict[str, str]:
     return {
+        io.KIND_KEY: kind,
         "tensors_sha256": tensors_digest(tensors),
         "format": "sr-jax params",
         "model": json.dumps(dataclasses.asdict(model.config.model)),
@@ -117,24 +121,30 @@ def metadata(model: TrainedModel, tensors: dict[str, np.ndarray]) -> dict[str, s
     }
 
 
-def to_safetensors(model: TrainedModel, out: str | Path) -> Path:
-    """The run's parameters as one flat safetensors file (names: the paths joined by dots)."""
+def to_safetensors(model: TrainedModel, out: str | Path, overwrite: bool = False) -> Path:
+    """The run's parameters as one flat safetensors file (names: the paths joined by dots), written atomically;
+    an existing file is replaced only if it is one of these, or with `overwrite` (`io.claim`)."""
+    out = io.claim(out, SAFETENSORS, overwrite, inputs=(model.workdir,))
     flat = {path.replace("/", "."): np.ascontiguousarray(v) for path, v in flatten(model.params).items()}
-    save_file(flat, str(out), metadata=metadata(model, flat))
-    return Path(out)
+    with io.atomic_file(out) as tmp:
+        save_file(flat, str(tmp), metadata=metadata(model, flat, SAFETENSORS))
+    return out
 
 
-def to_torch(model: TrainedModel, out: str | Path) -> Path:
+def to_torch(model: TrainedModel, out: str | Path, overwrite: bool = False) -> Path:
     """The reference module's state_dict: a .pt file (torch.save; needs torch) or, for any other suffix, a
-    safetensors file of the same names (`safetensors.torch.load_file` reads it into tensors)."""
+    safetensors file of the same names (`safetensors.torch.load_file` reads it into tensors), written
+    atomically; an existing file is replaced only if it is one of these, or with `overwrite` (`io.claim`: a .pt
+    file carries no kind, so replacing one always takes `overwrite`)."""
+    out = io.claim(out, TORCH, overwrite, inputs=(model.workdir,))
     state = torch_state_dict(model.params)
-    out = Path(out)
-    if out.suffix == ".pt":
-        import torch  # optional: only this format needs it
+    with io.atomic_file(out) as tmp:
+        if out.suffix == ".pt":
+            import torch  # optional: only this format needs it
 
-        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, out)
-    else:
-        save_file(state, str(out), metadata=metadata(model, state))
+            torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp)
+        else:
+            save_file(state, str(tmp), metadata=metadata(model, state, TORCH))
     return out
 
 
@@ -158,15 +168,19 @@ def read_torch(path: str | Path) -> dict[str, Any]:
 RECORDS = ("config.json", "run_info.json", "vocab.json", "trained_rows.npz", "item_text_map.npz", "reference.npz")
 
 
-def write_params_run(model: TrainedModel, params: Any, out: str | Path, dtype: str = "float32") -> Path:
+def write_params_run(
+    model: TrainedModel, params: Any, out: str | Path, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """A run folder holding only `params` (no optimizer state; floating leaves in `dtype`) at the model's step,
-    with the run's records: what fine-tuning (`finetune.pretrained`), evaluation, export and scoring read."""
+    with the run's records: what fine-tuning (`finetune.pretrained`), evaluation, export and scoring read.
+    Written atomically; an existing folder is replaced only if it is one of these, or with `overwrite`."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: expected float32 or bfloat16")
+    io.claim(out, io.PARAMS_RUN, overwrite, inputs=(model.workdir,))
     cast = jax.tree.map(
         lambda v: jnp.asarray(v, jnp.dtype(dtype)) if jnp.issubdtype(v.dtype, jnp.floating) else v, params
     )
-    with atomic_dir(Path(out)) as tmp:
+    with io.atomic_dir(Path(out), io.PARAMS_RUN, overwrite=overwrite, inputs=(model.workdir,)) as tmp:
         tmp.chmod(0o755)
         for name in RECORDS:
             if (model.workdir / name).exists():

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from sr_jax import io
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
 from sr_jax.data import history, vocabulary
@@ -35,9 +36,9 @@ from sr_jax.data.selection import history_events
 from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.export.trained import TrainedModel, read_text_table
-from sr_jax.io import atomic_file
 
 log = logging.getLogger("sr_jax")
+PREDICTIONS = "predictions"  # the kind of Parquet file `predict` writes (io.claim)
 SCORES = ("logit", "probability")  # what a scorer returns per example: rank by the logit
 
 
@@ -168,8 +169,9 @@ def predict(
     overwrite: bool = False,
 ) -> dict:
     """Scores `split` of the dataset at `data` into the Parquet file `out`; -> a summary (rows, seconds,
-    examples/s, parts reused). Resumes a killed job of the same scorer, data, split and batch size."""
-    out = Path(out)
+    examples/s, parts reused). Resumes a killed job of the same scorer, data, split and batch size. An existing
+    `out` is replaced only if it holds predictions, or with `overwrite` (`io.claim`)."""
+    out = io.claim(out, PREDICTIONS, overwrite, inputs=(data,))
     dataset = open_dataset(data)
     columns = model_columns(scorer, dataset, split)
     raw = dataset.split(split)
@@ -212,14 +214,15 @@ def predict(
                     "label": pa.array(np.asarray(raw["label"][start:stop]).astype(np.int8)),
                 }
             )
-            with atomic_file(parts / _part_name(i)) as tmp:
+            with io.atomic_file(parts / _part_name(i)) as tmp:
                 pq.write_table(table, tmp)
             scored += stop - start
             bar.update(stop - start)
             bar.set_postfix(ex_s=f"{scored / (time.perf_counter() - started):,.0f}")
     seconds = time.perf_counter() - started
-    with atomic_file(out) as tmp:
-        with pq.ParquetWriter(tmp, pq.read_schema(parts / _part_name(0))) as writer:
+    schema = pq.read_schema(parts / _part_name(0))
+    with io.atomic_file(out) as tmp:
+        with pq.ParquetWriter(tmp, schema.with_metadata({io.KIND_KEY: PREDICTIONS})) as writer:
             for i in range(len(starts)):
                 writer.write_table(pq.read_table(parts / _part_name(i)))
     shutil.rmtree(parts)
@@ -231,21 +234,22 @@ def _part_name(i: int) -> str:
 
 
 def _start_parts(parts: Path, job: dict, overwrite: bool) -> None:
-    """The parts folder of this job: kept when it holds a killed run of the same job, else started empty."""
+    """The parts folder of this job: kept when it holds a killed run of the same job, else started empty (the
+    parts of another job only with `overwrite`; a folder that holds no job's parts never without it)."""
+    io.claim(parts, io.SCORE_PARTS, overwrite)
     record = parts / "job.json"
-    before = _read_job(record) if not overwrite else None
-    if before is not None:
-        if before != job:
-            changed = sorted(k for k in job if before.get(k) != job[k])
-            raise ValueError(
-                f"{parts}: holds the parts of another scoring job (differs in {changed}); pass --overwrite to "
-                "start again"
-            )
+    before = _read_job(record)
+    if before == job:
         return
+    if before is not None and not overwrite:
+        changed = sorted(k for k in job if before.get(k) != job[k])
+        raise ValueError(
+            f"{parts}: holds the parts of another scoring job (differs in {changed}); pass --overwrite to start again"
+        )
     if parts.exists():
         shutil.rmtree(parts)
-    parts.mkdir(parents=True)
-    with atomic_file(record) as tmp:  # a job file is whole or absent: a kill while writing it loses nothing
+    io.mark(parts, io.SCORE_PARTS)
+    with io.atomic_file(record) as tmp:  # a job file is whole or absent: a kill while writing it loses nothing
         tmp.write_text(json.dumps(job, indent=2) + "\n")
 
 

@@ -67,17 +67,35 @@ def verify(folder: Path, manifest: dict) -> None:
             raise ArtifactError(f"{path}: not the file exported with this manifest (sha256 differs)")
 
 
+def read_manifest(folder: Path) -> dict:
+    """The artifact's manifest; an ArtifactError naming it when it is missing or is not one."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; is {folder} a folder written by python -m train.export?") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: damaged, not JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: damaged, not a manifest (a JSON {type(manifest).__name__})")
+    return manifest
+
+
 class ServedModel:
     def __init__(self, folder: str | Path, check_files: bool = True):
         self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        self.manifest = read_manifest(self.folder)
         if check_files:
             verify(self.folder, self.manifest)
-        self.exported = jax.export.deserialize(bytearray((self.folder / self.manifest["function"]).read_bytes()))
-        self.params = _load_arrays(self.folder / self.manifest["params"]["file"], self.manifest["params"]["dtype"])
-        self.text = _load_arrays(self.folder / self.manifest["text"]["file"], self.manifest["params"]["dtype"])
-        self.features = {f["name"]: f for f in self.manifest["features"]}
-        self.domains = list(self.manifest["domains"])
+        try:
+            function, params, text = (self.manifest[k] for k in ("function", "params", "text"))
+            self.exported = jax.export.deserialize(bytearray((self.folder / function).read_bytes()))
+            self.params = _load_arrays(self.folder / params["file"], params["dtype"])
+            self.text = _load_arrays(self.folder / text["file"], params["dtype"])
+            self.features = {f["name"]: f for f in self.manifest["features"]}
+            self.domains = list(self.manifest["domains"])
+        except (KeyError, TypeError) as e:  # only without check_files: the digest finds any edit
+            raise ArtifactError(f"{self.folder / MANIFEST}: damaged, lacks {e}") from None
         self._vocab = None
         self._encoder = None  # (tokenizer, encoder function, weights), loaded on the first `encode`
         self._call = jax.jit(self.exported.call)  # compiled once per batch size
@@ -137,10 +155,13 @@ class ServedModel:
             )
         if size is not None and len(value) != size:
             raise InputError(f"feature {name!r}: {len(value)} rows; the other features have {size}")
-        if np.isinf(value).any():
-            row = int(np.argmax(np.isinf(value)))
-            raise InputError(f"feature {name!r}, row {row}: {value[row]} is infinite (NaN is missing)")
-        return value.astype(np.float32)
+        with np.errstate(over="ignore"):
+            cast = value.astype(np.float32)
+        if np.isinf(cast).any():  # after the cast: a finite float64 past float32's range is infinite here
+            row = int(np.argmax(np.isinf(cast)))
+            what = "infinite" if np.isinf(value[row]) else "beyond float32's range"
+            raise InputError(f"feature {name!r}, row {row}: {value[row]} is {what} (NaN is missing)")
+        return cast
 
     def standardise(self, name: str, raw) -> np.ndarray:
         """A dense feature's raw numbers (None or NaN: missing) -> the standardised values the model reads, with the
@@ -149,8 +170,17 @@ class ServedModel:
         if spec is None or spec.get("dtype") != "float32":
             dense = [n for n, f in self.features.items() if f.get("dtype") == "float32"]
             raise InputError(f"{name!r} is not a dense feature of this model; it has {dense}")
-        values = np.array([np.nan if v is None else v for v in raw], np.float64)
-        return ((values - spec["mean"]) / spec["std"]).astype(np.float32)
+        values = np.full(len(raw), np.nan)
+        for row, v in enumerate(raw):
+            if v is not None and (isinstance(v, (str, bytes, bool)) or not np.isscalar(v) or np.iscomplexobj(v)):
+                raise InputError(f"{name!r}, row {row}: {v!r} is not a number (None or NaN: missing)")
+            values[row] = np.nan if v is None else v
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = ((values - spec["mean"]) / spec["std"]).astype(np.float32)
+        if np.isinf(out).any():
+            row = int(np.argmax(np.isinf(out)))
+            raise InputError(f"{name!r}, row {row}: {values[row]} standardised is beyond float32's range")
+        return out
 
     def domain_ids(self, names) -> np.ndarray:
         """Domain names -> their rows; an InputError naming an unknown one."""

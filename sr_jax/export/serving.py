@@ -37,7 +37,7 @@ from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.vocabulary import VOCAB
 from sr_jax.export import serve
 from sr_jax.export.trained import TrainedModel
-from sr_jax.io import atomic_dir
+from sr_jax import io
 from sr_jax.model.encoding import SIDES, side_aspects
 from sr_jax.treeutil import flatten, unflatten
 
@@ -110,10 +110,13 @@ def export(
     out: str | Path,
     dtype: str = "float32",
     platforms: tuple[str, ...] = ("cpu", "cuda"),
+    overwrite: bool = False,
 ) -> dict:
-    """Writes the artifact of `model` to `out` (atomically: a half-written folder is never left); -> manifest."""
+    """Writes the artifact of `model` to `out` (atomically: a half-written folder is never left); -> manifest.
+    An existing folder is replaced only if it is an artifact, or with `overwrite` (`io.claim`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
+    io.claim(out, io.ARTIFACT, overwrite, inputs=(model.workdir,))
     started = time.perf_counter()
     params = stored(model.params, dtype)
     columns = text_columns(model)
@@ -159,7 +162,7 @@ def export(
     }
     encoder = export_encoder(model, platforms)
     manifest["encoder"] = encoder[0] if encoder else None
-    with atomic_dir(Path(out)) as tmp:
+    with io.atomic_dir(Path(out), io.ARTIFACT, overwrite=overwrite, inputs=(model.workdir,)) as tmp:
         tmp.chmod(0o755)
         if encoder:
             described, function, weights, tokenizer = encoder

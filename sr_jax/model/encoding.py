@@ -137,7 +137,7 @@ class FeatureEncoder(nnx.Module):
         """`table_rows` replaces `self.table_rows(batch)`: the row-sparse update passes the gathered tables'
         rows. `train` with `key`: ids dropped at the rate `model.id_dropout`."""
         rows = self.table_rows(batch) if table_rows is None else table_rows
-        looked_up = self._lookups(rows)
+        looked_up = self._lookups(rows, train)
         dropping = train and self.id_dropout > 0 and key is not None
         out = {}
         for k, side in enumerate(SIDES):
@@ -173,11 +173,12 @@ class FeatureEncoder(nnx.Module):
             out[side] = Aspects(jnp.stack(vectors, 1), jnp.stack(masks, 1), summary)
         return out
 
-    def _lookups(self, rows: dict[tuple[str, str], Array]) -> dict[tuple[str, str], Array]:
+    def _lookups(self, rows: dict[tuple[str, str], Array], train: bool) -> dict[tuple[str, str], Array]:
         """Every table's rows [B] or [B, L] -> their vectors [..., d]: plain gathers (XLA partitions each over a
         row-split table), or with `model.lookup=all_to_all` on a mesh that splits the tables, one routed exchange
-        for all of them (`lookup.routed_lookup`; the ids it drops for want of capacity are sown as
-        `lookup_dropped`, which the train step reports)."""
+        for all of them (`lookup.routed_lookup`). In training, at `model.lookup_capacity`: the ids it drops for
+        want of capacity are sown as `lookup_dropped`, which the train step reports; in inference (evaluation,
+        prediction, the served model) with room for every id, so nothing is dropped."""
         tables = {k: (self.id_tables if k[0] == "id_tables" else self.sparse_tables)[k[1]][...] for k in rows}
         batch = next(iter(rows.values())).shape[0]
         axes = routed_axes(batch) if self.lookup == "all_to_all" else None
@@ -186,7 +187,8 @@ class FeatureEncoder(nnx.Module):
         keys = list(rows)
         mesh = jax.sharding.get_abstract_mesh()
         flat = [rows[k].reshape(-1) for k in keys]
-        vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, self.lookup_capacity)
+        capacity = self.lookup_capacity if train else None
+        vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, capacity)
         self.sow(nnx.Intermediate, "lookup_dropped", dropped)
         return {k: v.reshape(*rows[k].shape, v.shape[-1]) for k, v in zip(keys, vectors)}
 

@@ -10,7 +10,9 @@ scatters them to its positions. A device sends ids and receives vectors for its 
 grow with the global batch (GSPMD's lookup all-reduces or gathers vectors of every device's rows). Gradients
 flow back the same way (all-to-all is its own transpose) into the owner's rows. Static shapes need a capacity:
 `ceil(capacity_factor x N_local / M)` unique ids per owner; ids beyond it are dropped (zero vectors) and counted
-in `dropped`, so a caller can see when skew exceeds it. Measured against GSPMD's lookup by
+in `dropped`, so a caller can see when skew exceeds it. `capacity_factor=None` sizes every owner's slots for all
+N_local ids, so nothing can drop (M times the buffers): what inference uses, so that evaluation, prediction and
+the served model read every row, whatever the skew. Measured against GSPMD's lookup by
 `python -m train.bench_scaling --lookups` (docs/PERFORMANCE.md); the model reads its tables so with
 `model.lookup=all_to_all` (`encoding.FeatureEncoder`), on a mesh that splits them (`routed_axes`).
 """
@@ -34,14 +36,16 @@ def routed_lookup(
     mesh: Mesh | AbstractMesh,
     table_axis: str = "model",
     batch_axes: tuple[str, ...] = ("data", "model"),
-    capacity_factor: float = 2.0,
+    capacity_factor: float | None = 2.0,
 ) -> tuple[list[jax.Array], jax.Array]:
     """Tables [R_t, d] (one width) and their ids [N_t] -> (vectors [N_t, d] split like the ids, ids dropped for want
     of capacity, summed over the mesh []). All tables travel together: three all-to-alls a step (ids, vectors,
-    and the vectors' gradient), whatever the number of tables, so the fixed cost of a collective is paid once."""
+    and the vectors' gradient), whatever the number of tables, so the fixed cost of a collective is paid once.
+    `capacity_factor=None`: room for every id (none can drop)."""
     shards = mesh.shape[table_axis]
     devices = math.prod(mesh.shape[a] for a in batch_axes)
-    capacities = [max(1, math.ceil(capacity_factor * (i.shape[0] // devices) / shards)) for i in ids]
+    factor = shards if capacity_factor is None else capacity_factor
+    capacities = [max(1, math.ceil(factor * (i.shape[0] // devices) / shards)) for i in ids]
     edges = [0, *itertools.accumulate(capacities)]
 
     def local(tables: list[jax.Array], ids: list[jax.Array]):

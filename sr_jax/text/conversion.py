@@ -14,20 +14,19 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from sr_jax.io import atomic_dir
+from sr_jax import io
 from sr_jax.text.encoder import ORBAX_MARKER, describe, load_params
 
 
-def hf_to_orbax(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
+def hf_to_orbax(src: str | Path, dst: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Converts a Hugging Face folder (or packaged name, with feature options: `encoder.py`) into an orbax
-    encoder folder at `dst` (atomically). `dtype` is the compute dtype the parameters are stored for (a
-    decoder's weights are stored in it; BERT's stay float32)."""
+    encoder folder at `dst` (atomically; an encoder folder there is replaced, anything else only with
+    `overwrite`: `io.claim`). `dtype` is the compute dtype the parameters are stored for (a decoder's weights
+    are stored in it; BERT's stay float32)."""
+    dst = io.claim(Path(dst).absolute(), io.ENCODER, overwrite)
     spec = describe(src)
     params = load_params(spec, dtype)
-    dst = Path(dst).absolute()
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists")
-    with atomic_dir(dst) as tmp:
+    with io.atomic_dir(dst, io.ENCODER, overwrite=overwrite, inputs=(spec.folder,)) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", params)
         checkpointer.wait_until_finished()

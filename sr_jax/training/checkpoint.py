@@ -187,6 +187,9 @@ class BestCheckpoint(_Sealing):
             raise CheckpointError(f"{self.directory}: no validated checkpoint")
         sealed = verify(self.directory, step, trust_unsealed=own)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
+        with storage_errors(self.directory / str(step), "unreadable checkpoint metadata"):
+            saved = self.manager.item_metadata(step).params
+        check_compatible(self.directory / str(step), saved, target)
         with storage_errors(self.directory / str(step), "cannot restore"):
             params = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
         check_finite(self.directory / str(step), params)
@@ -228,9 +231,13 @@ class ParamsReader(_Closing):
             raise CheckpointError(f"{self.directory / str(step)}: no parameters in this checkpoint")
         return metadata["params"]
 
-    def restore(self, step: int, target: Any) -> Any:
-        """The saved parameters, into `target`'s structure (ShapeDtypeStructs that carry shardings)."""
+    def restore(self, step: int, target: Any, partial: bool = False) -> Any:
+        """The saved parameters, into `target`'s structure (ShapeDtypeStructs that carry shardings); a
+        CheckpointError naming every parameter that differs (`partial`: the saved ones `target` lacks are left
+        out, as a fine-tune does, which checks them itself)."""
         verify(self.directory, step)
+        if not partial:
+            check_compatible(self.directory / str(step), self.metadata(step), target)
         restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
         args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, partial_restore=True)
         with storage_errors(self.directory / str(step), "cannot restore the parameters"):

@@ -196,6 +196,9 @@ def markdown_table(result: dict) -> str:
 
 
 def write_report(workdir: str | Path, result: dict, name: str = "eval") -> None:
+    """NAME.json and NAME.md, each written whole or not at all."""
     workdir = Path(workdir)
-    (workdir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (workdir / f"{name}.md").write_text(markdown_table(result))
+    with atomic_file(workdir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_file(workdir / f"{name}.md") as tmp:
+        tmp.write_text(markdown_table(result))

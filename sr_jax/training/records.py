@@ -7,7 +7,9 @@ runs started from it (`sr_jax.training.pretrained`):
 - `trained_rows.npz`: which rows of each table were trained (by it or its pretrained run);
 - `item_text_map.npz`: a ridge map from an item's text features to its trained id row (`fit_text_map`);
 - `reference.npz` (`sr_jax.training.alignment`): a sample of each trained domain's z, what fine-tuning
-  aligns against.
+  aligns against;
+- `config.json` (the exact config) and, for a run resumed with another config (`--allow-changes`),
+  `changes.jsonl`: one line per change, each key with its value before and after.
 
 A fine-tune run copies them from its pretrained run into its own `pretrained/` folder when it starts
 (`snapshot_pretrained`), so it resumes and evaluates without the pretrained folder.
@@ -15,24 +17,43 @@ A fine-tune run copies them from its pretrained run into its own `pretrained/` f
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from sr_jax import io
+from sr_jax.config import Config, config_changes, load_config, save_config
 from sr_jax.data.store import Dataset, column_chunks
 from sr_jax.data.vocabulary import VOCAB, Vocabulary
-from sr_jax.io import atomic_dir
 from sr_jax.training.alignment import REFERENCE
 from sr_jax.training.checkpoint import CheckpointError, read_record, write_record
 
+log = logging.getLogger("sr_jax")
+
+CONFIG = "config.json"
+CHANGES = "changes.jsonl"
 RUN_INFO = "run_info.json"
 TRAINED_ROWS = "trained_rows.npz"
 TEXT_MAP = "item_text_map.npz"
 SNAPSHOT = "pretrained"  # a fine-tune run's copy of what it needs from its pretrained run
 TEXT_MAP_ITEMS = 50_000  # items the text map is fitted on (a seeded sample beyond that)
 TEXT_MAP_RIDGE = 1e-2
+
+
+def write_config(workdir: Path, cfg: Config) -> None:
+    """Saves the run's config; where it replaces another (a resume with --allow-changes), first appends what
+    changed to changes.jsonl, so the folder says how its records came to be."""
+    path = workdir / CONFIG
+    if path.exists() and (changes := config_changes(load_config(path), cfg)):
+        line = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "changed": changes}
+        with open(workdir / CHANGES, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        log.warning("%s: resumed with a changed config (%s): recorded in %s", workdir, ", ".join(changes), CHANGES)
+    save_config(cfg, path)
 
 
 def write_run_info(
@@ -81,7 +102,7 @@ def snapshot_pretrained(workdir: Path, pretrained_dir: str | Path) -> None:
     if (workdir / SNAPSHOT / RUN_INFO).exists():
         return
     src = Path(pretrained_dir)
-    with atomic_dir(workdir / SNAPSHOT) as tmp:
+    with io.atomic_dir(workdir / SNAPSHOT, io.SNAPSHOT) as tmp:
         for name in (RUN_INFO, VOCAB, TRAINED_ROWS, TEXT_MAP, REFERENCE):
             if (src / name).exists():
                 shutil.copy(src / name, tmp / name)

@@ -9,9 +9,10 @@ hand over, evaluate, report. The pieces it joins, one concern each:
 
 A run's folder holds `config.json` (the exact config), `run_info.json`, `vocab.json`, `trained_rows.npz`,
 `item_text_map.npz` and `reference.npz` (what its parameters mean, for fine-tuning from it),
-`checkpoints/` (orbax), `best/` (its best validated step), `metrics.jsonl` (one line per log interval), and
-`eval.json` / `eval.md`. A run with `finetune.pretrained` set starts from that run's parameters instead of a
-fresh init; `finetune.freeze` holds levels fixed.
+`checkpoints/` (orbax), `best/` (its best validated step), `metrics.jsonl` (one line per log interval),
+`eval.json` / `eval.md`, and `changes.jsonl` where it was resumed with a changed config (`--allow-changes`). A
+folder holds one run: `build_run` refuses a folder that holds anything else. A run with `finetune.pretrained`
+set starts from that run's parameters instead of a fresh init; `finetune.freeze` holds levels fixed.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from jax.sharding import Mesh
 
 from sr_jax import distributed
 from sr_jax import sharding as shd
-from sr_jax.config import Config, absolute_paths, save_config, validate
+from sr_jax import io
+from sr_jax.config import Config, absolute_paths, validate
 from sr_jax.data import vocabulary
-from sr_jax.io import exclusive
 from sr_jax.text import text_identity
 from sr_jax.training import evaluation, records
 from sr_jax.training.handover import trained_so_far, write_handover
@@ -40,8 +41,15 @@ log = logging.getLogger("sr_jax")
 
 
 def build_run(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Run:
-    """A run of `cfg` in `workdir`, ready to train: its spec built and its checkpoint folders opened."""
-    return open_run(build_spec(cfg, workdir, mesh))
+    """A run of `cfg` in `workdir`, ready to train: its spec built and its checkpoint folders opened. A folder
+    holds one run: `workdir` must be missing, empty or a run's (`io.claim`), and is marked as a run."""
+    primary = distributed.is_primary()
+    if primary:
+        io.claim(workdir, io.RUN, remedy="choose another --workdir (a folder holds one run)")
+    spec = build_spec(cfg, workdir, mesh)
+    if primary:
+        io.mark(Path(workdir), io.RUN)
+    return open_run(spec)
 
 
 def fit(cfg: Config, workdir: str | Path, on_validation: Callable[[int, float], bool] | None = None) -> dict:
@@ -52,7 +60,8 @@ def fit(cfg: Config, workdir: str | Path, on_validation: Callable[[int, float], 
     as an early-stopped one does, with its best validated step."""
     cfg = absolute_paths(validate(cfg))
     workdir = Path(workdir)
-    with exclusive(workdir) if distributed.is_primary() else contextlib.nullcontext():
+    lock = io.exclusive(workdir) if distributed.is_primary() else contextlib.nullcontext()
+    with lock, io.writing(workdir):
         return _fit(cfg, workdir, on_validation)
 
 
@@ -94,7 +103,7 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     run.on_validation = on_validation
     spec = run.spec
     if distributed.is_primary():
-        save_config(cfg, workdir / "config.json")
+        records.write_config(workdir, cfg)
         if cfg.finetune.pretrained:
             records.snapshot_pretrained(workdir, cfg.finetune.pretrained)
     distributed.barrier("run folder")

@@ -96,7 +96,7 @@ def restore_pretrained(
                 )
             return jax.ShapeDtypeStruct((rows, *want.shape[1:]), want.dtype, sharding=want.sharding)
 
-        return reader.restore(step, jax.tree_util.tree_map_with_path(target, wanted))
+        return reader.restore(step, jax.tree_util.tree_map_with_path(target, wanted), partial=True)
 
 
 def drop(tree: dict, paths: frozenset[str], prefix: str = "") -> dict:
