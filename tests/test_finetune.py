@@ -167,7 +167,8 @@ def test_mismatched_model_or_text_encoder_is_a_clear_error(pretrained, tmp_path)
         trainer.build_run(elsewhere, tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match=r"run_info.json: missing"):
         trainer.build_run(
-            dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(tmp_path))), tmp_path
+            dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(tmp_path))),
+            tmp_path / "from-a-folder-without-run-info",
         )
 
 

@@ -266,8 +266,13 @@ def test_hf_to_orbax_round_trip_and_inspect(tmp_path, capsys):
     original, converted = load_encoder(src), load_encoder(dst)
     np.testing.assert_array_equal(original.encode(TEXTS), converted.encode(TEXTS))
     assert converted.fingerprint() == original.fingerprint()  # its caches stay valid
-    with pytest.raises(FileExistsError):
-        hf_to_orbax(src, dst)
+    hf_to_orbax(src, dst)  # its own earlier output: replaced
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("a user's")
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a folder it did not write: refused, kept
+        hf_to_orbax(src, other)
+    assert (other / "notes.txt").read_text() == "a user's"
     capsys.readouterr()
     convert.main(["inspect", str(dst)])
     out = capsys.readouterr().out

@@ -119,6 +119,7 @@ def test_errors_of_background_threads_are_one_line_while_a_command_runs(capfd, c
         except RuntimeError:
             sys.excepthook(*sys.exc_info())
 
+    hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
     with caplog.at_level(logging.DEBUG), cli.background_errors_in_one_line():
         for target in (fail, callback):
             thread = threading.Thread(target=target, name="writer")
@@ -135,7 +136,7 @@ def test_errors_of_background_threads_are_one_line_while_a_command_runs(capfd, c
     assert "Traceback" not in err and "Traceback" not in caplog.text, err + caplog.text
     assert "in thread writer: Event loop is closed" in caplog.text
     assert "_SignalingThread.run() raised an exception (Event loop is closed)" in caplog.text
-    assert threading.excepthook is not None and sys.excepthook is sys.__excepthook__  # restored
+    assert (threading.excepthook, sys.excepthook, sys.unraisablehook) == hooks  # restored
 
 
 def test_a_full_disk_during_training_ends_in_one_line(tmp_path):

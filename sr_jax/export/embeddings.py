@@ -126,12 +126,12 @@ def embed(
     """Writes items.parquet (every item of each domain, from all splits), queries.parquet (each distinct user and
     query of `split`, per domain), embeddings.json and retrieval.json (`recall_at_k` on them) to `out`,
     atomically; an existing folder is replaced only if it holds embeddings, or with `overwrite` (`io.claim`)."""
-    io.claim(out, io.EMBEDDINGS, overwrite, inputs=(model.workdir, dataset.root))
     if model.config.model.user_history and model.config.model.history_pooling == "attention":
         raise ValueError(
             f"{model.workdir}: model.history_pooling=attention makes the user's vector depend on the candidate "
             "item (target attention), so there is no user vector to embed apart; score pairs with train.predict"
         )
+    io.claim(out, io.EMBEDDINGS, overwrite, inputs=(model.workdir, dataset.root))
     started = time.perf_counter()
     scorer = run_scorer(model, batch_size)
     text = text_table(scorer, dataset)
