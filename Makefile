@@ -19,9 +19,10 @@ setup: $(STAMP)
 demo: setup  ## pretrain the full model on the embedded synthetic dataset; report in runs/demo/eval.md
 	$(PY) -m train.pretrain --workdir runs/demo $(ARGS)
 
-# two pytest workers: most of the suite's time is XLA compiling, one program at a time per process
+# two pytest workers, each stealing queued tests from the other when idle (tests/conftest.py runs the longest
+# first): most of the suite's time is XLA compiling, one program at a time per process
 test: setup
-	$(PY) -m pytest -q -n 2 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal $(ARGS)
 
 bench-input: setup
 	$(PY) -m train.bench_input $(ARGS)

@@ -80,12 +80,18 @@ class ModelConfig:
     gating: str = "domain"  # aspect gating fusion: mean | cls | domain
     gate_dim: int = 16  # H, width of the domain and aspect embeddings of the domain gate
     use_text: bool = True  # text aspect on (ablation: off)
-    # The user's history aspect: the mean text features of the last N items the user clicked strictly
-    # before the example (sr_jax.data.history); 0: off. Needs timestamps and use_text.
-    user_history: int = 0
+    # The user's history aspect: the text features of the last N items the user clicked strictly before the
+    # example (sr_jax.data.history); 0: off (N > 0 needs use_text). -1 (auto): HISTORY_AUTO where the dataset has
+    # timestamps and the model reads text, else 0, resolved when a run is built (its config.json holds the
+    # number). A fine-tune of a model with history on data without timestamps reads the aspect as missing.
+    user_history: int = -1
     # How the history's items become one vector: mean (their mean text features) | attention (the candidate
     # item's text attends over them, DIN's target attention: the user vector depends on the candidate).
     history_pooling: str = "mean"
+    # The content match (sr_jax/model/match.py): each domain's weights of the cosines, in the frozen text space,
+    # of the candidate item's text with the query's and with the user's history: what a catalogue the model never
+    # saw shares with the ones it did. Needs use_text.
+    content_match: bool = True
     # In training, each example's user, query and item id is read as missing with this probability, so the
     # model learns to score from text, fields and history, as it must for a new user or item (DropoutNet).
     # 0.3 with untrained_ids=missing: +0.03 to +0.10 AUC over scratch where nothing but content is shared, and
@@ -154,6 +160,7 @@ class TrainConfig:
     early_stopping_metric: str = "mean_domain_auc"  # mean_domain_auc | overall_auc (higher is better)
     early_stopping_patience: int = 4
     early_stopping_min_delta: float = 0.0
+    max_steps: int = -1  # at most this many steps (-1: the epochs decide; 0: none, the start is the result)
 
 
 @dataclasses.dataclass
@@ -173,6 +180,28 @@ class FinetuneConfig:
     # run's ridge map from an item's text features to its id row; other tables and items without text: mean).
     # The three tie on real data (docs/COLD_START.md): zero, the simplest, is the default.
     new_rows_init: str = "zero"
+    # A domain the pretrained run never trained (a new domain) starts its per-domain rows (domain embedding,
+    # DAL W_k and b_k, expert gates, tower, content match, each backbone's per-domain parts) from: source (its
+    # source domain's rows: best after 1%, 10% and 100% of a new catalogue's labels, docs/COLD_START.md) |
+    # match (the same, but the tower's output layer at zero: the network's logit starts constant, so the new
+    # domain is scored by its source's content match; what `--strategy zero-shot` runs, best with no label) |
+    # mean (of the pretrained domains of its task) | fresh (a fresh init). Its source: `domain_source`'s NEW=OLD
+    # pair, else the pretrained domain of its task whose rows score the run's validation data best (the one with
+    # the most pretraining examples when there is none).
+    new_domain_init: str = "source"
+    domain_source: tuple[str, ...] = ()  # NEW=OLD pairs: a new domain and the pretrained domain it starts from
+    # Guarding what pretraining learned: the first `probe_steps` steps train only what is new (new domains'
+    # rows, new table rows, new fields: linear probing, then fine-tuning: LP-FT); after them the pretrained
+    # parameters train at `pretrained_lr` x the learning rate; `l2sp_weight` adds alpha/2 ||theta - theta_0||^2
+    # of the pretrained parameters to the loss (L2-SP, as a gradient term).
+    probe_steps: int = 0
+    pretrained_lr: float = 1.0
+    l2sp_weight: float = 0.0
+    # `--strategy auto` chooses among its strategies on the validation data only where they hold at least this
+    # many labels; below, it keeps the recommended strategy without training the others (docs/COLD_START.md:
+    # with 86 validation labels the choice between the fine-tune and scratch went to scratch in 4 of 5 seeds,
+    # 0.03 to 0.09 AUC below the fine-tune on the test split; from 422 labels it chose the better one).
+    auto_min_valid: int = 300
 
 
 @dataclasses.dataclass
@@ -246,6 +275,8 @@ OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 SCHEDULES = ("cosine", "constant")
 EMBEDDING_UPDATES = ("dense", "rowwise_adagrad", "lazy_adam")
 NEW_ROWS_INITS = ("zero", "mean", "text")
+NEW_DOMAIN_INITS = ("match", "source", "mean", "fresh")
+HISTORY_AUTO = 5  # model.user_history=-1 where the dataset has timestamps and the model reads text
 VALIDATION_METRICS = ("mean_domain_auc", "overall_auc")
 
 
@@ -333,7 +364,11 @@ def save_config(config: Config, path: str | Path) -> None:
 
 # Keys added after configs were saved, whose default differs from what a config without them meant: a saved
 # config that lacks one reads it as this value, so an older run resumes, re-evaluates and exports as it trained.
-BEFORE_KEY = {"model": {"id_dropout": 0.0, "untrained_ids": "row"}, "train": {"evals_per_epoch": 0.0}}
+BEFORE_KEY = {
+    "model": {"id_dropout": 0.0, "untrained_ids": "row", "user_history": 0, "content_match": False},
+    "train": {"evals_per_epoch": 0.0},
+    "finetune": {"new_domain_init": "fresh"},
+}
 
 
 def load_config(path: str | Path) -> Config:
@@ -384,10 +419,10 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     _positive(problems, cfg, "model", "meta_layers", allow_zero=True)
     _positive(problems, cfg, "model", "id_buckets", "domain_experts", "reg_weight", "mmd_bandwidth", allow_zero=True)
     _positive(problems, cfg, "model", "reg_temperature", "embedding_init_std")
-    _positive(problems, cfg, "model", "user_history", allow_zero=True)
+    _check(problems, cfg.user_history >= -1, "model.user_history", f"{cfg.user_history}: -1 (auto), 0 or a length")
     _check(
         problems,
-        cfg.use_text or not cfg.user_history,
+        cfg.use_text or cfg.user_history <= 0,
         "model.user_history",
         "reads text features: needs model.use_text",
     )
@@ -566,6 +601,14 @@ def validate(cfg: Config) -> Config:
         problems, 0 <= tune.replay_fraction < 1, "finetune.replay_fraction", f"{tune.replay_fraction} must be in [0, 1)"
     )
     _choice(problems, tune.new_rows_init, "finetune.new_rows_init", NEW_ROWS_INITS)
+    _choice(problems, tune.new_domain_init, "finetune.new_domain_init", NEW_DOMAIN_INITS)
+    for pair in tune.domain_source:
+        new, sep, old = (part.strip() for part in pair.partition("="))
+        _check(problems, bool(sep and new and old), "finetune.domain_source", f"{pair!r} is not NEW=OLD")
+    _positive(
+        problems, tune, "finetune", "probe_steps", "pretrained_lr", "l2sp_weight", "auto_min_valid", allow_zero=True
+    )
+    _check(problems, train.max_steps >= -1, "train.max_steps", f"{train.max_steps}: -1 (the epochs) or >= 0")
     _check(problems, tune.pretrained_step >= -1, "finetune.pretrained_step", "-1 (the latest) or a step")
     _check(
         problems,

@@ -52,8 +52,8 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "heartbea
 def peer_lost(e: BaseException) -> bool:
     """Whether `e` is this process learning that another process of the run stopped (killed, preempted, crashed):
     nothing to fix here, the whole run is restarted and resumes from its newest checkpoint."""
-    return jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError) and any(
-        s in str(e) for s in _PEER_LOST
+    return (
+        jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError) and any(s in str(e) for s in _PEER_LOST)
     )
 
 

@@ -117,9 +117,7 @@ def claim(
     if found == kind or overwrite:
         return path
     what = f"a {found}" if found else "files this command did not write" if path.is_dir() else "a file it did not write"
-    raise OutputExists(
-        f"{path}: holds {what}, not the {kind} this command writes; nothing was changed: {remedy}"
-    )
+    raise OutputExists(f"{path}: holds {what}, not the {kind} this command writes; nothing was changed: {remedy}")
 
 
 def mark(folder: Path, kind: str) -> None:

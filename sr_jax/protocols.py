@@ -83,3 +83,18 @@ def finetune_config(
         ),
         finetune=FinetuneConfig(freeze=(), protocol=protocol),  # every level: docs/COLD_START.md's evidence
     )
+
+
+ZERO_SHOT = "zero-shot"
+
+
+def zero_shot(cfg: Config) -> Config:
+    """`cfg` as a zero-shot run: no step and no label (train.max_steps=0, no validation), the pretrained start is
+    the result; a new domain starts as `match` (its source's rows, the network's logit constant: scored by the
+    source's content match), which scores a catalogue it never saw best with no label to adapt the network to
+    (docs/COLD_START.md), where a fine-tune starts it as `source`."""
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, max_steps=0, eval_every=0),
+        finetune=dataclasses.replace(cfg.finetune, new_domain_init="match"),
+    )

@@ -17,3 +17,20 @@ import pytest  # noqa: E402
 def data_cache(tmp_path_factory):
     """Synthetic datasets are generated into a per-session folder, never the user's cache."""
     os.environ["SR_JAX_DATA"] = str(tmp_path_factory.mktemp("sr_jax_data"))
+
+
+# The suite's longest tests (pytest --durations): run first, so that with two workers stealing each other's
+# queued tests (`make test`: --dist worksteal) none is left to run alone at the end.
+LONGEST = (
+    "test_cold_start.py::test_grid_runs",
+    "test_multiprocess.py::test_two_processes",
+    "test_experiment.py::test_grid_writes",
+    "test_new_domain.py",
+    "test_tuning.py::test_a_study_chooses",
+    "test_export.py::test_embeddings_are",
+    "test_finetune.py::test_strategy_auto",
+)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY
+from sr_jax.experiments import cold_start as cold_start_lib
 from sr_jax.experiments import report
 from sr_jax.training import trainer
 from train import cold_start
@@ -71,6 +72,17 @@ def test_the_claims_are_tested_paired_by_fraction_and_seed():
     assert tests["freeze-l0 (default, text on) − scratch"]["diff"] == pytest.approx(0.705 - 0.655)
 
 
+def test_the_content_settings_a_grid_pretrains():
+    grid = cold_start_lib.Grid(text=(True, False), history=(-1, 0, 5))
+    assert [a for _, _, a in cold_start_lib.aspects(grid)] == [
+        "text-on-history-auto",
+        "text-on",
+        "text-on-history-5",
+        "text-off-history-auto",
+        "text-off",
+    ]  # fmt: skip  (a history of 5 needs text; the default runs without it)
+
+
 def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, capfd):
     tiny = [f"data.synthetic.{k}={v}" for k, v in TINY.__dict__.items()]
     args = [
@@ -82,7 +94,6 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
         "0",
         *tiny,
         "--fractions",
-        "0.5",
         "1",
         "data.text_encoder=hashed-bow",
         "--settings",
@@ -104,7 +115,7 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
     # killed (SIGKILL) in its first fine-tune cell, then run again (issue 38): the finished pretraining cell is
     # read back, the killed cell resumes from its checkpoint, the rest runs
     proc = subprocess.Popen([sys.executable, "-m", "train.cold_start", *args], stderr=subprocess.PIPE)
-    pretrain_done = tmp_path / "grid" / "pretrain" / "text-on" / "seed-0" / "cell.json"
+    pretrain_done = tmp_path / "grid" / "pretrain" / "text-on-history-auto" / "seed-0" / "cell.json"
 
     def started() -> list[Path]:  # a fine-tune cell with a saved step and no report yet
         steps = (tmp_path / "grid").glob("new-domain/*/*/*/seed-0/checkpoints/*")
@@ -120,10 +131,12 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
     table = cold_start.main(args)  # (its log goes to stderr: cli.setup)
     assert pretrain_done.read_bytes() == finished  # not run again
     assert "resumed from step" in capfd.readouterr().err
-    # 2 protocols x (scratch + freeze-l0-l1 in 2 variants) x 2 fractions, and the zero-shot line of new items
-    assert len(table) == 2 * 3 * 2 + 2
+    # 2 protocols x (scratch + freeze-l0-l1 in 2 variants), and each protocol's zero-shot line per variant
+    assert len(table) == 2 * 3 + 2 * 2
     assert {r["variant"] for r in table if r["setting"] == "freeze-l0-l1"} == {"default", "replay"}
-    replayed = tmp_path / "grid" / "new-domain" / "text-on" / "freeze-l0-l1+replay" / "fraction-1" / "seed-0"
+    replayed = (
+        tmp_path / "grid" / "new-domain" / "text-on-history-auto" / "freeze-l0-l1+replay" / "fraction-1" / "seed-0"
+    )
     assert '"replay_fraction": 0.25' in (replayed / "config.json").read_text()
     assert {r["setting"] for r in table if r["protocol"] == "cold-items"} == {"zero-shot", "scratch", "freeze-l0-l1"}
     assert all(0.0 < r["auc_mean"] < 1.0 and r["seeds"] == 1 for r in table)
@@ -135,15 +148,25 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
         assert len(list(csv.DictReader(f))) == len(table)
     md = (out / "cold_start.md").read_text()
     assert "## new-domain (train `heldout_train`, evaluate `heldout_test`)" in md
-    assert "| freeze-l0-l1 | default | on |" in md and "| freeze-l0-l1 | replay | on |" in md
+    assert "| freeze-l0-l1 | default | on-history-auto |" in md and "| freeze-l0-l1 | replay | on-history-auto |" in md
     assert "python -m train.cold_start --workdir" in md
     assert "Gain over scratch, paired by seed" in md
-    assert "Paired by fraction and seed" in md and "| freeze-l0-l1 (default, text on) − scratch |" in md
-    assert "| freeze-l0-l1 (default, text on) − zero-shot |" in md
+    assert "Paired by fraction and seed" in md and "| freeze-l0-l1 (default, text on-history-auto) − scratch |" in md
+    assert "| freeze-l0-l1 (default, text on-history-auto) − zero-shot |" in md
+    assert "| fraction | cells | valid labels (mean) | rho | gap | start chosen |" in md  # the selection table
     assert "![validation curves](new-domain-validation.png)" in md  # the cold-items protocol has a zero-shot line
-    pretrained = tmp_path / "grid" / "pretrain" / "text-on" / "seed-0" / "config.json"
+    pretrained = tmp_path / "grid" / "pretrain" / "text-on-history-auto" / "seed-0" / "config.json"
     assert '"num_users": 60' in pretrained.read_text()  # the overrides placed between options reached it
-    tuned = tmp_path / "grid" / "new-domain" / "text-on" / "freeze-l0-l1" / "fraction-1" / "seed-0" / "config.json"
+    tuned = (
+        tmp_path
+        / "grid"
+        / "new-domain"
+        / "text-on-history-auto"
+        / "freeze-l0-l1"
+        / "fraction-1"
+        / "seed-0"
+        / "config.json"
+    )
     assert '"min_steps": 2' in tuned.read_text() and '"epochs": 1.0' in tuned.read_text()
     # a fine-tune validates on a tenth of its cold train split and reports its best validated step
     assert '"valid_from_train": 0.1' in tuned.read_text() and '"eval_every": 20' in tuned.read_text()
@@ -151,7 +174,7 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
     # every cell's log loss, calibration and labelled budget, as its eval.json has them
     budget = json.loads((tuned.parent / "eval.json").read_text())["budget"]
     assert "| setting / variant / text / fraction | AUC | log loss | NDCG@10 | MRR | PCOC | ECE | train labels |" in md
-    line = next(x for x in md.splitlines() if x.startswith("| freeze-l0-l1 / default / on / 1 |"))
+    line = next(x for x in md.splitlines() if x.startswith("| freeze-l0-l1 / default / on-history-auto / 1 |"))
     assert line.endswith(f"| {budget['train_examples']} | {budget['valid_examples']} |")
     cell = next(
         r

@@ -19,8 +19,9 @@ from safetensors.numpy import load_file
 from helpers import config
 from sr_jax import metrics, model as sr_model
 from sr_jax.bench.world import bench_meta
-from sr_jax.config import from_dict, ModelConfig
+from sr_jax.config import BEFORE_KEY, from_dict, ModelConfig
 from sr_jax.export import embeddings, interop, scoring, serving, trained
+from sr_jax.model.match import TEXTS
 from sr_jax.data.pipeline import map_batches
 from sr_jax.training import evaluation, trainer
 from sr_jax.training.checkpoint import CheckpointError
@@ -251,7 +252,12 @@ def test_embeddings_are_what_the_network_reads(run_dir, tmp_path):
     picked_queries = [query_at[(model.domains[raw["domain"][i]], key("user_id", i), key("query_id", i))] for i in rows]
     fused = {"user": user_vec[picked_queries], "query": query_vec[picked_queries], "item": item_vec[picked_items]}
     domain = np.asarray(raw["domain"])[rows].astype(np.int32)
-    from_vectors = sr_model.from_sides(model.graphdef, model.params, fused, domain)
+    # the network's share from the side vectors, the content match's as the dot product of the match vectors
+    silent = {t: np.zeros((len(rows), model.text_dim), np.float32) for t in TEXTS}
+    item_match, query_match = embeddings.matrix(items["match_vector"]), embeddings.matrix(queries["match_vector"])
+    match = (query_match[picked_queries] * item_match[picked_items]).sum(1)
+    assert np.abs(match).max() > 0  # the match is on by default (search domains: query and item texts)
+    from_vectors = sr_model.from_sides(model.graphdef, model.params, {**fused, **silent}, domain) + match
     text = model.text_table()
     batch = {k: np.asarray(v)[rows] for k, v in raw.items()}
     logits, _ = sr_model.apply(model.graphdef, model.params, batch, sr_model.TextTable(*map(np.asarray, text)))
@@ -273,6 +279,7 @@ def test_embeddings_are_what_the_network_reads(run_dir, tmp_path):
 
     def logit(h):
         sides = {"user": user_vec[q : q + 1], "query": query_vec[q : q + 1], "item": h[None]}
+        sides |= {t: v[:1] for t, v in silent.items()}
         return float(sr_model.from_sides(model.graphdef, model.params, sides, np.array([k], np.int32))[0])
 
     eps = 1e-3  # the item vectors' scale is ~0.05: a small step keeps to the tangent
@@ -320,7 +327,7 @@ def test_the_committed_torch_reference_loads_into_the_jax_model():
         ref = {k: ref[k] for k in ref.files}
     state = {k[len("state/") :]: v for k, v in ref.items() if k.startswith("state/")}
     batch = {k[len("batch/") :]: v for k, v in ref.items() if k.startswith("batch/")}
-    cfg = from_dict(ModelConfig, json.loads(str(ref["model_config"])))
+    cfg = from_dict(ModelConfig, {**BEFORE_KEY["model"], **json.loads(str(ref["model_config"]))})  # as saved then
     meta = bench_meta(**json.loads(str(ref["meta"])))
     graphdef, like = sr_model.abstract(cfg, meta, ref["text"].shape[1])
     assert sorted(interop.torch_state_dict(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), like))) == list(

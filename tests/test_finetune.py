@@ -13,7 +13,7 @@ import pytest
 from configs import finetune as finetune_config
 from helpers import TINY, config
 from sr_jax import model as sr_model
-from sr_jax.config import load_config
+from sr_jax.config import FinetuneConfig, load_config
 from sr_jax.data.pipeline import rows_read
 from sr_jax.training import loop, records, restore, trainer, transfer
 from sr_jax.training.pretrained import domain_map
@@ -176,7 +176,7 @@ def test_domains_map_by_name(pretrained):
     dataset = load_dataset(config(TINY).data)
     names = [d.name for d in dataset.meta.domains]
     info = {"domains": names[::-1], "trained_domains": names[2:5]}  # other order, only three trained
-    mapping = domain_map(dataset, info)
+    mapping, _ = domain_map(dataset, info, FinetuneConfig(new_domain_init="fresh"))
     assert mapping.source == (None, None, 5, 4, 3, None, None, None)
     assert mapping.new_domains == (0, 1, 5, 6, 7)
 
@@ -412,7 +412,7 @@ def test_strategy_auto_keeps_the_candidate_the_validation_data_prefer(pretrained
 
     workdir = tmp_path / "auto"
     argv = ["--pretrained", str(pretrained), "--workdir", str(workdir), "--strategy", "auto",
-            "train.epochs=1", "train.min_steps=0", "train.eval_every=2"]  # fmt: skip
+            "train.epochs=1", "train.min_steps=0", "train.eval_every=2", "finetune.auto_min_valid=0"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "train.finetune", *argv], stderr=subprocess.PIPE, text=True)
     second = workdir / "candidates" / list(finetune_cli.STRATEGIES)[1] / "config.json"
     deadline = time.monotonic() + 240
@@ -435,3 +435,16 @@ def test_strategy_auto_keeps_the_candidate_the_validation_data_prefer(pretrained
     budgets = {json.dumps(json.loads((workdir / "candidates" / n / "eval.json").read_text())["budget"]) for n in
                finetune_cli.STRATEGIES}  # fmt: skip
     assert len(budgets) == 1  # the same labels for every candidate
+    assert chosen["rule"].startswith("the best validation score")
+
+
+def test_strategy_auto_keeps_the_recommended_one_when_too_few_labels_validate(pretrained, tmp_path):
+    workdir = tmp_path / "few"
+    argv = ["--pretrained", str(pretrained), "--workdir", str(workdir), "--strategy", "auto", "train.epochs=1",
+            "train.min_steps=0", "train.eval_every=2", "finetune.auto_min_valid=1000000"]  # fmt: skip
+    result = finetune_cli.main(argv)
+    chosen = json.loads((workdir / "strategy.json").read_text())
+    assert chosen["chosen"] == finetune_cli.RECOMMENDED and list(chosen["validation"]) == [finetune_cli.RECOMMENDED]
+    assert "finetune.auto_min_valid=1000000" in chosen["rule"] and chosen["margin"] is None
+    assert [p.name for p in (workdir / "candidates").iterdir()] == [finetune_cli.RECOMMENDED]  # no other trained
+    assert result["strategy"] == chosen and "no choice made" in (workdir / "eval.md").read_text()

@@ -168,6 +168,23 @@ def test_ids_are_kept_as_written(tmp_path):
     assert [texts[r] for r in train["item_text"]] == [f"item {item}" for item in items]
 
 
+def test_a_key_prefix_keeps_a_catalogue_s_ids_apart(tmp_path):
+    """Two catalogues that both number their users 1, 2, ... (MovieLens and RecBole's Amazon files) would share
+    those users' rows when a run of one is fine-tuned on the other: `key_prefix` (`train.prepare --key-prefix`)
+    keeps every user, query and item key apart; field values stay as written (shared where they are the same)."""
+    from sr_jax.data import vocabulary
+
+    src = _write(tmp_path / "src", domains=DOMAINS, impressions=_impressions(40), items=ITEMS, users=USERS,
+                 queries=QUERIES)  # fmt: skip
+    plain, apart = import_tables(src, tmp_path / "plain"), import_tables(src, tmp_path / "apart", key_prefix="b:")
+    for table in ("user_id", "query_id", "item_id"):
+        assert apart.keys()[table] == ["b:" + k for k in plain.keys()[table]]
+    assert apart.keys()["item.brand"] == plain.keys()["item.brand"]
+    extended = vocabulary.extend(vocabulary.of_dataset(plain), vocabulary.of_dataset(apart))
+    assert extended.new_keys()["user_id"] == len(plain.keys()["user_id"])  # every user new: nothing shared
+    assert extended.new_keys()["item.brand"] == 0
+
+
 def test_a_killed_prepare_resumes_when_run_again(tmp_path, monkeypatch):
     """Killed while encoding (or stopped by a text the featurizer refused): the same command again keeps the
     dataset and finishes the cache; nothing is converted twice."""

@@ -49,6 +49,7 @@ def test_a_study_chooses_on_validation_only_and_resumes_its_interrupted_trial(tm
     proc.communicate()
     (killed,) = [p.parents[1] for p in tmp_path.glob("trials/*/checkpoints/*") if p.name.isdigit()]
     assert not (killed / "eval.json").exists(), "the trial finished before the tuner was killed"
+
     def logged() -> list[int]:  # the training log's steps (validation lines share theirs)
         lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
         return [line["step"] for line in lines if "loss" in line]

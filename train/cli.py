@@ -53,8 +53,10 @@ def add_overwrite(p: argparse.ArgumentParser, what: str = "OUT") -> None:
     """`--overwrite`: the one way past the output rule (`io.claim`): replace what the output holds though this
     command did not write it; never one of its inputs."""
     p.add_argument(
-        "--overwrite", action="store_true", help=f"replace what {what} holds though this command did not write it "
-        "(a user's folder, a run, another kind of output; never an input)"
+        "--overwrite",
+        action="store_true",
+        help=f"replace what {what} holds though this command did not write it "
+        "(a user's folder, a run, another kind of output; never an input)",
     )
 
 

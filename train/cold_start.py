@@ -5,7 +5,8 @@ Pretrains one model per text setting and seed, then trains every (protocol, sett
 seed) cell: scratch, finetune-all, freeze-l0, freeze-l0-l1, each fine-tuned setting in every chosen variant
 (default: aligned against the pretrained domains; no-align; replay), see sr_jax.experiments.cold_start.
 `--finetune-data` takes the cold data from a dataset prepared apart (read through the pretrained tables by
-raw key); `--history` adds the user history aspect settings as rows. Overrides go anywhere.
+raw key); `--history` sets the user history aspect (rows per setting; default -1, the model's auto). The
+pretrained model's zero-shot score is the 0 fraction. Overrides go anywhere.
 Resumable: a finished cell is not run again. Writes OUT/cold_start.{md,csv,png}.
 """
 
@@ -32,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", default=list(cold_start.SETTINGS), choices=list(cold_start.SETTINGS))
     p.add_argument("--variants", nargs="+", default=["default"], choices=list(cold_start.VARIANTS))
     p.add_argument("--text", nargs="+", choices=("on", "off"), default=["on", "off"])
-    p.add_argument("--history", type=int, nargs="+", default=[0], help="model.user_history settings (0: none)")
+    p.add_argument(
+        "--history", type=int, nargs="+", default=[-1], help="model.user_history settings (0: none; -1: auto)"
+    )
     p.add_argument("--finetune-data", default="", help="the cold data as a dataset prepared apart")
     p.add_argument("--train-split", help="its cold training split (default: the protocol's, else train)")
     p.add_argument("--eval-split", help="its evaluation split (default: the protocol's, else test)")

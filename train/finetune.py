@@ -1,19 +1,22 @@
 """Fine-tune a pretrained run for cold start:
 `python -m train.finetune --pretrained RUN --workdir DIR [--data DATASET] [--protocol new-domain|cold-items]
-[--train-split S --eval-split S] [--strategy all|frozen|scratch|auto] [overrides]`.
+[--train-split S --eval-split S] [--strategy all|frozen|scratch|zero-shot|auto] [overrides]`.
 
 Starts from RUN's saved config (model and data settings) with configs/finetune.py's schedule, on RUN's
 dataset or `--data` (a dataset prepared apart, with ids, fields and texts of its own: its tables are read
 through RUN's by raw key). The splits are the protocol's in the embedded dataset, else the dataset's
-`train` and `test`, else those named. Restores RUN's parameters (fresh rows for new domains, keys and
-fields, trainable whatever is frozen). `--strategy`: `all` (the recommended default, docs/COLD_START.md)
-trains every level; `frozen` freezes L0 and L1 (the paper's best split); `scratch` trains the same
-architecture from a fresh init on the same data and schedule (the baseline a fine-tune must beat); `auto`
-trains those three under the same budget in DIR/candidates/ and keeps the one the validation data prefer
-(DIR/strategy.json says which and by how much; DIR/eval.json is its report). Resumes from DIR's latest
-checkpoint when there is one (the options must then agree with DIR's saved config, or be left out); writes
-DIR/eval.json and DIR/eval.md. A folder holds one run: a plain run's folder refuses `--strategy auto`, and a
-selection's folder every other strategy.
+`train` and `test`, else those named. Restores RUN's parameters (a new domain starts from a pretrained
+domain's rows, `finetune.new_domain_init`; fresh rows for new keys and fields; trainable whatever is frozen).
+`--strategy`: `all` (the recommended default, docs/COLD_START.md) trains every level; `frozen` freezes L0 and
+L1 (the paper's best split); `scratch` trains the same architecture from a fresh init on the same data and
+schedule (the baseline a fine-tune must beat); `zero-shot` trains nothing and reads no label: the pretrained
+model scores the new data as it is, each new domain through a pretrained domain's rows with the network's logit
+constant, scored by that domain's content match (`new_domain_init=match`; the source: `finetune.domain_source`,
+else the pretrained domain of its task); `auto` trains all, frozen and scratch under the same budget in
+DIR/candidates/ and keeps the one the validation data prefer (DIR/strategy.json says which and by how much;
+DIR/eval.json is its report). Resumes from DIR's latest checkpoint when there is one (the options must then
+agree with DIR's saved config, or be left out); writes DIR/eval.json and DIR/eval.md. A folder holds one run:
+a plain run's folder refuses `--strategy auto`, and a selection's folder every other strategy.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from sr_jax import io
 from sr_jax.config import Config, ConfigError, absolute_paths, load_config, override, validate
 from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.protocols import protocol_splits
+from sr_jax.protocols import ZERO_SHOT, protocol_splits, zero_shot
 from sr_jax.training import evaluation, trainer
 from train import cli
 
@@ -43,13 +46,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=sorted(finetune_config.PROTOCOLS), help="default: new-domain")
     p.add_argument("--train-split", help="the cold training split (default: see above)")
     p.add_argument("--eval-split", help="the split to evaluate on (default: see above)")
-    p.add_argument("--strategy", choices=[*STRATEGIES, AUTO], help=f"default: {RECOMMENDED} (see above)")
+    p.add_argument("--strategy", choices=[*STRATEGIES, ZERO_SHOT, AUTO], help=f"default: {RECOMMENDED} (see above)")
     return p
 
 
 # strategy -> the levels it freezes (None: no pretrained start); RECOMMENDED is what the evidence supports
 STRATEGIES = {"all": (), "frozen": ("l0", "l1"), "scratch": None}
-AUTO = "auto"  # every strategy above, the one the validation data prefer kept
+AUTO = "auto"  # every strategy of STRATEGIES, the one the validation data prefer kept
 RECOMMENDED = "all"
 
 
@@ -65,7 +68,9 @@ def _start(args: argparse.Namespace) -> Config:
 
 
 def with_strategy(cfg: Config, strategy: str, pretrained: str | None) -> Config:
-    """The fine-tune config under one of STRATEGIES."""
+    """The fine-tune config under one of STRATEGIES, or ZERO_SHOT."""
+    if strategy == ZERO_SHOT:
+        cfg, strategy = zero_shot(cfg), "all"
     freeze = STRATEGIES[strategy]
     start = "" if freeze is None else str(Path(pretrained))
     return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=start, freeze=freeze or ()))
@@ -89,6 +94,8 @@ def _disagreements(args: argparse.Namespace, saved: Config) -> list[str]:
 def _strategy_of(cfg: Config) -> str:
     if not cfg.finetune.pretrained:
         return "scratch"
+    if cfg.train.max_steps == 0:
+        return ZERO_SHOT
     return next((s for s, f in STRATEGIES.items() if f == cfg.finetune.freeze), "custom freeze")
 
 
@@ -137,7 +144,7 @@ def auto(args: argparse.Namespace) -> dict:
 
 def _select(args: argparse.Namespace, workdir: Path) -> dict:
     scores, results = {}, {}
-    for name in STRATEGIES:
+    for name in STRATEGIES:  # RECOMMENDED first: with too few validation labels, the only one trained
         one = argparse.Namespace(**{**vars(args), "strategy": name, "workdir": str(workdir / "candidates" / name)})
         cfg = resolve(one)
         if not cfg.train.eval_every:
@@ -145,11 +152,19 @@ def _select(args: argparse.Namespace, workdir: Path) -> dict:
         results[name] = trainer.fit(cfg, one.workdir)
         scores[name] = results[name]["validation"]["score"]
         log.info("strategy %s: validation %.4f", name, scores[name])
+        labels, least = results[name]["budget"]["valid_examples"], cfg.finetune.auto_min_valid
+        if labels < least:
+            rule = f"{labels} validation labels < finetune.auto_min_valid={least}: {RECOMMENDED} kept, no choice made"
+            log.info("%s (too few to choose among strategies; docs/COLD_START.md)", rule)
+            break
+    else:
+        rule = f"the best validation score ({labels} validation labels)"
     ranked = sorted(scores, key=scores.get, reverse=True)
     chosen = {
         "chosen": ranked[0],
+        "rule": rule,
         "run": str((workdir / "candidates" / ranked[0]).absolute()),
-        "margin": scores[ranked[0]] - scores[ranked[1]],  # over the runner-up, on validation
+        "margin": scores[ranked[0]] - scores[ranked[1]] if len(ranked) > 1 else None,  # over the runner-up
         "validation": scores,
         "metric": results[ranked[0]]["validation"]["metric"],
     }
@@ -157,10 +172,7 @@ def _select(args: argparse.Namespace, workdir: Path) -> dict:
         tmp.write_text(json.dumps(chosen, indent=2) + "\n")
     result = {**results[ranked[0]], "strategy": chosen}
     evaluation.write_report(workdir, result)
-    log.info(
-        "kept %s (validation %.4f, +%.4f over %s): its run is %s",
-        ranked[0], scores[ranked[0]], chosen["margin"], ranked[1], chosen["run"],
-    )  # fmt: skip
+    log.info("kept %s (validation %.4f; %s): its run is %s", ranked[0], scores[ranked[0]], rule, chosen["run"])
     print(evaluation.markdown_table(result))
     return result
 

@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size, or 4096")
     p.add_argument("--part-rows", type=int, default=262_144, help="examples per resumable part")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace an OUT this command did not write, and discard the parts "
-        "of another job at OUT.parts"
+        "--overwrite",
+        action="store_true",
+        help="replace an OUT this command did not write, and discard the parts of another job at OUT.parts",
     )
     args = p.parse_args(argv)
     cli.setup()

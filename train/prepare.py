@@ -41,11 +41,19 @@ def main(argv: list[str] | None = None):
     p.add_argument("--out", required=True, help="the dataset folder to write")
     p.add_argument("--encoder", default=Config().data.text_encoder, help="text encoder of the cache, or none")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace what OUT holds: another command's dataset, or files this "
-        "command did not write (never the source)"
+        "--overwrite",
+        action="store_true",
+        help="replace what OUT holds: another command's dataset, or files this "
+        "command did not write (never the source)",
     )
     p.add_argument("--reuse-text", nargs="+", default=[], metavar="DATASET", help="datasets whose cached texts to copy")
     p.add_argument("--seed", type=int, default=0, help="the negative sampler's seed")
+    p.add_argument(
+        "--key-prefix",
+        default="",
+        help="prefix every user, query and item key: a catalogue whose ids must never "
+        "meet another dataset's (both numbering users 1, 2, ...) when a run of one is fine-tuned on the other",
+    )
     p.add_argument("--negatives", type=int, default=0, help="tables: non-clicks sampled per unlabelled impression")
     p.add_argument("--sampler", default="uniform", choices=negatives.SAMPLERS, help="tables: how negatives are drawn")
     p.add_argument("--domains", nargs="+", default=[], help="movielens: keep only these domains")
@@ -62,6 +70,8 @@ def main(argv: list[str] | None = None):
         "amazon": dict(categories=tuple(args.categories), exclude_categories=tuple(args.exclude_categories),
                        root=args.root, seed=args.seed, users=args.users),
     }[args.name]  # fmt: skip
+    if args.key_prefix:
+        options["key_prefix"] = args.key_prefix
     out, reuse = Path(args.out), list(args.reuse_text)
     # a folder that is not a dataset (a user's files, a run) is never replaced without --overwrite, and no input
     # ever: the source and the datasets whose texts are reused

@@ -5,8 +5,9 @@ is never a dependency of sr-jax).
 names them by the public scheme of `sr_jax.export.interop.torch_state_dict` (so its `state_dict()` is what
 `python -m train.convert to-torch` writes, and `load_state_dict` takes it back), and computes the same logits
 and loss: L0 lookups and projections, domain aspect gating, the Domain Adaptive Layer, the JS regularizer,
-MMoE experts, per-domain gates and towers. Per-domain layers are computed for every domain and gathered.
-Supported: the default model (gating mean|domain, regularizer js|none, backbone mmoe); anything else is refused.
+MMoE experts, per-domain gates and towers, the content match. Per-domain layers are computed for every domain and
+gathered. Supported: the default model without history (gating mean|domain, regularizer js|none, backbone mmoe);
+anything else is refused.
 
 `train_step(model, update, ...)` is the training a PyTorch user would write for it, with the table update
 they would pick (`UPDATES`):
@@ -39,6 +40,7 @@ from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.export.interop import torch_state_dict
 from sr_jax.model.encoding import SIDES
+from sr_jax.model.match import MATCH_SCALE
 
 
 def _param(x: np.ndarray) -> nn.Parameter:
@@ -58,8 +60,8 @@ class TorchSRModel(nn.Module):
         super().__init__()
         if cfg.gating not in ("mean", "domain") or cfg.regularizer not in ("js", "none") or cfg.backbone != "mmoe":
             raise NotImplementedError("the torch reference covers gating mean|domain, regularizer js|none, mmoe")
-        if cfg.id_buckets or not cfg.use_domain_adapter or not cfg.use_text:
-            raise NotImplementedError("the torch reference covers the full model without id hashing")
+        if cfg.id_buckets or not cfg.use_domain_adapter or not cfg.use_text or cfg.user_history > 0:
+            raise NotImplementedError("the torch reference covers the full model without id hashing or history")
         self.cfg, self.meta, self.sparse = cfg, meta, sparse
         state = torch_state_dict(params)  # the public name scheme (sr_jax.export.interop)
 
@@ -87,6 +89,7 @@ class TorchSRModel(nn.Module):
         self.experts = nn.ParameterList(listed("experts"))  # (bias, kernel) of each layer
         self.gate_kernel, self.gate_bias = _param(state["gate_kernel"]), _param(state["gate_bias"])
         self.tower = nn.ParameterList(listed("tower"))
+        self.match_weight = _param(state["match_weight"]) if "match_weight" in state else None  # content match
 
     def tables(self) -> list[nn.Parameter]:
         """The embedding tables (sr-jax's row-sharded, row-sparse updated parameters)."""
@@ -175,7 +178,16 @@ class TorchSRModel(nn.Module):
                 t = torch.relu(t)
         if self.cfg.regularizer == "none":
             reg = torch.zeros((), device=x.device)
-        return t[:, 0], reg
+        logits = t[:, 0]
+        if self.match_weight is not None:  # w_k . [cos(query, item), cos(history, item)]; no history here
+            query, item = (self._unit_text(batch[f"{s}_text"]) for s in ("query", "item"))
+            logits = logits + self.match_weight[domain][:, 0] * (query * item).sum(-1) * MATCH_SCALE
+        return logits, reg
+
+    def _unit_text(self, row: torch.Tensor) -> torch.Tensor:
+        pooled = self.text[row.clamp(min=0)]
+        norm = pooled.pow(2).sum(-1, keepdim=True).clamp(min=1e-12).sqrt()
+        return torch.where((row >= 0)[:, None], pooled / norm, 0.0)
 
     def loss(self, batch: dict[str, torch.Tensor], rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         logits, reg = self.network(batch, self.embed(batch) if rows is None else rows)

@@ -95,6 +95,7 @@ def convert(
     src: str | Path,
     out: str | Path,
     overwrite: bool = False,
+    key_prefix: str = "",
     seed: int = 0,
     root: str | None = None,
     categories: tuple[str, ...] = (),
@@ -177,7 +178,8 @@ def convert(
     )
     suffix = "".join(f"-{c}" for c in categories) + "".join(f"-no-{c}" for c in exclude_categories)
     suffix += f"-users-{group}-of-{groups}" if users else ""
-    return from_arrow(tables, out, f"amazon-{name.lower()}{suffix}", description, overwrite=overwrite)
+    name = f"amazon-{name.lower()}{suffix}"
+    return from_arrow(tables, out, name, description, overwrite=overwrite, key_prefix=key_prefix)
 
 
 def _user_group(users: str) -> tuple[int, int]:

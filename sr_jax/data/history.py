@@ -35,7 +35,9 @@ def user_history(examples: dict[str, np.ndarray], events: dict[str, np.ndarray],
     return np.where(valid, text[np.clip(index, 0, max(len(text) - 1, 0))] if len(text) else -1, -1).astype(np.int32)
 
 
-def with_history(columns: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+def with_history(columns: dict[str, np.ndarray], events: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
     """`columns` (in the dataset's own ids) with the `user.history` column, read from `events`
-    (`selection.history_events`)."""
+    (`selection.history_events`); None (a dataset without timestamps): every history empty, the aspect missing."""
+    if events is None:
+        return {**columns, COLUMN: np.full((len(columns["label"]), n), -1, np.int32)}
     return {**columns, COLUMN: user_history(columns, events, n)}

@@ -266,6 +266,7 @@ def import_tables(
     negatives: int = 0,
     sampler: str = "uniform",
     seed: int = 0,
+    key_prefix: str = "",
 ) -> Dataset:
     """Reads the tables in `src` (see the module docstring), writes the dataset to `out`, returns it.
     Impressions without a `label` column are implicit feedback (every row a click): `negatives` non-clicks
@@ -284,7 +285,7 @@ def import_tables(
         description += f", {negatives} {sampler} negatives per positive (seed {seed})"
     elif negatives:
         raise DatasetError(imp.file, "label", None, "the impressions are labelled: --negatives is for unlabelled ones")
-    return _write(tables, out, name or src.name, description, overwrite)
+    return _write(tables, out, name or src.name, description, overwrite, key_prefix)
 
 
 def _sample_negatives(imp: _Table, items: _Table | None, per_positive: int, sampler: str, seed: int) -> pa.Table:
@@ -316,14 +317,21 @@ def keep_domains(tables: dict[str, pa.Table], keep: tuple[str, ...] = (), drop: 
 
 
 def from_arrow(
-    tables: dict[str, pa.Table], out: str | Path, name: str, description: str, overwrite: bool = False
+    tables: dict[str, pa.Table],
+    out: str | Path,
+    name: str,
+    description: str,
+    overwrite: bool = False,
+    key_prefix: str = "",
 ) -> Dataset:
     """The same, for tables a converter built in memory (`sr_jax.data.movielens`, ...)."""
     wrapped = {t: _Table(Path(f"<{name} {t} table>"), tables[t]) if t in tables else None for t in TABLES}
-    return _write(wrapped, out, name, description, overwrite)
+    return _write(wrapped, out, name, description, overwrite, key_prefix)
 
 
-def _write(tables: dict[str, _Table | None], out: str | Path, name: str, description: str, overwrite: bool) -> Dataset:
+def _write(
+    tables: dict[str, _Table | None], out: str | Path, name: str, description: str, overwrite: bool, key_prefix: str
+) -> Dataset:
     domain_table, imp = tables["domains"], tables["impressions"]
     for table in (domain_table, imp):
         if table.rows == 0:
@@ -331,8 +339,11 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
     domains = _domains(domain_table)
     if features := [c for c in imp.table.column_names if c.startswith(("user.", "item.", "query."))]:
         raise DatasetError(
-            imp.file, features[0], None, "a feature column in impressions: features are per user or item, in the "
-            "users and items tables (an impression carries split, domain, ids, label and timestamp only)"
+            imp.file,
+            features[0],
+            None,
+            "a feature column in impressions: features are per user or item, in the "
+            "users and items tables (an impression carries split, domain, ids, label and timestamp only)",
         )
     keys = {
         "item": tables["items"].unique_ids("item_id") if tables["items"] else None,
@@ -421,6 +432,8 @@ def _write(tables: dict[str, _Table | None], out: str | Path, name: str, descrip
         has_timestamp=timestamp is not None,
         description=description,
     )
-    keys = {f"{side}_id": vocab[side].to_pylist() for side in ("user", "query", "item")}
+    # `key_prefix` (train.prepare --key-prefix) keeps a catalogue's user, query and item keys apart from another
+    # dataset's: two catalogues that both number their users 1, 2, ... would otherwise share those users' rows
+    keys = {f"{side}_id": [key_prefix + k for k in vocab[side].to_pylist()] for side in ("user", "query", "item")}
     keys.update({field.column: tokens for field, _, tokens in sparse})
     return write_dataset(out, meta, texts, splits, keys, overwrite=overwrite)

@@ -79,6 +79,7 @@ def convert(
     src: str | Path,
     out: str | Path,
     overwrite: bool = False,
+    key_prefix: str = "",
     seed: int = 0,
     domains: tuple[str, ...] = (),
     exclude_domains: tuple[str, ...] = (),
@@ -165,4 +166,4 @@ def convert(
         tables = keep_domains(tables, domains, exclude_domains)
         name += "".join(f"-{d}" for d in domains) + "".join(f"-no-{d}" for d in exclude_domains)
         description += f"; domains {tables['domains']['name'].to_pylist()} only"
-    return from_arrow(tables, out, name, description, overwrite=overwrite)
+    return from_arrow(tables, out, name, description, overwrite=overwrite, key_prefix=key_prefix)

@@ -76,8 +76,9 @@ class DenseField:
         if (beyond := np.isinf(out)).any():
             k = int(np.flatnonzero(beyond)[0])
             raise DenseOverflow(
-                k, f"{self.column}: {raw[k]:g} standardised (mean {self.mean:g}, std {self.std:g}) is beyond float32's "
-                f"range (+-{FLOAT32_MAX:.3g})"
+                k,
+                f"{self.column}: {raw[k]:g} standardised (mean {self.mean:g}, std {self.std:g}) is beyond float32's "
+                f"range (+-{FLOAT32_MAX:.3g})",
             )
         return out
 

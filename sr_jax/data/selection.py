@@ -48,11 +48,13 @@ def select_domains(dataset: Dataset, split: str, names: tuple[str, ...]) -> Colu
     return {name: np.asarray(col[keep]) for name, col in columns.items()}
 
 
-def history_events(dataset: Dataset, split: str, log_split: str, trained: tuple[str, ...]) -> Columns:
+def history_events(dataset: Dataset, split: str, log_split: str, trained: tuple[str, ...]) -> Columns | None:
     """The events that `split`'s user histories are read from (`history.with_history`): the behaviour log (the
     `log_split`'s events) and, unless `split` is the log, its own earlier events; only in the `trained` domains
     (those the model was trained on, counting the run that reads it), so a domain held out of pretraining never
-    reaches a pretraining history."""
+    reaches a pretraining history. None when the dataset has no timestamps (no history to read)."""
+    if not dataset.meta.has_timestamp:
+        return None
     names = tuple(d.name for d in dataset.meta.domains if d.name in trained)
     parts = [s for s in dict.fromkeys((log_split, split)) if s in dataset.meta.splits] if names else []
     columns = [select_domains(dataset, s, names) for s in parts]

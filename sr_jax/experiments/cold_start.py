@@ -11,37 +11,44 @@ on the protocol's test split:
     freeze-l0      the pretrained model, L0 (embeddings, text projection) frozen
     freeze-l0-l1   the pretrained model, L0 and L1 frozen (the paper's best)
 
-and, for new items, the pretrained model evaluated as it is (`zero-shot`). Each fine-tuned setting runs
-in every chosen variant (VARIANTS: the default alignment against the pretrained domains' reference,
-none, or with a replay of pretraining examples in every batch). Every run is a folder under the work
-folder; a finished run is not run again, so the grid resumes.
+and the pretrained model evaluated as it is (`zero-shot`: no step, no label; a new domain through the
+pretrained domain it starts from), reported as the 0 fraction. Each fine-tuned setting runs in every chosen
+variant (VARIANTS: the defaults; no alignment against the pretrained domains' reference; a replay of
+pretraining examples in every batch; a new domain started fresh or from the mean of its task's domains; LP-FT;
+a lower learning rate for the pretrained parameters; L2-SP). Every run is a folder under the work folder; a
+finished run is not run again, so the grid resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from sr_jax.config import Config, override
 from sr_jax.experiments import report
 from sr_jax.experiments.cells import run_once
-from sr_jax.training import evaluation, trainer
-from sr_jax.training.restore import checkpoint_params
-from sr_jax.training.spec import build_spec
+from sr_jax.training import trainer
 from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.protocols import PROTOCOLS, finetune_config, protocol_splits
+from sr_jax.protocols import PROTOCOLS, ZERO_SHOT, finetune_config, protocol_splits, zero_shot
 
 log = logging.getLogger("sr_jax")
 
 SETTINGS = {"scratch": (), "finetune-all": (), "freeze-l0": ("l0",), "freeze-l0-l1": ("l0", "l1")}
-ZERO_SHOT = "zero-shot"  # the pretrained model without fine-tuning (new items only: a new domain has no tower)
-VARIANTS = {  # fine-tuned settings only; scratch and zero-shot have nothing to align or replay
-    "default": [],  # aligned against the pretrained domains' reference distributions
+VARIANTS = {  # what a fine-tune (and zero-shot, where it reads it) changes; scratch has nothing to change
+    "default": [],  # the defaults: aligned against the pretrained domains' reference distributions, ...
     "no-align": ["finetune.align_reference=false"],
     "replay": ["finetune.replay_fraction=0.25"],
+    "fresh-domain": ["finetune.new_domain_init=fresh"],
+    "match-domain": ["finetune.new_domain_init=match"],
+    "mean-domain": ["finetune.new_domain_init=mean"],
+    "lp-ft": ["finetune.probe_steps=50"],
+    "low-lr": ["finetune.pretrained_lr=0.1"],
+    "l2sp": ["finetune.l2sp_weight=0.01"],
+    "fixed-schedule": ["train.eval_every=0"],  # no validation: the schedule's last step (a selection rule)
 }
 KEYS = ("protocol", "text", "setting", "variant", "fraction")
 METRICS = ("auc", "overall_auc", "oracle_auc", *report.RANKING, *report.BUDGET, "seconds")
@@ -55,7 +62,7 @@ class Grid:
     settings: tuple[str, ...] = tuple(SETTINGS)
     text: tuple[bool, ...] = (True, False)
     variants: tuple[str, ...] = ("default",)
-    history: tuple[int, ...] = (0,)  # model.user_history settings (0: no history aspect)
+    history: tuple[int, ...] = (-1,)  # model.user_history settings (0: none; -1: the default, auto)
     finetune_data: str = ""  # the cold data as a dataset prepared apart (default: the pretraining dataset's splits)
     splits: tuple[str, str] | None = None  # its (train, eval) splits (default: protocols.protocol_splits)
 
@@ -101,8 +108,9 @@ def cell_config(
     splits: tuple[str, str] | None = None,
     data_path: str | None = None,
 ) -> Config:
-    """A fine-tune (or scratch) run: the fine-tune config on top of the pretrained config (on `data_path`'s
-    `splits` when given), the setting's frozen levels, the variant, the fraction, then `overrides`."""
+    """A fine-tune (or scratch, or zero-shot) run: the fine-tune config on top of the pretrained config (on
+    `data_path`'s `splits` when given), the setting's frozen levels, the variant, the fraction, then
+    `overrides`."""
     cfg = finetune_config(pretrained, protocol, splits, data_path)
     cfg = dataclasses.replace(
         cfg,
@@ -110,9 +118,10 @@ def cell_config(
         finetune=dataclasses.replace(
             cfg.finetune,
             pretrained="" if setting == "scratch" else str(pretrained_dir.absolute()),
-            freeze=SETTINGS[setting],
+            freeze=SETTINGS.get(setting, ()),
         ),
     )
+    cfg = zero_shot(cfg) if setting == ZERO_SHOT else cfg
     return override(cfg, [*([] if setting == "scratch" else VARIANTS[variant]), *overrides])
 
 
@@ -123,8 +132,21 @@ def _cached(workdir: Path, run, cfg: Config) -> dict:
         "oracle_auc": result.get("mean_domain_oracle_auc"),
         "seconds": seconds,
         "curve": result.get("validation", {}).get("history", []),  # [step, validation score]: plotted
+        "valid_auc": result.get("validation", {}).get("score"),  # the chosen step's, and the step
+        "step": result.get("validation", {}).get("step"),
         "cell": str(workdir),  # its scores: bootstrap intervals
     }
+
+
+def aspects(grid: Grid) -> list[tuple[bool, int, str]]:
+    """(text, history, folder name) of every content setting the grid pretrains: a history needs text, so with
+    text off only no history (0) and the default (-1, which resolves to none without text) run."""
+    return [
+        (t, h, f"text-{_on(t)}" + ({0: "", -1: "-history-auto"}.get(h, f"-history-{h}")))
+        for t in grid.text
+        for h in grid.history
+        if t or h <= 0
+    ]
 
 
 def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: list[str] = ()) -> list[dict]:
@@ -132,81 +154,44 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
     workdir = Path(workdir)
     rows = []
     tuned = [s for s in grid.settings if s != "scratch"]
-    per_protocol = (len(tuned) * len(grid.variants) + (len(grid.settings) - len(tuned))) * len(grid.fractions)
-    aspects = sum(1 for t in grid.text for h in grid.history if t or not h)
-    cells = aspects * len(grid.seeds) * (1 + len(grid.protocols) * per_protocol)
+    zero = len(grid.variants) if tuned else 0  # zero-shot: one cell per variant, whatever the fraction
+    per_protocol = (len(tuned) * len(grid.variants) + (len(grid.settings) - len(tuned))) * len(grid.fractions) + zero
+    cells = len(aspects(grid)) * len(grid.seeds) * (1 + len(grid.protocols) * per_protocol)
     done = 0
 
-    def progress(name: str, row: dict) -> None:
+    def run_cell(folder: Path, cfg: Config, **keys) -> None:
         nonlocal done
+        row = _cached(folder, trainer.fit, cfg)
         done += 1
-        log.info("[%d/%d] %s: mean per-domain AUC %.4f (%.0f s)", done, cells, name, row["auc"], row["seconds"])
+        log.info("[%d/%d] %s: mean per-domain AUC %.4f (%.0f s)", done, cells, folder, row["auc"], row["seconds"])
+        if keys:
+            rows.append({**keys, **row})
 
-    for text, history in ((t, h) for t in grid.text for h in grid.history if t or not h):
-        aspect = f"text-{_on(text)}" + (f"-history-{history}" if history else "")
+    for text, history, aspect in aspects(grid):
         for seed in grid.seeds:
             pre_cfg = pretrain_config(base, text, seed, history)
             pre_dir = workdir / "pretrain" / aspect / f"seed-{seed}"
-            progress(str(pre_dir), _cached(pre_dir, trainer.fit, pre_cfg))
+            run_cell(pre_dir, pre_cfg)
             for protocol in grid.protocols:
                 splits = grid_splits(grid, pre_cfg, protocol)
-                if protocol == "cold-items" and not grid.finetune_data:  # zero-shot reads its own dataset only
-                    zero_dir = workdir / protocol / aspect / ZERO_SHOT / f"seed-{seed}"
-                    _, eval_split = PROTOCOLS[protocol]
-                    zero_cfg = dataclasses.replace(
-                        pre_cfg, data=dataclasses.replace(pre_cfg.data, eval_split=eval_split)
-                    )
-                    row = _cached(zero_dir, partial(_evaluate_pretrained, pretrained=pre_dir), zero_cfg)
-                    rows += [
-                        dict(
-                            protocol=protocol,
-                            text=aspect[len("text-") :],
-                            setting=ZERO_SHOT,
-                            variant="-",
-                            fraction=f,
-                            seed=seed,
-                            **row,
-                        )
-                        for f in grid.fractions
-                    ]
+                data = grid.finetune_data or None
+                common = dict(protocol=protocol, text=aspect[len("text-") :], seed=seed)
+                for variant in grid.variants if tuned else ():
+                    name = ZERO_SHOT if variant == "default" else f"{ZERO_SHOT}+{variant}"
+                    overrides = list(finetune_overrides)
+                    cfg = cell_config(pre_cfg, pre_dir, protocol, ZERO_SHOT, variant, 1.0, overrides, splits, data)
+                    folder = workdir / protocol / aspect / name / f"seed-{seed}"
+                    run_cell(folder, cfg, **common, setting=ZERO_SHOT, variant=variant, fraction=0.0)
                 for setting in grid.settings:
                     for variant in grid.variants if setting != "scratch" else ("-",):
                         for fraction in grid.fractions:
-                            cfg = cell_config(
-                                pre_cfg,
-                                pre_dir,
-                                protocol,
-                                setting,
-                                variant,
-                                fraction,
-                                list(finetune_overrides),
-                                splits,
-                                grid.finetune_data or None,
-                            )
+                            overrides = list(finetune_overrides)
+                            cfg = cell_config(pre_cfg, pre_dir, protocol, setting, variant, fraction, overrides, splits,
+                                              data)  # fmt: skip
                             name = setting if variant in ("-", "default") else f"{setting}+{variant}"
-                            cell = workdir / protocol / aspect / name / f"fraction-{fraction:g}"
-                            row = _cached(cell / f"seed-{seed}", trainer.fit, cfg)
-                            progress(str(cell / f"seed-{seed}"), row)
-                            rows.append(
-                                dict(
-                                    protocol=protocol,
-                                    text=aspect[len("text-") :],
-                                    setting=setting,
-                                    variant=variant,
-                                    fraction=fraction,
-                                    seed=seed,
-                                    **row,
-                                )
-                            )
+                            folder = workdir / protocol / aspect / name / f"fraction-{fraction:g}" / f"seed-{seed}"
+                            run_cell(folder, cfg, **common, setting=setting, variant=variant, fraction=fraction)
     return rows
-
-
-def _evaluate_pretrained(cfg: Config, workdir: Path, pretrained: Path) -> None:
-    """The pretrained run's parameters, evaluated on `cfg`'s eval split; the report goes to `workdir`."""
-    spec = build_spec(cfg, pretrained)
-    workdir.mkdir(parents=True, exist_ok=True)
-    result = evaluation.evaluate(spec, checkpoint_params(spec), scores_to=workdir)
-    evaluation.write_report(workdir, result)
 
 
 def paired_gains(rows: list[dict]) -> list[dict]:
@@ -225,16 +210,20 @@ def paired_gains(rows: list[dict]) -> list[dict]:
 
 def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | None]]:
     """The claims a cold-start table tests, paired by (fraction, seed) over a protocol's mean per-domain AUCs:
-    every fine-tune setting − scratch (does pretraining help?), zero-shot − scratch and freeze-l0-l1 −
-    zero-shot where it exists (does fine-tuning help?), and freeze-l0-l1 (the paper's best) − every other
-    fine-tune setting, within each text setting and variant."""
+    every fine-tune setting and zero-shot − scratch (does pretraining help?), every fine-tune setting −
+    zero-shot (does fine-tuning help?), and freeze-l0-l1 (the paper's best) − every other fine-tune setting,
+    within each text setting and variant (zero-shot, which reads no label, pairs with every fraction)."""
 
-    def auc(setting, variant, text):
-        return {
-            (r["fraction"], r["seed"]): r
-            for r in rows
+    fractions = sorted({r["fraction"] for r in rows if r["protocol"] == protocol and r["setting"] != ZERO_SHOT})
+
+    def auc(setting, variant, text):  # (fraction, seed) -> row; zero-shot's, at every fraction (it reads none)
+        mine = [
+            r for r in rows
             if r["protocol"] == protocol and (r["setting"], r["variant"], r["text"]) == (setting, variant, text)
-        }
+        ]  # fmt: skip
+        if setting == ZERO_SHOT:
+            return {(f, r["seed"]): r for r in mine for f in fractions}
+        return {(r["fraction"], r["seed"]): r for r in mine}
 
     cells = list(dict.fromkeys((r["setting"], r["variant"], r["text"]) for r in rows if r["protocol"] == protocol))
     out = []
@@ -243,9 +232,9 @@ def paired_settings(rows: list[dict], protocol: str) -> list[tuple[str, dict | N
             label = f"{setting} ({variant}, text {text}) − scratch"
             out.append((label, report.paired_runs(auc(setting, variant, text), auc("scratch", "-", text))))
     for setting, variant, text in cells:
-        if setting == "freeze-l0-l1" and (zero := auc(ZERO_SHOT, "-", text)):
+        if setting not in ("scratch", ZERO_SHOT) and (zero := auc(ZERO_SHOT, variant, text)):
             test = report.paired_runs(auc(setting, variant, text), zero)
-            out.append((f"freeze-l0-l1 ({variant}, text {text}) − zero-shot", test))
+            out.append((f"{setting} ({variant}, text {text}) − zero-shot", test))
     for setting, variant, text in cells:
         if setting not in ("scratch", ZERO_SHOT, "freeze-l0-l1"):
             test = report.paired_runs(auc("freeze-l0-l1", variant, text), auc(setting, variant, text))
@@ -311,6 +300,7 @@ def write_report(
                 ),
             ]
         lines += ["", *_ranking_table([r for r in table if r["protocol"] == protocol])]
+        lines += ["", *_selection_table([r for r in rows if r["protocol"] == protocol])]
         if curves := _curves(rows, protocol):
             report.plot_curves(out / f"{protocol}-validation.png", curves, protocol, "validation AUC")
             title = "Validation curves of the first seed with the largest fraction (a star at the chosen step):"
@@ -358,6 +348,33 @@ def _ranking_table(table: list[dict]) -> list[str]:
         "",
         report.wide_markdown(named, key, columns, bold=False),
     ]
+
+
+def _selection_table(rows: list[dict]) -> list[str]:
+    """How well a cell's validation predicts its test AUC, per fraction (the labels choose the step, and a new
+    domain's source): over the fine-tuned and scratch cells, the chosen step's validation AUC against its test AUC
+    (Spearman's rho over cells; the mean gap), and how often the chosen step is the start (step 0: the pretrained
+    model as it is)."""
+    from scipy import stats
+
+    out = [
+        "Selection: the chosen step's validation AUC against its test AUC, over the cells of each fraction "
+        "(rho: Spearman's rank correlation; gap: validation − test, mean; start: cells whose chosen step is the "
+        "pretrained start):",
+        "",
+        "| fraction | cells | valid labels (mean) | rho | gap | start chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fraction in sorted({r["fraction"] for r in rows if r.get("valid_auc") is not None}):
+        cells = [r for r in rows if r["fraction"] == fraction and r.get("valid_auc") is not None]
+        valid, test = np.array([r["valid_auc"] for r in cells]), np.array([r["auc"] for r in cells])
+        rho = stats.spearmanr(valid, test).statistic if len(cells) > 2 else float("nan")
+        labels = np.mean([r["valid_examples"] or 0 for r in cells])
+        start = sum(r.get("step") == 0 for r in cells)
+        out.append(
+            f"| {fraction:g} | {len(cells)} | {labels:,.0f} | {rho:+.2f} | {np.mean(valid - test):+.3f} | {start} |"
+        )
+    return out
 
 
 def _any(table: list[dict], metric: str) -> bool:

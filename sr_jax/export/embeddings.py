@@ -14,11 +14,15 @@ What the vectors mean, and what they do not:
   item vector h_bar: r . h_item ranks items by the first-order Taylor expansion of the model's logit around
   h_bar. It is exact for a model linear in h_item and an approximation otherwise; `recall_at_k` measures how
   much of the model's own top k it finds (retrieval.json), so an index built on it can be judged before use.
+- With the content match (`model.content_match`), an item's `match_vector` is its text's unit vector and a
+  query's `match_vector` the user and query's side of the match: their dot product is the match's share of the
+  logit, exactly; an index ranks by r . h_item + m_query . m_item (one dot product of the concatenations).
 
 Files (Parquet, vectors as fixed-size float32 lists): items.parquet (domain, item_key, item_row, vector,
-id_vector = the item's id-table row, text_vector = its raw text features, null without text) and
-queries.parquet (domain, user_key, query_key, user_vector, query_vector, retrieval_vector,
-query_text_vector), with embeddings.json saying the widths and the model they came from.
+id_vector = the item's id-table row, text_vector = its raw text features, null without text, match_vector) and
+queries.parquet (domain, user_key, query_key, user_vector, query_vector, retrieval_vector, match_vector,
+query_text_vector), with embeddings.json saying the widths and the model they came from (match_vector: one zero
+without the content match).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from flax import nnx
 from tqdm import tqdm
 
 from sr_jax import model as sr_model
@@ -41,6 +46,7 @@ from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
 from sr_jax.export.scoring import device_text_table, model_columns, raw_keys, run_scorer, text_table
 from sr_jax.export.trained import TrainedModel
+from sr_jax.model.match import TEXTS
 from sr_jax import io
 
 ITEM_SIDE = ("item_id", "item_text")
@@ -89,20 +95,38 @@ class Towers:
         params = jax.device_put(model.params)
         g = model.graphdef
         self._sides = jax.jit(lambda b: sr_model.sides(g, params, b, table))
-        self._logits = jax.jit(lambda fused, d: sr_model.from_sides(g, params, fused, d))
+        # the network's logit alone: the content match's side vectors at zero (its share is m_query . m_item)
+        self.matches = model.config.model.content_match and model.config.model.use_text
+        silent = {t: jnp.zeros((1, model.text_dim), jnp.float32) for t in TEXTS} if self.matches else {}
 
-        def gradient(user, query, item, domain):  # d logit / d h_item, one row per example
-            return jax.grad(
-                lambda i: sr_model.from_sides(g, params, {"user": user, "query": query, "item": i}, domain).sum()
+        def network(fused, domain):
+            texts = {t: jnp.broadcast_to(v, (domain.shape[0], v.shape[1])) for t, v in silent.items()}
+            return sr_model.from_sides(g, params, {**fused, **texts}, domain)
+
+        self._logits = jax.jit(network)
+        self._gradient = jax.jit(  # d logit / d h_item, one row per example
+            lambda user, query, item, domain: jax.grad(
+                lambda i: network({"user": user, "query": query, "item": i}, domain).sum()
             )(item)
-
-        self._gradient = jax.jit(gradient)
+        )
+        if self.matches:
+            head = nnx.merge(g, params).l2.match
+            self._query_side = jax.jit(lambda texts, d: head.query_side(texts, d))
 
     def sides(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return map_batches(self._sides, columns, self.batch_size)
 
     def logits(self, fused: dict[str, np.ndarray], domain: np.ndarray) -> np.ndarray:
-        return np.asarray(self._logits({k: jnp.asarray(v) for k, v in fused.items()}, jnp.asarray(domain)))
+        """The network's logits (without the content match's share) of side vectors."""
+        sides = {k: jnp.asarray(fused[k]) for k in ("user", "query", "item")}
+        return np.asarray(self._logits(sides, jnp.asarray(domain)))
+
+    def match_vectors(self, fused: dict[str, np.ndarray], domain: np.ndarray) -> np.ndarray:
+        """The user and query's side of the content match [B, t] (zeros [B, 1] without it)."""
+        if not self.matches:
+            return np.zeros((len(domain), 1), np.float32)
+        texts = {k: jnp.asarray(fused[k]) for k in TEXTS}
+        return np.asarray(self._query_side(texts, jnp.asarray(domain)))
 
     def gradient(self, user: np.ndarray, query: np.ndarray, item: np.ndarray, domain: np.ndarray) -> np.ndarray:
         return np.asarray(self._gradient(user, query, item, domain))
@@ -149,7 +173,8 @@ def embed(
     for k in tqdm(sorted(set(merged["domain"][keep].tolist())), desc="items", unit="domain"):
         rows = keep[merged["domain"][keep] == k]
         columns = _blank(model, {c: merged[c][rows] for c in merged}, len(rows))
-        fused = towers.sides(columns)["item"]
+        sides = towers.sides(columns)
+        fused = sides["item"]
         mean_item[k] = fused.mean(0)
         texts = columns["item_text"]
         text_vectors = _vectors(
@@ -164,6 +189,7 @@ def embed(
                     "vector": _vectors(fused),
                     "id_vector": _vectors(model.params["l0"]["id_tables"]["item"][columns["item_id"]]),
                     "text_vector": pa.array(text_vectors, mask=texts < 0),
+                    "match_vector": _vectors(sides["item_text"] if towers.matches else np.zeros((len(rows), 1))),
                 }
             )
         )
@@ -200,6 +226,7 @@ def embed(
                     "user_vector": _vectors(fused["user"]),
                     "query_vector": _vectors(fused["query"]),
                     "retrieval_vector": _vectors(gradient),
+                    "match_vector": _vectors(towers.match_vectors(fused, batch["domain"])),
                     "query_text_vector": pa.array(
                         _vectors(
                             pooled[np.maximum(texts, 0)] if model.config.model.use_text else np.zeros((len(rows), 1))
@@ -253,24 +280,30 @@ def recall_at_k(
         )
         if its.num_rows <= k or not qs.num_rows:
             continue
-        item_vectors = matrix(its["vector"])
+        item_vectors, item_match = matrix(its["vector"]), matrix(its["match_vector"])
         picked = np.random.default_rng(0).permutation(qs.num_rows)[:per_domain]
-        user, query, retrieval = (matrix(qs[c])[picked] for c in ("user_vector", "query_vector", "retrieval_vector"))
+        user, query, retrieval, match = (
+            matrix(qs[c])[picked] for c in ("user_vector", "query_vector", "retrieval_vector", "match_vector")
+        )
         domain = np.full(its.num_rows, domains.index(name), np.int32)
         found = {"retrieval_vector": [], "fused_dot": []}
-        for u, q, r in zip(user, query, retrieval):
+        for u, q, r, m in zip(user, query, retrieval, match):
             n = its.num_rows
-            logits = towers.logits(
-                {
-                    "user": np.broadcast_to(u, (n, len(u))),
-                    "query": np.broadcast_to(q, (n, len(q))),
-                    "item": item_vectors,
-                },
-                domain,
-            )
+            logits = (
+                towers.logits(
+                    {
+                        "user": np.broadcast_to(u, (n, len(u))),
+                        "query": np.broadcast_to(q, (n, len(q))),
+                        "item": item_vectors,
+                    },
+                    domain,
+                )
+                + item_match @ m
+            )  # the model's logit: the network's and the content match's share
             truth = set(np.argsort(-logits, kind="stable")[:k].tolist())
-            for method, v in (("retrieval_vector", r), ("fused_dot", u + q)):
-                top = np.argsort(-(item_vectors @ v), kind="stable")[:k]
+            scores = {"retrieval_vector": item_vectors @ r + item_match @ m, "fused_dot": item_vectors @ (u + q)}
+            for method, score in scores.items():
+                top = np.argsort(-score, kind="stable")[:k]
                 found[method].append(len(truth & set(top.tolist())) / k)
         out[name] = {
             "items": its.num_rows,

@@ -50,6 +50,7 @@ _TORCH_NAMES = [
     (r"l1/backbone/experts/layers/(\d+)/(bias|kernel)", "experts.{pair}"),
     (r"l2/gate/(kernel|bias)", "gate_{0}"),
     (r"l2/tower/layers/(\d+)/(bias|kernel)", "tower.{pair}"),
+    (r"l2/match/weight", "match_weight"),
 ]
 
 

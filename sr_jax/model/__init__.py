@@ -136,6 +136,11 @@ def from_sides(graphdef: nnx.GraphDef, params: Params, fused: dict[str, jax.Arra
     return nnx.merge(graphdef, params).from_sides(fused, domain)[0]
 
 
+def tower_output(cfg: ModelConfig) -> str:
+    """The path of the towers' output kernel [K, h, 1] (the network's per-domain logit)."""
+    return f"l2/tower/layers/{len(cfg.tower_hidden)}/kernel"
+
+
 def stats_mask(graphdef: nnx.GraphDef, params: Params) -> Params:
     """A tree like `params` of bools: True for batch statistics (not trained by the optimizer: they follow the
     data through `apply(..., train=True)`)."""
@@ -174,5 +179,6 @@ __all__ = [
     "sides",
     "stats_mask",
     "table_rows",
+    "tower_output",
     "with_stats",
 ]

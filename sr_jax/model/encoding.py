@@ -20,6 +20,7 @@ from flax import nnx
 from sr_jax.config import ModelConfig
 from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
+from sr_jax.model.match import unit_texts
 from sr_jax.model.layers import Array, hash_ids, masked_softmax, normal
 from sr_jax.model.lookup import routed_axes, routed_lookup
 
@@ -46,7 +47,7 @@ def side_aspects(cfg: ModelConfig, meta: DatasetMeta) -> dict[str, tuple[str, ..
     sparse = {s: ("sparse",) if any(f.side == s for f in meta.sparse_fields) else () for s in SIDES}
     dense = {s: ("dense",) if any(f.side == s for f in meta.dense_fields) else () for s in SIDES}
     text = ("text",) if cfg.use_text else ()
-    history = ("history",) if cfg.user_history else ()
+    history = ("history",) if cfg.user_history > 0 else ()  # -1 (auto) is resolved by a run, read here as 0
     return {
         "user": ("id",) + sparse["user"] + dense["user"] + history,
         "query": ("id",) + text,
@@ -109,12 +110,12 @@ class FeatureEncoder(nnx.Module):
         self.dense = nnx.Dict(
             {table_key(f.column)[1]: normal(rngs, (2, cfg.dim), cfg.embedding_init_std) for f in meta.dense_fields}
         )
-        text_sides = ("query", "item", *(("history",) if cfg.user_history else ())) if cfg.use_text else ()
+        text_sides = ("query", "item", *(("history",) if cfg.user_history > 0 else ())) if cfg.use_text else ()
         self.text_proj = nnx.Dict({s: nnx.Linear(text_dim, cfg.dim, rngs=rngs) for s in text_sides})
         self.text_dim = text_dim
         self.id_dropout = cfg.id_dropout
         self.lookup, self.lookup_capacity = cfg.lookup, cfg.lookup_capacity
-        attend = cfg.user_history and cfg.history_pooling == "attention"
+        attend = cfg.user_history > 0 and cfg.history_pooling == "attention"
         self.history_attention = HistoryAttention(cfg.dim, rngs=rngs) if attend else None
 
     def table_rows(self, batch: dict[str, Array]) -> dict[tuple[str, str], Array]:
@@ -191,6 +192,12 @@ class FeatureEncoder(nnx.Module):
         vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, capacity)
         self.sow(nnx.Intermediate, "lookup_dropped", dropped)
         return {k: v.reshape(*rows[k].shape, v.shape[-1]) for k, v in zip(keys, vectors)}
+
+    def unit_texts(self, batch: dict[str, Array], text: TextTable) -> dict[str, Array]:
+        """The content match's side vectors (`match.unit_texts`): unit text vectors of the item, the query and
+        the user's history (its mean; zero where the model reads no history)."""
+        history = batch[HISTORY] if "history" in self.aspects["user"] else None
+        return unit_texts(text.pooled, batch["query_text"], batch["item_text"], history)
 
     def _history(self, batch: dict[str, Array], text: TextTable) -> Array:
         """[B, d]: the projected mean of the history items' texts, or their attention-weighted sum."""

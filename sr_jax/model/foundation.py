@@ -28,6 +28,7 @@ from sr_jax.model.domain_adaptation import (
 from sr_jax.model.encoding import SIDES, Aspects, FeatureEncoder, TextTable, side_aspects
 from sr_jax.model.fusion import AspectGate
 from sr_jax.model.layers import Array, StackedDense, StackedMLP, normal
+from sr_jax.model.match import TEXTS, ContentMatch
 
 
 class SharedAdaptation(nnx.Module):
@@ -78,9 +79,12 @@ class DomainHeads(nnx.Module):
         self.gate = StackedDense(num_domains, gate_width(cfg, width), experts, rngs=rngs) if experts > 1 else None
         self.tower = StackedMLP(num_domains, cfg.expert_hidden[-1], (*cfg.tower_hidden, 1), rngs=rngs, linear_out=True)
         self.aux = StarAuxiliary(num_domains, width, rngs=rngs) if cfg.backbone == "star" else None
+        self.match = ContentMatch(num_domains) if cfg.content_match and cfg.use_text else None
 
-    def __call__(self, x_hat: Array, experts: Array, gate_input: Array, domain: Array) -> tuple[Array, Array]:
-        """-> (logits [B] float32, expert weights [B, E])"""
+    def __call__(
+        self, x_hat: Array, experts: Array, gate_input: Array, domain: Array, texts: dict[str, Array] | None = None
+    ) -> tuple[Array, Array]:
+        """-> (logits [B] float32, expert weights [B, E]); `texts`: the content match's side vectors."""
         if self.gate is None:
             g, mixed = jnp.ones(experts.shape[:2], jnp.float32), experts[:, 0]
         else:
@@ -89,6 +93,10 @@ class DomainHeads(nnx.Module):
         logits = self.tower.own_layer(mixed, domain, self.dtype)[:, 0]
         if self.aux is not None:
             logits = logits + self.aux(x_hat, domain, self.dtype)
+        if self.match is not None:
+            if texts is None:
+                raise ValueError("model.content_match: the logits need the text side vectors that `sides` gives")
+            logits = logits.astype(jnp.float32) + self.match(texts, domain)
         return logits, g
 
 
@@ -122,13 +130,17 @@ class SRFoundationModel(nnx.Module):
         key = jax.random.key(0) if key is None else key
         aspects = self.l0(batch, text, table_rows, train=train, key=jax.random.fold_in(key, 1))
         fused, weights = self.l1.fuse(aspects, batch["domain"])
+        if self.l2.match is not None:
+            fused = {**fused, **self.l0.unit_texts(batch, text)}
         logits, aux = self.from_sides(fused, batch["domain"], train=train, key=key, reference=reference)
         aux["aspect_weights"] = weights
         return logits, aux
 
     def sides(self, batch: dict[str, Array], text: TextTable) -> dict[str, Array]:
-        """The fused user, query and item vectors [B, d] of each example: what the network above them sees."""
-        return self.l1.fuse(self.l0(batch, text), batch["domain"])[0]
+        """The fused user, query and item vectors [B, d] of each example: what the network above them sees; with
+        the content match, also each side's unit text vector [B, text_dim] (`match.TEXTS`)."""
+        fused = self.l1.fuse(self.l0(batch, text), batch["domain"])[0]
+        return {**fused, **self.l0.unit_texts(batch, text)} if self.l2.match is not None else fused
 
     def from_sides(
         self,
@@ -142,5 +154,6 @@ class SRFoundationModel(nnx.Module):
         """The logits [B] from the fused side vectors (`sides`) and the domains [B]; aux as `__call__`'s."""
         key = jax.random.key(0) if key is None else key
         x_hat, experts, gate_input, aux = self.l1(fused, domain, train, key, reference)
-        logits, aux["expert_weights"] = self.l2(x_hat, experts, gate_input, domain)
+        texts = {k: fused[k] for k in TEXTS if k in fused} or None
+        logits, aux["expert_weights"] = self.l2(x_hat, experts, gate_input, domain, texts)
         return logits, aux

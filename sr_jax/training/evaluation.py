@@ -177,11 +177,16 @@ def markdown_table(result: dict) -> str:
             f"({chosen['score']:.4f}; {chosen.get('data', 'validation data')}), of {result['trained_steps']} steps "
             "trained."
         )
+        if start := chosen.get("start"):
+            kept = max(start, key=start.get)
+            scores = ", ".join(f"{name} {score:.4f}" for name, score in start.items())
+            lines.append(f"Step 0's candidates on the validation data: {scores} ({kept} offered as step 0).")
     if strategy := result.get("strategy"):
+        margin = "" if strategy["margin"] is None else f"; +{strategy['margin']:.4f} over the runner-up"
         lines.append(
-            f"Strategy {strategy['chosen']} (train.finetune --strategy auto), kept for its validation "
-            f"{strategy['metric']} ({', '.join(f'{k} {v:.4f}' for k, v in strategy['validation'].items())}; "
-            f"+{strategy['margin']:.4f} over the runner-up): its run is {strategy['run']}."
+            f"Strategy {strategy['chosen']} (train.finetune --strategy auto), kept by {strategy['rule']}: validation "
+            f"{strategy['metric']} {', '.join(f'{k} {v:.4f}' for k, v in strategy['validation'].items())}{margin}; "
+            f"its run is {strategy['run']}."
         )
     if budget := result.get("budget"):
         lines.append(

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sr_jax import distributed
+from sr_jax import model as sr_model
 from sr_jax.config import profile_window
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.training import evaluation
@@ -28,6 +29,7 @@ from sr_jax.training.metrics_log import MetricsLog
 from sr_jax.training.program import compile_train_step
 from sr_jax.training.spec import RunSpec
 from sr_jax.training.steps import TrainState
+from sr_jax.treeutil import flatten, unflatten
 
 log = logging.getLogger("sr_jax")
 
@@ -52,6 +54,7 @@ class Run:
     checkpointer: Checkpointer
     best: BestCheckpoint | None = None  # the best validated parameters (train.eval_every)
     validation: list = dataclasses.field(default_factory=list)  # [step, score] of every validation so far
+    start_scores: dict = dataclasses.field(default_factory=dict)  # a fine-tune's step-0 candidates' scores
     # Called with (step, score) after every validation; True stops the run there (a tuner's pruner).
     on_validation: Callable[[int, float], bool] | None = None
     compile_seconds: float = 0.0  # the train step's ahead-of-time compilation (0 until compiled)
@@ -144,7 +147,10 @@ def position(run: Run, step: int) -> dict:
     """Where the data stand after `step`, and the validation scores so far (what early stopping decides on)."""
     epoch, batch = divmod(step, run.spec.steps_per_epoch)
     seed = run.spec.config.train.seed
-    return {"step": step, "epoch": epoch, "batch": batch, "seed": seed, "validation": run.validation}
+    return {
+        "step": step, "epoch": epoch, "batch": batch, "seed": seed,
+        "validation": run.validation, "start_scores": run.start_scores,
+    }  # fmt: skip
 
 
 def stops_early(history: list, patience: int, min_delta: float) -> bool:
@@ -158,20 +164,59 @@ def stops_early(history: list, patience: int, min_delta: float) -> bool:
     return since >= patience
 
 
-def validate_step(run: Run, params, step: int) -> float:
-    """Scores `params` on the validation data, offers them to the best checkpoint, records the score."""
+def validation_score(run: Run, params, step: int) -> float:
+    """`params`' score on the validation data (train.early_stopping_metric), as the model stands after `step`."""
     cfg = run.spec.config
     columns = run.spec.valid_columns
     missing = cfg.model.untrained_ids == "missing"  # then the rows read so far are known, the others missing
     trained = trained_so_far(run.spec, step) if missing else run.spec.trained_rows
     logits = evaluation.predict_logits(run.spec, params, columns, trained)
     result = evaluation.compute_metrics(run.spec.dataset, "validation", logits, columns, warm=None)
-    score = (
+    return (
         result["mean_domain_auc"] if cfg.train.early_stopping_metric == "mean_domain_auc" else result["overall"]["auc"]
     )
+
+
+def validate_step(run: Run, params, step: int, score: float | None = None) -> float:
+    """Scores `params` on the validation data (unless `score` is given), offers them to the best checkpoint,
+    records the score."""
+    score = validation_score(run, params, step) if score is None else score
     run.best.save(step, params, score)
     run.validation = [*[v for v in run.validation if v[0] < step], [step, score]]
     return score
+
+
+ZERO_SHOT_START = "the zero-shot model"  # step 0's other candidate: new domains scored by their source's match
+PRETRAINED_START = "the pretrained start"
+
+
+def validate_start(run: Run, params) -> None:
+    """A fine-tune's step 0: its start is a candidate result (with few labels, training may not beat it), and
+    so, where it has new domains that start from a source's tower, is the zero-shot model (those towers' output
+    layer at zero: each new domain scored by its source's content match, what `--strategy zero-shot` reports).
+    The better on the validation data is offered as step 0 (run.start_scores records both); training goes on
+    from `params`."""
+    candidates = {PRETRAINED_START: params}
+    if (zero := zero_shot_params(run.spec, params)) is not None:
+        candidates[ZERO_SHOT_START] = zero
+    run.start_scores = {name: validation_score(run, p, 0) for name, p in candidates.items()}
+    kept = max(run.start_scores, key=run.start_scores.get)
+    validate_step(run, candidates[kept], 0, run.start_scores[kept])
+    log.info("validation at step 0: %s; %s kept as step 0's candidate", _scores(run.start_scores), kept)
+
+
+def _scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {score:.4f}" for name, score in scores.items())
+
+
+def zero_shot_params(spec: RunSpec, params):
+    """`params` with the towers' output kernel of every new domain at zero (None: no new domain, or its rows
+    already start so: `finetune.new_domain_init` match; or fresh, which has no source to score by)."""
+    mapping = spec.start.domain_map if spec.start else None
+    if mapping is None or not mapping.new_domains or spec.config.finetune.new_domain_init != "source":
+        return None
+    path, rows = sr_model.tower_output(spec.config.model), np.asarray(mapping.new_domains)
+    return unflatten({p: leaf.at[rows].set(0.0) if p == path else leaf for p, leaf in flatten(params).items()})
 
 
 def batches(spec: RunSpec, start: int):
@@ -195,10 +240,17 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
     A SIGTERM or SIGINT finishes the step, saves it and raises `TrainingInterrupted`."""
     spec = run.spec
     cfg = spec.config
-    start, stop = int(state.step), min(until or spec.total_steps, spec.total_steps)
+    start, stop = int(state.step), min(spec.total_steps if until is None else until, spec.total_steps)
     patience, min_delta = cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
+    if spec.total_steps == 0:  # train.max_steps=0: the start is the result, saved as step 0
+        if run.checkpointer.latest_step() is None:
+            run.checkpointer.save(0, state, position(run, 0), force=True)
+        run.checkpointer.wait()
+        return state
     if start >= cfg.train.min_steps and stops_early(run.validation, patience, min_delta):
         return state  # a resumed run that had stopped early: done
+    if start == 0 and run.best is not None and cfg.finetune.pretrained and not run.validation:
+        validate_start(run, state.params)
     feed = prefetch_to_device(batches(spec, start), spec.global_batch, cfg.data.prefetch)
     desc, primary = "finetune" if cfg.finetune.pretrained else "train", distributed.is_primary()
     step_fn = run.compiled_train_step()

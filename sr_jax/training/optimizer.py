@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sr_jax.config import TrainConfig
@@ -138,11 +139,81 @@ def decays(path: tuple) -> bool:
     return "kernel" in name and not any(factor in name for factor in NOT_DECAYED)
 
 
+def fresh_parts(
+    params: Any, roles: Any, per_domain: Any, new_domains: Sequence[int], new_rows: Any, new_leaves: frozenset[str]
+) -> Any:
+    """What a fine-tune did not take from pretraining, for `guard`: per TRAIN leaf a bool mask broadcast against
+    it, True where it is new (a new field's leaf; a per-domain leaf's new-domain rows; a table's rows the
+    pretrained run never trained, `new_rows.mask`); None for the other roles (NEW_DOMAINS rows are all new,
+    SPARSE tables take their own rule)."""
+    rows = np.zeros(0, np.int32) if not new_domains else np.asarray(new_domains, np.int32)
+
+    def fresh(path, role, leaf, is_per_domain):
+        if role != TRAIN:
+            return None
+        shape = (-1, *[1] * (len(leaf.shape) - 1))
+        key = tuple(path_names(path)[1:3])
+        if path_str(path) in new_leaves:
+            return np.bool_(True)
+        if is_per_domain:
+            mask = np.zeros(leaf.shape[0], bool)
+            mask[rows] = True
+            return mask.reshape(shape)
+        if new_rows is not None and key in new_rows.mask:
+            return np.asarray(new_rows.mask[key]).reshape(shape)
+        return np.bool_(False)
+
+    return jax.tree_util.tree_map_with_path(fresh, roles, params, per_domain)
+
+
+def guard(fresh: Any, probe_steps: int, rate: float, l2sp: float) -> tuple[list, list]:
+    """Fine-tuning that keeps what pretraining learned (`finetune.probe_steps`, `pretrained_lr`, `l2sp_weight`):
+    (transforms before the optimizer, after it). Before: L2-SP, the gradient of l2sp/2 ||theta - theta_0||^2 of
+    the pretrained parts (theta_0, the start, kept in the optimizer state). After: the pretrained parts' updates
+    are zero for the first `probe_steps` steps (linear probing: only new rows, domains and fields move), then
+    scaled by `rate`. `fresh`: `fresh_parts`."""
+    is_none = lambda x: x is None  # noqa: E731
+
+    def pretrained(f, x, value):
+        return x if f is None or x is None else jnp.where(f, x, value)
+
+    before, after = [], []
+    if l2sp:
+
+        def init(params):
+            return jax.tree.map(lambda f, p: None if f is None else p, fresh, params, is_leaf=is_none)
+
+        def update(updates, start, params):
+            pull = jax.tree.map(
+                lambda f, g, p, p0: pretrained(f, g, g + l2sp * (p - p0)) if f is not None else g,
+                fresh, updates, params, start, is_leaf=is_none,
+            )  # fmt: skip
+            return pull, start
+
+        before.append(optax.GradientTransformation(init, update))
+    if probe_steps or rate != 1.0:
+
+        def scale(updates, state, params=None):
+            factor = jnp.where(state.count < probe_steps, 0.0, rate)
+            scaled = jax.tree.map(lambda f, u: pretrained(f, u, factor * u), fresh, updates, is_leaf=is_none)
+            return scaled, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+        after.append(
+            optax.GradientTransformation(lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), scale)
+        )
+    return before, after
+
+
 def build_optimizer(
-    cfg: TrainConfig, total_steps: int, roles: Any, new_domains: Sequence[int] = ()
+    cfg: TrainConfig,
+    total_steps: int,
+    roles: Any,
+    new_domains: Sequence[int] = (),
+    guarded: tuple[list, list] = ([], []),
 ) -> optax.GradientTransformation:
     """For the trainable part (`partition(params, roles)[0]`) of the params, its gradient already passed
-    through `zero_frozen_rows`: clip -> the configured optimizer on TRAIN leaves and on the NEW_DOMAINS rows."""
+    through `zero_frozen_rows`: clip -> (`guard`'s L2-SP) -> the configured optimizer on TRAIN leaves and on the
+    NEW_DOMAINS rows -> (`guard`'s probing and pretrained rate)."""
     lr = learning_rate(cfg, total_steps)
 
     def decay_mask(params):
@@ -157,9 +228,12 @@ def build_optimizer(
     opt = optimizers[cfg.optimizer]()
     clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     rows = tuple(new_domains) or (0,)  # NEW_DOMAINS leaves exist only when new_domains is not empty
+    before, after = guarded
     return optax.chain(
         *clip,
+        *before,
         optax.multi_transform(
             {TRAIN: opt, NEW_DOMAINS: on_rows(opt, rows), SPARSE: optax.identity()}, partition(roles, roles)[0]
         ),
+        *after,
     )

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
-from sr_jax.config import Config
+from sr_jax.config import Config, ConfigError, FinetuneConfig
 from sr_jax.data import vocabulary
 from sr_jax.data.schema import ID_FIELDS
 from sr_jax.data.selection import Columns, select_domains
@@ -32,7 +32,10 @@ class PretrainedStart:
 
     folder: Path  # where its records are read: the run's own snapshot, else the pretrained run folder
     run_info: dict  # the pretrained run's run_info.json
-    domain_map: DomainMap  # fine-tune domain -> pretrained row (None: a new domain)
+    domain_map: DomainMap  # fine-tune domain -> pretrained row (None: a new domain), and new domains' starts
+    # new domain -> the pretrained rows of its task that could be its source: the validation data choose among
+    # them (`restore.choose_sources`) when there are several, none was named and the run validates
+    candidates: dict[int, tuple[int, ...]]
     trained_rows: dict[str, np.ndarray]  # table -> [model rows] bool: the rows the pretrained run trained
     new_rows: NewRows  # the table rows the pretrained run never trained
     new_leaves: frozenset[str]  # the leaves the pretrained run lacks (a new sparse field's)
@@ -40,10 +43,57 @@ class PretrainedStart:
     replay: Columns | None  # the pretraining examples a fine-tune batch replays (in the model's rows)
 
 
-def domain_map(dataset: Dataset, run_info: dict) -> DomainMap:
+def pretrained_tasks(run_info: dict) -> list[str | None]:
+    """The task of each pretrained domain: run_info's record, or for a run from before it, the name's prefix
+    (search_*, rec_*; None: unknown)."""
+    if tasks := run_info.get("domain_tasks"):
+        return list(tasks)
+    return [next((t for t in ("search", "rec") if name.startswith(t)), None) for name in run_info["domains"]]
+
+
+def domain_map(
+    dataset: Dataset, run_info: dict, tune: FinetuneConfig, tower_output: str = ""
+) -> tuple[DomainMap, dict[int, tuple[int, ...]]]:
+    """(the map of the fine-tune's domains onto the pretrained rows, by name, with each new domain's start as
+    `finetune.new_domain_init` and `domain_source` say; the source candidates the validation data choose among).
+    `tower_output`: the path of the towers' output kernel, which `match` starts at zero.
+    A new domain's candidates are the trained pretrained domains of its task (all of them when none has it);
+    before the validation data choose, it starts from the one with the most pretraining examples."""
     rows = {name: k for k, name in enumerate(run_info["domains"])}
-    trained = set(run_info["trained_domains"])
-    return DomainMap(tuple(rows[d.name] if d.name in trained else None for d in dataset.meta.domains))
+    trained = [rows[n] for n in run_info["trained_domains"]]
+    tasks, examples = pretrained_tasks(run_info), run_info.get("domain_examples") or [0] * len(rows)
+    named = {new.strip(): old.strip() for new, old in (pair.split("=", 1) for pair in tune.domain_source)}
+    names = [d.name for d in dataset.meta.domains]
+    new = {k for k, n in enumerate(names) if n not in run_info["trained_domains"]}
+    for new_name, old in named.items():
+        if new_name not in [names[k] for k in new]:
+            raise ConfigError(
+                f"finetune.domain_source={new_name}={old}: {new_name!r} is not a new domain of {dataset.root} "
+                f"(its new domains: {[names[k] for k in sorted(new)]})"
+            )
+        if old not in run_info["trained_domains"]:
+            raise ConfigError(
+                f"finetune.domain_source={new_name}={old}: the pretrained run trained no domain {old!r} (it trained "
+                f"{run_info['trained_domains']})"
+            )
+    mapping = DomainMap(tuple(None if k in new else rows[n] for k, n in enumerate(names)))
+    candidates = {}
+    for k in sorted(new):
+        task = dataset.meta.domains[k].task
+        same = tuple(r for r in trained if tasks[r] == task) or tuple(trained)
+        if tune.new_domain_init == "fresh" or not same:
+            continue
+        if tune.new_domain_init == "mean":
+            mapping = mapping.starting(k, same)
+        elif names[k] in named:
+            mapping = mapping.starting(k, (rows[named[names[k]]],))
+        else:
+            mapping = mapping.starting(k, (max(same, key=lambda r: (examples[r], -r)),))
+            if len(same) > 1:
+                candidates[k] = same
+    if tune.new_domain_init == "match":
+        mapping = dataclasses.replace(mapping, silent=frozenset({tower_output}))
+    return mapping, candidates
 
 
 def check_text_encoder(run_info: dict, text: tuple[str, str], run_dir: str | Path) -> None:
@@ -115,13 +165,15 @@ def read_start(
     new_rows = untrained_rows(trained, table_rows, set(ID_FIELDS) if cfg.model.id_buckets else set())
     if cfg.finetune.new_rows_init == "text" and cfg.model.use_text:
         new_rows = _with_text_estimates(new_rows, folder, dataset, row_map, pooled, cfg.model.dim)
+    mapping, candidates = domain_map(dataset, run_info, cfg.finetune, sr_model.tower_output(cfg.model))
     reference = None
     if cfg.finetune.align_reference and cfg.model.regularizer != "none":
         reference = jax.device_put(alignment.read_reference(folder, cfg.model), shd.replicated(mesh))
     return PretrainedStart(
         folder=folder,
         run_info=run_info,
-        domain_map=domain_map(dataset, run_info),
+        domain_map=mapping,
+        candidates=candidates,
         trained_rows=trained,
         new_rows=new_rows,
         new_leaves=new_leaf_paths(abstract_params, row_map.new_fields),

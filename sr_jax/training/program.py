@@ -21,7 +21,14 @@ from sr_jax import sharding as shd
 from sr_jax.config import Config, validate
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.training import sparse_update
-from sr_jax.training.optimizer import build_optimizer, check_levels, learning_rate, param_roles
+from sr_jax.training.optimizer import (
+    build_optimizer,
+    check_levels,
+    fresh_parts,
+    guard,
+    learning_rate,
+    param_roles,
+)
 from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
 from sr_jax.training.transfer import NewRows
 
@@ -76,7 +83,12 @@ def build_program(
         has_new_rows=rows_only,
         new_leaves=new_leaves,
     )
-    tx = build_optimizer(cfg.train, total_steps, roles, new_domains)
+    tune = cfg.finetune
+    guarded = ([], [])
+    if tune.pretrained and (tune.probe_steps or tune.pretrained_lr != 1.0 or tune.l2sp_weight):
+        fresh = fresh_parts(params, roles, per_domain, new_domains, new_rows, new_leaves)
+        guarded = guard(fresh, tune.probe_steps, tune.pretrained_lr, tune.l2sp_weight)
+    tx = build_optimizer(cfg.train, total_steps, roles, new_domains, guarded)
     shapes = jax.eval_shape(lambda p: init_state(p, roles, tx, rule, trainable_rows), params)
     rules = shd.parse_rules(cfg.mesh.rules)
     shardings = state_shardings(mesh, shapes, rules)

@@ -67,11 +67,14 @@ def write_run_info(
     """Records what the run's parameters mean. `train_domains`: the domain column of the train data."""
     names = [d.name for d in dataset.meta.domains]
     trained = {names[k] for k in np.unique(train_domains)}
+    examples = np.bincount(np.asarray(train_domains, np.int64), minlength=len(names))
     if pretrained is not None:
         trained |= set(pretrained["trained_domains"]) & set(names)
     info = {
         "dataset": dataset.meta.name,
         "domains": names,
+        "domain_tasks": [d.task for d in dataset.meta.domains],
+        "domain_examples": [int(n) for n in examples],  # this run's training examples per domain
         "trained_domains": [n for n in names if n in trained],
         "train_split": train_split,
         "text_encoder": text[0],

@@ -3,12 +3,18 @@ that restores; and the parameters evaluation reads (a checkpoint's, or the run's
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
+from sr_jax import distributed
 from sr_jax import model as sr_model
+from sr_jax.io import atomic_file
+from sr_jax.training import evaluation
 from sr_jax.config import Config
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, ParamsReader
@@ -16,7 +22,8 @@ from sr_jax.training.loop import Run
 from sr_jax.training.program import Program
 from sr_jax.training.spec import RunSpec
 from sr_jax.training.steps import TrainState, init_state
-from sr_jax.training.transfer import init_new_rows, merge_pretrained, restore_pretrained
+from sr_jax.training.handover import trained_so_far
+from sr_jax.training.transfer import DomainMap, init_new_rows, merge_pretrained, restore_pretrained
 
 log = logging.getLogger("sr_jax")
 
@@ -48,7 +55,7 @@ def initial_state(spec: RunSpec) -> TrainState:
     )
     counts = {t: int(m.sum()) for t, m in start.new_rows.mask.items() if m.any()}
     log.info(
-        "restored %s; new domains (fresh rows): %s; new keys per table: %s; rows never trained (start from %s, "
+        "restored %s; new domains: %s; new keys per table: %s; rows never trained (start from %s, "
         "trainable whatever is frozen): %s; new fields: %s",
         cfg.finetune.pretrained,
         [spec.dataset.meta.domains[k].name for k in start.domain_map.new_domains] or "none",
@@ -58,13 +65,76 @@ def initial_state(spec: RunSpec) -> TrainState:
         list(spec.row_map.new_fields) or "none",
     )
 
-    def make(pre) -> TrainState:
+    def make(pre, mapping: DomainMap) -> TrainState:
         fresh = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
-        params = merge_pretrained(pre, fresh, program.per_domain, start.domain_map)
+        params = merge_pretrained(pre, fresh, program.per_domain, mapping)
         params = init_new_rows(params, start.new_rows, cfg.finetune.new_rows_init)
         return init_state(params, program.roles, program.tx, program.embedding_update, program.trainable_rows)
 
-    return jax.jit(make, out_shardings=program.state_shardings)(pretrained)
+    def state(mapping: DomainMap) -> TrainState:
+        return jax.jit(lambda pre: make(pre, mapping), out_shardings=program.state_shardings)(pretrained)
+
+    mapping, record = choose_sources(spec, lambda m: state(m).params)
+    if record:
+        log.info("new domains start from: %s", json.dumps(record))
+        if distributed.is_primary():
+            with atomic_file(spec.workdir / NEW_DOMAINS) as tmp:
+                tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return state(mapping)
+
+
+NEW_DOMAINS = "new_domains.json"  # a fine-tune's record of where each new domain's rows started
+
+
+def choose_sources(spec: RunSpec, params_of: Callable[[DomainMap], Any]) -> tuple[DomainMap, dict]:
+    """The start of every new domain (`pretrained.domain_map`), with the source of each that has several
+    candidates (its task's pretrained domains, none named) chosen by the AUC of its validation rows when its
+    rows start from each (one evaluation of the validation data per candidate); -> (the map, per new domain
+    name: {"init", "from": [pretrained names], "chosen_by", "scores"})."""
+    start, cfg = spec.start, spec.config
+    names, pretrained = [d.name for d in spec.dataset.meta.domains], start.run_info["domains"]
+    mapping, how = start.domain_map, {}
+    choosing = {k: c for k, c in start.candidates.items() if spec.valid_columns is not None}
+    scores = {k: {} for k in choosing}
+    for r in range(max((len(c) for c in choosing.values()), default=0)):
+        trial = mapping
+        for k, candidates in choosing.items():
+            trial = trial.starting(k, (candidates[r % len(candidates)],))
+        trained = trained_so_far(spec, 0)
+        logits = evaluation.predict_logits(spec, params_of(trial), spec.valid_columns, trained)
+        result = evaluation.compute_metrics(spec.dataset, "validation", logits, spec.valid_columns, warm=None)
+        for k, candidates in choosing.items():
+            auc = result["domains"].get(names[k], {}).get("auc")
+            scores[k][candidates[r % len(candidates)]] = auc if auc is not None and np.isfinite(auc) else -np.inf
+    for k, by in scores.items():
+        if max(by.values()) > -np.inf:
+            mapping = mapping.starting(k, (max(by, key=by.get),))
+    named = {pair.split("=", 1)[0].strip() for pair in cfg.finetune.domain_source}
+    for k in mapping.new_domains:
+        rows = mapping.start[k] if mapping.start else ()
+        init = cfg.finetune.new_domain_init if rows else "fresh"
+        if k in scores and max(scores[k].values()) > -np.inf:
+            chosen_by = "validation AUC of the new domain's rows"
+        elif init in ("source", "match"):
+            chosen_by = (
+                "named (finetune.domain_source)" if names[k] in named
+                else "the most pretraining examples of its task" if k in start.candidates
+                else "the only pretrained domain of its task"
+            )  # fmt: skip
+        else:
+            chosen_by = {"mean": "the mean of its task's pretrained domains", "fresh": "a fresh init"}[init]
+        how[names[k]] = {
+            "init": init,
+            "from": [pretrained[r] for r in rows],
+            "chosen_by": chosen_by,
+            # a source whose validation rows have no AUC (one label only): null
+            **(
+                {"scores": {pretrained[r]: s if s > -np.inf else None for r, s in scores[k].items()}}
+                if k in scores
+                else {}
+            ),
+        }
+    return mapping, how
 
 
 def restore_or_init(run: Run) -> TrainState:
@@ -91,6 +161,7 @@ def restore_or_init(run: Run) -> TrainState:
         )
     log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), position["epoch"], position["batch"])
     run.validation = [list(v) for v in position.get("validation", [])]
+    run.start_scores = dict(position.get("start_scores", {}))
     return state
 
 

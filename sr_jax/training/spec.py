@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
-from sr_jax.config import Config, ConfigError, validate
+from sr_jax.config import HISTORY_AUTO, Config, ConfigError, validate
 from sr_jax.data import history, vocabulary
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.data.pipeline import rows_read
@@ -36,6 +37,8 @@ from sr_jax.text import text_identity
 from sr_jax.training import records
 from sr_jax.training.pretrained import PretrainedStart, read_start
 from sr_jax.training.program import Program, build_program
+
+log = logging.getLogger("sr_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +80,10 @@ class RunSpec:
 
     @property
     def budget(self) -> dict[str, int]:
-        """The labels the run used: those it trains on, and those that choose its step (validation)."""
+        """The labels the run used: those it trains on (none without a step), and those that choose its step or
+        its new domains' sources (validation)."""
         valid = 0 if self.valid_columns is None else len(self.valid_columns["label"])
-        return {"train_examples": len(self.train_columns["label"]), "valid_examples": valid}
+        return {"train_examples": len(self.train_columns["label"]) if self.total_steps else 0, "valid_examples": valid}
 
     @property
     def eval_interval(self) -> int:
@@ -159,6 +163,18 @@ def _check_splits(cfg: Config, dataset: Dataset, data_axis: int) -> None:
             raise ConfigError(f"data.{key}={split!r}: the dataset {dataset.root} has splits {splits}")
 
 
+def resolve_history(cfg: Config, dataset: Dataset) -> Config:
+    """`model.user_history=-1` (auto) as the run's number: HISTORY_AUTO where the dataset has timestamps and the
+    model reads text, else 0 (and the log says why); a set number is kept."""
+    if cfg.model.user_history != -1:
+        return cfg
+    n = HISTORY_AUTO if dataset.meta.has_timestamp and cfg.model.use_text else 0
+    if not n:
+        why = "has no timestamps" if not dataset.meta.has_timestamp else "is read without text (model.use_text)"
+        log.info("no user history aspect: the dataset %s %s", dataset.root, why)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, user_history=n))
+
+
 CARVED = "carved"  # `validation_source`: a part of the labelled train rows
 
 
@@ -184,6 +200,7 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     validate(cfg)
     workdir = Path(workdir)
     dataset = load_dataset(cfg.data)
+    cfg = resolve_history(cfg, dataset)
     mesh = mesh or shd.make_mesh(cfg.mesh)
     rules = shd.parse_rules(cfg.mesh.rules)
     data_axis = shd.batch_shards(mesh, rules)  # devices a batch is split over
@@ -218,11 +235,12 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     trained = tuple(sorted(set(domains) | set(run_info["trained_domains"] if run_info else ())))
     if n := cfg.model.user_history:
         if not dataset.meta.has_timestamp:
-            raise ConfigError(f"model.user_history={n}: the dataset {dataset.root} has no timestamps")
+            log.warning("model.user_history=%d: the dataset %s has no timestamps; the history aspect reads as "
+                        "missing", n, dataset.root)  # fmt: skip
         if cfg.finetune.replay_fraction:
             raise ConfigError("model.user_history with finetune.replay_fraction: the replayed data has no history")
-        log = history_events(dataset, cfg.data.train_split, cfg.data.train_split, trained)
-        kept = history.with_history(kept, log, n)
+        events = history_events(dataset, cfg.data.train_split, cfg.data.train_split, trained)
+        kept = history.with_history(kept, events, n)
         if valid is not None:
             own = cfg.data.train_split if valid_source == CARVED else cfg.data.valid_split
             valid = history.with_history(valid, history_events(dataset, own, cfg.data.train_split, trained), n)
@@ -242,6 +260,8 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         )
     steps_per_epoch = len(columns["label"]) // (batch - replay_size)
     total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
+    if cfg.train.max_steps >= 0:
+        total_steps = min(total_steps, cfg.train.max_steps)
     start = None
     if folder is not None:
         _, abstract_params = sr_model.abstract(cfg.model, model_meta, pooled.shape[1])

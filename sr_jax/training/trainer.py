@@ -102,6 +102,7 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     run = build_run(cfg, workdir)
     run.on_validation = on_validation
     spec = run.spec
+    cfg = spec.config  # as the run resolved it from its dataset (model.user_history)
     if distributed.is_primary():
         records.write_config(workdir, cfg)
         if cfg.finetune.pretrained:
@@ -120,7 +121,7 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     state = train(run, restore_or_init(run))
     train_seconds = time.perf_counter() - started
     params, chosen, result_step = state.params, None, int(state.step)
-    if run.best is not None:  # the validation-chosen step is the run's result
+    if run.best is not None and run.best.best() is not None:  # the validation-chosen step is the run's result
         params, (step, score) = run.best.restore(spec.program.abstract_state.params, own=True), run.best.best()
         chosen = {
             "step": step,
@@ -130,6 +131,8 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
             "every": spec.eval_interval,
             "history": run.validation,
         }
+        if run.start_scores:  # a fine-tune's step-0 candidates (the pretrained start, the zero-shot model)
+            chosen["start"] = run.start_scores
         result_step = step
     trained = trained_so_far(spec, result_step)  # what the result's parameters were trained on
     write_handover(spec, params, trained)

@@ -32,13 +32,23 @@ from sr_jax.treeutil import path_names, path_str, shapes
 
 @dataclasses.dataclass(frozen=True)
 class DomainMap:
-    """source[k]: the pretrained row of fine-tune domain k, or None for a new domain."""
+    """source[k]: the pretrained row of fine-tune domain k, or None for a new domain; start[k]: for a new domain,
+    the pretrained rows whose per-domain parameters its own start from (their mean; empty: a fresh init), empty
+    for a known one (`finetune.new_domain_init`)."""
 
     source: tuple[int | None, ...]
+    start: tuple[tuple[int, ...], ...] = ()
+    silent: frozenset[str] = frozenset()  # per-domain leaves whose started new-domain rows are zero instead
 
     @property
     def new_domains(self) -> tuple[int, ...]:
         return tuple(k for k, s in enumerate(self.source) if s is None)
+
+    def starting(self, k: int, rows: tuple[int, ...]) -> DomainMap:
+        """The same map with new domain `k` starting from `rows`."""
+        start = list(self.start or ((),) * len(self.source))
+        start[k] = tuple(rows)
+        return dataclasses.replace(self, start=tuple(start))
 
 
 def table_paths(params: Any) -> frozenset[str]:
@@ -112,12 +122,14 @@ def drop(tree: dict, paths: frozenset[str], prefix: str = "") -> dict:
     return out
 
 
-def merge_pretrained(pretrained: Any, fresh: Any, per_domain: Any, mapping: DomainMap) -> Any:
+def merge_pretrained(pretrained: Any, fresh: Any, per_domain: Any, mapping: DomainMap) -> Any:  # noqa: C901
     """`fresh` with the pretrained leaves written in (jit-able; XLA drops the unused parts of `fresh`):
-    whole leaves, but for per-domain leaves (the mapped domains' rows) and tables (the pretrained rows,
-    which alignment keeps in place). Leaves `pretrained` lacks (a new field's) stay fresh."""
+    whole leaves, but for per-domain leaves (the mapped domains' rows, and for a new domain with a start the mean
+    of those rows) and tables (the pretrained rows, which alignment keeps in place). Leaves `pretrained` lacks (a
+    new field's) stay fresh."""
     dst = np.array([k for k, s in enumerate(mapping.source) if s is not None], np.int32)
     src = np.array([s for s in mapping.source if s is not None], np.int32)
+    started = [(k, rows) for k, rows in enumerate(mapping.start) if rows]  # new domains, from pretrained rows
     saved = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(pretrained)}
     tables = table_paths(fresh)
 
@@ -126,7 +138,11 @@ def merge_pretrained(pretrained: Any, fresh: Any, per_domain: Any, mapping: Doma
         if pre is None:
             return new
         if is_domain:
-            return new.at[dst].set(pre[src])
+            new = new.at[dst].set(pre[src])
+            for k, rows in started:
+                value = pre[np.asarray(rows)].astype(jnp.float32).mean(0).astype(new.dtype)
+                new = new.at[k].set(jnp.zeros_like(value) if path_str(path) in mapping.silent else value)
+            return new
         if path_str(path) in tables:
             return new.at[: pre.shape[0]].set(pre[: new.shape[0]])
         return pre
