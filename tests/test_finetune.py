@@ -68,9 +68,8 @@ def _new_table_rows(run):
 
 def test_restore_is_exact_and_the_new_domain_starts_fresh(pretrained, tmp_path):
     cfg = _finetune_cfg(pretrained)
-    run = trainer.build_run(
-        dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, new_rows_init="zero")), tmp_path
-    )
+    tune = dataclasses.replace(cfg.finetune, new_rows_init="zero", new_domain_init="fresh")  # (the other starts:
+    run = trainer.build_run(dataclasses.replace(cfg, finetune=tune), tmp_path)  # tests/test_new_domain.py)
     assert run.spec.start.domain_map.new_domains == (NEW,)
     new_rows = _new_table_rows(run)
     assert new_rows["l0/id_tables/item"].sum() > 0  # the held-out domain's items: never trained

@@ -71,7 +71,7 @@ def _blank(model: TrainedModel, columns: dict[str, np.ndarray], n: int) -> dict[
         out[f.column] = np.zeros((n, f.max_len) if f.max_len > 1 else (n,), np.int32)
     for f in model.model_meta.dense_fields:
         out[f.column] = np.full(n, np.nan, np.float32)
-    if model.config.model.user_history:
+    if model.config.model.user_history > 0:
         out[history.COLUMN] = np.full((n, model.config.model.user_history), -1, np.int32)
     out.update(columns)
     return out
@@ -150,7 +150,7 @@ def embed(
     """Writes items.parquet (every item of each domain, from all splits), queries.parquet (each distinct user and
     query of `split`, per domain), embeddings.json and retrieval.json (`recall_at_k` on them) to `out`,
     atomically; an existing folder is replaced only if it holds embeddings, or with `overwrite` (`io.claim`)."""
-    if model.config.model.user_history and model.config.model.history_pooling == "attention":
+    if model.config.model.user_history > 0 and model.config.model.history_pooling == "attention":
         raise ValueError(
             f"{model.workdir}: model.history_pooling=attention makes the user's vector depend on the candidate "
             "item (target attention), so there is no user vector to embed apart; score pairs with train.predict"

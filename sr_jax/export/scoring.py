@@ -135,7 +135,7 @@ def model_columns(scorer: Scorer, dataset: Dataset, split: str) -> dict[str, np.
     out = vocabulary.lookup(scorer.vocab, vocabulary.of_dataset(dataset)).remap(columns)
     to_model = np.array([known.get(n, 0) for n in names], np.int32)
     out["domain"] = to_model[np.asarray(columns["domain"])]
-    if scorer.history:  # the user's earlier clicks, read as training and evaluation read them
+    if scorer.history > 0:  # the user's earlier clicks, read as training and evaluation read them
         events = history_events(dataset, split, scorer.log_split, scorer.trained_domains)
         out[history.COLUMN] = history.with_history(columns, events, scorer.history)[history.COLUMN]
     return out

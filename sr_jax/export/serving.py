@@ -64,7 +64,7 @@ def features(model: TrainedModel) -> list[dict]:
     for f in meta.dense_fields:
         meaning = f"(raw - {f.mean:.6g}) / {f.std:.6g}, the standardised number (NaN: missing)"
         out.append({**_feature(f.column, None, None, meaning), "dtype": "float32", "mean": f.mean, "std": f.std})
-    if cfg.user_history:
+    if cfg.user_history > 0:  # (-1, auto, is resolved by a run; a model made from an unresolved config has none)
         meaning = "text rows of the items the user clicked before the example, latest last (-1: none)"
         out.append(_feature(HISTORY, -1, "num_texts", meaning, (cfg.user_history,)))
     return out

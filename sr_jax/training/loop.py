@@ -147,10 +147,8 @@ def position(run: Run, step: int) -> dict:
     """Where the data stand after `step`, and the validation scores so far (what early stopping decides on)."""
     epoch, batch = divmod(step, run.spec.steps_per_epoch)
     seed = run.spec.config.train.seed
-    return {
-        "step": step, "epoch": epoch, "batch": batch, "seed": seed,
-        "validation": run.validation, "start_scores": run.start_scores,
-    }  # fmt: skip
+    starts = {"start_scores": run.start_scores} if run.start_scores else {}  # a fine-tune's step-0 candidates
+    return {"step": step, "epoch": epoch, "batch": batch, "seed": seed, "validation": run.validation, **starts}
 
 
 def stops_early(history: list, patience: int, min_delta: float) -> bool:
