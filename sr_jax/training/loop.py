@@ -162,17 +162,19 @@ def stops_early(history: list, patience: int, min_delta: float) -> bool:
     return since >= patience
 
 
+def validation_metrics(spec: RunSpec, params, step: int) -> dict:
+    """`params`' metrics on the validation data, as the model stands after `step` (which rows it has trained)."""
+    missing = spec.config.model.untrained_ids == "missing"  # then the rows read so far are known, the others missing
+    trained = trained_so_far(spec, step) if missing else spec.trained_rows
+    logits = evaluation.predict_logits(spec, params, spec.valid_columns, trained)
+    return evaluation.compute_metrics(spec.dataset, "validation", logits, spec.valid_columns, warm=None)
+
+
 def validation_score(run: Run, params, step: int) -> float:
     """`params`' score on the validation data (train.early_stopping_metric), as the model stands after `step`."""
-    cfg = run.spec.config
-    columns = run.spec.valid_columns
-    missing = cfg.model.untrained_ids == "missing"  # then the rows read so far are known, the others missing
-    trained = trained_so_far(run.spec, step) if missing else run.spec.trained_rows
-    logits = evaluation.predict_logits(run.spec, params, columns, trained)
-    result = evaluation.compute_metrics(run.spec.dataset, "validation", logits, columns, warm=None)
-    return (
-        result["mean_domain_auc"] if cfg.train.early_stopping_metric == "mean_domain_auc" else result["overall"]["auc"]
-    )
+    result = validation_metrics(run.spec, params, step)
+    per_domain = run.spec.config.train.early_stopping_metric == "mean_domain_auc"
+    return result["mean_domain_auc"] if per_domain else result["overall"]["auc"]
 
 
 def validate_step(run: Run, params, step: int, score: float | None = None) -> float:

@@ -14,15 +14,13 @@ import numpy as np
 from sr_jax import distributed
 from sr_jax import model as sr_model
 from sr_jax.io import atomic_file
-from sr_jax.training import evaluation
 from sr_jax.config import Config
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, ParamsReader
-from sr_jax.training.loop import Run
+from sr_jax.training.loop import Run, validation_metrics
 from sr_jax.training.program import Program
 from sr_jax.training.spec import RunSpec
 from sr_jax.training.steps import TrainState, init_state
-from sr_jax.training.handover import trained_so_far
 from sr_jax.training.transfer import DomainMap, init_new_rows, merge_pretrained, restore_pretrained
 
 log = logging.getLogger("sr_jax")
@@ -100,9 +98,7 @@ def choose_sources(spec: RunSpec, params_of: Callable[[DomainMap], Any]) -> tupl
         trial = mapping
         for k, candidates in choosing.items():
             trial = trial.starting(k, (candidates[r % len(candidates)],))
-        trained = trained_so_far(spec, 0)
-        logits = evaluation.predict_logits(spec, params_of(trial), spec.valid_columns, trained)
-        result = evaluation.compute_metrics(spec.dataset, "validation", logits, spec.valid_columns, warm=None)
+        result = validation_metrics(spec, params_of(trial), 0)
         for k, candidates in choosing.items():
             auc = result["domains"].get(names[k], {}).get("auc")
             scores[k][candidates[r % len(candidates)]] = auc if auc is not None and np.isfinite(auc) else -np.inf
