@@ -2,6 +2,7 @@
 
     SR_JAX_COORDINATOR=host:port SR_JAX_NUM_PROCESSES=N SR_JAX_PROCESS_ID=i python -m train.pretrain ...
     SR_JAX_DISTRIBUTED=auto python -m train.pretrain ...   # TPU pods, SLURM, Open MPI: detected by JAX
+    SR_JAX_HEARTBEAT_TIMEOUT=30 ...   # seconds without a heartbeat before a process counts as lost (JAX: 100)
 
 Every process runs the same program. The mesh spans all processes' devices; each process reads only its
 rows of every global batch (`sharding.process_rows`); process 0 alone writes the run's files (config,
@@ -20,6 +21,17 @@ from jax.experimental import multihost_utils
 log = logging.getLogger("sr_jax")
 
 
+def _heartbeat_timeout() -> dict:
+    """`SR_JAX_HEARTBEAT_TIMEOUT`: how long the survivors of a killed process can wait in a host-side barrier (an
+    orbax commit, the coordination service) before they learn of it; a collective on devices learns at once."""
+    value = os.environ.get("SR_JAX_HEARTBEAT_TIMEOUT")
+    if value is None:
+        return {}
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"SR_JAX_HEARTBEAT_TIMEOUT={value!r}: a whole number of seconds >= 1")
+    return {"heartbeat_timeout_seconds": int(value)}
+
+
 def initialize() -> None:
     """Joins the processes named by the environment (above); a single process when none is set."""
     coordinator = os.environ.get("SR_JAX_COORDINATOR")
@@ -29,10 +41,13 @@ def initialize() -> None:
             raise ValueError(f"SR_JAX_COORDINATOR={coordinator} is set but {missing} are not")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes: cross-process collectives
         jax.distributed.initialize(
-            coordinator, int(os.environ["SR_JAX_NUM_PROCESSES"]), int(os.environ["SR_JAX_PROCESS_ID"])
+            coordinator,
+            int(os.environ["SR_JAX_NUM_PROCESSES"]),
+            int(os.environ["SR_JAX_PROCESS_ID"]),
+            **_heartbeat_timeout(),
         )
     elif os.environ.get("SR_JAX_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_heartbeat_timeout())
     else:
         return
     log.info(
