@@ -120,7 +120,8 @@ def test_two_processes_train_like_one_and_resume_to_the_same_bits(tmp_path):
     assert time.monotonic() - lost < 60, survivor[-2000:]
     assert "Traceback" not in survivor, survivor[-3000:]
     if procs[0].returncode == 1:  # it learned at a collective: our one line
-        assert survivor.strip().splitlines()[-1].startswith("error: process 0 of 2: another process of this run stopped")
+        last = survivor.strip().splitlines()[-1]
+        assert last.startswith("error: process 0 of 2: another process of this run stopped"), last
     else:  # it waited in a host-side barrier (orbax's): JAX ends it once the heartbeats stop, with its own words
         assert "JAX distributed service detected fatal errors" in survivor, survivor[-3000:]
     assert not (killed / "eval.json").exists(), "the run finished before it was killed"
