@@ -161,6 +161,14 @@ class TrainConfig:
     early_stopping_patience: int = 4
     early_stopping_min_delta: float = 0.0
     max_steps: int = -1  # at most this many steps (-1: the epochs decide; 0: none, the start is the result)
+    # After training, a monotone map of each domain's logit fitted on the validation data (sr_jax/calibration.py),
+    # carried into eval.json, batch scoring, the serving artifact and the torch conversion: platt (a temperature
+    # and a bias) | isotonic | none. A domain with fewer than `calibration_min_clicks` clicks (or non-clicks) in
+    # the validation data uses the map of all domains pooled. `calibration_rate` > 0 targets that click rate
+    # instead of the validation data's (negatives sampled at k per click, traffic at another rate).
+    calibration: str = "platt"
+    calibration_min_clicks: int = 30
+    calibration_rate: float = 0.0
 
 
 @dataclasses.dataclass
@@ -277,6 +285,7 @@ EMBEDDING_UPDATES = ("dense", "rowwise_adagrad", "lazy_adam")
 NEW_ROWS_INITS = ("zero", "mean", "text")
 NEW_DOMAIN_INITS = ("match", "source", "mean", "fresh")
 HISTORY_AUTO = 5  # model.user_history=-1 where the dataset has timestamps and the model reads text
+CALIBRATIONS = ("platt", "isotonic", "none")  # train.calibration (sr_jax/calibration.py)
 VALIDATION_METRICS = ("mean_domain_auc", "overall_auc")
 
 
@@ -573,6 +582,14 @@ def validate(cfg: Config) -> Config:
     _check(problems, profile_window(train.profile_steps) is not None, "train.profile_steps",
            f"{train.profile_steps!r}: expected A:B with 0 <= A < B, or empty")  # fmt: skip
     _choice(problems, train.early_stopping_metric, "train.early_stopping_metric", VALIDATION_METRICS)
+    _choice(problems, train.calibration, "train.calibration", CALIBRATIONS)
+    _positive(problems, train, "train", "calibration_min_clicks", allow_zero=True)
+    _check(
+        problems,
+        0 <= train.calibration_rate < 1,
+        "train.calibration_rate",
+        f"{train.calibration_rate}: 0 (the validation data's click rate) or a click rate in (0, 1)",
+    )
     _check(
         problems,
         0 <= data.valid_from_train < 1,

@@ -173,7 +173,10 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
     assert "validation" in json.loads((tuned.parent / "eval.json").read_text())
     # every cell's log loss, calibration and labelled budget, as its eval.json has them
     budget = json.loads((tuned.parent / "eval.json").read_text())["budget"]
-    assert "| setting / variant / text / fraction | AUC | log loss | NDCG@10 | MRR | PCOC | ECE | train labels |" in md
+    assert (
+        "| setting / variant / text / fraction | AUC | log loss | NDCG@10 | MRR | PCOC | ECE | calibrated log loss "
+        "| calibrated PCOC | calibrated ECE | train labels |"
+    ) in md
     line = next(x for x in md.splitlines() if x.startswith("| freeze-l0-l1 / default / on-history-auto / 1 |"))
     assert line.endswith(f"| {budget['train_examples']} | {budget['valid_examples']} |")
     cell = next(
@@ -182,6 +185,8 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
         if (r["protocol"], r["setting"], r["variant"], r["fraction"]) == ("new-domain", "freeze-l0-l1", "default", 1.0)
     )
     assert cell["train_examples_mean"] == budget["train_examples"] > 0 and 0 < cell["ece_mean"] < 1
+    calibrated = json.loads((tuned.parent / "eval.json").read_text())["overall"]["calibrated"]
+    assert cell["calibrated_ece_mean"] == calibrated["ece"] and cell["calibrated_log_loss_mean"] > 0
     # finished cells are not run again
     monkeypatch.setattr(trainer, "fit", lambda *a: pytest.fail("a finished cell ran again"))
     monkeypatch.setattr(trainer, "build_run", lambda *a: pytest.fail("a finished cell ran again"))

@@ -57,7 +57,8 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert full["compile_s_mean"] + full["train_s_mean"] + full["evaluate_s_mean"] < full["seconds_mean"]
     assert (tmp_path / "docs" / "results" / "synthetic.png").read_bytes()[:4] == b"\x89PNG"
     # every cell validated (steps 8 and 16) and reports its best step; seed 0's curves are drawn
-    assert "| log loss | NDCG@10 | MRR | PCOC | ECE | valid | step |" in md  # the ranking and calibration metrics
+    # the ranking and calibration metrics, raw and after each run's calibration.json
+    assert "| log loss | NDCG@10 | MRR | PCOC | ECE | calibrated log loss | calibrated ECE | valid | step |" in md
     assert "| valid | step |" in md and full["step_mean"] in (8, 16) and 0 < full["valid_auc_mean"] < 1
     assert (tmp_path / "docs" / "results" / "synthetic-validation.png").read_bytes()[:4] == b"\x89PNG"
     # the claims, paired by seed (one run, one pair), the per-domain wins as description; the tuned settings listed

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from helpers import config
@@ -47,15 +48,19 @@ def artifact(run_dir):
 
 
 def trainer_scores(run_dir: Path, batch_size: int, split: str = "test"):
-    """The trainer's own predictions of the run's result (as eval.json's), at `batch_size`, and the columns."""
-    run = trainer.build_run(dataclasses.replace(trained.load(run_dir).config), run_dir)
-    params = trained.load(run_dir).params
+    """The trainer's own predictions of the run's result (as eval.json's), calibrated by its calibration.json,
+    at `batch_size`, and the columns."""
+    model = trained.load(run_dir)
+    run = trainer.build_run(dataclasses.replace(model.config), run_dir)
     columns = run.spec.split(split)
     spec = run.spec
     mask = evaluation.device_mask(spec, evaluation.trained_rows(spec))  # as evaluation reads untrained ids
-    probs = map_batches(
-        lambda b: spec.program.predict(params, spec.global_eval_batch(b), spec.text, mask), columns, batch_size
-    )["probability"]
+    table = jax.device_put(model.calibration_table())
+
+    def predict(b):
+        return spec.program.predict(model.params, spec.global_eval_batch(b), spec.text, mask, table)
+
+    probs = map_batches(predict, columns, batch_size)["probability"]
     run.checkpointer.close()
     return probs, columns
 
@@ -75,6 +80,9 @@ def test_the_artifact_runs_with_jax_alone_and_equals_the_trainer_bit_for_bit(run
     assert not list(artifact.glob("*checkpoint*")) and "opt_state" not in json.dumps(manifest)
     listing = convert.inspect(artifact)
     assert "serving artifact" in listing and "| l0.id_tables.item |" in listing
+    # the run is calibrated (Platt per domain), and the artifact says so and carries it
+    assert model.calibration["method"] == "platt" and manifest["calibration"]["fitted"] == model.calibration
+    assert "platt per domain" in manifest["calibration"]["summary"]
     expected = {}
     for size in (8, 512):  # XLA's CPU kernels round by shape: compare at equal batch sizes
         probs, columns = trainer_scores(run_dir, size)
@@ -104,6 +112,10 @@ def test_the_artifact_runs_with_jax_alone_and_equals_the_trainer_bit_for_bit(run
     with np.load(tmp_path / "out.npz") as served:
         for size in (8, 512):
             np.testing.assert_array_equal(served[str(size)], expected[size])
+    # and the calibration changed the probabilities: the served ones are not sigmoid(logit)
+    out = scoring.artifact_scorer(artifact, 512).bind(scoring.text_table(scoring.run_scorer(model), model.dataset()))
+    served = out({n: np.asarray(columns[n])[:512] for n in names})
+    assert np.abs(served["probability"] - 1 / (1 + np.exp(-served["logit"].astype(np.float64)))).max() > 1e-3
 
 
 def test_a_bfloat16_artifact_is_half_the_size_and_close(run_dir, artifact, tmp_path):
@@ -305,7 +317,13 @@ def test_safetensors_and_torch_names_round_trip_exactly(run_dir, tmp_path):
     convert.main(
         ["from-torch", str(tmp_path / "t.safetensors"), "--like", str(run_dir), "--out", str(tmp_path / "back")]
     )
-    chex.assert_trees_all_equal(trained.load(tmp_path / "back").params, model.params)
+    back = trained.load(tmp_path / "back")
+    chex.assert_trees_all_equal(back.params, model.params)
+    # the calibration travels: in both files' metadata and in the params-only run folder
+    for name in ("p.safetensors", "t.safetensors"):
+        with safe_open(str(tmp_path / name), framework="numpy") as f:
+            assert json.loads(f.metadata()["calibration"]) == model.calibration is not None
+    assert back.calibration == model.calibration
     broken = {k: v for k, v in state.items() if k != "gate_bias"} | {
         "dal_bias": np.zeros(3, np.float32),
         "extra": state["gate_bias"],

@@ -66,6 +66,7 @@ def test_unlabelled_impressions_get_sampled_negatives(tmp_path):
     train = ds.split("train")
     labels = np.asarray(train["label"])
     assert sum(ds.meta.splits.values()) == 3 * 30 and labels.reshape(-1, 3).tolist() == [[1, 0, 0]] * (len(labels) // 3)
+    assert ds.meta.negatives_per_click == {d.name: 2 for d in ds.meta.domains}  # what a calibration can undo
     items, users = np.asarray(train["item_id"]).reshape(-1, 3), np.asarray(train["user_id"]).reshape(-1, 3)
     assert (users == users[:, :1]).all()  # a negative shares its positive's user (and domain, time)
     keys = ds.keys()

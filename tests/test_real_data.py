@@ -36,6 +36,7 @@ def test_movielens_domains_labels_search_and_cold_items(tmp_path):
     meta = ds.meta
     assert [d.name for d in meta.domains] == [*movielens.GROUPS, movielens.SEARCH]
     assert set(meta.splits) == {"train", "valid", "test"} and meta.has_timestamp
+    assert meta.negatives_per_click == {movielens.SEARCH: movielens.NEGATIVES}  # the ratings' non-clicks are real
     train, valid, test = ds.split("train"), ds.split("valid"), ds.split("test")
     times = [np.asarray(s["timestamp"]) for s in (train, valid, test)]
     assert times[0].max() < times[1].min() and times[1].max() < times[2].min()  # split by time, valid in between
@@ -88,6 +89,7 @@ def test_amazon_domains_queries_negatives_and_splits(tmp_path):
     ds = amazon.convert(src, tmp_path / "out")
     assert [d.name for d in ds.meta.domains] == ["rec_scientific", "search_scientific"]
     assert ds.meta.splits == {split: 200 * (1 + amazon.NEGATIVES) for split in amazon.SPLITS}
+    assert ds.meta.negatives_per_click == {"rec_scientific": amazon.NEGATIVES, "search_scientific": amazon.NEGATIVES}
     texts = ds.texts()
     for split in amazon.SPLITS:
         cols = {k: np.asarray(v) for k, v in ds.split(split).items()}

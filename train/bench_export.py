@@ -80,9 +80,10 @@ def measure(
     mesh = shd.make_mesh(dataclasses.replace(model.config.mesh, data=1, model=1))
     params = jax.device_put(model.params)
     table = scoring.device_text_table(text)
-    predict = make_predict_step(model.graphdef, mesh, jax.tree.map(lambda _: shd.replicated(mesh), params))
-    device_batch = jax.device_put(host)
-    trainer_rate = examples_per_s(lambda: predict(params, device_batch, table), batch, repeats)
+    replicated = jax.tree.map(lambda _: shd.replicated(mesh), params)
+    predict = make_predict_step(model.graphdef, mesh, replicated, len(model.domains))
+    device_batch, calibrated = jax.device_put(host), jax.device_put(model.calibration_table())
+    trainer_rate = examples_per_s(lambda: predict(params, device_batch, table, None, calibrated), batch, repeats)
     for dtype in serving.DTYPES:
         folder = out / f"{name}-{dtype}"
         platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())  # this machine's only

@@ -2,12 +2,13 @@
 to DIR/reevaluation_SPLIT.json and .md (the run's own eval.json is never touched).
 
 The result is the best validated step when the run validated (the parameters its eval.json reports), else the
-latest checkpoint."""
+latest checkpoint; its probabilities are measured as calibrated by the run's calibration.json, where it has one."""
 
 from __future__ import annotations
 
 import argparse
 
+from sr_jax import calibration
 from sr_jax.config import load_config
 from sr_jax.training import evaluation
 from sr_jax.training.restore import result_params
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     cli.setup()
     spec = build_spec(load_config(f"{args.workdir}/config.json"), args.workdir)
-    result = evaluation.evaluate(spec, result_params(spec), args.split)
+    result = evaluation.evaluate(spec, result_params(spec), args.split, fitted=calibration.read(spec.workdir))
     # A reader never writes the run's own report (eval.json: what training chose and measured, which a run still
     # training would also replace): a re-evaluation goes beside it, named by its split.
     evaluation.write_report(args.workdir, result, name=f"reevaluation_{result['split']}")

@@ -179,7 +179,9 @@ def convert(
     suffix = "".join(f"-{c}" for c in categories) + "".join(f"-no-{c}" for c in exclude_categories)
     suffix += f"-users-{group}-of-{groups}" if users else ""
     name = f"amazon-{name.lower()}{suffix}"
-    return from_arrow(tables, out, name, description, overwrite=overwrite, key_prefix=key_prefix)
+    return from_arrow(
+        tables, out, name, description, overwrite=overwrite, key_prefix=key_prefix, negatives_per_click=NEGATIVES
+    )
 
 
 def _user_group(users: str) -> tuple[int, int]:

@@ -285,7 +285,7 @@ def import_tables(
         description += f", {negatives} {sampler} negatives per positive (seed {seed})"
     elif negatives:
         raise DatasetError(imp.file, "label", None, "the impressions are labelled: --negatives is for unlabelled ones")
-    return _write(tables, out, name or src.name, description, overwrite, key_prefix)
+    return _write(tables, out, name or src.name, description, overwrite, key_prefix, negatives)
 
 
 def _sample_negatives(imp: _Table, items: _Table | None, per_positive: int, sampler: str, seed: int) -> pa.Table:
@@ -323,20 +323,31 @@ def from_arrow(
     description: str,
     overwrite: bool = False,
     key_prefix: str = "",
+    negatives_per_click: int | dict[str, int] = 0,
 ) -> Dataset:
-    """The same, for tables a converter built in memory (`sr_jax.data.movielens`, ...)."""
+    """The same, for tables a converter built in memory (`sr_jax.data.movielens`, ...); `negatives_per_click`:
+    the non-clicks it sampled per click, for every domain (an int) or for some (domain -> count)."""
     wrapped = {t: _Table(Path(f"<{name} {t} table>"), tables[t]) if t in tables else None for t in TABLES}
-    return _write(wrapped, out, name, description, overwrite, key_prefix)
+    return _write(wrapped, out, name, description, overwrite, key_prefix, negatives_per_click)
 
 
 def _write(
-    tables: dict[str, _Table | None], out: str | Path, name: str, description: str, overwrite: bool, key_prefix: str
+    tables: dict[str, _Table | None],
+    out: str | Path,
+    name: str,
+    description: str,
+    overwrite: bool,
+    key_prefix: str,
+    negatives_per_click: int | dict[str, int],
 ) -> Dataset:
     domain_table, imp = tables["domains"], tables["impressions"]
     for table in (domain_table, imp):
         if table.rows == 0:
             raise DatasetError(table.file, None, None, "no rows (only a header): nothing to import")
     domains = _domains(domain_table)
+    if isinstance(negatives_per_click, int):
+        negatives_per_click = {d.name: negatives_per_click for d in domains} if negatives_per_click else {}
+    sampled = {d.name: negatives_per_click[d.name] for d in domains if d.name in negatives_per_click}
     if features := [c for c in imp.table.column_names if c.startswith(("user.", "item.", "query."))]:
         raise DatasetError(
             imp.file,
@@ -431,6 +442,7 @@ def _write(
         num_texts=0,
         has_timestamp=timestamp is not None,
         description=description,
+        negatives_per_click=sampled,
     )
     # `key_prefix` (train.prepare --key-prefix) keeps a catalogue's user, query and item keys apart from another
     # dataset's: two catalogues that both number their users 1, 2, ... would otherwise share those users' rows

@@ -166,4 +166,12 @@ def convert(
         tables = keep_domains(tables, domains, exclude_domains)
         name += "".join(f"-{d}" for d in domains) + "".join(f"-no-{d}" for d in exclude_domains)
         description += f"; domains {tables['domains']['name'].to_pylist()} only"
-    return from_arrow(tables, out, name, description, overwrite=overwrite, key_prefix=key_prefix)
+    return from_arrow(
+        tables,
+        out,
+        name,
+        description,
+        overwrite=overwrite,
+        key_prefix=key_prefix,
+        negatives_per_click={SEARCH: NEGATIVES},
+    )

@@ -120,6 +120,9 @@ class DatasetMeta:
     description: str = ""
     format_version: int = FORMAT_VERSION
     dense_fields: list[DenseField] = dataclasses.field(default_factory=list)
+    # domain -> non-clicks sampled per click where the data's negatives were sampled, not observed (the
+    # converters' and `train.prepare tables --negatives`): what a calibration to the true click rate undoes
+    negatives_per_click: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_domains(self) -> int:

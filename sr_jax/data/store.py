@@ -235,6 +235,7 @@ def _check_types(file: Path, meta: DatasetMeta) -> None:
         "splits": counts(meta.splits),
         "num_texts": type(meta.num_texts) is int and meta.num_texts >= 0,
         "has_timestamp": isinstance(meta.has_timestamp, bool),
+        "negatives_per_click": counts(meta.negatives_per_click),
         "sparse_fields": all(
             type(f.vocab) is int and type(f.max_len) is int and f.max_len >= 1 for f in meta.sparse_fields
         ),

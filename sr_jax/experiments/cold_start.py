@@ -51,7 +51,7 @@ VARIANTS = {  # what a fine-tune (and zero-shot, where it reads it) changes; scr
     "fixed-schedule": ["train.eval_every=0"],  # no validation: the schedule's last step (a selection rule)
 }
 KEYS = ("protocol", "text", "setting", "variant", "fraction")
-METRICS = ("auc", "overall_auc", "oracle_auc", *report.RANKING, *report.BUDGET, "seconds")
+METRICS = ("auc", "overall_auc", "oracle_auc", *report.RANKING, *report.CALIBRATED, *report.BUDGET, "seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +325,10 @@ def write_report(
     return table
 
 
+CALIBRATED_COLUMNS = (("calibrated log loss", "calibrated_log_loss"), ("calibrated PCOC", "calibrated_pcoc"),
+                      ("calibrated ECE", "calibrated_ece"))  # fmt: skip
+
+
 def _ranking_table(table: list[dict]) -> list[str]:
     """Every cell's log loss, ranking over candidate lists and calibration (overall, mean ± std over seeds), with
     the labels it trained on and chose its step on (its budget; the zero-shot model's are pretraining's)."""
@@ -333,6 +337,7 @@ def _ranking_table(table: list[dict]) -> list[str]:
     columns += [
         ("PCOC", "pcoc"),
         ("ECE", "ece"),
+        *[(label, m) for label, m in CALIBRATED_COLUMNS if _any(table, m)],
         ("train labels", "train_examples"),
         ("valid labels", "valid_examples"),
     ]
@@ -343,8 +348,9 @@ def _ranking_table(table: list[dict]) -> list[str]:
     ]
     return [
         "Ranking over the candidate lists (NDCG@10, MRR: one positive among sampled negatives, where the data have "
-        "them), calibration (PCOC: predicted over observed click rate; ECE: expected calibration error) and the labels "
-        "each cell trained and chose its step on, overall on the test split:",
+        "them), calibration (PCOC: predicted over observed click rate; ECE: expected calibration error; calibrated: "
+        "after the cell's calibration.json, fitted on its validation data) and the labels each cell trained and "
+        "chose its step on, overall on the test split:",
         "",
         report.wide_markdown(named, key, columns, bold=False),
     ]

@@ -17,15 +17,18 @@ from sr_jax.experiments import bootstrap
 
 RANKING = ("log_loss", "ndcg@10", "hr@10", "mrr", "pcoc", "ece")  # eval.json's overall ranking and calibration
 BUDGET = ("train_examples", "valid_examples")  # the labels a run trained on and chose its step on
+CALIBRATED = ("calibrated_log_loss", "calibrated_pcoc", "calibrated_ece")  # after the run's calibration.json
 
 
 def eval_figures(result: dict) -> dict:
     """What every grid reads from a run's eval.json: the mean per-domain and overall AUC, the overall ranking and
-    calibration metrics (None where the data have no candidate lists), and the labelled budget."""
+    calibration metrics (None where the data have no candidate lists), the calibration metrics after the run's
+    calibration (None where it has none), and the labelled budget."""
     return {
         "auc": result["mean_domain_auc"],
         "overall_auc": result["overall"]["auc"],
         **{key: result["overall"].get(key) for key in RANKING},
+        **{key: result["overall"].get("calibrated", {}).get(key.removeprefix("calibrated_")) for key in CALIBRATED},
         **{key: result.get("budget", {}).get(key) for key in BUDGET},
     }
 

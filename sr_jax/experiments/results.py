@@ -179,6 +179,8 @@ def write_report(
         columns = [("mean per-domain AUC", "auc"), ("overall AUC", "overall_auc"), ("cold-item AUC", "cold_auc")]
         columns += [(d, f"auc:{d}") for d in domains]
         columns += [("log loss", "log_loss"), ("NDCG@10", "ndcg@10"), ("MRR", "mrr"), ("PCOC", "pcoc"), ("ECE", "ece")]
+        calibrated = [("calibrated log loss", "calibrated_log_loss"), ("calibrated ECE", "calibrated_ece")]
+        columns += [(label, m) for label, m in calibrated if any(r.get(f"{m}_mean") is not None for r in part)]
         columns += [("valid", "valid_auc"), ("step", "step")]
         columns += [("compile s", "compile_s"), ("train s", "train_s"), ("eval s", "evaluate_s"), ("cell s", "seconds")]
         lines += ["", f"## {dataset}", "", f"![mean per-domain AUC](results/{dataset}.png)", ""]

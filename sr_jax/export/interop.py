@@ -4,8 +4,8 @@ params-only run folders. Nothing here imports torch.
 Name schemes (docs/EXPORT.md):
 - safetensors (`to_safetensors`): the parameter's path joined by dots, `l1.backbone.experts.layers.0.kernel`;
   arrays as in JAX, so a dense kernel is [in, out] (torch's nn.Linear.weight is its transpose) and a
-  per-domain layer's is [K, in, out]. The header's metadata holds the model config, the domains, the step and
-  the training run's fingerprint.
+  per-domain layer's is [K, in, out]. The header's metadata holds the model config, the domains, the step,
+  the training run's fingerprint and its calibration (calibration.json, as JSON).
 - PyTorch (`torch_state_dict`): the names of `sr_jax.bench.torch_reference.TorchSRModel`'s state_dict
   (`id_tables.item`, `dal_kernel`, `experts.1`, ...), arrays unchanged; `TorchSRModel.load_state_dict` takes
   it as it is. The map covers what the reference covers (the default model); other models are refused by name.
@@ -119,6 +119,9 @@ def metadata(model: TrainedModel, tensors: dict[str, np.ndarray], kind: str) -> 
         "domains": json.dumps(model.domains),
         "step": str(model.step),
         "fingerprint": model.fingerprint,
+        # the per-domain map of the logit to the calibrated one (sr_jax.calibration: knots x -> y per domain, linear
+        # between, slope beyond; p = sigmoid(map(logit))); "null": not calibrated
+        "calibration": json.dumps(model.calibration),
     }
 
 
@@ -166,7 +169,15 @@ def read_torch(path: str | Path) -> dict[str, Any]:
     return state
 
 
-RECORDS = ("config.json", "run_info.json", "vocab.json", "trained_rows.npz", "item_text_map.npz", "reference.npz")
+RECORDS = (
+    "config.json",
+    "run_info.json",
+    "vocab.json",
+    "trained_rows.npz",
+    "item_text_map.npz",
+    "reference.npz",
+    "calibration.json",
+)
 
 
 def write_params_run(

@@ -39,7 +39,8 @@ from sr_jax.export.trained import TrainedModel, read_text_table
 
 log = logging.getLogger("sr_jax")
 PREDICTIONS = "predictions"  # the kind of Parquet file `predict` writes (io.claim)
-SCORES = ("logit", "probability")  # what a scorer returns per example: rank by the logit
+SCORES = ("logit", "probability")  # what a scorer returns per example: rank by the logit; the probability is
+# the calibrated one where the model is calibrated (calibration.json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +68,14 @@ def run_scorer(model: TrainedModel, batch_size: int | None = None) -> Scorer:
         table = device_text_table(text)
         params = jax.device_put(model.params)
         trained = jax.device_put(model.trained_mask())
+        calibrated = jax.device_put(model.calibration_table())
 
-        def predict(p, b, t):
-            out = sr_model.predict(model.graphdef, p, b, table, t)  # one forward pass for both scores
+        def predict(p, b, t, c):
+            out = sr_model.predict(model.graphdef, p, b, table, t, c)  # one forward pass for both scores
             return {k: out[k] for k in SCORES}
 
         predict = jax.jit(predict)
-        return lambda batch: {k: np.asarray(v) for k, v in predict(params, batch, trained).items()}
+        return lambda batch: {k: np.asarray(v) for k, v in predict(params, batch, trained, calibrated).items()}
 
     info, cfg = model.run_info, model.config
     return Scorer(

@@ -5,7 +5,8 @@ size, and what it needs beside it, loadable with jax alone (`serve.py`, copied i
       manifest.json      features (shapes, valid ranges, meaning), domains, outputs, text and params files,
                          the training run's folder, step and fingerprint, jax version, platforms
       model.jaxexport    serve(params, text, features) -> {"probability": [B], "logit": [B]}
-      params.npz         parameters only (no optimizer state), flat "l0/id_tables/item" names
+      params.npz         parameters only (no optimizer state), flat "l0/id_tables/item" names, and the
+                         run's calibration ("calibration/x", "/y", "/slope", float32: `sr_jax.calibration`)
       text.npz           the run's dataset's cached text features ("pooled"; "summary" for cls gating): rows
                          the features' *_text columns index. The function takes the table as an input with
                          a symbolic row count, so another dataset's cache (same encoder) serves as well.
@@ -26,12 +27,12 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sr_jax import calibration
 from sr_jax import model as sr_model
 from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.vocabulary import VOCAB
@@ -42,6 +43,7 @@ from sr_jax.model.encoding import SIDES, side_aspects
 from sr_jax.treeutil import flatten, unflatten
 
 FUNCTION, PARAMS, TEXT = "model.jaxexport", "params.npz", "text.npz"
+CALIBRATION, CALIBRATION_ARRAYS = "calibration", ("x", "y", "slope")  # params.npz "calibration/x", ... (float32)
 ENCODER_FUNCTION, ENCODER_PARAMS, TOKENIZER = "encoder.jaxexport", "encoder_params.npz", "tokenizer.json"
 DTYPES = ("float32", "bfloat16")
 
@@ -87,21 +89,24 @@ def serving_function(model: TrainedModel, dtype: str):
     trained = model.trained_mask()  # constants of the exported function (model.untrained_ids=missing)
 
     def serve_fn(params: dict[str, jax.Array], text: dict[str, jax.Array], batch: dict[str, jax.Array]):
-        params = unflatten({k: v.astype(jnp.float32) for k, v in params.items()})
+        calibrated = {k: params[f"{CALIBRATION}/{k}"] for k in CALIBRATION_ARRAYS}
+        params = unflatten({k: v.astype(jnp.float32) for k, v in params.items() if not k.startswith(CALIBRATION)})
         pooled = text["pooled"].astype(jnp.float32)
         table = sr_model.TextTable(pooled, text["summary"].astype(jnp.float32) if "summary" in text else pooled)
-        out = sr_model.predict(graphdef, params, batch, table, trained)
+        out = sr_model.predict(graphdef, params, batch, table, trained, calibrated)
         return {"probability": out["probability"], "logit": out["logit"]}
 
     return serve_fn
 
 
-def stored(params: Any, dtype: str) -> dict[str, np.ndarray]:
-    """Flat parameters in the artifact's dtype (floating leaves cast)."""
-    flat = flatten(params)
-    return {
+def stored(model: TrainedModel, dtype: str) -> dict[str, np.ndarray]:
+    """Flat parameters in the artifact's dtype (floating leaves cast), and the calibration in float32 (the
+    trainer's own: "calibration/x", ...; the identity for a run without calibration.json)."""
+    flat = flatten(model.params)
+    params = {
         k: np.asarray(v, dtype=jnp.dtype(dtype)) if np.issubdtype(v.dtype, np.floating) else v for k, v in flat.items()
     }
+    return {**params, **{f"{CALIBRATION}/{k}": v for k, v in model.calibration_table().items()}}
 
 
 def export(
@@ -118,7 +123,7 @@ def export(
         raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
     io.claim(out, io.ARTIFACT, overwrite, inputs=(model.workdir,))
     started = time.perf_counter()
-    params = stored(model.params, dtype)
+    params = stored(model, dtype)
     columns = text_columns(model)
     table = {c: np.asarray(getattr(text, c), dtype=jnp.dtype(dtype)) for c in columns}
     spec = features(model)
@@ -135,7 +140,11 @@ def export(
         "version": 1,
         "function": FUNCTION,
         "features": spec,
-        "outputs": {"probability": "click probability [B] float32", "logit": "its logit [B] float32"},
+        "outputs": {
+            "probability": "click probability [B] float32, calibrated as `calibration` says",
+            "logit": "the model's logit [B] float32, before calibration (rank by it)",
+        },
+        "calibration": {"summary": calibration.summary(model.calibration), "fitted": model.calibration},
         "domains": model.domains,
         "params": {"file": PARAMS, "dtype": dtype, "count": int(sum(v.size for v in params.values()))},
         "text": {

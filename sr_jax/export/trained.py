@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from sr_jax import calibration
 from sr_jax import model as sr_model
 from sr_jax.config import Config, load_config
 from sr_jax.data.schema import DatasetMeta, Domain
@@ -42,6 +44,7 @@ class TrainedModel:
     chosen_by: str  # "validation" (the best validated step, what eval.json reports) or "latest"
     model_meta: DatasetMeta  # what the model's shapes follow (table sizes, sparse fields, domains)
     text_dim: int
+    calibration: dict | None = None  # calibration.json: the per-domain map of its logits (None: not calibrated)
 
     @property
     def domains(self) -> list[str]:
@@ -49,10 +52,12 @@ class TrainedModel:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the run's config, run_info, vocabulary and the chosen step: names the parameters."""
+        """sha256 of the run's config, run_info, vocabulary, calibration and the chosen step: names the scores."""
         h = hashlib.sha256()
         for name in ("config.json", "run_info.json", "vocab.json"):
             h.update((self.workdir / name).read_bytes())
+        if self.calibration is not None:  # a refit (train.calibrate) changes the probabilities
+            h.update(json.dumps(self.calibration, sort_keys=True).encode())
         h.update(f"{self.chosen_by}:{self.step}".encode())
         return h.hexdigest()
 
@@ -62,6 +67,10 @@ class TrainedModel:
         if self.config.model.untrained_ids != "missing":
             return None
         return read_trained_rows(self.workdir, self.vocab)
+
+    def calibration_table(self) -> dict[str, np.ndarray]:
+        """The calibration as `sr_model.predict` takes it (`calibration.arrays`; the identity when none)."""
+        return calibration.arrays(self.calibration, self.domains)
 
     def text_table(self) -> sr_model.TextTable:
         """The run's dataset's cached text features (host arrays, memory-mapped), checked against the encoder
@@ -126,4 +135,5 @@ def load(workdir: str | Path, step: int | None = None) -> TrainedModel:
 
 def _trained(workdir, cfg, info, vocab, graphdef, params, step, chosen_by, meta, text_dim) -> TrainedModel:
     host = jax.tree.map(np.asarray, jax.device_get(params))
-    return TrainedModel(workdir, cfg, info, vocab, graphdef, host, int(step), chosen_by, meta, text_dim)
+    fitted = calibration.read(workdir)
+    return TrainedModel(workdir, cfg, info, vocab, graphdef, host, int(step), chosen_by, meta, text_dim, fitted)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sr_jax.calibration import apply as calibrate
 from sr_jax.config import ModelConfig
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.model.domain_adaptation import AlignmentReference
@@ -108,11 +109,14 @@ def predict(
     batch: dict[str, jax.Array],
     text: TextTable,
     trained: dict[str, jax.Array] | None = None,
+    calibration: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
-    """Inference: {"logit": [B] float32, "probability": [B], the click probability} and `apply`'s aux. The one
-    place a score is made from the model: evaluation, batch scoring and the serving artifact all call it.
-    `trained` (`model.untrained_ids=missing`): table column -> [rows] bool, the rows the model trained; an id or
-    field value of another row is read as missing (row 0), so the gate weighs the aspects the model knows."""
+    """Inference: {"logit": [B] float32 (rank by it), "calibrated_logit": [B], "probability": [B], the click
+    probability sigmoid(calibrated_logit)} and `apply`'s aux. The one place a score is made from the model:
+    evaluation, batch scoring and the serving artifact all call it. `trained` (`model.untrained_ids=missing`):
+    table column -> [rows] bool, the rows the model trained; an id or field value of another row is read as
+    missing (row 0), so the gate weighs the aspects the model knows. `calibration`: the per-domain map of
+    `sr_jax.calibration.arrays` (None: the identity)."""
     if trained:
         batch = {
             **batch,
@@ -120,7 +124,8 @@ def predict(
         }
     logits, aux = apply(graphdef, params, batch, text)
     logits = logits.astype(jnp.float32)
-    return {**aux, "logit": logits, "probability": jax.nn.sigmoid(logits)}
+    calibrated = logits if calibration is None else calibrate(calibration, logits, batch["domain"])
+    return {**aux, "logit": logits, "calibrated_logit": calibrated, "probability": jax.nn.sigmoid(calibrated)}
 
 
 def sides(graphdef: nnx.GraphDef, params: Params, batch: dict[str, jax.Array], text: TextTable) -> dict[str, jax.Array]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sr_jax import metrics
+from sr_jax import calibration, metrics
 from sr_jax import sharding as shd
 from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset
@@ -41,27 +41,61 @@ def evaluate(
     split: str | None = None,
     trained: dict[str, np.ndarray] | None = None,
     scores_to: Path | None = None,
+    fitted: dict | None = None,
 ) -> dict:
     """Metrics of `params` on a split of the run's domains (default: data.eval_split); `trained`: see
-    `trained_rows` (its default); `scores_to`: a folder to write the per-example scores to (`SCORES`)."""
+    `trained_rows` (its default); `scores_to`: a folder to write the per-example scores to (`SCORES`);
+    `fitted`: the run's calibration (calibration.json), whose probabilities are measured beside the raw ones."""
     split = split or spec.config.data.eval_split
     columns = spec.split(split)
     rows = trained_rows(spec, trained)
-    logits = predict_logits(spec, params, columns, rows)
+    scores = predict_scores(spec, params, columns, rows, fitted)
     if scores_to is not None:
-        write_scores(Path(scores_to), split, logits, columns)
-    return compute_metrics(spec.dataset, split, logits, columns, rows["item_id"])
+        write_scores(Path(scores_to), split, scores, columns)
+    calibrated = scores["calibrated_logit"] if fitted is not None else None
+    result = compute_metrics(spec.dataset, split, scores["logit"], columns, rows["item_id"], calibrated)
+    if fitted is not None:
+        result["calibration"] = {"summary": calibration.summary(fitted), "file": calibration.FILE}
+    return result
 
 
-def predict_logits(spec: RunSpec, params, columns: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> np.ndarray:
-    """[rows] float32: the model's logits on `columns` (rows in the model's tables); `trained`: the rows the model
-    trained, whose complement reads as missing under `model.untrained_ids=missing`."""
+def predict_scores(
+    spec: RunSpec, params, columns: dict[str, np.ndarray], trained: dict[str, np.ndarray], fitted: dict | None = None
+) -> dict[str, np.ndarray]:
+    """{"logit", "calibrated_logit"} [rows] float32: the model's logits on `columns` (rows in the model's tables)
+    and their calibration by `fitted` (None: the same); `trained`: the rows the model trained, whose complement
+    reads as missing under `model.untrained_ids=missing`."""
     mask = device_mask(spec, trained)
+    table = None
+    if fitted is not None:
+        names = [d.name for d in spec.dataset.meta.domains]
+        table = jax.device_put(calibration.arrays(fitted, names), shd.replicated(spec.mesh))
 
     def predict(batch):
-        return spec.program.predict(params, spec.global_eval_batch(batch), spec.text, mask)
+        out = spec.program.predict(params, spec.global_eval_batch(batch), spec.text, mask, table)
+        return {k: out[k] for k in ("logit", "calibrated_logit")}
 
-    return map_batches(predict, columns, spec.config.data.eval_batch_size)["logit"]
+    return map_batches(predict, columns, spec.config.data.eval_batch_size)
+
+
+def fit_calibration(spec: RunSpec, params, trained: dict[str, np.ndarray]) -> dict | None:
+    """The run's calibration (train.calibration) fitted on its validation data (never the test), or None where
+    it is off or the run has no validation data (train.eval_every=0)."""
+    train = spec.config.train
+    if train.calibration == "none" or spec.valid_columns is None:
+        return None
+    columns = spec.valid_columns
+    return calibration.fit(
+        predict_scores(spec, params, columns, trained)["logit"],
+        np.asarray(columns["label"]),
+        np.asarray(columns["domain"]),
+        [d.name for d in spec.dataset.meta.domains],
+        method=train.calibration,
+        min_clicks=train.calibration_min_clicks,
+        rate=train.calibration_rate,
+        fitted_on=spec.validation_data,
+        sampled=spec.dataset.meta.negatives_per_click,
+    )
 
 
 def device_mask(spec: RunSpec, trained: dict[str, np.ndarray]) -> dict | None:
@@ -72,15 +106,21 @@ def device_mask(spec: RunSpec, trained: dict[str, np.ndarray]) -> dict | None:
     return jax.device_put({t: np.asarray(r) for t, r in trained.items()}, shd.replicated(spec.mesh))
 
 
-def write_scores(workdir: Path, split: str, logits: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-    """The logits with what a bootstrap over users needs: label, domain and user of every row."""
+def write_scores(workdir: Path, split: str, scores: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> None:
+    """The logits (raw and calibrated) with what a bootstrap over users needs: label, domain and user of every
+    row."""
     keep = {k: np.asarray(columns[k]) for k in ("label", "domain", "user_id")}
     with atomic_file(workdir / SCORES.format(split=split)) as tmp:
-        np.savez(tmp, logit=np.asarray(logits, np.float32), **keep)
+        np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in scores.items()}, **keep)
 
 
 def compute_metrics(
-    dataset: Dataset, split: str, logits: np.ndarray, columns: dict[str, np.ndarray], warm: np.ndarray | None
+    dataset: Dataset,
+    split: str,
+    logits: np.ndarray,
+    columns: dict[str, np.ndarray],
+    warm: np.ndarray | None,
+    calibrated: np.ndarray | None = None,
 ) -> dict:
     """Metrics of the model's `logits` on `columns` (rows of the split), per domain and overall:
     - ranking: AUC and GAUC (by user) rank the logits; search domains add `qauc`, AUC grouped by query (the unit
@@ -89,14 +129,16 @@ def compute_metrics(
       with both labels;
     - calibration: `log_loss` (the cross-entropy of the probabilities), `pcoc` (mean prediction / CTR), `ece`.
     `warm` [item vocab] bool: the items whose id rows were trained before this evaluation (the others are the
-    cold items; None: no cold-item block). Non-finite logits are a ValueError."""
+    cold items; None: no cold-item block). `calibrated`: the calibrated logits, whose log loss, PCOC and ECE
+    each block gives under "calibrated" (the ranking metrics are the raw logits': calibration is monotone per
+    domain). Non-finite logits are a ValueError."""
     metrics.check_finite(logits, f"the model's scores on {split!r}")
     cols = columns
     labels, domain, users = np.asarray(cols["label"]), np.asarray(cols["domain"]), np.asarray(cols["user_id"])
     queries = np.asarray(cols["query_id"])
     _, candidate_list = np.unique(np.stack([domain, users, queries], 1), axis=0, return_inverse=True)
     candidate_list = candidate_list.reshape(-1)
-    probs = np.exp(-np.logaddexp(0.0, -np.asarray(logits, np.float64)))  # sigmoid, without overflow
+    probs = _sigmoid(logits)
     oracle = dataset.meta.oracle_auc.get(split, {})
 
     def block(mask: np.ndarray, oracle_key: str, search: bool = False) -> dict:
@@ -115,6 +157,9 @@ def compute_metrics(
         }
         if search:
             out["qauc"] = metrics.gauc(y, z, queries[mask])
+        if calibrated is not None:
+            c = calibrated[mask]
+            out["calibrated"] = {"log_loss": metrics.log_loss_from_logits(y, c), **metrics.calibration(y, _sigmoid(c))}
         return out
 
     per_domain = {
@@ -137,6 +182,10 @@ def compute_metrics(
     if cold.any():
         result["cold_items"] = block(cold, "cold_items")
     return result
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, np.float64)))  # without overflow
 
 
 def markdown_table(result: dict) -> str:
@@ -171,6 +220,20 @@ def markdown_table(result: dict) -> str:
         "Query AUC: AUC within each query (search domains). NDCG@10, HR@10, MRR: over candidate lists, a user's "
         "examples for one query in one domain, with both labels. PCOC: mean prediction / CTR (1: calibrated).",
     ]
+    if fitted := result.get("calibration"):
+        lines += [
+            "",
+            f"Calibration ({fitted['file']}): {fitted['summary']}. The probabilities before and after it:",
+            "",
+            "| domain | log loss | calibrated | PCOC | calibrated | ECE | calibrated |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {name} | {fmt(m['log_loss'])} | {fmt(m['calibrated']['log_loss'])} | {fmt(m['pcoc'])} "
+                f"| {fmt(m['calibrated']['pcoc'])} | {fmt(m['ece'])} | {fmt(m['calibrated']['ece'])} |"
+                for name, m in rows
+            ),
+            "",
+        ]
     if chosen := result.get("validation"):
         lines.append(
             f"Parameters of step {chosen['step']}, the best {chosen['metric']} on the validation data "

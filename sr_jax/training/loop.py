@@ -166,7 +166,7 @@ def validation_metrics(spec: RunSpec, params, step: int) -> dict:
     """`params`' metrics on the validation data, as the model stands after `step` (which rows it has trained)."""
     missing = spec.config.model.untrained_ids == "missing"  # then the rows read so far are known, the others missing
     trained = trained_so_far(spec, step) if missing else spec.trained_rows
-    logits = evaluation.predict_logits(spec, params, spec.valid_columns, trained)
+    logits = evaluation.predict_scores(spec, params, spec.valid_columns, trained)["logit"]
     return evaluation.compute_metrics(spec.dataset, "validation", logits, spec.valid_columns, warm=None)
 
 

@@ -47,7 +47,8 @@ class Program:
     tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
     train_step: Callable  # (state, batch, text, reference) -> (state, metrics)
-    predict: Callable  # (params, batch, text) -> {"logit": [B], "probability": [B]}
+    # (params, batch, text, trained=None, calibration=None) -> {"logit", "calibrated_logit", "probability"} [B]
+    predict: Callable
     adapted: Callable  # (params, batch, text) -> z [B, 3d], the Domain Adaptive Layer's output (L_reg aligns it)
 
     @property
@@ -111,8 +112,8 @@ def build_program(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
         ),
         train_step=step,
-        predict=make_predict_step(graphdef, mesh, shardings.params, rules=rules),
-        adapted=make_predict_step(graphdef, mesh, shardings.params, output="adapted", rules=rules),
+        predict=make_predict_step(graphdef, mesh, shardings.params, meta.num_domains, rules=rules),
+        adapted=make_predict_step(graphdef, mesh, shardings.params, meta.num_domains, output="adapted", rules=rules),
     )
 
 

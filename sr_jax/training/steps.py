@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from sr_jax import calibration
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
 from sr_jax.training import sparse_update
@@ -181,16 +182,20 @@ def make_predict_step(
     graphdef: nnx.GraphDef,
     mesh: Mesh,
     params_sharding,
-    output: str | tuple[str, ...] = ("logit", "probability"),
+    num_domains: int,
+    output: str | tuple[str, ...] = ("logit", "calibrated_logit", "probability"),
     rules: shd.Rules = shd.DEFAULT_RULES,
 ):
-    """jit(predict)(params, batch, text, trained=None) -> `sr_model.predict`'s `output` of the model in inference
-    mode, replicated (every process can read it): by default {"logit": [B], "probability": [B]} (rank the
-    logits); one name, e.g. "adapted" for z [B, 3d], gives that array alone. `trained`: see sr_model.predict."""
+    """jit(predict)(params, batch, text, trained=None, calibration=None) -> `sr_model.predict`'s `output` of the
+    model in inference mode, replicated (every process can read it): by default {"logit", "calibrated_logit",
+    "probability"}, each [B] (rank the logits); one name, e.g. "adapted" for z [B, 3d], gives that array alone.
+    `trained`, `calibration`: see sr_model.predict (None: the identity map, of a Platt map's shape, so scoring
+    before and after a Platt fit is one compiled program)."""
+    identity = jax.device_put(calibration.arrays(None, [""] * num_domains), shd.replicated(mesh))
 
-    def predict(params, batch, text, trained):
+    def predict(params, batch, text, trained, table):
         with shd.model_context(mesh, rules):  # per-device grouping (layers.by_group)
-            out = sr_model.predict(graphdef, params, batch, text, trained)
+            out = sr_model.predict(graphdef, params, batch, text, trained, table)
         return out[output] if isinstance(output, str) else {name: out[name] for name in output}
 
     jitted = jax.jit(
@@ -200,7 +205,10 @@ def make_predict_step(
             shd.batch_sharding(mesh, rules),
             shd.text_sharding(mesh, rules),
             shd.replicated(mesh),
+            shd.replicated(mesh),
         ),
         out_shardings=shd.replicated(mesh),
     )
-    return lambda params, batch, text, trained=None: jitted(params, batch, text, trained)
+    return lambda params, batch, text, trained=None, table=None: jitted(
+        params, batch, text, trained, identity if table is None else table
+    )

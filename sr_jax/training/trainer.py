@@ -10,7 +10,8 @@ hand over, evaluate, report. The pieces it joins, one concern each:
 A run's folder holds `config.json` (the exact config), `run_info.json`, `vocab.json`, `trained_rows.npz`,
 `item_text_map.npz` and `reference.npz` (what its parameters mean, for fine-tuning from it),
 `checkpoints/` (orbax), `best/` (its best validated step), `metrics.jsonl` (one line per log interval),
-`eval.json` / `eval.md`, and `changes.jsonl` where it was resumed with a changed config (`--allow-changes`). A
+`calibration.json` (the per-domain map of its logits, fitted on its validation data), `eval.json` / `eval.md`,
+and `changes.jsonl` where it was resumed with a changed config (`--allow-changes`). A
 folder holds one run: `build_run` refuses a folder that holds anything else. A run with `finetune.pretrained`
 set starts from that run's parameters instead of a fresh init; `finetune.freeze` holds levels fixed.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
-from sr_jax import distributed
+from sr_jax import calibration, distributed
 from sr_jax import sharding as shd
 from sr_jax import io
 from sr_jax.config import Config, absolute_paths, validate
@@ -137,8 +138,15 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
     trained = trained_so_far(spec, result_step)  # what the result's parameters were trained on
     write_handover(spec, params, trained)
     started = time.perf_counter()
+    fitted = evaluation.fit_calibration(spec, params, trained)
+    if distributed.is_primary():
+        if fitted is not None:
+            calibration.write(workdir, fitted)
+        else:  # an earlier attempt of this run's, calibrated before its config turned calibration off
+            (workdir / calibration.FILE).unlink(missing_ok=True)
+        log.info("calibration: %s", calibration.summary(fitted))
     scores_to = workdir if distributed.is_primary() else None
-    result = evaluation.evaluate(spec, params, trained=trained, scores_to=scores_to)
+    result = evaluation.evaluate(spec, params, trained=trained, scores_to=scores_to, fitted=fitted)
     # where a run's time goes (this process; a resumed run counts its own part only)
     result["timing"] = {
         "compile_s": run.compile_seconds,

@@ -1,0 +1,197 @@
+"""Calibration (sr_jax/calibration.py): the fits, the pooled fallback, the click-rate target, and the run's
+calibration carried into eval.json, re-fitting (train.calibrate) and batch scoring."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import config
+from sr_jax import calibration, metrics
+from sr_jax.config import ConfigError, validate
+from sr_jax.training import trainer
+from train import calibrate, predict
+
+
+def _world(n=40_000, seed=0):
+    """Logits of three domains whose true click probability is sigmoid(a z + b), each with its own a, b."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=n) * 2
+    domain = rng.integers(0, 3, n)
+    a, b = np.array([0.5, 1.5, 1.0])[domain], np.array([-1.0, 0.5, 0.0])[domain]
+    labels = (rng.random(n) < 1 / (1 + np.exp(-(a * z + b)))).astype(np.int8)
+    return z, labels, domain
+
+
+def _apply(fitted, z, domain, names=("a", "b", "c")):
+    table = {k: jnp.asarray(v) for k, v in calibration.arrays(fitted, list(names)).items()}
+    return np.asarray(calibration.apply(table, jnp.asarray(z, jnp.float32), jnp.asarray(domain)), np.float64)
+
+
+def test_platt_finds_each_domains_temperature_and_bias():
+    z, labels, domain = _world()
+    fitted = calibration.fit(z, labels, domain, ["a", "b", "c"])
+    for name, (a, b) in zip("abc", [(0.5, -1.0), (1.5, 0.5), (1.0, 0.0)]):
+        m = fitted["domains"][name]
+        assert m["source"] == "own" and abs(m["slope"][0] - a) < 0.06 and abs(m["y"][0] - b) < 0.06, m
+    calibrated = _apply(fitted, z, domain)
+    raw_loss, loss = metrics.log_loss_from_logits(labels, z), metrics.log_loss_from_logits(labels, calibrated)
+    assert loss < raw_loss - 0.02
+    # monotone per domain: every domain's AUC is unchanged
+    for k in range(3):
+        mask = domain == k
+        assert metrics.auc(labels[mask], calibrated[mask]) == metrics.auc(labels[mask], z[mask])
+
+
+def test_platt_stays_finite_where_the_logits_are_huge_or_the_labels_separable():
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=5000)
+    labels = (rng.random(5000) < 1 / (1 + np.exp(-t))).astype(np.int8)
+    plain = calibration.fit(t, labels, np.zeros(5000, int), ["a"])["domains"]["a"]
+    m = calibration.fit(t * 40 + 5, labels, np.zeros(5000, int), ["a"])["domains"]["a"]  # 40x overconfident
+    a, b = plain["slope"][0], plain["y"][0]  # the same fit, seen through z = 40 t + 5
+    assert m["slope"][0] == pytest.approx(a / 40, rel=0.01) and m["y"][0] == pytest.approx(b - 5 * a / 40, abs=0.01)
+    separable = calibration.fit(np.where(labels > 0, 50.0, -50.0), labels, np.zeros(5000, int), ["a"])
+    assert np.isfinite(separable["domains"]["a"]["slope"]).all() and np.isfinite(separable["domains"]["a"]["y"]).all()
+
+
+def test_isotonic_is_non_decreasing_and_matches_the_click_rate_of_its_blocks():
+    z, labels, domain = _world()
+    fitted = calibration.fit(z, labels, domain, ["a", "b", "c"], method="isotonic")
+    for m in fitted["domains"].values():
+        assert np.all(np.diff(m["x"]) >= 0) and np.all(np.diff(m["y"]) >= 0) and m["slope"] == [0.0, 0.0]
+        assert 2 <= len(m["x"]) <= calibration.BINS
+    calibrated = 1 / (1 + np.exp(-_apply(fitted, z, domain)))
+    for k in range(3):
+        mask = domain == k
+        assert abs(calibrated[mask].mean() / labels[mask].mean() - 1) < 0.02  # PCOC ~ 1 in sample
+
+
+def test_a_domain_with_few_clicks_uses_the_pooled_map_and_an_unseen_domain_too():
+    z, labels, domain = _world()
+    few = (domain == 2) & (np.arange(len(z)) > 300)  # domain c keeps ~100 rows: under 30 non-clicks or clicks
+    keep = ~few
+    fitted = calibration.fit(z[keep], labels[keep], domain[keep], ["a", "b", "c"], min_clicks=60)
+    assert fitted["domains"]["c"]["source"] == "pooled" and fitted["domains"]["a"]["source"] == "own"
+    assert fitted["domains"]["c"]["slope"] == fitted["pooled"]["slope"]
+    table = calibration.arrays(fitted, ["a", "b", "c", "new"])
+    np.testing.assert_array_equal(table["slope"][3], table["slope"][2])  # a domain the fit never saw: pooled
+    none = calibration.fit(z[:8], labels[:8], domain[:8], ["a", "b", "c"])  # under 5 clicks or non-clicks in all
+    assert {m["source"] for m in none["domains"].values()} == {"identity"}
+    np.testing.assert_array_equal(_apply(none, z[:8], domain[:8]), z[:8].astype(np.float32))
+    pooled_only = calibration.fit(z[:100], labels[:100], domain[:100], ["a", "b", "c"])  # 100 rows: pooled only
+    assert {m["source"] for m in pooled_only["domains"].values()} == {"pooled"}
+
+
+def test_the_identity_map_is_exact():
+    z = np.random.default_rng(0).normal(size=1000).astype(np.float32) * 30
+    out = _apply(None, z, np.zeros(1000, int), ["a"])
+    np.testing.assert_array_equal(out, z)
+
+
+def test_a_model_calibrated_on_one_to_four_data_predicts_a_one_to_ninety_nine_lists_click_rate_when_told():
+    """Negatives sampled at 4 per click; the traffic has 99 per click: the rate's prior correction."""
+    rng = np.random.default_rng(0)
+
+    def sample(clicks, per_click):
+        pos, neg = rng.normal(1.5, 1.0, clicks), rng.normal(-0.5, 1.0, clicks * per_click)
+        return np.r_[pos, neg], np.r_[np.ones(clicks), np.zeros(clicks * per_click)].astype(np.int8)
+
+    z_valid, y_valid = sample(2000, 4)
+    z_traffic, y_traffic = sample(2000, 99)
+    domain = lambda z: np.zeros(len(z), int)  # noqa: E731
+    as_sampled = calibration.fit(z_valid, y_valid, domain(z_valid), ["a"])
+    told = calibration.fit(z_valid, y_valid, domain(z_valid), ["a"], rate=0.01, sampled={"a": 4})
+    assert told["target"] == "click rate 0.01" and told["domains"]["a"]["sampled_negatives_per_click"] == 4
+    p_sampled = 1 / (1 + np.exp(-_apply(as_sampled, z_traffic, domain(z_traffic), ["a"])))
+    p_told = 1 / (1 + np.exp(-_apply(told, z_traffic, domain(z_traffic), ["a"])))
+    assert p_sampled.mean() / y_traffic.mean() > 3  # calibrated to 1:4, it predicts far too many clicks
+    assert 0.9 <= p_told.mean() / y_traffic.mean() <= 1.1
+    # the shift is the standard correction p / (p + (1 - p) / w), w the odds ratio of the two rates
+    ctr = y_valid.mean()
+    w = (0.01 / 0.99) / (ctr / (1 - ctr))
+    np.testing.assert_allclose(p_told, p_sampled / (p_sampled + (1 - p_sampled) / w), rtol=1e-4)
+
+
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(ConfigError, match="train.calibration"):
+        validate(config(train={"calibration": "beta"}))
+    with pytest.raises(ConfigError, match="train.calibration_rate"):
+        validate(config(train={"calibration_rate": 1.5}))
+    with pytest.raises(ValueError, match="every logit|NaN"):
+        calibration.fit(np.array([0.0, np.nan]), np.array([0, 1]), np.zeros(2, int), ["a"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("calibration") / "run"
+    trainer.fit(config(train={"epochs": 1, "eval_every": 8, "calibration_min_clicks": 10}), workdir)
+    return workdir
+
+
+def test_a_run_fits_its_calibration_on_validation_and_reports_before_and_after(run_dir):
+    fitted = calibration.read(run_dir)
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert fitted["method"] == "platt" and fitted["fitted_on"] == result["validation"]["data"]
+    assert "platt per domain" in result["calibration"]["summary"]
+    with np.load(run_dir / "scores_test.npz") as scores:
+        labels, logit, calibrated = scores["label"], scores["logit"], scores["calibrated_logit"]
+    assert not np.array_equal(logit, calibrated)
+    overall = result["overall"]
+    assert overall["calibrated"]["log_loss"] == pytest.approx(metrics.log_loss_from_logits(labels, calibrated))
+    assert overall["log_loss"] == pytest.approx(metrics.log_loss_from_logits(labels, logit))
+    assert overall["auc"] == pytest.approx(metrics.auc(labels, logit))  # ranking: the raw logits'
+    assert "| **overall** |" in (run_dir / "eval.md").read_text().split("before and after it")[1]
+
+
+def test_calibrate_refits_on_a_named_split_keeps_the_previous_and_scoring_follows(run_dir, tmp_path):
+    before = calibration.read(run_dir)
+    out = calibrate.main(["--workdir", str(run_dir), "--split", "valid", "--method", "isotonic"])
+    after = calibration.read(run_dir)
+    assert after["method"] == "isotonic" and after["previous"] == [before] and out["evaluation"] is None
+    assert abs(after["fit_split"]["calibrated"]["pcoc"] - 1) < 0.05  # in sample, isotonic matches the click rate
+    predict.main(["--workdir", str(run_dir), "--split", "test", "--out", str(tmp_path / "scores.parquet")])
+    table = pq.read_table(tmp_path / "scores.parquet")
+    domain = np.asarray(table["domain"].combine_chunks().indices)
+    logit = table["logit"].to_numpy()
+    names = json.loads((run_dir / "run_info.json").read_text())["domains"]
+    expected = 1 / (1 + np.exp(-_apply(after, logit, domain, names)))
+    np.testing.assert_allclose(table["score"].to_numpy(), expected, rtol=1e-6, atol=1e-7)
+    # the run's own validation data again (the default), with the test split re-scored beside eval.json
+    again = calibrate.main(["--workdir", str(run_dir)])
+    assert calibration.read(run_dir)["method"] == "platt" and len(calibration.read(run_dir)["previous"]) == 2
+    assert again["evaluation"]["overall"]["auc"] == json.loads((run_dir / "eval.json").read_text())["overall"]["auc"]
+    assert (run_dir / "reevaluation_test.json").exists()
+
+
+def test_the_grid_table_pairs_raw_and_calibrated_by_seed_and_flags_a_method_worse_than_raw(tmp_path):
+    from train import calibration_grid
+
+    def block(loss, ece, pcoc, c_loss, c_ece, c_pcoc):
+        return {
+            "log_loss": loss,
+            "ece": ece,
+            "pcoc": pcoc,
+            "calibrated": {"log_loss": c_loss, "ece": c_ece, "pcoc": c_pcoc},
+        }
+
+    for seed, worse in enumerate((0.05, 0.06, 0.04)):
+        cell = tmp_path / "grid" / "cold-items" / "text" / "finetune-all" / "fraction-0.1" / f"seed-{seed}"
+        cell.mkdir(parents=True)
+        (cell / "config.json").write_text("{}")
+        (cell / "eval.json").write_text(json.dumps({"validation": {"step": 5}}))
+        for method, delta in (("platt", -0.1), ("isotonic", worse)):
+            b = block(0.5, 0.1, 1.3, 0.5 + delta, 0.02, 1.0)
+            (cell / f"calibration-{method}.json").write_text(json.dumps({"overall": b, "domains": {"a": b}}))
+    zero = tmp_path / "grid" / "cold-items" / "text" / "zero-shot" / "seed-0"  # no validation: not a cell
+    zero.mkdir(parents=True)
+    (zero / "config.json").write_text("{}")
+    (zero / "eval.json").write_text("{}")
+    assert calibration_grid.cells(tmp_path / "grid") == sorted(
+        (tmp_path / "grid").glob("cold-items/text/finetune-all/fraction-0.1/seed-*")
+    )
+    md = calibration_grid.table(tmp_path / "grid", ["platt", "isotonic"])
+    row = next(line for line in md.splitlines() if line.startswith("| finetune-all | 0.1 | 3 |"))
+    assert "| -0.1000 ± 0.0000 | +0.0500 ± 0.0100 **worse** |" in row and "1.30 (1.30–1.30)" in row

@@ -1,0 +1,125 @@
+"""Fit a run's calibration again: `python -m train.calibrate --workdir RUN [--split S [--data D]]
+[--method platt|isotonic] [--rate R] [--min-clicks N]`.
+
+Without --split: on the run's own validation data, as training fits it at its end (for a run from before
+calibration, or to change the method); the run's evaluation split is then scored again, calibrated, into
+RUN/reevaluation_SPLIT.json and .md (eval.json, what training measured, is never touched). With --split: on that
+split of the dataset D (default: the run's own), read through the run's vocabulary by key, for a model moved to
+traffic with another click rate. Either way RUN/calibration.json is replaced; the fit it replaces is kept in
+its "previous" list. Batch scoring and exports made afterwards carry the new calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from sr_jax import calibration, io, metrics
+from sr_jax.config import load_config
+from sr_jax.data.pipeline import map_batches
+from sr_jax.data.store import open_dataset
+from sr_jax.export import scoring, trained
+from sr_jax.training import evaluation
+from sr_jax.training.restore import result_params
+from sr_jax.training.spec import build_spec
+from train import cli
+
+
+def _own_validation(workdir: Path, train_cfg) -> tuple[dict, dict]:
+    """(fit, re-evaluation): fitted on the run's validation data, the evaluation split scored with it."""
+    cfg = load_config(workdir / "config.json")
+    cfg = dataclasses.replace(cfg, train=train_cfg(cfg.train))
+    spec = build_spec(cfg, workdir)
+    if spec.valid_source == "":
+        raise ValueError(f"{workdir}: the run has no validation data (train.eval_every=0); name one with --split")
+    params, rows = result_params(spec), evaluation.trained_rows(spec)
+    fitted = evaluation.fit_calibration(spec, params, rows)
+    return fitted, evaluation.evaluate(spec, params, trained=rows, fitted=fitted)
+
+
+def _named_split(workdir: Path, split: str, data: str | None, train_cfg) -> dict:
+    """Fitted on `split` of `data` (default: the run's dataset), scored as batch scoring scores it."""
+    model = trained.load(workdir)
+    model = dataclasses.replace(model, calibration=None)  # the raw logits
+    scorer = scoring.run_scorer(model)
+    dataset = open_dataset(data) if data else model.dataset()
+    columns = scoring.model_columns(scorer, dataset, split)
+    logits = map_batches(scorer.bind(scoring.text_table(scorer, dataset)), columns, scorer.batch_size)["logit"]
+    t = train_cfg(model.config.train)
+    fitted = calibration.fit(
+        logits,
+        np.asarray(columns["label"]),
+        np.asarray(columns["domain"]),
+        scorer.domains,
+        method=t.calibration,
+        min_clicks=t.calibration_min_clicks,
+        rate=t.calibration_rate,
+        fitted_on=f"split {split!r} of {dataset.root} ({len(logits)} rows)",
+        sampled=dataset.meta.negatives_per_click,
+    )
+    table = calibration.arrays(fitted, scorer.domains)
+    calibrated = np.asarray(calibration.apply(table, logits, np.asarray(columns["domain"])))
+    labels = np.asarray(columns["label"])
+    fitted["fit_split"] = {  # in-sample: what the fit changed on the rows it was fitted to
+        "raw": {"log_loss": metrics.log_loss_from_logits(labels, logits), **metrics.calibration(labels, _p(logits))},
+        "calibrated": {
+            "log_loss": metrics.log_loss_from_logits(labels, calibrated),
+            **metrics.calibration(labels, _p(calibrated)),
+        },
+    }
+    return fitted
+
+
+def _p(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="the run folder to calibrate")
+    p.add_argument("--split", default=None, help="fit on this split (default: the run's own validation data)")
+    p.add_argument("--data", default=None, help="with --split: a prepared dataset (default: the run's own)")
+    p.add_argument("--method", default=None, choices=("platt", "isotonic"), help="default: the run's")
+    p.add_argument("--rate", type=float, default=None, help="a click rate to calibrate to (default: the run's)")
+    p.add_argument("--min-clicks", type=int, default=None, help="a domain's own map from this many clicks")
+    args = p.parse_args(argv)
+    if args.data and not args.split:
+        p.error("--data needs --split (the split of that dataset to fit on)")
+    cli.setup()
+    workdir = Path(args.workdir).absolute()
+
+    def train_cfg(t):
+        method = args.method or (t.calibration if t.calibration != "none" else "platt")
+        rate = t.calibration_rate if args.rate is None else args.rate
+        clicks = t.calibration_min_clicks if args.min_clicks is None else args.min_clicks
+        return dataclasses.replace(t, calibration=method, calibration_rate=rate, calibration_min_clicks=clicks)
+
+    if not (workdir / "config.json").exists():
+        raise ValueError(f"{workdir}: not a run folder (no config.json)")
+    with io.exclusive(workdir):  # not while the run trains (it writes calibration.json at its end)
+        return _calibrate(workdir, args, train_cfg)
+
+
+def _calibrate(workdir: Path, args: argparse.Namespace, train_cfg) -> dict:
+    previous = calibration.read(workdir)
+    if args.split:
+        fitted, result = _named_split(workdir, args.split, args.data, train_cfg), None
+    else:
+        fitted, result = _own_validation(workdir, train_cfg)
+        if fitted is None:
+            raise ValueError(f"{workdir}: nothing to fit on (the run's validation data)")
+    if previous is not None:
+        fitted["previous"] = [*previous.pop("previous", []), previous]
+    calibration.write(workdir, fitted)
+    print(f"{workdir / calibration.FILE}: {calibration.summary(fitted)}")
+    if result is not None:
+        evaluation.write_report(workdir, result, name=f"reevaluation_{result['split']}")
+        print(evaluation.markdown_table(result))
+    return {"calibration": fitted, "evaluation": result}
+
+
+if __name__ == "__main__":
+    cli.interruptible(main)
