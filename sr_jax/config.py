@@ -137,7 +137,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global-norm clipping; 0: off
     # Gradients of N micro-batches of data.batch_size / N rows each, averaged into one update: the same global
-    # batch on fewer devices (or in less memory). L_reg and STAR's batch statistics see one micro-batch at a time.
+    # batch on fewer devices (or in less memory). L_reg and STAR's batch statistics see one micro-batch at a time;
+    # the statistics advance once per step (the mean of the micro-batches' updates).
     grad_accum: int = 1
     # How embedding tables are updated: dense (by the optimizer above, every row every step) | rowwise_adagrad |
     # lazy_adam (row-sparse: only the rows a batch reads are read and written; see training/sparse_update.py)

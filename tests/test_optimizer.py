@@ -12,6 +12,8 @@ from sr_jax.training.optimizer import (
     FROZEN,
     NEW_DOMAINS,
     STATS,
+    STATS_FROZEN,
+    STATS_NEW_DOMAINS,
     TRAIN,
     build_optimizer,
     combine,
@@ -52,10 +54,13 @@ def test_labels():
     labels = param_roles(PARAMS, ("L0", "l1"), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)
     assert labels == {
         "l0": {"table": FROZEN},
-        "l1": {"domain_embedding": NEW_DOMAINS, "shared": FROZEN, "mean": STATS},
+        "l1": {"domain_embedding": NEW_DOMAINS, "shared": FROZEN, "mean": STATS_NEW_DOMAINS},
         "l2": {"tower": {"kernel": TRAIN, "bias": TRAIN}},
     }
     assert param_roles(PARAMS, ("l1",), PER_DOMAIN, new_domains=())["l1"]["domain_embedding"] == FROZEN
+    # statistics: written where their level trains; in a frozen level only a new domain's rows, else never
+    assert param_roles(PARAMS, ("l0",), PER_DOMAIN, new_domains=(2,), stats=STATS_MASK)["l1"]["mean"] == STATS
+    assert param_roles(PARAMS, ("l1",), PER_DOMAIN, new_domains=(), stats=STATS_MASK)["l1"]["mean"] == STATS_FROZEN
 
 
 def test_partition_leaves_frozen_leaves_out_of_what_is_differentiated():

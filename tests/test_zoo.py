@@ -278,3 +278,34 @@ def test_sarnet_transfers_by_domain_and_adds_a_debias_expert_of_the_domain_alone
     np.testing.assert_allclose(
         np.asarray(shifted - after), (new - debias)[[0, 0, 0, 1, 1, 1]], rtol=1e-5, atol=1e-6
     )  # the debias expert adds to the mix, read from the domain alone
+
+
+def _stats_after(tmp_path, name, steps, model, train=None, finetune=None):
+    """The batch statistics of a run after `steps` train steps, and before them."""
+    from sr_jax.training import loop, restore, trainer
+
+    cfg = config(TINY, model=model, train={"checkpoint_every": 100, **(train or {})}, finetune=finetune or {})
+    run = trainer.build_run(cfg, tmp_path / name)
+    start = restore.initial_state(run.spec)
+    mask = sr_model.stats_mask(run.spec.program.graphdef, start.params)
+    before = jax.tree.map(lambda m, p: np.asarray(p) if m else None, mask, start.params)
+    after = loop.train(run, start, until=steps).params
+    run.close()
+    return before, jax.tree.map(lambda m, p: np.asarray(p) if m else None, mask, after)
+
+
+def test_adasparse_sharpens_alpha_once_per_step_whatever_the_accumulation(tmp_path):
+    """Issue 41: alpha was bumped once per micro-batch (2.5, 4.0, 7.0 after 3 steps at grad_accum 1, 2, 4)."""
+    model = {"backbone": "adasparse", "adasparse_alpha_step": 0.5}
+    for accum in (1, 2, 4):
+        _, after = _stats_after(tmp_path, f"accum-{accum}", 3, model, train={"grad_accum": accum})
+        assert float(after["l1"]["backbone"]["alpha"]) == pytest.approx(2.5), accum
+
+
+def test_the_statistics_of_a_frozen_level_do_not_move(tmp_path):
+    """Issue 41: with L1 frozen, AdaptDHM's centroids moved and AdaSparse's alpha grew; they are L1's and shared."""
+    for backbone in ("adaptdhm", "adasparse"):
+        before, after = _stats_after(tmp_path, backbone, 3, {"backbone": backbone}, finetune={"freeze": ["l1"]})
+        jax.tree.map(np.testing.assert_array_equal, before, after)
+        _, trained = _stats_after(tmp_path, f"{backbone}-trained", 3, {"backbone": backbone})
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trained)))

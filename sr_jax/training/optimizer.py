@@ -10,8 +10,10 @@ Every parameter leaf carries a role (`param_roles`):
                  frozen L0 the tables are SPARSE when some of their rows are new (never trained by the
                  pretrained run): the rule updates those rows only (`sparse_update`, "trainable")
     FROZEN       a leaf of a frozen level: not differentiated at all, no optimizer state, no weight decay
-    STATS        batch statistics (STAR's partitioned normalisation): not differentiated or optimized; the
-                 forward pass in training writes them
+    STATS        batch statistics (STAR's partitioned normalisation, AdaptDHM's centroids, AdaSparse's alpha):
+                 not differentiated or optimized; the forward pass in training writes them
+    STATS_NEW_DOMAINS  a per-domain statistic of a frozen level: only the new domains' rows are written
+    STATS_FROZEN       any other statistic of a frozen level: never written (`keep_frozen_stats`)
 
 The train step splits the params by role *before* differentiating (`partition`): the loss is a
 function of the trainable part only, the rest is a constant, so XLA never builds the gradient of a
@@ -36,6 +38,7 @@ from sr_jax.sharding import ROW_SHARDED
 from sr_jax.treeutil import path_names, path_str
 
 TRAIN, NEW_DOMAINS, SPARSE, FROZEN, STATS = "train", "new_domains", "sparse", "frozen", "stats"
+STATS_NEW_DOMAINS, STATS_FROZEN = "stats_new_domains", "stats_frozen"
 TRAINABLE = (TRAIN, NEW_DOMAINS, SPARSE)
 
 
@@ -76,6 +79,8 @@ def param_roles(
     stats = jax.tree.map(lambda _: False, params) if stats is None else stats
 
     def role(path, _, is_per_domain, is_stats):
+        if is_stats and level_of(path) in frozen:
+            return STATS_NEW_DOMAINS if is_per_domain and new_domains else STATS_FROZEN
         if is_stats:
             return STATS
         table = path_names(path)[1] in ROW_SHARDED
@@ -110,6 +115,20 @@ def zero_frozen_rows(grads: Any, roles: Any, new_domains: Sequence[int]) -> Any:
         return jnp.zeros_like(g).at[rows].set(g[rows]) if role == NEW_DOMAINS else g
 
     return jax.tree.map(keep, partition(roles, roles)[0], grads)
+
+
+def keep_frozen_stats(stats: Any, roles: Any, before: Any, new_domains: Sequence[int]) -> Any:
+    """The batch statistics a train step writes (`stats`, a subtree of the params), with those of frozen levels
+    kept as they were (`before`: the params the step started from), but for the new domains' rows of a
+    per-domain one."""
+    if not isinstance(stats, dict):
+        if roles == STATS_FROZEN:
+            return before
+        if roles == STATS_NEW_DOMAINS:
+            rows = jnp.asarray(new_domains, jnp.int32)
+            return before.at[rows].set(stats[rows])
+        return stats
+    return {k: keep_frozen_stats(v, roles[k], before[k], new_domains) for k, v in stats.items()}
 
 
 def on_rows(inner: optax.GradientTransformation, rows: Sequence[int]) -> optax.GradientTransformation:

@@ -15,7 +15,7 @@ from sr_jax import calibration
 from sr_jax import model as sr_model
 from sr_jax import sharding as shd
 from sr_jax.training import sparse_update
-from sr_jax.training.optimizer import combine, partition, zero_frozen_rows
+from sr_jax.training.optimizer import combine, keep_frozen_stats, partition, zero_frozen_rows
 
 
 class TrainState(NamedTuple):
@@ -76,7 +76,8 @@ def make_train_step(
     axis), takes their gradients in turn (a scan: one micro-batch's activations live at a time) and averages
     them: the mean loss over N equal micro-batches is the batch's, so one update equals the update of the whole
     batch, but for the terms that depend on the batch's composition (L_reg between the domains of a batch, STAR's
-    batch statistics), computed per micro-batch.
+    batch statistics), computed per micro-batch; batch statistics advance once per step (`accumulate`), those of
+    frozen levels not at all (`optimizer.keep_frozen_stats`).
 
     Only the trainable part of the params (`roles`, see optimizer.py) is differentiated. `sparse`: (rule,
     learning-rate schedule) to update the embedding tables row-sparsely (`sparse_update`); `roles` must then
@@ -137,7 +138,7 @@ def make_train_step(
                 sparse_update.tables(updates),
             )
             params = sparse_update.with_tables(combine(dense, fixed), tables)
-        params = sr_model.with_stats(params, stats)
+        params = sr_model.with_stats(params, keep_frozen_stats(stats, roles, state.params, new_domains))
         return TrainState(state.step + 1, params, opt_state, tables_state), metrics
 
     return jax.jit(
@@ -155,8 +156,10 @@ def make_train_step(
 
 def accumulate(micro_grads, fixed, batch, table_rows, key, n: int, mesh: Mesh, rules: shd.Rules):
     """`micro_grads` over n micro-batches (rows r, r + n, r + 2n, ... form micro-batch r) in a scan: the mean of
-    their gradients and metrics, and the batch statistics after the last (each micro-batch reads the statistics
-    the one before it left)."""
+    their gradients, metrics and updated batch statistics. Every micro-batch reads the statistics as the step
+    found them, so the statistics advance once per step whatever n is: AdaSparse's alpha by one step; a moving
+    average (STAR's, AdaptDHM's) by its momentum times the mean over micro-batches of its masked update, i.e. a
+    domain held by a share s of the micro-batches moves by s times the momentum (with n = 1, by all of it)."""
 
     def split(a):
         a = a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1)
@@ -165,17 +168,14 @@ def accumulate(micro_grads, fixed, batch, table_rows, key, n: int, mesh: Mesh, r
     micro = jax.tree.map(split, (batch, table_rows))
 
     def body(carry, xs):
-        fixed, total, metrics_sum, k = carry
+        total, k = carry
         grads, metrics, stats = micro_grads(fixed, *xs, jax.random.fold_in(key, k))
-        add = lambda a, b: a + b  # noqa: E731
-        return (sr_model.with_stats(fixed, stats), jax.tree.map(add, total, grads),
-                jax.tree.map(add, metrics_sum, metrics), k + 1), stats  # fmt: skip
+        return (jax.tree.map(jnp.add, total, (grads, metrics, stats)), k + 1), None
 
     shapes = jax.eval_shape(lambda: micro_grads(fixed, *jax.tree.map(lambda a: a[0], micro), key))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[:2])
-    (_, total, metrics_sum, _), stats = jax.lax.scan(body, (fixed, *zeros, 0), micro)
-    mean = lambda a: a / n  # noqa: E731
-    return jax.tree.map(mean, total), jax.tree.map(mean, metrics_sum), jax.tree.map(lambda a: a[-1], stats)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (total, _), _ = jax.lax.scan(body, (zeros, 0), micro)
+    return jax.tree.map(lambda a: a / n, total)
 
 
 def make_predict_step(
