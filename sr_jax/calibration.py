@@ -14,6 +14,9 @@ means one `apply` for the trainer, batch scoring, the serving artifact and the t
 non-decreasing per domain, so each domain's AUC and ranking metrics do not change (isotonic ties can only
 merge scores).
 
+A map that does not pay for its parameters on the rows it was fitted to (BIC) is replaced by the identity: a
+model already calibrated keeps its probabilities rather than a fit's noise.
+
 A domain with fewer than `min_clicks` clicks or non-clicks in the validation data uses the map fitted on all
 domains' rows together (`pooled`, from POOLED_MIN_CLICKS of each); with fewer there as well, the identity.
 
@@ -96,7 +99,27 @@ IDENTITY = {"x": [0.0, 0.0], "y": [0.0, 0.0], "slope": [1.0, 1.0]}  # z exactly;
 
 
 def _fit_one(z: np.ndarray, y: np.ndarray, method: str) -> dict:
-    return _platt(z, y) if method == "platt" else _isotonic(z, y)
+    """The method's map, or the identity where the map does not pay for its parameters on these rows (BIC:
+    n times the gain in mean log loss must exceed half its parameter count times log n). A model whose
+    probabilities are already calibrated keeps them, rather than take on a fit's noise."""
+    fitted = _platt(z, y) if method == "platt" else _isotonic(z, y)
+    params = 2 if method == "platt" else len(fitted["x"])  # isotonic: one level per pooled block
+    gain = _loss(z, y, IDENTITY) - _loss(z, y, fitted)
+    if len(z) * gain <= 0.5 * params * np.log(max(len(z), 2)):
+        return {
+            **IDENTITY,
+            "kept_identity": f"the {method} fit gained {gain:.5f} log loss a row: less than its BIC cost",
+        }
+    return fitted
+
+
+def _loss(z: np.ndarray, y: np.ndarray, m: dict) -> float:
+    """Mean log loss of the map `m` on (z, y), as `apply` computes the calibrated logit (in float64)."""
+    x, v, slope = np.asarray(m["x"]), np.asarray(m["y"]), m["slope"]
+    c = np.where(z < x[0], v[0] + slope[0] * (z - x[0]), np.where(z > x[-1], v[-1] + slope[1] * (z - x[-1]), 0.0))
+    inside = (z >= x[0]) & (z <= x[-1])
+    c = np.where(inside, np.interp(z, x, v), c)
+    return float(np.mean(np.logaddexp(0.0, c) - y * c))
 
 
 def fit(
@@ -200,7 +223,9 @@ def summary(fitted: dict | None) -> str:
     if fitted is None:
         return "not calibrated: probabilities are sigmoid(logit)"
     own = sum(d["source"] == "own" for d in fitted["domains"].values())
+    kept = sum("kept_identity" in d for d in fitted["domains"].values())
     return (
-        f"{fitted['method']} per domain ({own} of {len(fitted['domains'])} domains their own, the others pooled), "
+        f"{fitted['method']} per domain ({own} of {len(fitted['domains'])} domains their own, the others pooled; "
+        f"{kept} kept as they were, the fit not paying for itself), "
         f"fitted on {fitted['fitted_on'] or 'validation data'}, to {fitted['target']}"
     )

@@ -49,7 +49,7 @@ def test_platt_stays_finite_where_the_logits_are_huge_or_the_labels_separable():
     rng = np.random.default_rng(1)
     t = rng.normal(size=5000)
     labels = (rng.random(5000) < 1 / (1 + np.exp(-t))).astype(np.int8)
-    plain = calibration.fit(t, labels, np.zeros(5000, int), ["a"])["domains"]["a"]
+    plain = calibration._platt(t, labels.astype(float))  # the fit itself (`fit` would keep this one as it is)
     m = calibration.fit(t * 40 + 5, labels, np.zeros(5000, int), ["a"])["domains"]["a"]  # 40x overconfident
     a, b = plain["slope"][0], plain["y"][0]  # the same fit, seen through z = 40 t + 5
     assert m["slope"][0] == pytest.approx(a / 40, rel=0.01) and m["y"][0] == pytest.approx(b - 5 * a / 40, abs=0.01)
@@ -60,13 +60,26 @@ def test_platt_stays_finite_where_the_logits_are_huge_or_the_labels_separable():
 def test_isotonic_is_non_decreasing_and_matches_the_click_rate_of_its_blocks():
     z, labels, domain = _world()
     fitted = calibration.fit(z, labels, domain, ["a", "b", "c"], method="isotonic")
-    for m in fitted["domains"].values():
+    for name in "ab":  # c is calibrated already (below)
+        m = fitted["domains"][name]
         assert np.all(np.diff(m["x"]) >= 0) and np.all(np.diff(m["y"]) >= 0) and m["slope"] == [0.0, 0.0]
         assert 2 <= len(m["x"]) <= calibration.BINS
     calibrated = 1 / (1 + np.exp(-_apply(fitted, z, domain)))
     for k in range(3):
         mask = domain == k
         assert abs(calibrated[mask].mean() / labels[mask].mean() - 1) < 0.02  # PCOC ~ 1 in sample
+
+
+def test_a_domain_already_calibrated_keeps_its_probabilities():
+    """Its fit would only add noise (BIC): the identity, exactly, and the report says why."""
+    z, labels, domain = _world()
+    for method in ("platt", "isotonic"):
+        m = calibration.fit(z, labels, domain, ["a", "b", "c"], method=method)["domains"]
+        assert "kept_identity" in m["c"] and m["c"]["slope"] == [1.0, 1.0] and m["c"]["y"] == [0.0, 0.0]
+        assert "kept_identity" not in m["a"] and "kept_identity" not in m["b"]
+    mask = domain == 2
+    platt = calibration.fit(z, labels, domain, ["a", "b", "c"])
+    np.testing.assert_array_equal(_apply(platt, z[mask], domain[mask]), z[mask].astype(np.float32))
 
 
 def test_a_domain_with_few_clicks_uses_the_pooled_map_and_an_unseen_domain_too():
@@ -127,7 +140,10 @@ def test_bad_settings_are_refused_by_name():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("calibration") / "run"
-    trainer.fit(config(train={"epochs": 1, "eval_every": 8, "calibration_min_clicks": 10}), workdir)
+    # the tiny model's probabilities are calibrated already (every map would be the identity, `fit` keeps them):
+    # a target click rate shifts them, so every map is one
+    train = {"epochs": 1, "eval_every": 8, "calibration_min_clicks": 10, "calibration_rate": 0.3}
+    trainer.fit(config(train=train), workdir)
     return workdir
 
 
@@ -135,6 +151,7 @@ def test_a_run_fits_its_calibration_on_validation_and_reports_before_and_after(r
     fitted = calibration.read(run_dir)
     result = json.loads((run_dir / "eval.json").read_text())
     assert fitted["method"] == "platt" and fitted["fitted_on"] == result["validation"]["data"]
+    assert fitted["target"] == "click rate 0.3" and all("shift" in m for m in fitted["domains"].values())
     assert "platt per domain" in result["calibration"]["summary"]
     with np.load(run_dir / "scores_test.npz") as scores:
         labels, logit, calibrated = scores["label"], scores["logit"], scores["calibrated_logit"]
@@ -148,7 +165,7 @@ def test_a_run_fits_its_calibration_on_validation_and_reports_before_and_after(r
 
 def test_calibrate_refits_on_a_named_split_keeps_the_previous_and_scoring_follows(run_dir, tmp_path):
     before = calibration.read(run_dir)
-    out = calibrate.main(["--workdir", str(run_dir), "--split", "valid", "--method", "isotonic"])
+    out = calibrate.main(["--workdir", str(run_dir), "--split", "valid", "--method", "isotonic", "--rate", "0"])
     after = calibration.read(run_dir)
     assert after["method"] == "isotonic" and after["previous"] == [before] and out["evaluation"] is None
     assert abs(after["fit_split"]["calibrated"]["pcoc"] - 1) < 0.05  # in sample, isotonic matches the click rate

@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A validated run (its result is its best validated step) with sparse fields, text and 7 domains."""
+    """A validated run (its result is its best validated step) with sparse fields, text and 7 domains, calibrated
+    to a click rate (so that its calibration is not the identity the tiny model's probabilities would keep)."""
     workdir = tmp_path_factory.mktemp("export") / "run"
-    trainer.fit(config(train={"epochs": 1, "eval_every": 8}), workdir)
+    trainer.fit(config(train={"epochs": 1, "eval_every": 8, "calibration_rate": 0.3}), workdir)
     return workdir
 
 
