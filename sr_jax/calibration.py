@@ -60,7 +60,7 @@ def _platt(z: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 100) -> d
     a, b = 1.0, 0.0
     current = loss(a, b)
     for _ in range(steps):
-        p = np.exp(-np.logaddexp(0.0, -(a * z + b)))
+        p = metrics.probabilities(a * z + b)
         w = p * (1 - p)
         g = np.array([np.sum((p - y) * z) + l2 * (a - 1), np.sum(p - y) + l2 * b])
         h = np.array([[np.sum(w * z * z) + l2, np.sum(w * z)], [np.sum(w * z), np.sum(w) + l2]])
@@ -119,7 +119,7 @@ def _loss(z: np.ndarray, y: np.ndarray, m: dict) -> float:
     c = np.where(z < x[0], v[0] + slope[0] * (z - x[0]), np.where(z > x[-1], v[-1] + slope[1] * (z - x[-1]), 0.0))
     inside = (z >= x[0]) & (z <= x[-1])
     c = np.where(inside, np.interp(z, x, v), c)
-    return float(np.mean(np.logaddexp(0.0, c) - y * c))
+    return metrics.log_loss_from_logits(y, c)
 
 
 def fit(
@@ -134,8 +134,8 @@ def fit(
     sampled: dict[str, int] | None = None,
 ) -> dict:
     """The calibration of `logits` [N] to `labels` [N] per domain (`domain` [N] indexes `domain_names`), as
-        written to calibration.json: per domain its map, where it came from ("own", "pooled" or "identity") and the
-        validation rows, clicks and click rate it saw, and (`sampled`: the dataset's record) how many negatives per
+    written to calibration.json: per domain its map, where it came from ("own", "pooled" or "identity") and the
+    validation rows, clicks and click rate it saw, and (`sampled`: the dataset's record) how many negatives per
     click were sampled for it. `rate` > 0: shifted to that click rate (module doc)."""
     if method not in CALIBRATIONS or method == "none":
         raise ValueError(f"calibration method {method!r}: expected 'platt' or 'isotonic'")

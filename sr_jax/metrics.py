@@ -89,6 +89,16 @@ def log_loss_from_logits(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """sigmoid(logits) in float64, without overflow."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, np.float64)))
+
+
+def probability_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """What says whether sigmoid(logits) can be used as click probabilities: log loss, PCOC and ECE."""
+    return {"log_loss": log_loss_from_logits(labels, logits), **calibration(labels, probabilities(logits))}
+
+
 def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
     y = np.asarray(labels, np.float64)

@@ -64,17 +64,10 @@ def _named_split(workdir: Path, split: str, data: str | None, train_cfg) -> dict
     calibrated = np.asarray(calibration.apply(table, logits, np.asarray(columns["domain"])))
     labels = np.asarray(columns["label"])
     fitted["fit_split"] = {  # in-sample: what the fit changed on the rows it was fitted to
-        "raw": {"log_loss": metrics.log_loss_from_logits(labels, logits), **metrics.calibration(labels, _p(logits))},
-        "calibrated": {
-            "log_loss": metrics.log_loss_from_logits(labels, calibrated),
-            **metrics.calibration(labels, _p(calibrated)),
-        },
+        "raw": metrics.probability_metrics(labels, logits),
+        "calibrated": metrics.probability_metrics(labels, calibrated),
     }
     return fitted
-
-
-def _p(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
 
 
 def main(argv: list[str] | None = None) -> dict:

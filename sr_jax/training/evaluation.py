@@ -138,7 +138,7 @@ def compute_metrics(
     queries = np.asarray(cols["query_id"])
     _, candidate_list = np.unique(np.stack([domain, users, queries], 1), axis=0, return_inverse=True)
     candidate_list = candidate_list.reshape(-1)
-    probs = _sigmoid(logits)
+    probs = metrics.probabilities(logits)
     oracle = dataset.meta.oracle_auc.get(split, {})
 
     def block(mask: np.ndarray, oracle_key: str, search: bool = False) -> dict:
@@ -158,8 +158,7 @@ def compute_metrics(
         if search:
             out["qauc"] = metrics.gauc(y, z, queries[mask])
         if calibrated is not None:
-            c = calibrated[mask]
-            out["calibrated"] = {"log_loss": metrics.log_loss_from_logits(y, c), **metrics.calibration(y, _sigmoid(c))}
+            out["calibrated"] = metrics.probability_metrics(y, calibrated[mask])
         return out
 
     per_domain = {
@@ -182,10 +181,6 @@ def compute_metrics(
     if cold.any():
         result["cold_items"] = block(cold, "cold_items")
     return result
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, np.float64)))  # without overflow
 
 
 def markdown_table(result: dict) -> str:
