@@ -39,8 +39,9 @@ MODELS = {
     "single-domain-no-text": overrides("shared-bottom") + NO_TEXT,
 }
 
-# The grid validates a fixed number of steps apart (its tuning did too), and was made before issue 29's content
-# defaults (id dropout, untrained ids read as missing): pinned, so that its commands reproduce its cells.
+# The grid validates a fixed number of steps apart (its tuning did too), and runs without the content defaults
+# (id dropout, untrained ids read as missing) under which it was not made: pinned, so that its commands reproduce
+# its cells.
 EVERY = ["train.evals_per_epoch=0", "model.id_dropout=0", "model.untrained_ids=row"]
 DATASETS = {
     "synthetic": ["train.eval_every=250", "train.early_stopping_patience=3", *EVERY],
@@ -76,8 +77,8 @@ REG_SPACE = {  # the models with the JS alignment regularizer, in addition
     "model.reg_temperature": ("log", 0.25, 4.0),
 }
 
-# Each zoo backbone's own options, in addition (the models tuned before issue 31 searched SEARCH_SPACE and
-# REG_SPACE only, their own options at the defaults: docs/RESULTS.md says so where it compares them).
+# Each zoo backbone's own options, in addition (some recorded studies searched SEARCH_SPACE and REG_SPACE only,
+# their own options at the defaults: docs/RESULTS.md says so where it compares them).
 EXPERTS = {"model.num_experts": ("choice", (2, 4, 8))}
 GATE = {"model.gate_hidden": ("choice", (32, 64, 128))}  # a gate NU's hidden width, or HAMUR's hyper-network's
 BACKBONE_SPACE = {

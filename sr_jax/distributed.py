@@ -1,6 +1,7 @@
 """Multi-host wiring: one process per host (or per GPU), joined by `initialize()` before any JAX computation.
 
     SR_JAX_COORDINATOR=host:port SR_JAX_NUM_PROCESSES=N SR_JAX_PROCESS_ID=i python -m train.pretrain ...
+        (processes on CPU devices also set JAX_PLATFORMS=cpu: their collectives then go over gloo)
     SR_JAX_DISTRIBUTED=auto python -m train.pretrain ...   # TPU pods, SLURM, Open MPI: detected by JAX
     SR_JAX_HEARTBEAT_TIMEOUT=30 ...   # seconds without a heartbeat before a process counts as lost (JAX: 100)
 
@@ -39,7 +40,8 @@ def initialize() -> None:
         missing = [v for v in ("SR_JAX_NUM_PROCESSES", "SR_JAX_PROCESS_ID") if v not in os.environ]
         if missing:
             raise ValueError(f"SR_JAX_COORDINATOR={coordinator} is set but {missing} are not")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes: cross-process collectives
+        if os.environ.get("JAX_PLATFORMS") == "cpu":  # CPU devices talk over gloo; GPUs and TPUs keep their own
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator,
             int(os.environ["SR_JAX_NUM_PROCESSES"]),

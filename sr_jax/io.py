@@ -252,7 +252,7 @@ def _holder(path: Path) -> dict:
     holder = _read_json(path)  # None: released, or being written this instant
     if holder is None:
         return {}
-    return holder if isinstance(holder, dict) else {"legacy": holder}  # an flock-era file: a bare pid
+    return holder if isinstance(holder, dict) else {"legacy": holder}  # an older lock file: a bare pid
 
 
 def _stale(path: Path, holder: dict) -> bool:

@@ -99,12 +99,6 @@ def probability_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, flo
     return {"log_loss": log_loss_from_logits(labels, logits), **calibration(labels, probabilities(logits))}
 
 
-def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
-    y = np.asarray(labels, np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 def ranking(labels: np.ndarray, scores: np.ndarray, lists: np.ndarray, k: int = 10) -> dict[str, float]:
     """NDCG@k, HR@k and MRR over candidate lists (`lists`: the list id of each example, e.g. a user's
     impressions for one query in one domain; binary relevance), averaged over the lists that hold at least one

@@ -43,16 +43,23 @@ def test_ple_examples_use_their_own_domain_experts(data):
     np.testing.assert_array_equal(np.asarray(changed)[~in_k], np.asarray(logits)[~in_k])
 
 
+def _inputs(x_hat, domain):
+    """A backbone's input record for STAR, which reads x_hat and the domains only."""
+    from sr_jax.model.backbones import BackboneInput
+
+    return BackboneInput(x_hat, x_hat, domain, jnp.zeros((domain.shape[0], 1)))
+
+
 def test_star_starts_as_the_shared_network_and_then_specialises(data):
     graphdef, params = _model(data, "star", star_norm="layer")
     x_hat = jax.random.normal(jax.random.key(0), (8, 3 * 32))
     net = nnx.merge(graphdef, params).l1.backbone
-    a = net(x_hat, jnp.zeros(8, jnp.int32), jnp.float32, False)[0]
-    b = net(x_hat, jnp.full(8, 3, jnp.int32), jnp.float32, False)[0]
+    a = net(_inputs(x_hat, jnp.zeros(8, jnp.int32)), jnp.float32, False)[0]
+    b = net(_inputs(x_hat, jnp.full(8, 3, jnp.int32)), jnp.float32, False)[0]
     np.testing.assert_allclose(a, b, rtol=1e-6)  # domain factors start at one and zero
     net.domain_kernels[0][...] = net.domain_kernels[0][...].at[3].multiply(2.0)
-    c = net(x_hat, jnp.full(8, 3, jnp.int32), jnp.float32, False)[0]
-    assert not np.allclose(a, c) and np.allclose(a, net(x_hat, jnp.zeros(8, jnp.int32), jnp.float32, False)[0])
+    c = net(_inputs(x_hat, jnp.full(8, 3, jnp.int32)), jnp.float32, False)[0]
+    assert not np.allclose(a, c) and np.allclose(a, net(_inputs(x_hat, jnp.zeros(8, jnp.int32)), jnp.float32, False)[0])
 
 
 def test_star_normalises_each_domain_by_its_own_batch_statistics_then_by_moving_averages(data):
@@ -135,7 +142,7 @@ def test_star_inference_statistics_of_a_domain_seen_20_batches_are_its_data_s():
     """A fine-tune's first validation comes after about 20 steps: the moving averages (momentum 0.99, started at
     0 and 1) then still hold 82% of the start; debiased, a new domain's inference statistics are within 5% of
     its data's mean and variance."""
-    from sr_jax.model.backbones import PartitionedNorm
+    from sr_jax.model.backbones.star import PartitionedNorm
 
     norm = PartitionedNorm(num_domains=3, width=8, per_example=False)
     rng = np.random.default_rng(0)

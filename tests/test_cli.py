@@ -37,3 +37,21 @@ def test_a_stray_word_is_still_an_error(capsys):
     with pytest.raises(SystemExit):
         cli.parse(cold_start.parser(), ["--workdir", "W", "--report-dir", "R", "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_pretrain_and_finetune_take_overrides_anywhere(monkeypatch, tmp_path):
+    """The entry points that train parse as the grid commands do: `a.b=1 --workdir X c.d=2` is two overrides."""
+    from sr_jax.config import Config, save_config
+    from train import finetune, pretrain
+
+    seen = []
+    for module in (pretrain, finetune):
+        monkeypatch.setattr(module.trainer, "fit", lambda cfg, workdir: seen.append(cfg) or {})
+        monkeypatch.setattr(module.evaluation, "markdown_table", lambda result: "")
+    pretrain.main(["model.dim=8", "--workdir", str(tmp_path / "p"), "train.seed=3"])
+    (tmp_path / "old").mkdir()
+    save_config(Config(), tmp_path / "old" / "config.json")
+    finetune.main(
+        ["model.dim=8", "--pretrained", str(tmp_path / "old"), "--workdir", str(tmp_path / "f"), "train.seed=3"]
+    )
+    assert [(c.model.dim, c.train.seed) for c in seen] == [(8, 3), (8, 3)]

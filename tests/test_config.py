@@ -109,15 +109,16 @@ def test_a_config_saved_before_a_new_default_keeps_its_meaning(tmp_path):
 
 
 def test_the_docs_count_the_backbones_the_config_lists():
-    """One list (`config.BACKBONES`), the docs from it (issue 38: 11 names, docs saying twelve backbones)."""
+    """One list (the registry, `sr_jax.model.backbones.BACKBONES`), the docs from it (issue 38: 11 names, docs
+    saying twelve backbones)."""
     import re
     from pathlib import Path
 
-    from sr_jax.config import BACKBONES
+    from sr_jax.model.backbones import BACKBONES
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     words = {11: "eleven", 12: "twelve", 13: "thirteen"}
-    assert f"the {words[len(BACKBONES)]} backbones of `config.BACKBONES`" in readme
+    assert f"the {words[len(BACKBONES)]} backbones of the registry" in readme
     assert f"{words[len(BACKBONES) + 1]} backbones" not in readme.lower()
     for name in BACKBONES:
         assert re.search(rf"[`=]{name}\b", readme), name  # `name` or model.backbone=name

@@ -18,7 +18,7 @@ from sr_jax import model as sr_model
 from sr_jax.data import synthetic, vocabulary
 from sr_jax.data.importer import import_tables
 from sr_jax.data.schema import DenseField
-from sr_jax.config import BACKBONES
+from sr_jax.model.backbones import BACKBONES
 from sr_jax.data.store import DatasetError, open_dataset
 from sr_jax.model.encoding import FeatureEncoder, TextTable
 from sr_jax.training.transfer import new_leaf_paths

@@ -195,6 +195,10 @@ def test_finetune_resumes_exactly(pretrained, tmp_path):
     end_resumed = loop.train(resumed, state)
     for a, b in zip(jax.tree.leaves(end), jax.tree.leaves(end_resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.zero_shot is not None and resumed.zero_shot == straight.zero_shot  # it blends as it began
+    kept = [run.best.restore(run.spec.program.abstract_state.params, own=True) for run in (straight, resumed)]
+    for a, b in zip(*map(jax.tree.leaves, kept)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cli_finetunes_cold_items_on_a_fraction(pretrained, tmp_path):

@@ -44,7 +44,9 @@ def test_auc_edge_cases_and_log_loss():
     assert metrics.auc(np.array([1, 0]), np.array([0.1, 0.9])) == 0.0
     assert np.isnan(metrics.auc(np.array([1, 1]), np.array([0.1, 0.9])))
     y, p = np.array([1, 0, 1]), np.array([0.8, 0.3, 0.6])
-    assert abs(metrics.log_loss(y, p) - (-np.log([0.8, 0.7, 0.6]).mean())) < 1e-12
+    logits = np.log(p / (1 - p))
+    assert abs(metrics.log_loss_from_logits(y, logits) - (-np.log([0.8, 0.7, 0.6]).mean())) < 1e-12
+    assert metrics.log_loss_from_logits(np.array([0]), np.array([800.0])) == 800.0  # no probability rounds to 1
 
 
 def test_auc_ranks_logits_that_float32_probabilities_would_tie():
@@ -61,7 +63,9 @@ def test_auc_ranks_logits_that_float32_probabilities_would_tie():
 def test_log_loss_from_logits_equals_the_probabilities_where_they_are_exact():
     rng = np.random.default_rng(0)
     z, y = rng.normal(0, 3, 1000), rng.random(1000) < 0.4
-    assert metrics.log_loss_from_logits(y, z) == pytest.approx(metrics.log_loss(y, 1 / (1 + np.exp(-z))), rel=1e-9)
+    p = 1 / (1 + np.exp(-z))
+    expected = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    assert metrics.log_loss_from_logits(y, z) == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_metric_over_non_finite_scores_is_an_error():

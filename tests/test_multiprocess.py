@@ -146,3 +146,23 @@ def test_the_heartbeat_timeout_is_read_from_the_environment_and_checked(monkeypa
         monkeypatch.setenv("SR_JAX_HEARTBEAT_TIMEOUT", bad)
         with pytest.raises(ValueError, match="SR_JAX_HEARTBEAT_TIMEOUT"):
             distributed._heartbeat_timeout()
+
+
+@pytest.mark.parametrize("platforms", ["cpu", "cuda", None])
+def test_only_cpu_processes_set_gloo_collectives(monkeypatch, platforms):
+    """gloo carries CPU devices' collectives; a GPU or TPU cluster keeps its own (NCCL, ICI)."""
+    from sr_jax import distributed
+
+    updates, joined = [], []
+    monkeypatch.setattr(distributed.jax.config, "update", lambda key, value: updates.append((key, value)))
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: joined.append(a))
+    monkeypatch.setattr(distributed, "log", type("Quiet", (), {"info": staticmethod(lambda *a: None)}))
+    for key, value in [("SR_JAX_COORDINATOR", "h:1"), ("SR_JAX_NUM_PROCESSES", "2"), ("SR_JAX_PROCESS_ID", "0")]:
+        monkeypatch.setenv(key, value)
+    if platforms is None:
+        monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    distributed.initialize()
+    assert joined == [("h:1", 2, 0)]
+    assert updates == ([("jax_cpu_collectives_implementation", "gloo")] if platforms == "cpu" else [])

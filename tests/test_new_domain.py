@@ -16,7 +16,8 @@ from helpers import TINY, config
 from sr_jax import model as sr_model
 from sr_jax.config import ConfigError, FinetuneConfig, load_config
 from sr_jax.featurized import load_dataset
-from sr_jax.training import loop, restore, trainer
+from sr_jax.training import evaluation, loop, restore, trainer, zero_shot
+from sr_jax.training.checkpoint import BestCheckpoint
 from sr_jax.training.optimizer import guard
 from sr_jax.training.pretrained import domain_map
 from sr_jax.treeutil import flatten
@@ -100,18 +101,61 @@ def test_a_fine_tune_offers_the_zero_shot_model_as_its_step_0(pretrained, tmp_pa
     named = "finetune.domain_source=search_new_service=search_shop"  # the same source for both inits
     source = trainer.build_run(_new_domain_cfg(pretrained, named), tmp_path / "source")
     match = trainer.build_run(_new_domain_cfg(pretrained, named, "finetune.new_domain_init=match"), tmp_path / "m")
-    zero = flatten(loop.zero_shot_params(source.spec, restore.initial_state(source.spec).params))
+    zero = flatten(zero_shot.zero_shot_params(source.spec, restore.initial_state(source.spec).params))
     want = restore.initial_state(match.spec).params
     for path, leaf in flatten(want).items():
         np.testing.assert_array_equal(np.asarray(zero[path]), np.asarray(leaf), err_msg=path)
-    assert loop.zero_shot_params(match.spec, want) is None  # it starts so already
+    assert zero_shot.zero_shot_params(match.spec, want) is None  # it starts so already
     source.close()
     match.close()
     result = trainer.fit(_new_domain_cfg(pretrained, named, "train.eval_every=4"), tmp_path / "run")
     start = result["validation"]["start"]
     assert set(start) == {loop.PRETRAINED_START, loop.ZERO_SHOT_START} and start[loop.ZERO_SHOT_START] > 0.0
     assert result["validation"]["history"][0] == [0, max(start.values())]
-    assert "Step 0's candidates" in (tmp_path / "run" / "eval.md").read_text()
+    assert result["validation"]["zero_shot_blend"] == {"weight": 0.75, "domains": ["search_new_service"]}
+    report = (tmp_path / "run" / "eval.md").read_text()
+    assert "Step 0's candidates" in report and "blended with the zero-shot model" in report
+
+
+def test_a_fine_tune_is_blended_with_the_zero_shot_model_and_keeps_what_it_validated(pretrained, tmp_path):
+    """The blend is one model whose new domain's logit is (1 - w) x the fine-tuned logit + w x the zero-shot
+    model's, other domains untouched; validation scores and keeps the blend; a resumed run blends the same."""
+    run = trainer.build_run(_new_domain_cfg(pretrained, "finetune.zero_shot_weight=0.6"), tmp_path / "run")
+    spec = run.spec
+    start = restore.initial_state(spec).params
+    rows = zero_shot.zero_shot_rows(spec, start)
+    assert rows["domains"] == [NEW] and len(rows["bias"]) == 1 and len(rows["match"][0]) == 2
+    noise = np.random.default_rng(0)
+    tuned = jax.tree.map(lambda x: x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype), start)
+    blended = zero_shot.blend(spec, tuned, rows)
+    columns, trained = spec.valid_columns, evaluation.trained_rows(spec)
+    assert set(np.unique(columns["domain"])) == {NEW}
+    logit = {
+        name: evaluation.predict_scores(spec, p, columns, trained)["logit"]
+        for name, p in [("tuned", tuned), ("blended", blended), ("zero", zero_shot.zero_shot_params(spec, start))]
+    }
+    np.testing.assert_allclose(logit["blended"], 0.4 * logit["tuned"] + 0.6 * logit["zero"], rtol=1e-4, atol=1e-4)
+    assert np.abs(logit["blended"] - logit["tuned"]).max() > 1e-2
+    edited = {sr_model.tower_output(spec.config.model), zero_shot.MATCH}
+    edited.add(sr_model.tower_output(spec.config.model).removesuffix("kernel") + "bias")
+    for path, leaf in flatten(blended).items():  # the pretrained domains' rows and shared parameters as tuned
+        want, have = np.asarray(flatten(tuned)[path]), np.asarray(leaf)
+        if path in edited:
+            want, have = np.delete(want, NEW, axis=0), np.delete(have, NEW, axis=0)
+        np.testing.assert_array_equal(have, want, err_msg=path)
+    run.zero_shot, run.best = rows, BestCheckpoint(tmp_path / "best")
+    score = loop.validate_step(run, tuned, 5)
+    kept = run.best.restore(spec.program.abstract_state.params, own=True)
+    for path, leaf in flatten(kept).items():
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flatten(blended)[path]), err_msg=path)
+    assert score == run.validation[-1][1] and loop.position(run, 5)["zero_shot"] == rows
+    run.close()
+    assert (
+        zero_shot.zero_shot_rows(
+            trainer.build_run(_new_domain_cfg(pretrained, "finetune.zero_shot_weight=0"), tmp_path / "off").spec, start
+        )
+        is None
+    )
 
 
 def test_zero_shot_scores_a_new_domain_with_no_label_and_exports(pretrained, tmp_path):

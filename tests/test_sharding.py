@@ -1,5 +1,7 @@
 """The train step over a mesh of 8 CPU devices matches the single-device step."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -203,6 +205,10 @@ def test_inference_reads_every_row_whatever_the_lookup_capacity(tmp_path):
     run.close()
     logged = [json.loads(line) for line in (tmp_path / "tight" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["lookup_dropped"] > 0 for line in logged)  # training does drop at this capacity
+    once = dataclasses.replace(tight, train=dataclasses.replace(tight.train, log_every=2))
+    _train(once, tmp_path / "logged-once", jax.devices(), steps=2)[0].close()
+    summed = [json.loads(line) for line in (tmp_path / "logged-once" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["lookup_dropped"] for line in summed] == [logged[0]["lookup_dropped"] + logged[1]["lookup_dropped"]]
     plain = config(TINY, train=train, mesh=layout, model={"lookup": "gspmd"})
     gather = trainer.build_run(plain, tmp_path / "plain", mesh=run.spec.mesh)
     routed, gathered = evaluation.evaluate(run.spec, state.params), evaluation.evaluate(gather.spec, state.params)

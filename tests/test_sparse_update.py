@@ -12,7 +12,7 @@ from sr_jax.data.pipeline import BatchIterator
 from sr_jax.training import loop, restore, sparse_update, trainer
 from sr_jax.training.optimizer import SPARSE, TRAIN, build_optimizer, learning_rate, param_roles
 from sr_jax.sharding import ROW_SHARDED
-from sr_jax.training.steps import init_state, loss_fn, make_train_step, state_shardings
+from sr_jax.training.steps import StepConfig, init_state, loss_fn, make_train_step, state_shardings
 from sr_jax.treeutil import path_names
 
 STEPS = 4
@@ -140,7 +140,8 @@ def test_sparse_step_equals_the_dense_rule(tmp_path, rule):
 def _step(run, params, labels, tx, rule, sparse):
     shapes = jax.eval_shape(lambda: init_state(params, labels, tx, rule))
     shardings = state_shardings(run.spec.mesh, shapes)
-    return make_train_step(run.spec.program.graphdef, tx, labels, 0.05, run.spec.mesh, shardings, 0, 0.5, sparse=sparse)
+    step_cfg = StepConfig(run.spec.program.graphdef, tx, labels, 0.05, seed=0, grad_clip=0.5, sparse=sparse)
+    return make_train_step(step_cfg, run.spec.mesh, shardings)
 
 
 def _rows(run, params, batches, key):

@@ -1,4 +1,4 @@
-"""The field's other multi-domain backbones (`sr_jax/model/gated.py`, M3oE in `backbones.py`): each one's defining
+"""The field's other multi-domain backbones (`sr_jax/model/backbones/`, one module per paper): each one's defining
 behaviour, not only its shapes. EPNet and PPNet gates scale by 2 x sigmoid and start at exactly 1 (the network
 starts as the plain shared MLP); HAMUR's adapter weights are a function of the hyper-network's input (the domain
 and the example); M2M's weights are generated from the domain's embedding; M3oE fuses a shared and a domain
@@ -15,7 +15,9 @@ from flax import nnx
 
 from helpers import TINY, config, model_inputs
 from sr_jax import model as sr_model
-from sr_jax.model.gated import HAMUR, EPNet, GateNU, PPNet
+from sr_jax.model.backbones import BackboneInput
+from sr_jax.model.backbones.hamur import HAMUR
+from sr_jax.model.backbones.pepnet import EPNet, GateNU, PPNet
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,14 @@ def data():
 
 def _cfg(**fields):
     return dataclasses.replace(config(TINY).model, **fields)
+
+
+TABLE = jax.random.normal(jax.random.key(11), (3, _cfg().gate_dim))  # L1's domain embedding, as a backbone reads it
+
+
+def _run(net, x, domain, train: bool, table=TABLE):
+    """A backbone on inputs x (as x_hat and as the sides before the DAL) -> (experts, gate input)."""
+    return net(BackboneInput(x, x, domain, table[domain]), jnp.float32, train)
 
 
 def _plain_mlp(layers, x):
@@ -48,40 +58,58 @@ def test_epnet_and_ppnet_start_as_the_shared_mlp_then_scale_by_their_gates(kind)
     cfg = _cfg(backbone=kind.__name__.lower(), dim=4)
     net = kind(cfg, 3, 12, rngs=nnx.Rngs(0))
     x, domain = jax.random.normal(jax.random.key(2), (10, 12)), jnp.arange(10) % 3
-    experts, gate_input = net(x, domain, jnp.float32, False)
+    experts, gate_input = _run(net, x, domain, False)
     assert experts.shape == (10, 1, cfg.expert_hidden[-1]) and gate_input is x
     np.testing.assert_allclose(np.asarray(experts[:, 0]), np.asarray(_plain_mlp(net.layers, x)), rtol=1e-6)
     if kind is EPNet:  # the input scaled by the domain's gate: another domain, another scale
         net.gate.out_kernel[...] = jax.random.normal(jax.random.key(3), net.gate.out_kernel.shape)
-        scaled = net(x, domain, jnp.float32, False)[0]
-        other = net(x, (domain + 1) % 3, jnp.float32, False)[0]
+        scaled = _run(net, x, domain, False)[0]
+        other = _run(net, x, (domain + 1) % 3, False)[0]
         assert not np.allclose(np.asarray(scaled), np.asarray(other))
-    else:  # the first layer's output scaled by 2 sigmoid(b) where its gate's bias is b
+    else:  # the first layer's input scaled by 2 sigmoid(b) where its gate's bias is b: PEPNet gates a layer's input
         net.gates[0].out_bias[...] = jnp.full(net.gates[0].out_bias.shape, 1.5)
-        first = jax.nn.relu(net.layers[0].all_layers(x, jnp.float32)[:, 0]) * 2 * jax.nn.sigmoid(1.5)
+        first = jax.nn.relu(net.layers[0].all_layers(x * 2 * jax.nn.sigmoid(1.5), jnp.float32)[:, 0])
         np.testing.assert_allclose(
-            np.asarray(net(x, domain, jnp.float32, False)[0][:, 0]),
+            np.asarray(_run(net, x, domain, False)[0][:, 0]),
             np.asarray(_plain_mlp(net.layers[1:], first)),
             rtol=1e-5,
         )
+
+
+def test_ppnet_s_persona_is_the_user_and_the_item_before_the_dal():
+    """The persona is the fused user and item vectors as the sides gave them: the DAL mixes user, query and item
+    into x_hat, so a persona cut out of x_hat would read the query (issue 41: |d persona / d query| 0.72)."""
+    cfg = _cfg(backbone="ppnet", dim=4)
+    net = PPNet(cfg, 3, 12, rngs=nnx.Rngs(0))
+    for gate in net.gates:
+        gate.out_kernel[...] = jax.random.normal(jax.random.key(5), gate.out_kernel.shape)
+    x, x_hat = jax.random.normal(jax.random.key(6), (2, 10, 12))
+    domain = jnp.arange(10) % 3
+
+    def output(sides):
+        return net(BackboneInput(x_hat, sides, domain, TABLE[domain]), jnp.float32, False)[0].sum()
+
+    grad = jax.grad(output)(x)
+    user, query, item = (np.abs(np.asarray(grad[:, k * 4 : (k + 1) * 4])).max() for k in range(3))
+    assert query == 0.0 and user > 1e-4 and item > 1e-4
 
 
 def test_hamur_adapter_weights_are_made_from_the_domain_and_the_example():
     cfg = _cfg(backbone="hamur", adapter_rank=4)
     net = HAMUR(cfg, 3, 12, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(4), (6, 12))
-    same = net.adapters(jnp.concatenate([x[:1]] * 2), jnp.array([0, 0]))
-    other_domain = net.adapters(x[:1], jnp.array([1]))
-    other_example = net.adapters(x[1:2], jnp.array([0]))
+    same = net.adapters(jnp.concatenate([x[:1]] * 2), TABLE[jnp.array([0, 0])])
+    other_domain = net.adapters(x[:1], TABLE[jnp.array([1])])
+    other_example = net.adapters(x[1:2], TABLE[jnp.array([0])])
     (down, up), (down_k, _), (down_x, _) = same[0], other_domain[0], other_example[0]
     assert down.shape == (2, cfg.expert_hidden[0], 4) and up.shape == (2, 4, cfg.expert_hidden[0])
     np.testing.assert_array_equal(np.asarray(down[0]), np.asarray(down[1]))  # the same input: the same adapter
     assert not np.allclose(np.asarray(down[0]), np.asarray(down_k[0]))
     assert not np.allclose(np.asarray(down[0]), np.asarray(down_x[0]))
-    net.domain_embedding[...] = net.domain_embedding[...].at[0].add(1.0)  # the hyper-network's input moved
-    assert not np.allclose(np.asarray(net.adapters(x[:1], jnp.array([0]))[0][0]), np.asarray(down[:1]))
+    moved = TABLE.at[0].add(1.0)  # the hyper-network's input moved
+    assert not np.allclose(np.asarray(net.adapters(x[:1], moved[jnp.array([0])])[0][0]), np.asarray(down[:1]))
     # the adapters start near the identity: the output is the shared MLP's, up to a small residual
-    out = net(x, jnp.zeros(6, jnp.int32), jnp.float32, False)[0][:, 0]
+    out = _run(net, x, jnp.zeros(6, jnp.int32), False)[0][:, 0]
     np.testing.assert_allclose(np.asarray(out), np.asarray(_plain_mlp(net.layers, x)), atol=1e-2)
 
 
@@ -153,32 +181,32 @@ def test_a_zoo_backbone_trains_exports_and_converts(tmp_path, backbone):
 def test_m2m_weights_are_generated_from_the_domain_embedding():
     """M2M's meta units: kernels and biases are a function of the scenario's embedding, so another domain (or a
     moved embedding) gives other weights and another output; one domain's examples share theirs."""
-    from sr_jax.model.gated import M2M
+    from sr_jax.model.backbones.m2m import M2M
 
     cfg = _cfg(backbone="m2m")
     net = M2M(cfg, 3, 12, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(5), (6, 12))
-    s = net.domain_embedding[...][jnp.array([0, 0, 1])]
+    s = TABLE[jnp.array([0, 0, 1])]
     kernel, _ = net.attention.weights(s)
     np.testing.assert_array_equal(np.asarray(kernel[0]), np.asarray(kernel[1]))
     assert not np.allclose(np.asarray(kernel[0]), np.asarray(kernel[2]))
-    out = net(x, jnp.zeros(6, jnp.int32), jnp.float32, False)[0]
+    out = _run(net, x, jnp.zeros(6, jnp.int32), False)[0]
     assert out.shape == (6, 1, cfg.expert_hidden[-1])
-    assert not np.allclose(np.asarray(out), np.asarray(net(x, jnp.ones(6, jnp.int32), jnp.float32, False)[0]))
-    net.domain_embedding[...] = net.domain_embedding[...].at[0].multiply(2.0)
-    assert not np.allclose(np.asarray(out), np.asarray(net(x, jnp.zeros(6, jnp.int32), jnp.float32, False)[0]))
+    assert not np.allclose(np.asarray(out), np.asarray(_run(net, x, jnp.ones(6, jnp.int32), False)[0]))
+    moved = TABLE.at[0].multiply(2.0)
+    assert not np.allclose(np.asarray(out), np.asarray(_run(net, x, jnp.zeros(6, jnp.int32), False, moved)[0]))
 
 
 def test_m3oe_fuses_the_shared_and_the_domain_mixture_by_the_domain_s_weights():
     """At the start the two mixtures weigh 1/2 each; moving one domain's fusion weights all onto the shared
     mixture gives exactly the shared experts' gated mix for that domain's examples, and leaves the others."""
-    from sr_jax.model.backbones import DomainMixtures
+    from sr_jax.model.backbones.m3oe import M3oE
 
-    net = DomainMixtures(_cfg(backbone="m3oe"), 3, 12, rngs=nnx.Rngs(0))
+    net = M3oE(_cfg(backbone="m3oe"), 3, 12, rngs=nnx.Rngs(0))
     x, domain = jax.random.normal(jax.random.key(6), (9, 12)), jnp.arange(9) % 3
-    before = net(x, domain, jnp.float32, False)[0][:, 0]
+    before = _run(net, x, domain, False)[0][:, 0]
     net.fusion[...] = net.fusion[...].at[1].set(jnp.array([50.0, -50.0]))
-    after = net(x, domain, jnp.float32, False)[0][:, 0]
+    after = _run(net, x, domain, False)[0][:, 0]
     gate = jax.nn.softmax(net.shared_gate.own_layer(x, domain, jnp.float32), -1)
     shared = jnp.einsum("be,beh->bh", gate, net.shared.all_layers(x, jnp.float32))
     ones = np.asarray(domain) == 1
@@ -190,12 +218,12 @@ def test_adasparse_prunes_by_domain_and_its_regularizer_shrinks_the_weights():
     """The pruner's weights differ by domain; a weight at or below epsilon prunes its neuron (exactly 0); a train
     call sharpens alpha by its step and sows the sparsity term; gradient steps on that term alone lower the
     share of kept weight towards a high target."""
-    from sr_jax.model.gated import AdaSparse
+    from sr_jax.model.backbones.adasparse import AdaSparse
 
     cfg = _cfg(backbone="adasparse", adasparse_sparsity=0.9, adasparse_weight=1.0, adasparse_alpha_step=0.5)
     net = AdaSparse(cfg, 3, 12, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(7), (32, 12))
-    e = net.domain_embedding[...]
+    e = TABLE
     pi_0, _ = net.weights(x, jnp.broadcast_to(e[0], (32, e.shape[1])), net.pruners[0])
     pi_1, _ = net.weights(x, jnp.broadcast_to(e[1], (32, e.shape[1])), net.pruners[0])
     assert not np.allclose(np.asarray(pi_0), np.asarray(pi_1))
@@ -210,7 +238,9 @@ def test_adasparse_prunes_by_domain_and_its_regularizer_shrinks_the_weights():
     params = nnx.to_pure_dict(state)  # as sr_model.apply: a pure tree, the model made inside the trace
 
     def penalty(params):
-        _, sown = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(x, domain, jnp.float32, True)
+        _, sown = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(
+            BackboneInput(x, x, domain, TABLE[domain]), jnp.float32, True
+        )
         return sum(jax.tree.leaves(sown))
 
     def kept(params):
@@ -224,27 +254,27 @@ def test_adasparse_prunes_by_domain_and_its_regularizer_shrinks_the_weights():
             lambda path, p, g: p if "alpha" in str(path) else p - 0.5 * g, params, grads
         )  # alpha follows its schedule, not the gradient
     assert float(penalty(params)) < start and kept(params) < before
-    _, sown = nnx.capture(net, nnx.Intermediate)(x, domain, jnp.float32, True)
+    _, sown = nnx.capture(net, nnx.Intermediate)(BackboneInput(x, x, domain, TABLE[domain]), jnp.float32, True)
     assert float(net.alpha[...]) == pytest.approx(1.5) and float(sum(jax.tree.leaves(sown))) > 0  # alpha + step
-    _, sown = nnx.capture(net, nnx.Intermediate)(x, domain, jnp.float32, False)
+    _, sown = nnx.capture(net, nnx.Intermediate)(BackboneInput(x, x, domain, TABLE[domain]), jnp.float32, False)
     assert float(net.alpha[...]) == pytest.approx(1.5) and not jax.tree.leaves(sown)  # inference: no change
 
 
 def test_adaptdhm_routes_by_nearest_centroid_and_the_centroids_follow_their_examples():
-    from sr_jax.model.backbones import ClusterRouting
+    from sr_jax.model.backbones.adaptdhm import AdaptDHM
 
-    net = ClusterRouting(_cfg(backbone="adaptdhm", adaptdhm_clusters=3), 2, 12, rngs=nnx.Rngs(0))
+    net = AdaptDHM(_cfg(backbone="adaptdhm", adaptdhm_clusters=3), 2, 12, rngs=nnx.Rngs(0))
     h = jnp.eye(3, 32)  # three orthogonal directions
     net.centroids[...] = jnp.eye(3, 32) * 5.0 + 0.01
     np.testing.assert_array_equal(np.asarray(net.route(h)), [0, 1, 2])
     np.testing.assert_array_equal(np.asarray(net.route(-h[:1] + 2 * h[2:3])), [2])  # cosine, whatever the norm
     x, domain = jax.random.normal(jax.random.key(8), (16, 12)), jnp.zeros(16, jnp.int32)
     before = np.asarray(net.centroids[...])
-    net(x, domain, jnp.float32, False)
+    _run(net, x, domain, False)
     np.testing.assert_array_equal(np.asarray(net.centroids[...]), before)  # inference: no move
     shared = net.shared.all_layers(x, jnp.float32)[:, 0]
     chosen = np.asarray(net.route(shared))
-    net(x, domain, jnp.float32, True)
+    _run(net, x, domain, True)
     moved = np.asarray(net.centroids[...])
     for c in range(3):
         if (chosen == c).any():  # towards the mean of its examples
@@ -252,7 +282,7 @@ def test_adaptdhm_routes_by_nearest_centroid_and_the_centroids_follow_their_exam
             assert np.linalg.norm(moved[c] - target) < np.linalg.norm(before[c] - target)
         else:
             np.testing.assert_array_equal(moved[c], before[c])
-    out = np.asarray(net(x, domain, jnp.float32, False)[0][:, 0])
+    out = np.asarray(_run(net, x, domain, False)[0][:, 0])
     layer = net.clusters.all_layers(shared, jnp.float32)  # [B, C, h]: every cluster's layer on every example
     routed = np.asarray(net.route(shared))
     expected = np.asarray(shared) + np.maximum(np.asarray(layer)[np.arange(16), routed], 0)
@@ -260,20 +290,20 @@ def test_adaptdhm_routes_by_nearest_centroid_and_the_centroids_follow_their_exam
 
 
 def test_sarnet_transfers_by_domain_and_adds_a_debias_expert_of_the_domain_alone():
-    from sr_jax.model.backbones import ScenarioExperts
+    from sr_jax.model.backbones.sarnet import SARNet
 
-    net = ScenarioExperts(_cfg(backbone="sarnet"), 3, 12, rngs=nnx.Rngs(0))
+    net = SARNet(_cfg(backbone="sarnet"), 3, 12, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(9), (6, 12))
-    out = net(x, jnp.array([0, 0, 0, 1, 1, 1]), jnp.float32, False)[0][:, 0]
+    out = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False)[0][:, 0]
     bumped = net.transfer.bias[...].at[1].add(1.0)  # domain 1's feature transfer only
     net.transfer.bias[...] = bumped
-    after = net(x, jnp.array([0, 0, 0, 1, 1, 1]), jnp.float32, False)[0][:, 0]
+    after = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False)[0][:, 0]
     np.testing.assert_array_equal(np.asarray(after[:3]), np.asarray(out[:3]))
     assert not np.allclose(np.asarray(after[3:]), np.asarray(out[3:]))
-    e = net.domain_embedding[...]
+    e = TABLE
     debias = np.asarray(net.debias.all_layers(e, jnp.float32)[:, 0])  # one vector per domain
     net.debias.layers[-1].bias[...] = net.debias.layers[-1].bias[...] + 0.5  # moves every domain's bias term
-    shifted = net(x, jnp.array([0, 0, 0, 1, 1, 1]), jnp.float32, False)[0][:, 0]
+    shifted = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False)[0][:, 0]
     new = np.asarray(net.debias.all_layers(e, jnp.float32)[:, 0])
     np.testing.assert_allclose(
         np.asarray(shifted - after), (new - debias)[[0, 0, 0, 1, 1, 1]], rtol=1e-5, atol=1e-6

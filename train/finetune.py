@@ -118,7 +118,7 @@ def resolve(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser()
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)
     cli.setup()
     if args.strategy == AUTO:
         return auto(args)

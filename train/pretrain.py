@@ -10,7 +10,7 @@ from train import cli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = cli.parser(__doc__).parse_args(argv)
+    args = cli.parse(cli.parser(__doc__), argv)
     cli.setup()
     result = trainer.fit(cli.resolve_config(args), args.workdir)
     print(evaluation.markdown_table(result))

@@ -15,7 +15,8 @@ and the pretrained model evaluated as it is (`zero-shot`: no step, no label; a n
 pretrained domain it starts from), reported as the 0 fraction. Each fine-tuned setting runs in every chosen
 variant (VARIANTS: the defaults; no alignment against the pretrained domains' reference; a replay of
 pretraining examples in every batch; a new domain started fresh or from the mean of its task's domains; LP-FT;
-a lower learning rate for the pretrained parameters; L2-SP). Every run is a folder under the work folder; a
+a lower learning rate for the pretrained parameters; L2-SP; a fixed schedule; the result blended less with, or
+not with, the zero-shot model). Every run is a folder under the work folder; a
 finished run is not run again, so the grid resumes.
 """
 
@@ -49,6 +50,8 @@ VARIANTS = {  # what a fine-tune (and zero-shot, where it reads it) changes; scr
     "low-lr": ["finetune.pretrained_lr=0.1"],
     "l2sp": ["finetune.l2sp_weight=0.01"],
     "fixed-schedule": ["train.eval_every=0"],  # no validation: the schedule's last step (a selection rule)
+    "no-blend": ["finetune.zero_shot_weight=0"],  # a new domain's result not blended with its zero-shot model
+    "half-blend": ["finetune.zero_shot_weight=0.5"],
 }
 KEYS = ("protocol", "text", "setting", "variant", "fraction")
 METRICS = ("auc", "overall_auc", "oracle_auc", *report.RANKING, *report.CALIBRATED, *report.BUDGET, "seconds")

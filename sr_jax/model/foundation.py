@@ -2,7 +2,7 @@
 
     l0  FeatureEncoder       ids, sparse fields, text projection            (encoding)
     l1  SharedAdaptation     aspect gating fusion, domain adaptive layer,   (shared by all domains)
-                             the backbone's experts (MMoE, PLE or STAR)
+                             the backbone's experts (`model/backbones/`)
     l2  DomainHeads          one expert gate and one tower per domain       (task-specific)
 
 A parameter's level is the first key of its path (`params["l1"]["backbone"]...`), so selecting,
@@ -17,7 +17,7 @@ from flax import nnx
 
 from sr_jax.config import ConfigError, ModelConfig, validate_model
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.model.backbones import StarAuxiliary, gate_width, make_backbone, num_outputs
+from sr_jax.model.backbones import BackboneInput, StarAuxiliary, gate_width, make_backbone, num_outputs
 from sr_jax.model.domain_adaptation import (
     AlignmentReference,
     DomainAdaptiveLayer,
@@ -64,7 +64,8 @@ class SharedAdaptation(nnx.Module):
             reg = mmd_regularizer(z, domain, self.num_domains, cfg.mmd_bandwidth, cfg.mmd_max_examples, key, reference)
         else:
             reg = jnp.zeros((), jnp.float32)
-        experts, gate_input = self.backbone(x_hat, domain, dtype, train)
+        e_d = self.domain_embedding[...][domain]
+        experts, gate_input = self.backbone(BackboneInput(x_hat, x, domain, e_d), dtype, train)
         return x_hat, experts, gate_input, {"reg": reg, "adapted": z}
 
 

@@ -239,6 +239,12 @@ def markdown_table(result: dict) -> str:
             kept = max(start, key=start.get)
             scores = ", ".join(f"{name} {score:.4f}" for name, score in start.items())
             lines.append(f"Step 0's candidates on the validation data: {scores} ({kept} offered as step 0).")
+        if blended := chosen.get("zero_shot_blend"):
+            lines.append(
+                f"Every candidate blended with the zero-shot model (finetune.zero_shot_weight={blended['weight']}) "
+                f"for {', '.join(blended['domains'])}: logit = {1 - blended['weight']:g} x the fine-tuned + "
+                f"{blended['weight']:g} x the zero-shot model's."
+            )
     if strategy := result.get("strategy"):
         margin = "" if strategy["margin"] is None else f"; +{strategy['margin']:.4f} over the runner-up"
         lines.append(

@@ -19,7 +19,6 @@ import numpy as np
 from tqdm import tqdm
 
 from sr_jax import distributed
-from sr_jax import model as sr_model
 from sr_jax.config import profile_window
 from sr_jax.data.pipeline import BatchIterator, MixedBatches, prefetch_to_device
 from sr_jax.training import evaluation
@@ -29,7 +28,7 @@ from sr_jax.training.metrics_log import MetricsLog
 from sr_jax.training.program import compile_train_step
 from sr_jax.training.spec import RunSpec
 from sr_jax.training.steps import TrainState
-from sr_jax.treeutil import flatten, unflatten
+from sr_jax.training.zero_shot import blend, zero_shot_params, zero_shot_rows
 
 log = logging.getLogger("sr_jax")
 
@@ -55,6 +54,7 @@ class Run:
     best: BestCheckpoint | None = None  # the best validated parameters (train.eval_every)
     validation: list = dataclasses.field(default_factory=list)  # [step, score] of every validation so far
     start_scores: dict = dataclasses.field(default_factory=dict)  # a fine-tune's step-0 candidates' scores
+    zero_shot: dict | None = None  # the zero-shot model's rows every validated candidate is blended with
     # Called with (step, score) after every validation; True stops the run there (a tuner's pruner).
     on_validation: Callable[[int, float], bool] | None = None
     compile_seconds: float = 0.0  # the train step's ahead-of-time compilation (0 until compiled)
@@ -148,6 +148,8 @@ def position(run: Run, step: int) -> dict:
     epoch, batch = divmod(step, run.spec.steps_per_epoch)
     seed = run.spec.config.train.seed
     starts = {"start_scores": run.start_scores} if run.start_scores else {}  # a fine-tune's step-0 candidates
+    if run.zero_shot is not None:
+        starts["zero_shot"] = run.zero_shot
     return {"step": step, "epoch": epoch, "batch": batch, "seed": seed, "validation": run.validation, **starts}
 
 
@@ -177,10 +179,15 @@ def validation_score(run: Run, params, step: int) -> float:
     return result["mean_domain_auc"] if per_domain else result["overall"]["auc"]
 
 
-def validate_step(run: Run, params, step: int, score: float | None = None) -> float:
-    """Scores `params` on the validation data (unless `score` is given), offers them to the best checkpoint,
-    records the score."""
-    score = validation_score(run, params, step) if score is None else score
+def validate_step(run: Run, params, step: int) -> float:
+    """Scores `params` on the validation data, blended with the zero-shot model where the run has one
+    (`zero_shot.blend`: what it validates is what it keeps), and offers them to the best checkpoint."""
+    params = blend(run.spec, params, run.zero_shot)
+    return _offer(run, params, step, validation_score(run, params, step))
+
+
+def _offer(run: Run, params, step: int, score: float) -> float:
+    """Offers validated `params` to the best checkpoint and records the score."""
     run.best.save(step, params, score)
     run.validation = [*[v for v in run.validation if v[0] < step], [step, score]]
     return score
@@ -195,28 +202,20 @@ def validate_start(run: Run, params) -> None:
     so, where it has new domains that start from a source's tower, is the zero-shot model (those towers' output
     layer at zero: each new domain scored by its source's content match, what `--strategy zero-shot` reports).
     The better on the validation data is offered as step 0 (run.start_scores records both); training goes on
-    from `params`."""
+    from `params`. The zero-shot model's rows of the blend (`finetune.zero_shot_weight`) are read off here."""
+    run.zero_shot = zero_shot_rows(run.spec, params)
     candidates = {PRETRAINED_START: params}
     if (zero := zero_shot_params(run.spec, params)) is not None:
         candidates[ZERO_SHOT_START] = zero
+    candidates = {name: blend(run.spec, p, run.zero_shot) for name, p in candidates.items()}
     run.start_scores = {name: validation_score(run, p, 0) for name, p in candidates.items()}
     kept = max(run.start_scores, key=run.start_scores.get)
-    validate_step(run, candidates[kept], 0, run.start_scores[kept])
+    _offer(run, candidates[kept], 0, run.start_scores[kept])
     log.info("validation at step 0: %s; %s kept as step 0's candidate", _scores(run.start_scores), kept)
 
 
 def _scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{name} {score:.4f}" for name, score in scores.items())
-
-
-def zero_shot_params(spec: RunSpec, params):
-    """`params` with the towers' output kernel of every new domain at zero (None: no new domain, or its rows
-    already start so: `finetune.new_domain_init` match; or fresh, which has no source to score by)."""
-    mapping = spec.start.domain_map if spec.start else None
-    if mapping is None or not mapping.new_domains or spec.config.finetune.new_domain_init != "source":
-        return None
-    path, rows = sr_model.tower_output(spec.config.model), np.asarray(mapping.new_domains)
-    return unflatten({p: leaf.at[rows].set(0.0) if p == path else leaf for p, leaf in flatten(params).items()})
 
 
 def batches(spec: RunSpec, start: int):
@@ -262,9 +261,12 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
         tqdm(total=stop, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=not primary) as bar,
         contextlib.closing(Profile(spec.workdir / "profile", cfg.train.profile_steps, primary)) as profile,
     ):
+        dropped = None  # the routed lookups' drops since the last log, summed on the device (no sync per step)
         for step, batch in zip(range(start, stop), feed):
             profile.before(step)
             state, metrics = step_fn(state, batch, spec.text, spec.reference)
+            if "lookup_dropped" in metrics:
+                dropped = metrics["lookup_dropped"] if dropped is None else dropped + metrics["lookup_dropped"]
             profile.after(step + 1, state)
             window_steps += 1
             done = step + 1
@@ -276,6 +278,8 @@ def train(run: Run, state: TrainState, until: int | None = None) -> TrainState:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(run, metrics, done)
             if logged:
+                if dropped is not None:  # every step's drops, not the logged step's alone
+                    metrics["lookup_dropped"], dropped = float(dropped), None
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * spec.batch_size / elapsed
                 metrics.update(epoch=done / spec.steps_per_epoch, examples_per_s=rate)

@@ -29,7 +29,14 @@ from sr_jax.training.optimizer import (
     learning_rate,
     param_roles,
 )
-from sr_jax.training.steps import TrainState, init_state, make_predict_step, make_train_step, state_shardings
+from sr_jax.training.steps import (
+    StepConfig,
+    TrainState,
+    init_state,
+    make_predict_step,
+    make_train_step,
+    state_shardings,
+)
 from sr_jax.training.transfer import NewRows
 
 log = logging.getLogger("sr_jax")
@@ -97,10 +104,10 @@ def build_program(
     sparse = None
     if rule != "dense":
         sparse = (rule, learning_rate(train, total_steps, peak=train.embedding_learning_rate or train.learning_rate))
-    step = make_train_step(
-        graphdef, tx, roles, cfg.model.reg_weight, mesh, shardings, train.seed, train.grad_clip, new_domains, sparse,
-        train.grad_accum, rules,
-    )  # fmt: skip
+    step_cfg = StepConfig(
+        graphdef, tx, roles, cfg.model.reg_weight, train.seed, train.grad_clip, new_domains, sparse, train.grad_accum
+    )
+    step = make_train_step(step_cfg, mesh, shardings, rules)
     return Program(
         graphdef=graphdef,
         per_domain=per_domain,

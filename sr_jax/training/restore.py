@@ -158,6 +158,7 @@ def restore_or_init(run: Run) -> TrainState:
     log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), position["epoch"], position["batch"])
     run.validation = [list(v) for v in position.get("validation", [])]
     run.start_scores = dict(position.get("start_scores", {}))
+    run.zero_shot = position.get("zero_shot")
     return state
 
 

@@ -195,73 +195,26 @@ def validation_source(cfg: Config, dataset: Dataset) -> str:
 
 
 def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> RunSpec:
-    """Everything a run is, from its config: the dataset opened, its rows selected and remapped to the model's
-    tables, the pretrained start read (fine-tuning), the schedule sized and the program built."""
+    """Everything a run is, from its config, in stages that read top to bottom: the dataset and the devices, the
+    text table, the model's tables (its pretrained run's, extended by this dataset's keys), the labelled examples
+    in those tables, the schedule, the pretrained start (fine-tuning) and the program."""
     validate(cfg)
     workdir = Path(workdir)
     dataset = load_dataset(cfg.data)
     cfg = resolve_history(cfg, dataset)
     mesh = mesh or shd.make_mesh(cfg.mesh)
-    rules = shd.parse_rules(cfg.mesh.rules)
-    data_axis = shd.batch_shards(mesh, rules)  # devices a batch is split over
+    data_axis = shd.batch_shards(mesh, shd.parse_rules(cfg.mesh.rules))  # devices a batch is split over
     _check_splits(cfg, dataset, data_axis)
-    pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
-    text = sr_model.TextTable(*shd.text_table(mesh, pooled, summary, cfg.model.gating == "cls", rules))
+    pooled, text = _text_table(cfg, dataset, mesh)
     domains = run_domains(cfg.data, dataset.meta)
     folder = records.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
     run_info = records.read_run_info(folder) if folder else None  # first: it says whether this is a run folder
-    own = vocabulary.of_dataset(dataset)
-    row_map = vocabulary.extend(vocabulary.read(folder), own) if folder else vocabulary.identity(own)
-    if switches := row_map.hashing_switches(cfg.model.id_buckets):
-        table, before, after = switches[0]
-        raise ConfigError(
-            f"model.id_buckets={cfg.model.id_buckets}: table {table} had {before} rows in the pretrained run (a row "
-            f"per id) and has {after} with this dataset's new keys, which would be hashed: every known key would "
-            f"read another key's row. Pretrain with model.id_buckets below {before}, or fine-tune on fewer new keys"
-        )
+    row_map = _row_map(cfg, dataset, folder)
     model_meta = row_map.vocab.model_meta(dataset.meta)
-    # the labelled budget is the fraction of the split; a carved validation set comes out of it
-    split = select_domains(dataset, cfg.data.train_split, domains)
-    labelled = train_subset(split, cfg.data.train_fraction, cfg.train.seed)
-    valid_source = validation_source(cfg, dataset)
-    kept, carved = carve_validation(labelled, cfg.data.valid_from_train if valid_source == CARVED else 0)
-    valid = None
-    if valid_source:
-        if carved is not None:
-            valid = carved
-        else:  # the dataset's own split, as much of it as of the train split
-            own = select_domains(dataset, cfg.data.valid_split, domains)
-            valid = valid_subset(own, cfg.data.train_fraction, cfg.train.seed)
     trained = tuple(sorted(set(domains) | set(run_info["trained_domains"] if run_info else ())))
-    if n := cfg.model.user_history:
-        if not dataset.meta.has_timestamp:
-            log.warning("model.user_history=%d: the dataset %s has no timestamps; the history aspect reads as "
-                        "missing", n, dataset.root)  # fmt: skip
-        if cfg.finetune.replay_fraction:
-            raise ConfigError("model.user_history with finetune.replay_fraction: the replayed data has no history")
-        events = history_events(dataset, cfg.data.train_split, cfg.data.train_split, trained)
-        kept = history.with_history(kept, events, n)
-        if valid is not None:
-            own = cfg.data.train_split if valid_source == CARVED else cfg.data.valid_split
-            valid = history.with_history(valid, history_events(dataset, own, cfg.data.train_split, trained), n)
-    columns = row_map.remap(kept)
-    valid = None if valid is None else row_map.remap(valid)
-    what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
-    batch = clamped_batch_size(cfg.data.batch_size, len(columns["label"]), data_axis, what)
-    replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
-    if replay_size >= batch:
-        raise ConfigError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
-    if batch % data_axis:
-        raise ConfigError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
-    if (batch - replay_size) % cfg.train.grad_accum or batch % (cfg.train.grad_accum * data_axis):
-        raise ConfigError(
-            f"train.grad_accum={cfg.train.grad_accum}: the batch of {batch} rows does not split into that many "
-            f"micro-batches over the mesh's data axis ({data_axis} devices)"
-        )
-    steps_per_epoch = len(columns["label"]) // (batch - replay_size)
-    total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
-    if cfg.train.max_steps >= 0:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    valid_source = validation_source(cfg, dataset)
+    columns, valid = _examples(cfg, dataset, domains, trained, valid_source, row_map)
+    batch, replay_size, steps_per_epoch, total_steps = _schedule(cfg, len(columns["label"]), data_axis)
     start = None
     if folder is not None:
         _, abstract_params = sr_model.abstract(cfg.model, model_meta, pooled.shape[1])
@@ -299,3 +252,83 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         total_steps=total_steps,
         program=program,
     )
+
+
+def _text_table(cfg: Config, dataset: Dataset, mesh: Mesh) -> tuple[np.ndarray, sr_model.TextTable]:
+    """The dataset's cached text features for the run's encoder -> (pooled [texts, t] on the host, the text table
+    placed on the mesh by the rules)."""
+    pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
+    rules = shd.parse_rules(cfg.mesh.rules)
+    return pooled, sr_model.TextTable(*shd.text_table(mesh, pooled, summary, cfg.model.gating == "cls", rules))
+
+
+def _row_map(cfg: Config, dataset: Dataset, folder: Path | None) -> vocabulary.RowMap:
+    """The model's table rows: the pretrained run's vocabulary extended by this dataset's new keys (fine-tuning),
+    else this dataset's; a ConfigError where hashing would make known keys read other keys' rows."""
+    own = vocabulary.of_dataset(dataset)
+    row_map = vocabulary.extend(vocabulary.read(folder), own) if folder else vocabulary.identity(own)
+    if switches := row_map.hashing_switches(cfg.model.id_buckets):
+        table, before, after = switches[0]
+        raise ConfigError(
+            f"model.id_buckets={cfg.model.id_buckets}: table {table} had {before} rows in the pretrained run (a row "
+            f"per id) and has {after} with this dataset's new keys, which would be hashed: every known key would "
+            f"read another key's row. Pretrain with model.id_buckets below {before}, or fine-tune on fewer new keys"
+        )
+    return row_map
+
+
+def _examples(
+    cfg: Config,
+    dataset: Dataset,
+    domains: tuple[str, ...],
+    trained: tuple[str, ...],
+    valid_source: str,
+    row_map: vocabulary.RowMap,
+) -> tuple[Columns, Columns | None]:
+    """(train columns, validation columns or None) in the model's table rows: the labelled budget is
+    data.train_fraction of the train split, a carved validation set comes out of it, the dataset's own validation
+    split gives as much of itself; each example carries its user's history where model.user_history asks."""
+    split = select_domains(dataset, cfg.data.train_split, domains)
+    labelled = train_subset(split, cfg.data.train_fraction, cfg.train.seed)
+    kept, carved = carve_validation(labelled, cfg.data.valid_from_train if valid_source == CARVED else 0)
+    valid = None
+    if valid_source:
+        if carved is not None:
+            valid = carved
+        else:  # the dataset's own split, as much of it as of the train split
+            own = select_domains(dataset, cfg.data.valid_split, domains)
+            valid = valid_subset(own, cfg.data.train_fraction, cfg.train.seed)
+    if n := cfg.model.user_history:
+        if not dataset.meta.has_timestamp:
+            log.warning("model.user_history=%d: the dataset %s has no timestamps; the history aspect reads as "
+                        "missing", n, dataset.root)  # fmt: skip
+        if cfg.finetune.replay_fraction:
+            raise ConfigError("model.user_history with finetune.replay_fraction: the replayed data has no history")
+        events = history_events(dataset, cfg.data.train_split, cfg.data.train_split, trained)
+        kept = history.with_history(kept, events, n)
+        if valid is not None:
+            own = cfg.data.train_split if valid_source == CARVED else cfg.data.valid_split
+            valid = history.with_history(valid, history_events(dataset, own, cfg.data.train_split, trained), n)
+    return row_map.remap(kept), None if valid is None else row_map.remap(valid)
+
+
+def _schedule(cfg: Config, examples: int, data_axis: int) -> tuple[int, int, int, int]:
+    """(global batch, its replayed rows, steps per epoch, total steps) for `examples` training rows; a ConfigError
+    where the batch does not split over the data axis or into train.grad_accum micro-batches."""
+    what = f"split {cfg.data.train_split!r} (fraction {cfg.data.train_fraction})"
+    batch = clamped_batch_size(cfg.data.batch_size, examples, data_axis, what)
+    replay_size = round(cfg.finetune.replay_fraction * batch / data_axis) * data_axis
+    if replay_size >= batch:
+        raise ConfigError(f"finetune.replay_fraction={cfg.finetune.replay_fraction} leaves no room for the cold data")
+    if batch % data_axis:
+        raise ConfigError(f"data.batch_size={batch} is not divisible by the mesh's data axis ({data_axis} devices)")
+    if (batch - replay_size) % cfg.train.grad_accum or batch % (cfg.train.grad_accum * data_axis):
+        raise ConfigError(
+            f"train.grad_accum={cfg.train.grad_accum}: the batch of {batch} rows does not split into that many "
+            f"micro-batches over the mesh's data axis ({data_axis} devices)"
+        )
+    steps_per_epoch = examples // (batch - replay_size)
+    total_steps = max(1, cfg.train.min_steps, int(cfg.train.epochs * steps_per_epoch))
+    if cfg.train.max_steps >= 0:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    return batch, replay_size, steps_per_epoch, total_steps

@@ -56,21 +56,24 @@ def state_shardings(mesh: Mesh, state: TrainState, rules: shd.Rules = shd.DEFAUL
     return shd.tree_shardings(mesh, state.params, state, rules)
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    roles: Any,
-    reg_weight: float,
-    mesh: Mesh,
-    state_sharding: TrainState,
-    seed: int,
-    grad_clip: float,
-    new_domains: Sequence[int] = (),
-    sparse: tuple[str, optax.Schedule] | None = None,
-    grad_accum: int = 1,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-):
-    """jit(step)(state, batch, text, reference) -> (state, metrics); the state's buffers are donated.
+class StepConfig(NamedTuple):
+    """What a train step is made of (`make_train_step`)."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation  # the optimizer of the trainable part (optimizer.build_optimizer)
+    roles: Any  # each parameter's role (optimizer.param_roles): trainable, frozen, sparse tables, statistics
+    reg_weight: float  # lambda of L_reg
+    seed: int  # the MMD subsample's key, folded with the step
+    grad_clip: float  # the global norm the gradient is clipped to (0: none)
+    new_domains: Sequence[int] = ()  # per-domain rows that train whatever is frozen
+    sparse: tuple[str, optax.Schedule] | None = None  # (rule, schedule): the embedding tables updated row-sparsely
+    grad_accum: int = 1  # micro-batches per step
+
+
+def make_train_step(cfg: StepConfig, mesh: Mesh, state_sharding: TrainState, rules: shd.Rules = shd.DEFAULT_RULES):
+    """jit(step)(state, batch, text, reference) -> (state, metrics); the state's buffers are donated. The update is
+    dense (`_dense_update`) or, with `cfg.sparse`, row-sparse for the embedding tables (`_sparse_update`), chosen
+    here once.
 
     `grad_accum=N` splits the batch into N micro-batches (every N-th row, so each stays spread over the data
     axis), takes their gradients in turn (a scan: one micro-batch's activations live at a time) and averages
@@ -79,67 +82,15 @@ def make_train_step(
     batch statistics), computed per micro-batch; batch statistics advance once per step (`accumulate`), those of
     frozen levels not at all (`optimizer.keep_frozen_stats`).
 
-    Only the trainable part of the params (`roles`, see optimizer.py) is differentiated. `sparse`: (rule,
-    learning-rate schedule) to update the embedding tables row-sparsely (`sparse_update`); `roles` must then
-    mark the tables SPARSE. `reference`: the pretrained domains' distributions to align against, or None.
+    Only the trainable part of the params (`roles`, see optimizer.py) is differentiated; with `sparse`, `roles`
+    must mark the tables SPARSE. `reference`: the pretrained domains' distributions to align against, or None.
     Metrics: loss, bce, reg, and the trainable gradient's global norm before and after clipping."""
+    update = _dense_update if cfg.sparse is None else _sparse_update
 
     def step(state: TrainState, batch, text, reference):
         with shd.model_context(mesh, rules):  # per-device grouping (layers.by_group)
-            return _step(state, batch, text, reference)
-
-    def _step(state: TrainState, batch, text, reference):
-        key = jax.random.fold_in(jax.random.key(seed), state.step)  # the MMD subsample of this step
-        if sparse is None:
-            read, table_rows = state.params, None
-        else:  # the params as this step reads them: each table replaced by the rows the batch gathers
-            gathered = sparse_update.gather(state.params, sr_model.table_rows(graphdef, state.params, batch))
-            read, table_rows = sparse_update.with_tables(state.params, gathered.embeddings), gathered.inverse
-        trainable, fixed = partition(read, roles)
-
-        def micro_grads(fixed, micro, rows, key):
-            def loss_of(trainable):
-                kwargs = dict(table_rows=rows, train=True, key=key, reference=reference)
-                return loss_fn(graphdef, combine(trainable, fixed), micro, text, reg_weight, **kwargs)
-
-            (_, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-            return grads, metrics, stats
-
-        if grad_accum == 1:
-            grads, metrics, stats = micro_grads(fixed, batch, table_rows, key)
-        else:
-            grads, metrics, stats = accumulate(micro_grads, fixed, batch, table_rows, key, grad_accum, mesh, rules)
-        grads = zero_frozen_rows(grads, roles, new_domains)
-        if sparse is not None:  # rows a frozen L0 keeps (all but its new rows) get no gradient
-            num_rows = {k: t.shape[0] for k, t in sparse_update.tables(state.params).items()}
-            rows = sparse_update.writable(state.tables_state, gathered)
-            grads = sparse_update.with_tables(
-                grads, sparse_update.mask_grads(sparse_update.tables(grads), rows, num_rows)
-            )
-        norm = optax.tree.norm(grads)
-        metrics["grad_norm"] = norm
-        metrics["grad_norm_clipped"] = jnp.minimum(norm, grad_clip) if grad_clip > 0 else norm
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
-        if sparse is None:
-            params, tables_state = combine(optax.apply_updates(trainable, updates), fixed), state.tables_state
-        else:
-            no_tables = {key: None for key in gathered.uniq}
-            dense = optax.apply_updates(
-                sparse_update.with_tables(trainable, no_tables), sparse_update.with_tables(updates, no_tables)
-            )
-            rule, schedule = sparse
-            tables, tables_state = sparse_update.apply(
-                rule,
-                schedule(state.step),
-                state.step,
-                sparse_update.tables(state.params),
-                state.tables_state,
-                gathered,
-                sparse_update.tables(updates),
-            )
-            params = sparse_update.with_tables(combine(dense, fixed), tables)
-        params = sr_model.with_stats(params, keep_frozen_stats(stats, roles, state.params, new_domains))
-        return TrainState(state.step + 1, params, opt_state, tables_state), metrics
+            key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)  # the MMD subsample of this step
+            return update(cfg, mesh, rules, state, batch, text, reference, key)
 
     return jax.jit(
         step,
@@ -152,6 +103,80 @@ def make_train_step(
         out_shardings=(state_sharding, shd.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def _gradients(cfg: StepConfig, mesh: Mesh, rules: shd.Rules, read, batch, text, reference, key, table_rows):
+    """The gradient of the trainable part of `read` (the params as the step reads them), zero on the rows frozen
+    levels keep -> (grads, metrics, batch statistics, trainable, fixed)."""
+    trainable, fixed = partition(read, cfg.roles)
+
+    def micro_grads(fixed, micro, rows, key):
+        def loss_of(trainable):
+            kwargs = dict(table_rows=rows, train=True, key=key, reference=reference)
+            return loss_fn(cfg.graphdef, combine(trainable, fixed), micro, text, cfg.reg_weight, **kwargs)
+
+        (_, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        return grads, metrics, stats
+
+    if cfg.grad_accum == 1:
+        grads, metrics, stats = micro_grads(fixed, batch, table_rows, key)
+    else:
+        grads, metrics, stats = accumulate(micro_grads, fixed, batch, table_rows, key, cfg.grad_accum, mesh, rules)
+    return zero_frozen_rows(grads, cfg.roles, cfg.new_domains), metrics, stats, trainable, fixed
+
+
+def _with_norms(metrics: dict, grads, grad_clip: float) -> dict:
+    norm = optax.tree.norm(grads)
+    clipped = jnp.minimum(norm, grad_clip) if grad_clip > 0 else norm
+    return {**metrics, "grad_norm": norm, "grad_norm_clipped": clipped}
+
+
+def _next_state(cfg: StepConfig, state: TrainState, params, opt_state, tables_state, stats) -> TrainState:
+    """The state after the update, with the batch statistics of the step (a frozen level's kept)."""
+    params = sr_model.with_stats(params, keep_frozen_stats(stats, cfg.roles, state.params, cfg.new_domains))
+    return TrainState(state.step + 1, params, opt_state, tables_state)
+
+
+def _dense_update(cfg: StepConfig, mesh, rules, state: TrainState, batch, text, reference, key):
+    """Every trainable parameter, the embedding tables too, updated by the optimizer."""
+    grads, metrics, stats, trainable, fixed = _gradients(
+        cfg, mesh, rules, state.params, batch, text, reference, key, None
+    )
+    updates, opt_state = cfg.tx.update(grads, state.opt_state, trainable)
+    params = combine(optax.apply_updates(trainable, updates), fixed)
+    return _next_state(cfg, state, params, opt_state, state.tables_state, stats), _with_norms(
+        metrics, grads, cfg.grad_clip
+    )
+
+
+def _sparse_update(cfg: StepConfig, mesh, rules, state: TrainState, batch, text, reference, key):
+    """The embedding tables read as the rows the batch gathers and updated row-sparsely by the sparse rule
+    (`sparse_update`); the rest by the optimizer. Rows a frozen L0 keeps (all but its new rows) get no gradient."""
+    gathered = sparse_update.gather(state.params, sr_model.table_rows(cfg.graphdef, state.params, batch))
+    read = sparse_update.with_tables(state.params, gathered.embeddings)
+    grads, metrics, stats, trainable, fixed = _gradients(
+        cfg, mesh, rules, read, batch, text, reference, key, gathered.inverse
+    )
+    num_rows = {k: t.shape[0] for k, t in sparse_update.tables(state.params).items()}
+    rows = sparse_update.writable(state.tables_state, gathered)
+    grads = sparse_update.with_tables(grads, sparse_update.mask_grads(sparse_update.tables(grads), rows, num_rows))
+    updates, opt_state = cfg.tx.update(grads, state.opt_state, trainable)
+    no_tables = {k: None for k in gathered.uniq}
+    dense = optax.apply_updates(
+        sparse_update.with_tables(trainable, no_tables), sparse_update.with_tables(updates, no_tables)
+    )
+    rule, schedule = cfg.sparse
+    tables, tables_state = sparse_update.apply(
+        rule,
+        schedule(state.step),
+        state.step,
+        sparse_update.tables(state.params),
+        state.tables_state,
+        gathered,
+        sparse_update.tables(updates),
+    )
+    params = sparse_update.with_tables(combine(dense, fixed), tables)
+    return _next_state(cfg, state, params, opt_state, tables_state, stats), _with_norms(metrics, grads, cfg.grad_clip)
 
 
 def accumulate(micro_grads, fixed, batch, table_rows, key, n: int, mesh: Mesh, rules: shd.Rules):

@@ -134,6 +134,9 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
         }
         if run.start_scores:  # a fine-tune's step-0 candidates (the pretrained start, the zero-shot model)
             chosen["start"] = run.start_scores
+        if run.zero_shot is not None:  # every candidate blended with the zero-shot model
+            names = [spec.dataset.meta.domains[k].name for k in run.zero_shot["domains"]]
+            chosen["zero_shot_blend"] = {"weight": cfg.finetune.zero_shot_weight, "domains": names}
         result_step = step
     trained = trained_so_far(spec, result_step)  # what the result's parameters were trained on
     write_handover(spec, params, trained)

@@ -1,0 +1,51 @@
+"""HAMUR (Li et al., CIKM 2023, "HAMUR: Hyper Adapter for Multi-Domain Recommendation"): a shared MLP with an
+adapter after each layer, h + U relu(D h), whose D and U a shared hyper-network makes per example from the
+domain's embedding and the example (stop-gradient); the hyper-network's last layer starts small, so each adapter
+starts near the identity.
+
+What is ours: the adapter is exactly the two generated matrices (a ReLU between them, a residual around them);
+anything more in the paper's adapter (a normalisation, a factorised generation) is not here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sr_jax.config import ModelConfig
+from sr_jax.model.backbones.common import BackboneInput, dense_stack, relu_layer
+from sr_jax.model.layers import Array, StackedDense, normal
+
+
+class HAMUR(nnx.Module):
+    def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
+        self.rank = cfg.adapter_rank
+        dims = (width, *cfg.expert_hidden)
+        self.layers = dense_stack(rngs, dims)
+        hyper_in = cfg.gate_dim + width
+        self.hyper = StackedDense(1, hyper_in, cfg.gate_hidden, rngs=rngs)
+        # one output block per layer: that layer's D [h, r] and U [r, h], flattened
+        self.hyper_out = nnx.List(
+            [normal(rngs, (cfg.gate_hidden, 2 * d * self.rank), 0.01 * cfg.gate_hidden**-0.5) for d in dims[1:]]
+        )
+
+    def adapters(self, x_hat: Array, e: Array) -> list[tuple[Array, Array]]:
+        """Each layer's adapter weights for each example: (D [B, h, r], U [B, r, h]), made by the hyper-network
+        from its domain's embedding e [B, g] and the example."""
+        z = jax.nn.relu(self.hyper.all_layers(jnp.concatenate([e, jax.lax.stop_gradient(x_hat)], axis=1), jnp.float32))
+        out = []
+        for block in self.hyper_out:
+            flat = z[:, 0] @ block[...]
+            d = flat.shape[1] // (2 * self.rank)
+            down, up = jnp.split(flat, 2, axis=1)
+            out.append((down.reshape(-1, d, self.rank), up.reshape(-1, self.rank, d)))
+        return out
+
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
+        """-> ([B, 1, h], x_hat)"""
+        h = inputs.x_hat
+        for layer, (down, up) in zip(self.layers, self.adapters(inputs.x_hat, inputs.embedding)):
+            h = relu_layer(layer, h, dtype)
+            r = jax.nn.relu(jnp.einsum("bh,bhr->br", h, down.astype(dtype)))
+            h = h + jnp.einsum("br,brh->bh", r, up.astype(dtype))
+        return h[:, None], inputs.x_hat
