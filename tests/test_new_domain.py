@@ -14,7 +14,7 @@ import pytest
 from configs import finetune as finetune_config
 from helpers import TINY, config
 from sr_jax import model as sr_model
-from sr_jax.config import ConfigError, FinetuneConfig, load_config
+from sr_jax.config import ConfigError, FinetuneConfig, load_config, override, validate
 from sr_jax.featurized import load_dataset
 from sr_jax.training import evaluation, loop, restore, trainer, zero_shot
 from sr_jax.training.checkpoint import BestCheckpoint
@@ -59,8 +59,6 @@ def test_a_new_domain_starts_from_its_task_s_domains_by_name_or_by_size(pretrain
 
 
 def _new_domain_cfg(pretrained, *overrides):
-    from sr_jax.config import override
-
     cfg = finetune_config.get_config(load_config(pretrained / "config.json"), "new-domain")
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, pretrained=str(pretrained)))
     return override(cfg, ["train.min_steps=0", "train.epochs=1", *overrides])
@@ -150,6 +148,9 @@ def test_a_fine_tune_is_blended_with_the_zero_shot_model_and_keeps_what_it_valid
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flatten(blended)[path]), err_msg=path)
     assert score == run.validation[-1][1] and loop.position(run, 5)["zero_shot"] == rows
     run.close()
+    for bad in ("1", "-0.1"):  # w = 1 would throw the fine-tune away
+        with pytest.raises(ConfigError, match="finetune.zero_shot_weight"):
+            validate(override(spec.config, [f"finetune.zero_shot_weight={bad}"]))
     assert (
         zero_shot.zero_shot_rows(
             trainer.build_run(_new_domain_cfg(pretrained, "finetune.zero_shot_weight=0"), tmp_path / "off").spec, start
