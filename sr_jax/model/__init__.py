@@ -141,9 +141,9 @@ def from_sides(graphdef: nnx.GraphDef, params: Params, fused: dict[str, jax.Arra
     return nnx.merge(graphdef, params).from_sides(fused, domain)[0]
 
 
-def tower_output(cfg: ModelConfig) -> str:
-    """The path of the towers' output kernel [K, h, 1] (the network's per-domain logit)."""
-    return f"l2/tower/layers/{len(cfg.tower_hidden)}/kernel"
+def tower_output(cfg: ModelConfig, leaf: str = "kernel") -> str:
+    """The path of the towers' output kernel [K, h, 1] (the network's per-domain logit), or its `leaf="bias"` [K, 1]."""
+    return f"l2/tower/layers/{len(cfg.tower_hidden)}/{leaf}"
 
 
 def stats_mask(graphdef: nnx.GraphDef, params: Params) -> Params:

@@ -203,9 +203,10 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     dataset = load_dataset(cfg.data)
     cfg = resolve_history(cfg, dataset)
     mesh = mesh or shd.make_mesh(cfg.mesh)
-    data_axis = shd.batch_shards(mesh, shd.parse_rules(cfg.mesh.rules))  # devices a batch is split over
+    rules = shd.parse_rules(cfg.mesh.rules)
+    data_axis = shd.batch_shards(mesh, rules)  # devices a batch is split over
     _check_splits(cfg, dataset, data_axis)
-    pooled, text = _text_table(cfg, dataset, mesh)
+    pooled, text = _text_table(cfg, dataset, mesh, rules)
     domains = run_domains(cfg.data, dataset.meta)
     folder = records.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
     run_info = records.read_run_info(folder) if folder else None  # first: it says whether this is a run folder
@@ -254,11 +255,10 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     )
 
 
-def _text_table(cfg: Config, dataset: Dataset, mesh: Mesh) -> tuple[np.ndarray, sr_model.TextTable]:
+def _text_table(cfg: Config, dataset: Dataset, mesh: Mesh, rules: shd.Rules) -> tuple[np.ndarray, sr_model.TextTable]:
     """The dataset's cached text features for the run's encoder -> (pooled [texts, t] on the host, the text table
     placed on the mesh by the rules)."""
     pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
-    rules = shd.parse_rules(cfg.mesh.rules)
     return pooled, sr_model.TextTable(*shd.text_table(mesh, pooled, summary, cfg.model.gating == "cls", rules))
 
 

@@ -24,18 +24,20 @@ from sr_jax.treeutil import flatten, unflatten
 MATCH = "l2/match/weight"  # the content match's per-domain weights [K, 2]
 
 
+def _new_domains(spec: RunSpec) -> list[int]:
+    """The rows of the run's new domains (none for a run that does not fine-tune)."""
+    mapping = spec.start.domain_map if spec.start else None
+    return list(mapping.new_domains) if mapping is not None else []
+
+
 def zero_shot_params(spec: RunSpec, params):
     """`params` with the towers' output kernel of every new domain at zero (None: no new domain, or its rows
     already start so: `finetune.new_domain_init` match; or fresh, which has no source to score by)."""
-    mapping = spec.start.domain_map if spec.start else None
-    if mapping is None or not mapping.new_domains or spec.config.finetune.new_domain_init != "source":
+    rows = _new_domains(spec)
+    if not rows or spec.config.finetune.new_domain_init != "source":
         return None
-    path, rows = sr_model.tower_output(spec.config.model), np.asarray(mapping.new_domains)
-    return unflatten({p: leaf.at[rows].set(0.0) if p == path else leaf for p, leaf in flatten(params).items()})
-
-
-def _bias(spec: RunSpec) -> str:
-    return sr_model.tower_output(spec.config.model).removesuffix("kernel") + "bias"
+    path, k = sr_model.tower_output(spec.config.model), np.asarray(rows)
+    return unflatten({p: leaf.at[k].set(0.0) if p == path else leaf for p, leaf in flatten(params).items()})
 
 
 def zero_shot_rows(spec: RunSpec, start) -> dict | None:
@@ -43,16 +45,14 @@ def zero_shot_rows(spec: RunSpec, start) -> dict | None:
     position so a resumed run blends as it began): {"domains": [k], "bias": [[...]], "match": [[...]] or None};
     None where no blend applies (finetune.zero_shot_weight 0, no new domain, or one without a source:
     new_domain_init mean or fresh)."""
-    mapping = spec.start.domain_map if spec.start else None
-    if spec.config.finetune.zero_shot_weight == 0 or mapping is None or not mapping.new_domains:
+    rows, tune = _new_domains(spec), spec.config.finetune
+    if tune.zero_shot_weight == 0 or not rows or tune.new_domain_init not in ("source", "match"):
         return None
-    if spec.config.finetune.new_domain_init not in ("source", "match"):
-        return None
-    rows, leaves = list(mapping.new_domains), flatten(start)
+    leaves = flatten(start)
     match = leaves.get(MATCH)
     return {
         "domains": rows,
-        "bias": np.asarray(leaves[_bias(spec)])[rows].tolist(),
+        "bias": np.asarray(leaves[sr_model.tower_output(spec.config.model, "bias")])[rows].tolist(),
         "match": None if match is None else np.asarray(match)[rows].tolist(),
     }
 
@@ -63,7 +63,8 @@ def blend(spec: RunSpec, params, rows: dict | None):
     if rows is None:
         return params
     w, k = spec.config.finetune.zero_shot_weight, np.asarray(rows["domains"])
-    toward = {_bias(spec): rows["bias"], **({MATCH: rows["match"]} if rows["match"] is not None else {})}
+    bias = sr_model.tower_output(spec.config.model, "bias")
+    toward = {bias: rows["bias"], **({MATCH: rows["match"]} if rows["match"] is not None else {})}
     kernel = sr_model.tower_output(spec.config.model)
 
     def edit(path, leaf):

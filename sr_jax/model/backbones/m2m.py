@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput
+from sr_jax.model.backbones.common import BackboneInput, mix
 from sr_jax.model.layers import Array, StackedMLP, normal, zeros
 
 
@@ -51,7 +51,7 @@ class M2M(nnx.Module):
         s = inputs.embedding
         experts = self.experts.all_layers(inputs.x_hat, dtype).astype(jnp.float32)  # [B, E, h]
         scores = jnp.einsum("beh,h->be", jnp.tanh(self.attention(experts, s)), self.score[...])
-        mixed = jnp.einsum("be,beh->bh", jax.nn.softmax(scores, axis=-1), experts)
+        mixed = mix(scores, experts, jnp.float32)
         for unit in self.tower:  # residual meta layers
             mixed = jax.nn.relu(unit(mixed, s)) + mixed
         return mixed[:, None].astype(dtype), inputs.x_hat
