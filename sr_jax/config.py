@@ -224,9 +224,11 @@ class MeshConfig:
     data: int = -1  # devices on the batch axis; -1: all that the model axis leaves
     model: int = 1  # devices on the embedding-row axis
     slices: int = 1  # multi-slice (DCN): the data axis spans this many slices, the model axis stays in one
-    # logical axis -> mesh axes (`LOGICAL_AXES` below; "a+b" both, "none" replicated); rules not given keep these
+    # logical axis -> mesh axes (`LOGICAL_AXES` below; "a+b" both, "none" replicated); rules not given keep these.
+    # The batch goes over both axes: with `model` > 1 every device computes its own rows (over `data` alone, each
+    # device of a model group would repeat the same dense work)
     rules: tuple[str, ...] = (
-        "batch=data", "table_rows=model", "text_rows=model", "heads=model", "mlp=model", "vocab=model",
+        "batch=data+model", "table_rows=model", "text_rows=model", "heads=model", "mlp=model", "vocab=model",
     )  # fmt: skip
 
 

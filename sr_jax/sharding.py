@@ -1,10 +1,11 @@
 """The partitioner: the mesh, and every sharding rule, in one place.
 
-Mesh axes: `data` (the batch is split over it) and `model` (large embedding tables are split by rows
-over it; a big text encoder's layers by heads and MLP columns). Arrays name *logical* axes (`config.LOGICAL_AXES`:
-batch, table_rows, text_rows, heads, mlp, vocab) and `mesh.rules` maps each onto mesh axes (as MaxText's
-logical axis rules), so a layout changes from the command line: `mesh.rules=batch=data+model` splits the batch
-over both axes (every layer data-parallel on all devices, the tables still by rows over `model`). Axis types
+Mesh axes: `data` and `model` (large embedding tables are split by rows over `model`; a big text encoder's layers
+by heads and MLP columns). Arrays name *logical* axes (`config.LOGICAL_AXES`: batch, table_rows, text_rows, heads,
+mlp, vocab) and `mesh.rules` maps each onto mesh axes (as MaxText's logical axis rules), so a layout changes from
+the command line. By default the batch is split over both axes (every layer data-parallel on all devices, the
+tables by rows over `model`), so `mesh.model > 1` never repeats the dense work; `mesh.rules=batch=data` keeps the
+batch on `data` alone (each device of a model group then computes its group's rows: M times its share). Axis types
 are Auto (GSPMD-style): a row-sharded table lookup compiles to a local masked gather plus a collective, and its
 gradient keeps the row sharding.
 """
@@ -76,6 +77,11 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, spec(rules, "batch"))
+
+
+def encoder_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The text encoder's batch: over `data` only, as its layers are split over `model` (heads, MLP columns)."""
+    return NamedSharding(mesh, P("data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -54,12 +54,13 @@ def test_star_starts_as_the_shared_network_and_then_specialises(data):
     graphdef, params = _model(data, "star", star_norm="layer")
     x_hat = jax.random.normal(jax.random.key(0), (8, 3 * 32))
     net = nnx.merge(graphdef, params).l1.backbone
-    a = net(_inputs(x_hat, jnp.zeros(8, jnp.int32)), jnp.float32, False)[0]
-    b = net(_inputs(x_hat, jnp.full(8, 3, jnp.int32)), jnp.float32, False)[0]
+    a = net(_inputs(x_hat, jnp.zeros(8, jnp.int32)), jnp.float32, False).experts
+    b = net(_inputs(x_hat, jnp.full(8, 3, jnp.int32)), jnp.float32, False).experts
     np.testing.assert_allclose(a, b, rtol=1e-6)  # domain factors start at one and zero
     net.domain_kernels[0][...] = net.domain_kernels[0][...].at[3].multiply(2.0)
-    c = net(_inputs(x_hat, jnp.full(8, 3, jnp.int32)), jnp.float32, False)[0]
-    assert not np.allclose(a, c) and np.allclose(a, net(_inputs(x_hat, jnp.zeros(8, jnp.int32)), jnp.float32, False)[0])
+    c = net(_inputs(x_hat, jnp.full(8, 3, jnp.int32)), jnp.float32, False).experts
+    again = net(_inputs(x_hat, jnp.zeros(8, jnp.int32)), jnp.float32, False).experts
+    assert not np.allclose(a, c) and np.allclose(a, again)
 
 
 def test_star_normalises_each_domain_by_its_own_batch_statistics_then_by_moving_averages(data):

@@ -24,7 +24,7 @@ def test_the_worked_example_adds_a_backbone_in_one_file(tmp_path, monkeypatch):
     cfg = config(TINY, model={"backbone": "domain_scaled"}, train={"epochs": 1.0})
     run = trainer.build_run(cfg, tmp_path / "run")
     per_domain = flatten(run.spec.program.per_domain)
-    assert per_domain["l1/backbone/scale"] and not per_domain["l1/backbone/layers/0/kernel"]
+    assert per_domain["l1/backbone/scale"] and not per_domain["l1/backbone/mlp/layers/0/kernel"]
     run.close()
     result = trainer.fit(cfg, tmp_path / "run")
     assert 0.5 < result["overall"]["auc"] <= 1.0

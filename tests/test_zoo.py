@@ -39,7 +39,7 @@ def _run(net, x, domain, train: bool, table=TABLE):
 
 def _plain_mlp(layers, x):
     for layer in layers:
-        x = jax.nn.relu(layer.all_layers(x, jnp.float32)[:, 0])
+        x = jax.nn.relu(x @ layer.kernel[...] + layer.bias[...])
     return x
 
 
@@ -59,19 +59,19 @@ def test_epnet_and_ppnet_start_as_the_shared_mlp_then_scale_by_their_gates(kind)
     net = kind(cfg, 3, 12, rngs=nnx.Rngs(0))
     x, domain = jax.random.normal(jax.random.key(2), (10, 12)), jnp.arange(10) % 3
     experts, gate_input = _run(net, x, domain, False)
-    assert experts.shape == (10, 1, cfg.expert_hidden[-1]) and gate_input is x
-    np.testing.assert_allclose(np.asarray(experts[:, 0]), np.asarray(_plain_mlp(net.layers, x)), rtol=1e-6)
+    assert experts.shape == (10, 1, cfg.expert_hidden[-1]) and gate_input is None  # L2 reads x_hat
+    np.testing.assert_allclose(np.asarray(experts[:, 0]), np.asarray(_plain_mlp(net.mlp.layers, x)), rtol=1e-6)
     if kind is EPNet:  # the input scaled by the domain's gate: another domain, another scale
         net.gate.out_kernel[...] = jax.random.normal(jax.random.key(3), net.gate.out_kernel.shape)
-        scaled = _run(net, x, domain, False)[0]
-        other = _run(net, x, (domain + 1) % 3, False)[0]
+        scaled = _run(net, x, domain, False).experts
+        other = _run(net, x, (domain + 1) % 3, False).experts
         assert not np.allclose(np.asarray(scaled), np.asarray(other))
     else:  # the first layer's input scaled by 2 sigmoid(b) where its gate's bias is b: PEPNet gates a layer's input
         net.gates[0].out_bias[...] = jnp.full(net.gates[0].out_bias.shape, 1.5)
-        first = jax.nn.relu(net.layers[0].all_layers(x * 2 * jax.nn.sigmoid(1.5), jnp.float32)[:, 0])
+        first = jax.nn.relu(net.mlp.layers[0](x * 2 * jax.nn.sigmoid(1.5), jnp.float32))
         np.testing.assert_allclose(
-            np.asarray(_run(net, x, domain, False)[0][:, 0]),
-            np.asarray(_plain_mlp(net.layers[1:], first)),
+            np.asarray(_run(net, x, domain, False).experts[:, 0]),
+            np.asarray(_plain_mlp(net.mlp.layers[1:], first)),
             rtol=1e-5,
         )
 
@@ -87,7 +87,7 @@ def test_ppnet_s_persona_is_the_user_and_the_item_before_the_dal():
     domain = jnp.arange(10) % 3
 
     def output(sides):
-        return net(BackboneInput(x_hat, sides, domain, TABLE[domain]), jnp.float32, False)[0].sum()
+        return net(BackboneInput(x_hat, sides, domain, TABLE[domain]), jnp.float32, False).experts.sum()
 
     grad = jax.grad(output)(x)
     user, query, item = (np.abs(np.asarray(grad[:, k * 4 : (k + 1) * 4])).max() for k in range(3))
@@ -109,8 +109,8 @@ def test_hamur_adapter_weights_are_made_from_the_domain_and_the_example():
     moved = TABLE.at[0].add(1.0)  # the hyper-network's input moved
     assert not np.allclose(np.asarray(net.adapters(x[:1], moved[jnp.array([0])])[0][0]), np.asarray(down[:1]))
     # the adapters start near the identity: the output is the shared MLP's, up to a small residual
-    out = _run(net, x, jnp.zeros(6, jnp.int32), False)[0][:, 0]
-    np.testing.assert_allclose(np.asarray(out), np.asarray(_plain_mlp(net.layers, x)), atol=1e-2)
+    out = _run(net, x, jnp.zeros(6, jnp.int32), False).experts[:, 0]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_plain_mlp(net.mlp.layers, x)), atol=1e-2)
 
 
 @pytest.mark.parametrize("backbone", ["epnet", "ppnet", "hamur", "m2m", "m3oe", "adasparse", "sarnet", "adaptdhm"])
@@ -190,11 +190,11 @@ def test_m2m_weights_are_generated_from_the_domain_embedding():
     kernel, _ = net.attention.weights(s)
     np.testing.assert_array_equal(np.asarray(kernel[0]), np.asarray(kernel[1]))
     assert not np.allclose(np.asarray(kernel[0]), np.asarray(kernel[2]))
-    out = _run(net, x, jnp.zeros(6, jnp.int32), False)[0]
+    out = _run(net, x, jnp.zeros(6, jnp.int32), False).experts
     assert out.shape == (6, 1, cfg.expert_hidden[-1])
-    assert not np.allclose(np.asarray(out), np.asarray(_run(net, x, jnp.ones(6, jnp.int32), False)[0]))
+    assert not np.allclose(np.asarray(out), np.asarray(_run(net, x, jnp.ones(6, jnp.int32), False).experts))
     moved = TABLE.at[0].multiply(2.0)
-    assert not np.allclose(np.asarray(out), np.asarray(_run(net, x, jnp.zeros(6, jnp.int32), False, moved)[0]))
+    assert not np.allclose(np.asarray(out), np.asarray(_run(net, x, jnp.zeros(6, jnp.int32), False, moved).experts))
 
 
 def test_m3oe_fuses_the_shared_and_the_domain_mixture_by_the_domain_s_weights():
@@ -204,9 +204,9 @@ def test_m3oe_fuses_the_shared_and_the_domain_mixture_by_the_domain_s_weights():
 
     net = M3oE(_cfg(backbone="m3oe"), 3, 12, rngs=nnx.Rngs(0))
     x, domain = jax.random.normal(jax.random.key(6), (9, 12)), jnp.arange(9) % 3
-    before = _run(net, x, domain, False)[0][:, 0]
+    before = _run(net, x, domain, False).experts[:, 0]
     net.fusion[...] = net.fusion[...].at[1].set(jnp.array([50.0, -50.0]))
-    after = _run(net, x, domain, False)[0][:, 0]
+    after = _run(net, x, domain, False).experts[:, 0]
     gate = jax.nn.softmax(net.shared_gate.own_layer(x, domain, jnp.float32), -1)
     shared = jnp.einsum("be,beh->bh", gate, net.shared.all_layers(x, jnp.float32))
     ones = np.asarray(domain) == 1
@@ -227,9 +227,9 @@ def test_adasparse_prunes_by_domain_and_its_regularizer_shrinks_the_weights():
     pi_0, _ = net.weights(x, jnp.broadcast_to(e[0], (32, e.shape[1])), net.pruners[0])
     pi_1, _ = net.weights(x, jnp.broadcast_to(e[1], (32, e.shape[1])), net.pruners[0])
     assert not np.allclose(np.asarray(pi_0), np.asarray(pi_1))
-    net.pruners[0].bias[...] = net.pruners[0].bias[...].at[0, :4].set(-20.0)  # 2 sigmoid(-20) < epsilon
+    net.pruners[0].bias[...] = net.pruners[0].bias[...].at[:4].set(-20.0)  # 2 sigmoid(-20) < epsilon
     domain = jnp.zeros(32, jnp.int32)
-    first = jax.nn.relu(net.layers[0].all_layers(x, jnp.float32)[:, 0])
+    first = jax.nn.relu(net.mlp.layers[0](x, jnp.float32))
     pi, _ = net.weights(x, e[domain], net.pruners[0])
     assert (np.asarray(pi)[:, :4] == 0).all() and (np.asarray(pi)[:, 4:] > 0).all()
     np.testing.assert_array_equal(np.asarray((first * pi)[:, :4]), 0.0)
@@ -272,7 +272,7 @@ def test_adaptdhm_routes_by_nearest_centroid_and_the_centroids_follow_their_exam
     before = np.asarray(net.centroids[...])
     _run(net, x, domain, False)
     np.testing.assert_array_equal(np.asarray(net.centroids[...]), before)  # inference: no move
-    shared = net.shared.all_layers(x, jnp.float32)[:, 0]
+    shared = net.shared(x, jnp.float32)
     chosen = np.asarray(net.route(shared))
     _run(net, x, domain, True)
     moved = np.asarray(net.centroids[...])
@@ -282,7 +282,7 @@ def test_adaptdhm_routes_by_nearest_centroid_and_the_centroids_follow_their_exam
             assert np.linalg.norm(moved[c] - target) < np.linalg.norm(before[c] - target)
         else:
             np.testing.assert_array_equal(moved[c], before[c])
-    out = np.asarray(_run(net, x, domain, False)[0][:, 0])
+    out = np.asarray(_run(net, x, domain, False).experts[:, 0])
     layer = net.clusters.all_layers(shared, jnp.float32)  # [B, C, h]: every cluster's layer on every example
     routed = np.asarray(net.route(shared))
     expected = np.asarray(shared) + np.maximum(np.asarray(layer)[np.arange(16), routed], 0)
@@ -294,17 +294,17 @@ def test_sarnet_transfers_by_domain_and_adds_a_debias_expert_of_the_domain_alone
 
     net = SARNet(_cfg(backbone="sarnet"), 3, 12, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(9), (6, 12))
-    out = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False)[0][:, 0]
+    out = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False).experts[:, 0]
     bumped = net.transfer.bias[...].at[1].add(1.0)  # domain 1's feature transfer only
     net.transfer.bias[...] = bumped
-    after = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False)[0][:, 0]
+    after = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False).experts[:, 0]
     np.testing.assert_array_equal(np.asarray(after[:3]), np.asarray(out[:3]))
     assert not np.allclose(np.asarray(after[3:]), np.asarray(out[3:]))
     e = TABLE
-    debias = np.asarray(net.debias.all_layers(e, jnp.float32)[:, 0])  # one vector per domain
+    debias = np.asarray(net.debias(e, jnp.float32))  # one vector per domain
     net.debias.layers[-1].bias[...] = net.debias.layers[-1].bias[...] + 0.5  # moves every domain's bias term
-    shifted = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False)[0][:, 0]
-    new = np.asarray(net.debias.all_layers(e, jnp.float32)[:, 0])
+    shifted = _run(net, x, jnp.array([0, 0, 0, 1, 1, 1]), False).experts[:, 0]
+    new = np.asarray(net.debias(e, jnp.float32))
     np.testing.assert_allclose(
         np.asarray(shifted - after), (new - debias)[[0, 0, 0, 1, 1, 1]], rtol=1e-5, atol=1e-6
     )  # the debias expert adds to the mix, read from the domain alone

@@ -4,7 +4,7 @@ star ..] [--modes weak strong] [--meshes data data-model] [--updates dense rowwi
 
 Compiles the real train step (configs/bench.py's network on a world of --fields id fields of --rows rows) for
 each device count D on a mesh of D devices: `data` (D x 1: the batch over data) or `data-model` (D/2 x 2, the
-tables split by rows over `model`, the batch over both axes: `mesh.rules=batch=data+model`), at a fixed
+tables split by rows over `model`, the batch over both axes, the default rule), at a fixed
 per-device batch (weak scaling, --batch rows a device) and at a fixed global batch (strong, --global-batch).
 Nothing runs: each program is compiled for abstract inputs, so D = 64 and 100M-row tables cost only compile
 time. From each compiled program it reads the per-device FLOPs, bytes accessed and every collective (kind,
@@ -116,13 +116,12 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
     batch = args.batch * d if mode == "weak" else args.global_batch
     model_axis = {"data": 1, "data-model": 2, "tables": d, "tables-routed": d}[mesh_kind]
     lookup = "all_to_all" if mesh_kind == "tables-routed" else "gspmd"
-    rules = ("batch=data+model",) if model_axis > 1 else ()
     cfg = dataclasses.replace(
         base,
         data=dataclasses.replace(base.data, batch_size=batch),
         model=dataclasses.replace(base.model, lookup=lookup, **MODELS[model]),
         train=dataclasses.replace(base.train, embedding_update=update),
-        mesh=MeshConfig(data=d // model_axis, model=model_axis, rules=rules),
+        mesh=MeshConfig(data=d // model_axis, model=model_axis),
     )
     meta = bench_meta(args.fields, args.rows, args.domains)
     mesh = shd.make_mesh(cfg.mesh, devices)
@@ -163,7 +162,8 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
 LOOKUPS = {
     "replicated": "the table on every device (batch over data): no lookup collective, the table's dense gradient "
     "all-reduced",
-    "gspmd": "rows split over all devices, batch over all (`mesh.rules=batch=data+model`): XLA's masked gather and "
+    "gspmd": "rows split over all devices, batch over all (the default rule, `batch=data+model`): XLA's masked "
+    "gather and "
     "its collectives",
     "all-to-all": "rows split over all devices, ids routed to their rows' owner and vectors back "
     "(sr_jax/model/lookup.py, capacity factor 2)",

@@ -65,8 +65,9 @@ class SharedAdaptation(nnx.Module):
         else:
             reg = jnp.zeros((), jnp.float32)
         e_d = self.domain_embedding[...][domain]
-        experts, gate_input = self.backbone(BackboneInput(x_hat, x, domain, e_d), dtype, train)
-        return x_hat, experts, gate_input, {"reg": reg, "adapted": z}
+        out = self.backbone(BackboneInput(x_hat, x, domain, e_d), dtype, train)
+        gate_input = x_hat if out.gate_input is None else out.gate_input
+        return x_hat, out.experts, gate_input, {"reg": reg, "adapted": z}
 
 
 class DomainHeads(nnx.Module):

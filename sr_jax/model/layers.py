@@ -127,6 +127,38 @@ def _tiles(x: Array, index: Array, n: int, tile: int) -> tuple[Array, Array, Arr
     return row, tiles, group
 
 
+class Dense(nnx.Module):
+    """One dense layer [in, out] that every example goes through (`dtype`, `out_dtype` as StackedDense's)."""
+
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
+        self.kernel = normal(rngs, (d_in, d_out), (1.0 / d_in) ** 0.5)
+        self.bias = zeros((d_out,))
+
+    def __call__(self, x: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
+        """[B, in] -> [B, out]"""
+        out_dtype = out_dtype or dtype
+        y = jnp.einsum("bi,io->bo", x.astype(dtype), self.kernel[...].astype(dtype), preferred_element_type=out_dtype)
+        return y + self.bias[...].astype(out_dtype)
+
+
+class MLP(nnx.Module):
+    """Dense layers with ReLU after every one (or every one but the last, with `linear_out`: float32 out)."""
+
+    def __init__(self, d_in: int, widths: tuple[int, ...], *, rngs: nnx.Rngs, linear_out: bool = False):
+        dims = (d_in, *widths)
+        self.layers = nnx.List([Dense(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.linear_out = linear_out
+
+    def __call__(self, x: Array, dtype: jnp.dtype) -> Array:
+        """[B, in] -> [B, out]"""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if self.linear_out and i == last:
+                return layer(x, dtype, jnp.float32)
+            x = jax.nn.relu(layer(x, dtype))
+        return x
+
+
 class StackedDense(nnx.Module):
     """`n` independent dense layers [n, in, out] (one per domain, or per expert).
 

@@ -291,7 +291,7 @@ class TextEncoder:
     def _inputs(self, tokens: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
         if self.mesh is None:
             return jnp.asarray(tokens), jnp.asarray(mask)
-        batch = sharding.batch_sharding(self.mesh)
+        batch = sharding.encoder_batch_sharding(self.mesh)
         return jax.device_put(tokens, batch), jax.device_put(mask, batch)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -382,7 +382,7 @@ def memory_estimate(spec: EncoderSpec, dtype: str, batch_size: int, mesh: Mesh |
     alone: XLA's own figure for activations and workspace, nothing guessed."""
     params = abstract_params(spec, dtype, mesh)
     batch = _round_up(batch_size, 1 if mesh is None else mesh.shape["data"])
-    where = None if mesh is None else sharding.batch_sharding(mesh)
+    where = None if mesh is None else sharding.encoder_batch_sharding(mesh)
     ids = jax.ShapeDtypeStruct((batch, spec.max_length), jnp.int32, sharding=where)
     compiled = jax.jit(features_fn(spec, dtype)).lower(params, ids, ids).compile()
     analysis = compiled.memory_analysis()

@@ -3,12 +3,12 @@
 One module per paper, its docstring the paper's definition and every deviation from it (docs/MODELS.md is the
 guide). Every backbone is an `nnx.Module` built as `Backbone(cfg, num_domains, width, rngs=rngs)` and called as
 
-    backbone(inputs: BackboneInput, dtype, train) -> (experts [B, E, h], L2's gate input [B, g])
+    backbone(inputs: BackboneInput, dtype, train) -> BackboneOutput(experts [B, E, h], gate_input [B, g] or None)
 
-E expert outputs per example (`num_outputs`), which L2 mixes with its domain's softmax gate, or takes as they are
-when E = 1. Per-domain parameters sit on a leading domain axis like the rest of the model, so fine-tuning gives a
-new domain its own rows. A new backbone is one module here and one line in BACKBONES (research code outside the
-library: `register`).
+E expert outputs per example (`num_outputs`), which L2 mixes with its domain's softmax gate (reading x_hat, or the
+backbone's `gate_input` where it gives one: PLE's last domain input), or takes as they are when E = 1. Per-domain
+parameters sit on a leading domain axis like the rest of the model, so fine-tuning gives a new domain its own rows.
+A new backbone is one module here and one line in BACKBONES (research code outside the library: `register`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flax import nnx
 from sr_jax.config import ConfigError, ModelConfig
 from sr_jax.model.backbones.adaptdhm import AdaptDHM
 from sr_jax.model.backbones.adasparse import AdaSparse
-from sr_jax.model.backbones.common import BackboneInput
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput
 from sr_jax.model.backbones.hamur import HAMUR
 from sr_jax.model.backbones.m2m import M2M
 from sr_jax.model.backbones.m3oe import M3oE
@@ -28,7 +28,16 @@ from sr_jax.model.backbones.ple import PLE
 from sr_jax.model.backbones.sarnet import SARNet
 from sr_jax.model.backbones.star import STAR, StarAuxiliary
 
-__all__ = ["BACKBONES", "BackboneInput", "StarAuxiliary", "gate_width", "make_backbone", "num_outputs", "register"]
+__all__ = [
+    "BACKBONES",
+    "BackboneInput",
+    "BackboneOutput",
+    "StarAuxiliary",
+    "gate_width",
+    "make_backbone",
+    "num_outputs",
+    "register",
+]
 
 BACKBONES: dict[str, type[nnx.Module]] = {  # model.backbone -> its class
     "mmoe": MMoE,

@@ -1,5 +1,6 @@
-"""What several backbones share: the record every backbone reads, plain dense stacks, the softmax mix of expert
-outputs, shared-plus-own experts and the masked moving average of batch statistics."""
+"""What several backbones share: the records every backbone reads and gives, the softmax mix of expert outputs,
+shared-plus-own experts and the masked moving average of batch statistics (plain dense layers and MLPs are
+`layers.Dense` and `layers.MLP`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.layers import Array, StackedDense, StackedMLP
+from sr_jax.model.layers import Array, StackedMLP
 
 
 class BackboneInput(NamedTuple):
@@ -22,14 +23,11 @@ class BackboneInput(NamedTuple):
     embedding: Array  # [B, g] each example's domain's row of L1's domain embedding (the model's one embedding of it)
 
 
-def dense_stack(rngs: nnx.Rngs, dims: tuple[int, ...]) -> nnx.List:
-    """One shared dense layer per consecutive pair of `dims` (StackedDense with one member)."""
-    return nnx.List([StackedDense(1, a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+class BackboneOutput(NamedTuple):
+    """What a backbone gives L2."""
 
-
-def relu_layer(layer: StackedDense, h: Array, dtype: jnp.dtype) -> Array:
-    """relu(h W + b) of a shared dense layer: [B, in] -> [B, out]."""
-    return jax.nn.relu(layer.all_layers(h, dtype)[:, 0])
+    experts: Array  # [B, E, h] E expert outputs per example (E = 1: L2 takes it as it is)
+    gate_input: Array | None = None  # [B, g] what L2's domain gates read when E > 1; None: x_hat
 
 
 def mix(logits: Array, experts: Array, dtype: jnp.dtype) -> Array:

@@ -13,17 +13,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput, dense_stack, relu_layer
-from sr_jax.model.layers import Array, StackedDense, normal
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput
+from sr_jax.model.layers import MLP, Array, Dense, normal
 
 
 class HAMUR(nnx.Module):
     def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
         self.rank = cfg.adapter_rank
         dims = (width, *cfg.expert_hidden)
-        self.layers = dense_stack(rngs, dims)
+        self.mlp = MLP(width, cfg.expert_hidden, rngs=rngs)
         hyper_in = cfg.gate_dim + width
-        self.hyper = StackedDense(1, hyper_in, cfg.gate_hidden, rngs=rngs)
+        self.hyper = Dense(hyper_in, cfg.gate_hidden, rngs=rngs)
         # one output block per layer: that layer's D [h, r] and U [r, h], flattened
         self.hyper_out = nnx.List(
             [normal(rngs, (cfg.gate_hidden, 2 * d * self.rank), 0.01 * cfg.gate_hidden**-0.5) for d in dims[1:]]
@@ -32,20 +32,20 @@ class HAMUR(nnx.Module):
     def adapters(self, x_hat: Array, e: Array) -> list[tuple[Array, Array]]:
         """Each layer's adapter weights for each example: (D [B, h, r], U [B, r, h]), made by the hyper-network
         from its domain's embedding e [B, g] and the example."""
-        z = jax.nn.relu(self.hyper.all_layers(jnp.concatenate([e, jax.lax.stop_gradient(x_hat)], axis=1), jnp.float32))
+        z = jax.nn.relu(self.hyper(jnp.concatenate([e, jax.lax.stop_gradient(x_hat)], axis=1), jnp.float32))
         out = []
         for block in self.hyper_out:
-            flat = z[:, 0] @ block[...]
+            flat = z @ block[...]
             d = flat.shape[1] // (2 * self.rank)
             down, up = jnp.split(flat, 2, axis=1)
             out.append((down.reshape(-1, d, self.rank), up.reshape(-1, self.rank, d)))
         return out
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> ([B, 1, h], x_hat)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> [B, 1, h]"""
         h = inputs.x_hat
-        for layer, (down, up) in zip(self.layers, self.adapters(inputs.x_hat, inputs.embedding)):
-            h = relu_layer(layer, h, dtype)
+        for layer, (down, up) in zip(self.mlp.layers, self.adapters(inputs.x_hat, inputs.embedding)):
+            h = jax.nn.relu(layer(h, dtype))
             r = jax.nn.relu(jnp.einsum("bh,bhr->br", h, down.astype(dtype)))
             h = h + jnp.einsum("br,brh->bh", r, up.astype(dtype))
-        return h[:, None], inputs.x_hat
+        return BackboneOutput(h[:, None])

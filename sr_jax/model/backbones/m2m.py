@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput, mix
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput, mix
 from sr_jax.model.layers import Array, StackedMLP, normal, zeros
 
 
@@ -26,7 +26,7 @@ class MetaUnit(nnx.Module):
         self.kernel_map = normal(rngs, (g, d_in * d_out), (g * d_in) ** -0.5)
         self.bias_map = zeros((g, d_out))
 
-    def weights(self, s: Array) -> tuple[Array, Array]:
+    def weights(self, s: Array) -> BackboneOutput:
         """-> (kernels [B, in, out], biases [B, out])"""
         return (s @ self.kernel_map[...]).reshape(-1, self.d_in, self.d_out), s @ self.bias_map[...]
 
@@ -46,12 +46,12 @@ class M2M(nnx.Module):
         self.score = normal(rngs, (h,), h**-0.5)
         self.tower = nnx.List([MetaUnit(g, h, h, rngs=rngs) for _ in range(cfg.meta_layers)])
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> ([B, 1, h], x_hat)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> [B, 1, h]"""
         s = inputs.embedding
         experts = self.experts.all_layers(inputs.x_hat, dtype).astype(jnp.float32)  # [B, E, h]
         scores = jnp.einsum("beh,h->be", jnp.tanh(self.attention(experts, s)), self.score[...])
         mixed = mix(scores, experts, jnp.float32)
         for unit in self.tower:  # residual meta layers
             mixed = jax.nn.relu(unit(mixed, s)) + mixed
-        return mixed[:, None].astype(dtype), inputs.x_hat
+        return BackboneOutput(mixed[:, None].astype(dtype))

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput, mix, own_experts
-from sr_jax.model.layers import Array, StackedDense, StackedMLP, zeros
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput, mix, own_experts
+from sr_jax.model.layers import StackedDense, StackedMLP, zeros
 
 
 class M3oE(nnx.Module):
@@ -23,11 +23,11 @@ class M3oE(nnx.Module):
         self.own_gate = StackedDense(num_domains, width, cfg.domain_experts, rngs=rngs)
         self.fusion = zeros((num_domains, 2))  # each domain's weights of (shared, own): equal at the start
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> ([B, 1, h], x_hat)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> [B, 1, h]"""
         x_hat, domain = inputs.x_hat, inputs.domain
         shared = mix(self.shared_gate.own_layer(x_hat, domain, dtype), self.shared.all_layers(x_hat, dtype), dtype)
         own = jnp.stack([stack.own_layer(x_hat, domain, dtype) for stack in self.own], axis=1)
         own = mix(self.own_gate.own_layer(x_hat, domain, dtype), own, dtype)
         fusion = jax.nn.softmax(self.fusion[...][domain], -1).astype(dtype)  # [B, 2]
-        return (fusion[:, :1] * shared + fusion[:, 1:] * own)[:, None], x_hat
+        return BackboneOutput((fusion[:, :1] * shared + fusion[:, 1:] * own)[:, None])

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput
-from sr_jax.model.layers import Array, StackedMLP
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput
+from sr_jax.model.layers import StackedMLP
 
 
 class MMoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
         self.experts = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> (every expert's output [B, E, h], L2's gate input x_hat)"""
-        return self.experts.all_layers(inputs.x_hat, dtype), inputs.x_hat
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> every expert's output [B, E, h] (L2's gates mix them, reading x_hat)"""
+        return BackboneOutput(self.experts.all_layers(inputs.x_hat, dtype))

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput, dense_stack, relu_layer
-from sr_jax.model.layers import Array, StackedDense, zeros
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput
+from sr_jax.model.layers import MLP, Array, Dense, zeros
 
 
 class GateNU(nnx.Module):
@@ -28,45 +28,43 @@ class GateNU(nnx.Module):
     (W2 and b2 start at zero)."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int, *, rngs: nnx.Rngs):
-        self.hidden = StackedDense(1, d_in, hidden, rngs=rngs)
+        self.hidden = Dense(d_in, hidden, rngs=rngs)
         self.out_kernel, self.out_bias = zeros((hidden, d_out)), zeros((d_out,))
 
     def __call__(self, x: Array) -> Array:
-        h = jax.nn.relu(self.hidden.all_layers(x.astype(jnp.float32), jnp.float32)[:, 0])
+        h = jax.nn.relu(self.hidden(x, jnp.float32))
         return 2.0 * jax.nn.sigmoid(h @ self.out_kernel[...] + self.out_bias[...])
 
 
 class EPNet(nnx.Module):
     def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
         self.gate = GateNU(cfg.gate_dim + width, width, cfg.gate_hidden, rngs=rngs)
-        self.layers = dense_stack(rngs, (width, *cfg.expert_hidden))
+        self.mlp = MLP(width, cfg.expert_hidden, rngs=rngs)
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> ([B, 1, h], x_hat)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> [B, 1, h]"""
         x_hat = inputs.x_hat
         e = inputs.embedding
         h = x_hat * self.gate(jnp.concatenate([e, jax.lax.stop_gradient(x_hat)], axis=1)).astype(x_hat.dtype)
-        for layer in self.layers:
-            h = relu_layer(layer, h, dtype)
-        return h[:, None], x_hat
+        return BackboneOutput(self.mlp(h, dtype)[:, None])
 
 
 class PPNet(nnx.Module):
     def __init__(self, cfg: ModelConfig, num_domains: int, width: int, *, rngs: nnx.Rngs):
         self.dim = cfg.dim
         dims = (width, *cfg.expert_hidden)
-        self.layers = dense_stack(rngs, dims)
+        self.mlp = MLP(width, cfg.expert_hidden, rngs=rngs)
         self.gates = nnx.List([GateNU(2 * cfg.dim + width, d, cfg.gate_hidden, rngs=rngs) for d in dims[:-1]])
 
     def persona(self, x: Array) -> Array:
         """The fused user and item vectors [B, 2d] (x is [user | query | item], before the DAL)."""
         return jnp.concatenate([x[:, : self.dim], x[:, -self.dim :]], axis=1)
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> ([B, 1, h], x_hat)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> [B, 1, h]"""
         x_hat = inputs.x_hat
         gate_input = jnp.concatenate([self.persona(inputs.x), jax.lax.stop_gradient(x_hat)], axis=1)
         h = x_hat
-        for layer, gate in zip(self.layers, self.gates):
-            h = relu_layer(layer, h * gate(gate_input).astype(h.dtype), dtype)
-        return h[:, None], x_hat
+        for layer, gate in zip(self.mlp.layers, self.gates):
+            h = jax.nn.relu(layer(h * gate(gate_input).astype(h.dtype), dtype))
+        return BackboneOutput(h[:, None])

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput, mix, own_experts, shared_and_own
-from sr_jax.model.layers import Array, StackedDense, StackedMLP
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput, mix, own_experts, shared_and_own
+from sr_jax.model.layers import Array, Dense, StackedDense, StackedMLP
 
 
 class ExtractionLevel(nnx.Module):
@@ -27,7 +27,7 @@ class ExtractionLevel(nnx.Module):
         self.own = own_experts(cfg, num_domains, width, rngs=rngs)
         experts = cfg.num_experts + cfg.domain_experts
         self.domain_gate = None if last else StackedDense(num_domains, width, experts, rngs=rngs)
-        self.shared_gate = None if last else StackedDense(1, width, experts, rngs=rngs)
+        self.shared_gate = None if last else Dense(width, experts, rngs=rngs)
 
     def __call__(self, h_domain: Array, h_shared: Array, domain: Array, dtype: jnp.dtype):
         """-> experts [B, E, h], and the next level's (domain input, shared input) [B, h] (None at the last)"""
@@ -35,7 +35,7 @@ class ExtractionLevel(nnx.Module):
         if self.domain_gate is None:
             return experts, None
         next_domain = mix(self.domain_gate.own_layer(h_domain, domain, dtype), experts, dtype)
-        next_shared = mix(self.shared_gate.all_layers(h_shared, dtype)[:, 0], experts, dtype)
+        next_shared = mix(self.shared_gate(h_shared, dtype), experts, dtype)
         return experts, (next_domain, next_shared)
 
 
@@ -47,11 +47,11 @@ class PLE(nnx.Module):
             [ExtractionLevel(cfg, num_domains, w, last=i == last, rngs=rngs) for i, w in enumerate(widths)]
         )
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> (the last level's experts [B, E, h], its domain input: what L2's gates read)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> the last level's experts [B, E, h], and its domain input: what L2's gates read"""
         h_domain = h_shared = inputs.x_hat
         for level in self.levels:
             experts, nxt = level(h_domain, h_shared, inputs.domain, dtype)
             if nxt is not None:
                 h_domain, h_shared = nxt
-        return experts, h_domain
+        return BackboneOutput(experts, h_domain)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput, mix, own_experts, shared_and_own
-from sr_jax.model.layers import Array, StackedDense, StackedMLP
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput, mix, own_experts, shared_and_own
+from sr_jax.model.layers import MLP, Dense, StackedDense, StackedMLP
 
 
 class SARNet(nnx.Module):
@@ -21,14 +21,14 @@ class SARNet(nnx.Module):
         self.transfer = StackedDense(num_domains, width, width, rngs=rngs)
         self.shared = StackedMLP(cfg.num_experts, width, cfg.expert_hidden, rngs=rngs)
         self.own = own_experts(cfg, num_domains, width, rngs=rngs)
-        self.gate = StackedDense(1, width + cfg.gate_dim, cfg.num_experts + cfg.domain_experts, rngs=rngs)
-        self.debias = StackedMLP(1, cfg.gate_dim, cfg.expert_hidden, rngs=rngs)
+        self.gate = Dense(width + cfg.gate_dim, cfg.num_experts + cfg.domain_experts, rngs=rngs)
+        self.debias = MLP(cfg.gate_dim, cfg.expert_hidden, rngs=rngs)
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> ([B, 1, h], x_hat)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> [B, 1, h]"""
         domain, e = inputs.domain, inputs.embedding
         x = self.transfer.own_layer(inputs.x_hat, domain, dtype)
         experts = shared_and_own(self.shared, self.own, x, x, domain, dtype)
-        gate = self.gate.all_layers(jnp.concatenate([x, e.astype(x.dtype)], 1), dtype)[:, 0]
-        mixed = mix(gate, experts, dtype) + self.debias.all_layers(e, dtype)[:, 0]
-        return mixed[:, None], inputs.x_hat
+        gate = self.gate(jnp.concatenate([x, e.astype(x.dtype)], 1), dtype)
+        mixed = mix(gate, experts, dtype) + self.debias(e, dtype)
+        return BackboneOutput(mixed[:, None])

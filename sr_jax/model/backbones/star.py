@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sr_jax.config import ModelConfig
-from sr_jax.model.backbones.common import BackboneInput, masked_average
+from sr_jax.model.backbones.common import BackboneInput, BackboneOutput, masked_average
 from sr_jax.model.domain_adaptation import standardise
-from sr_jax.model.layers import Array, StackedMLP, by_group, normal, zeros
+from sr_jax.model.layers import MLP, Array, by_group, normal, zeros
 
 
 class PartitionedNorm(nnx.Module):
@@ -59,7 +59,7 @@ class PartitionedNorm(nnx.Module):
         gamma = self.scale[...] * self.domain_scale[...][domain]
         return z * gamma + self.shift[...] + self.domain_shift[...][domain]
 
-    def debiased(self) -> tuple[Array, Array]:
+    def debiased(self) -> BackboneOutput:
         """Each domain's moving mean and variance [K, width] without the starting (0, 1)'s remaining weight
         m^n; a domain never seen keeps (0, 1)."""
         left = (self.momentum ** self.updates[...])[:, None]  # [K, 1]: the starting values' weight
@@ -82,8 +82,8 @@ class STAR(nnx.Module):
         self.domain_kernels = nnx.List([nnx.Param(jnp.ones((num_domains, a, b))) for a, b in zip(dims[:-1], dims[1:])])
         self.domain_biases = nnx.List([zeros((num_domains, b)) for b in dims[1:]])
 
-    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> tuple[Array, Array]:
-        """-> ([B, 1, h], x_hat)"""
+    def __call__(self, inputs: BackboneInput, dtype: jnp.dtype, train: bool) -> BackboneOutput:
+        """-> [B, 1, h]"""
         layers = list(zip(self.shared_kernels, self.shared_biases, self.domain_kernels, self.domain_biases))
 
         def star(tiles, group):  # [T, rows, in], each tile through its domain's star-topology layers
@@ -95,7 +95,7 @@ class STAR(nnx.Module):
 
         x_hat, domain = inputs.x_hat, inputs.domain
         h = by_group(self.norm(x_hat, domain, train), domain, self.domain_kernels[0].shape[0], star)
-        return h[:, None, :], x_hat
+        return BackboneOutput(h[:, None, :])
 
 
 class StarAuxiliary(nnx.Module):
@@ -104,9 +104,9 @@ class StarAuxiliary(nnx.Module):
 
     def __init__(self, num_domains: int, width: int, *, rngs: nnx.Rngs, hidden: int = 32, indicator: int = 8):
         self.indicator = normal(rngs, (num_domains, indicator), 0.05)
-        self.mlp = StackedMLP(1, width + indicator, (hidden, 1), rngs=rngs, linear_out=True)
+        self.mlp = MLP(width + indicator, (hidden, 1), rngs=rngs, linear_out=True)
 
     def __call__(self, x_hat: Array, domain: Array, dtype: jnp.dtype) -> Array:
         """-> [B] logits (float32)"""
         x = jnp.concatenate([x_hat, self.indicator[...][domain]], axis=1)
-        return self.mlp.all_layers(x, dtype)[:, 0, 0]
+        return self.mlp(x, dtype)[:, 0]
