@@ -68,6 +68,9 @@ class ModelConfig:
     # Embedding tables get a multiple of this many rows (padding no id reaches), so that any mesh.model
     # dividing it shards them evenly, and a checkpoint's shapes do not depend on the mesh.
     table_row_multiple: int = 64
+    # Where a table stores row r: strided (at (r mod m) x R/m + r div m, m the multiple above, so that appended
+    # and popular rows spread over every shard of the model axis) | contiguous (at r); sr_jax/model/rows.py
+    row_layout: str = "strided"
     # How a table split by rows over several devices is read: gspmd (XLA's masked gather and collectives, whose
     # bytes grow with the global batch) | all_to_all (each id routed to its row's owner and the vector back:
     # bytes grow with a device's own batch; sr_jax/model/lookup.py). The same on one device or unsplit tables.
@@ -282,6 +285,7 @@ class ConfigError(ValueError):
 LEVELS = ("l0", "l1", "l2")  # the network's levels (docs/DESIGN.md): encoding, shared adaptation, per-domain heads
 HISTORY_POOLINGS = ("mean", "attention")
 LOOKUPS = ("gspmd", "all_to_all")
+ROW_LAYOUTS = ("strided", "contiguous")  # sr_jax/model/rows.py
 UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
 REGULARIZERS = ("js", "mmd", "none")
@@ -382,7 +386,13 @@ def save_config(config: Config, path: str | Path) -> None:
 # Keys added after configs were saved, whose default differs from what a config without them meant: a saved
 # config that lacks one reads it as this value, so an older run resumes, re-evaluates and exports as it trained.
 BEFORE_KEY = {
-    "model": {"id_dropout": 0.0, "untrained_ids": "row", "user_history": 0, "content_match": False},
+    "model": {
+        "id_dropout": 0.0,
+        "untrained_ids": "row",
+        "user_history": 0,
+        "content_match": False,
+        "row_layout": "contiguous",
+    },
     "train": {"evals_per_epoch": 0.0},
     "finetune": {"new_domain_init": "fresh", "zero_shot_weight": 0.0},
 }
@@ -446,6 +456,7 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     _check(problems, 0 <= cfg.id_dropout < 1, "model.id_dropout", f"{cfg.id_dropout} must be in [0, 1)")
     _choice(problems, cfg.history_pooling, "model.history_pooling", HISTORY_POOLINGS)
     _choice(problems, cfg.lookup, "model.lookup", LOOKUPS)
+    _choice(problems, cfg.row_layout, "model.row_layout", ROW_LAYOUTS)
     _positive(problems, cfg, "model", "lookup_capacity")  # finite: it sizes a buffer
     _choice(problems, cfg.untrained_ids, "model.untrained_ids", UNTRAINED_IDS)
     _check(

@@ -27,6 +27,16 @@ def test_bench_world_has_the_requested_tables():
     assert len(tables) == 15 and {t.shape for t in tables} == {(1024, 32)}  # 1000 rows padded to 64s
 
 
+def test_bench_ids_can_be_skewed_as_real_traffic_is():
+    meta = bench_meta(fields=3, vocab=10_000, domains=2)
+    zipf = random_columns(meta, 20_000, ids="zipf")["item_id"]
+    assert zipf.min() >= 1 and zipf.max() < 10_000 and np.mean(zipf == 1) > 0.1  # the head: id 1 the most frequent
+    last = random_columns(meta, 20_000, ids="new-rows-last")["item_id"]
+    assert last.min() >= 9_000 and last.max() < 10_000
+    with pytest.raises(ValueError, match="'skewed': not one of"):
+        random_columns(meta, 8, ids="skewed")
+
+
 def test_bench_cli_writes_its_report(tmp_path, capsys):
     rows = bench.main(
         [

@@ -40,7 +40,9 @@ def test_scaling_rows_files_and_work_per_device(tmp_path):
     assert weak["flops_per_device"] == pytest.approx(by[("weak", "data", 1)]["flops_per_device"], rel=0.15)
     assert weak["collectives"]["all-reduce"]["groups"] == [4]  # the gradients, over the data axis
     routed = by[("weak", "tables-routed", 4)]
-    assert routed["collectives"]["all-to-all"]["count"] == 3  # every table in one exchange
+    # every table in one exchange (ids, vectors, their gradient) and the frozen text table in one (ids, vectors):
+    # it is never gathered whole
+    assert routed["collectives"]["all-to-all"]["count"] == 5 and "all-gather" not in routed["collectives"]
     assert "| default | dense | weak | tables-routed | 4 |" in (tmp_path / "scaling.md").read_text()
 
 
@@ -63,3 +65,38 @@ def test_the_gpu_script_runs_its_parts_and_prints_one_table(tmp_path):
     assert "ex/s projected (H100)" in (tmp_path / "gpu.md").read_text()
     parts = bench_gpu.parts(tmp_path, quick=True, gpus=8)
     assert parts["scaling"][parts["scaling"].index("--devices") + 1 :][:2] == ["1", "8"]  # 1 GPU and all
+
+
+def test_the_projection_takes_inter_node_links_at_a_share_of_line_rate_and_a_torus_all_to_all_at_its_bisection():
+    from sr_jax.bench import roofline
+    from sr_jax.bench.compiled import Collective
+
+    h100, v5e, v5p = (roofline.ACCELERATORS[n] for n in ("h100", "tpu-v5e", "tpu-v5p"))
+    across = Collective("all-to-all", 64, 10_000_000, "")  # 64 GPUs: 8 nodes
+    at_line_rate = roofline.collective_seconds(h100, across, inter_node=1.0) - h100.slow_latency
+    at_60 = roofline.collective_seconds(h100, across, inter_node=0.6) - h100.slow_latency
+    assert at_60 == pytest.approx(at_line_rate / 0.6)
+    inside = Collective("all-to-all", 8, 10_000_000, "")  # one NVLink island: the factor does not apply
+    assert roofline.collective_seconds(h100, inside, 0.6) == roofline.collective_seconds(h100, inside, 1.0)
+    assert roofline.torus_share(64, 2) == pytest.approx(0.25) and roofline.torus_share(64, 3) == pytest.approx(1 / 3)
+    assert roofline.torus_share(4, 2) == 1.0  # a 2 x 2 torus: no worse than the chip's links
+    reduce = Collective("all-reduce", 64, 10_000_000, "")  # a ring uses neighbours' links: no bisection share
+    for tpu, share in ((v5e, 0.25), (v5p, 1 / 3)):
+        plain = across.wire_bytes / tpu.link
+        assert roofline.collective_seconds(tpu, across) - tpu.latency == pytest.approx(plain / share)
+        assert roofline.collective_seconds(tpu, reduce) - tpu.latency == pytest.approx(reduce.wire_bytes / tpu.link)
+
+
+def test_efficiency_is_also_reported_against_the_best_one_device_configuration(tmp_path):
+    rows = bench_scaling.main(
+        ["--devices", "1", "4", "--models", "default", "--modes", "weak", "--meshes", "data", "--updates", "dense",
+         "rowwise_adagrad", "--batch", "512", "--texts", "100", *SMALL, "--out", str(tmp_path)]
+    )  # fmt: skip
+    ones = {r["update"]: r["projected_examples_per_s"]["h100"] for r in rows if r["devices"] == 1}
+    best = max(ones.values())
+    for r in rows:
+        assert r["texts"] == 100 and r["inter_node_efficiency"] == 0.6
+        expected = r["projected_examples_per_s"]["h100"] / (r["devices"] * best)
+        assert r["efficiency_vs_best"]["h100"] == pytest.approx(expected)
+        assert r["efficiency_vs_best"]["h100"] <= r["efficiency"]["h100"] + 1e-12
+    assert "vs best" in (tmp_path / "scaling.md").read_text()

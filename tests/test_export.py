@@ -22,6 +22,7 @@ from sr_jax import metrics, model as sr_model
 from sr_jax.bench.world import bench_meta
 from sr_jax.config import BEFORE_KEY, from_dict, ModelConfig
 from sr_jax.export import embeddings, interop, scoring, serving, trained
+from sr_jax.model import rows as rows_of
 from sr_jax.model.match import TEXTS
 from sr_jax.data.pipeline import map_batches
 from sr_jax.training import evaluation, trainer
@@ -278,7 +279,7 @@ def test_embeddings_are_what_the_network_reads(run_dir, tmp_path):
     first = picked_items[0]
     np.testing.assert_array_equal(
         embeddings.matrix(items["id_vector"])[first],
-        model.params["l0"]["id_tables"]["item"][items["item_row"][first].as_py()],
+        rows_of.row_order(model.params["l0"]["id_tables"]["item"], 64, "strided")[items["item_row"][first].as_py()],
     )
     np.testing.assert_array_equal(
         embeddings.matrix(items["text_vector"])[first], np.asarray(text.pooled)[raw["item_text"][0]]

@@ -2,6 +2,8 @@
 counted when the capacity is too small, and fewer bytes on the wire than GSPMD's lookup (read from the
 compiled program)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,33 @@ def test_many_tables_travel_in_one_exchange(mesh):
     np.testing.assert_array_equal(np.asarray(b), np.asarray(big)[np.asarray(many)])
     hlo = jax.jit(jax.grad(loss)).lower([small, big]).compile().as_text()
     assert [c.kind for c in compiled.collectives(hlo, 8)].count("all-to-all") == 3
+
+
+def test_the_text_rows_a_batch_reads_are_routed_as_they_are_gathered():
+    """With `model.lookup=all_to_all` on a mesh splitting the text table, the query, item and history texts come by
+    one routed exchange (`FeatureEncoder.read_texts`): the same logits as plain gathers on one device, the content
+    match and the history aspect included."""
+    from helpers import TINY, config, model_inputs
+    from sr_jax import model as sr_model, sharding as shd
+    from sr_jax.data.history import COLUMN as HISTORY
+
+    cfg = config(TINY, model={"lookup": "all_to_all", "lookup_capacity": 8.0, "user_history": 3}).model
+    assert cfg.content_match and cfg.use_text
+    ds, text, batch = model_inputs(64)
+    pad = (-text.pooled.shape[0]) % 8  # the trainer pads the text table to the model axis
+    text = sr_model.TextTable(*(jnp.pad(t, ((0, pad), (0, 0))) for t in text))
+    history = np.random.default_rng(0).integers(-1, ds.meta.num_texts, (64, 3))
+    batch = {**batch, HISTORY: jnp.asarray(history, jnp.int32)}
+    graphdef, params = sr_model.init(cfg, ds.meta, text.pooled.shape[1])
+    plain = sr_model.apply(graphdef, params, batch, text)[0]
+    mesh = jax.make_mesh((1, 8), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    rows = NamedSharding(mesh, P("model"))
+    params, text = jax.device_put(params, shd.replicated(mesh)), jax.device_put(text, rows)
+    batch = jax.device_put(batch, NamedSharding(mesh, P(("data", "model"))))
+    with shd.model_context(mesh, shd.parse_rules(())):
+        step = jax.jit(lambda p, b, t: sr_model.apply(graphdef, p, b, t)[0])
+        routed = step(params, batch, text)
+        hlo = step.lower(params, batch, text).compile().as_text()
+    # ids and vectors of the tables, and of the texts (inference: no gradient); the text table never gathered whole
+    assert len(re.findall(r" all-to-all\(", hlo)) == 4 and " all-gather(" not in hlo
+    np.testing.assert_allclose(np.asarray(routed), np.asarray(plain), rtol=1e-5, atol=1e-5)

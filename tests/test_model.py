@@ -8,6 +8,7 @@ from flax import nnx
 
 from helpers import TINY, config, model_inputs
 from sr_jax import model as sr_model
+from sr_jax.model import rows as rows_of
 from sr_jax.model.layers import StackedMLP, hash_ids
 
 
@@ -96,9 +97,11 @@ def test_tables_are_padded_to_the_row_multiple_and_ids_never_reach_the_padding(d
     assert params["l0"]["id_tables"]["item"].shape[0] == 128  # 120 items -> 128 rows
     assert all(t.shape[0] % 64 == 0 for t in jax.tree.leaves(params["l0"]["sparse_tables"]))
     rows = sr_model.table_rows(graphdef, params, batch)
-    assert int(rows[("id_tables", "item")].max()) < ds.meta.vocab["item_id"]
+    padding = rows_of.position(np.arange(ds.meta.vocab["item_id"], 128), 128, 64, "strided")  # where it is stored
+    assert not np.isin(np.asarray(rows[("id_tables", "item")]), padding).any()
     bumped = jax.tree.map(lambda a: a, params)
-    bumped["l0"]["id_tables"]["item"] = params["l0"]["id_tables"]["item"].at[120:].set(100.0)  # the padding
+    in_order = rows_of.row_order(params["l0"]["id_tables"]["item"], 64, "strided")
+    bumped["l0"]["id_tables"]["item"] = rows_of.stored(in_order.at[120:].set(100.0), 64, "strided")  # the padding
     np.testing.assert_array_equal(
         sr_model.apply(graphdef, params, batch, text)[0], sr_model.apply(graphdef, bumped, batch, text)[0]
     )

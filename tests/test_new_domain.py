@@ -256,7 +256,7 @@ def test_the_content_match_is_the_domain_s_weights_of_the_text_cosines():
     rng = np.random.default_rng(0)
     pooled = rng.standard_normal((6, 4)).astype(np.float32)
     query, item, history = np.array([1, -1]), np.array([2, 3]), np.array([[4, 5, -1], [-1, -1, -1]])
-    texts = unit_texts(pooled, query, item, history)
+    texts = unit_texts(*((pooled[np.maximum(r, 0)], r) for r in (query, item, history)))
     unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
     np.testing.assert_allclose(texts["user_text"][0], (unit[4] + unit[5]) / 2, rtol=1e-5)
     assert not np.asarray(texts["user_text"][1]).any() and not np.asarray(texts["query_text"][1]).any()

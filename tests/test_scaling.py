@@ -64,7 +64,7 @@ def _docs_commands() -> list[list[str]]:
     text = (Path(__file__).parents[1] / "docs" / "SCALE.md").read_text()
     block = text.split("## Launching on a pod or a cluster")[1].split("```bash")[1].split("```")[0]
     commands = [line for line in block.replace("\\\n", " ").splitlines() if "train.pretrain" in line]
-    return [[w.strip("\"") for w in c.split() if "=" in w and w[0].islower()] for c in commands]
+    return [[w.strip('"') for w in c.split() if "=" in w and w[0].islower()] for c in commands]
 
 
 def test_the_scale_doc_s_launch_commands_give_each_device_its_share(tmp_path):

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from sr_jax.bench import timing
-from sr_jax.bench.world import bench_meta, random_columns
+from sr_jax.bench.world import ID_MODES, bench_meta, random_columns
 from sr_jax.config import override
 from sr_jax.experiments import report
 from train import cli
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
     p.add_argument("--repeats", type=int, default=5, help="timed chunks (the median is reported)")
     p.add_argument("--text-dim", type=int, default=384)
+    p.add_argument("--texts", type=int, default=10_000, help="rows of the text table")
+    p.add_argument("--ids", default="uniform", choices=ID_MODES, help="how ids are drawn (sr_jax/bench/world.py)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("overrides", nargs="*", help="section.field=value on configs/bench.py")
     args = p.parse_args(argv)
@@ -70,11 +72,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     rows = []
     for vocab in args.vocab:
-        meta = bench_meta(args.fields, vocab, args.domains)
+        meta = bench_meta(args.fields, vocab, args.domains, num_texts=args.texts)
         text = np.random.default_rng(1).standard_normal((meta.num_texts, args.text_dim)).astype(np.float32)
         for batch in args.batch:
-            columns = random_columns(meta, 32 * batch, seed=0)
-            common = dict(device=device, batch=batch, vocab=vocab, fields=args.fields)
+            columns = random_columns(meta, 32 * batch, seed=0, ids=args.ids)
+            common = dict(device=device, batch=batch, vocab=vocab, fields=args.fields, ids=args.ids, texts=args.texts)
             for dtype in args.dtype:
                 setting = dataclasses.replace(
                     base,

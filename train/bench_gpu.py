@@ -32,18 +32,19 @@ def parts(out: Path, quick: bool, gpus: int) -> dict[str, list[str]]:
     timing = ["--steps", "3", "--repeats", "2"] if quick else ["--steps", "20", "--repeats", "5"]
     vocab = ["1000"] if quick else ["100000", "1000000"]
     batch = ["256"] if quick else ["4096"]
+    texts = ["--texts", "1000" if quick else "1000000"]  # a real catalogue's text table
     devices = ["1"] + ([str(gpus)] if gpus > 1 else [])
     return {
         "bench": [*timing, "--batch", *batch, "--vocab", *vocab, "--dtype", "float32", "bfloat16",
                   "--update", "dense", "rowwise_adagrad", "lazy_adam", "--torch", "eager", "compile",
-                  "--torch-update", "dense", "sparse_adam", "sparse_adagrad", "--out", str(out / "bench")],
+                  "--torch-update", "dense", "sparse_adam", "sparse_adagrad", *texts, "--out", str(out / "bench")],
         "domains": [*timing, "--batch", *batch, "--vocab", vocab[0], "--domains", "32", "--update", "rowwise_adagrad",
                     "--torch", "--out", str(out / "domains")],
         "text": ["--num-texts", "2000" if quick else "50000", "--repeats", "3" if quick else "20",
                  "--out", str(out / "text.json")],
         "scaling": ["--compiled-on", "gpu", "--devices", *devices, "--models", "default", "star", "--modes", "weak",
                     "--meshes", "data", *(["tables-routed"] if gpus > 1 else []), "--updates", "dense",
-                    "--batch", batch[0], "--rows", vocab[0], "--out", str(out / "scaling")],
+                    "--batch", batch[0], "--rows", vocab[0], *texts, "--out", str(out / "scaling")],
     }  # fmt: skip
 
 

@@ -3,10 +3,14 @@ accelerators, from their published specifications (docs/PERFORMANCE.md cites the
 
     step = max(FLOPs / peak, bytes accessed / HBM bandwidth) + sum over collectives (latency + wire bytes / link)
 
-Compute and communication are not overlapped (an upper bound on the step: XLA overlaps some), the HBM term is
-XLA's count of bytes accessed (on the machine it was compiled for), and a collective whose group spans more than
-one fast island (8 NVLink-joined GPUs of a DGX/HGX H100; a TPU pod's ICI) runs at the slow link's bandwidth.
-Bandwidths are per direction per device (the published figures are bidirectional aggregates: halved).
+What it is: a projection from XLA:CPU's counts at 100% of peak FLOP/s and HBM bandwidth with no kernel launch
+cost, so its compute and memory terms are lower bounds on their time (a step of many small kernels is bound by
+their count, which no term here sees); the one pessimistic term is that compute and communication do not
+overlap. The HBM term is XLA's count of bytes accessed on the machine it was compiled for. A collective whose
+group spans more than one fast island (8 NVLink-joined GPUs of a DGX/HGX H100; a TPU pod's ICI) runs at the slow
+link's bandwidth times `inter_node` (the share of line rate a collective gets between nodes; 0.6 by default). On
+a TPU torus an all-to-all is bound by the torus's bisection, not by a chip's links: it gets `torus_share` of
+them. Bandwidths are per direction per device (the published figures are bidirectional aggregates: halved).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Accelerator:
     slow_link: float  # bytes/s per device between islands
     latency: float  # seconds per collective (its fixed cost), inside an island
     slow_latency: float
+    torus: int = 0  # the island's torus dimensions (TPU ICI: 2 on v5e, 3 on v5p); 0: a switched network
 
 
 ACCELERATORS = {
@@ -33,33 +38,47 @@ ACCELERATORS = {
     # 900 GB/s (bidirectional); DGX H100: 8 GPUs an NVLink island, one ConnectX-7 400 Gb/s NIC per GPU.
     "h100": Accelerator("H100 SXM", 494.7e12, 3.35e12, 450e9, 8, 50e9, 10e-6, 25e-6),
     # Google Cloud TPU v5e: 197 TFLOP/s bf16, HBM 819 GB/s, ICI 1,600 Gbps a chip, 256 chips a pod (2D torus).
-    "tpu-v5e": Accelerator("TPU v5e", 197e12, 819e9, 100e9, 256, 100e9, 5e-6, 5e-6),
+    "tpu-v5e": Accelerator("TPU v5e", 197e12, 819e9, 100e9, 256, 100e9, 5e-6, 5e-6, torus=2),
     # Google Cloud TPU v5p: 459 TFLOP/s bf16, HBM 2,765 GB/s, ICI 4,800 Gbps a chip, 8,960 chips a pod (3D torus).
-    "tpu-v5p": Accelerator("TPU v5p", 459e12, 2765e9, 300e9, 8960, 300e9, 5e-6, 5e-6),
+    "tpu-v5p": Accelerator("TPU v5p", 459e12, 2765e9, 300e9, 8960, 300e9, 5e-6, 5e-6, torus=3),
 }
 
 
-def collective_seconds(acc: Accelerator, collective: Collective) -> float:
+INTER_NODE = 0.6  # the share of the line rate a collective gets between nodes
+
+
+def torus_share(group: int, dims: int) -> float:
+    """The share of a chip's links an all-to-all over `group` chips of a k^dims torus gets: every chip sends half
+    its bytes across the bisection, which has 2 k^(dims-1) links each way, against the chip's 2 dims links; so
+    2/k on a 2-D torus, 4/(3k) on a 3-D one (at most 1)."""
+    k = group ** (1 / dims)
+    return min(1.0, (2 / k) if dims == 2 else 4 / (3 * k))
+
+
+def collective_seconds(acc: Accelerator, collective: Collective, inter_node: float = INTER_NODE) -> float:
     inside = collective.group <= acc.island
     if collective.group <= 1:
         return 0.0
-    return (acc.latency if inside else acc.slow_latency) + collective.wire_bytes / (
-        acc.link if inside else acc.slow_link
-    )
+    link = acc.link if inside else acc.slow_link * inter_node
+    if inside and acc.torus and collective.kind == "all-to-all":
+        link *= torus_share(collective.group, acc.torus)
+    return (acc.latency if inside else acc.slow_latency) + collective.wire_bytes / link
 
 
-def step_seconds(acc: Accelerator, flops: float, bytes_accessed: float, found: list[Collective]) -> dict[str, float]:
+def step_seconds(
+    acc: Accelerator, flops: float, bytes_accessed: float, found: list[Collective], inter_node: float = INTER_NODE
+) -> dict[str, float]:
     """-> {compute, memory, collectives, step} seconds of one step on one device of `acc`."""
     compute, memory = flops / acc.peak_flops, bytes_accessed / acc.hbm
-    talk = sum(collective_seconds(acc, c) for c in found)
+    talk = sum(collective_seconds(acc, c, inter_node) for c in found)
     return {"compute": compute, "memory": memory, "collectives": talk, "step": max(compute, memory) + talk}
 
 
-def costliest(acc: Accelerator, found: list[Collective]) -> str:
+def costliest(acc: Accelerator, found: list[Collective], inter_node: float = INTER_NODE) -> str:
     """The collective kind that costs `acc` the most time, with its share of the step's collective time."""
     by_kind: dict[str, float] = {}
     for c in found:
-        by_kind[c.kind] = by_kind.get(c.kind, 0.0) + collective_seconds(acc, c)
+        by_kind[c.kind] = by_kind.get(c.kind, 0.0) + collective_seconds(acc, c, inter_node)
     if not by_kind or not sum(by_kind.values()):
         return ""
     kind = max(by_kind, key=by_kind.get)

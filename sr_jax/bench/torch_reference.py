@@ -41,6 +41,7 @@ from sr_jax.data.schema import DatasetMeta
 from sr_jax.export.interop import torch_state_dict
 from sr_jax.model.encoding import SIDES
 from sr_jax.model.match import MATCH_SCALE
+from sr_jax.model.rows import position as row_position
 
 
 def _param(x: np.ndarray) -> nn.Parameter:
@@ -97,14 +98,15 @@ class TorchSRModel(nn.Module):
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tables' rows each example reads, {table name: [B, d]}: the only part with sparse gradients."""
-        rows = {
-            f"{side}_id": F.embedding(batch[f"{side}_id"], t, sparse=self.sparse) for side, t in self.id_tables.items()
-        }
+        layout = self.cfg.table_row_multiple, self.cfg.row_layout
+
+        def read(ids: torch.Tensor, table: nn.Parameter) -> torch.Tensor:  # as the JAX model stores its rows
+            return F.embedding(row_position(ids, table.shape[0], *layout), table, sparse=self.sparse)
+
+        rows = {f"{side}_id": read(batch[f"{side}_id"], t) for side, t in self.id_tables.items()}
         for side, fields in self.fields.items():
             for f in fields:
-                rows[f"{side}_{f.name}"] = F.embedding(
-                    batch[f.column], self.sparse_tables[f"{side}_{f.name}"], sparse=self.sparse
-                )
+                rows[f"{side}_{f.name}"] = read(batch[f.column], self.sparse_tables[f"{side}_{f.name}"])
         return rows
 
     def _side(

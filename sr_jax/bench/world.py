@@ -3,6 +3,8 @@
 The 15 "id fields" of the reference benchmark are the user, query and item ids plus 12 single-valued
 sparse fields (6 user, 6 item), each with V rows and `dim` wide, so every field is an embedding table
 looked up once per example. Labels, domains and text rows are random: throughput does not depend on them.
+Ids are drawn uniformly, or skewed as real traffic is (`ID_MODES`): Zipf over a popularity-ordered vocabulary, or
+all among a table's last 10% of rows (a fine-tune's batch of appended keys).
 """
 
 from __future__ import annotations
@@ -28,8 +30,24 @@ def bench_meta(fields: int = 15, vocab: int = 100_000, domains: int = 7, num_tex
     )
 
 
-def random_columns(meta: DatasetMeta, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """`size` random examples in the store's column layout (ids uniform over 1..V-1: no missing ids)."""
+ID_MODES = ("uniform", "zipf", "new-rows-last")
+ZIPF_EXPONENT = 1.2
+
+
+def draw_ids(rng: np.random.Generator, vocab: int, shape: tuple[int, ...], mode: str = "uniform") -> np.ndarray:
+    """Ids in 1..vocab-1 (none missing): uniform; Zipf (exponent 1.2, id 1 the most frequent, the tail clipped to
+    the last id); or uniform over the last 10% of ids."""
+    if mode == "zipf":
+        return np.minimum(rng.zipf(ZIPF_EXPONENT, shape), vocab - 1).astype(np.int32)
+    if mode == "new-rows-last":
+        return rng.integers(max(1, vocab - vocab // 10), vocab, shape, dtype=np.int32)
+    if mode != "uniform":
+        raise ValueError(f"ids {mode!r}: not one of {ID_MODES}")
+    return rng.integers(1, vocab, shape, dtype=np.int32)
+
+
+def random_columns(meta: DatasetMeta, size: int, seed: int = 0, ids: str = "uniform") -> dict[str, np.ndarray]:
+    """`size` random examples in the store's column layout (every id and field value drawn by `draw_ids`)."""
     rng = np.random.default_rng(seed)
     cols: dict[str, np.ndarray] = {}
     for name, (dtype, row_shape) in meta.columns().items():
@@ -41,8 +59,8 @@ def random_columns(meta: DatasetMeta, size: int, seed: int = 0) -> dict[str, np.
         elif name.endswith("_text"):
             cols[name] = rng.integers(0, meta.num_texts, shape, dtype=np.int32)
         elif name.endswith("_id"):
-            cols[name] = rng.integers(1, meta.vocab[name], shape, dtype=np.int32)
+            cols[name] = draw_ids(rng, meta.vocab[name], shape, ids)
         else:
             field = next(f for f in meta.sparse_fields if f.column == name)
-            cols[name] = rng.integers(1, field.vocab, shape, dtype=np.int32)
+            cols[name] = draw_ids(rng, field.vocab, shape, ids)
     return cols

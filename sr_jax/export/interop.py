@@ -4,8 +4,9 @@ params-only run folders. Nothing here imports torch.
 Name schemes (docs/EXPORT.md):
 - safetensors (`to_safetensors`): the parameter's path joined by dots, `l1.backbone.experts.layers.0.kernel`;
   arrays as in JAX, so a dense kernel is [in, out] (torch's nn.Linear.weight is its transpose) and a
-  per-domain layer's is [K, in, out]. The header's metadata holds the model config, the domains, the step,
-  the training run's fingerprint and its calibration (calibration.json, as JSON).
+  per-domain layer's is [K, in, out]; an embedding table's rows as the model stores them (the model config's
+  `row_layout`: row r at `sr_jax.model.rows.position`). The header's metadata holds the model config, the
+  domains, the step, the training run's fingerprint and its calibration (calibration.json, as JSON).
 - PyTorch (`torch_state_dict`): the names of `sr_jax.bench.torch_reference.TorchSRModel`'s state_dict
   (`id_tables.item`, `dal_kernel`, `experts.1`, ...), arrays unchanged; `TorchSRModel.load_state_dict` takes
   it as it is. The map covers what the reference covers (the default model); other models are refused by name.

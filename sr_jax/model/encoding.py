@@ -15,14 +15,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
 from sr_jax.model.match import unit_texts
-from sr_jax.model.layers import Array, hash_ids, masked_softmax, normal
+from sr_jax.model.layers import Array, context_axes, hash_ids, masked_softmax, normal
 from sr_jax.model.lookup import routed_axes, routed_lookup
+from sr_jax.model.rows import position as row_position
 
 SIDES = ("user", "query", "item")
 
@@ -34,6 +36,14 @@ class TextTable(NamedTuple):
     pooled: Array  # [num_texts (padded), text_dim]
     summary: Array  # the summary token's vectors (BERT's first, a decoder's last): like pooled, or [model axis,
     # text_dim] of zeros where unused
+
+
+class BatchTexts(NamedTuple):
+    """The text vectors a batch reads (`FeatureEncoder.read_texts`), per text column (query_text, item_text: [B]
+    rows; the user's history [B, N] where the model reads it); zeros where a row is -1."""
+
+    pooled: dict[str, Array]  # column -> [B, text_dim] ([B, N, text_dim] for the history)
+    summary: dict[str, Array]  # query_text, item_text -> [B, text_dim]: the summary token's vectors
 
 
 class Aspects(NamedTuple):
@@ -115,21 +125,28 @@ class FeatureEncoder(nnx.Module):
         self.text_dim = text_dim
         self.id_dropout = cfg.id_dropout
         self.lookup, self.lookup_capacity = cfg.lookup, cfg.lookup_capacity
+        self.row_multiple, self.row_layout = cfg.table_row_multiple, cfg.row_layout
         attend = cfg.user_history > 0 and cfg.history_pooling == "attention"
         self.history_attention = HistoryAttention(cfg.dim, rngs=rngs) if attend else None
 
     def table_rows(self, batch: dict[str, Array]) -> dict[tuple[str, str], Array]:
-        """The rows every embedding lookup of `batch` reads, per table (key: the table's path under l0, e.g.
-        ("id_tables", "user")); a multi-valued field's rows keep its [B, L] shape."""
+        """The stored rows every embedding lookup of `batch` reads, per table (key: the table's path under l0,
+        e.g. ("id_tables", "user"); positions in `model.row_layout`, sr_jax/model/rows.py); a multi-valued field's
+        rows keep its [B, L] shape."""
         rows = {("id_tables", s): hash_ids(batch[f"{s}_id"], self.vocab[s], self.buckets[s]) for s in SIDES}
         for fields in self.fields.values():
             rows.update({table_key(f.column): batch[f.column] for f in fields})
-        return rows
+        return {k: self.position(k, r) for k, r in rows.items()}
+
+    def position(self, key: tuple[str, str], rows: Array) -> Array:
+        """A table's rows -> where it stores them."""
+        size = (self.id_tables if key[0] == "id_tables" else self.sparse_tables)[key[1]].shape[0]
+        return row_position(rows, size, self.row_multiple, self.row_layout)
 
     def __call__(
         self,
         batch: dict[str, Array],
-        text: TextTable,
+        texts: BatchTexts,
         table_rows: dict[tuple[str, str], Array] | None = None,
         *,
         train: bool = False,
@@ -154,14 +171,11 @@ class FeatureEncoder(nnx.Module):
                         present &= jax.random.bernoulli(jax.random.fold_in(key, k), 1 - self.id_dropout, ids.shape)
                     masks.append(present)
                 elif aspect == "text":
-                    row = batch[f"{side}_text"]
-                    has = row >= 0
-                    pooled = jnp.where(has[:, None], text.pooled[jnp.maximum(row, 0)], 0.0)
-                    summary = jnp.where(has[:, None], text.summary[jnp.maximum(row, 0)], 0.0)
-                    vectors.append(self.text_proj[side](pooled))
-                    masks.append(has)
+                    summary = texts.summary[f"{side}_text"]
+                    vectors.append(self.text_proj[side](texts.pooled[f"{side}_text"]))
+                    masks.append(batch[f"{side}_text"] >= 0)
                 elif aspect == "history":  # [B, N] text rows of earlier clicks
-                    vectors.append(self._history(batch, text))
+                    vectors.append(self._history(batch, texts))
                     masks.append((batch[HISTORY] >= 0).any(1))
                 elif aspect == "dense":
                     vec, has = self._dense(side, batch)
@@ -193,24 +207,56 @@ class FeatureEncoder(nnx.Module):
         self.sow(nnx.Intermediate, "lookup_dropped", dropped)
         return {k: v.reshape(*rows[k].shape, v.shape[-1]) for k, v in zip(keys, vectors)}
 
-    def unit_texts(self, batch: dict[str, Array], text: TextTable) -> dict[str, Array]:
+    def read_texts(self, batch: dict[str, Array], text: TextTable, train: bool) -> BatchTexts:
+        """The text vectors `batch` reads (its query, item and history rows; zeros where a row is -1): plain
+        gathers, or with `model.lookup=all_to_all` on a mesh that splits the text table over the tables' axis,
+        one routed exchange (`routed_lookup`; its drops sown with the tables'), so the text table is never
+        gathered whole (GSPMD all-gathers a small row-split table read by a batch split over the same axis, and
+        all-reduces the global batch's vectors for a big one: 2.2 GB a device a step at 1M 384-d texts)."""
+        if not self.text_proj:  # model.use_text off: no text is read
+            return BatchTexts({}, {})
+        columns = ["query_text", "item_text", *([HISTORY] if "history" in self.aspects["user"] else [])]
+        summaries = columns[:2]
+        b = batch[columns[0]].shape[0]
+        axes = routed_axes(b) if self.lookup == "all_to_all" else None
+        if axes is None or context_axes("text_rows", "model") != (axes[0],):
+            read = lambda table, r: jnp.where((r >= 0)[..., None], table[jnp.maximum(r, 0)], 0.0)  # noqa: E731
+            return BatchTexts(
+                {c: read(text.pooled, batch[c]) for c in columns}, {c: read(text.summary, batch[c]) for c in summaries}
+            )
+        rows = jnp.concatenate([batch[c].reshape(b, -1) for c in columns], axis=1)  # [B, 2 + N], example-major
+        has_summary = text.summary.shape == text.pooled.shape  # else [model axis, t] of zeros: nothing to read
+        tables = [text.pooled, *([text.summary] if has_summary else [])]
+        ids = [rows.reshape(-1), *([rows[:, : len(summaries)].reshape(-1)] if has_summary else [])]
+        capacity = self.lookup_capacity if train else None
+        found, dropped = routed_lookup(tables, ids, jax.sharding.get_abstract_mesh(), *axes, capacity)
+        self.sow(nnx.Intermediate, "lookup_dropped", dropped)
+        pooled = found[0].reshape(*rows.shape, -1)
+        summary = found[1].reshape(b, len(summaries), -1) if has_summary else jnp.zeros_like(pooled)
+        widths = np.cumsum([batch[c].reshape(b, -1).shape[1] for c in columns])[:-1]
+        parts = dict(zip(columns, jnp.split(pooled, widths, axis=1)))
+        return BatchTexts(
+            {c: p.reshape(*batch[c].shape, -1) for c, p in parts.items()},
+            {c: summary[:, k] for k, c in enumerate(summaries)},
+        )
+
+    def unit_texts(self, batch: dict[str, Array], texts: BatchTexts) -> dict[str, Array]:
         """The content match's side vectors (`match.unit_texts`): unit text vectors of the item, the query and
         the user's history (its mean; zero where the model reads no history)."""
-        history = batch[HISTORY] if "history" in self.aspects["user"] else None
-        return unit_texts(text.pooled, batch["query_text"], batch["item_text"], history)
+        history = (texts.pooled[HISTORY], batch[HISTORY]) if "history" in self.aspects["user"] else None
+        query, item = ((texts.pooled[c], batch[c]) for c in ("query_text", "item_text"))
+        return unit_texts(query, item, history)
 
-    def _history(self, batch: dict[str, Array], text: TextTable) -> Array:
+    def _history(self, batch: dict[str, Array], texts: BatchTexts) -> Array:
         """[B, d]: the projected mean of the history items' texts, or their attention-weighted sum."""
-        rows = batch[HISTORY]
-        present = rows >= 0
-        texts = text.pooled[jnp.maximum(rows, 0)]  # [B, N, text_dim]
+        present = batch[HISTORY] >= 0
+        history = texts.pooled[HISTORY]  # [B, N, text_dim]
         if self.history_attention is None:
             weight = present.astype(jnp.float32)
-            mean = jnp.einsum("bn,bnt->bt", weight, texts) / jnp.maximum(weight.sum(1, keepdims=True), 1.0)
+            mean = jnp.einsum("bn,bnt->bt", weight, history) / jnp.maximum(weight.sum(1, keepdims=True), 1.0)
             return self.text_proj["history"](mean)
-        item = batch["item_text"]
-        candidate = jnp.where((item >= 0)[:, None], text.pooled[jnp.maximum(item, 0)], 0.0)
-        return self.history_attention(self.text_proj["history"](texts), present, self.text_proj["history"](candidate))
+        candidate = texts.pooled["item_text"]
+        return self.history_attention(self.text_proj["history"](history), present, self.text_proj["history"](candidate))
 
     def _dense(self, side: str, batch: dict[str, Array]) -> tuple[Array, Array]:
         """[B, d]: the mean over the side's present dense fields of x w_f + b_f; [B]: whether any is present."""

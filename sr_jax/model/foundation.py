@@ -130,10 +130,11 @@ class SRFoundationModel(nnx.Module):
         `train`: STAR's partitioned normalisation uses (and updates) batch statistics; `key`: the MMD
         regularizer's subsample; `reference`: the pretrained domains' distributions to align against."""
         key = jax.random.key(0) if key is None else key
-        aspects = self.l0(batch, text, table_rows, train=train, key=jax.random.fold_in(key, 1))
+        texts = self.l0.read_texts(batch, text, train)
+        aspects = self.l0(batch, texts, table_rows, train=train, key=jax.random.fold_in(key, 1))
         fused, weights = self.l1.fuse(aspects, batch["domain"])
         if self.l2.match is not None:
-            fused = {**fused, **self.l0.unit_texts(batch, text)}
+            fused = {**fused, **self.l0.unit_texts(batch, texts)}
         logits, aux = self.from_sides(fused, batch["domain"], train=train, key=key, reference=reference)
         aux["aspect_weights"] = weights
         return logits, aux
@@ -141,8 +142,9 @@ class SRFoundationModel(nnx.Module):
     def sides(self, batch: dict[str, Array], text: TextTable) -> dict[str, Array]:
         """The fused user, query and item vectors [B, d] of each example: what the network above them sees; with
         the content match, also each side's unit text vector [B, text_dim] (`match.TEXTS`)."""
-        fused = self.l1.fuse(self.l0(batch, text), batch["domain"])[0]
-        return {**fused, **self.l0.unit_texts(batch, text)} if self.l2.match is not None else fused
+        texts = self.l0.read_texts(batch, text, train=False)
+        fused = self.l1.fuse(self.l0(batch, texts), batch["domain"])[0]
+        return {**fused, **self.l0.unit_texts(batch, texts)} if self.l2.match is not None else fused
 
     def from_sides(
         self,

@@ -33,18 +33,23 @@ def unit(vectors: Array, present: Array) -> Array:
     return jnp.where(present[..., None], vectors / norm, 0.0)
 
 
-def unit_texts(pooled: Array, query: Array, item: Array, history: Array | None) -> dict[str, Array]:
-    """The match's side vectors from text rows (-1: none): the item's and the query's unit text vectors, and the
-    user's: the mean of its history items' unit vectors (zero without history). -> {TEXTS[k]: [B, t]}"""
+Texts = tuple[Array, Array]  # (text vectors [B, t] or [B, N, t], their rows [B] or [B, N]: -1 none)
 
-    def rows(r: Array) -> Array:
-        return unit(pooled[jnp.maximum(r, 0)].astype(jnp.float32), r >= 0)
 
-    user = jnp.zeros((item.shape[0], pooled.shape[-1]), jnp.float32)
+def unit_texts(query: Texts, item: Texts, history: Texts | None) -> dict[str, Array]:
+    """The match's side vectors from the text vectors a batch reads: the item's and the query's unit text
+    vectors, and the user's: the mean of its history items' unit vectors (zero without history).
+    -> {TEXTS[k]: [B, t]}"""
+
+    def units(texts: Texts) -> Array:
+        vectors, rows = texts
+        return unit(vectors.astype(jnp.float32), rows >= 0)
+
+    user = jnp.zeros_like(units(item))
     if history is not None:
-        present = (history >= 0).astype(jnp.float32)
-        user = jnp.einsum("bn,bnt->bt", present, rows(history)) / jnp.maximum(present.sum(1, keepdims=True), 1.0)
-    return {"user_text": user, "query_text": rows(query), "item_text": rows(item)}
+        present = (history[1] >= 0).astype(jnp.float32)
+        user = jnp.einsum("bn,bnt->bt", present, units(history)) / jnp.maximum(present.sum(1, keepdims=True), 1.0)
+    return {"user_text": user, "query_text": units(query), "item_text": units(item)}
 
 
 class ContentMatch(nnx.Module):

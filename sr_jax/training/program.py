@@ -20,6 +20,7 @@ from sr_jax import model as sr_model
 from sr_jax import sharding as shd
 from sr_jax.config import Config, validate
 from sr_jax.data.schema import DatasetMeta
+from sr_jax.model import rows
 from sr_jax.training import sparse_update
 from sr_jax.training.optimizer import (
     build_optimizer,
@@ -79,7 +80,8 @@ def build_program(
     graphdef, params = sr_model.abstract(cfg.model, meta, text_dim)
     per_domain = sr_model.per_domain(cfg.model, meta, text_dim, params)
     rows_only = new_rows is not None and new_rows.any and "l0" in check_levels(cfg.finetune.freeze)
-    trainable_rows = new_rows.mask if rows_only else None
+    layout = cfg.model.table_row_multiple, cfg.model.row_layout
+    trainable_rows = {k: rows.stored(m, *layout) for k, m in new_rows.mask.items()} if rows_only else None
     rule = sparse_update.effective_rule(cfg.train.embedding_update, cfg.finetune.freeze, rows_only)
     roles = param_roles(
         params,

@@ -63,8 +63,10 @@ def write_run_info(
     train_domains: np.ndarray,
     text: tuple[str, str],
     pretrained: dict | None,
+    row_layout: tuple[int, str],
 ) -> dict:
-    """Records what the run's parameters mean. `train_domains`: the domain column of the train data."""
+    """Records what the run's parameters mean. `train_domains`: the domain column of the train data;
+    `row_layout`: (model.table_row_multiple, model.row_layout), where its tables store their rows."""
     names = [d.name for d in dataset.meta.domains]
     trained = {names[k] for k in np.unique(train_domains)}
     examples = np.bincount(np.asarray(train_domains, np.int64), minlength=len(names))
@@ -80,9 +82,17 @@ def write_run_info(
         "text_encoder": text[0],
         "text_fingerprint": text[1],
         "pretrained": pretrained,  # the pretrained run's record, for provenance
+        "row_layout": list(row_layout),
     }
     (workdir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def row_layout(run_info: dict) -> tuple[int, str]:
+    """(table row multiple, row layout) of a run's tables (sr_jax/model/rows.py); runs recorded before the option
+    stored rows in row order."""
+    multiple, layout = run_info.get("row_layout", (1, "contiguous"))
+    return int(multiple), layout
 
 
 def read_run_info(run_dir: str | Path) -> dict:

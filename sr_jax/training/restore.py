@@ -16,6 +16,8 @@ from sr_jax import model as sr_model
 from sr_jax.io import atomic_file
 from sr_jax.config import Config
 from sr_jax.data.schema import DatasetMeta
+from sr_jax.model import rows
+from sr_jax.training import records, sparse_update
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, ParamsReader
 from sr_jax.training.loop import Run, validation_metrics
 from sr_jax.training.program import Program
@@ -63,10 +65,15 @@ def initial_state(spec: RunSpec) -> TrainState:
         list(spec.row_map.new_fields) or "none",
     )
 
+    before, after = records.row_layout(start.run_info), (cfg.model.table_row_multiple, cfg.model.row_layout)
+
     def make(pre, mapping: DomainMap) -> TrainState:
         fresh = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)
+        # tables merge and take their new rows in row order (the pretrained rows first), then are stored
+        pre = sparse_update.map_tables(pre, lambda t: rows.row_order(t, *before))
         params = merge_pretrained(pre, fresh, program.per_domain, mapping)
         params = init_new_rows(params, start.new_rows, cfg.finetune.new_rows_init)
+        params = sparse_update.map_tables(params, lambda t: rows.stored(t, *after))
         return init_state(params, program.roles, program.tx, program.embedding_update, program.trainable_rows)
 
     def state(mapping: DomainMap) -> TrainState:

@@ -31,6 +31,7 @@ get zero gradient (they do not count in the global norm) and are never written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -57,6 +58,11 @@ def effective_rule(rule: str, freeze: tuple[str, ...], has_new_rows: bool = Fals
 def tables(params: Any) -> dict[TableKey, jax.Array]:
     """The embedding tables of a params tree, by key."""
     return {(group, name): t for group in ROW_SHARDED for name, t in params["l0"][group].items()}
+
+
+def map_tables(params: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
+    """`params` with `fn` applied to every embedding table."""
+    return with_tables(params, {k: fn(t) for k, t in tables(params).items()})
 
 
 def with_tables(params: Any, new: dict[TableKey, Any]) -> Any:

@@ -113,8 +113,9 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
         vocabulary.write(workdir, spec.row_map.vocab)
         text_id = text_identity(cfg.data.text_encoder)
         pretrained_info = spec.start.run_info if spec.start else None
+        layout = (cfg.model.table_row_multiple, cfg.model.row_layout)
         records.write_run_info(
-            workdir, spec.dataset, cfg.data.train_split, spec.train_columns["domain"], text_id, pretrained_info
+            workdir, spec.dataset, cfg.data.train_split, spec.train_columns["domain"], text_id, pretrained_info, layout
         )
     _describe(run)
     run.compiled_train_step()  # the memory check, before the state is allocated
