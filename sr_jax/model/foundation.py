@@ -18,6 +18,7 @@ from flax import nnx
 from sr_jax.config import ConfigError, ModelConfig, validate_model
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.model.backbones import BackboneInput, StarAuxiliary, gate_width, make_backbone, num_outputs
+from sr_jax.model.backbones.common import mix
 from sr_jax.model.domain_adaptation import (
     AlignmentReference,
     DomainAdaptiveLayer,
@@ -90,8 +91,8 @@ class DomainHeads(nnx.Module):
         if self.gate is None:
             g, mixed = jnp.ones(experts.shape[:2], jnp.float32), experts[:, 0]
         else:
-            g = jax.nn.softmax(self.gate.own_layer(gate_input, domain, self.dtype).astype(jnp.float32), axis=-1)
-            mixed = jnp.einsum("be,beh->bh", g.astype(self.dtype), experts)
+            scores = self.gate.own_layer(gate_input, domain, self.dtype)
+            g, mixed = jax.nn.softmax(scores.astype(jnp.float32), axis=-1), mix(scores, experts, self.dtype)
         logits = self.tower.own_layer(mixed, domain, self.dtype)[:, 0]
         if self.aux is not None:
             logits = logits + self.aux(x_hat, domain, self.dtype)
