@@ -100,3 +100,12 @@ def test_efficiency_is_also_reported_against_the_best_one_device_configuration(t
         assert r["efficiency_vs_best"]["h100"] == pytest.approx(expected)
         assert r["efficiency_vs_best"]["h100"] <= r["efficiency"]["h100"] + 1e-12
     assert "vs best" in (tmp_path / "scaling.md").read_text()
+
+
+def test_drops_are_counted_by_running_the_routed_lookup(tmp_path):
+    rows = bench_scaling.main(["--drops", "4096", "--devices", "4", "--batch", "256", "--out", str(tmp_path)])
+    by = {(r["ids"], r["row_layout"]): r for r in rows}
+    assert len(rows) == 6 and all(r["devices"] == 4 and 0 < r["unique_ids"] <= 1024 for r in rows)
+    assert by[("new-rows-last", "contiguous")]["dropped"] > 0  # every id among the last shard's rows
+    assert all(by[(ids, "strided")]["dropped"] == 0 for ids in ("uniform", "zipf", "new-rows-last"))
+    assert "| new-rows-last | strided | 4 |" in (tmp_path / "drops.md").read_text()

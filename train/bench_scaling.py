@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="instead: one table's lookup and gradient at these rows per field (default 1M and 100M), replicated, "
         "GSPMD row-sharded and routed by all-to-all (sr_jax/model/lookup.py), for each of --devices",
     )  # fmt: skip
+    p.add_argument(
+        "--drops", type=int, default=None, metavar="ROWS",
+        help="instead: run the routed lookup of one table of ROWS rows at the default capacity, --batch ids a device "
+        "drawn uniform, Zipf and among the last 10%% of rows, stored in row order and strided (model.row_layout), "
+        "for each of --devices, and count the unique ids it drops",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/bench_scaling")
     p.add_argument("overrides", nargs="*", help="section.field=value on configs/bench.py")
     args = p.parse_args(argv)
@@ -79,6 +85,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from sr_jax.config import override
 
     command = "python -m train.bench_scaling " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.drops is not None:
+        from sr_jax.bench.world import ID_MODES
+        from sr_jax.config import ROW_LAYOUTS
+
+        rows = [count_drops(args.drops, d, args.batch, ids, layout, devices[:d])
+                for d in args.devices if d > 1 for ids in ID_MODES for layout in ROW_LAYOUTS]  # fmt: skip
+        write_drops(rows, Path(args.out), command)
+        return rows
     if args.lookups is not None:
         rows = [
             measure_lookup(layout, table_rows, d, args.batch, args.fields, devices[:d])
@@ -174,6 +188,47 @@ LOOKUPS = {
     "all-to-all": "rows split over all devices, ids routed to their rows' owner and vectors back "
     "(sr_jax/model/lookup.py, capacity factor 2)",
 }
+
+
+def count_drops(table_rows: int, d: int, batch: int, ids: str, layout: str, devices) -> dict:
+    """The routed lookup run (not compiled only) on D devices at the default capacity: unique ids dropped."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sr_jax.bench.world import draw_ids
+    from sr_jax.model import rows as layouts
+    from sr_jax.model.lookup import routed_lookup
+
+    mesh = jax.make_mesh((1, d), ("data", "model"), devices=devices)
+    size = -(-table_rows // 64) * 64
+    table = jax.device_put(np.zeros((size, 8), np.float32), NamedSharding(mesh, P("model", None)))
+    drawn = draw_ids(np.random.default_rng(0), table_rows, (d * batch,), ids)
+    at = jax.device_put(layouts.position(drawn, size, 64, layout), NamedSharding(mesh, P(("data", "model"))))
+    _, dropped = jax.jit(lambda t, i: routed_lookup([t], [i], mesh))(table, at)
+    unique = sum(len(np.unique(drawn[k * batch : (k + 1) * batch])) for k in range(d))
+    log.info("drops: %s ids, %s rows, D=%d: %d of %d unique ids dropped", ids, layout, d, int(dropped), unique)
+    return dict(ids=ids, row_layout=layout, devices=d, table_rows=table_rows, ids_per_device=batch,
+                unique_ids=unique, dropped=int(dropped))  # fmt: skip
+
+
+def write_drops(rows: list[dict], out: Path, command: str) -> None:
+    from sr_jax.experiments import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "drops.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        *report.header("Lookups the routed exchange drops at the default capacity", command),
+        "Unique ids a device sends, summed over devices, and those past the capacity (2x a device's fair share "
+        "per owner), by how ids are drawn and where the table stores its rows (`model.row_layout`).",
+        "",
+        "| ids | rows stored | D | table rows | ids a device | unique ids | dropped | share |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {r['ids']} | {r['row_layout']} | {r['devices']} | {r['table_rows']:,} | {r['ids_per_device']:,} | "
+          f"{r['unique_ids']:,} | {r['dropped']:,} | {r['dropped'] / r['unique_ids']:.0%} |" for r in rows),
+    ]  # fmt: skip
+    (out / "drops.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def measure_lookup(layout: str, table_rows: int, d: int, batch: int, fields: int, devices) -> dict:
