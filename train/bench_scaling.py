@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("overrides", nargs="*", help="section.field=value on configs/bench.py")
     args = p.parse_args(argv)
     if args.compiled_on == "cpu":  # before the backend starts: D virtual devices (XLA reads this once)
-        flag = f"--xla_force_host_platform_device_count={max(args.devices)}"
+        asked = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+        # never fewer than already asked for (the test session's 8): a later flag wins if the backend starts after
+        flag = f"--xla_force_host_platform_device_count={max([*args.devices, *map(int, asked)])}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
     from train import cli
