@@ -41,7 +41,7 @@ from sr_jax.data.schema import DatasetMeta
 from sr_jax.export.interop import torch_state_dict
 from sr_jax.model.encoding import SIDES
 from sr_jax.model.match import MATCH_SCALE
-from sr_jax.model.rows import position as row_position
+from sr_jax.model.rows import layout as rows_layout, position as row_position
 
 
 def _param(x: np.ndarray) -> nn.Parameter:
@@ -98,7 +98,7 @@ class TorchSRModel(nn.Module):
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tables' rows each example reads, {table name: [B, d]}: the only part with sparse gradients."""
-        layout = self.cfg.table_row_multiple, self.cfg.row_layout
+        layout = rows_layout(self.cfg)
 
         def read(ids: torch.Tensor, table: nn.Parameter) -> torch.Tensor:  # as the JAX model stores its rows
             return F.embedding(row_position(ids, table.shape[0], *layout), table, sparse=self.sparse)

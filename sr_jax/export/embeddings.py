@@ -43,7 +43,7 @@ from tqdm import tqdm
 from sr_jax import model as sr_model
 from sr_jax.data import history
 from sr_jax.data.pipeline import map_batches
-from sr_jax.model.rows import position as row_position
+from sr_jax.model.rows import layout as rows_layout, position as row_position
 from sr_jax.data.store import Dataset
 from sr_jax.export.scoring import device_text_table, model_columns, raw_keys, run_scorer, text_table
 from sr_jax.export.trained import TrainedModel
@@ -171,10 +171,7 @@ def embed(
     keep = _unique_rows({"domain": merged["domain"], "item": raw_item_ids}, ["item"])
     keep = keep[raw_item_ids[keep] > 0]
     pooled = np.asarray(text.pooled)
-    item_table, layout = (
-        model.params["l0"]["id_tables"]["item"],
-        (model.config.model.table_row_multiple, model.config.model.row_layout),
-    )
+    item_table, layout = model.params["l0"]["id_tables"]["item"], rows_layout(model.config.model)
     for k in tqdm(sorted(set(merged["domain"][keep].tolist())), desc="items", unit="domain"):
         rows = keep[merged["domain"][keep] == k]
         columns = _blank(model, {c: merged[c][rows] for c in merged}, len(rows))

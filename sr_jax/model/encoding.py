@@ -24,7 +24,7 @@ from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
 from sr_jax.model.match import unit_texts
 from sr_jax.model.layers import Array, context_axes, hash_ids, masked_softmax, normal
 from sr_jax.model.lookup import routed_axes, routed_lookup
-from sr_jax.model.rows import position as row_position
+from sr_jax.model.rows import layout as row_layout, position as row_position
 
 SIDES = ("user", "query", "item")
 
@@ -125,7 +125,7 @@ class FeatureEncoder(nnx.Module):
         self.text_dim = text_dim
         self.id_dropout = cfg.id_dropout
         self.lookup, self.lookup_capacity = cfg.lookup, cfg.lookup_capacity
-        self.row_multiple, self.row_layout = cfg.table_row_multiple, cfg.row_layout
+        self.row_layout = row_layout(cfg)
         attend = cfg.user_history > 0 and cfg.history_pooling == "attention"
         self.history_attention = HistoryAttention(cfg.dim, rngs=rngs) if attend else None
 
@@ -138,10 +138,10 @@ class FeatureEncoder(nnx.Module):
             rows.update({table_key(f.column): batch[f.column] for f in fields})
         return {k: self.position(k, r) for k, r in rows.items()}
 
-    def position(self, key: tuple[str, str], rows: Array) -> Array:
+    def position(self, key: tuple[str, str], table_rows: Array) -> Array:
         """A table's rows -> where it stores them."""
         size = (self.id_tables if key[0] == "id_tables" else self.sparse_tables)[key[1]].shape[0]
-        return row_position(rows, size, self.row_multiple, self.row_layout)
+        return row_position(table_rows, size, *self.row_layout)
 
     def __call__(
         self,

@@ -20,6 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from sr_jax.config import ModelConfig
+
+
+def layout(cfg: ModelConfig) -> tuple[int, str]:
+    """(row multiple, layout): what `position`, `row_order` and `stored` take after their array."""
+    return cfg.table_row_multiple, cfg.row_layout
+
 
 def position(rows: Any, table_rows: int, multiple: int, layout: str) -> Any:
     """Rows (int array, numpy or jax) of a table of `table_rows` rows -> where the table stores them."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from sr_jax import distributed
 from sr_jax.data.store import column_chunks
-from sr_jax.model.rows import row_order
+from sr_jax.model.rows import layout, row_order
 from sr_jax.text import text_identity
 from sr_jax.training import alignment, records
 from sr_jax.training.spec import RunSpec
@@ -47,8 +47,7 @@ def _write_text_map(spec: RunSpec, params) -> None:
     per item: no map)."""
     if spec.config.model.id_buckets:
         return
-    layout = spec.config.model.table_row_multiple, spec.config.model.row_layout
-    table = row_order(np.asarray(jax.device_get(params["l0"]["id_tables"]["item"])), *layout)
+    table = row_order(np.asarray(jax.device_get(params["l0"]["id_tables"]["item"])), *layout(spec.config.model))
     seen, text_of = np.zeros(len(table), bool), np.full(len(table), -1, np.int64)  # each item's first text row
     columns = spec.train_columns
     for (_, ids), (_, rows) in zip(column_chunks(columns["item_id"]), column_chunks(columns["item_text"])):

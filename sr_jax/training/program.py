@@ -80,7 +80,7 @@ def build_program(
     graphdef, params = sr_model.abstract(cfg.model, meta, text_dim)
     per_domain = sr_model.per_domain(cfg.model, meta, text_dim, params)
     rows_only = new_rows is not None and new_rows.any and "l0" in check_levels(cfg.finetune.freeze)
-    layout = cfg.model.table_row_multiple, cfg.model.row_layout
+    layout = rows.layout(cfg.model)
     trainable_rows = {k: rows.stored(m, *layout) for k, m in new_rows.mask.items()} if rows_only else None
     rule = sparse_update.effective_rule(cfg.train.embedding_update, cfg.finetune.freeze, rows_only)
     roles = param_roles(

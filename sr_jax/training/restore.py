@@ -65,7 +65,7 @@ def initial_state(spec: RunSpec) -> TrainState:
         list(spec.row_map.new_fields) or "none",
     )
 
-    before, after = records.row_layout(start.run_info), (cfg.model.table_row_multiple, cfg.model.row_layout)
+    before, after = records.row_layout(start.run_info), rows.layout(cfg.model)
 
     def make(pre, mapping: DomainMap) -> TrainState:
         fresh = sr_model.init_params(cfg.model, meta, text_dim, cfg.train.seed)

@@ -31,6 +31,7 @@ from sr_jax import sharding as shd
 from sr_jax import io
 from sr_jax.config import Config, absolute_paths, validate
 from sr_jax.data import vocabulary
+from sr_jax.model.rows import layout as row_layout
 from sr_jax.text import text_identity
 from sr_jax.training import evaluation, records
 from sr_jax.training.handover import trained_so_far, write_handover
@@ -113,9 +114,14 @@ def _fit(cfg: Config, workdir: Path, on_validation: Callable[[int, float], bool]
         vocabulary.write(workdir, spec.row_map.vocab)
         text_id = text_identity(cfg.data.text_encoder)
         pretrained_info = spec.start.run_info if spec.start else None
-        layout = (cfg.model.table_row_multiple, cfg.model.row_layout)
         records.write_run_info(
-            workdir, spec.dataset, cfg.data.train_split, spec.train_columns["domain"], text_id, pretrained_info, layout
+            workdir,
+            spec.dataset,
+            cfg.data.train_split,
+            spec.train_columns["domain"],
+            text_id,
+            pretrained_info,
+            row_layout(cfg.model),
         )
     _describe(run)
     run.compiled_train_step()  # the memory check, before the state is allocated
