@@ -20,9 +20,11 @@ model already calibrated keeps its probabilities rather than a fit's noise.
 A domain with fewer than `min_clicks` clicks or non-clicks in the validation data uses the map fitted on all
 domains' rows together (`pooled`, from POOLED_MIN_CLICKS of each); with fewer there as well, the identity.
 
-`rate` targets another click rate than the validation data's (negatives sampled at k per click, traffic at K):
-each domain's map is shifted by logit(rate) - logit(its validation click rate), the prior correction
-p / (p + (1 - p) / w) with w the odds ratio of the two rates.
+`rate` targets another click rate than the validation data's (negatives sampled at k per click, traffic at K),
+one for every domain or one per domain (`click_rates` of the traffic: a surface's click rate moves with the
+period, and the validation period's is not the served one's): each domain's map is shifted by logit(rate) -
+logit(its validation click rate), the prior correction p / (p + (1 - p) / w) with w the odds ratio of the two
+rates.
 """
 
 from __future__ import annotations
@@ -129,18 +131,22 @@ def fit(
     domain_names: list[str],
     method: str = "platt",
     min_clicks: int = 30,
-    rate: float = 0.0,
+    rate: float | dict[str, float] = 0.0,
     fitted_on: str = "",
     sampled: dict[str, int] | None = None,
+    target: str = "",
 ) -> dict:
     """The calibration of `logits` [N] to `labels` [N] per domain (`domain` [N] indexes `domain_names`), as
     written to calibration.json: per domain its map, where it came from ("own", "pooled" or "identity") and the
     validation rows, clicks and click rate it saw, and (`sampled`: the dataset's record) how many negatives per
-    click were sampled for it. `rate` > 0: shifted to that click rate (module doc)."""
+    click were sampled for it. `rate` > 0, or {domain: rate} (a domain not named keeps its validation rate):
+    shifted to that click rate (module doc); `target` says where the rates came from."""
     if method not in CALIBRATIONS or method == "none":
         raise ValueError(f"calibration method {method!r}: expected 'platt' or 'isotonic'")
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"calibration rate {rate}: expected 0 (the validation data's own) or a click rate in (0, 1)")
+    rates = dict(rate) if isinstance(rate, dict) else {name: rate for name in domain_names}
+    for name, r in rates.items():
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"calibration rate {r} ({name}): 0 (the validation data's own) or a rate in (0, 1)")
     z, y, d = np.asarray(logits, np.float64), np.asarray(labels, np.float64), np.asarray(domain)
     metrics.check_finite(z, "calibration: the validation logits")
 
@@ -162,8 +168,8 @@ def fit(
         entry["ctr"] = float(y[mask].mean()) if own else pooled["ctr"]  # the click rate its map was fitted to
         if sampled and name in sampled:
             entry["sampled_negatives_per_click"] = sampled[name]
-        if rate and entry["source"] != "identity":
-            shift = float(_logit(rate) - _logit(entry["ctr"]))
+        if (r := rates.get(name, 0.0)) and entry["source"] != "identity":
+            shift = float(_logit(r) - _logit(entry["ctr"]))
             entry["y"] = [v + shift for v in entry["y"]]
             entry["shift"] = shift
         domains[name] = entry
@@ -172,10 +178,19 @@ def fit(
         "fitted_on": fitted_on,
         "min_clicks": min_clicks,
         "rate": rate or None,
-        "target": f"click rate {rate}" if rate else "the validation data's click rate per domain",
+        "target": target or (f"click rate {rate}" if rate else "the validation data's click rate per domain"),
         "domains": domains,
         "pooled": pooled,
     }
+
+
+def click_rates(labels: np.ndarray, domain: np.ndarray, domain_names: list[str]) -> dict[str, float]:
+    """{domain: click rate} of `labels` [N] in `domain` [N] (indexing `domain_names`): the rates a calibration can
+    target. Only their means are read, never a row's label against its score. A domain with no rows, or with
+    only clicks or only non-clicks, is left out (its map keeps its validation rate)."""
+    y, d = np.asarray(labels, np.float64), np.asarray(domain)
+    rates = {name: float(y[d == k].mean()) for k, name in enumerate(domain_names) if (d == k).any()}
+    return {name: r for name, r in rates.items() if 0.0 < r < 1.0}
 
 
 def arrays(fitted: dict | None, domain_names: list[str]) -> dict[str, np.ndarray]:

@@ -76,6 +76,9 @@ class ModelConfig:
     # bytes grow with a device's own batch; sr_jax/model/lookup.py). The same on one device or unsplit tables.
     lookup: str = "gspmd"
     lookup_capacity: float = 2.0  # all_to_all: unique ids a device may send each owner, x its fair share
+    # all_to_all: the dtype the looked-up vectors (and their gradients) travel in, float32 | bfloat16 (half the
+    # bytes; tables, their updates and the sums of gradients stay float32; docs/SCALE.md measures both)
+    lookup_wire: str = "float32"
     # The std of the embedding tables' initial rows. 1e-4, so that a row no example trains stays near zero,
     # cost 0.016 AUC on MovieLens against 0.05 (docs/COLD_START.md); in a fine-tune, never-trained rows start
     # from finetune.new_rows_init instead.
@@ -458,6 +461,7 @@ def validate_model(cfg: ModelConfig) -> list[str]:
     _choice(problems, cfg.lookup, "model.lookup", LOOKUPS)
     _choice(problems, cfg.row_layout, "model.row_layout", ROW_LAYOUTS)
     _positive(problems, cfg, "model", "lookup_capacity")  # finite: it sizes a buffer
+    _choice(problems, cfg.lookup_wire, "model.lookup_wire", DTYPES)
     _choice(problems, cfg.untrained_ids, "model.untrained_ids", UNTRAINED_IDS)
     _check(
         problems, cfg.id_buckets != 1, "model.id_buckets", "1 leaves no row for ids (row 0 is 'missing'): use 0 or >= 2"

@@ -11,6 +11,7 @@ import pytest
 from helpers import config
 from sr_jax import calibration, metrics
 from sr_jax.config import ConfigError, validate
+from sr_jax.export import trained
 from sr_jax.training import trainer
 from train import calibrate, predict
 
@@ -128,6 +129,35 @@ def test_a_model_calibrated_on_one_to_four_data_predicts_a_one_to_ninety_nine_li
     np.testing.assert_allclose(p_told, p_sampled / (p_sampled + (1 - p_sampled) / w), rtol=1e-4)
 
 
+def test_each_domain_calibrated_to_its_own_traffic_rate_when_the_period_moved_them_apart():
+    """Two domains validated at one click rate whose traffic clicks at others (a later period): told each
+    domain's rate (`click_rates` of the traffic, means only), each predicts its own domain's clicks."""
+    rng = np.random.default_rng(1)
+
+    def sample(clicks, per_click):
+        pos, neg = rng.normal(1.0, 1.0, clicks), rng.normal(-0.5, 1.0, int(clicks * per_click))
+        return np.r_[pos, neg], np.r_[np.ones(clicks), np.zeros(int(clicks * per_click))].astype(np.int8)
+
+    parts = [sample(3000, 1.0), sample(3000, 1.0)]  # validation: 1 click per non-click in both
+    traffic = [sample(3000, 0.5), sample(1000, 4.0)]  # traffic: a clicks more (2:3), b far less (1:5)
+    stack = lambda ps: (np.concatenate([z for z, _ in ps]), np.concatenate([y for _, y in ps]),  # noqa: E731
+                        np.concatenate([np.full(len(z), k) for k, (z, _) in enumerate(ps)]))  # fmt: skip
+    (z_v, y_v, d_v), (z_t, y_t, d_t) = stack(parts), stack(traffic)
+    rates = calibration.click_rates(y_t, d_t, ["a", "b"])
+    assert rates == pytest.approx({"a": 2 / 3, "b": 1 / 5})
+    told = calibration.fit(z_v, y_v, d_v, ["a", "b"], rate=rates, target="the traffic's rates")
+    assert told["target"] == "the traffic's rates" and told["rate"] == rates
+    as_validated = calibration.fit(z_v, y_v, d_v, ["a", "b"])
+    for fitted, in_range in ((as_validated, False), (told, True)):
+        p = 1 / (1 + np.exp(-_apply(fitted, z_t, d_t, ["a", "b"])))
+        pcoc = [p[d_t == k].mean() / y_t[d_t == k].mean() for k in (0, 1)]
+        assert all(0.9 <= v <= 1.1 for v in pcoc) == in_range, pcoc
+    # a domain with only clicks (or none) has no rate to target; a domain not named keeps its validation rate
+    assert calibration.click_rates(np.array([1, 1, 0, 1]), np.array([0, 0, 1, 1]), ["a", "b"]) == {"b": 0.5}
+    partial = calibration.fit(z_v, y_v, d_v, ["a", "b"], rate={"b": 0.2})
+    assert "shift" not in partial["domains"]["a"] and "shift" in partial["domains"]["b"]
+
+
 def test_bad_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="train.calibration"):
         validate(config(train={"calibration": "beta"}))
@@ -181,6 +211,18 @@ def test_calibrate_refits_on_a_named_split_keeps_the_previous_and_scoring_follow
     assert calibration.read(run_dir)["method"] == "platt" and len(calibration.read(run_dir)["previous"]) == 2
     assert again["evaluation"]["overall"]["auc"] == json.loads((run_dir / "eval.json").read_text())["overall"]["auc"]
     assert (run_dir / "reevaluation_test.json").exists()
+    # each domain shifted to its click rate in the test split (its means only): the evaluation period's rates
+    dataset = trained.load(run_dir).dataset()
+    test = dataset.split("test")
+    rates = calibration.click_rates(test["label"], test["domain"], [d.name for d in dataset.meta.domains])
+    moved = calibrate.main(["--workdir", str(run_dir), "--rates-of", "test"])["calibration"]
+    assert moved["rate"] == pytest.approx(rates) and "split 'test'" in moved["target"] and len(rates) >= 3
+    for name in rates:
+        entry = moved["domains"][name]
+        shift = np.log(rates[name] / (1 - rates[name])) - np.log(entry["ctr"] / (1 - entry["ctr"]))
+        assert entry["shift"] == pytest.approx(shift)
+    with pytest.raises(SystemExit):
+        calibrate.main(["--workdir", str(run_dir), "--rates-of", "test", "--rate", "0.1"])
 
 
 def test_the_grid_table_pairs_raw_and_calibrated_by_seed_and_flags_a_method_worse_than_raw(tmp_path):

@@ -43,6 +43,36 @@ def test_routed_rows_and_gradients_are_the_gather_s(mesh):
     np.testing.assert_allclose(np.asarray(routed), np.asarray(plain), rtol=1e-6, atol=1e-6)
 
 
+def test_vectors_and_gradients_travel_in_bfloat16_at_half_the_bytes(mesh):
+    """`wire=bfloat16` (model.lookup_wire): each vector arrives as its bfloat16 rounding and each gradient leaves
+    rounded so, summed into the float32 rows after arrival; the exchange's vectors take half the bytes."""
+    table, ids = _inputs(mesh)
+    vectors, _ = jax.jit(lambda t, i: _routed(t, i, mesh, wire=jnp.bfloat16))(table, ids)
+    assert vectors.dtype == jnp.float32
+    rounded = np.asarray(table.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(vectors), rounded[np.asarray(ids)])
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(vectors.shape), jnp.float32)
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(_routed(t, ids, mesh, wire=jnp.bfloat16)[0] * cotangent)))(table)
+    # a device sums its examples' gradients per unique id, rounds that sum where it leaves, the owner adds them up
+    want = np.zeros(table.shape, np.float32)
+    for i, c in zip(np.split(np.asarray(ids), 8), np.split(np.asarray(cotangent), 8)):
+        per_id = np.zeros(table.shape, np.float32)
+        np.add.at(per_id, i, c)
+        want += np.asarray(jnp.asarray(per_id).astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-6, atol=1e-6)
+    exact = jax.grad(lambda t: jnp.sum(t[np.asarray(ids)] * cotangent))(np.asarray(table))
+    assert not np.allclose(np.asarray(grad), np.asarray(exact), rtol=1e-6, atol=1e-6)  # the rounding is real
+
+    def exchanged(wire):
+        step = jax.jit(jax.grad(lambda t: jnp.sum(_routed(t, ids, mesh, wire=wire)[0] * cotangent)))
+        found = compiled.collectives(step.lower(table).compile().as_text(), 8)
+        return sorted(c.bytes for c in found if c.kind == "all-to-all")
+
+    full, half = exchanged(None), exchanged(jnp.bfloat16)
+    assert full[0] == half[0]  # the ids: int32 either way
+    assert [b // 2 for b in full[1:]] == half[1:]  # the vectors and their gradients: half
+
+
 def test_ids_beyond_the_capacity_are_counted_and_get_zeros(mesh):
     table, ids = _inputs(mesh, skew=True)  # every id owned by one shard: 4x its fair share
     vectors, dropped = jax.jit(lambda t, i: _routed(t, i, mesh, capacity_factor=1.0))(table, ids)

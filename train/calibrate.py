@@ -1,11 +1,14 @@
-"""Fit a run's calibration again: `python -m train.calibrate --workdir RUN [--split S [--data D]]
-[--method platt|isotonic] [--rate R] [--min-clicks N]`.
+"""Fit a run's calibration again: `python -m train.calibrate --workdir RUN [--split S] [--rates-of S2]
+[--data D] [--method platt|isotonic] [--rate R] [--min-clicks N]`.
 
 Without --split: on the run's own validation data, as training fits it at its end (for a run from before
 calibration, or to change the method); the run's evaluation split is then scored again, calibrated, into
 RUN/reevaluation_SPLIT.json and .md (eval.json, what training measured, is never touched). With --split: on that
 split of the dataset D (default: the run's own), read through the run's vocabulary by key, for a model moved to
-traffic with another click rate. Either way RUN/calibration.json is replaced; the fit it replaces is kept in
+traffic with another click rate. --rates-of S2: each domain's map shifted to its click rate in split S2 (of D,
+default the run's dataset): the rates of the traffic the probabilities will meet, where only the rates are
+known or the period has moved (a label's mean per domain is read, no row's score). Either way
+RUN/calibration.json is replaced; the fit it replaces is kept in
 its "previous" list. Batch scoring and exports made afterwards carry the new calibration.
 """
 
@@ -28,7 +31,7 @@ from sr_jax.training.spec import build_spec
 from train import cli
 
 
-def _own_validation(workdir: Path, train_cfg) -> tuple[dict, dict]:
+def _own_validation(workdir: Path, train_cfg, rates: tuple[dict, str] | None) -> tuple[dict, dict]:
     """(fit, re-evaluation): fitted on the run's validation data, the evaluation split scored with it."""
     cfg = load_config(workdir / "config.json")
     cfg = dataclasses.replace(cfg, train=train_cfg(cfg.train))
@@ -36,11 +39,19 @@ def _own_validation(workdir: Path, train_cfg) -> tuple[dict, dict]:
     if spec.valid_source == "":
         raise ValueError(f"{workdir}: the run has no validation data (train.eval_every=0); name one with --split")
     params, rows = result_params(spec), evaluation.trained_rows(spec)
-    fitted = evaluation.fit_calibration(spec, params, rows)
+    fitted = evaluation.fit_calibration(spec, params, rows, *(rates or (None, "")))
     return fitted, evaluation.evaluate(spec, params, trained=rows, fitted=fitted)
 
 
-def _named_split(workdir: Path, split: str, data: str | None, train_cfg) -> dict:
+def _split_rates(workdir: Path, split: str, data: str | None) -> tuple[dict[str, float], str]:
+    """({domain: click rate} of `split` of `data` (default: the run's dataset), what they are)."""
+    dataset = open_dataset(data) if data else trained.load(workdir).dataset()
+    columns = dataset.split(split)
+    rates = calibration.click_rates(columns["label"], columns["domain"], [d.name for d in dataset.meta.domains])
+    return rates, f"the click rates per domain of split {split!r} of {dataset.root}"
+
+
+def _named_split(workdir: Path, split: str, data: str | None, train_cfg, rates: tuple[dict, str] | None) -> dict:
     """Fitted on `split` of `data` (default: the run's dataset), scored as batch scoring scores it."""
     model = trained.load(workdir)
     model = dataclasses.replace(model, calibration=None)  # the raw logits
@@ -56,9 +67,10 @@ def _named_split(workdir: Path, split: str, data: str | None, train_cfg) -> dict
         scorer.domains,
         method=t.calibration,
         min_clicks=t.calibration_min_clicks,
-        rate=t.calibration_rate,
+        rate=t.calibration_rate if rates is None else rates[0],
         fitted_on=f"split {split!r} of {dataset.root} ({len(logits)} rows)",
         sampled=dataset.meta.negatives_per_click,
+        target="" if rates is None else rates[1],
     )
     table = calibration.arrays(fitted, scorer.domains)
     calibrated = np.asarray(calibration.apply(table, logits, np.asarray(columns["domain"])))
@@ -74,13 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the run folder to calibrate")
     p.add_argument("--split", default=None, help="fit on this split (default: the run's own validation data)")
-    p.add_argument("--data", default=None, help="with --split: a prepared dataset (default: the run's own)")
+    p.add_argument("--rates-of", default=None, help="target each domain's click rate in this split (of --data)")
+    p.add_argument("--data", default=None, help="the dataset of --split and --rates-of (default: the run's own)")
     p.add_argument("--method", default=None, choices=("platt", "isotonic"), help="default: the run's")
     p.add_argument("--rate", type=float, default=None, help="a click rate to calibrate to (default: the run's)")
     p.add_argument("--min-clicks", type=int, default=None, help="a domain's own map from this many clicks")
     args = p.parse_args(argv)
-    if args.data and not args.split:
-        p.error("--data needs --split (the split of that dataset to fit on)")
+    if args.data and not (args.split or args.rates_of):
+        p.error("--data needs --split or --rates-of (the split of that dataset to fit on or to take rates from)")
+    if args.rates_of and args.rate:
+        p.error("--rate and --rates-of both name the click rate to target: give one")
     cli.setup()
     workdir = Path(args.workdir).absolute()
 
@@ -98,10 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _calibrate(workdir: Path, args: argparse.Namespace, train_cfg) -> dict:
     previous = calibration.read(workdir)
+    rates = _split_rates(workdir, args.rates_of, args.data) if args.rates_of else None
     if args.split:
-        fitted, result = _named_split(workdir, args.split, args.data, train_cfg), None
+        fitted, result = _named_split(workdir, args.split, args.data, train_cfg, rates), None
     else:
-        fitted, result = _own_validation(workdir, train_cfg)
+        fitted, result = _own_validation(workdir, train_cfg, rates)
         if fitted is None:
             raise ValueError(f"{workdir}: nothing to fit on (the run's validation data)")
     if previous is not None:

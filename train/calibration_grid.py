@@ -6,6 +6,9 @@ raw against calibrated log loss, ECE and PCOC tabulated per setting and fraction
 
 Each cell keeps its calibration-METHOD.json (the re-evaluation) and, at the end, calibration.json of the last
 method (`--methods`' first, the default, is fitted last so the cell's calibration is the default's).
+`--rates-of S` adds the first method shifted to each domain's click rate in split S (`train.calibrate
+--rates-of`), as `METHOD@rates-of-S`: probabilities at the evaluated period's click rates, where the
+validation period's differ.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sr_jax import calibration
+from sr_jax.io import atomic_file
 from train import calibrate, cli
 
 QUANTITIES = ("log_loss", "ece", "pcoc")
@@ -36,12 +41,23 @@ def cells(grid: Path, settings: list[str] | None = None) -> list[Path]:
     return found
 
 
+RATES_OF = "@rates-of-"  # METHOD@rates-of-SPLIT: the method shifted to SPLIT's click rates per domain
+
+
 def measure(cell: Path, methods: list[str]) -> None:
+    """Each method's re-evaluation into the cell; a calibration.json the cell had is put back as it was."""
+    own = cell / calibration.FILE
+    kept = own.read_bytes() if own.exists() else None
     for method in reversed(methods):  # the first fitted last: the cell's calibration.json is the default's
         out = cell / f"calibration-{method}.json"
         if not out.exists():
-            result = calibrate.main(["--workdir", str(cell), "--method", method])["evaluation"]
+            name, _, split = method.partition(RATES_OF)
+            rates = ["--rates-of", split] if split else []
+            result = calibrate.main(["--workdir", str(cell), "--method", name, *rates])["evaluation"]
             out.write_text(json.dumps(result, indent=2) + "\n")
+    if kept is not None:
+        with atomic_file(own) as tmp:
+            tmp.write_bytes(kept)
 
 
 def _group(cell: Path, grid: Path) -> tuple[str, str]:
@@ -116,20 +132,23 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--report", required=True, help="the markdown file to write")
     p.add_argument("--methods", nargs="+", default=["platt", "isotonic"])
     p.add_argument("--settings", nargs="+", default=None, help="only these settings (default: every one)")
+    p.add_argument("--rates-of", default=None, help="also the first method at this split's click rates")
     args = p.parse_args(argv)
     cli.setup()
     grid = Path(args.grid)
+    methods = args.methods + ([f"{args.methods[0]}{RATES_OF}{args.rates_of}"] if args.rates_of else [])
     found = cells(grid, args.settings)
     for i, cell in enumerate(found):
         print(f"[{i + 1}/{len(found)}] {cell}", flush=True)
-        measure(cell, args.methods)
+        measure(cell, methods)
     only = f" --settings {' '.join(args.settings)}" if args.settings else ""
+    only += f" --rates-of {args.rates_of}" if args.rates_of else ""
     text = (
         f"# Calibration over `{grid}`\n\nMade by `python -m train.calibration_grid --grid {grid} --report "
         f"{args.report}{only}`: each cell calibrated on its own validation data (per domain, pooled below "
         "`train.calibration_min_clicks`), its test split scored again. Overall figures, mean ± sample std over "
         "seeds; a method's log loss minus raw is paired by seed (**worse**: more than 2 standard errors above "
-        "0); PCOC: overall mean (range over domains and seeds).\n\n" + table(grid, args.methods, args.settings)
+        "0); PCOC: overall mean (range over domains and seeds).\n\n" + table(grid, methods, args.settings)
     )
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(text)

@@ -125,6 +125,7 @@ class FeatureEncoder(nnx.Module):
         self.text_dim = text_dim
         self.id_dropout = cfg.id_dropout
         self.lookup, self.lookup_capacity = cfg.lookup, cfg.lookup_capacity
+        self.lookup_wire = jnp.dtype(cfg.lookup_wire)
         self.row_layout = row_layout(cfg)
         attend = cfg.user_history > 0 and cfg.history_pooling == "attention"
         self.history_attention = HistoryAttention(cfg.dim, rngs=rngs) if attend else None
@@ -203,7 +204,7 @@ class FeatureEncoder(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         flat = [rows[k].reshape(-1) for k in keys]
         capacity = self.lookup_capacity if train else None
-        vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, capacity)
+        vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, capacity, self.lookup_wire)
         self.sow(nnx.Intermediate, "lookup_dropped", dropped)
         return {k: v.reshape(*rows[k].shape, v.shape[-1]) for k, v in zip(keys, vectors)}
 
@@ -229,7 +230,7 @@ class FeatureEncoder(nnx.Module):
         tables = [text.pooled, *([text.summary] if has_summary else [])]
         ids = [rows.reshape(-1), *([rows[:, : len(summaries)].reshape(-1)] if has_summary else [])]
         capacity = self.lookup_capacity if train else None
-        found, dropped = routed_lookup(tables, ids, jax.sharding.get_abstract_mesh(), *axes, capacity)
+        found, dropped = routed_lookup(tables, ids, jax.sharding.get_abstract_mesh(), *axes, capacity, self.lookup_wire)
         self.sow(nnx.Intermediate, "lookup_dropped", dropped)
         pooled = found[0].reshape(*rows.shape, -1)
         summary = found[1].reshape(b, len(summaries), -1) if has_summary else jnp.zeros_like(pooled)

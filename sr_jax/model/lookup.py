@@ -10,7 +10,9 @@ scatters them to its positions. A device sends ids and receives vectors for its 
 grow with the global batch (GSPMD's lookup all-reduces or gathers vectors of every device's rows). Gradients
 flow back the same way (all-to-all is its own transpose) into the owner's rows. Static shapes need a capacity:
 `ceil(capacity_factor x N_local / M)` unique ids per owner; ids beyond it are dropped (zero vectors) and counted
-in `dropped`, so a caller can see when skew exceeds it. `capacity_factor=None` sizes every owner's slots for all
+in `dropped`, so a caller can see when skew exceeds it. `wire` (bfloat16) halves the bytes: the vectors travel
+in it and are cast back on arrival, and their gradients travel back in it (the transpose of the casts), summed
+into the owner's float32 rows after arrival. `capacity_factor=None` sizes every owner's slots for all
 N_local ids, so nothing can drop (M times the buffers): what inference uses, so that evaluation, prediction and
 the served model read every row, whatever the skew. Measured against GSPMD's lookup by
 `python -m train.bench_scaling --lookups` (docs/PERFORMANCE.md); the model reads its tables so with
@@ -19,6 +21,7 @@ the served model read every row, whatever the skew. Measured against GSPMD's loo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -37,11 +40,13 @@ def routed_lookup(
     table_axis: str = "model",
     batch_axes: tuple[str, ...] = ("data", "model"),
     capacity_factor: float | None = 2.0,
+    wire: jnp.dtype | None = None,
 ) -> tuple[list[jax.Array], jax.Array]:
     """Tables [R_t, d] (one width) and their ids [N_t] -> (vectors [N_t, d] split like the ids, ids dropped for want
     of capacity, summed over the mesh []). All tables travel together: three all-to-alls a step (ids, vectors,
     and the vectors' gradient), whatever the number of tables, so the fixed cost of a collective is paid once.
-    `capacity_factor=None`: room for every id (none can drop)."""
+    `capacity_factor=None`: room for every id (none can drop). `wire`: the vectors' dtype in transit (default:
+    the tables')."""
     shards = mesh.shape[table_axis]
     devices = math.prod(mesh.shape[a] for a in batch_axes)
     factor = shards if capacity_factor is None else capacity_factor
@@ -56,7 +61,7 @@ def routed_lookup(
         found = jnp.concatenate(
             [_read(t, asked[:, a:b], me) for t, a, b in zip(tables, edges[:-1], edges[1:])], axis=1
         )  # fmt: skip
-        back = jax.lax.all_to_all(found, table_axis, 0, 0, tiled=True)  # [shards, sum of capacities, d]
+        back = _exchange(found, table_axis, jnp.dtype(wire or found.dtype))  # [shards, sum of capacities, d]
         vectors = [_place(p, back[:, a:b]) for p, a, b in zip(plans, edges[:-1], edges[1:])]
         dropped = sum(p["dropped"] for p in plans)
         return vectors, jax.lax.psum(dropped, (*{*batch_axes, table_axis},))
@@ -68,6 +73,25 @@ def routed_lookup(
         out_specs=([P(batch_axes, None)] * len(ids), P()),
         check_vma=False,
     )(list(tables), list(ids))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _exchange(x: jax.Array, axis: str, wire: jnp.dtype) -> jax.Array:
+    """An all-to-all of `x` over `axis` (split and concatenated on dimension 0, its own transpose) travelling in
+    `wire`; its gradient travels back the same way."""
+    return _send(x, axis, wire)
+
+
+def _send(x: jax.Array, axis: str, wire: jnp.dtype) -> jax.Array:
+    if wire == x.dtype:
+        return jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
+    # as unsigned bits of the wire's width: XLA:CPU widens a bfloat16 collective to float32 (so its compiled count
+    # would not be the wire's), and every backend moves bits as they are
+    bits = jax.lax.bitcast_convert_type(x.astype(wire), jnp.dtype(f"uint{8 * wire.itemsize}"))
+    return jax.lax.bitcast_convert_type(jax.lax.all_to_all(bits, axis, 0, 0, tiled=True), wire).astype(x.dtype)
+
+
+_exchange.defvjp(lambda x, axis, wire: (_send(x, axis, wire), None), lambda axis, wire, _, g: (_send(g, axis, wire),))
 
 
 def _plan(ids: jax.Array, per_shard: int, shards: int, capacity: int) -> dict[str, jax.Array]:

@@ -78,9 +78,12 @@ def predict_scores(
     return map_batches(predict, columns, spec.config.data.eval_batch_size)
 
 
-def fit_calibration(spec: RunSpec, params, trained: dict[str, np.ndarray]) -> dict | None:
+def fit_calibration(
+    spec: RunSpec, params, trained: dict[str, np.ndarray], rates: dict[str, float] | None = None, target: str = ""
+) -> dict | None:
     """The run's calibration (train.calibration) fitted on its validation data (never the test), or None where
-    it is off or the run has no validation data (train.eval_every=0)."""
+    it is off or the run has no validation data (train.eval_every=0). `rates`: per-domain click rates to target
+    in place of train.calibration_rate (`calibration.fit`), `target` saying whose they are."""
     train = spec.config.train
     if train.calibration == "none" or spec.valid_columns is None:
         return None
@@ -92,9 +95,10 @@ def fit_calibration(spec: RunSpec, params, trained: dict[str, np.ndarray]) -> di
         [d.name for d in spec.dataset.meta.domains],
         method=train.calibration,
         min_clicks=train.calibration_min_clicks,
-        rate=train.calibration_rate,
+        rate=train.calibration_rate if rates is None else rates,
         fitted_on=spec.validation_data,
         sampled=spec.dataset.meta.negatives_per_click,
+        target=target,
     )
 
 
