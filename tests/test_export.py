@@ -11,6 +11,7 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +23,7 @@ from sr_jax import metrics, model as sr_model
 from sr_jax.bench.world import bench_meta
 from sr_jax.config import BEFORE_KEY, from_dict, ModelConfig
 from sr_jax.export import embeddings, interop, scoring, serving, trained
-from sr_jax.model import rows as rows_of
+from sr_jax.model import layers, rows as rows_of
 from sr_jax.model.match import TEXTS
 from sr_jax.data.pipeline import map_batches
 from sr_jax.training import evaluation, trainer
@@ -304,6 +305,22 @@ def test_embeddings_are_what_the_network_reads(run_dir, tmp_path):
     recall = json.loads((tmp_path / "emb" / "retrieval.json").read_text())
     better = [r["recall@10/retrieval_vector"] > 10 / r["items"] for r in recall.values()]
     assert len(recall) >= 5 and all(better)  # better than drawing 10 items at random, in every domain
+
+
+def test_a_hashed_item_s_id_vector_is_the_row_the_model_reads(tmp_path):
+    """With model.id_buckets the item table holds fewer rows than items: the exported id vector is the row an
+    item's id hashes to, where the table stores it (the same lookup as the network's)."""
+    workdir = tmp_path / "hashed"
+    trainer.fit(config(model={"id_buckets": 16}, train={"epochs": 0.2, "eval_every": 0}), workdir)
+    embed.main(["--workdir", str(workdir), "--out", str(tmp_path / "emb"), "--recall-queries", "5"])
+    items = pq.read_table(tmp_path / "emb" / "items.parquet")
+    model = trained.load(workdir)
+    table = np.asarray(model.params["l0"]["id_tables"]["item"])
+    vocab = model.model_meta.vocab["item_id"]
+    assert vocab > 16 and table.shape[0] == 64  # 16 buckets, padded to the row multiple
+    hashed = np.asarray(layers.hash_ids(jnp.asarray(items["item_row"].to_numpy()), vocab, 16))
+    want = table[rows_of.position(hashed, table.shape[0], 64, "strided")]
+    np.testing.assert_array_equal(embeddings.matrix(items["id_vector"]), want)
 
 
 def test_safetensors_and_torch_names_round_trip_exactly(run_dir, tmp_path):

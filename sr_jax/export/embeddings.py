@@ -43,7 +43,6 @@ from tqdm import tqdm
 from sr_jax import model as sr_model
 from sr_jax.data import history
 from sr_jax.data.pipeline import map_batches
-from sr_jax.model.rows import layout as rows_layout, position as row_position
 from sr_jax.data.store import Dataset
 from sr_jax.export.scoring import device_text_table, model_columns, raw_keys, run_scorer, text_table
 from sr_jax.export.trained import TrainedModel
@@ -171,7 +170,11 @@ def embed(
     keep = _unique_rows({"domain": merged["domain"], "item": raw_item_ids}, ["item"])
     keep = keep[raw_item_ids[keep] > 0]
     pooled = np.asarray(text.pooled)
-    item_table, layout = model.params["l0"]["id_tables"]["item"], rows_layout(model.config.model)
+    item_table = np.asarray(model.params["l0"]["id_tables"]["item"])
+
+    def stored_rows(columns: dict[str, np.ndarray]) -> np.ndarray:  # where the model reads each item's id row
+        return np.asarray(sr_model.table_rows(model.graphdef, model.params, columns)[("id_tables", "item")])
+
     for k in tqdm(sorted(set(merged["domain"][keep].tolist())), desc="items", unit="domain"):
         rows = keep[merged["domain"][keep] == k]
         columns = _blank(model, {c: merged[c][rows] for c in merged}, len(rows))
@@ -189,7 +192,7 @@ def embed(
                     "item_key": raw_keys(keys, "item_id", raw_item_ids[rows]),
                     "item_row": pa.array(columns["item_id"]),
                     "vector": _vectors(fused),
-                    "id_vector": _vectors(item_table[row_position(columns["item_id"], len(item_table), *layout)]),
+                    "id_vector": _vectors(item_table[stored_rows(columns)]),
                     "text_vector": pa.array(text_vectors, mask=texts < 0),
                     "match_vector": _vectors(sides["item_text"] if towers.matches else np.zeros((len(rows), 1))),
                 }
