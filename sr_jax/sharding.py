@@ -129,17 +129,21 @@ def text_table(
 
 def text_rows(mesh: Mesh, table: np.ndarray, rules: Rules = DEFAULT_RULES) -> jax.Array:
     """A host table [rows, ...] (a memory map: the text cache) as a device array split by rows as `text_rows`
-    says (over `model`), padded with zero rows to a multiple of the shards. Each device reads only its own rows
-    from the host, so nothing is first committed whole to one device, and a device holds rows / shards of it; a
-    lookup compiles to a local masked gather and a collective, like the embedding tables'."""
+    says (over `model`), padded with zero rows to a multiple of the shards S, and strided as the embedding tables
+    are (`model.row_layout`): shard k holds rows k, k + S, k + 2S, ..., so that a catalogue's queries (its first
+    rows), its popular or its newest texts spread over every shard rather than fill one owner's capacity
+    (`model.lookup=all_to_all`). The layout lives on the devices only (the table is frozen, never saved); the
+    model reads it through `encoding.text_position`. Each device reads only its own rows from the host, so nothing is
+    first committed whole to one device, and a device holds rows / S of it."""
     sharding = text_sharding(mesh, rules)
     size, n = _devices_on(mesh, sharding.spec), table.shape[0]
     rows = max(-(-n // size), 1) * size
+    per = rows // size
 
     def shard(index: tuple) -> np.ndarray:
-        start, stop, _ = index[0].indices(rows)
-        part = np.asarray(table[min(start, n) : min(stop, n)], np.float32)
-        missing = (stop - start) - len(part)
+        start, _, _ = index[0].indices(rows)
+        part = np.asarray(table[start // per :: size], np.float32)  # (a replicated table: start 0, size 1)
+        missing = per - len(part)
         return np.concatenate([part, np.zeros((missing, *table.shape[1:]), np.float32)]) if missing else part
 
     return jax.make_array_from_callback((rows, *table.shape[1:]), sharding, shard)

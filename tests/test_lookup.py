@@ -133,15 +133,13 @@ def test_the_text_rows_a_batch_reads_are_routed_as_they_are_gathered():
     cfg = config(TINY, model={"lookup": "all_to_all", "lookup_capacity": 8.0, "user_history": 3}).model
     assert cfg.content_match and cfg.use_text
     ds, text, batch = model_inputs(64)
-    pad = (-text.pooled.shape[0]) % 8  # the trainer pads the text table to the model axis
-    text = sr_model.TextTable(*(jnp.pad(t, ((0, pad), (0, 0))) for t in text))
     history = np.random.default_rng(0).integers(-1, ds.meta.num_texts, (64, 3))
     batch = {**batch, HISTORY: jnp.asarray(history, jnp.int32)}
     graphdef, params = sr_model.init(cfg, ds.meta, text.pooled.shape[1])
     plain = sr_model.apply(graphdef, params, batch, text)[0]
     mesh = jax.make_mesh((1, 8), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    rows = NamedSharding(mesh, P("model"))
-    params, text = jax.device_put(params, shd.replicated(mesh)), jax.device_put(text, rows)
+    params = jax.device_put(params, shd.replicated(mesh))
+    text = sr_model.TextTable(*shd.text_table(mesh, *map(np.asarray, text), keep_summary=True))  # padded, strided
     batch = jax.device_put(batch, NamedSharding(mesh, P(("data", "model"))))
     with shd.model_context(mesh, shd.parse_rules(())):
         step = jax.jit(lambda p, b, t: sr_model.apply(graphdef, p, b, t)[0])
@@ -150,3 +148,29 @@ def test_the_text_rows_a_batch_reads_are_routed_as_they_are_gathered():
     # ids and vectors of the tables, and of the texts (inference: no gradient); the text table never gathered whole
     assert len(re.findall(r" all-to-all\(", hlo)) == 4 and " all-gather(" not in hlo
     np.testing.assert_allclose(np.asarray(routed), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_a_text_table_is_stored_strided_so_one_block_of_rows_never_fills_one_owner():
+    """`sharding.text_rows` puts row r on shard r mod S (S = 8 here): a batch reading only the table's first
+    rows (a catalogue's queries come first) reaches every owner evenly and drops nothing at capacity 2, and
+    the model reads each row where it is stored, routed or gathered."""
+    from sr_jax import sharding as shd
+    from sr_jax.model.encoding import text_position
+
+    mesh = jax.make_mesh((1, 8), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    host = np.arange(100 * 4, dtype=np.float32).reshape(100, 4)  # row r holds 4r .. 4r + 3
+    table = shd.text_rows(mesh, host)
+    assert table.shape == (104, 4)  # padded to a multiple of the 8 shards
+    for piece in table.addressable_shards:
+        k = piece.index[0].start // 13
+        want = np.concatenate([host[k::8], np.zeros((13 - len(host[k::8]), 4), np.float32)])
+        np.testing.assert_array_equal(np.asarray(piece.data), want)
+    ids = jax.device_put(jnp.asarray(np.arange(256) % 12, jnp.int32), NamedSharding(mesh, P(("data", "model"))))
+    with shd.model_context(mesh, shd.parse_rules(())):
+        stored = jax.jit(lambda i: text_position(i, 104))(ids)
+        (vectors,), dropped = jax.jit(lambda t, i: routed_lookup([t], [i], mesh))(table, stored)
+        assert int(dropped) == 0  # row order: all 12 rows on shard 0, 12 unique ids a device against a capacity of 8
+        np.testing.assert_array_equal(np.asarray(vectors), host[np.asarray(ids)])
+        gathered = jax.jit(lambda t, i: t[text_position(i, 104)])(table, ids)
+    np.testing.assert_array_equal(np.asarray(gathered), host[np.asarray(ids)])
+    assert np.asarray(text_position(jnp.array([-1, 0, 9]), 104)).tolist() == [-1, 0, 9]  # no mesh: the identity

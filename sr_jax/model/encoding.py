@@ -11,6 +11,7 @@ how each relates to the candidate item's text.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -96,6 +97,15 @@ class HistoryAttention(nnx.Module):
         scores = self.score(jax.nn.sigmoid(self.hidden(jnp.concatenate([items, c, items * c, items - c], -1))))
         w = masked_softmax(scores[..., 0], present)
         return jnp.einsum("bn,bnd->bd", w, items)
+
+
+def text_position(rows: Array, table_rows: int) -> Array:
+    """Text rows (-1: none) -> where `sharding.text_rows` stores them on the context mesh (strided over the
+    shards of the `text_rows` rule; the identity on one device or without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shape = {} if mesh.empty else dict(mesh.shape)
+    shards = math.prod(shape.get(a, 1) for a in context_axes("text_rows", "model"))
+    return jnp.where(rows >= 0, row_position(jnp.maximum(rows, 0), table_rows, shards, "strided"), -1)
 
 
 class FeatureEncoder(nnx.Module):
@@ -219,6 +229,7 @@ class FeatureEncoder(nnx.Module):
         columns = ["query_text", "item_text", *([HISTORY] if "history" in self.aspects["user"] else [])]
         summaries = columns[:2]
         b = batch[columns[0]].shape[0]
+        batch = {c: text_position(batch[c], text.pooled.shape[0]) for c in columns}  # where the rows are stored
         axes = routed_axes(b) if self.lookup == "all_to_all" else None
         if axes is None or context_axes("text_rows", "model") != (axes[0],):
             read = lambda table, r: jnp.where((r >= 0)[..., None], table[jnp.maximum(r, 0)], 0.0)  # noqa: E731
