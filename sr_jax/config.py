@@ -76,8 +76,9 @@ class ModelConfig:
     # bytes grow with a device's own batch; sr_jax/model/lookup.py). The same on one device or unsplit tables.
     lookup: str = "gspmd"
     lookup_capacity: float = 2.0  # all_to_all: unique ids a device may send each owner, x its fair share
-    # all_to_all: the dtype the looked-up vectors (and their gradients) travel in, float32 | bfloat16 (half the
-    # bytes; tables, their updates and the sums of gradients stay float32; docs/SCALE.md measures both)
+    # all_to_all: the dtype the looked-up vectors (and their gradients) travel in during training, float32 |
+    # bfloat16 (half the bytes; tables, their updates and the sums of gradients stay float32; inference reads
+    # float32; docs/PERFORMANCE.md measures both)
     lookup_wire: str = "float32"
     # The std of the embedding tables' initial rows. 1e-4, so that a row no example trains stays near zero,
     # cost 0.016 AUC on MovieLens against 0.05 (docs/COLD_START.md); in a fine-tune, never-trained rows start

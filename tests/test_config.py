@@ -69,6 +69,7 @@ def test_saved_config_round_trips(tmp_path):
         (["train.embedding_update=sparse"], "train.embedding_update: 'sparse' is not one of"),
         # issue 38: accepted unvalidated (inf: an OverflowError after config.json; an empty rule: replicated)
         (["model.lookup_capacity=inf"], "model.lookup_capacity: inf must be a finite number > 0"),
+        (["model.lookup_wire=float16"], "model.lookup_wire: 'float16' is not one of"),
         (["mesh.rules=batch="], "mesh.rules: 'batch=' names no axes (write batch=none to replicate it)"),
     ],
 )

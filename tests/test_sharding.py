@@ -194,14 +194,15 @@ def test_routed_lookups_train_as_the_single_device_step(tmp_path):
 
 
 def test_inference_reads_every_row_whatever_the_lookup_capacity(tmp_path):
-    """A routed run at a capacity that drops most of its training lookups (0.05) still evaluates as the plain
-    gather does with the same parameters: inference routes with room for every id (issue 38: its evaluation
-    differed from its exported model's in 3,787 of 4,000 rows)."""
+    """A routed run at a capacity that drops most of its training lookups (0.05), its vectors on the wire in
+    bfloat16, still evaluates as the plain gather does with the same parameters: inference routes with room for
+    every id (issue 38: its evaluation differed from its exported model's in 3,787 of 4,000 rows), in float32."""
     import json
 
     train = {"checkpoint_every": 1000, "log_every": 1}
     layout = {"data": 1, "model": 8, "rules": ("batch=data+model",)}
-    tight = config(TINY, train=train, mesh=layout, model={"lookup": "all_to_all", "lookup_capacity": 0.05})
+    routed = {"lookup": "all_to_all", "lookup_capacity": 0.05, "lookup_wire": "bfloat16"}
+    tight = config(TINY, train=train, mesh=layout, model=routed)
     run, state = _train(tight, tmp_path / "tight", jax.devices(), steps=2)
     run.close()
     logged = [json.loads(line) for line in (tmp_path / "tight" / "metrics.jsonl").read_text().splitlines()]

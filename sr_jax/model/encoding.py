@@ -202,9 +202,10 @@ class FeatureEncoder(nnx.Module):
     def _lookups(self, rows: dict[tuple[str, str], Array], train: bool) -> dict[tuple[str, str], Array]:
         """Every table's rows [B] or [B, L] -> their vectors [..., d]: plain gathers (XLA partitions each over a
         row-split table), or with `model.lookup=all_to_all` on a mesh that splits the tables, one routed exchange
-        for all of them (`lookup.routed_lookup`). In training, at `model.lookup_capacity`: the ids it drops for
-        want of capacity are sown as `lookup_dropped`, which the train step reports; in inference (evaluation,
-        prediction, the served model) with room for every id, so nothing is dropped."""
+        for all of them (`lookup.routed_lookup`). In training, at `model.lookup_capacity` and in
+        `model.lookup_wire`: the ids it drops for want of capacity are sown as `lookup_dropped`, which the train
+        step reports; in inference (evaluation, prediction, the served model) with room for every id and in
+        float32, so nothing is dropped or rounded."""
         tables = {k: (self.id_tables if k[0] == "id_tables" else self.sparse_tables)[k[1]][...] for k in rows}
         batch = next(iter(rows.values())).shape[0]
         axes = routed_axes(batch) if self.lookup == "all_to_all" else None
@@ -214,7 +215,8 @@ class FeatureEncoder(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         flat = [rows[k].reshape(-1) for k in keys]
         capacity = self.lookup_capacity if train else None
-        vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, capacity, self.lookup_wire)
+        wire = self.lookup_wire if train else None  # inference reads float32: what a one-device gather reads
+        vectors, dropped = routed_lookup([tables[k] for k in keys], flat, mesh, *axes, capacity, wire)
         self.sow(nnx.Intermediate, "lookup_dropped", dropped)
         return {k: v.reshape(*rows[k].shape, v.shape[-1]) for k, v in zip(keys, vectors)}
 
@@ -241,7 +243,8 @@ class FeatureEncoder(nnx.Module):
         tables = [text.pooled, *([text.summary] if has_summary else [])]
         ids = [rows.reshape(-1), *([rows[:, : len(summaries)].reshape(-1)] if has_summary else [])]
         capacity = self.lookup_capacity if train else None
-        found, dropped = routed_lookup(tables, ids, jax.sharding.get_abstract_mesh(), *axes, capacity, self.lookup_wire)
+        wire = self.lookup_wire if train else None
+        found, dropped = routed_lookup(tables, ids, jax.sharding.get_abstract_mesh(), *axes, capacity, wire)
         self.sow(nnx.Intermediate, "lookup_dropped", dropped)
         pooled = found[0].reshape(*rows.shape, -1)
         summary = found[1].reshape(b, len(summaries), -1) if has_summary else jnp.zeros_like(pooled)
