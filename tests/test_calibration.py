@@ -254,3 +254,14 @@ def test_the_grid_table_pairs_raw_and_calibrated_by_seed_and_flags_a_method_wors
     md = calibration_grid.table(tmp_path / "grid", ["platt", "isotonic"])
     row = next(line for line in md.splitlines() if line.startswith("| finetune-all | 0.1 | 3 |"))
     assert "| -0.1000 ± 0.0000 | +0.0500 ± 0.0100 **worse** |" in row and "1.30 (1.30–1.30)" in row
+    # an experiment grid (DATASET/MODEL/seed-S), read as each run calibrated itself at its end (its eval.json)
+    for seed, delta in enumerate((-0.02, -0.03, -0.01)):
+        cell = tmp_path / "zoo" / "amazon" / "star" / f"seed-{seed}"
+        cell.mkdir(parents=True)
+        (cell / "config.json").write_text("{}")
+        b = block(0.4, 0.05, 1.1, 0.4 + delta, 0.02, 1.0)
+        (cell / "eval.json").write_text(json.dumps({"validation": {"step": 5}, "overall": b, "domains": {"a": b}}))
+    assert calibration_grid.cells(tmp_path / "zoo", ["star"]) == sorted((tmp_path / "zoo").glob("amazon/star/*"))
+    assert calibration_grid.cells(tmp_path / "zoo", ["mmoe"]) == []
+    md = calibration_grid.table(tmp_path / "zoo", ["run"])
+    assert "| amazon/star | - | 3 | 0.4000 ± 0.0000 | -0.0200 ± 0.0100 |" in md

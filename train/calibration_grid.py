@@ -8,7 +8,8 @@ Each cell keeps its calibration-METHOD.json (the re-evaluation) and, at the end,
 method (`--methods`' first, the default, is fitted last so the cell's calibration is the default's).
 `--rates-of S` adds the first method shifted to each domain's click rate in split S (`train.calibrate
 --rates-of`), as `METHOD@rates-of-S`: probabilities at the evaluated period's click rates, where the
-validation period's differ.
+validation period's differ. The method `run` fits nothing: the calibration each run fitted at its end, as its
+eval.json reports it (every run made since calibration has one).
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ from sr_jax.io import atomic_file
 from train import calibrate, cli
 
 QUANTITIES = ("log_loss", "ece", "pcoc")
+RUN = "run"  # the run's own end-of-run calibration (its eval.json), nothing fitted again
 
 
 def cells(grid: Path, settings: list[str] | None = None) -> list[Path]:
     """The grid's run folders that chose their step on validation data (a zero-shot cell has none), of the named
-    settings only where `settings` is given (pretrain, scratch, finetune-all, ...)."""
+    settings only where `settings` is given (folder names on the way: pretrain, scratch, finetune-all, a
+    dataset or a model of an experiment grid, ...)."""
     found = []
     for result in sorted(grid.rglob("eval.json")):
         if "candidates" in result.parts or not (result.parent / "config.json").exists():
             continue
-        if settings and _group(result.parent, grid)[0] not in settings:
+        if settings and not set(settings) & set(result.parent.relative_to(grid).parts):
             continue
         if "validation" in json.loads(result.read_text()):
             found.append(result.parent)
@@ -50,7 +53,7 @@ def measure(cell: Path, methods: list[str]) -> None:
     kept = own.read_bytes() if own.exists() else None
     for method in reversed(methods):  # the first fitted last: the cell's calibration.json is the default's
         out = cell / f"calibration-{method}.json"
-        if not out.exists():
+        if method != RUN and not out.exists():
             name, _, split = method.partition(RATES_OF)
             rates = ["--rates-of", split] if split else []
             result = calibrate.main(["--workdir", str(cell), "--method", name, *rates])["evaluation"]
@@ -61,17 +64,22 @@ def measure(cell: Path, methods: list[str]) -> None:
 
 
 def _group(cell: Path, grid: Path) -> tuple[str, str]:
-    """(setting, fraction) of a cell from its path below the grid: .../SETTING/fraction-F/seed-S."""
+    """(setting, fraction) of a cell from its path below the grid: .../SETTING/fraction-F/seed-S (a cold-start
+    grid), else the folders above seed-S (an experiment grid's DATASET/MODEL, a pretraining cell)."""
     parts = cell.relative_to(grid).parts
     fraction = next((p.removeprefix("fraction-") for p in parts if p.startswith("fraction-")), "-")
-    setting = parts[-3] if fraction != "-" else parts[0]
+    setting = parts[-3] if fraction != "-" else "/".join(parts[:-1])
     return setting, fraction
+
+
+def _result(cell: Path, method: str) -> dict:
+    return json.loads((cell / ("eval.json" if method == RUN else f"calibration-{method}.json")).read_text())
 
 
 def table(grid: Path, methods: list[str], settings: list[str] | None = None) -> str:
     rows: dict[tuple[str, str], list[dict]] = {}
     for cell in cells(grid, settings):
-        results = {m: json.loads((cell / f"calibration-{m}.json").read_text()) for m in methods}
+        results = {m: _result(cell, m) for m in methods}
         rows.setdefault(_group(cell, grid), []).append(results)
     lines = [
         "| setting | fraction | seeds | log loss raw | " + " | ".join(f"{m} − raw" for m in methods)
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", required=True, help="a grid's run folder (train.cold_start --workdir)")
     p.add_argument("--report", required=True, help="the markdown file to write")
-    p.add_argument("--methods", nargs="+", default=["platt", "isotonic"])
+    p.add_argument("--methods", nargs="+", default=["platt", "isotonic"], help=f"platt, isotonic, {RUN}")
     p.add_argument("--settings", nargs="+", default=None, help="only these settings (default: every one)")
     p.add_argument("--rates-of", default=None, help="also the first method at this split's click rates")
     args = p.parse_args(argv)
@@ -141,12 +149,14 @@ def main(argv: list[str] | None = None) -> str:
     for i, cell in enumerate(found):
         print(f"[{i + 1}/{len(found)}] {cell}", flush=True)
         measure(cell, methods)
-    only = f" --settings {' '.join(args.settings)}" if args.settings else ""
+    only = f" --methods {' '.join(args.methods)}" if args.methods != p.get_default("methods") else ""
+    only += f" --settings {' '.join(args.settings)}" if args.settings else ""
     only += f" --rates-of {args.rates_of}" if args.rates_of else ""
     text = (
         f"# Calibration over `{grid}`\n\nMade by `python -m train.calibration_grid --grid {grid} --report "
         f"{args.report}{only}`: each cell calibrated on its own validation data (per domain, pooled below "
-        "`train.calibration_min_clicks`), its test split scored again. Overall figures, mean ± sample std over "
+        "`train.calibration_min_clicks`), its test split scored again (`run`: as the run calibrated itself at its "
+        "end, from its eval.json, nothing fitted again). Overall figures, mean ± sample std over "
         "seeds; a method's log loss minus raw is paired by seed (**worse**: more than 2 standard errors above "
         "0); PCOC: overall mean (range over domains and seeds).\n\n" + table(grid, methods, args.settings)
     )
