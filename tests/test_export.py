@@ -311,8 +311,8 @@ def test_a_hashed_item_s_id_vector_is_the_row_the_model_reads(tmp_path):
     """With model.id_buckets the item table holds fewer rows than items: the exported id vector is the row an
     item's id hashes to, where the table stores it (the same lookup as the network's)."""
     workdir = tmp_path / "hashed"
-    trainer.fit(config(model={"id_buckets": 16}, train={"epochs": 0.2, "eval_every": 0}), workdir)
-    embed.main(["--workdir", str(workdir), "--out", str(tmp_path / "emb"), "--recall-queries", "5"])
+    trainer.fit(config(model={"id_buckets": 16}, train={"epochs": 0.05, "eval_every": 0}), workdir)
+    embed.main(["--workdir", str(workdir), "--out", str(tmp_path / "emb"), "--recall-queries", "2"])
     items = pq.read_table(tmp_path / "emb" / "items.parquet")
     model = trained.load(workdir)
     table = np.asarray(model.params["l0"]["id_tables"]["item"])
