@@ -11,7 +11,6 @@ how each relates to the candidate item's text.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -23,7 +22,7 @@ from sr_jax.config import ModelConfig
 from sr_jax.data.history import COLUMN as HISTORY
 from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
 from sr_jax.model.match import unit_texts
-from sr_jax.model.layers import Array, context_axes, hash_ids, masked_softmax, normal
+from sr_jax.model.layers import Array, context_axes, context_shards, hash_ids, masked_softmax, normal
 from sr_jax.model.lookup import routed_axes, routed_lookup
 from sr_jax.model.rows import layout as row_layout, position as row_position
 
@@ -102,9 +101,7 @@ class HistoryAttention(nnx.Module):
 def text_position(rows: Array, table_rows: int) -> Array:
     """Text rows (-1: none) -> where `sharding.text_rows` stores them on the context mesh (strided over the
     shards of the `text_rows` rule; the identity on one device or without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    shape = {} if mesh.empty else dict(mesh.shape)
-    shards = math.prod(shape.get(a, 1) for a in context_axes("text_rows", "model"))
+    shards = context_shards("text_rows", "model")
     return jnp.where(rows >= 0, row_position(jnp.maximum(rows, 0), table_rows, shards, "strided"), -1)
 
 

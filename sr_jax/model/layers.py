@@ -96,11 +96,16 @@ def _batch_axes() -> tuple[str, ...]:
     return context_axes("batch", "data")
 
 
-def data_shards(batch: int) -> int:
-    """How many shards of the batch's mesh axes split a batch of this size under the context mesh (1: none)."""
+def context_shards(logical: str, default: str) -> int:
+    """How many devices of the context mesh a logical axis is split over (`context_axes`; 1 without a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
     shape = {} if mesh.empty else dict(mesh.shape)
-    d = math.prod(shape.get(a, 1) for a in _batch_axes())
+    return math.prod(shape.get(a, 1) for a in context_axes(logical, default))
+
+
+def data_shards(batch: int) -> int:
+    """How many shards of the batch's mesh axes split a batch of this size under the context mesh (1: none)."""
+    d = context_shards("batch", "data")
     return d if batch % d == 0 else 1
 
 
