@@ -116,12 +116,9 @@ def _fit_one(z: np.ndarray, y: np.ndarray, method: str) -> dict:
 
 
 def _loss(z: np.ndarray, y: np.ndarray, m: dict) -> float:
-    """Mean log loss of the map `m` on (z, y), as `apply` computes the calibrated logit (in float64)."""
+    """Mean log loss of the map `m` on (z, y), its calibrated logits computed as `apply` computes them, in float64."""
     x, v, slope = np.asarray(m["x"]), np.asarray(m["y"]), m["slope"]
-    c = np.where(z < x[0], v[0] + slope[0] * (z - x[0]), np.where(z > x[-1], v[-1] + slope[1] * (z - x[-1]), 0.0))
-    inside = (z >= x[0]) & (z <= x[-1])
-    c = np.where(inside, np.interp(z, x, v), c)
-    return metrics.log_loss_from_logits(y, c)
+    return metrics.log_loss_from_logits(y, _piecewise(np, z, np.interp(z, x, v), x, v, slope))
 
 
 def fit(
@@ -209,10 +206,15 @@ def arrays(fitted: dict | None, domain_names: list[str]) -> dict[str, np.ndarray
 def apply(table: dict[str, jax.Array], logit: jax.Array, domain: jax.Array) -> jax.Array:
     """[B] calibrated logits of `logit` [B] float32 in domains `domain` [B] (`arrays`' table)."""
     x, y, slope = table["x"][domain], table["y"][domain], table["slope"][domain]  # [B, K], [B, K], [B, 2]
-    inside = jax.vmap(jnp.interp)(logit, x, y)
-    below = y[:, 0] + slope[:, 0] * (logit - x[:, 0])
-    above = y[:, -1] + slope[:, 1] * (logit - x[:, -1])
-    return jnp.where(logit < x[:, 0], below, jnp.where(logit > x[:, -1], above, inside))
+    return _piecewise(jnp, logit, jax.vmap(jnp.interp)(logit, x, y), x.T, y.T, slope.T)
+
+
+def _piecewise(xp, z, inside, x, y, slope):  # noqa: ANN001 (numpy or jax.numpy alike)
+    """The map at `z`: `inside` (the interpolation between the knots `x` -> `y`, along the first axis) within
+    [x[0], x[-1]], else the end knot's value extended with that end's slope (`slope[0]` below, `slope[1]` above)."""
+    below = y[0] + slope[0] * (z - x[0])
+    above = y[-1] + slope[1] * (z - x[-1])
+    return xp.where(z < x[0], below, xp.where(z > x[-1], above, inside))
 
 
 def write(workdir: Path, fitted: dict) -> None:
