@@ -19,6 +19,7 @@ model already calibrated keeps its probabilities rather than a fit's noise.
 
 A domain with fewer than `min_clicks` clicks or non-clicks in the validation data uses the map fitted on all
 domains' rows together (`pooled`, from POOLED_MIN_CLICKS of each); with fewer there as well, the identity.
+Platt's bias is left all but free, so a fit matches the click rate of the rows it saw (`_platt`).
 
 `rate` targets another click rate than the validation data's (negatives sampled at k per click, traffic at K),
 one for every domain or one per domain (`click_rates` of the traffic: a surface's click rate moves with the
@@ -44,6 +45,7 @@ FILE = "calibration.json"
 POOLED_MIN_CLICKS = 5  # the pooled map is fitted from this many clicks and non-clicks (Platt's L2 pull holds it)
 BINS, MIN_BIN = 200, 20  # isotonic: at most this many knots per domain, bins of at least this many rows
 _EPS = 1e-4  # isotonic block rates are kept inside [eps, 1 - eps] (finite logits)
+PULL = (1.0, 1e-3)  # Platt: the L2 weights pulling the slope toward 1 and the bias toward the rate-matching shift
 
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
@@ -51,31 +53,48 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def _platt(z: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 100) -> dict:
-    """Newton's method with backtracking on the log loss of sigmoid(a z + b), with a small L2 pull toward the
-    identity (a=1, b=0) so that a domain with separable or few labels stays finite."""
+def _platt(z: np.ndarray, y: np.ndarray, steps: int = 100) -> dict:
+    """Newton's method with backtracking on the log loss of sigmoid(a z + b), with an L2 pull of the slope
+    toward 1 (weight PULL[0]: a domain with separable or few labels stays finite) and a faint one of the bias
+    toward `_rate_shift` (PULL[1], for a Hessian that stays invertible). The fit then matches the click rate of
+    the rows it saw whatever their number (the bias's equation, sum(p - y) = 0, all but holds): with a few clicks
+    it moves the model's base rate (what a change of sampling or traffic moves most) and keeps its ranking and
+    scale, where a pull of the bias toward 0 held a model trained at 1:4 near 1:4 on a 1:99 list."""
+    centre, pull = np.array([1.0, _rate_shift(z, y)]), np.array(PULL)
 
-    def loss(a: float, b: float) -> float:
-        s = a * z + b
-        return float(np.sum(np.logaddexp(0.0, s) - y * s) + 0.5 * l2 * ((a - 1) ** 2 + b**2))
+    def loss(t: np.ndarray) -> float:
+        s = t[0] * z + t[1]
+        return float(np.sum(np.logaddexp(0.0, s) - y * s) + 0.5 * np.sum(pull * (t - centre) ** 2))
 
-    a, b = 1.0, 0.0
-    current = loss(a, b)
+    theta = centre.copy()
+    current = loss(theta)
     for _ in range(steps):
-        p = metrics.probabilities(a * z + b)
+        p = metrics.probabilities(theta[0] * z + theta[1])
         w = p * (1 - p)
-        g = np.array([np.sum((p - y) * z) + l2 * (a - 1), np.sum(p - y) + l2 * b])
-        h = np.array([[np.sum(w * z * z) + l2, np.sum(w * z)], [np.sum(w * z), np.sum(w) + l2]])
+        g = np.array([np.sum((p - y) * z), np.sum(p - y)]) + pull * (theta - centre)
+        h = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]]) + np.diag(pull)
         delta, t = np.linalg.solve(h, g), 1.0
-        while t > 1e-8 and (trial := loss(a - t * delta[0], b - t * delta[1])) > current:
+        while t > 1e-8 and (trial := loss(theta - t * delta)) > current:
             t /= 2  # a full Newton step can overshoot where the logits are large
         if t <= 1e-8:
             break
-        a, b, current = a - t * delta[0], b - t * delta[1], trial
+        theta, current = theta - t * delta, trial
         if np.max(np.abs(t * delta)) < 1e-10:
             break
-    a, b = float(a), float(b)
+    a, b = float(theta[0]), float(theta[1])
     return {"x": [0.0, 0.0], "y": [b, b], "slope": [a, a]}  # one knot at 0: b + a z on either side, exactly
+
+
+def _rate_shift(z: np.ndarray, y: np.ndarray) -> float:
+    """The b for which the mean of sigmoid(z + b) is the click rate of `y` (bisection: the mean rises with b);
+    0 where `y` holds only clicks or only non-clicks."""
+    if not 0 < y.sum() < len(y):
+        return 0.0
+    low, high = -50.0, 50.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if metrics.probabilities(z + mid).sum() < y.sum() else (low, mid)
+    return (low + high) / 2
 
 
 def _isotonic(z: np.ndarray, y: np.ndarray) -> dict:
@@ -117,8 +136,8 @@ def _fit_one(z: np.ndarray, y: np.ndarray, method: str) -> dict:
 
 def _loss(z: np.ndarray, y: np.ndarray, m: dict) -> float:
     """Mean log loss of the map `m` on (z, y), its calibrated logits computed as `apply` computes them, in float64."""
-    x, v, slope = np.asarray(m["x"]), np.asarray(m["y"]), m["slope"]
-    return metrics.log_loss_from_logits(y, _piecewise(np, z, np.interp(z, x, v), x, v, slope))
+    x, v = np.asarray(m["x"]), np.asarray(m["y"])
+    return metrics.log_loss_from_logits(y, _piecewise(np, z, np.interp(z, x, v), x, v, m["slope"]))
 
 
 def fit(
