@@ -102,7 +102,6 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
         "--text",
         "on",
         "--variants",
-        "default",
         "replay",
         "--finetune",
         "train.min_steps=2",
@@ -131,9 +130,9 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
     table = cold_start.main(args)  # (its log goes to stderr: cli.setup)
     assert pretrain_done.read_bytes() == finished  # not run again
     assert "resumed from step" in capfd.readouterr().err
-    # 2 protocols x (scratch + freeze-l0-l1 in 2 variants), and each protocol's zero-shot line per variant
-    assert len(table) == 2 * 3 + 2 * 2
-    assert {r["variant"] for r in table if r["setting"] == "freeze-l0-l1"} == {"default", "replay"}
+    # 2 protocols x (scratch + freeze-l0-l1 and a zero-shot line, in the one variant named: replay)
+    assert len(table) == 2 * 3
+    assert {r["variant"] for r in table if r["setting"] != "scratch"} == {"replay"}
     replayed = (
         tmp_path / "grid" / "new-domain" / "text-on-history-auto" / "freeze-l0-l1+replay" / "fraction-1" / "seed-0"
     )
@@ -148,25 +147,16 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
         assert len(list(csv.DictReader(f))) == len(table)
     md = (out / "cold_start.md").read_text()
     assert "## new-domain (train `heldout_train`, evaluate `heldout_test`)" in md
-    assert "| freeze-l0-l1 | default | on-history-auto |" in md and "| freeze-l0-l1 | replay | on-history-auto |" in md
+    assert "| freeze-l0-l1 | replay | on-history-auto |" in md
     assert "python -m train.cold_start --workdir" in md
     assert "Gain over scratch, paired by seed" in md
-    assert "Paired by fraction and seed" in md and "| freeze-l0-l1 (default, text on-history-auto) − scratch |" in md
-    assert "| freeze-l0-l1 (default, text on-history-auto) − zero-shot |" in md
+    assert "Paired by fraction and seed" in md and "| freeze-l0-l1 (replay, text on-history-auto) − scratch |" in md
+    assert "| freeze-l0-l1 (replay, text on-history-auto) − zero-shot |" in md
     assert "| fraction | cells | valid labels (mean) | rho | gap | start chosen |" in md  # the selection table
     assert "![validation curves](new-domain-validation.png)" in md  # the cold-items protocol has a zero-shot line
     pretrained = tmp_path / "grid" / "pretrain" / "text-on-history-auto" / "seed-0" / "config.json"
     assert '"num_users": 60' in pretrained.read_text()  # the overrides placed between options reached it
-    tuned = (
-        tmp_path
-        / "grid"
-        / "new-domain"
-        / "text-on-history-auto"
-        / "freeze-l0-l1"
-        / "fraction-1"
-        / "seed-0"
-        / "config.json"
-    )
+    tuned = replayed / "config.json"
     assert '"min_steps": 2' in tuned.read_text() and '"epochs": 1.0' in tuned.read_text()
     # a fine-tune validates on a tenth of its cold train split and reports its best validated step
     assert '"valid_from_train": 0.1' in tuned.read_text() and '"eval_every": 20' in tuned.read_text()
@@ -177,12 +167,12 @@ def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, 
         "| setting / variant / text / fraction | AUC | log loss | NDCG@10 | MRR | PCOC | ECE | calibrated log loss "
         "| calibrated PCOC | calibrated ECE | train labels |"
     ) in md
-    line = next(x for x in md.splitlines() if x.startswith("| freeze-l0-l1 / default / on-history-auto / 1 |"))
+    line = next(x for x in md.splitlines() if x.startswith("| freeze-l0-l1 / replay / on-history-auto / 1 |"))
     assert line.endswith(f"| {budget['train_examples']} | {budget['valid_examples']} |")
     cell = next(
         r
         for r in table
-        if (r["protocol"], r["setting"], r["variant"], r["fraction"]) == ("new-domain", "freeze-l0-l1", "default", 1.0)
+        if (r["protocol"], r["setting"], r["variant"], r["fraction"]) == ("new-domain", "freeze-l0-l1", "replay", 1.0)
     )
     assert cell["train_examples_mean"] == budget["train_examples"] > 0 and 0 < cell["ece_mean"] < 1
     calibrated = json.loads((tuned.parent / "eval.json").read_text())["overall"]["calibrated"]
