@@ -180,11 +180,11 @@ def test_routed_lookups_train_as_the_single_device_step(tmp_path):
             logged = [json.loads(line) for line in (tmp_path / lookup / "metrics.jsonl").read_text().splitlines()]
             assert logged and all(line["lookup_dropped"] == 0 for line in logged)
     for lookup in ("gspmd", "all_to_all"):  # the default capacity (gspmd's program compiled only, never trained)
-        cfg = config(TINY, train=train, mesh=layout, model={"lookup": lookup})
+        cfg, workdir = config(TINY, train=train, mesh=layout, model={"lookup": lookup}), tmp_path / f"{lookup}-default"
         if lookup == "gspmd":
-            run = trainer.build_run(cfg, tmp_path / lookup, mesh=shd.make_mesh(cfg.mesh, jax.devices()))
+            run = trainer.build_run(cfg, workdir, mesh=shd.make_mesh(cfg.mesh, jax.devices()))
         else:
-            run, _ = _train(cfg, tmp_path / f"{lookup}-default", jax.devices())
+            run, _ = _train(cfg, workdir, jax.devices())
         spec = run.spec
         program = spec.program.train_step.lower(spec.program.abstract_state, spec.batch_shapes(), spec.text, None)
         hlo = program.compile().as_text()
