@@ -23,9 +23,11 @@ Platt's bias is left all but free, so a fit matches the click rate of the rows i
 
 `rate` targets another click rate than the validation data's (negatives sampled at k per click, traffic at K),
 one for every domain or one per domain (`click_rates` of the traffic: a surface's click rate moves with the
-period, and the validation period's is not the served one's): each domain's map is shifted by logit(rate) -
-logit(its validation click rate), the prior correction p / (p + (1 - p) / w) with w the odds ratio of the two
-rates.
+period, and the validation period's is not the served one's). Told only a rate, each domain's map is shifted by
+logit(rate) - logit(its validation click rate), the prior correction p / (p + (1 - p) / w) with w the odds ratio
+of the two rates. Given the traffic's rows as well (`traffic`: their raw logits and domains, no label), each
+domain's map is shifted so that its mean calibrated probability over them is the rate: a period whose scores
+moved (new queries scored lower) is matched in the mean too, where the prior correction assumes they did not.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _platt(z: np.ndarray, y: np.ndarray, steps: int = 100) -> dict:
     the rows it saw whatever their number (the bias's equation, sum(p - y) = 0, all but holds): with a few clicks
     it moves the model's base rate (what a change of sampling or traffic moves most) and keeps its ranking and
     scale, where a pull of the bias toward 0 held a model trained at 1:4 near 1:4 on a 1:99 list."""
-    centre, pull = np.array([1.0, _rate_shift(z, y)]), np.array(PULL)
+    centre, pull = np.array([1.0, _rate_shift(z, y.mean()) if 0 < y.sum() < len(y) else 0.0]), np.array(PULL)
 
     def loss(t: np.ndarray) -> float:
         s = t[0] * z + t[1]
@@ -85,15 +87,13 @@ def _platt(z: np.ndarray, y: np.ndarray, steps: int = 100) -> dict:
     return {"x": [0.0, 0.0], "y": [b, b], "slope": [a, a]}  # one knot at 0: b + a z on either side, exactly
 
 
-def _rate_shift(z: np.ndarray, y: np.ndarray) -> float:
-    """The b for which the mean of sigmoid(z + b) is the click rate of `y` (bisection: the mean rises with b);
-    0 where `y` holds only clicks or only non-clicks."""
-    if not 0 < y.sum() < len(y):
-        return 0.0
+def _rate_shift(z: np.ndarray, rate: float) -> float:
+    """The b for which the mean of sigmoid(z + b) over the logits `z` is `rate` in (0, 1) (bisection: the mean
+    rises with b)."""
     low, high = -50.0, 50.0
     for _ in range(60):
         mid = (low + high) / 2
-        low, high = (mid, high) if metrics.probabilities(z + mid).sum() < y.sum() else (low, mid)
+        low, high = (mid, high) if metrics.probabilities(z + mid).mean() < rate else (low, mid)
     return (low + high) / 2
 
 
@@ -135,9 +135,14 @@ def _fit_one(z: np.ndarray, y: np.ndarray, method: str) -> dict:
 
 
 def _loss(z: np.ndarray, y: np.ndarray, m: dict) -> float:
-    """Mean log loss of the map `m` on (z, y), its calibrated logits computed as `apply` computes them, in float64."""
+    """Mean log loss of the map `m` on (z, y)."""
+    return metrics.log_loss_from_logits(y, _mapped(z, m))
+
+
+def _mapped(z: np.ndarray, m: dict) -> np.ndarray:
+    """The map `m`'s calibrated logits of `z`, computed as `apply` computes them, in float64."""
     x, v = np.asarray(m["x"]), np.asarray(m["y"])
-    return metrics.log_loss_from_logits(y, _piecewise(np, z, np.interp(z, x, v), x, v, m["slope"]))
+    return _piecewise(np, z, np.interp(z, x, v), x, v, m["slope"])
 
 
 def fit(
@@ -151,12 +156,15 @@ def fit(
     fitted_on: str = "",
     sampled: dict[str, int] | None = None,
     target: str = "",
+    traffic: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """The calibration of `logits` [N] to `labels` [N] per domain (`domain` [N] indexes `domain_names`), as
     written to calibration.json: per domain its map, where it came from ("own", "pooled" or "identity") and the
     validation rows, clicks and click rate it saw, and (`sampled`: the dataset's record) how many negatives per
     click were sampled for it. `rate` > 0, or {domain: rate} (a domain not named keeps its validation rate):
-    shifted to that click rate (module doc); `target` says where the rates came from."""
+    shifted to that click rate (module doc); `target` says where the rates came from. `traffic`: (raw logits [M],
+    domain [M]) of the rows the rates are of; each domain with rows there is shifted to match its rate in the
+    mean over them, the others by the prior correction."""
     if method not in CALIBRATIONS or method == "none":
         raise ValueError(f"calibration method {method!r}: expected 'platt' or 'isotonic'")
     rates = dict(rate) if isinstance(rate, dict) else {name: rate for name in domain_names}
@@ -185,9 +193,14 @@ def fit(
         if sampled and name in sampled:
             entry["sampled_negatives_per_click"] = sampled[name]
         if (r := rates.get(name, 0.0)) and entry["source"] != "identity":
-            shift = float(_logit(r) - _logit(entry["ctr"]))
-            entry["y"] = [v + shift for v in entry["y"]]
-            entry["shift"] = shift
+            rows = None if traffic is None else np.asarray(traffic[0], np.float64)[np.asarray(traffic[1]) == k]
+            if rows is not None and len(rows):
+                entry["shift"] = _rate_shift(_mapped(rows, entry), r)
+                entry["shifted_by"] = f"the mean over the traffic's {len(rows)} rows"
+            else:
+                entry["shift"] = float(_logit(r) - _logit(entry["ctr"]))
+                entry["shifted_by"] = "the prior correction"
+            entry["y"] = [v + entry["shift"] for v in entry["y"]]
         domains[name] = entry
     return {
         "method": method,

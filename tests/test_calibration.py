@@ -72,9 +72,8 @@ def test_a_fit_on_few_clicks_moves_the_base_rate_rather_than_staying_near_the_mo
     assert fitted["domains"]["a"]["source"] == "own" and "kept_identity" not in fitted["domains"]["a"]
     calibrated = metrics.probabilities(_apply(fitted, z, np.zeros(600, int), names=("a",)))
     assert calibrated.mean() == pytest.approx(labels.mean(), rel=0.02)
-    shift = calibration._rate_shift(z, labels.astype(float))
+    shift = calibration._rate_shift(z, labels.mean())
     assert metrics.probabilities(z + shift).sum() == pytest.approx(6, rel=1e-9)
-    assert calibration._rate_shift(z, np.zeros(600)) == 0.0  # no click: nothing to match
 
 
 def test_isotonic_is_non_decreasing_and_matches_the_click_rate_of_its_blocks():
@@ -177,6 +176,34 @@ def test_each_domain_calibrated_to_its_own_traffic_rate_when_the_period_moved_th
     assert "shift" not in partial["domains"]["a"] and "shift" in partial["domains"]["b"]
 
 
+def test_told_the_traffic_s_rows_a_moved_period_is_matched_in_the_mean_where_the_prior_correction_is_not():
+    """The traffic clicks at the validation rate, but its scores moved (new queries, scored lower): the prior
+    correction, told only the rate, shifts nothing and under-predicts; given the traffic's rows (raw logits, no
+    label) each domain's map is shifted so its mean probability there is the rate, and the log loss on the
+    traffic falls with it."""
+    rng = np.random.default_rng(2)
+
+    def sample(clicks, shift):
+        pos, neg = rng.normal(1.0, 1.0, clicks) + shift, rng.normal(-1.0, 1.0, 4 * clicks) + shift
+        return np.r_[pos, neg], np.r_[np.ones(clicks), np.zeros(4 * clicks)].astype(np.int8)
+
+    (z_v, y_v), (z_t, y_t) = sample(2000, 0.0), sample(2000, -1.0)
+    d_v, d_t = np.zeros(len(z_v), int), np.zeros(len(z_t), int)
+    rates = calibration.click_rates(y_t, d_t, ["a"])
+    prior = calibration.fit(z_v, y_v, d_v, ["a"], rate=rates)
+    matched = calibration.fit(z_v, y_v, d_v, ["a"], rate=rates, traffic=(z_t, d_t))
+    assert prior["domains"]["a"]["shifted_by"] == "the prior correction"
+    assert matched["domains"]["a"]["shifted_by"] == f"the mean over the traffic's {len(z_t)} rows"
+    z_prior, z_matched = (_apply(f, z_t, d_t, ("a",)) for f in (prior, matched))
+    assert metrics.probabilities(z_prior).mean() / y_t.mean() < 0.8  # the moved scores, under-predicted
+    assert metrics.probabilities(z_matched).mean() / y_t.mean() == pytest.approx(1.0, abs=1e-4)
+    assert metrics.log_loss_from_logits(y_t, z_matched) < metrics.log_loss_from_logits(y_t, z_prior) - 0.01
+    # a domain without rows in the traffic falls back to the prior correction
+    two = calibration.fit(np.r_[z_v, z_v], np.r_[y_v, y_v], np.r_[d_v, d_v + 1], ["a", "b"],
+                          rate={"a": 0.2, "b": 0.2}, traffic=(z_t, d_t))  # fmt: skip
+    assert two["domains"]["b"]["shifted_by"] == "the prior correction"
+
+
 def test_bad_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="train.calibration"):
         validate(config(train={"calibration": "beta"}))
@@ -230,16 +257,17 @@ def test_calibrate_refits_on_a_named_split_keeps_the_previous_and_scoring_follow
     assert calibration.read(run_dir)["method"] == "platt" and len(calibration.read(run_dir)["previous"]) == 2
     assert again["evaluation"]["overall"]["auc"] == json.loads((run_dir / "eval.json").read_text())["overall"]["auc"]
     assert (run_dir / "reevaluation_test.json").exists()
-    # each domain shifted to its click rate in the test split (its means only): the evaluation period's rates
+    # each domain shifted to its click rate in the test split (its means only), matched in the mean over the
+    # split's rows as the run scores them: the re-scored test split predicts each domain's clicks
     dataset = trained.load(run_dir).dataset()
     test = dataset.split("test")
     rates = calibration.click_rates(test["label"], test["domain"], [d.name for d in dataset.meta.domains])
-    moved = calibrate.main(["--workdir", str(run_dir), "--rates-of", "test"])["calibration"]
+    out = calibrate.main(["--workdir", str(run_dir), "--rates-of", "test"])
+    moved, evaluated = out["calibration"], out["evaluation"]
     assert moved["rate"] == pytest.approx(rates) and "split 'test'" in moved["target"] and len(rates) >= 3
     for name in rates:
-        entry = moved["domains"][name]
-        shift = np.log(rates[name] / (1 - rates[name])) - np.log(entry["ctr"] / (1 - entry["ctr"]))
-        assert entry["shift"] == pytest.approx(shift)
+        assert moved["domains"][name]["shifted_by"].startswith("the mean over the traffic's")
+        assert evaluated["domains"][name]["calibrated"]["pcoc"] == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(SystemExit):
         calibrate.main(["--workdir", str(run_dir), "--rates-of", "test", "--rate", "0.1"])
 

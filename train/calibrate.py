@@ -6,8 +6,10 @@ calibration, or to change the method); the run's evaluation split is then scored
 RUN/reevaluation_SPLIT.json and .md (eval.json, what training measured, is never touched). With --split: on that
 split of the dataset D (default: the run's own), read through the run's vocabulary by key, for a model moved to
 traffic with another click rate. --rates-of S2: each domain's map shifted to its click rate in split S2 (of D,
-default the run's dataset): the rates of the traffic the probabilities will meet, where only the rates are
-known or the period has moved (a label's mean per domain is read, no row's score). Either way
+default the run's dataset): the rates of the traffic the probabilities will meet, where the period has moved.
+S2 is scored by the run (its raw logits) and each domain's map shifted so that its mean probability over S2's
+rows is the domain's rate there: only each domain's mean label is read, never a row's label against its score.
+Either way
 RUN/calibration.json is replaced; the fit it replaces is kept in
 its "previous" list. Batch scoring and exports made afterwards carry the new calibration.
 """
@@ -23,7 +25,7 @@ import numpy as np
 from sr_jax import calibration, io, metrics
 from sr_jax.config import load_config
 from sr_jax.data.pipeline import map_batches
-from sr_jax.data.store import open_dataset
+from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.export import scoring, trained
 from sr_jax.training import evaluation
 from sr_jax.training.restore import result_params
@@ -31,7 +33,10 @@ from sr_jax.training.spec import build_spec
 from train import cli
 
 
-def _own_validation(workdir: Path, train_cfg, rates: tuple[dict, str] | None) -> tuple[dict, dict]:
+Traffic = tuple[dict[str, float], str, tuple[np.ndarray, np.ndarray]]  # (rates per domain, whose, (logits, domain))
+
+
+def _own_validation(workdir: Path, train_cfg, traffic: Traffic | None) -> tuple[dict, dict]:
     """(fit, re-evaluation): fitted on the run's validation data, the evaluation split scored with it."""
     cfg = load_config(workdir / "config.json")
     cfg = dataclasses.replace(cfg, train=train_cfg(cfg.train))
@@ -39,42 +44,51 @@ def _own_validation(workdir: Path, train_cfg, rates: tuple[dict, str] | None) ->
     if spec.valid_source == "":
         raise ValueError(f"{workdir}: the run has no validation data (train.eval_every=0); name one with --split")
     params, rows = result_params(spec), evaluation.trained_rows(spec)
-    fitted = evaluation.fit_calibration(spec, params, rows, *(rates or (None, "")))
+    fitted = evaluation.fit_calibration(spec, params, rows, *(traffic or (None, "", None)))
     return fitted, evaluation.evaluate(spec, params, trained=rows, fitted=fitted)
 
 
-def _split_rates(workdir: Path, split: str, data: str | None) -> tuple[dict[str, float], str]:
-    """({domain: click rate} of `split` of `data` (default: the run's dataset), what they are)."""
-    dataset = open_dataset(data) if data else trained.load(workdir).dataset()
-    columns = dataset.split(split)
-    rates = calibration.click_rates(columns["label"], columns["domain"], [d.name for d in dataset.meta.domains])
-    return rates, f"the click rates per domain of split {split!r} of {dataset.root}"
-
-
-def _named_split(workdir: Path, split: str, data: str | None, train_cfg, rates: tuple[dict, str] | None) -> dict:
-    """Fitted on `split` of `data` (default: the run's dataset), scored as batch scoring scores it."""
-    model = trained.load(workdir)
-    model = dataclasses.replace(model, calibration=None)  # the raw logits
+def _scored(workdir: Path, split: str, data: str | None) -> tuple[dict, np.ndarray, list[str], Dataset]:
+    """(columns, raw logits, the model's domains, the dataset) of `split` of `data` (default: the run's dataset),
+    read through the run's vocabulary by key and scored as batch scoring scores it."""
+    model = dataclasses.replace(trained.load(workdir), calibration=None)  # the raw logits
     scorer = scoring.run_scorer(model)
     dataset = open_dataset(data) if data else model.dataset()
     columns = scoring.model_columns(scorer, dataset, split)
     logits = map_batches(scorer.bind(scoring.text_table(scorer, dataset)), columns, scorer.batch_size)["logit"]
-    t = train_cfg(model.config.train)
+    return columns, np.asarray(logits), scorer.domains, dataset
+
+
+def _traffic(workdir: Path, split: str, data: str | None) -> Traffic:
+    """Each domain's click rate in `split` of `data` (its mean label), what they are, and the split's raw logits
+    and domains (the rows a domain's mean probability is matched over)."""
+    columns, logits, domains, dataset = _scored(workdir, split, data)
+    domain = np.asarray(columns["domain"])
+    rates = calibration.click_rates(np.asarray(columns["label"]), domain, domains)
+    whose = f"the click rates per domain of split {split!r} of {dataset.root}, matched over its rows"
+    return rates, whose, (logits, domain)
+
+
+def _named_split(workdir: Path, split: str, data: str | None, train_cfg, traffic: Traffic | None) -> dict:
+    """Fitted on `split` of `data` (default: the run's dataset), scored as batch scoring scores it."""
+    columns, logits, domains, dataset = _scored(workdir, split, data)
+    t = train_cfg(load_config(workdir / "config.json").train)
+    labels = np.asarray(columns["label"])
     fitted = calibration.fit(
         logits,
-        np.asarray(columns["label"]),
+        labels,
         np.asarray(columns["domain"]),
-        scorer.domains,
+        domains,
         method=t.calibration,
         min_clicks=t.calibration_min_clicks,
-        rate=t.calibration_rate if rates is None else rates[0],
+        rate=t.calibration_rate if traffic is None else traffic[0],
         fitted_on=f"split {split!r} of {dataset.root} ({len(logits)} rows)",
         sampled=dataset.meta.negatives_per_click,
-        target="" if rates is None else rates[1],
+        target="" if traffic is None else traffic[1],
+        traffic=None if traffic is None else traffic[2],
     )
-    table = calibration.arrays(fitted, scorer.domains)
+    table = calibration.arrays(fitted, domains)
     calibrated = np.asarray(calibration.apply(table, logits, np.asarray(columns["domain"])))
-    labels = np.asarray(columns["label"])
     fitted["fit_split"] = {  # in-sample: what the fit changed on the rows it was fitted to
         "raw": metrics.probability_metrics(labels, logits),
         "calibrated": metrics.probability_metrics(labels, calibrated),
@@ -113,11 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _calibrate(workdir: Path, args: argparse.Namespace, train_cfg) -> dict:
     previous = calibration.read(workdir)
-    rates = _split_rates(workdir, args.rates_of, args.data) if args.rates_of else None
+    traffic = _traffic(workdir, args.rates_of, args.data) if args.rates_of else None
     if args.split:
-        fitted, result = _named_split(workdir, args.split, args.data, train_cfg, rates), None
+        fitted, result = _named_split(workdir, args.split, args.data, train_cfg, traffic), None
     else:
-        fitted, result = _own_validation(workdir, train_cfg, rates)
+        fitted, result = _own_validation(workdir, train_cfg, traffic)
         if fitted is None:
             raise ValueError(f"{workdir}: nothing to fit on (the run's validation data)")
     if previous is not None:

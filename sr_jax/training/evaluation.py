@@ -79,11 +79,17 @@ def predict_scores(
 
 
 def fit_calibration(
-    spec: RunSpec, params, trained: dict[str, np.ndarray], rates: dict[str, float] | None = None, target: str = ""
+    spec: RunSpec,
+    params,
+    trained: dict[str, np.ndarray],
+    rates: dict[str, float] | None = None,
+    target: str = "",
+    traffic: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict | None:
     """The run's calibration (train.calibration) fitted on its validation data (never the test), or None where
     it is off or the run has no validation data (train.eval_every=0). `rates`: per-domain click rates to target
-    in place of train.calibration_rate (`calibration.fit`), `target` saying whose they are."""
+    in place of train.calibration_rate (`calibration.fit`), `target` saying whose they are, `traffic` the raw
+    logits and domains of the rows they are of (matched in the mean)."""
     train = spec.config.train
     if train.calibration == "none" or spec.valid_columns is None:
         return None
@@ -99,6 +105,7 @@ def fit_calibration(
         fitted_on=spec.validation_data,
         sampled=spec.dataset.meta.negatives_per_click,
         target=target,
+        traffic=traffic,
     )
 
 
