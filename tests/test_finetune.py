@@ -16,13 +16,16 @@ from sr_jax import model as sr_model
 from sr_jax.config import FinetuneConfig, load_config
 from sr_jax.data.pipeline import rows_read
 from sr_jax.model import rows
+from sr_jax.export import trained
 from sr_jax.training import loop, records, restore, trainer, transfer
+from sr_jax.training.spec import labelled_budget
 from sr_jax.training.pretrained import domain_map
 from sr_jax.training.checkpoint import CheckpointError
 from sr_jax.treeutil import path_str
 from sr_jax.data import selection
 from sr_jax.featurized import load_dataset
 from sr_jax import protocols
+from train import evaluate
 from train import finetune as finetune_cli
 
 NEW = 7  # search_new_service, held out of pretraining
@@ -460,6 +463,34 @@ def test_strategy_auto_keeps_the_candidate_the_validation_data_prefer(pretrained
                finetune_cli.STRATEGIES}  # fmt: skip
     assert len(budgets) == 1  # the same labels for every candidate
     assert chosen["rule"].startswith("the best validation score")
+
+
+def test_a_default_fine_tune_on_more_rows_than_pretraining_also_trains_scratch_and_keeps_the_better(
+    pretrained, tmp_path
+):
+    """Issue 39: where the new data hold finetune.scratch_above times the pretraining run's rows, the default
+    command trains `all` and `scratch` and keeps the better on validation; the folder is a selection that the
+    same command resumes and that the other commands read as the run it kept. Below the ratio, a plain run."""
+    rows, _ = labelled_budget(_finetune_cfg(pretrained))
+    pretraining = sum(json.loads((pretrained / "run_info.json").read_text())["domain_examples"])
+    ratio = 0.999 * rows / pretraining
+    workdir = tmp_path / "versus"
+    argv = ["--pretrained", str(pretrained), "--workdir", str(workdir), "train.epochs=1", "train.min_steps=0",
+            "train.eval_every=2", "finetune.auto_min_valid=0", f"finetune.scratch_above={ratio}"]  # fmt: skip
+    result = finetune_cli.main(argv)
+    chosen = json.loads((workdir / "strategy.json").read_text())
+    assert set(chosen["validation"]) == {"all", "scratch"} and f"finetune.scratch_above={ratio:g}" in chosen["rule"]
+    assert chosen["chosen"] == max(chosen["validation"], key=chosen["validation"].get)
+    kept = workdir / "candidates" / chosen["chosen"]
+    assert trained.load(workdir).workdir == kept.absolute()
+    assert result["mean_domain_auc"] == json.loads((kept / "eval.json").read_text())["mean_domain_auc"]
+    assert finetune_cli.main(argv)["mean_domain_auc"] == result["mean_domain_auc"]  # resumed: nothing retrained
+    split = evaluate.main(["--workdir", str(workdir)])["split"]
+    assert (kept / f"reevaluation_{split}.json").exists() and not (workdir / f"reevaluation_{split}.json").exists()
+    # just below the ratio: the plain run the default always was
+    plain = tmp_path / "plain"
+    finetune_cli.main([*argv[:2], "--workdir", str(plain), *argv[4:-1], f"finetune.scratch_above={ratio * 1.02}"])
+    assert (plain / "config.json").exists() and not (plain / "strategy.json").exists()
 
 
 def test_strategy_auto_keeps_the_recommended_one_when_too_few_labels_validate(pretrained, tmp_path):

@@ -28,6 +28,7 @@ from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.export import scoring, trained
 from sr_jax.training import evaluation
+from sr_jax.training.records import result_folder
 from sr_jax.training.restore import result_params
 from sr_jax.training.spec import build_spec
 from train import cli
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rates_of and args.rate:
         p.error("--rate and --rates-of both name the click rate to target: give one")
     cli.setup()
-    workdir = Path(args.workdir).absolute()
+    workdir = result_folder(args.workdir)  # a strategy selection's: the run it kept
 
     def train_cfg(t):
         method = args.method or (t.calibration if t.calibration != "none" else "platt")

@@ -12,6 +12,7 @@ from sr_jax import calibration
 from sr_jax.config import load_config
 from sr_jax.training import evaluation
 from sr_jax.training.restore import result_params
+from sr_jax.training.records import result_folder
 from sr_jax.training.spec import build_spec
 from train import cli
 
@@ -22,11 +23,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's data.eval_split)")
     args = p.parse_args(argv)
     cli.setup()
-    spec = build_spec(load_config(f"{args.workdir}/config.json"), args.workdir)
+    workdir = result_folder(args.workdir)  # a strategy selection's: the run it kept
+    spec = build_spec(load_config(workdir / "config.json"), workdir)
     result = evaluation.evaluate(spec, result_params(spec), args.split, fitted=calibration.read(spec.workdir))
     # A reader never writes the run's own report (eval.json: what training chose and measured, which a run still
     # training would also replace): a re-evaluation goes beside it, named by its split.
-    evaluation.write_report(args.workdir, result, name=f"reevaluation_{result['split']}")
+    evaluation.write_report(workdir, result, name=f"reevaluation_{result['split']}")
     print(evaluation.markdown_table(result))
     return result
 

@@ -28,7 +28,7 @@ from sr_jax.data.store import Dataset
 from sr_jax.data.vocabulary import Vocabulary, read as read_vocab
 from sr_jax.featurized import load_dataset
 from sr_jax.training.checkpoint import BestCheckpoint, CheckpointError, ParamsReader
-from sr_jax.training.records import read_run_info, read_trained_rows
+from sr_jax.training.records import read_run_info, read_trained_rows, result_folder
 from sr_jax.treeutil import path_str
 
 
@@ -109,7 +109,7 @@ def load(workdir: str | Path, step: int | None = None) -> TrainedModel:
     """A run's parameters: `step` of its checkpoints, or by default its result (the best validated step when the
     run validated, else its latest checkpoint), on the host; a CheckpointError naming the folder when they do
     not restore or do not match the run's config."""
-    workdir = Path(workdir).absolute()
+    workdir = result_folder(workdir)
     if not (workdir / "config.json").exists():
         raise CheckpointError(f"{workdir / 'config.json'}: missing; is {workdir} a run folder?")
     cfg, info, vocab = load_config(workdir / "config.json"), read_run_info(workdir), read_vocab(workdir)

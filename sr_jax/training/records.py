@@ -102,6 +102,21 @@ def read_run_info(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+STRATEGY = "strategy.json"  # a strategy selection's choice (train.finetune): which candidate run is its result
+
+
+def result_folder(folder: str | Path) -> Path:
+    """The run folder whose parameters are `folder`'s result: `folder` itself, or for a strategy selection
+    (`train.finetune --strategy auto`, or a default fine-tune that also trained scratch) the candidate run it
+    kept; a CheckpointError naming the folder for a selection that has not chosen yet."""
+    folder = Path(folder).absolute()
+    if io.kind_of(folder) != io.SELECTION:
+        return folder
+    if not (folder / STRATEGY).exists():
+        raise CheckpointError(f"{folder}: a strategy selection that has not chosen yet; run its command to finish it")
+    return Path(json.loads((folder / STRATEGY).read_text())["run"])
+
+
 def pretrained_folder(workdir: Path, pretrained_dir: str | Path) -> Path:
     """Where this run reads its pretrained run's records: its own snapshot once it has one, else the
     pretrained folder itself."""

@@ -288,16 +288,7 @@ def _examples(
     """(train columns, validation columns or None) in the model's table rows: the labelled budget is
     data.train_fraction of the train split, a carved validation set comes out of it, the dataset's own validation
     split gives as much of itself; each example carries its user's history where model.user_history asks."""
-    split = select_domains(dataset, cfg.data.train_split, domains)
-    labelled = train_subset(split, cfg.data.train_fraction, cfg.train.seed)
-    kept, carved = carve_validation(labelled, cfg.data.valid_from_train if valid_source == CARVED else 0)
-    valid = None
-    if valid_source:
-        if carved is not None:
-            valid = carved
-        else:  # the dataset's own split, as much of it as of the train split
-            own = select_domains(dataset, cfg.data.valid_split, domains)
-            valid = valid_subset(own, cfg.data.train_fraction, cfg.train.seed)
+    kept, valid = _labelled(cfg, dataset, domains, valid_source)
     if n := cfg.model.user_history:
         if not dataset.meta.has_timestamp:
             log.warning("model.user_history=%d: the dataset %s has no timestamps; the history aspect reads as "
@@ -310,6 +301,28 @@ def _examples(
             own = cfg.data.train_split if valid_source == CARVED else cfg.data.valid_split
             valid = history.with_history(valid, history_events(dataset, own, cfg.data.train_split, trained), n)
     return row_map.remap(kept), None if valid is None else row_map.remap(valid)
+
+
+def _labelled(
+    cfg: Config, dataset: Dataset, domains: tuple[str, ...], valid_source: str
+) -> tuple[Columns, Columns | None]:
+    """(train rows, validation rows or None) of the labelled budget, in the dataset's keys."""
+    split = select_domains(dataset, cfg.data.train_split, domains)
+    labelled = train_subset(split, cfg.data.train_fraction, cfg.train.seed)
+    kept, carved = carve_validation(labelled, cfg.data.valid_from_train if valid_source == CARVED else 0)
+    if not valid_source or carved is not None:
+        return kept, carved
+    own = select_domains(dataset, cfg.data.valid_split, domains)  # the dataset's own, as much as of train
+    return kept, valid_subset(own, cfg.data.train_fraction, cfg.train.seed)
+
+
+def labelled_budget(cfg: Config) -> tuple[int, int]:
+    """(training rows, validation rows) a run of `cfg` holds, counted before anything is built (what a choice
+    of strategy reads before training)."""
+    dataset = load_dataset(cfg.data)
+    domains = run_domains(cfg.data, dataset.meta)
+    kept, valid = _labelled(cfg, dataset, domains, validation_source(cfg, dataset))
+    return len(kept["label"]), 0 if valid is None else len(valid["label"])
 
 
 def _schedule(cfg: Config, examples: int, data_axis: int) -> tuple[int, int, int, int]:
