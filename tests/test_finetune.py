@@ -485,6 +485,9 @@ def test_a_default_fine_tune_on_more_rows_than_pretraining_also_trains_scratch_a
     assert trained.load(workdir).workdir == kept.absolute()
     assert result["mean_domain_auc"] == json.loads((kept / "eval.json").read_text())["mean_domain_auc"]
     assert finetune_cli.main(argv)["mean_domain_auc"] == result["mean_domain_auc"]  # resumed: nothing retrained
+    again = tmp_path / "from-the-selection"  # a fine-tune of the selection starts from the run it kept
+    finetune_cli.main(["--pretrained", str(workdir), "--workdir", str(again), "train.max_steps=0"])
+    assert load_config(again / "config.json").finetune.pretrained == str(kept.absolute())
     split = evaluate.main(["--workdir", str(workdir)])["split"]
     assert (kept / f"reevaluation_{split}.json").exists() and not (workdir / f"reevaluation_{split}.json").exists()
     # just below the ratio: the plain run the default always was

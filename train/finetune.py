@@ -38,7 +38,7 @@ from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.protocols import ZERO_SHOT, protocol_splits, zero_shot
 from sr_jax.training import evaluation, trainer
-from sr_jax.training.records import read_run_info
+from sr_jax.training.records import read_run_info, result_folder
 from sr_jax.training.spec import labelled_budget
 from train import cli
 
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse(p, argv)
     cli.setup()
     workdir = Path(args.workdir)
+    if args.pretrained:  # a strategy selection pretrains as the run it kept
+        args.pretrained = str(result_folder(args.pretrained))
     if args.strategy == AUTO:
         return auto(args)
     if args.strategy is None and (workdir / PLAN).exists():  # the default's selection, resumed
