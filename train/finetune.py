@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, ValueError) as e:
         p.error(str(e))
     if why:
+        log.info("%s: scratch is trained too and the better on validation kept (docs/COLD_START.md)", why)
         return auto(args, VERSUS_SCRATCH, why)
     result = trainer.fit(cfg, args.workdir)
     print(evaluation.markdown_table(result))
