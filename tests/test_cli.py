@@ -48,6 +48,7 @@ def test_pretrain_and_finetune_take_overrides_anywhere(monkeypatch, tmp_path):
     for module in (pretrain, finetune):
         monkeypatch.setattr(module.trainer, "fit", lambda cfg, workdir: seen.append(cfg) or {})
         monkeypatch.setattr(module.evaluation, "markdown_table", lambda result: "")
+    monkeypatch.setattr(finetune, "versus_scratch", lambda cfg: None)  # reads the data and the pretrained run
     pretrain.main(["model.dim=8", "--workdir", str(tmp_path / "p"), "train.seed=3"])
     (tmp_path / "old").mkdir()
     save_config(Config(), tmp_path / "old" / "config.json")
