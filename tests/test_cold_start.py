@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY
+from helpers import TINY, config
 from sr_jax.experiments import cold_start as cold_start_lib
 from sr_jax.experiments import report
 from sr_jax.training import trainer
@@ -81,6 +81,33 @@ def test_the_content_settings_a_grid_pretrains():
         "text-off-history-auto",
         "text-off",
     ]  # fmt: skip  (a history of 5 needs text; the default runs without it)
+
+
+def test_the_default_path_row_is_the_better_validated_of_finetune_all_and_scratch_where_the_default_trains_both(
+    tmp_path, monkeypatch
+):
+    """Where `versus_scratch` holds for a finetune-all cell (here: at fraction 1), the grid adds what the default
+    command keeps there: the finetune-all or scratch cell of the same fraction and seed that validated better."""
+    valid = {("finetune-all", 0): 0.70, ("scratch", 0): 0.72, ("finetune-all", 1): 0.74, ("scratch", 1): 0.71}
+
+    def cell(folder, run, cfg):
+        setting = folder.parts[-3].split("+")[0] if folder.parts[-2].startswith("fraction-") else folder.parts[-2]
+        seed = int(folder.name.removeprefix("seed-"))
+        score = valid.get((setting, seed), 0.6)
+        figures = {m: None for m in cold_start_lib.METRICS} | {"train_examples": 1000, "valid_examples": 400}
+        return figures | {"auc": score - 0.01, "valid_auc": score, "seconds": 0.0, "step": 10, "curve": []}
+
+    monkeypatch.setattr(cold_start_lib, "_cached", cell)
+    monkeypatch.setattr(cold_start_lib, "versus_scratch", lambda cfg: "why" if cfg.data.train_fraction == 1 else None)
+    grid = cold_start_lib.Grid(seeds=(0, 1), fractions=(0.1, 1.0), protocols=("new-domain",),
+                           settings=("scratch", "finetune-all"), text=(True,))  # fmt: skip
+    rows = cold_start_lib.run_grid(config(TINY), grid, tmp_path)
+    derived = sorted((r["seed"], r["fraction"], r["kept"], r["auc"]) for r in rows if r["setting"] == "finetune")
+    assert derived == [(0, 1.0, "scratch", pytest.approx(0.71)), (1, 1.0, "finetune-all", pytest.approx(0.73))]
+    gains = [g for g in cold_start_lib.paired_gains(rows) if g["setting"] == "finetune"]
+    assert sorted(round(g["gain"], 6) for g in gains) == [0.0, 0.03]  # never below scratch where it chose right
+    cold_start_lib.write_report(rows, tmp_path / "report", "cmd")
+    assert "scratch kept in 1 of 2 cells" in (tmp_path / "report" / "cold_start.md").read_text()
 
 
 def test_grid_runs_every_cell_once_and_writes_the_report(tmp_path, monkeypatch, capfd):

@@ -38,8 +38,8 @@ from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.protocols import ZERO_SHOT, protocol_splits, zero_shot
 from sr_jax.training import evaluation, trainer
-from sr_jax.training.records import read_run_info, result_folder
-from sr_jax.training.spec import labelled_budget
+from sr_jax.training.records import result_folder
+from sr_jax.training.spec import versus_scratch
 from train import cli
 
 log = logging.getLogger("sr_jax")
@@ -151,24 +151,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.fit(cfg, args.workdir)
     print(evaluation.markdown_table(result))
     return result
-
-
-def versus_scratch(cfg: Config) -> str | None:
-    """Why a default fine-tune also trains scratch and keeps the better on validation, or None: its new data
-    hold at least finetune.scratch_above times the pretraining run's training rows (docs/COLD_START.md: from
-    MovieLens's 60,247 to Amazon's 170,505 the fine-tune was below scratch in 2 of 5 seeds, and the validation
-    data said so in both) and enough validation labels to choose (finetune.auto_min_valid)."""
-    ratio = cfg.finetune.scratch_above
-    if not (ratio and cfg.finetune.pretrained and cfg.train.eval_every):
-        return None
-    rows, valid = labelled_budget(cfg)
-    pretrained = sum(read_run_info(cfg.finetune.pretrained)["domain_examples"])
-    if rows < ratio * pretrained or valid < cfg.finetune.auto_min_valid:
-        return None
-    return (
-        f"{rows:,} training rows, {rows / max(pretrained, 1):.1f}x the pretraining run's {pretrained:,} "
-        f"(finetune.scratch_above={ratio:g}), and {valid:,} validation labels"
-    )
 
 
 def auto(args: argparse.Namespace, strategies: tuple[str, ...] = tuple(STRATEGIES), why: str = "") -> dict:

@@ -32,6 +32,7 @@ from sr_jax.config import Config, override
 from sr_jax.experiments import report
 from sr_jax.experiments.cells import run_once
 from sr_jax.training import trainer
+from sr_jax.training.spec import versus_scratch
 from sr_jax.data import synthetic
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.protocols import PROTOCOLS, ZERO_SHOT, finetune_config, protocol_splits, zero_shot
@@ -53,6 +54,10 @@ VARIANTS = {  # what a fine-tune (and zero-shot, where it reads it) changes; scr
     "no-blend": ["finetune.zero_shot_weight=0"],  # a new domain's result not blended with its zero-shot model
     "half-blend": ["finetune.zero_shot_weight=0.5"],
 }
+# Derived, not run: what `train.finetune` (the default) keeps where it differs from finetune-all (`versus_scratch`:
+# the new data outnumber pretraining's, so it also trains scratch and keeps the better on validation). Its two
+# candidates are the grid's finetune-all and scratch cells of the same fraction and seed (the same configs).
+DEFAULT_PATH = "finetune"
 KEYS = ("protocol", "text", "setting", "variant", "fraction")
 METRICS = ("auc", "overall_auc", "oracle_auc", *report.RANKING, *report.CALIBRATED, *report.BUDGET, "seconds")
 
@@ -153,9 +158,10 @@ def aspects(grid: Grid) -> list[tuple[bool, int, str]]:
 
 
 def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: list[str] = ()) -> list[dict]:
-    """Runs (or reuses) every cell; returns one row per cell and seed."""
+    """Runs (or reuses) every cell; returns one row per cell and seed, and a DEFAULT_PATH row where the default
+    command keeps other than finetune-all (`default_path`)."""
     workdir = Path(workdir)
-    rows = []
+    rows, versus = [], []
     tuned = [s for s in grid.settings if s != "scratch"]
     zero = len(grid.variants) if tuned else 0  # zero-shot: one cell per variant, whatever the fraction
     per_protocol = (len(tuned) * len(grid.variants) + (len(grid.settings) - len(tuned))) * len(grid.fractions) + zero
@@ -194,7 +200,27 @@ def run_grid(base: Config, grid: Grid, workdir: str | Path, finetune_overrides: 
                             name = setting if variant in ("-", "default") else f"{setting}+{variant}"
                             folder = workdir / protocol / aspect / name / f"fraction-{fraction:g}" / f"seed-{seed}"
                             run_cell(folder, cfg, **common, setting=setting, variant=variant, fraction=fraction)
-    return rows
+                            if (setting, variant) == ("finetune-all", "default") and versus_scratch(cfg):
+                                versus.append({**common, "fraction": fraction})
+    return rows + default_path(rows, versus)
+
+
+def default_path(rows: list[dict], versus: list[dict]) -> list[dict]:
+    """DEFAULT_PATH rows: at each of `versus` (protocol, text, seed, fraction: where `train.finetune` also trains
+    scratch), the grid's finetune-all or scratch cell, whichever validated better, with `kept` saying which; none
+    where the grid has no scratch cell there."""
+
+    def cell(setting: str, variant: str, at: dict) -> dict | None:
+        return next((r for r in rows if (r["setting"], r["variant"]) == (setting, variant)
+                     and all(r[k] == v for k, v in at.items())), None)  # fmt: skip
+
+    out = []
+    for at in versus:
+        tuned, scratch = cell("finetune-all", "default", at), cell("scratch", "-", at)
+        if tuned is not None and scratch is not None:
+            kept = scratch if scratch["valid_auc"] > tuned["valid_auc"] else tuned
+            out.append({**kept, "setting": DEFAULT_PATH, "variant": "default", "kept": kept["setting"]})
+    return out
 
 
 def paired_gains(rows: list[dict]) -> list[dict]:
@@ -292,6 +318,15 @@ def write_report(
                 column_label=lambda f: f"{f:g}",
             ),
         ]
+        if kept := [r for r in rows if r["protocol"] == protocol and r["setting"] == DEFAULT_PATH]:
+            scratch = sum(r["kept"] == "scratch" for r in kept)
+            lines += [
+                "",
+                f"`{DEFAULT_PATH}`: what the default `train.finetune` keeps where it differs from finetune-all "
+                "(the new data hold more training rows than pretraining had, `finetune.scratch_above`: it also "
+                "trains scratch and keeps the better on validation), from the finetune-all and scratch cells of the "
+                f"same fraction and seed: scratch kept in {scratch} of {len(kept)} cells.",
+            ]
         if gains := [g for g in gain_table if g["protocol"] == protocol]:
             lines += [
                 "",
@@ -303,8 +338,9 @@ def write_report(
                 ),
             ]
         lines += ["", *_ranking_table([r for r in table if r["protocol"] == protocol])]
-        lines += ["", *_selection_table([r for r in rows if r["protocol"] == protocol])]
-        if curves := _curves(rows, protocol):
+        run = [r for r in rows if r["setting"] != DEFAULT_PATH]  # the cells run (a DEFAULT_PATH row repeats one)
+        lines += ["", *_selection_table([r for r in run if r["protocol"] == protocol])]
+        if curves := _curves(run, protocol):
             report.plot_curves(out / f"{protocol}-validation.png", curves, protocol, "validation AUC")
             title = "Validation curves of the first seed with the largest fraction (a star at the chosen step):"
             lines += ["", title, "", f"![validation curves]({protocol}-validation.png)"]

@@ -325,6 +325,25 @@ def labelled_budget(cfg: Config) -> tuple[int, int]:
     return len(kept["label"]), 0 if valid is None else len(valid["label"])
 
 
+def versus_scratch(cfg: Config) -> str | None:
+    """Why a default fine-tune (`train.finetune`) also trains scratch and keeps the better on validation, or None:
+    its new data hold at least finetune.scratch_above times the pretraining run's training rows
+    (docs/COLD_START.md: from MovieLens's 60,247 to Amazon's 170,505 the fine-tune was below scratch in 2 of 5
+    seeds, and the validation data said so in both) and enough validation labels to choose
+    (finetune.auto_min_valid)."""
+    ratio = cfg.finetune.scratch_above
+    if not (ratio and cfg.finetune.pretrained and cfg.train.eval_every):
+        return None
+    rows, valid = labelled_budget(cfg)
+    pretrained = sum(records.read_run_info(cfg.finetune.pretrained)["domain_examples"])
+    if rows < ratio * pretrained or valid < cfg.finetune.auto_min_valid:
+        return None
+    return (
+        f"{rows:,} training rows, {rows / max(pretrained, 1):.1f}x the pretraining run's {pretrained:,} "
+        f"(finetune.scratch_above={ratio:g}), and {valid:,} validation labels"
+    )
+
+
 def _schedule(cfg: Config, examples: int, data_axis: int) -> tuple[int, int, int, int]:
     """(global batch, its replayed rows, steps per epoch, total steps) for `examples` training rows; a ConfigError
     where the batch does not split over the data axis or into train.grad_accum micro-batches."""
