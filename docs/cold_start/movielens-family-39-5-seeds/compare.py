@@ -32,8 +32,8 @@ def main(now: str, before: str) -> None:
         a, b = aucs(now, "finetune-all", fraction), aucs(before, "finetune-all", fraction)
         ga, gb = a - aucs(now, "scratch", fraction), b - aucs(before, "scratch", fraction)
         seeds = lambda v: ", ".join(f"{x:.3f}" for x in v)  # noqa: E731
-        print(f"| {float(fraction):.0%} | {a.mean():.3f} ({seeds(a)}) | {b.mean():.3f} ({seeds(b)}) | {interval(a - b)} "
-              f"| {interval(ga)} | {interval(gb)} |")  # fmt: skip
+        print(f"| {float(fraction):.0%} | {a.mean():.3f} ({seeds(a)}) | {b.mean():.3f} ({seeds(b)}) "
+              f"| {interval(a - b)} | {interval(ga)} | {interval(gb)} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def main(grids: list[str]) -> None:
                 if "calibrated" in d and "calibrated" in b["domains"].get(name, {}):
                     r[f"ece:{name}"].append((b["domains"][name]["calibrated"]["ece"], d["calibrated"]["ece"]))
                     r[f"pcoc:{name}"].append((b["domains"][name]["calibrated"]["pcoc"], d["calibrated"]["pcoc"]))
-    print("| grid | cells | seeds | log loss, matched − prior | ECE, matched − prior | per domain: ECE prior → matched (mean); PCOC prior → matched (range) |")
+    print("| grid | cells | seeds | log loss, matched − prior | ECE, matched − prior "
+          "| per domain: ECE prior → matched (mean); PCOC prior → matched (range) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for (g, cells), r in sorted(rows.items()):
         domains = sorted({k.split(":", 1)[1] for k in r if ":" in k})
