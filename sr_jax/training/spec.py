@@ -28,6 +28,7 @@ from sr_jax.data.selection import (
     history_events,
     run_domains,
     select_domains,
+    subset_size,
     train_subset,
     valid_subset,
 )
@@ -334,8 +335,12 @@ def versus_scratch(cfg: Config) -> str | None:
     ratio = cfg.finetune.scratch_above
     if not (ratio and cfg.finetune.pretrained and cfg.train.eval_every):
         return None
-    rows, valid = labelled_budget(cfg)
     pretrained = sum(records.read_run_info(cfg.finetune.pretrained)["domain_examples"])
+    if cfg.data.path:  # at most the fraction of the whole split: most fine-tunes stop here, before any data is read
+        whole = DatasetMeta.read(cfg.data.path).splits.get(cfg.data.train_split, 0)
+        if subset_size(whole, cfg.data.train_fraction) < ratio * pretrained:
+            return None
+    rows, valid = labelled_budget(cfg)
     if rows < ratio * pretrained or valid < cfg.finetune.auto_min_valid:
         return None
     return (
