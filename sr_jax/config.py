@@ -55,6 +55,11 @@ class DataConfig:
     batch_size: int = 1024
     eval_batch_size: int = 8192
     prefetch: int = 2  # batches placed on device ahead of the step
+    # Where training reads each example's text vectors from the frozen text table: device (the table on the mesh,
+    # read by gathers or, with model.lookup=all_to_all, routed lookups) | host (joined into each batch by the input
+    # pipeline, `pipeline.join_texts`: the device holds no text table and no text row crosses the network; the
+    # pod's choice, docs/SCALE.md). Inference (predict, scoring, serving) reads the table on its device either way.
+    text_join: str = "device"
     # Rows shuffled together: a train split up to this size is shuffled whole each epoch; a bigger one streams
     # in windows of this many rows (blocks of window/64 rows in shuffled order), O(window) host memory
     # (sr_jax/data/pipeline.py).
@@ -294,6 +299,7 @@ class ConfigError(ValueError):
 LEVELS = ("l0", "l1", "l2")  # the network's levels (docs/DESIGN.md): encoding, shared adaptation, per-domain heads
 HISTORY_POOLINGS = ("mean", "attention")
 LOOKUPS = ("gspmd", "all_to_all")
+TEXT_JOINS = ("device", "host")
 ROW_LAYOUTS = ("strided", "contiguous")  # sr_jax/model/rows.py
 UNTRAINED_IDS = ("row", "missing")
 GATINGS = ("mean", "cls", "domain")
@@ -595,6 +601,13 @@ def validate(cfg: Config) -> Config:
     _positive(problems, data, "data", "prefetch", allow_zero=True)
     _check(problems, data.train_fraction <= 1, "data.train_fraction", f"{data.train_fraction} must be in (0, 1]")
     _check(problems, data.shuffle_window >= 64, "data.shuffle_window", f"{data.shuffle_window}: at least 64 rows")
+    _choice(problems, data.text_join, "data.text_join", TEXT_JOINS)
+    _check(
+        problems,
+        cfg.model.use_text or data.text_join == "device",
+        "data.text_join",
+        f"{data.text_join!r} joins text vectors, but model.use_text is off: nothing reads them",
+    )
     _positive(problems, train, "train", "epochs", "learning_rate", "log_every", "checkpoint_every", "keep_checkpoints")
     _check(problems, not train.epochs > MAX_EPOCHS, "train.epochs", f"{train.epochs!r}: at most {MAX_EPOCHS}")
     _check(problems, bool(data.text_encoder.strip()), "data.text_encoder", "empty: name an encoder or hashed-bow")

@@ -109,3 +109,27 @@ def test_drops_are_counted_by_running_the_routed_lookup(tmp_path):
     assert by[("new-rows-last", "contiguous")]["dropped"] > 0  # every id among the last shard's rows
     assert all(by[(ids, "strided")]["dropped"] == 0 for ids in ("uniform", "zipf", "new-rows-last"))
     assert "| new-rows-last | strided | 4 |" in (tmp_path / "drops.md").read_text()
+
+
+def test_text_vectors_joined_on_the_host_leave_the_wire_for_the_host_link(tmp_path):
+    """`data.text_join=host`: the routed step exchanges the id tables only (3 all-to-alls), sends fewer bytes a
+    device, and takes each example's two text vectors in from its host instead; the projection counts that infeed
+    as a floor under the step (it overlaps the step before)."""
+    from sr_jax.bench import roofline
+
+    args = ["--devices", "1", "4", "--models", "default", "--modes", "weak", "--meshes", "tables-routed",
+            "--batch", "512", *SMALL]  # fmt: skip
+    device = bench_scaling.main([*args, "--out", str(tmp_path / "device")])
+    host = bench_scaling.main([*args, "--out", str(tmp_path / "host"), "data.text_join=host"])
+    device, host = ({(r["devices"], r["mesh"]): r for r in rows} for rows in (device, host))
+    routed, joined = device[(4, "tables-routed")], host[(4, "tables-routed")]
+    assert joined["text_join"] == "host" and joined["collectives"]["all-to-all"]["count"] == 3
+    assert joined["collective_bytes_per_device"] < routed["collective_bytes_per_device"]
+    # two 16-d float32 vectors an example (query and item texts; no history in the bench world)
+    extra = joined["infeed_bytes_per_device"] - routed["infeed_bytes_per_device"]
+    assert extra == 512 * 2 * 16 * 4
+    assert "each example's text vectors joined on the host" in (tmp_path / "host" / "scaling.md").read_text()
+    h100 = roofline.ACCELERATORS["h100"]
+    times = roofline.step_seconds(h100, 1e9, 1e6, [], infeed_bytes=64e9)  # a second of infeed: the floor
+    assert times["infeed"] == pytest.approx(1.0) and times["step"] == pytest.approx(1.0)
+    assert roofline.step_seconds(h100, 1e9, 1e6, [], infeed_bytes=0)["step"] == pytest.approx(1e9 / h100.peak_flops)

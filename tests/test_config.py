@@ -70,6 +70,8 @@ def test_saved_config_round_trips(tmp_path):
         # issue 38: accepted unvalidated (inf: an OverflowError after config.json; an empty rule: replicated)
         (["model.lookup_capacity=inf"], "model.lookup_capacity: inf must be a finite number > 0"),
         (["model.lookup_wire=float16"], "model.lookup_wire: 'float16' is not one of"),
+        (["data.text_join=disk"], "data.text_join: 'disk' is not one of"),
+        (["data.text_join=host", "model.use_text=false"], "data.text_join: 'host' joins text vectors, but model.use"),
         (["mesh.rules=batch="], "mesh.rules: 'batch=' names no axes (write batch=none to replicate it)"),
     ],
 )

@@ -150,6 +150,33 @@ def test_the_text_rows_a_batch_reads_are_routed_as_they_are_gathered():
     np.testing.assert_allclose(np.asarray(routed), np.asarray(plain), rtol=1e-5, atol=1e-5)
 
 
+def test_text_vectors_joined_on_the_host_give_the_device_table_s_logits():
+    """`data.text_join=host`: the batch carries its query, item, history and summary vectors (`join_texts`, zeros
+    where a row is -1) and the model reads them, not the table: the same logits as the table's gathers, with cls
+    gating (which reads the summary vectors), the history aspect and the content match on; a text table of zeros
+    beside such a batch changes nothing."""
+    from helpers import TINY, config, model_inputs
+    from sr_jax import model as sr_model
+    from sr_jax.data.history import COLUMN as HISTORY
+    from sr_jax.data.pipeline import join_texts, joined
+
+    cfg = config(TINY, model={"gating": "cls", "user_history": 3}).model
+    ds, text, batch = model_inputs(64)
+    rng = np.random.default_rng(0)
+    batch = {**batch, HISTORY: jnp.asarray(rng.integers(-1, ds.meta.num_texts, (64, 3)), jnp.int32)}
+    batch["query_text"] = batch["query_text"].at[::5].set(-1)  # some examples without a query text
+    graphdef, params = sr_model.init(cfg, ds.meta, text.pooled.shape[1])
+    table = sr_model.apply(graphdef, params, batch, text)[0]
+    host = {"pooled": np.asarray(text.pooled), "summary": np.asarray(text.summary)}
+    rows = join_texts({k: np.asarray(v) for k, v in batch.items()}, host)
+    assert rows[joined(HISTORY, "pooled")].shape == (64, 3, text.pooled.shape[1])
+    assert not rows[joined("query_text", "summary")][::5].any()
+    np.testing.assert_array_equal(rows[joined("item_text", "pooled")], host["pooled"][np.asarray(batch["item_text"])])
+    zeros = sr_model.TextTable(jnp.zeros((1, text.pooled.shape[1])), jnp.zeros((1, text.pooled.shape[1])))
+    out = sr_model.apply(graphdef, params, {k: jnp.asarray(v) for k, v in rows.items()}, zeros)[0]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(table), rtol=1e-5, atol=1e-6)
+
+
 def test_a_text_table_is_stored_strided_so_one_block_of_rows_never_fills_one_owner():
     """`sharding.text_rows` puts row r on shard r mod S (S = 8 here): a batch reading only the table's first
     rows (a catalogue's queries come first) reaches every owner evenly and drops nothing at capacity 2, and

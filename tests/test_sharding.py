@@ -196,6 +196,45 @@ def test_routed_lookups_train_as_the_single_device_step(tmp_path):
     assert len(logged) == 6 and any(line["lookup_dropped"] > 0 for line in logged)
 
 
+def test_text_vectors_joined_on_the_host_train_as_the_device_table_and_send_no_text_row(tmp_path):
+    """`data.text_join=host` with routed lookups over all 8 devices: the device holds one zero row of text a shard,
+    the batches carry their vectors (the history's too), and 6 steps give one device's parameters with the text
+    table on it; the compiled step routes the id tables only (3 all-to-alls, not 5) and sends fewer bytes a device
+    than the same layout reading the text table on the devices; evaluation reads the same."""
+    from sr_jax.bench import compiled
+    from sr_jax.data.pipeline import joined
+
+    train = {"checkpoint_every": 1000}
+    model = {"user_history": 3}
+    single_run, single = _train(config(TINY, train=train, model=model), tmp_path / "one", jax.devices()[:1])
+    layout = {"data": 1, "model": 8, "rules": ("batch=data+model",)}
+    sent, programs = {}, {}
+    for join in ("device", "host"):
+        routed = {**model, "lookup": "all_to_all", "lookup_capacity": 8.0}
+        cfg = config(TINY, train=train, mesh=layout, model=routed, data={"text_join": join})
+        run, state = _train(cfg, tmp_path / join, jax.devices())
+        spec = run.spec
+        if join == "host":
+            assert spec.text.pooled.shape[0] == 8 and not np.asarray(spec.text.pooled).any()
+            assert set(spec.joined_text) == {"pooled"}
+            assert spec.batch_shapes()[joined("user.history", "pooled")].shape == (spec.batch_size, 3, 64)
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
+                single.params,
+                state.params,
+            )
+            ours, theirs = evaluation.evaluate(spec, state.params), evaluation.evaluate(single_run.spec, single.params)
+            assert abs(ours["overall"]["auc"] - theirs["overall"]["auc"]) < 1e-4
+        program = spec.program.train_step.lower(spec.program.abstract_state, spec.batch_shapes(), spec.text, None)
+        hlo = program.compile().as_text()
+        found = compiled.collectives(hlo, 8)
+        programs[join] = [c.kind for c in found].count("all-to-all")
+        sent[join] = sum(c.wire_bytes for c in found)
+        run.close()
+    assert programs == {"device": 5, "host": 3}, programs
+    assert sent["host"] < sent["device"], sent
+
+
 def test_inference_reads_every_row_whatever_the_lookup_capacity(tmp_path):
     """A routed run at a capacity that drops most of its training lookups (0.05), its vectors on the wire in
     bfloat16, still evaluates as the plain gather does with the same parameters: inference routes with room for

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -133,6 +134,7 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
     from sr_jax.bench import roofline
     from sr_jax.bench.world import bench_meta
     from sr_jax.config import MeshConfig
+    from sr_jax.data.pipeline import join_texts
     from sr_jax.training.program import build_program
 
     batch = args.batch * d if mode == "weak" else args.global_batch
@@ -150,27 +152,34 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
     parsed = shd.parse_rules(cfg.mesh.rules)
     started = time.perf_counter()
     program = build_program(cfg, meta, args.text_dim, mesh, total_steps=1_000_000)
+    # one example's columns; with data.text_join=host its text vectors too, as the input pipeline joins them
+    first = {name: np.zeros((1, *shape), dtype) for name, (dtype, shape) in meta.columns().items()}
+    host = cfg.data.text_join == "host"
+    if host:
+        parts = ("pooled", "summary") if cfg.model.gating == "cls" else ("pooled",)
+        first = join_texts(first, {part: np.zeros((1, args.text_dim), np.float32) for part in parts})
     inputs = {
-        name: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=shd.batch_sharding(mesh, parsed))
-        for name, (dtype, shape) in meta.columns().items()
+        name: jax.ShapeDtypeStruct((batch, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(mesh, parsed))
+        for name, col in first.items()
     }
-    texts = -(-meta.num_texts // model_axis) * model_axis
+    texts = model_axis if host else -(-meta.num_texts // model_axis) * model_axis  # host: zero rows only
     table = jax.ShapeDtypeStruct((texts, args.text_dim), np.float32, sharding=shd.text_sharding(mesh, parsed))
     text = sr_model.TextTable(table, table)
     compiled = program.train_step.lower(program.abstract_state, inputs, text, None).compile()
     compile_s = time.perf_counter() - started
     flops, accessed = reader.step_cost(compiled)
     found = reader.collectives(compiled.as_text(), d)
+    infeed = sum(math.prod(x.shape) * x.dtype.itemsize for x in inputs.values()) / d  # a device's batch bytes
     row = dict(
         model=model, mode=mode, mesh=mesh_kind, update=update, devices=d, global_batch=batch, rows=args.rows,
-        texts=args.texts, inter_node_efficiency=args.inter_node_efficiency,
+        texts=args.texts, text_join=cfg.data.text_join, inter_node_efficiency=args.inter_node_efficiency,
         flops_per_device=flops, bytes_per_device=accessed,
-        collective_bytes_per_device=sum(c.wire_bytes for c in found),
+        collective_bytes_per_device=sum(c.wire_bytes for c in found), infeed_bytes_per_device=infeed,
         collectives=reader.summary(found), compile_s=round(compile_s, 1),
         step_seconds={}, projected_examples_per_s={}, costliest_collective={},
     )  # fmt: skip
     for name, acc in roofline.ACCELERATORS.items():
-        times = roofline.step_seconds(acc, flops, accessed, found, args.inter_node_efficiency)
+        times = roofline.step_seconds(acc, flops, accessed, found, args.inter_node_efficiency, infeed)
         row["step_seconds"][name] = times
         row["projected_examples_per_s"][name] = batch / times["step"]
         row["costliest_collective"][name] = roofline.costliest(acc, found, args.inter_node_efficiency)
@@ -316,6 +325,12 @@ def with_efficiency(rows: list[dict]) -> None:
             r["efficiency_vs_best"][acc] = None if best is None else v / (r["devices"] * best)
 
 
+TEXT_JOINS = {
+    "device": "the text table on the devices (data.text_join=device)",
+    "host": "each example's text vectors joined on the host and fed with its batch (data.text_join=host)",
+}
+
+
 def write_report(rows: list[dict], out: Path, command: str, compiled_on: str) -> None:
     from sr_jax.bench import roofline
     from sr_jax.experiments import report
@@ -332,13 +347,15 @@ def write_report(rows: list[dict], out: Path, command: str, compiled_on: str) ->
         "all-to-all at the torus bisection's share of a chip's links: examples/s and efficiency (examples/s at D "
         "over D x at 1 with the same update; `vs best`: over D x the best one-device configuration) on "
         + ", ".join(roofline.ACCELERATORS[n].name for n in names)
-        + f" (`sr_jax/bench/roofline.py`; docs/PERFORMANCE.md), {rows[0]['texts']:,} texts in the text table. "
-        "`costliest` names the collective kind that costs the H100 projection the most.",
+        + f" (`sr_jax/bench/roofline.py`; docs/PERFORMANCE.md), {rows[0]['texts']:,} texts in the text table, "
+        + TEXT_JOINS[rows[0]["text_join"]]
+        + ". `MB in/dev`: a device's batch from its host, moved while the step before runs (a step takes at least "
+        "its time). `costliest` names the collective kind that costs the H100 projection the most.",
         "",
-        "| model | update | mode | mesh | D | global batch | GFLOP/dev | GB accessed/dev | MB sent/dev | "
+        "| model | update | mode | mesh | D | global batch | GFLOP/dev | GB accessed/dev | MB sent/dev | MB in/dev | "
         + " | ".join(f"{roofline.ACCELERATORS[n].name} ex/s | eff. | vs best" for n in names)
         + " | costliest (H100) |",
-        "|" + "---|" * (10 + 3 * len(names)),
+        "|" + "---|" * (11 + 3 * len(names)),
     ]
     for r in rows:
         cells = []
@@ -348,7 +365,7 @@ def write_report(rows: list[dict], out: Path, command: str, compiled_on: str) ->
         lines.append(
             f"| {r['model']} | {r['update']} | {r['mode']} | {r['mesh']} | {r['devices']} | {r['global_batch']:,} | "
             f"{r['flops_per_device'] / 1e9:.2f} | {r['bytes_per_device'] / 1e9:.3f} | "
-            f"{r['collective_bytes_per_device'] / 1e6:.2f} | "
+            f"{r['collective_bytes_per_device'] / 1e6:.2f} | {r['infeed_bytes_per_device'] / 1e6:.2f} | "
             + " | ".join(cells)
             + f" | {r['costliest_collective']['h100']} |"
         )

@@ -1,7 +1,8 @@
 """A step time projected from what one device computes, reads and sends (`sr_jax.bench.compiled`), on named
 accelerators, from their published specifications (docs/PERFORMANCE.md cites them).
 
-    step = max(FLOPs / peak, bytes accessed / HBM bandwidth) + sum over collectives (latency + wire bytes / link)
+    step = max(max(FLOPs / peak, bytes accessed / HBM bandwidth) + sum over collectives (latency + wire bytes / link),
+               a device's batch bytes / host link)
 
 What it is: a projection from XLA:CPU's counts at 100% of peak FLOP/s and HBM bandwidth with no kernel launch
 cost, so its compute and memory terms are lower bounds on their time (a step of many small kernels is bound by
@@ -10,7 +11,10 @@ overlap. The HBM term is XLA's count of bytes accessed on the machine it was com
 group spans more than one fast island (8 NVLink-joined GPUs of a DGX/HGX H100; a TPU pod's ICI) runs at the slow
 link's bandwidth times `inter_node` (the share of line rate a collective gets between nodes; 0.6 by default). On
 a TPU torus an all-to-all is bound by the torus's bisection, not by a chip's links: it gets `torus_share` of
-them. Bandwidths are per direction per device (the published figures are bidirectional aggregates: halved).
+them. Bandwidths are per direction per device (the published figures are bidirectional aggregates: halved). The
+batch reaches a device over its host link while the step before it runs (`pipeline.prefetch_to_device`), so it
+costs time only where it takes longer than the step: it matters where the input pipeline joins the text vectors
+(data.text_join=host: 1.5 KB an example at 384-d in float32, where the ids are about 0.1 KB).
 """
 
 from __future__ import annotations
@@ -30,17 +34,21 @@ class Accelerator:
     slow_link: float  # bytes/s per device between islands
     latency: float  # seconds per collective (its fixed cost), inside an island
     slow_latency: float
+    host_link: float  # bytes/s per device, host to device (the batch's way in)
     torus: int = 0  # the island's torus dimensions (TPU ICI: 2 on v5e, 3 on v5p); 0: a switched network
 
 
 ACCELERATORS = {
     # NVIDIA H100 SXM5 datasheet: TF32 tensor 989 TFLOP/s with sparsity (494.7 dense), HBM3 3.35 TB/s, NVLink 4
-    # 900 GB/s (bidirectional); DGX H100: 8 GPUs an NVLink island, one ConnectX-7 400 Gb/s NIC per GPU.
-    "h100": Accelerator("H100 SXM", 494.7e12, 3.35e12, 450e9, 8, 50e9, 10e-6, 25e-6),
+    # 900 GB/s (bidirectional), PCIe Gen5 128 GB/s (bidirectional); DGX H100: 8 GPUs an NVLink island, one
+    # ConnectX-7 400 Gb/s NIC per GPU.
+    "h100": Accelerator("H100 SXM", 494.7e12, 3.35e12, 450e9, 8, 50e9, 10e-6, 25e-6, 64e9),
     # Google Cloud TPU v5e: 197 TFLOP/s bf16, HBM 819 GB/s, ICI 1,600 Gbps a chip, 256 chips a pod (2D torus).
-    "tpu-v5e": Accelerator("TPU v5e", 197e12, 819e9, 100e9, 256, 100e9, 5e-6, 5e-6, torus=2),
+    # The host link is not published per chip: taken as PCIe Gen4 x16 (32 GB/s each way), an assumption.
+    "tpu-v5e": Accelerator("TPU v5e", 197e12, 819e9, 100e9, 256, 100e9, 5e-6, 5e-6, 32e9, torus=2),
     # Google Cloud TPU v5p: 459 TFLOP/s bf16, HBM 2,765 GB/s, ICI 4,800 Gbps a chip, 8,960 chips a pod (3D torus).
-    "tpu-v5p": Accelerator("TPU v5p", 459e12, 2765e9, 300e9, 8960, 300e9, 5e-6, 5e-6, torus=3),
+    # The host link as v5e's (an assumption).
+    "tpu-v5p": Accelerator("TPU v5p", 459e12, 2765e9, 300e9, 8960, 300e9, 5e-6, 5e-6, 32e9, torus=3),
 }
 
 
@@ -66,12 +74,20 @@ def collective_seconds(acc: Accelerator, collective: Collective, inter_node: flo
 
 
 def step_seconds(
-    acc: Accelerator, flops: float, bytes_accessed: float, found: list[Collective], inter_node: float = INTER_NODE
+    acc: Accelerator,
+    flops: float,
+    bytes_accessed: float,
+    found: list[Collective],
+    inter_node: float = INTER_NODE,
+    infeed_bytes: float = 0.0,
 ) -> dict[str, float]:
-    """-> {compute, memory, collectives, step} seconds of one step on one device of `acc`."""
+    """-> {compute, memory, collectives, infeed, step} seconds of one step on one device of `acc`; `infeed_bytes`:
+    the device's share of a batch, moved from the host while the step before runs."""
     compute, memory = flops / acc.peak_flops, bytes_accessed / acc.hbm
     talk = sum(collective_seconds(acc, c, inter_node) for c in found)
-    return {"compute": compute, "memory": memory, "collectives": talk, "step": max(compute, memory) + talk}
+    infeed = infeed_bytes / acc.host_link
+    step = max(max(compute, memory) + talk, infeed)
+    return {"compute": compute, "memory": memory, "collectives": talk, "infeed": infeed, "step": step}
 
 
 def costliest(acc: Accelerator, found: list[Collective], inter_node: float = INTER_NODE) -> str:

@@ -3,7 +3,9 @@
 The order is a pure function of (seed, epoch), so the data position of a run is its step count: a run
 resumed at step s reads exactly the batches an uninterrupted run reads from step s on. A batch is a
 dict of numpy arrays (one fancy-index per column, no per-example Python); `prefetch_to_device` moves
-batches to the mesh in a background thread, a few steps ahead of the train step.
+batches to the mesh in a background thread, a few steps ahead of the train step. With `data.text_join=host`
+`join_texts` adds each example's text vectors from the frozen text table there too, so the device never holds
+the table.
 
 A split up to `window` rows (`data.shuffle_window`) is shuffled whole. A bigger one streams: its rows are
 cut into blocks of window / 64 consecutive rows, the blocks are shuffled, and every 64 blocks in that
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from sr_jax.config import DataConfig
+from sr_jax.data.history import COLUMN as HISTORY
 
 
 BLOCKS_PER_WINDOW = 64
@@ -164,6 +167,30 @@ def map_batches(fn: Callable, columns: dict[str, np.ndarray], batch_size: int):
     if parts and isinstance(parts[0], dict):
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return np.concatenate(parts)
+
+
+TEXT_COLUMNS = ("query_text", "item_text", HISTORY)  # the columns that hold text rows (-1: none)
+
+
+def joined(column: str, part: str) -> str:
+    """The batch column holding `column`'s text vectors from the text cache's `part` (pooled | summary)."""
+    return f"{column}:{part}"
+
+
+def join_texts(rows: dict[str, np.ndarray], texts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A host batch -> the same with every text column's vectors joined from the frozen text cache (`texts`: part
+    -> [num_texts, t], e.g. a memory map): `joined(column, part)` [*rows[column].shape, t] float32, zeros where a
+    row is -1. `data.text_join=host` puts this in the input pipeline: the device reads the vectors as inputs and
+    holds no text table, so no text row crosses the network (the production practice for a frozen table)."""
+    out = dict(rows)
+    for column in (c for c in TEXT_COLUMNS if c in rows):
+        at = np.asarray(rows[column])
+        for part, table in texts.items():
+            vectors = np.take(table, np.maximum(at, 0).reshape(-1), axis=0).astype(np.float32, copy=False)
+            vectors = vectors.reshape(*at.shape, table.shape[1])
+            vectors[at < 0] = 0.0
+            out[joined(column, part)] = vectors
+    return out
 
 
 def prefetch_to_device(batches: Iterator, put: Callable, size: int) -> Iterator:

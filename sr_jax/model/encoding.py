@@ -20,6 +20,7 @@ from flax import nnx
 
 from sr_jax.config import ModelConfig
 from sr_jax.data.history import COLUMN as HISTORY
+from sr_jax.data.pipeline import joined
 from sr_jax.data.schema import SPARSE_SIDES, DatasetMeta
 from sr_jax.model.match import unit_texts
 from sr_jax.model.layers import Array, context_axes, context_shards, hash_ids, masked_softmax, normal
@@ -218,8 +219,8 @@ class FeatureEncoder(nnx.Module):
         return {k: v.reshape(*rows[k].shape, v.shape[-1]) for k, v in zip(keys, vectors)}
 
     def read_texts(self, batch: dict[str, Array], text: TextTable, train: bool) -> BatchTexts:
-        """The text vectors `batch` reads (its query, item and history rows; zeros where a row is -1): plain
-        gathers, or with `model.lookup=all_to_all` on a mesh that splits the text table over the tables' axis,
+        """The text vectors `batch` reads (its query, item and history rows; zeros where a row is -1): those the
+        input pipeline joined into it (`pipeline.join_texts`, data.text_join=host), plain gathers, or with `model.lookup=all_to_all` on a mesh that splits the text table over the tables' axis,
         one routed exchange (`routed_lookup`; its drops sown with the tables'), so the text table is never
         gathered whole (GSPMD all-gathers a small row-split table read by a batch split over the same axis, and
         all-reduces the global batch's vectors for a big one: 2.2 GB a device a step at 1M 384-d texts)."""
@@ -228,6 +229,12 @@ class FeatureEncoder(nnx.Module):
         columns = ["query_text", "item_text", *([HISTORY] if "history" in self.aspects["user"] else [])]
         summaries = columns[:2]
         b = batch[columns[0]].shape[0]
+        if joined(columns[0], "pooled") in batch:  # data.text_join=host: the input pipeline joined them
+            zeros = jnp.zeros((b, self.text_dim), jnp.float32)
+            return BatchTexts(
+                {c: batch[joined(c, "pooled")] for c in columns},
+                {c: batch.get(joined(c, "summary"), zeros) for c in summaries},
+            )
         batch = {c: text_position(batch[c], text.pooled.shape[0]) for c in columns}  # where the rows are stored
         axes = routed_axes(b) if self.lookup == "all_to_all" else None
         if axes is None or context_axes("text_rows", "model") != (axes[0],):

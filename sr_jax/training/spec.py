@@ -20,7 +20,7 @@ from sr_jax import sharding as shd
 from sr_jax.config import HISTORY_AUTO, Config, ConfigError, validate
 from sr_jax.data import history, vocabulary
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.data.pipeline import rows_read
+from sr_jax.data.pipeline import join_texts, rows_read
 from sr_jax.data.selection import (
     Columns,
     carve_validation,
@@ -48,7 +48,8 @@ class RunSpec:
     workdir: Path
     dataset: Dataset
     mesh: Mesh
-    text: sr_model.TextTable  # the dataset's text features on the mesh
+    text: sr_model.TextTable  # the dataset's text features on the mesh (data.text_join=host: zero rows only)
+    joined_text: dict[str, np.ndarray]  # data.text_join=host: part -> the host table its batches join; else {}
     domains: tuple[str, ...]  # the domains this run trains and evaluates on
     row_map: vocabulary.RowMap  # the model's tables, and the dataset's ids as their rows
     model_meta: DatasetMeta  # the dataset's metadata with the model's table sizes and fields: what shapes follow
@@ -136,8 +137,9 @@ class RunSpec:
         return shd.process_slice(self.batch_sharding, batch_size)
 
     def global_batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of a batch -> the global batch on the mesh."""
-        return shd.to_global(rows, self.batch_sharding)
+        """This process's rows of a batch -> the global batch on the mesh (with its text vectors joined on the host
+        under data.text_join=host)."""
+        return shd.to_global(join_texts(rows, self.joined_text) if self.joined_text else rows, self.batch_sharding)
 
     def global_eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A whole evaluation batch, which every process reads, -> the global batch (each brings its rows)."""
@@ -146,9 +148,11 @@ class RunSpec:
 
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The shapes, dtypes and sharding of one global train batch: what the train step is compiled for."""
+        first = {name: col[:1] for name, col in self.train_columns.items()}
+        first = join_texts(first, self.joined_text) if self.joined_text else first
         return {
             name: jax.ShapeDtypeStruct((self.batch_size, *col.shape[1:]), col.dtype, sharding=self.batch_sharding)
-            for name, col in self.train_columns.items()
+            for name, col in first.items()
         }
 
 
@@ -207,7 +211,7 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     rules = shd.parse_rules(cfg.mesh.rules)
     data_axis = shd.batch_shards(mesh, rules)  # devices a batch is split over
     _check_splits(cfg, dataset, data_axis)
-    pooled, text = _text_table(cfg, dataset, mesh, rules)
+    pooled, text, joined_text = _text_table(cfg, dataset, mesh, rules)
     domains = run_domains(cfg.data, dataset.meta)
     folder = records.pretrained_folder(workdir, cfg.finetune.pretrained) if cfg.finetune.pretrained else None
     run_info = records.read_run_info(folder) if folder else None  # first: it says whether this is a run folder
@@ -237,6 +241,7 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
         dataset=dataset,
         mesh=mesh,
         text=text,
+        joined_text=joined_text,
         domains=domains,
         row_map=row_map,
         model_meta=model_meta,
@@ -256,11 +261,19 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
     )
 
 
-def _text_table(cfg: Config, dataset: Dataset, mesh: Mesh, rules: shd.Rules) -> tuple[np.ndarray, sr_model.TextTable]:
+def _text_table(
+    cfg: Config, dataset: Dataset, mesh: Mesh, rules: shd.Rules
+) -> tuple[np.ndarray, sr_model.TextTable, dict[str, np.ndarray]]:
     """The dataset's cached text features for the run's encoder -> (pooled [texts, t] on the host, the text table
-    placed on the mesh by the rules)."""
+    placed on the mesh by the rules, the host tables its batches join). data.text_join=host: the table on the
+    mesh has zero rows only (the model reads the batch's joined vectors), and the batches join pooled (and the
+    summary where cls gating reads it)."""
     pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
-    return pooled, sr_model.TextTable(*shd.text_table(mesh, pooled, summary, cfg.model.gating == "cls", rules))
+    keep_summary = cfg.model.gating == "cls"
+    if cfg.data.text_join == "device":
+        return pooled, sr_model.TextTable(*shd.text_table(mesh, pooled, summary, keep_summary, rules)), {}
+    joined = {"pooled": pooled, **({"summary": summary} if keep_summary else {})}
+    return pooled, sr_model.TextTable(*shd.text_table(mesh, pooled[:0], summary[:0], keep_summary, rules)), joined
 
 
 def _row_map(cfg: Config, dataset: Dataset, folder: Path | None) -> vocabulary.RowMap:
