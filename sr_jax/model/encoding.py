@@ -220,10 +220,11 @@ class FeatureEncoder(nnx.Module):
 
     def read_texts(self, batch: dict[str, Array], text: TextTable, train: bool) -> BatchTexts:
         """The text vectors `batch` reads (its query, item and history rows; zeros where a row is -1): those the
-        input pipeline joined into it (`pipeline.join_texts`, data.text_join=host), plain gathers, or with `model.lookup=all_to_all` on a mesh that splits the text table over the tables' axis,
-        one routed exchange (`routed_lookup`; its drops sown with the tables'), so the text table is never
-        gathered whole (GSPMD all-gathers a small row-split table read by a batch split over the same axis, and
-        all-reduces the global batch's vectors for a big one: 2.2 GB a device a step at 1M 384-d texts)."""
+        input pipeline joined into it (`pipeline.join_texts`, data.text_join=host), plain gathers, or with
+        `model.lookup=all_to_all` on a mesh that splits the text table over the tables' axis, one routed exchange
+        (`routed_lookup`; its drops sown with the tables'), so the text table is never gathered whole (GSPMD
+        all-gathers a small row-split table read by a batch split over the same axis, and all-reduces the global
+        batch's vectors for a big one: 2.2 GB a device a step at 1M 384-d texts)."""
         if not self.text_proj:  # model.use_text off: no text is read
             return BatchTexts({}, {})
         columns = ["query_text", "item_text", *([HISTORY] if "history" in self.aspects["user"] else [])]
