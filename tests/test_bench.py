@@ -177,3 +177,20 @@ def test_bench_input_times_a_fresh_start_on_a_split_written_in_chunks(tmp_path):
         )
     assert json.loads(out.read_text())["rows"] == 5000
     assert (tmp_path / "ds" / VALIDATED).exists() and open_dataset(tmp_path / "ds").meta.splits == {"train": 5000}
+
+
+def test_bench_input_times_the_host_text_join(tmp_path):
+    """`--texts N`: the batches also timed with their text vectors joined from an N-row table; `spread` sends a
+    batch's text rows all over that table and keeps -1 (no text) as it is."""
+    from train import bench_input
+
+    tiny = [f"data.synthetic.{k}={v}" for k, v in (("num_users", 60), ("num_items", 120), ("train_examples", 4096))]
+    out = tmp_path / "input.json"
+    result = bench_input.main(["--seconds", "0.2", "--cores", "0", "--texts", "5000", "--out", str(out),
+                               "data.batch_size=256", "data.text_encoder=hashed-bow", *tiny])  # fmt: skip
+    assert result["texts"] == 5000 and result["text_dim"] == 64
+    assert 0 < result["host_joined_examples_per_s"] and json.loads(out.read_text()) == result
+    rows = np.array([[-1, 0, 1, 7]])
+    spread = bench_input.spread({"item_text": rows, "label": rows}, 5000)
+    assert spread["item_text"][0, 0] == -1 and len(set(spread["item_text"][0, 1:])) == 3
+    assert (spread["item_text"] < 5000).all() and spread["label"] is rows

@@ -74,7 +74,8 @@ def test_the_scale_doc_s_launch_commands_give_each_device_its_share(tmp_path):
     assert len(commands) >= 3 and any("mesh.model=64" in c for c in commands), commands
     one, _ = _compiled(tmp_path, "mmoe", 1, 1)
     for assignments in commands:
-        kept = [a for a in assignments if a.split("=")[0] in ("mesh.rules", "model.lookup", "model.table_row_multiple")]
+        keys = ("mesh.rules", "model.lookup", "model.table_row_multiple", "data.text_join")
+        kept = [a for a in assignments if a.split("=")[0] in keys]
         model = min(8, int(next((a.split("=")[1] for a in assignments if a.startswith("mesh.model=")), 1)))
         flops, _ = _compiled(tmp_path, "mmoe", 8 // model, model, assignments=kept)
         # the routed lookup adds its dedupe and exchange per row (15% of this tiny network); a repeated layout: +100%

@@ -2,7 +2,10 @@
 [--rows N [--dataset DIR] [--chunk-rows C] [--baseline-src SRC]] [--out FILE] [overrides]`.
 
 Without `--rows`: times shuffled batches assembled from the configured dataset's memory-mapped columns
-(host only), then the same batches placed on the mesh through the background prefetcher.
+(host only), then the same batches placed on the mesh through the background prefetcher. With `--texts N`, also
+the batches with their text vectors joined on the host (`data.text_join=host`, `pipeline.join_texts`) from a
+table of N random vectors as wide as the dataset's text features (each text row r read as row r x 2654435761
+mod N, so a batch reads rows from all over the table, as a big catalogue's batch does).
 
 With `--rows N`: a synthetic split of N examples (the bench schema: user, query and item ids, two text
 rows, domain, label; 25 bytes an example) is written to DIR chunk by chunk (`store.Chunks`; validated
@@ -29,13 +32,15 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from sr_jax import sharding as shd
 from sr_jax.bench.world import bench_meta, random_columns
 from sr_jax.config import override
-from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
+from sr_jax.data.pipeline import TEXT_COLUMNS, BatchIterator, join_texts, prefetch_to_device
 from sr_jax.data.store import VALIDATED, Chunks, open_dataset, write_dataset
 from sr_jax.featurized import load_dataset
+from sr_jax.text import text_identity
 from train import cli
 
 log = logging.getLogger("sr_jax")
@@ -65,6 +70,14 @@ print(json.dumps(dict(open_s=opened, first_batch_s=first, heap_peak_gib=tracemal
                       anon_gib=status["RssAnon"], file_pages_gib=status["RssFile"], examples_per_s=rate,
                       source=sr_jax.__file__)))
 """
+
+
+def spread(batch: dict[str, np.ndarray], texts: int) -> dict[str, np.ndarray]:
+    """A batch whose text rows point all over a table of `texts` rows (row r -> r x 2654435761 mod texts)."""
+    out = dict(batch)
+    for c in (c for c in TEXT_COLUMNS if c in batch):
+        out[c] = np.where(batch[c] >= 0, batch[c].astype(np.int64) * 2654435761 % texts, -1)
+    return out
 
 
 def throughput(batches, batch_size: int, seconds: float) -> float:
@@ -144,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dataset", default="", help="where that split is (written when missing)")
     p.add_argument("--chunk-rows", type=int, default=10_000_000)
     p.add_argument("--baseline-src", default="", help="a source tree to compare start-up with")
+    p.add_argument("--texts", type=int, default=0, help="also time the host text join from a table of N texts")
     p.add_argument("--out", default=None, help="also write the results here as JSON")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -168,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
             lines.append(f"| {r['code']} | {r['what']} | {cells} | {rate} |")
         print("\n".join(lines))
     else:
-        columns = load_dataset(cfg.data).split(cfg.data.train_split)
+        dataset = load_dataset(cfg.data)
+        columns = dataset.split(cfg.data.train_split)
         mesh = shd.make_mesh(cfg.mesh)
         window = cfg.data.shuffle_window
         host = throughput(BatchIterator(columns, bs, seed=0, window=window), bs, args.seconds)
@@ -183,10 +198,18 @@ def main(argv: list[str] | None = None) -> dict:
             "host_examples_per_s": host,
             "to_device_examples_per_s": device,
         }
-        print(
-            f"| path | examples/s |\n|---|---|\n| host batches ({cores} core) | {host:,.0f} |\n"
-            f"| + prefetch to {result['backend']} | {device:,.0f} |"
-        )
+        lines = [
+            f"| host batches ({cores} core) | {host:,.0f} |",
+            f"| + prefetch to {result['backend']} | {device:,.0f} |",
+        ]
+        if args.texts:
+            width = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])[0].shape[1]
+            table = {"pooled": np.random.default_rng(0).standard_normal((args.texts, width), np.float32)}
+            batches = BatchIterator(columns, bs, seed=0, window=window)
+            rate = throughput((join_texts(spread(b, args.texts), table) for b in batches), bs, args.seconds)
+            result.update(texts=args.texts, text_dim=width, host_joined_examples_per_s=rate)
+            lines.append(f"| host batches + text vectors joined ({args.texts:,} x {width}) | {rate:,.0f} |")
+        print("| path | examples/s |\n|---|---|\n" + "\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
