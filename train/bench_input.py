@@ -5,7 +5,8 @@ Without `--rows`: times shuffled batches assembled from the configured dataset's
 (host only), then the same batches placed on the mesh through the background prefetcher. With `--texts N`, also
 the batches with their text vectors joined on the host (`data.text_join=host`, `pipeline.join_texts`) from a
 table of N random vectors as wide as the dataset's text features (each text row r read as row r x 2654435761
-mod N, so a batch reads rows from all over the table, as a big catalogue's batch does).
+mod N, so a batch reads rows from all over the table, as a big catalogue's batch does), alone and then placed on
+the mesh through the prefetcher, as training places them.
 
 With `--rows N`: a synthetic split of N examples (the bench schema: user, query and item ids, two text
 rows, domain, label; 25 bytes an example) is written to DIR chunk by chunk (`store.Chunks`; validated
@@ -23,6 +24,7 @@ Pinned to `--cores` cores (1 by default: the figure the pipeline's target is sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         host = throughput(BatchIterator(columns, bs, seed=0, window=window), bs, args.seconds)
         put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
         batches = prefetch_to_device(BatchIterator(columns, bs, seed=0, window=window), put, cfg.data.prefetch)
-        device = throughput(batches, bs, args.seconds)
+        with contextlib.closing(batches):  # its thread joined before the next measurement
+            device = throughput(batches, bs, args.seconds)
         result = {
             "batch_size": bs,
             "columns": len(columns),
@@ -205,10 +208,19 @@ def main(argv: list[str] | None = None) -> dict:
         if args.texts:
             width = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])[0].shape[1]
             table = {"pooled": np.random.default_rng(0).standard_normal((args.texts, width), np.float32)}
-            batches = BatchIterator(columns, bs, seed=0, window=window)
-            rate = throughput((join_texts(spread(b, args.texts), table) for b in batches), bs, args.seconds)
-            result.update(texts=args.texts, text_dim=width, host_joined_examples_per_s=rate)
+            spread_batches = lambda: (spread(b, args.texts) for b in BatchIterator(columns, bs, seed=0, window=window))  # noqa: E731
+            rate = throughput((join_texts(b, table) for b in spread_batches()), bs, args.seconds)
+            joined = prefetch_to_device(spread_batches(), lambda b: put(join_texts(b, table)), cfg.data.prefetch)
+            with contextlib.closing(joined):
+                placed = throughput(joined, bs, args.seconds)
+            result.update(
+                texts=args.texts,
+                text_dim=width,
+                host_joined_examples_per_s=rate,
+                joined_to_device_examples_per_s=placed,
+            )
             lines.append(f"| host batches + text vectors joined ({args.texts:,} x {width}) | {rate:,.0f} |")
+            lines.append(f"| + prefetch to {result['backend']} | {placed:,.0f} |")
         print("| path | examples/s |\n|---|---|\n" + "\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
