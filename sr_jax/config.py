@@ -643,9 +643,10 @@ def validate(cfg: Config) -> Config:
     _choice(problems, train.embedding_update, "train.embedding_update", EMBEDDING_UPDATES)
     _check(
         problems,
-        cfg.model.lookup == "gspmd" or train.embedding_update == "dense",
+        cfg.model.lookup == "gspmd" or train.embedding_update != "lazy_adam",
         "model.lookup",
-        "all_to_all reads whole row-split tables; a row-sparse train.embedding_update reads gathered rows: use gspmd",
+        "all_to_all reads whole row-split tables; lazy_adam reads gathered rows: use gspmd, or rowwise_adagrad (which "
+        "runs over each device's own rows)",
     )
     _check(
         problems,

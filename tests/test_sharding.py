@@ -196,6 +196,41 @@ def test_routed_lookups_train_as_the_single_device_step(tmp_path):
     assert len(logged) == 6 and any(line["lookup_dropped"] > 0 for line in logged)
 
 
+def test_routed_lookups_train_row_wise_adagrad_as_the_row_sparse_rule_on_one_device(tmp_path):
+    """`train.embedding_update=rowwise_adagrad` with `model.lookup=all_to_all` over all 8 devices: each device's rows
+    take the dense form of row-wise Adagrad (`optimizer.rowwise_adagrad`: one accumulator a row, split by rows like
+    the table, no Adam moments), and 6 steps give the parameters of one device's row-sparse rule; lazy_adam stays
+    refused with routed lookups."""
+    from sr_jax.config import ConfigError, validate
+
+    train = {"checkpoint_every": 1000, "embedding_update": "rowwise_adagrad", "embedding_learning_rate": 0.05}
+    _, single = _train(config(TINY, train=train), tmp_path / "one", jax.devices()[:1])
+    assert single.tables_state["id_tables"]["item"]["acc"].shape == (128,)  # the row-sparse rule's state
+    layout = {"data": 1, "model": 8, "rules": ("batch=data+model",)}
+    cfg = config(TINY, train=train, mesh=layout, model={"lookup": "all_to_all", "lookup_capacity": 8.0})
+    run, routed = _train(cfg, tmp_path / "routed", jax.devices())
+    assert routed.tables_state == {}
+    (acc,) = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(routed.opt_state)
+        if path_str(path).endswith("acc/l0/id_tables/item")
+    ]
+    assert acc.shape == (128,) and acc.sharding.spec == P("model")
+    table_state = [
+        path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(routed.opt_state) if "id_tables" in path_str(p)
+    ]
+    assert table_state and not [p for p in table_state if "mu" in p or "nu" in p]  # no Adam moments for the tables
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
+        single.params,
+        routed.params,
+    )  # and the accumulators (both stored in the tables' strided row order)
+    np.testing.assert_allclose(np.asarray(acc), np.asarray(single.tables_state["id_tables"]["item"]["acc"]), rtol=2e-4)
+    run.close()
+    with pytest.raises(ConfigError, match="lazy_adam reads gathered rows"):
+        validate(config(TINY, train={"embedding_update": "lazy_adam"}, model={"lookup": "all_to_all"}))
+
+
 def test_text_vectors_joined_on_the_host_train_as_the_device_table_and_send_no_text_row(tmp_path):
     """`data.text_join=host` with routed lookups over all 8 devices: the device holds one zero row of text a shard,
     the batches carry their vectors (the history's too), and 6 steps give one device's parameters with the text

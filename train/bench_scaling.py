@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(measure(base, args, model, update, mode, "data", 1, devices[:1]))  # the baseline
                 for mesh in args.meshes:
                     for d in args.devices:
-                        routed_sparse = mesh == "tables-routed" and update != "dense"  # config.validate refuses
-                        if d > 1 and (mesh == "data" or d % 2 == 0) and not routed_sparse:
+                        routed_lazy = mesh == "tables-routed" and update == "lazy_adam"  # config.validate refuses
+                        if d > 1 and (mesh == "data" or d % 2 == 0) and not routed_lazy:
                             rows.append(measure(base, args, model, update, mode, mesh, d, devices[:d]))
     with_efficiency(rows)
     write_report(rows, Path(args.out), command, f"{devices[0].device_kind} ({devices[0].platform})")

@@ -9,6 +9,10 @@ Every parameter leaf carries a role (`param_roles`):
                  rows' [U, d]; the chain only clips it (it counts in the global norm) and passes it on. In a
                  frozen L0 the tables are SPARSE when some of their rows are new (never trained by the
                  pretrained run): the rule updates those rows only (`sparse_update`, "trainable")
+    ROWWISE      an embedding table read by routed lookups (`model.lookup=all_to_all`) under
+                 `train.embedding_update=rowwise_adagrad`: its gradient is dense over the device's own rows (the
+                 routed lookup's transpose), and `rowwise_adagrad` updates it there, the row-sparse rule's exact
+                 result (rows no batch read have a zero gradient and do not move)
     FROZEN       a leaf of a frozen level: not differentiated at all, no optimizer state, no weight decay
     STATS        batch statistics (STAR's partitioned normalisation, AdaptDHM's centroids, AdaSparse's alpha):
                  not differentiated or optimized; the forward pass in training writes them
@@ -25,7 +29,7 @@ frozen table (a dense [rows, d] array per table). The optimizer works on the tra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +41,10 @@ from sr_jax.model.levels import level_of
 from sr_jax.sharding import ROW_SHARDED
 from sr_jax.treeutil import path_names, path_str
 
-TRAIN, NEW_DOMAINS, SPARSE, FROZEN, STATS = "train", "new_domains", "sparse", "frozen", "stats"
+TRAIN, NEW_DOMAINS, SPARSE, ROWWISE, FROZEN, STATS = "train", "new_domains", "sparse", "rowwise", "frozen", "stats"
 STATS_NEW_DOMAINS, STATS_FROZEN = "stats_new_domains", "stats_frozen"
-TRAINABLE = (TRAIN, NEW_DOMAINS, SPARSE)
+TRAINABLE = (TRAIN, NEW_DOMAINS, SPARSE, ROWWISE)
+ADAGRAD_EPS = 1e-8  # row-wise Adagrad's, in either form (`rowwise_adagrad`, `sparse_update`)
 
 
 def learning_rate(cfg: TrainConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
@@ -68,10 +73,12 @@ def param_roles(
     stats: Any = None,
     has_new_rows: bool = False,
     new_leaves: frozenset[str] = frozenset(),
+    rowwise_tables: bool = False,
 ) -> Any:
     """A tree like `params` of roles. `per_domain` is a tree of bools: True where the leaf's first axis
     indexes domains; `new_domains` are the domains that stay trainable in frozen levels; `sparse_tables`:
-    trainable embedding tables are updated row-sparsely; `stats`: a tree of bools, True for batch
+    trainable embedding tables are updated row-sparsely; `rowwise_tables`: by row-wise Adagrad in its dense
+    form (ROWWISE); `stats`: a tree of bools, True for batch
     statistics (`sr_jax.model.stats_mask`); `has_new_rows`: the tables have rows that stay trainable in a frozen
     L0 (row-sparsely); `new_leaves`: paths of leaves the pretrained run lacks (a new sparse field's table
     and projection), trainable whatever is frozen."""
@@ -85,7 +92,7 @@ def param_roles(
             return STATS
         table = path_names(path)[1] in ROW_SHARDED
         if level_of(path) not in frozen or path_str(path) in new_leaves:
-            return SPARSE if sparse_tables and table else TRAIN
+            return SPARSE if sparse_tables and table else ROWWISE if rowwise_tables and table else TRAIN
         if table and has_new_rows:
             return SPARSE
         return NEW_DOMAINS if is_per_domain and new_domains else FROZEN
@@ -143,6 +150,30 @@ def on_rows(inner: optax.GradientTransformation, rows: Sequence[int]) -> optax.G
         return jax.tree.map(lambda u, s: jnp.zeros_like(u).at[idx].set(s), updates, small), state
 
     return optax.GradientTransformation(lambda params: inner.init(take(params)), update)
+
+
+class RowwiseAdagradState(NamedTuple):
+    count: jax.Array  # steps taken: the schedule's position
+    acc: Any  # per table [rows]: the sum over steps of the mean squared gradient of each row
+
+
+def rowwise_adagrad(schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Row-wise Adagrad (FBGEMM/TorchRec's; `sparse_update`'s rowwise_adagrad) in its dense form over whole
+    tables [R, d]: acc[r] += mean_j g[r, j]^2; update[r] = -lr g[r] / (sqrt(acc[r]) + eps). A row the batch did
+    not read has g = 0 and moves by 0, so it equals the row-sparse rule exactly; its state is one float a row
+    (Adam's is 2d), split by rows like the table. For tables read by routed lookups, whose gradient is already
+    dense over each device's own rows."""
+
+    def init(params):
+        return RowwiseAdagradState(jnp.zeros([], jnp.int32), jax.tree.map(lambda t: jnp.zeros(t.shape[:1]), params))
+
+    def update(grads, state, params=None):
+        acc = jax.tree.map(lambda a, g: a + jnp.mean(g * g, axis=-1), state.acc, grads)
+        lr = schedule(state.count)
+        updates = jax.tree.map(lambda g, a: -lr * g / (jnp.sqrt(a) + ADAGRAD_EPS)[:, None], grads, acc)
+        return updates, RowwiseAdagradState(optax.safe_increment(state.count), acc)
+
+    return optax.GradientTransformation(init, update)
 
 
 # Factors that start at the identity or at one, as multipliers of another weight: the Domain Adaptive Layer's
@@ -232,8 +263,10 @@ def build_optimizer(
 ) -> optax.GradientTransformation:
     """For the trainable part (`partition(params, roles)[0]`) of the params, its gradient already passed
     through `zero_frozen_rows`: clip -> (`guard`'s L2-SP) -> the configured optimizer on TRAIN leaves and on the
-    NEW_DOMAINS rows -> (`guard`'s probing and pretrained rate)."""
+    NEW_DOMAINS rows, row-wise Adagrad on ROWWISE tables (at train.embedding_learning_rate, as the row-sparse
+    rule) -> (`guard`'s probing and pretrained rate)."""
     lr = learning_rate(cfg, total_steps)
+    table_lr = learning_rate(cfg, total_steps, peak=cfg.embedding_learning_rate or cfg.learning_rate)
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
@@ -252,7 +285,13 @@ def build_optimizer(
         *clip,
         *before,
         optax.multi_transform(
-            {TRAIN: opt, NEW_DOMAINS: on_rows(opt, rows), SPARSE: optax.identity()}, partition(roles, roles)[0]
+            {
+                TRAIN: opt,
+                NEW_DOMAINS: on_rows(opt, rows),
+                SPARSE: optax.identity(),
+                ROWWISE: rowwise_adagrad(table_lr),
+            },
+            partition(roles, roles)[0],
         ),
         *after,
     )

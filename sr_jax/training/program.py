@@ -50,7 +50,7 @@ class Program:
     graphdef: nnx.GraphDef
     per_domain: Any  # tree of bools like params: leaves whose first axis indexes domains
     roles: Any  # tree like params: what the optimizer does with each leaf (optimizer.param_roles)
-    embedding_update: str  # the tables' rule: dense, or row-sparse (dense when the tables are frozen)
+    embedding_update: str  # the row-sparse rule the step applies, or dense (frozen tables; routed row-wise Adagrad)
     trainable_rows: dict | None  # a frozen L0's new rows, the only ones the rule updates (else None: all)
     tx: optax.GradientTransformation
     abstract_state: TrainState  # shapes, dtypes and shardings of the train state
@@ -83,6 +83,9 @@ def build_program(
     layout = rows.layout(cfg.model)
     trainable_rows = {k: rows.stored(m, *layout) for k, m in new_rows.mask.items()} if rows_only else None
     rule = sparse_update.effective_rule(cfg.train.embedding_update, cfg.finetune.freeze, rows_only)
+    # routed lookups give each device its own rows' dense gradient: row-wise Adagrad runs in its dense form there
+    rowwise = rule == "rowwise_adagrad" and cfg.model.lookup == "all_to_all" and not rows_only
+    rule = "dense" if rowwise else rule
     roles = param_roles(
         params,
         cfg.finetune.freeze,
@@ -92,6 +95,7 @@ def build_program(
         stats=sr_model.stats_mask(graphdef, params),
         has_new_rows=rows_only,
         new_leaves=new_leaves,
+        rowwise_tables=rowwise,
     )
     tune = cfg.finetune
     guarded = ([], [])

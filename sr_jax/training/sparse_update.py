@@ -37,11 +37,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sr_jax.training.optimizer import check_levels
+from sr_jax.training.optimizer import ADAGRAD_EPS, check_levels
 from sr_jax.sharding import ROW_SHARDED
 
 TableKey = tuple[str, str]  # a table's path under params["l0"], e.g. ("id_tables", "user")
-ADAGRAD_EPS = 1e-8
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults
 
 
