@@ -231,6 +231,34 @@ def test_routed_lookups_train_row_wise_adagrad_as_the_row_sparse_rule_on_one_dev
         validate(config(TINY, train={"embedding_update": "lazy_adam"}, model={"lookup": "all_to_all"}))
 
 
+def test_a_routed_row_wise_adagrad_run_with_text_joined_on_the_host_resumes_exactly(tmp_path):
+    """Interrupted at step 4 (a checkpoint: the row-wise accumulators in the optimizer state) and resumed to 6,
+    over 8 devices with routed lookups and the text joined on the host: the same parameters and optimizer state,
+    bit for bit, as 6 steps uninterrupted."""
+    train = {"checkpoint_every": 2, "embedding_update": "rowwise_adagrad"}
+    layout = {"data": 1, "model": 8, "rules": ("batch=data+model",)}
+    routed = {"lookup": "all_to_all", "lookup_capacity": 8.0}
+    cfg = config(TINY, train=train, mesh=layout, model=routed, data={"text_join": "host"})
+
+    def train_until(workdir, steps):
+        run = trainer.build_run(cfg, workdir, mesh=shd.make_mesh(cfg.mesh, jax.devices()))
+        start = restore.restore_or_init(run)
+        step = int(start.step)  # before the step donates the state's buffers
+        state = loop.train(run, start, until=steps)
+        run.close()
+        return step, state
+
+    assert train_until(tmp_path / "a", 4)[0] == 0
+    started, resumed = train_until(tmp_path / "a", 6)
+    assert started == 4
+    _, uninterrupted = train_until(tmp_path / "b", 6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        (resumed.params, resumed.opt_state),
+        (uninterrupted.params, uninterrupted.opt_state),
+    )
+
+
 def test_text_vectors_joined_on_the_host_train_as_the_device_table_and_send_no_text_row(tmp_path):
     """`data.text_join=host` with routed lookups over all 8 devices: the device holds one zero row of text a shard,
     the batches carry their vectors (the history's too), and 6 steps give one device's parameters with the text
