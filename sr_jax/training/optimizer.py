@@ -78,10 +78,10 @@ def param_roles(
     """A tree like `params` of roles. `per_domain` is a tree of bools: True where the leaf's first axis
     indexes domains; `new_domains` are the domains that stay trainable in frozen levels; `sparse_tables`:
     trainable embedding tables are updated row-sparsely; `rowwise_tables`: by row-wise Adagrad in its dense
-    form (ROWWISE); `stats`: a tree of bools, True for batch
-    statistics (`sr_jax.model.stats_mask`); `has_new_rows`: the tables have rows that stay trainable in a frozen
-    L0 (row-sparsely); `new_leaves`: paths of leaves the pretrained run lacks (a new sparse field's table
-    and projection), trainable whatever is frozen."""
+    form (ROWWISE); `stats`: a tree of bools, True for batch statistics (`sr_jax.model.stats_mask`);
+    `has_new_rows`: the tables have rows that stay trainable in a frozen L0 (row-sparsely); `new_leaves`: paths
+    of leaves the pretrained run lacks (a new sparse field's table and projection), trainable whatever is
+    frozen."""
     frozen = check_levels(freeze)
     stats = jax.tree.map(lambda _: False, params) if stats is None else stats
 
