@@ -58,9 +58,12 @@ def test_lookups_compare_three_layouts(tmp_path):
 def test_the_gpu_script_runs_its_parts_and_prints_one_table(tmp_path):
     """The parts that time steps are `train.bench`'s and `train.bench_text`'s (their own tests); here the script
     runs one part through and reports a failing one in its table."""
-    lines = bench_gpu.main(["--quick", "--parts", "scaling", "--out", str(tmp_path)])
-    # default and STAR: 1 device, and all 8 (the test's virtual devices) data-parallel and with routed tables
-    assert [part for part, _, _ in lines] == ["scaling"] * 6 and sum("D=8" in line[1] for line in lines) == 4
+    lines = bench_gpu.main(["--quick", "--parts", "scaling", "host-join", "--out", str(tmp_path)])
+    # the host join timed end to end (one row); default and STAR: 1 device, and all 8 (the test's virtual
+    # devices) data-parallel and with routed tables
+    assert [part for part, _, _ in lines] == ["host-join"] + ["scaling"] * 6
+    assert sum("D=8" in line[1] for line in lines) == 4
+    assert "text joined on the host" in lines[0][1] and "end to end" in lines[0][2]
     assert not [line for line in lines if line[1].startswith("failed")]
     assert "ex/s projected (H100)" in (tmp_path / "gpu.md").read_text()
     parts = bench_gpu.parts(tmp_path, quick=True, gpus=8)

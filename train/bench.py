@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     cfg = dataclasses.replace(setting, train=dataclasses.replace(base.train, embedding_update=update))
                     log.info("sr-jax %s %s: batch %d, %d rows x %d fields", dtype, update, batch, vocab, args.fields)
                     result = timing.time_jax(cfg, meta, text, columns, args.steps, args.repeats)
-                    rows.append(dict(impl=f"sr-jax {dtype} {update}", **common, **result))
+                    joined = ", text joined on the host" if base.data.text_join == "host" else ""
+                    rows.append(dict(impl=f"sr-jax {dtype} {update}{joined}", **common, **result))
                 for mode in args.torch if has_torch else []:
                     for update in args.torch_update:
                         log.info("torch %s %s %s: batch %d, %d rows", dtype, mode, update, batch, vocab)

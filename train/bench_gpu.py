@@ -5,7 +5,8 @@ Made for a lent GPU machine's short window (docs/PERFORMANCE.md, "GPU"): in one 
 1. `train.bench` at 100k and 1M rows per field, batch 4096, float32 and bfloat16, dense / row-wise Adagrad /
    lazy Adam, with the PyTorch reference beside it (eager and compiled; dense Adam, SparseAdam, Adagrad) where
    torch is importable;
-2. `train.bench` with 32 domains (K), row-wise Adagrad;
+2. `train.bench` with 32 domains (K), row-wise Adagrad; and at 1M texts with each batch's text vectors joined on
+   the host (`data.text_join=host`): its end-to-end column says whether the host and PCIe keep up with the step;
 3. `train.bench_text`: MiniLM-L6 text encoding end to end and model-only;
 4. `train.bench_scaling --compiled-on gpu`: the train step compiled for 1 GPU and for all local GPUs, its
    per-device work and projected examples/s beside the measured ones of 1;
@@ -40,6 +41,8 @@ def parts(out: Path, quick: bool, gpus: int) -> dict[str, list[str]]:
                   "--torch-update", "dense", "sparse_adam", "sparse_adagrad", *texts, "--out", str(out / "bench")],
         "domains": [*timing, "--batch", *batch, "--vocab", vocab[0], "--domains", "32", "--update", "rowwise_adagrad",
                     "--torch", "--out", str(out / "domains")],
+        "host-join": [*timing, "--batch", *batch, "--vocab", vocab[0], "--update", "rowwise_adagrad", *texts,
+                      "--out", str(out / "host-join"), "data.text_join=host"],
         "text": ["--num-texts", "2000" if quick else "50000", "--repeats", "3" if quick else "20",
                  "--out", str(out / "text.json")],
         "scaling": ["--compiled-on", "gpu", "--devices", *devices, "--models", "default", "star", "--modes", "weak",
@@ -50,11 +53,12 @@ def parts(out: Path, quick: bool, gpus: int) -> dict[str, list[str]]:
 
 def headline(part: str, rows: list[dict]) -> list[tuple[str, str, str]]:
     """(part, setting, figure) lines of one part's rows."""
-    if part in ("bench", "domains"):
+    if part in ("bench", "domains", "host-join"):
         return [
-            (part, f"{r['impl']}, batch {r['batch']}, {r['vocab']:,} rows/field", f"{r['examples_per_s']:,.0f} ex/s")
+            (part, f"{r['impl']}, batch {r['batch']}, {r['vocab']:,} rows/field", f"{r['examples_per_s']:,.0f} ex/s"
+             + (f", {r['end_to_end_examples_per_s']:,.0f} end to end" if part == "host-join" else ""))
             for r in rows
-        ]
+        ]  # fmt: skip
     if part == "text":
         return [(part, f"{r['path']}, {r['length']}", f"{r['texts_per_s']:,.0f} texts/s") for r in rows]
     return [
@@ -69,14 +73,15 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench-gpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--parts", nargs="+", default=["bench", "domains", "text", "scaling"])
+    p.add_argument("--parts", nargs="+", default=["bench", "domains", "host-join", "text", "scaling"])
     args = p.parse_args(argv)
     cli.setup()
     import jax
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    entry = {"bench": bench.main, "domains": bench.main, "text": bench_text.main, "scaling": bench_scaling.main}
+    entry = {"bench": bench.main, "domains": bench.main, "host-join": bench.main, "text": bench_text.main,
+             "scaling": bench_scaling.main}  # fmt: skip
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     lines = []
     for part, part_argv in parts(out, args.quick, jax.device_count()).items():

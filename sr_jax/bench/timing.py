@@ -19,7 +19,7 @@ import numpy as np
 from sr_jax import model as sr_model
 from sr_jax.bench.compiled import step_cost
 from sr_jax.config import Config
-from sr_jax.data.pipeline import BatchIterator, prefetch_to_device
+from sr_jax.data.pipeline import BatchIterator, join_texts, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
 from sr_jax.model import TextTable
 from sr_jax import sharding as shd
@@ -53,12 +53,18 @@ def peak_device_bytes() -> int | None:
 def time_jax(
     cfg: Config, meta: DatasetMeta, text: np.ndarray, columns: dict[str, np.ndarray], steps: int, repeats: int
 ) -> dict:
-    """sr-jax's train step on batches of `columns` (one device batch per step, cycled from 8)."""
+    """sr-jax's train step on batches of `columns` (one device batch per step, cycled from 8). With
+    data.text_join=host each batch's text vectors are joined on the host as training joins them (`join_texts`):
+    in the end-to-end and host figures, not in the step's."""
     mesh = shd.make_mesh(cfg.mesh)
     bs = cfg.data.batch_size
     program = build_program(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
-    table = TextTable(*shd.text_table(mesh, text, text, keep_summary=cfg.model.gating == "cls"))
-    put = lambda b: shd.to_global(b, shd.batch_sharding(mesh))  # noqa: E731
+    cls = cfg.model.gating == "cls"
+    joined = {"pooled": text, **({"summary": text} if cls else {})} if cfg.data.text_join == "host" else {}
+    on_device = text[:0] if joined else text  # joined: the device holds zero rows of text
+    table = TextTable(*shd.text_table(mesh, on_device, on_device, keep_summary=cls))
+    host = (lambda b: join_texts(b, joined)) if joined else (lambda b: b)  # noqa: E731
+    put = lambda b: shd.to_global(host(b), shd.batch_sharding(mesh))  # noqa: E731
     batches = [put(b) for b in host_batches(columns, bs)]
     what = f"the benchmark at batch {bs}"
     compiled, estimate, compile_s = compile_train_step(program, batches[0], table, None, what)
@@ -79,7 +85,7 @@ def time_jax(
     host_only = BatchIterator(columns, bs, seed=1)
     start = time.perf_counter()
     for _ in range(steps):
-        next(host_only)
+        host(next(host_only))
     host_seconds = (time.perf_counter() - start) / steps
     flops, bytes_accessed = step_cost(compiled)
     peak = peak_device_bytes()
