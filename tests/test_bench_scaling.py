@@ -44,6 +44,10 @@ def test_scaling_rows_files_and_work_per_device(tmp_path):
     # it is never gathered whole
     assert routed["collectives"]["all-to-all"]["count"] == 5 and "all-gather" not in routed["collectives"]
     assert "| default | dense | weak | tables-routed | 4 |" in (tmp_path / "scaling.md").read_text()
+    for row in saved:  # the kernels the step launches, and the compute or memory term's share of each
+        h100 = row["step_seconds"]["h100"]
+        assert row["kernels"] > 10
+        assert h100["us_per_kernel"] == pytest.approx(1e6 * max(h100["compute"], h100["memory"]) / row["kernels"])
 
 
 def test_lookups_compare_three_layouts(tmp_path):

@@ -59,3 +59,28 @@ def test_a_combined_all_reduce_of_many_gradients_counts_every_one():
     )
     (found,) = compiled.collectives(line, 8)
     assert (found.kind, found.group, found.bytes) == ("all-reduce", 8, 7 * 100 * 32 * 4)
+
+
+def test_kernels_counts_the_entry_computation_s_launches_not_its_names_and_views():
+    hlo = """HloModule m
+
+%fused (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %e = f32[8]{0} exponential(%p)
+}
+
+ENTRY %main (a: f32[8], b: f32[8,8]) -> (f32[8], f32[8]) {
+  %a = f32[8]{0} parameter(0)
+  %b = f32[8,8]{1,0} parameter(1)
+  %c = f32[] constant(1)
+  %v = f32[8]{0} bitcast(%a)
+  %f = f32[8]{0} fusion(%v), kind=kLoop, calls=%fused
+  %d = f32[8]{0} dot(%b, %f), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %r = f32[8]{0} all-reduce(%d), replica_groups={}, to_apply=%fused
+  %k = f32[8]{0} copy(%r)
+  ROOT %t = (f32[8]{0}, f32[8]{0}) tuple(%k, %f)
+}
+"""
+    assert compiled.kernels(hlo) == 4  # fusion, dot, all-reduce, copy: not the fused computation's exponential
+    program = jax.jit(lambda x: jnp.exp(x) @ x.T).lower(jnp.ones((8, 8))).compile()
+    assert compiled.kernels(program.as_text()) >= 1

@@ -169,17 +169,18 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
     compile_s = time.perf_counter() - started
     flops, accessed = reader.step_cost(compiled)
     found = reader.collectives(compiled.as_text(), d)
+    kernels = reader.kernels(compiled.as_text())
     infeed = sum(math.prod(x.shape) * x.dtype.itemsize for x in inputs.values()) / d  # a device's batch bytes
     row = dict(
         model=model, mode=mode, mesh=mesh_kind, update=update, devices=d, global_batch=batch, rows=args.rows,
         texts=args.texts, text_join=cfg.data.text_join, inter_node_efficiency=args.inter_node_efficiency,
         flops_per_device=flops, bytes_per_device=accessed,
-        collective_bytes_per_device=sum(c.wire_bytes for c in found), infeed_bytes_per_device=infeed,
+        collective_bytes_per_device=sum(c.wire_bytes for c in found), infeed_bytes_per_device=infeed, kernels=kernels,
         collectives=reader.summary(found), compile_s=round(compile_s, 1),
         step_seconds={}, projected_examples_per_s={}, costliest_collective={},
     )  # fmt: skip
     for name, acc in roofline.ACCELERATORS.items():
-        times = roofline.step_seconds(acc, flops, accessed, found, args.inter_node_efficiency, infeed)
+        times = roofline.step_seconds(acc, flops, accessed, found, args.inter_node_efficiency, infeed, kernels)
         row["step_seconds"][name] = times
         row["projected_examples_per_s"][name] = batch / times["step"]
         row["costliest_collective"][name] = roofline.costliest(acc, found, args.inter_node_efficiency)
@@ -350,12 +351,16 @@ def write_report(rows: list[dict], out: Path, command: str, compiled_on: str) ->
         + f" (`sr_jax/bench/roofline.py`; docs/PERFORMANCE.md), {rows[0]['texts']:,} texts in the text table, "
         + TEXT_JOINS[rows[0]["text_join"]]
         + ". `MB in/dev`: a device's batch from its host, moved while the step before runs (a step takes at least "
-        "its time). `costliest` names the collective kind that costs the H100 projection the most.",
+        "its time). `kernels`: those the compiled step launches (the compiling backend's count); `us/kernel`: the "
+        "H100's compute or memory term over them: where a kernel costs more than that to launch and run (a few us "
+        "on a GPU), the H100 figure is bound by kernel count, an upper bound on its rate rather than a projection. "
+        "`costliest` names the collective kind that costs the H100 projection the most.",
         "",
         "| model | update | mode | mesh | D | global batch | GFLOP/dev | GB accessed/dev | MB sent/dev | MB in/dev | "
+        "kernels | us/kernel (H100) | "
         + " | ".join(f"{roofline.ACCELERATORS[n].name} ex/s | eff. | vs best" for n in names)
         + " | costliest (H100) |",
-        "|" + "---|" * (11 + 3 * len(names)),
+        "|" + "---|" * (13 + 3 * len(names)),
     ]
     for r in rows:
         cells = []
@@ -366,6 +371,7 @@ def write_report(rows: list[dict], out: Path, command: str, compiled_on: str) ->
             f"| {r['model']} | {r['update']} | {r['mode']} | {r['mesh']} | {r['devices']} | {r['global_batch']:,} | "
             f"{r['flops_per_device'] / 1e9:.2f} | {r['bytes_per_device'] / 1e9:.3f} | "
             f"{r['collective_bytes_per_device'] / 1e6:.2f} | {r['infeed_bytes_per_device'] / 1e6:.2f} | "
+            f"{r['kernels']} | {r['step_seconds']['h100']['us_per_kernel']:.2f} | "
             + " | ".join(cells)
             + f" | {r['costliest_collective']['h100']} |"
         )

@@ -77,6 +77,22 @@ def collectives(hlo: str, devices: int) -> list[Collective]:
     return found
 
 
+# instructions that move or compute nothing on their own (names, views, tuples, inputs): not a kernel
+_NOT_KERNELS = ("parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all", "partition-id",
+                "replica-id", "opt-barrier")  # fmt: skip
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%\S+ = .*?\s([a-z][a-z0-9-]*)\(", re.M)
+
+
+def kernels(hlo: str) -> int:
+    """The kernels a compiled program's entry computation launches in a step: its instructions but those in
+    _NOT_KERNELS (a fusion, a dot, a copy, a collective, a loop each count one; a loop body is not counted per
+    iteration). A step of many small kernels is bound by their count, which neither FLOPs nor bytes see; the
+    count is the compiling backend's (XLA:CPU fuses differently from XLA:GPU)."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    body = entry[: entry.index("\n}")]
+    return sum(op not in _NOT_KERNELS for op in _INSTRUCTION.findall(body))
+
+
 def step_cost(compiled) -> tuple[float, float]:
     """XLA's count of a compiled program's floating-point operations and bytes accessed (per device), the latter
     less `all_to_all_overcount`."""

@@ -81,14 +81,20 @@ def step_seconds(
     found: list[Collective],
     inter_node: float = INTER_NODE,
     infeed_bytes: float = 0.0,
+    kernels: int = 0,
 ) -> dict[str, float]:
-    """-> {compute, memory, collectives, infeed, step} seconds of one step on one device of `acc`; `infeed_bytes`:
+    """-> {compute, memory, collectives, infeed, step} seconds of one step on one device of `acc`, and
+    `us_per_kernel`: the compute or memory term over the step's `kernels` (`compiled.kernels`), in microseconds.
+    Where a kernel costs more than that to launch and run (a few us on a GPU), the step is bound by its kernel
+    count, not by its bytes: its projection is then an upper bound on its rate, not a projection. `infeed_bytes`:
     the device's share of a batch, moved from the host while the step before runs."""
     compute, memory = flops / acc.peak_flops, bytes_accessed / acc.hbm
     talk = sum(collective_seconds(acc, c, inter_node) for c in found)
     infeed = infeed_bytes / acc.host_link
     step = max(max(compute, memory) + talk, infeed)
-    return {"compute": compute, "memory": memory, "collectives": talk, "infeed": infeed, "step": step}
+    per_kernel = 1e6 * max(compute, memory) / kernels if kernels else float("inf")
+    return {"compute": compute, "memory": memory, "collectives": talk, "infeed": infeed, "step": step,
+            "us_per_kernel": per_kernel}  # fmt: skip
 
 
 def costliest(acc: Accelerator, found: list[Collective], inter_node: float = INTER_NODE) -> str:
