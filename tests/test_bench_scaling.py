@@ -68,6 +68,7 @@ def test_the_gpu_script_runs_its_parts_and_prints_one_table(tmp_path):
     assert [part for part, _, _ in lines] == ["host-join"] + ["scaling"] * 6
     assert sum("D=8" in line[1] for line in lines) == 4
     assert "text joined on the host" in lines[0][1] and "end to end" in lines[0][2]
+    assert all(" kernels" in line[1] for line in lines[1:])  # XLA:GPU's count, where a GPU compiled it
     assert not [line for line in lines if line[1].startswith("failed")]
     assert "ex/s projected (H100)" in (tmp_path / "gpu.md").read_text()
     parts = bench_gpu.parts(tmp_path, quick=True, gpus=8)

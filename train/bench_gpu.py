@@ -63,7 +63,8 @@ def headline(part: str, rows: list[dict]) -> list[tuple[str, str, str]]:
         return [(part, f"{r['path']}, {r['length']}", f"{r['texts_per_s']:,.0f} texts/s") for r in rows]
     return [
         (part, f"{r['model']} {r['mesh']} D={r['devices']}: {r['flops_per_device'] / 1e9:.1f} GFLOP, "
-         f"{r['bytes_per_device'] / 1e9:.2f} GB, {r['collective_bytes_per_device'] / 1e6:.1f} MB sent a device",
+         f"{r['bytes_per_device'] / 1e9:.2f} GB, {r['collective_bytes_per_device'] / 1e6:.1f} MB sent a device, "
+         f"{r['kernels']} kernels",
          f"{r['projected_examples_per_s']['h100']:,.0f} ex/s projected (H100)")
         for r in rows
     ]  # fmt: skip
