@@ -136,6 +136,7 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
     from sr_jax.config import MeshConfig
     from sr_jax.data.pipeline import join_texts
     from sr_jax.training.program import build_program
+    from sr_jax.training.spec import text_inputs
 
     batch = args.batch * d if mode == "weak" else args.global_batch
     model_axis = {"data": 1, "data-model": 2, "tables": d, "tables-routed": d}[mesh_kind]
@@ -154,10 +155,9 @@ def measure(base, args, model: str, update: str, mode: str, mesh_kind: str, d: i
     program = build_program(cfg, meta, args.text_dim, mesh, total_steps=1_000_000)
     # one example's columns; with data.text_join=host its text vectors too, as the input pipeline joins them
     first = {name: np.zeros((1, *shape), dtype) for name, (dtype, shape) in meta.columns().items()}
-    host = cfg.data.text_join == "host"
-    if host:
-        parts = ("pooled", "summary") if cfg.model.gating == "cls" else ("pooled",)
-        first = join_texts(first, {part: np.zeros((1, args.text_dim), np.float32) for part in parts})
+    _, joined = text_inputs(cfg, mesh, *[np.zeros((1, args.text_dim), np.float32)] * 2, parsed)
+    host = bool(joined)
+    first = join_texts(first, joined) if host else first
     inputs = {
         name: jax.ShapeDtypeStruct((batch, *col.shape[1:]), col.dtype, sharding=shd.batch_sharding(mesh, parsed))
         for name, col in first.items()

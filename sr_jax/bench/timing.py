@@ -21,10 +21,10 @@ from sr_jax.bench.compiled import step_cost
 from sr_jax.config import Config
 from sr_jax.data.pipeline import BatchIterator, join_texts, prefetch_to_device
 from sr_jax.data.schema import DatasetMeta
-from sr_jax.model import TextTable
 from sr_jax import sharding as shd
 from sr_jax.training.program import build_program, compile_train_step
 from sr_jax.training.restore import fresh_state
+from sr_jax.training.spec import text_inputs
 
 GiB = 1024**3
 
@@ -59,10 +59,7 @@ def time_jax(
     mesh = shd.make_mesh(cfg.mesh)
     bs = cfg.data.batch_size
     program = build_program(cfg, meta, text.shape[1], mesh, total_steps=1_000_000)
-    cls = cfg.model.gating == "cls"
-    joined = {"pooled": text, **({"summary": text} if cls else {})} if cfg.data.text_join == "host" else {}
-    on_device = text[:0] if joined else text  # joined: the device holds zero rows of text
-    table = TextTable(*shd.text_table(mesh, on_device, on_device, keep_summary=cls))
+    table, joined = text_inputs(cfg, mesh, text, text)
     host = (lambda b: join_texts(b, joined)) if joined else (lambda b: b)  # noqa: E731
     put = lambda b: shd.to_global(host(b), shd.batch_sharding(mesh))  # noqa: E731
     batches = [put(b) for b in host_batches(columns, bs)]

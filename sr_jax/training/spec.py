@@ -264,16 +264,23 @@ def build_spec(cfg: Config, workdir: str | Path, mesh: Mesh | None = None) -> Ru
 def _text_table(
     cfg: Config, dataset: Dataset, mesh: Mesh, rules: shd.Rules
 ) -> tuple[np.ndarray, sr_model.TextTable, dict[str, np.ndarray]]:
-    """The dataset's cached text features for the run's encoder -> (pooled [texts, t] on the host, the text table
-    placed on the mesh by the rules, the host tables its batches join). data.text_join=host: the table on the
-    mesh has zero rows only (the model reads the batch's joined vectors), and the batches join pooled (and the
-    summary where cls gating reads it)."""
+    """The dataset's cached text features for the run's encoder -> (pooled [texts, t] on the host, `text_inputs`)."""
     pooled, summary = dataset.text_cache(text_identity(cfg.data.text_encoder)[0])
+    return pooled, *text_inputs(cfg, mesh, pooled, summary, rules)
+
+
+def text_inputs(
+    cfg: Config, mesh: Mesh, pooled: np.ndarray, summary: np.ndarray, rules: shd.Rules = shd.DEFAULT_RULES
+) -> tuple[sr_model.TextTable, dict[str, np.ndarray]]:
+    """Where a train step reads the text features (`pooled`, `summary`: the host cache) from -> (the text table on
+    the mesh, the host tables each batch joins: part -> table). data.text_join=device: the table, nothing joined;
+    host: a table of zero rows only (the model reads the batch's joined vectors), and the batches join pooled (and
+    the summary where cls gating reads it). The training run and the benchmarks decide it here."""
     keep_summary = cfg.model.gating == "cls"
     if cfg.data.text_join == "device":
-        return pooled, sr_model.TextTable(*shd.text_table(mesh, pooled, summary, keep_summary, rules)), {}
+        return sr_model.TextTable(*shd.text_table(mesh, pooled, summary, keep_summary, rules)), {}
     joined = {"pooled": pooled, **({"summary": summary} if keep_summary else {})}
-    return pooled, sr_model.TextTable(*shd.text_table(mesh, pooled[:0], summary[:0], keep_summary, rules)), joined
+    return sr_model.TextTable(*shd.text_table(mesh, pooled[:0], summary[:0], keep_summary, rules)), joined
 
 
 def _row_map(cfg: Config, dataset: Dataset, folder: Path | None) -> vocabulary.RowMap:
