@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from sr_jax import calibration, io, metrics
-from sr_jax.config import load_config
+from sr_jax.config import TrainConfig, load_config
 from sr_jax.data.pipeline import map_batches
 from sr_jax.data.store import Dataset, open_dataset
 from sr_jax.export import scoring, trained
@@ -49,31 +50,39 @@ def _own_validation(workdir: Path, train_cfg, traffic: Traffic | None) -> tuple[
     return fitted, evaluation.evaluate(spec, params, trained=rows, fitted=fitted)
 
 
-def _scored(workdir: Path, split: str, data: str | None) -> tuple[dict, np.ndarray, list[str], Dataset]:
-    """(columns, raw logits, the model's domains, the dataset) of `split` of `data` (default: the run's dataset),
-    read through the run's vocabulary by key and scored as batch scoring scores it."""
+class Scored(NamedTuple):
+    """A split read through the run's vocabulary by key and scored as batch scoring scores it."""
+
+    columns: dict
+    logits: np.ndarray  # [rows] raw (uncalibrated)
+    domains: list[str]  # the model's, which columns["domain"] indexes
+    dataset: Dataset
+    train: TrainConfig  # the run's train section
+
+
+def _scored(workdir: Path, split: str, data: str | None) -> Scored:
+    """`split` of `data` (default: the run's dataset), scored by the run's raw logits."""
     model = dataclasses.replace(trained.load(workdir), calibration=None)  # the raw logits
     scorer = scoring.run_scorer(model)
     dataset = open_dataset(data) if data else model.dataset()
     columns = scoring.model_columns(scorer, dataset, split)
     logits = map_batches(scorer.bind(scoring.text_table(scorer, dataset)), columns, scorer.batch_size)["logit"]
-    return columns, np.asarray(logits), scorer.domains, dataset
+    return Scored(columns, np.asarray(logits), scorer.domains, dataset, model.config.train)
 
 
-def _traffic(workdir: Path, split: str, data: str | None) -> Traffic:
-    """Each domain's click rate in `split` of `data` (its mean label), what they are, and the split's raw logits
+def _traffic(scored: Scored, split: str) -> Traffic:
+    """Each domain's click rate in the `scored` split (its mean label), what they are, and the split's raw logits
     and domains (the rows a domain's mean probability is matched over)."""
-    columns, logits, domains, dataset = _scored(workdir, split, data)
-    domain = np.asarray(columns["domain"])
-    rates = calibration.click_rates(np.asarray(columns["label"]), domain, domains)
-    whose = f"the click rates per domain of split {split!r} of {dataset.root}, matched over its rows"
-    return rates, whose, (logits, domain)
+    domain = np.asarray(scored.columns["domain"])
+    rates = calibration.click_rates(np.asarray(scored.columns["label"]), domain, scored.domains)
+    whose = f"the click rates per domain of split {split!r} of {scored.dataset.root}, matched over its rows"
+    return rates, whose, (scored.logits, domain)
 
 
-def _named_split(workdir: Path, split: str, data: str | None, train_cfg, traffic: Traffic | None) -> dict:
-    """Fitted on `split` of `data` (default: the run's dataset), scored as batch scoring scores it."""
-    columns, logits, domains, dataset = _scored(workdir, split, data)
-    t = train_cfg(load_config(workdir / "config.json").train)
+def _named_split(scored: Scored, split: str, train_cfg, traffic: Traffic | None) -> dict:
+    """Fitted on the `scored` split, and measured on it."""
+    columns, logits, domains, dataset = scored.columns, scored.logits, scored.domains, scored.dataset
+    t = train_cfg(scored.train)
     labels = np.asarray(columns["label"])
     fitted = calibration.fit(
         logits,
@@ -128,9 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _calibrate(workdir: Path, args: argparse.Namespace, train_cfg) -> dict:
     previous = calibration.read(workdir)
-    traffic = _traffic(workdir, args.rates_of, args.data) if args.rates_of else None
+    scored: dict[str, Scored] = {}  # by split: --split S --rates-of S scores S once
+
+    def score(split: str) -> Scored:
+        if split not in scored:
+            scored[split] = _scored(workdir, split, args.data)
+        return scored[split]
+
+    traffic = _traffic(score(args.rates_of), args.rates_of) if args.rates_of else None
     if args.split:
-        fitted, result = _named_split(workdir, args.split, args.data, train_cfg, traffic), None
+        fitted, result = _named_split(score(args.split), args.split, train_cfg, traffic), None
     else:
         fitted, result = _own_validation(workdir, train_cfg, traffic)
         if fitted is None:
