@@ -187,3 +187,14 @@ def test_the_tune_command_writes_named_configs_and_a_summary(tmp_path):
     assert cfg.train.eval_every == 4 and cfg.model.gating == "mean" and cfg.data.synthetic.num_users == TINY.num_users
     assert f"{cfg.train.learning_rate:.3g}" in " ".join(record["settings"])
     assert "| synthetic/mmoe | 1 (0) |" in (tmp_path / "tune" / "TUNING.md").read_text()
+
+
+def test_t_interval_is_scipy_s_student_t_interval_of_the_mean():
+    from sr_jax.experiments.report import t_interval
+
+    d = [0.012, -0.004, 0.007, 0.003, 0.010]
+    mean, low, high = t_interval(d)
+    expected = stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=stats.sem(d))
+    assert mean == pytest.approx(np.mean(d)) and (low, high) == pytest.approx(expected)
+    one = t_interval([0.5])
+    assert one[0] == 0.5 and np.isnan(one[1]) and np.isnan(one[2])

@@ -200,6 +200,18 @@ def plot_bars(path: str | Path, rows: Sequence[dict], key: str, metric: str, tit
     plt.close(fig)
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of `values` (e.g. paired differences over seeds) and its two-sided `level`
+    Student-t interval; NaN bounds below two values. What the docs' evidence scripts report over seeds."""
+    from scipy import stats
+
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), float("nan"), float("nan")
+    half = stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
 def paired_test(a: dict, b: dict) -> dict | None:
     """a − b over the keys both have, each key an independent pair of runs (a seed, or a (fraction, seed) cell:
     the same seed gives both the same initialisation and data order): the mean difference, its pairs, how many

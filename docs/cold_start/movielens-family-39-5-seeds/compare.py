@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from sr_jax.experiments.report import t_interval
 
 
 def aucs(grid: Path, setting: str, fraction: str) -> np.ndarray:
@@ -20,8 +21,8 @@ def aucs(grid: Path, setting: str, fraction: str) -> np.ndarray:
 
 
 def interval(d: np.ndarray) -> str:
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
+    mean, low, high = t_interval(d)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def main(now: str, before: str) -> None:

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from sr_jax.config import load_config
+from sr_jax.experiments.report import t_interval
 from sr_jax.training.spec import versus_scratch
 
 FRACTIONS = ("0.01", "0.1", "1")
@@ -52,7 +52,7 @@ def main() -> None:
         kept = [v and b["validation"]["score"] > a["validation"]["score"] for v, (a, b) in zip(versus, pairs)]
         ft = np.where(kept, sc, alone)  # the default command's result
         gain = ft - sc
-        half = stats.t.ppf(0.975, len(gain) - 1) * gain.std(ddof=1) / np.sqrt(len(gain))
+        mean, low, high = t_interval(gain)
         budget = pairs[0][0]["budget"]
         table["fractions"][f] = {"fine-tune": ft.tolist(), "fine-tune alone": alone.tolist(), "scratch kept": kept,
                                  "scratch": sc.tolist(), "budget": budget}  # fmt: skip
@@ -60,8 +60,7 @@ def main() -> None:
         lines.append(
             f"| {float(f):.0%} ({budget['train_examples']:,} to train, {budget['valid_examples']:,} to validate) "
             f"| {sc.mean():.4f} ± {sc.std(ddof=1):.4f} | {ft.mean():.4f} ± {ft.std(ddof=1):.4f}{besides} "
-            f"| {', '.join(f'{g:+.3f}' for g in gain)} | {gain.mean():+.4f} [{gain.mean() - half:+.4f}, "
-            f"{gain.mean() + half:+.4f}] |"
+            f"| {', '.join(f'{g:+.3f}' for g in gain)} | {mean:+.4f} [{low:+.4f}, {high:+.4f}] |"
         )
     (out / "results.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "results.md").write_text(

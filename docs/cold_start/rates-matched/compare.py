@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from sr_jax.experiments.report import t_interval
 
 NEW, OLD = "calibration-platt@rates-of-test.json", "calibration-platt@rates-of-test.prior-correction.json"
 
@@ -24,9 +25,8 @@ def group(cell: Path, grid: Path) -> str:
 
 
 def interval(d: list[float]) -> str:
-    d = np.asarray(d)
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
+    mean, low, high = t_interval(d)
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def main(grids: list[str]) -> None:

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from sr_jax.experiments.report import t_interval
 
 WIRES = {"float32": "f32", "bfloat16": "bf16"}
 
@@ -53,9 +54,9 @@ def main() -> None:
         )
     for metric, what in (("mean_domain_auc", "AUC"), ("log_loss", "log loss")):
         d = np.array([by[("bfloat16", s)][metric] - by[("float32", s)][metric] for s in seeds])
-        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-        lines += ["", f"bfloat16 − float32, {what}, paired over {len(d)} seeds: {d.mean():+.5f} "
-                  f"[{d.mean() - half:+.5f}, {d.mean() + half:+.5f}] (95% t-interval); lower in {int((d < 0).sum())} "
+        mean, low, high = t_interval(d)
+        lines += ["", f"bfloat16 − float32, {what}, paired over {len(d)} seeds: {mean:+.5f} "
+                  f"[{low:+.5f}, {high:+.5f}] (95% t-interval); lower in {int((d < 0).sum())} "
                   f"of {len(d)} seeds."]  # fmt: skip
     (out / "wire.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "wire.md").write_text(
